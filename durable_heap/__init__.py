@@ -1,0 +1,65 @@
+"""durable_heap: durable state for Python programs, with no save step.
+
+Keep your data in ordinary Python objects reachable from `state`; every change
+is persisted, incrementally and atomically, at the end of each transaction.
+
+>>> import durable_heap as dh
+>>> heap = dh.open("memory://")          # or "data/app.fs"
+>>> with heap.transaction() as state:
+...     state.users = {"ann": {"tags": []}}
+>>> @heap.action
+... def tag(name, tag):
+...     heap.state.users[name]["tags"].append(tag)
+>>> tag("ann", "admin")
+>>> dh.to_builtin(heap.state.users)
+{'ann': {'tags': ['admin']}}
+>>> heap.close()
+"""
+
+from ._containers import Dict, List, Set, to_builtin
+from ._errors import (
+    ConflictError,
+    DurableHeapError,
+    FunctionNotFoundError,
+    HeapClosedError,
+    HeapLockedError,
+    NoActiveHeapError,
+    NoTransactionError,
+    NotAHeapError,
+    NotPersistableError,
+    ProgramError,
+    ProgramNotFoundError,
+    StorageError,
+    UnknownTargetError,
+)
+from ._heap import Heap, HeapStatus, active_heap, open, state
+from ._state import Object, State
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConflictError",
+    "Dict",
+    "DurableHeapError",
+    "FunctionNotFoundError",
+    "Heap",
+    "HeapClosedError",
+    "HeapLockedError",
+    "HeapStatus",
+    "List",
+    "NoActiveHeapError",
+    "NoTransactionError",
+    "NotAHeapError",
+    "NotPersistableError",
+    "Object",
+    "ProgramError",
+    "ProgramNotFoundError",
+    "Set",
+    "State",
+    "StorageError",
+    "UnknownTargetError",
+    "active_heap",
+    "open",
+    "state",
+    "to_builtin",
+]

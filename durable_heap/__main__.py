@@ -1,0 +1,7 @@
+"""``python -m durable_heap``: the same as the ``durable-heap`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,1573 @@
+"""Durable `Dict`, `List` and `Set`: builtin behaviour, commits that cost what changed.
+
+Small containers live in one record (like ``PersistentMapping``). Past a few dozen
+entries they grow into a tree form whose records are small and independent, so a
+one-entry change rewrites one bucket, never the whole container:
+
+`Dict` / `Set` (tree form)
+    ``_entries``  LOBTree: insertion sequence number -> ``(key, value)``
+                  (gives insertion order and streams in order)
+    ``_index``    LLBTree: 64-bit *stable* hash of the key -> sequence number
+    ``_coll``     LOBTree: hash -> tuple of sequence numbers, for the rare hashes
+                  that several keys share (``_index`` then holds ``COLLIDED``)
+    ``_len``      ``BTrees.Length``: O(1) ``len`` whose concurrent changes merge
+
+    Python's own ``hash`` of ``str`` and ``bytes`` changes from process to process,
+    so the index uses `stable_hash`, equal for equal keys in every process. A
+    ``Set`` is the same structure with ``None`` values.
+
+`List` (tree form)
+    ``_tail`` a plain list of the last items, in the List's own record: ``append``
+              and ``pop`` touch only this record
+    ``_root`` a counted B+tree of `_Leaf` (plain lists) and `_Branch` nodes (child
+              references and cumulative counts) holding the items before the tail:
+              indexing, changing, inserting and deleting are O(log n) records.
+
+All BTrees buckets resolve concurrent changes to different entries (ZODB calls
+``_p_resolveConflict``), and two concurrent appends to a List merge too.
+"""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import datetime
+import enum
+import hashlib
+import numbers
+import pathlib
+import reprlib
+import struct
+import uuid
+from bisect import bisect_right
+from itertools import islice
+from random import getrandbits
+from types import GenericAlias
+from typing import Any, Iterable, Iterator
+
+from BTrees.Length import Length
+from BTrees.LLBTree import LLBTree
+from BTrees.LOBTree import LOBTree, LOBucket
+from persistent import Persistent
+from ZODB.POSException import ConflictError as _ZConflictError
+
+from ._values import (
+    CONVERTERS,
+    BadValue,
+    adopt,
+    check_writable,
+    holds_watched,
+    public_error,
+    watch,
+)
+
+__all__ = ["Dict", "List", "Set", "stable_hash", "to_builtin"]
+
+#: Entries a Dict or Set keeps in its own record before growing into the tree form.
+SMALL_MAX = 32
+#: Items a List keeps in its own record (its tail) before moving a leaf into the tree.
+TAIL_MAX = 64
+#: Items in one List leaf, and children in one List branch.
+LEAF_MAX = 64
+BRANCH_MAX = 64
+#: Marks an ``_index`` hash that several keys share (real sequence numbers are >= 1).
+COLLIDED = -1
+
+_MISSING: Any = object()
+
+
+# --- stable hashing ------------------------------------------------------------
+
+_blake = hashlib.blake2b
+_pack_q = struct.Struct("<q").pack
+
+
+def _digest(tag: bytes, data: bytes) -> int:
+    return int.from_bytes(_blake(tag + data, digest_size=8).digest(), "little", signed=True)
+
+
+def _combine(tag: bytes, hashes: Iterable[int]) -> int:
+    return _digest(tag, b"".join(_pack_q(h) for h in hashes))
+
+
+def stable_hash(key: Any) -> int:
+    """A 64-bit hash of `key` that is the same in every process.
+
+    Equal keys get equal hashes, as Python requires of ``hash`` (``1``, ``1.0``
+    and ``True`` hash alike). Numbers use Python's numeric hash, which is not
+    randomized; strings and bytes a keyed BLAKE2b digest. Keys of types this
+    function does not know share one hash per type: still correct, but such
+    keys are found by a linear scan of that chain.
+    """
+    tp = type(key)
+    if tp is str:
+        return _digest(b"s", key.encode("utf-8", "surrogatepass"))
+    if tp is int or tp is bool:
+        return hash(key)
+    if tp is float:
+        return hash(key) if key == key else 0x4E614E  # NaN: hash() is per object
+    if tp is bytes:
+        return _digest(b"b", key)
+    if tp is tuple:
+        return _combine(b"t", [stable_hash(k) for k in key])
+    if key is None:
+        return 0x4E6F6E65
+    return _other_hash(key)
+
+
+def _other_hash(key: Any) -> int:
+    if isinstance(key, str):
+        return _digest(b"s", str(key).encode("utf-8", "surrogatepass"))
+    if isinstance(key, bytes):
+        return _digest(b"b", bytes(key))
+    if isinstance(key, enum.Enum) and not isinstance(key, numbers.Number):
+        tp = type(key)
+        return _digest(b"e", f"{tp.__module__}.{tp.__qualname__}.{key._name_}".encode())
+    if isinstance(key, numbers.Number):
+        if key != key:  # NaN-like
+            return 0x4E614E
+        return hash(key)  # numeric hashes are deterministic
+    if isinstance(key, tuple):
+        return _combine(b"t", [stable_hash(k) for k in key])
+    if isinstance(key, frozenset):
+        total = 0
+        for k in key:
+            total = (total + stable_hash(k)) & 0xFFFFFFFFFFFFFFFF
+        return _digest(b"f", total.to_bytes(8, "little"))
+    if isinstance(key, datetime.datetime):
+        if key.utcoffset() is not None:
+            key = (key - key.utcoffset()).replace(tzinfo=None)
+        return _digest(b"D", key.isoformat().encode())
+    if isinstance(key, datetime.date):
+        return _digest(b"d", key.isoformat().encode())
+    if isinstance(key, datetime.timedelta):
+        return hash(key)  # hash of a tuple of ints: deterministic
+    if isinstance(key, uuid.UUID):
+        return hash(key.int)
+    if isinstance(key, pathlib.PurePosixPath):
+        return _digest(b"p", str(key).encode("utf-8", "surrogateescape"))
+    hash(key)  # raise TypeError for unhashable keys, as dict does
+    tp = type(key)
+    return _digest(b"?", f"{tp.__module__}.{tp.__qualname__}".encode())
+
+
+# --- tree classes ----------------------------------------------------------------
+
+
+class _Index(LLBTree):
+    """Stable hash -> sequence number. Smaller buckets: fewer bytes per commit."""
+
+    max_leaf_size = 64
+    max_internal_size = 256
+
+
+class _EntryBucket(LOBucket):
+    """A bucket of ``(key, value)`` entries that watches the plain objects it holds."""
+
+    def __setstate__(self, state: Any) -> None:
+        LOBucket.__setstate__(self, state)
+        if state and holds_watched(_bucket_values(state)):
+            watch(self, state)
+
+    def __getstate__(self) -> Any:
+        state = LOBucket.__getstate__(self)
+        if state and holds_watched(_bucket_values(state)):
+            watch(self, None)
+        return state
+
+
+class _Entries(LOBTree):
+    """Sequence number -> ``(key, value)``, in insertion order."""
+
+    _bucket_type = _EntryBucket
+    max_leaf_size = 30
+    max_internal_size = 250
+
+
+def _bucket_values(state: Any) -> Iterator[Any]:
+    for entry in state[0][1::2]:
+        yield entry[0]
+        yield entry[1]
+
+
+def _walk_buckets(tree: Any) -> Iterator[Any]:
+    """The buckets of a BTree in key order, each loaded as it is reached."""
+    tree._p_activate()
+    bucket = tree._firstbucket
+    while bucket is not None:
+        yield bucket
+        state = LOBucket.__getstate__(bucket)
+        bucket = state[1] if state and len(state) > 1 else None
+
+
+def _loaded_entries(tree: Any) -> Iterator[Any]:
+    """Entries of the buckets of `tree` already in memory; loads nothing."""
+    if tree is None or tree._p_changed is None:
+        return
+    state = LOBTree.__getstate__(tree)
+    if not state:
+        return
+    if len(state) == 1 and isinstance(state[0], tuple) and (not state[0] or not isinstance(state[0][0], Persistent)):
+        # A one-bucket tree keeps its items inline: ((k, v, ...),)
+        inner = state[0]
+        items = inner[0] if inner and isinstance(inner[0], tuple) else inner
+        yield from items[1::2]
+        return
+    for child in state[0][0::2]:
+        if child._p_changed is None:
+            continue
+        if isinstance(child, LOBucket):
+            yield from LOBucket.__getstate__(child)[0][1::2]
+        else:
+            yield from _loaded_entries(child)
+
+
+def _deactivate_if_idle(obj: Any, was_ghost: bool) -> None:
+    """Ghost `obj` again after streaming through it, unless it may be changed."""
+    if was_ghost and obj._p_changed is False and not _is_watched(obj):
+        obj._p_deactivate()
+
+
+def _is_watched(obj: Any) -> bool:
+    jar = obj._p_jar
+    w = jar.__dict__.get("_dh_watch") if jar is not None else None
+    return w is not None and id(obj) in w.items
+
+
+def _fail(err: BadValue, holder: Any, accessor: str) -> Exception:
+    """The public error for a bad value stored into `holder` at `accessor`."""
+    err.prefixed(accessor)
+    if holder._p_jar is None and holder._p_oid is None and not _attached(holder):
+        return public_error(err, None, base=f"{type(holder).__name__}(...)")
+    return public_error(err, holder)
+
+
+def _attached(obj: Any) -> bool:
+    return obj._p_jar is not None
+
+
+def _changed_size(kind: str) -> RuntimeError:
+    return RuntimeError(f"{kind} changed size during iteration")
+
+
+# --- Dict and Set: the hashed core -------------------------------------------------
+
+
+class _Hashed(Persistent):
+    """Storage shared by `Dict` and `Set`: small form, or the hashed tree form."""
+
+    __slots__ = ("_small", "_index", "_entries", "_coll", "_len")
+    __hash__ = None  # type: ignore[assignment]  # mutable, like dict and set
+    _kind = "dictionary"
+
+    def _init_empty(self) -> None:
+        self._small: dict[Any, Any] | None = {}
+        self._index: Any = None
+        self._entries: Any = None
+        self._coll: Any = None
+        self._len: Any = None
+
+    # -- record format ---------------------------------------------------------
+    # Format 1, small: (dict,)      Format 1, tree: (None, index, entries, coll, len)
+
+    def __getstate__(self) -> Any:
+        small = self._small
+        if small is not None:
+            if holds_watched(small) or holds_watched(small.values()):
+                watch(self, None)
+            return (small,)
+        return (None, self._index, self._entries, self._coll, self._len)
+
+    def __setstate__(self, state: Any) -> None:
+        small = state[0]
+        self._small = small
+        if small is None:
+            _, self._index, self._entries, self._coll, self._len = state
+        else:
+            self._index = self._entries = self._coll = self._len = None
+            if holds_watched(small) or holds_watched(small.values()):
+                watch(self, state)
+
+    # -- lookups ------------------------------------------------------------------
+
+    def _find(self, key: Any) -> tuple[int, int, Any]:
+        """(hash, seq, entry) of `key` in the tree form; seq 0 when absent."""
+        h = stable_hash(key)
+        seq = self._index.get(h)
+        if seq is None:
+            return h, 0, None
+        if seq == COLLIDED:
+            for s in self._coll[h]:
+                entry = self._entries[s]
+                k = entry[0]
+                if k is key or k == key:
+                    return h, s, entry
+            return h, 0, None
+        entry = self._entries[seq]
+        k = entry[0]
+        if k is key or k == key:
+            return h, seq, entry
+        return h, 0, None
+
+    def _get(self, key: Any, default: Any) -> Any:
+        small = self._small
+        if small is not None:
+            return small.get(key, default)
+        _, seq, entry = self._find(key)
+        return entry[1] if seq else default
+
+    def _has(self, key: Any) -> bool:
+        small = self._small
+        if small is not None:
+            return key in small
+        return self._find(key)[1] != 0
+
+    def __len__(self) -> int:
+        small = self._small
+        if small is not None:
+            return len(small)
+        return self._len()  # type: ignore[no-any-return]
+
+    # -- changes (callers have checked writability and adopted the values) --------
+
+    def _put(self, key: Any, value: Any) -> None:
+        small = self._small
+        if small is not None:
+            small[key] = value
+            self._p_changed = True
+            if len(small) > SMALL_MAX:
+                self._grow()
+            return
+        h, seq, entry = self._find(key)
+        if seq:
+            if entry[1] is not value:
+                self._entries[seq] = (entry[0], value)
+            return
+        self._add_new(h, key, value)
+
+    def _add_new(self, h: int, key: Any, value: Any) -> None:
+        entries = self._entries
+        try:
+            last = entries.maxKey()
+        except ValueError:
+            last = 0
+        # A small random gap: two processes appending at once rarely pick the
+        # same number, so BTrees can merge their inserts instead of conflicting.
+        seq = last + 1 + getrandbits(4)
+        entries[seq] = (key, value)
+        self._link(h, seq)
+        self._len.change(1)
+
+    def _link(self, h: int, seq: int) -> None:
+        index = self._index
+        current = index.get(h)
+        if current is None:
+            index[h] = seq
+            return
+        coll = self._coll
+        if coll is None:
+            coll = self._coll = LOBTree()
+            self._p_changed = True
+        if current == COLLIDED:
+            coll[h] = coll[h] + (seq,)
+        else:
+            coll[h] = (current, seq)
+            index[h] = COLLIDED
+
+    def _unlink(self, h: int, seq: int) -> None:
+        index = self._index
+        if index[h] != COLLIDED:
+            del index[h]
+            return
+        rest = tuple(s for s in self._coll[h] if s != seq)
+        if len(rest) == 1:
+            del self._coll[h]
+            index[h] = rest[0]
+        else:
+            self._coll[h] = rest
+
+    def _take(self, key: Any) -> Any:
+        """Remove `key`; return its value or _MISSING."""
+        small = self._small
+        if small is not None:
+            value = small.pop(key, _MISSING)
+            if value is not _MISSING:
+                self._p_changed = True
+            return value
+        h, seq, entry = self._find(key)
+        if not seq:
+            return _MISSING
+        del self._entries[seq]
+        self._unlink(h, seq)
+        self._len.change(-1)
+        return entry[1]
+
+    def _take_last(self) -> tuple[Any, Any]:
+        small = self._small
+        if small is not None:
+            item = small.popitem()
+            self._p_changed = True
+            return item
+        entries = self._entries
+        seq = entries.maxKey()
+        key, value = entries[seq]
+        del entries[seq]
+        self._unlink(stable_hash(key), seq)
+        self._len.change(-1)
+        return key, value
+
+    def _reset(self) -> None:
+        if self._small is None or self._small:
+            self._init_empty()
+            self._p_changed = True
+
+    def _grow(self) -> None:
+        """Move the entries of the small form into a new tree form."""
+        small = self._small
+        assert small is not None
+        self._index = _Index()
+        self._entries = _Entries()
+        self._coll = None
+        self._len = Length(0)
+        self._small = None
+        self._p_changed = True
+        self._bulk_add(small.items())
+
+    def _bulk_add(self, items: Iterable[tuple[Any, Any]]) -> None:
+        """Add entries whose keys are known to be new and distinct, in order.
+
+        Batches go to the trees through their C ``update``: the fast path for
+        building a big container in one transaction.
+        """
+        entries, index = self._entries, self._index
+        try:
+            seq = entries.maxKey()
+        except ValueError:
+            seq = 0
+        batch_entries: dict[int, Any] = {}
+        batch_index: dict[int, int] = {}
+
+        def flush() -> None:
+            entries.update(batch_entries)
+            index.update(batch_index)
+            batch_entries.clear()
+            batch_index.clear()
+
+        n = 0
+        for key, value in items:
+            seq += 1
+            n += 1
+            batch_entries[seq] = (key, value)
+            h = stable_hash(key)
+            if h in batch_index or h in index:
+                flush()  # a shared hash: link it through the collision table
+                self._link(h, seq)
+            else:
+                batch_index[h] = seq
+            if len(batch_entries) >= 50_000:
+                flush()
+        flush()
+        self._len.change(n)
+
+    # -- iteration -------------------------------------------------------------------
+
+    def _iter_entries(self) -> Iterator[tuple[Any, Any]]:
+        """(key, value) in insertion order; streams the tree form bucket by bucket."""
+        small = self._small
+        if small is not None:
+            n = len(small)
+            for item in small.items():
+                yield item
+                if self._small is not small or len(small) != n:
+                    raise _changed_size(self._kind)
+            return
+        n = self._len()
+        for bucket in _walk_buckets(self._entries):
+            was_ghost = bucket._p_changed is None
+            state = LOBucket.__getstate__(bucket)
+            if state:
+                yield from state[0][1::2]
+            _deactivate_if_idle(bucket, was_ghost)
+            if self._len() != n:
+                raise _changed_size(self._kind)
+
+    def _reversed_keys(self) -> Iterator[Any]:
+        small = self._small
+        if small is not None:
+            yield from reversed(list(small))
+            return
+        entries = self._entries
+        if not entries:
+            return
+        seq = entries.maxKey()
+        while True:
+            yield entries[seq][0]
+            try:
+                seq = entries.maxKey(seq - 1)
+            except ValueError:
+                return
+
+    def _dh_children(self) -> Iterator[tuple[str, Any]]:
+        """What `path_of` may walk through: entries in memory only."""
+        if self._p_changed is None:
+            return
+        if self._small is not None:
+            pairs: Iterable[tuple[Any, Any]] = list(self._small.items())
+        else:
+            pairs = _loaded_entries(self._entries)
+        for k, v in pairs:
+            yield f"[{k!r}]", v
+
+
+# --- Dict ----------------------------------------------------------------------------
+
+
+class _DictKeys(cabc.KeysView):  # type: ignore[type-arg]
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        for k, _ in self._mapping._iter_entries():
+            yield k
+
+    def __reversed__(self) -> Iterator[Any]:
+        return self._mapping._reversed_keys()  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"dict_keys({list(self)!r})"
+
+
+class _DictValues(cabc.ValuesView):  # type: ignore[type-arg]
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        for _, v in self._mapping._iter_entries():
+            yield v
+
+    def __reversed__(self) -> Iterator[Any]:
+        m = self._mapping
+        for k in m._reversed_keys():
+            yield m[k]
+
+    def __repr__(self) -> str:
+        return f"dict_values({list(self)!r})"
+
+
+class _DictItems(cabc.ItemsView):  # type: ignore[type-arg]
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        return self._mapping._iter_entries()  # type: ignore[no-any-return]
+
+    def __reversed__(self) -> Iterator[tuple[Any, Any]]:
+        m = self._mapping
+        for k in m._reversed_keys():
+            yield k, m[k]
+
+    def __repr__(self) -> str:
+        return f"dict_items({list(self)!r})"
+
+
+class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
+    """A durable ``dict``: insertion-ordered, any hashable keys, scales to millions.
+
+    Plain ``dict`` values stored into durable objects become `Dict`; values put
+    into it are converted the same way. Equal to any mapping with equal items.
+
+    >>> d = Dict({"a": 1})
+    >>> d["b"] = [2]
+    >>> d == {"a": 1, "b": [2]}
+    True
+    """
+
+    __slots__ = ()
+    __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._init_empty()
+        if args or kwargs:
+            try:
+                self._update(args, kwargs)
+            except BadValue as err:
+                raise public_error(err, None, base="Dict(...)") from None
+
+    @classmethod
+    def _from_plain(cls, value: dict[Any, Any]) -> Dict:
+        """The converter used by `adopt`: errors stay internal, to gain a path."""
+        self = cls.__new__(cls)
+        self._init_empty()
+        self._update((value,), {})
+        return self
+
+    @classmethod
+    def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Dict:  # type: ignore[override]
+        return cls((k, value) for k in iterable)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def __getitem__(self, key: Any) -> Any:
+        small = self._small
+        if small is not None:
+            return small[key]
+        _, seq, entry = self._find(key)
+        if seq:
+            return entry[1]
+        raise KeyError(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return self._has(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        for k, _ in self._iter_entries():
+            yield k
+
+    def __reversed__(self) -> Iterator[Any]:
+        return self._reversed_keys()
+
+    def keys(self) -> _DictKeys:  # type: ignore[override]
+        return _DictKeys(self)
+
+    def values(self) -> _DictValues:  # type: ignore[override]
+        return _DictValues(self)
+
+    def items(self) -> _DictItems:  # type: ignore[override]
+        return _DictItems(self)
+
+    def copy(self) -> dict[Any, Any]:
+        """A plain ``dict`` with the same items (a shallow copy)."""
+        return dict(self._iter_entries())
+
+    @reprlib.recursive_repr("{...}")
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in self._iter_entries()) + "}"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, cabc.Mapping):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        for k, v in self._iter_entries():
+            try:
+                ov = other[k]
+            except KeyError:
+                return False
+            if not (ov is v or ov == v):
+                return False
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __or__(self, other: Any) -> dict[Any, Any]:
+        if not isinstance(other, cabc.Mapping):
+            return NotImplemented
+        result = self.copy()
+        result.update(other)
+        return result
+
+    def __ror__(self, other: Any) -> dict[Any, Any]:
+        if not isinstance(other, cabc.Mapping):
+            return NotImplemented
+        result = dict(other)
+        result.update(self._iter_entries())
+        return result
+
+    def __ior__(self, other: Any) -> Dict:
+        self.update(other)
+        return self
+
+    # -- changes ------------------------------------------------------------------------
+
+    def _adopt_item(self, key: Any, value: Any) -> Any:
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(f"unhashable type: {type(key).__name__!r}") from None
+        try:
+            adopt(key)
+            return adopt(value)
+        except BadValue as err:
+            raise err.prefixed(f"[{key!r}]") from None
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        check_writable(self)
+        try:
+            value = self._adopt_item(key, value)
+        except BadValue as err:
+            raise _fail(err, self, "") from None
+        self._put(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        check_writable(self)
+        if self._take(key) is _MISSING:
+            raise KeyError(key)
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        check_writable(self)
+        value = self._take(key)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return value
+
+    def popitem(self) -> tuple[Any, Any]:
+        """Remove and return the last inserted (key, value) pair (LIFO, as dict)."""
+        check_writable(self)
+        if not len(self):
+            raise KeyError("popitem(): dictionary is empty")
+        return self._take_last()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        value = self._get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        self[key] = default
+        return self._get(key, None)
+
+    def clear(self) -> None:
+        check_writable(self)
+        self._reset()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        check_writable(self)
+        if len(args) > 1:
+            raise TypeError(f"update expected at most 1 argument, got {len(args)}")
+        try:
+            self._update(args, kwargs)
+        except BadValue as err:
+            raise _fail(err, self, "") from None
+
+    def _update(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if len(args) > 1:
+            raise TypeError(f"expected at most 1 argument, got {len(args)}")
+        pairs: Iterable[Any]
+        if args:
+            source = args[0]
+            if isinstance(source, cabc.Mapping):
+                pairs = source.items()
+            elif hasattr(source, "keys"):
+                pairs = ((k, source[k]) for k in source.keys())
+            else:
+                pairs = source
+            distinct = isinstance(source, (dict, Dict))
+            self._update_pairs(pairs, len(source) if distinct else 0)
+        if kwargs:
+            self._update_pairs(kwargs.items(), len(kwargs))
+
+    def _update_pairs(self, pairs: Iterable[Any], distinct: int) -> None:
+        """Store `pairs`; `distinct` > 0 counts them when their keys are distinct."""
+        if distinct > SMALL_MAX and not len(self):
+            # Bulk load into an empty Dict: the fast path for big imports.
+            if self._small is not None:
+                self._grow()
+            self._bulk_add((k, self._adopt_item(k, v)) for k, v in pairs)
+            return
+        for i, pair in enumerate(pairs):
+            try:
+                k, v = pair
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"cannot convert dictionary update sequence element #{i} to a sequence"
+                ) from None
+            self._put(k, self._adopt_item(k, v))
+
+
+# --- Set ------------------------------------------------------------------------------
+
+
+class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
+    """A durable ``set`` of any hashable members, scaling to millions.
+
+    Plain ``set`` values stored into durable objects become `Set`. Operators that
+    build a new set (``|``, ``&``, ``-``, ``^``) return a plain ``set``.
+
+    >>> s = Set({1, 2})
+    >>> s |= {3}
+    >>> s == {1, 2, 3}
+    True
+    """
+
+    __slots__ = ()
+    __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
+    _kind = "Set"
+
+    def __init__(self, iterable: Iterable[Any] = ()) -> None:
+        self._init_empty()
+        try:
+            self._add_all(iterable)
+        except BadValue as err:
+            raise public_error(err, None, base="Set(...)") from None
+
+    @classmethod
+    def _from_plain(cls, value: set[Any]) -> Set:
+        self = cls.__new__(cls)
+        self._init_empty()
+        self._add_all(value)
+        return self
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[Any]) -> set[Any]:
+        return set(it)  # results of set algebra are plain sets, as copy() is
+
+    def _adopt_member(self, member: Any) -> None:
+        try:
+            hash(member)
+        except TypeError:
+            raise TypeError(f"unhashable type: {type(member).__name__!r}") from None
+        try:
+            adopt(member)
+        except BadValue as err:
+            raise err.prefixed("{" + repr(member) + "}") from None
+
+    def _add_all(self, iterable: Iterable[Any]) -> None:
+        if isinstance(iterable, (set, frozenset, Set)) and self._small is not None and not self._small:
+            members = list(iterable)
+            for m in members:
+                self._adopt_member(m)
+            if len(members) > SMALL_MAX:
+                self._grow()
+                self._bulk_add((m, None) for m in members)
+                return
+        for m in iterable:
+            self._adopt_member(m)
+            if not self._has(m):
+                self._put(m, None)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def __contains__(self, member: object) -> bool:
+        try:
+            return self._has(member)
+        except TypeError:
+            if isinstance(member, (set, Set)):
+                return self._has(frozenset(member))  # as set does
+            raise
+
+    def __iter__(self) -> Iterator[Any]:
+        for k, _ in self._iter_entries():
+            yield k
+
+    def copy(self) -> set[Any]:
+        """A plain ``set`` with the same members."""
+        return set(self)
+
+    @reprlib.recursive_repr("{...}")
+    def __repr__(self) -> str:
+        if not len(self):
+            return "set()"
+        return "{" + ", ".join(repr(k) for k in self) + "}"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, cabc.Set):
+            return NotImplemented
+        return len(self) == len(other) and all(m in other for m in self)
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def issubset(self, other: Iterable[Any]) -> bool:
+        return self <= (other if isinstance(other, cabc.Set) else set(other))
+
+    def issuperset(self, other: Iterable[Any]) -> bool:
+        return self >= (other if isinstance(other, cabc.Set) else set(other))
+
+    def union(self, *others: Iterable[Any]) -> set[Any]:
+        return set(self).union(*others)
+
+    def intersection(self, *others: Iterable[Any]) -> set[Any]:
+        return set(self).intersection(*others)
+
+    def difference(self, *others: Iterable[Any]) -> set[Any]:
+        return set(self).difference(*others)
+
+    def symmetric_difference(self, other: Iterable[Any]) -> set[Any]:
+        return set(self).symmetric_difference(other)
+
+    # -- changes ------------------------------------------------------------------------
+
+    def add(self, member: Any) -> None:
+        check_writable(self)
+        try:
+            self._adopt_member(member)
+        except BadValue as err:
+            raise _fail(err, self, "") from None
+        if not self._has(member):
+            self._put(member, None)
+
+    def discard(self, member: Any) -> None:
+        check_writable(self)
+        self._take(member)
+
+    def remove(self, member: Any) -> None:
+        check_writable(self)
+        if self._take(member) is _MISSING:
+            raise KeyError(member)
+
+    def pop(self) -> Any:
+        check_writable(self)
+        if not len(self):
+            raise KeyError("pop from an empty set")
+        return self._take_last()[0]
+
+    def clear(self) -> None:
+        check_writable(self)
+        self._reset()
+
+    def update(self, *others: Iterable[Any]) -> None:
+        check_writable(self)
+        try:
+            for other in others:
+                self._add_all(other)
+        except BadValue as err:
+            raise _fail(err, self, "") from None
+
+    def intersection_update(self, *others: Iterable[Any]) -> None:
+        keep = set(self).intersection(*others)
+        for m in [m for m in self if m not in keep]:
+            self.discard(m)
+
+    def difference_update(self, *others: Iterable[Any]) -> None:
+        for other in others:
+            for m in other:
+                self.discard(m)
+
+    def symmetric_difference_update(self, other: Iterable[Any]) -> None:
+        for m in set(other):
+            if m in self:
+                self.discard(m)
+            else:
+                self.add(m)
+
+    def __ior__(self, other: Any) -> Set:  # type: ignore[override]
+        if not isinstance(other, cabc.Set):
+            return NotImplemented
+        self.update(other)
+        return self
+
+    def __iand__(self, other: Any) -> Set:  # type: ignore[override]
+        if not isinstance(other, cabc.Set):
+            return NotImplemented
+        self.intersection_update(other)
+        return self
+
+    def __isub__(self, other: Any) -> Set:  # type: ignore[override]
+        if not isinstance(other, cabc.Set):
+            return NotImplemented
+        self.difference_update(other)
+        return self
+
+    def __ixor__(self, other: Any) -> Set:  # type: ignore[override]
+        if not isinstance(other, cabc.Set):
+            return NotImplemented
+        self.symmetric_difference_update(other)
+        return self
+
+
+# --- List -------------------------------------------------------------------------------
+
+
+class _Leaf(Persistent):
+    """A run of consecutive List items (a plain list in one record)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __getstate__(self) -> Any:
+        if holds_watched(self.items):
+            watch(self, None)
+        return self.items
+
+    def __setstate__(self, state: Any) -> None:
+        self.items = state
+        if holds_watched(state):
+            watch(self, state)
+
+    def _size(self) -> int:
+        return len(self.items)
+
+
+class _Branch(Persistent):
+    """Children of a List tree with cumulative counts: ``ends[i]`` items in kids[:i+1]."""
+
+    __slots__ = ("kids", "ends")
+
+    def __init__(self, kids: list[Any], ends: list[int]) -> None:
+        self.kids = kids
+        self.ends = ends
+
+    def __getstate__(self) -> Any:
+        return (self.kids, self.ends)
+
+    def __setstate__(self, state: Any) -> None:
+        self.kids, self.ends = state
+
+    def _size(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality for conflict resolution, where references are PersistentReference."""
+    if a is b:
+        return True
+    oa, ob = getattr(a, "oid", _MISSING), getattr(b, "oid", _MISSING)
+    if oa is not _MISSING or ob is not _MISSING:
+        return oa == ob and type(a) is type(b)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable means "not the same"
+        return False
+
+
+def _prefix(old: list[Any], new: list[Any]) -> bool:
+    return len(new) >= len(old) and all(_same(a, b) for a, b in zip(old, new))
+
+
+class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
+    """A durable ``list`` with O(log n) indexing, append, pop and in-place changes.
+
+    Plain ``list`` values stored into durable objects become `List`. Slicing,
+    ``copy()``, ``+`` and ``*`` return plain lists, as they build new lists.
+
+    >>> items = List([1, 2])
+    >>> items.append(3)
+    >>> items[-1], len(items), items == [1, 2, 3]
+    (3, 3, True)
+    """
+
+    __slots__ = ("_tail", "_root", "_size")
+    __hash__ = None  # type: ignore[assignment]
+    __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
+
+    def __init__(self, iterable: Iterable[Any] = ()) -> None:
+        self._tail: list[Any] = []
+        self._root: Any = None
+        self._size = 0
+        if iterable != ():
+            try:
+                self._extend(iterable)
+            except BadValue as err:
+                raise public_error(err, None, base="List(...)") from None
+
+    @classmethod
+    def _from_plain(cls, value: list[Any]) -> List:
+        self = cls.__new__(cls)
+        self._tail, self._root, self._size = [], None, 0
+        self._extend(value)
+        return self
+
+    # -- record format: format 1 is (tail,) when small, (tail, root, size) otherwise --
+
+    def __getstate__(self) -> Any:
+        if holds_watched(self._tail):
+            watch(self, None)
+        if self._root is None:
+            return (self._tail,)
+        return (self._tail, self._root, self._size)
+
+    def __setstate__(self, state: Any) -> None:
+        self._tail = state[0]
+        if len(state) == 1:
+            self._root, self._size = None, 0
+        else:
+            self._root, self._size = state[1], state[2]
+        if holds_watched(self._tail):
+            watch(self, state)
+
+    def _p_resolveConflict(self, old: Any, saved: Any, new: Any) -> Any:
+        """Merge two transactions that both only appended to the tail."""
+        if len(old) == len(saved) == len(new) and all(
+            _same(a, b) and _same(a, c) for a, b, c in zip(old[1:], saved[1:], new[1:])
+        ):
+            o, s, n = old[0], saved[0], new[0]
+            if _prefix(o, s) and _prefix(o, n):
+                return (list(s) + list(n[len(o):]),) + tuple(saved[1:])
+        raise _ZConflictError("concurrent List changes other than appends")
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._size + len(self._tail)
+
+    def _index(self, i: Any) -> int:
+        try:
+            i = i.__index__()
+        except AttributeError:
+            raise TypeError(
+                f"list indices must be integers or slices, not {type(i).__name__}"
+            ) from None
+        n = self._size + len(self._tail)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("list index out of range")
+        return i
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self._slice(i)
+        i = self._index(i)
+        size = self._size
+        if i >= size:
+            return self._tail[i - size]
+        node = self._root
+        while type(node) is _Branch:
+            ends = node.ends
+            k = bisect_right(ends, i)
+            if k:
+                i -= ends[k - 1]
+            node = node.kids[k]
+        return node.items[i]
+
+    def _slice(self, s: slice) -> list[Any]:
+        start, stop, step = s.indices(len(self))
+        if step == 1:
+            return list(islice(self._iter_from(start), max(0, stop - start)))
+        return [self[i] for i in range(start, stop, step)]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iter_from(0)
+
+    def _iter_from(self, start: int) -> Iterator[Any]:
+        n = len(self)
+        i = start
+        if self._root is not None and start < self._size:
+            for item in _walk(self._root, start):
+                yield item
+                i += 1
+                if len(self) != n:
+                    break  # changed under us: go on by index, as list does
+        while i < len(self):
+            yield self[i]
+            i += 1
+
+    def __reversed__(self) -> Iterator[Any]:
+        for i in range(len(self) - 1, -1, -1):
+            if i < len(self):
+                yield self[i]
+
+    def __contains__(self, value: object) -> bool:
+        return any(v is value or v == value for v in self)
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        n = len(self)
+        start, stop, _ = slice(start, stop).indices(n)
+        for i, v in enumerate(islice(self._iter_from(start), stop - start), start):
+            if v is value or v == value:
+                return i
+        raise ValueError(f"{value!r} is not in list")
+
+    def count(self, value: Any) -> int:
+        return sum(1 for v in self if v is value or v == value)
+
+    def copy(self) -> list[Any]:
+        """A plain ``list`` with the same items (a shallow copy)."""
+        return list(self)
+
+    @reprlib.recursive_repr("[...]")
+    def __repr__(self) -> str:
+        return "[" + ", ".join(repr(v) for v in self) + "]"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, List)):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        return all(a is b or a == b for a, b in zip(self, other))
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def _cmp_other(self, other: object) -> list[Any] | None:
+        if isinstance(other, List):
+            return list(other)
+        if isinstance(other, list):
+            return other
+        return None
+
+    def __lt__(self, other: object) -> bool:
+        o = self._cmp_other(other)
+        return NotImplemented if o is None else list(self) < o
+
+    def __le__(self, other: object) -> bool:
+        o = self._cmp_other(other)
+        return NotImplemented if o is None else list(self) <= o
+
+    def __gt__(self, other: object) -> bool:
+        o = self._cmp_other(other)
+        return NotImplemented if o is None else list(self) > o
+
+    def __ge__(self, other: object) -> bool:
+        o = self._cmp_other(other)
+        return NotImplemented if o is None else list(self) >= o
+
+    def __add__(self, other: Any) -> list[Any]:
+        if not isinstance(other, (list, List)):
+            return NotImplemented
+        return list(self) + list(other)
+
+    def __radd__(self, other: Any) -> list[Any]:
+        if not isinstance(other, list):
+            return NotImplemented
+        return other + list(self)
+
+    def __mul__(self, n: Any) -> list[Any]:
+        return list(self) * n
+
+    __rmul__ = __mul__
+
+    # -- changes -------------------------------------------------------------------------
+
+    def _adopt_at(self, where: str, value: Any) -> Any:
+        try:
+            return adopt(value)
+        except BadValue as err:
+            raise err.prefixed(where) from None
+
+    def _public(self, fn: Any, *args: Any) -> Any:
+        check_writable(self)
+        try:
+            return fn(*args)
+        except BadValue as err:
+            raise _fail(err, self, "") from None
+
+    def append(self, value: Any) -> None:
+        self._public(self._append, value)
+
+    def _append(self, value: Any) -> None:
+        tail = self._tail
+        tail.append(self._adopt_at(f"[{self._size + len(tail)}]", value))
+        self._p_changed = True
+        if len(tail) > TAIL_MAX:
+            self._spill()
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self._public(self._extend, values)
+
+    def _extend(self, values: Iterable[Any]) -> None:
+        if values is self:
+            values = list(values)
+        tail = self._tail
+        n = self._size + len(tail)
+        for v in values:
+            tail.append(self._adopt_at(f"[{n}]", v))
+            n += 1
+            if len(tail) > TAIL_MAX + LEAF_MAX:
+                self._spill()
+        self._p_changed = True
+        if len(tail) > TAIL_MAX:
+            self._spill()
+
+    def __iadd__(self, values: Iterable[Any]) -> List:  # type: ignore[override]
+        self.extend(values)
+        return self
+
+    def __imul__(self, n: int) -> List:
+        items = list(self) * n
+        self._public(self._replace, items)
+        return self
+
+    def insert(self, i: int, value: Any) -> None:
+        self._public(self._insert, i, value)
+
+    def _insert(self, i: int, value: Any) -> None:
+        n = len(self)
+        i = i.__index__()
+        if i < 0:
+            i = max(0, i + n)
+        i = min(i, n)
+        value = self._adopt_at(f"[{i}]", value)
+        size = self._size
+        if i >= size:
+            self._tail.insert(i - size, value)
+            self._p_changed = True
+            if len(self._tail) > TAIL_MAX:
+                self._spill()
+            return
+        path, leaf, j = self._locate(i)
+        leaf.items.insert(j, value)
+        leaf._p_changed = True
+        self._count(path, 1)
+        if len(leaf.items) > LEAF_MAX:
+            half = len(leaf.items) // 2
+            right = _Leaf(leaf.items[half:])
+            del leaf.items[half:]
+            self._split(path, leaf, right)
+
+    def __setitem__(self, i: Any, value: Any) -> None:
+        if isinstance(i, slice):
+            self._public(self._set_slice, i, value)
+            return
+        check_writable(self)
+        i = self._index(i)
+        try:
+            value = self._adopt_at(f"[{i}]", value)
+        except BadValue as err:
+            raise _fail(err, self, "") from None
+        size = self._size
+        if i >= size:
+            self._tail[i - size] = value
+            self._p_changed = True
+            return
+        _, leaf, j = self._locate(i)
+        leaf.items[j] = value
+        leaf._p_changed = True
+
+    def __delitem__(self, i: Any) -> None:
+        check_writable(self)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            indexes = range(start, stop, step)
+            if len(indexes) > LEAF_MAX:
+                items = list(self)
+                del items[i]
+                self._replace(items)
+                return
+            for k in sorted(indexes, reverse=True):
+                self._delete(k)
+            return
+        self._delete(self._index(i))
+
+    def _delete(self, i: int) -> Any:
+        size = self._size
+        if i >= size:
+            value = self._tail.pop(i - size)
+            self._p_changed = True
+            return value
+        path, leaf, j = self._locate(i)
+        value = leaf.items.pop(j)
+        leaf._p_changed = True
+        self._count(path, -1)
+        if not leaf.items:
+            self._unhook(path)
+        return value
+
+    def pop(self, i: int = -1) -> Any:
+        check_writable(self)
+        if not len(self):
+            raise IndexError("pop from empty list")
+        if i == -1:
+            if not self._tail:
+                self._pull_leaf()
+            self._p_changed = True
+            return self._tail.pop()
+        return self._delete(self._index(i))
+
+    def remove(self, value: Any) -> None:
+        check_writable(self)
+        self._delete(self.index(value))
+
+    def clear(self) -> None:
+        check_writable(self)
+        self._tail, self._root, self._size = [], None, 0
+        self._p_changed = True
+
+    def reverse(self) -> None:
+        check_writable(self)
+        items = list(self)
+        items.reverse()
+        self._replace(items)
+
+    def sort(self, *, key: Any = None, reverse: bool = False) -> None:
+        check_writable(self)
+        items = list(self)
+        items.sort(key=key, reverse=reverse)
+        self._replace(items)
+
+    def _set_slice(self, s: slice, values: Iterable[Any]) -> None:
+        items = list(self)
+        new = list(values)
+        items[s] = new  # raises exactly as list does (extended-slice sizes, ...)
+        start, stop, step = s.indices(len(self))
+        if step == 1 and len(new) + max(0, stop - start) <= LEAF_MAX:
+            for k in range(max(0, stop - start)):
+                self._delete(start)
+            for k, v in enumerate(new):
+                self._insert(start + k, v)
+            return
+        self._replace(items)
+
+    def _replace(self, items: list[Any]) -> None:
+        """Rebuild from `items` (sort, reverse, big slice changes)."""
+        self._tail, self._root, self._size = [], None, 0
+        self._extend(items)
+        self._p_changed = True
+
+    # -- the tree ------------------------------------------------------------------------
+
+    def _locate(self, i: int) -> tuple[list[tuple[_Branch, int]], _Leaf, int]:
+        """Path of (branch, child index) to the leaf holding tree index `i`."""
+        path = []
+        node = self._root
+        while type(node) is _Branch:
+            ends = node.ends
+            k = bisect_right(ends, i)
+            if k:
+                i -= ends[k - 1]
+            path.append((node, k))
+            node = node.kids[k]
+        return path, node, i
+
+    def _count(self, path: list[tuple[_Branch, int]], delta: int) -> None:
+        for branch, k in path:
+            ends = branch.ends
+            for x in range(k, len(ends)):
+                ends[x] += delta
+            branch._p_changed = True
+        self._size += delta
+        self._p_changed = True
+
+    def _split(self, path: list[tuple[_Branch, int]], left: Any, right: Any) -> None:
+        """`left` (child k of the last branch in `path`) was split; `right` follows it."""
+        while True:
+            n_left, n_right = left._size(), right._size()
+            if not path:
+                self._root = _Branch([left, right], [n_left, n_left + n_right])
+                self._p_changed = True
+                return
+            branch, k = path.pop()
+            base = branch.ends[k - 1] if k else 0
+            branch.kids.insert(k + 1, right)
+            branch.ends[k] = base + n_left
+            branch.ends.insert(k + 1, base + n_left + n_right)
+            branch._p_changed = True
+            if len(branch.kids) <= BRANCH_MAX:
+                return
+            half = len(branch.kids) // 2
+            cut = branch.ends[half - 1]
+            new = _Branch(branch.kids[half:], [e - cut for e in branch.ends[half:]])
+            del branch.kids[half:]
+            del branch.ends[half:]
+            left, right = branch, new
+
+    def _unhook(self, path: list[tuple[_Branch, int]]) -> None:
+        """Remove the empty node at the end of `path` (and any branch it empties)."""
+        while path:
+            branch, k = path.pop()
+            del branch.kids[k]
+            del branch.ends[k]
+            branch._p_changed = True
+            if branch.kids:
+                break
+        else:
+            self._root = None
+        root = self._root
+        while type(root) is _Branch and len(root.kids) == 1:
+            root = root.kids[0]
+        if type(root) is _Branch and not root.kids:
+            root = None
+        if root is not self._root:
+            self._root = root
+        self._p_changed = True
+
+    def _spill(self) -> None:
+        """Move full leaves from the front of the tail to the end of the tree."""
+        tail = self._tail
+        while len(tail) > TAIL_MAX:
+            leaf = _Leaf(tail[:LEAF_MAX])
+            del tail[:LEAF_MAX]
+            self._push_leaf(leaf)
+        self._p_changed = True
+
+    def _push_leaf(self, leaf: _Leaf) -> None:
+        """Add `leaf` after the last leaf of the tree."""
+        self._size += len(leaf.items)
+        if self._root is None:
+            self._root = leaf
+            return
+        path = []
+        node = self._root
+        while type(node) is _Branch:
+            path.append((node, len(node.kids) - 1))
+            node = node.kids[-1]
+        for branch, _ in path[:-1]:
+            branch.ends[-1] += len(leaf.items)
+            branch._p_changed = True
+        self._split(path, node, leaf)  # inserts it after `node`, counting the pair
+
+    def _pull_leaf(self) -> None:
+        """Move the tree's last leaf into the (empty) tail."""
+        path = []
+        node = self._root
+        while type(node) is _Branch:
+            path.append((node, len(node.kids) - 1))
+            node = node.kids[-1]
+        items = list(node.items)
+        self._count(path, -len(items))
+        self._unhook(path)
+        self._tail = items
+        self._p_changed = True
+
+    def _dh_children(self) -> Iterator[tuple[str, Any]]:
+        if self._p_changed is None:
+            return
+        if self._root is not None:
+            yield from _loaded_items(self._root, 0)
+        for i, v in enumerate(list(self._tail), self._size):
+            yield f"[{i}]", v
+
+
+def _walk(node: Any, start: int) -> Iterator[Any]:
+    """Items of the subtree `node` from index `start`, leaf by leaf."""
+    was_ghost = node._p_changed is None
+    if type(node) is _Leaf:
+        items = node.items
+        yield from items[start:] if start else items
+        _deactivate_if_idle(node, was_ghost)
+        return
+    ends = node.ends
+    k = bisect_right(ends, start) if start else 0
+    offset = ends[k - 1] if k else 0
+    kids = node.kids
+    for idx in range(k, len(kids)):
+        yield from _walk(kids[idx], start - offset if idx == k else 0)
+    _deactivate_if_idle(node, was_ghost)
+
+
+def _loaded_items(node: Any, offset: int) -> Iterator[tuple[str, Any]]:
+    if node._p_changed is None:
+        return
+    if type(node) is _Leaf:
+        for i, v in enumerate(list(node.items), offset):
+            yield f"[{i}]", v
+        return
+    prev = 0
+    for kid, end in zip(list(node.kids), list(node.ends)):
+        yield from _loaded_items(kid, offset + prev)
+        prev = end
+
+
+# --- conversions --------------------------------------------------------------------------
+
+CONVERTERS[dict] = Dict._from_plain
+CONVERTERS[list] = List._from_plain
+CONVERTERS[set] = Set._from_plain
+
+
+def to_builtin(obj: Any) -> Any:
+    """A deep copy of `obj` made of plain builtins: `Dict` -> dict, `List` -> list,
+    `Set` -> set, and `State`/`Object` -> dict of their attributes.
+
+    For JSON, exports and tests. Other values are returned as they are.
+
+    >>> to_builtin(Dict({"a": List([1, Set({2})])}))
+    {'a': [1, {2}]}
+    """
+    if isinstance(obj, (Dict, dict)):
+        return {k: to_builtin(v) for k, v in obj.items()}
+    if isinstance(obj, (List, list)):
+        return [to_builtin(v) for v in obj]
+    if isinstance(obj, (Set, set)):
+        return {to_builtin(v) for v in obj}
+    if type(obj) is tuple:
+        return tuple(to_builtin(v) for v in obj)
+    as_dict = getattr(type(obj), "_dh_as_dict", None)
+    if as_dict is not None:
+        return {k: to_builtin(v) for k, v in as_dict(obj).items()}
+    return obj

@@ -1,0 +1,117 @@
+"""The exceptions durable_heap raises, and the one place that translates ZODB's.
+
+Hierarchy::
+
+    DurableHeapError
+     ├── NotPersistableError (also TypeError)   a value that cannot be stored
+     ├── NoTransactionError (also RuntimeError) a change made outside a transaction
+     ├── ConflictError                          concurrent changes, retries used up
+     ├── NoActiveHeapError (also RuntimeError)  `state` used with no heap open
+     ├── HeapClosedError (also RuntimeError)    a closed heap was used
+     ├── StorageError                           the storage cannot be opened or used
+     │    ├── HeapLockedError                   the FileStorage is held by a process
+     │    ├── NotAHeapError                     the file is not a FileStorage
+     │    └── UnknownTargetError (also ValueError)  a target string we cannot parse
+     └── ProgramError                           a program cannot be loaded or run
+          ├── ProgramNotFoundError (also FileNotFoundError)
+          └── FunctionNotFoundError (also AttributeError)
+
+Everything a user can cause ends as one of these, with a message that says what
+went wrong and what to do; ZODB, zc.lockfile and transaction errors are mapped in
+`translate_storage_error` and in the heap's transaction runner, nowhere else.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConflictError",
+    "DurableHeapError",
+    "FunctionNotFoundError",
+    "HeapClosedError",
+    "HeapLockedError",
+    "NoActiveHeapError",
+    "NoTransactionError",
+    "NotAHeapError",
+    "NotPersistableError",
+    "ProgramError",
+    "ProgramNotFoundError",
+    "StorageError",
+    "UnknownTargetError",
+]
+
+
+class DurableHeapError(Exception):
+    """Base class of every error durable_heap raises on purpose."""
+
+
+class NotPersistableError(DurableHeapError, TypeError):
+    """A value that cannot be stored: a lambda, generator, lock, socket, file...
+
+    `path` names where it was found, starting at ``state`` when known
+    (``state.users['ann'].callback``); `value_type` is the offending type.
+    """
+
+    def __init__(self, path: str, value: object, reason: str = "") -> None:
+        self.path = path
+        self.value_type = type(value)
+        tname = _type_name(type(value))
+        why = f" ({reason})" if reason else ""
+        msg = (
+            f"{path} cannot be stored: a {tname} is not persistable{why}. "
+            "Store plain data (numbers, strings, containers, dataclasses, "
+            "durable_heap.Object instances) and keep functions, open files, "
+            "locks and connections out of state."
+        )
+        super().__init__(msg)
+
+
+class NoTransactionError(DurableHeapError, RuntimeError):
+    """A durable object was changed outside any transaction."""
+
+
+class ConflictError(DurableHeapError):
+    """Concurrent transactions kept conflicting and the retries were used up."""
+
+
+class NoActiveHeapError(DurableHeapError, RuntimeError):
+    """`durable_heap.state` was used while no heap is open."""
+
+
+class HeapClosedError(DurableHeapError, RuntimeError):
+    """A heap was used after `close()`."""
+
+
+class StorageError(DurableHeapError):
+    """The storage behind a heap cannot be opened or used."""
+
+
+class HeapLockedError(StorageError):
+    """The FileStorage is open in another process (or elsewhere in this one)."""
+
+
+class NotAHeapError(StorageError):
+    """The file exists but is not a ZODB FileStorage; it was left untouched."""
+
+
+class UnknownTargetError(StorageError, ValueError):
+    """A target string names a scheme durable_heap does not know."""
+
+
+class ProgramError(DurableHeapError):
+    """A program file cannot be loaded, or its function cannot be run."""
+
+
+class ProgramNotFoundError(ProgramError, FileNotFoundError):
+    """The program file does not exist."""
+
+
+class FunctionNotFoundError(ProgramError, AttributeError):
+    """The program has no function of that name."""
+
+
+def _type_name(tp: type) -> str:
+    mod = getattr(tp, "__module__", "")
+    qual = getattr(tp, "__qualname__", tp.__name__)
+    if mod in ("builtins", None, ""):
+        return qual
+    return f"{mod}.{qual}"

@@ -1,0 +1,548 @@
+"""`Heap`: one ZODB database, a connection per thread, and transactions that retry.
+
+What a `Heap` promises:
+
+* ``heap.state`` is the root `State` as this thread sees it. Each thread has its
+  own ZODB connection (connections are not thread-safe) with its own explicit
+  transaction manager, so a change made outside a transaction is refused
+  instead of joining some implicit transaction nobody commits.
+* ``with heap.transaction() as state:`` is one atomic transaction: it commits
+  on normal exit and aborts on an exception, which propagates unchanged.
+  Nested transactions and actions join the outermost one.
+* ``@heap.action`` makes each call of a function one such transaction, and
+  re-runs it (with a jittered, growing pause) when ZODB reports a conflict with
+  another transaction, up to ``attempts`` times; then `ConflictError`.
+* The transaction note names the action and its arguments, so the storage's
+  history (``heap.db.undoLog()``) reads as a log of calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import functools
+import pickle
+import random
+import reprlib
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterator, TypeVar, overload
+
+import transaction
+import transaction.interfaces
+import ZODB
+import ZODB.POSException
+
+from ._errors import (
+    ConflictError,
+    HeapClosedError,
+    NoActiveHeapError,
+    StorageError,
+)
+from ._state import State
+from ._storage import Target, open_storage, parse_target, private_files
+from ._values import ROOT_KEY, culprit, snapshot
+
+__all__ = ["Heap", "HeapStatus", "active_heap", "open", "state"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Objects a connection keeps in memory (ZODB's default of 400 reloads tree
+#: nodes of big containers on every transaction).
+DEFAULT_CACHE_SIZE = 50_000
+DEFAULT_ATTEMPTS = 10
+_FORMAT_KEY = "durable_heap.format"
+_FORMAT = 1
+
+_note_repr = reprlib.Repr()
+_note_repr.maxstring = 40
+_note_repr.maxother = 40
+_note_repr.maxlist = _note_repr.maxdict = _note_repr.maxtuple = _note_repr.maxset = 4
+
+
+class HeapStatus(enum.Enum):
+    """Where a heap is in its life."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Thread(threading.local):
+    """This thread's connection to one heap."""
+
+    conn: Any = None
+    tm: Any = None
+    state: State | None = None
+    depth = 0
+    slot: Any = None
+
+
+class _Slot:
+    """Lives as long as the thread's local data; closes its connection after it."""
+
+
+class Heap:
+    """A durable heap: open with `durable_heap.open`, use from any thread.
+
+    >>> import durable_heap as dh
+    >>> with dh.open("memory://") as heap:
+    ...     with heap.transaction() as state:
+    ...         state.count = 1
+    ...     heap.state.count
+    1
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        read_only: bool = False,
+        pool_size: int = 64,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self.target = target
+        self.attempts = attempts
+        self.read_only = read_only
+        self.status = HeapStatus.OPEN
+        storage = open_storage(target, read_only=read_only)
+        try:
+            with private_files():
+                self.db = ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size)
+        except Exception:
+            storage.close()
+            raise
+        self._local = _Thread()
+        self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        try:
+            self._ensure_root()
+        except Exception:
+            self.close()
+            raise
+        global _last_opened
+        _last_opened = self
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _ensure_root(self) -> None:
+        local = self._thread()
+        root = local.conn.root()
+        if ROOT_KEY in root:
+            return
+        if self.read_only:
+            raise StorageError(f"{self.target} holds no durable_heap state yet, and is open read-only")
+        local.tm.begin()
+        local.tm.get().note("durable_heap: create the heap")
+        root[_FORMAT_KEY] = _FORMAT
+        root[ROOT_KEY] = State()
+        local.tm.commit()
+
+    def close(self) -> None:
+        """Close every thread's connection and the storage. Idempotent."""
+        if self.status is HeapStatus.CLOSED:
+            return
+        self.status = HeapStatus.CLOSED
+        global _last_opened
+        if _last_opened is self:
+            _last_opened = None
+        for conn in list(self._conns):
+            _close_quietly(conn)
+        with private_files():
+            self.db.close()
+
+    def __enter__(self) -> Heap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<durable_heap.Heap {str(self.target)!r} {self.status.value}>"
+
+    # -- per-thread connections ------------------------------------------------------
+
+    def _thread(self) -> _Thread:
+        local = self._local
+        if local.conn is None:
+            if self.status is HeapStatus.CLOSED:
+                raise HeapClosedError(f"the heap {self.target} is closed: open it again with durable_heap.open()")
+            tm = transaction.TransactionManager(explicit=True)
+            conn = self.db.open(transaction_manager=tm)
+            local.tm, local.conn = tm, conn
+            local.slot = _Slot()
+            weakref.finalize(local.slot, _close_quietly, conn)
+            with self._lock:
+                self._conns.add(conn)
+        elif self.status is HeapStatus.CLOSED:
+            raise HeapClosedError(f"the heap {self.target} is closed: open it again with durable_heap.open()")
+        return local
+
+    @property
+    def state(self) -> State:
+        """The root `State` of this heap, as this thread sees it."""
+        local = self._thread()
+        st = local.state
+        if st is None:
+            st = local.state = local.conn.root()[ROOT_KEY]
+        return st
+
+    @property
+    def connection(self) -> Any:
+        """This thread's ZODB connection (for advanced use)."""
+        return self._thread().conn
+
+    @property
+    def transaction_manager(self) -> Any:
+        """This thread's (explicit) transaction manager."""
+        return self._thread().tm
+
+    @property
+    def in_transaction(self) -> bool:
+        """True inside `transaction()` or an action in this thread."""
+        return self._thread().depth > 0
+
+    def activate(self) -> _Activation:
+        """Make this heap what ``durable_heap.state`` refers to in this context.
+
+        Takes effect at once; used as a context manager, it is undone on exit.
+        """
+        return _Activation(self)
+
+    # -- transactions -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self, note: str | None = None) -> Iterator[State]:
+        """One atomic transaction: commit on normal exit, abort on an exception.
+
+        A conflict with a concurrent transaction raises `ConflictError` (a
+        ``with`` block cannot be re-run): use `action` or `attempts` to retry.
+        Inside another transaction of this heap and thread, it joins that one.
+        """
+        local = self._thread()
+        if local.depth:
+            local.depth += 1
+            try:
+                yield self.state
+            finally:
+                local.depth -= 1
+            return
+        try:
+            with self._transaction(local, note):
+                yield self.state
+        except transaction.interfaces.TransientError as exc:
+            raise _conflict(1, note) from exc
+
+    @contextlib.contextmanager
+    def _transaction(self, local: _Thread, note: str | None) -> Iterator[None]:
+        """The outermost transaction; TransientError propagates (for retries)."""
+        tm = local.tm
+        txn = tm.begin()
+        if note:
+            txn.note(note)
+        local.depth = 1
+        try:
+            yield
+        except BaseException:
+            local.depth = 0
+            tm.abort()
+            raise
+        local.depth = 0
+        try:
+            tm.commit()
+        except transaction.interfaces.TransientError:
+            tm.abort()
+            raise
+        except BaseException as exc:
+            err = _translate_commit_error(local.conn, exc)
+            tm.abort()
+            if err is exc:
+                raise
+            raise err from exc
+
+    def attempts(self, attempts: int | None = None, note: str | None = None) -> Iterator[_Attempt]:
+        """Retry a ``with`` block on conflicts::
+
+            for attempt in heap.attempts():
+                with attempt as state:
+                    state.count += 1
+        """
+        total = attempts or self.attempts
+        for n in range(1, total + 1):
+            attempt = _Attempt(self, n, total, note)
+            yield attempt
+            if attempt.done:
+                return
+            _backoff(n)
+
+    def run(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``func(*args, **kwargs)`` as one transaction, retrying on conflicts."""
+        return self._run(func, args, kwargs, None, self.attempts)
+
+    def _run(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        note: str | None,
+        attempts: int,
+    ) -> Any:
+        local = self._thread()
+        if local.depth:
+            return func(*args, **kwargs)  # nested: joins the outer transaction
+        if note is None:
+            note = _call_note(func, args, kwargs)
+        for n in range(1, attempts + 1):
+            try:
+                with self._transaction(local, note):
+                    result = func(*args, **kwargs)
+                return result
+            except transaction.interfaces.TransientError as exc:
+                if n == attempts:
+                    raise _conflict(n, note) from exc
+            _backoff(n)
+        raise AssertionError("unreachable")
+
+    @overload
+    def action(self, func: F, /) -> F: ...
+
+    @overload
+    def action(self, *, attempts: int | None = None, note: str | None = None) -> Callable[[F], F]: ...
+
+    def action(
+        self,
+        func: Callable[..., Any] | None = None,
+        /,
+        *,
+        attempts: int | None = None,
+        note: str | None = None,
+    ) -> Any:
+        """Decorator: every call of the function is one transaction, retried on conflicts.
+
+        >>> @heap.action                     # doctest: +SKIP
+        ... def add_user(name):
+        ...     heap.state.users[name] = {"tags": []}
+        """
+
+        def decorate(f: F) -> F:
+            @functools.wraps(f)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return self._run(f, args, kwargs, note, attempts or self.attempts)
+
+            return wrapper  # type: ignore[return-value]
+
+        if func is not None:
+            return decorate(func)  # type: ignore[arg-type]
+        return decorate
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    def pack(self, days: float = 0) -> None:
+        """Drop revisions older than `days` that nothing current refers to."""
+        self._thread()
+        with private_files():
+            self.db.pack(days=days)
+
+
+class _Attempt:
+    """One try of `Heap.attempts`: a context manager around one transaction."""
+
+    def __init__(self, heap: Heap, number: int, total: int, note: str | None) -> None:
+        self.heap, self.number, self.total, self.note = heap, number, total, note
+        self.done = False
+        self._cm: Any = None
+
+    def __enter__(self) -> State:
+        local = self.heap._thread()
+        if local.depth:
+            raise RuntimeError("heap.attempts() cannot run inside another transaction")
+        self._cm = self.heap._transaction(local, self.note)
+        self._cm.__enter__()
+        return self.heap.state
+
+    def __exit__(self, tp: Any, value: Any, tb: Any) -> bool:
+        try:
+            self._cm.__exit__(tp, value, tb)
+        except transaction.interfaces.TransientError as exc:
+            if self.number == self.total:
+                raise _conflict(self.number, self.note) from exc
+            return True  # swallowed: the loop tries again
+        if tp is None:
+            self.done = True
+            return False
+        if isinstance(value, transaction.interfaces.TransientError):
+            if self.number == self.total:
+                raise _conflict(self.number, self.note) from value
+            return True
+        self.done = True
+        return False
+
+
+class _Activation:
+    def __init__(self, heap: Heap) -> None:
+        self._token = _active.set(heap)
+
+    def __enter__(self) -> Heap:
+        heap = _active.get()
+        assert heap is not None
+        return heap
+
+    def __exit__(self, *exc: object) -> None:
+        _active.reset(self._token)
+
+
+def _backoff(attempt: int) -> None:
+    """Sleep a random time that grows with the attempt: conflicting processes spread out."""
+    time.sleep(random.uniform(0, min(0.5, 0.002 * 2**attempt)))
+
+
+def _conflict(attempts: int, note: str | None) -> ConflictError:
+    what = f" in {note}" if note else ""
+    tries = "once" if attempts == 1 else f"{attempts} times"
+    return ConflictError(
+        f"a concurrent transaction changed the same objects{what}, and the "
+        f"transaction was tried {tries}. Run it through @heap.action or "
+        "heap.attempts(n) to retry, with more attempts if this keeps happening."
+    )
+
+
+def _call_note(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    parts = [_note_repr.repr(a) for a in args]
+    parts += [f"{k}={_note_repr.repr(v)}" for k, v in kwargs.items()]
+    return f"{getattr(func, '__qualname__', repr(func))}({', '.join(parts)})"
+
+
+def _translate_commit_error(conn: Any, exc: BaseException) -> BaseException:
+    """Name the unstorable value behind a pickling failure at commit, if there is one."""
+    if isinstance(exc, ZODB.POSException.ReadOnlyError):
+        return StorageError("the heap is open read-only: changes cannot be committed")
+    if not isinstance(exc, (pickle.PicklingError, TypeError, AttributeError)):
+        return exc
+    if getattr(exc, "__module__", None) == "durable_heap._errors":
+        return exc
+    suspects = list(getattr(conn, "_registered_objects", ())) + list(getattr(conn, "_added", {}).values())
+    for obj in suspects:
+        try:
+            snapshot(obj.__getstate__())
+        except Exception as inner:  # noqa: BLE001 - this one does not pickle
+            return culprit(obj, inner)
+    return exc
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        tm = conn.transaction_manager
+        if tm is not None:
+            try:
+                tm.abort()
+            except transaction.interfaces.NoTransaction:
+                pass
+        conn.close()
+    except Exception:  # noqa: BLE001,S110 - closing at shutdown must not raise
+        pass
+
+
+# --- the active heap and the `state` proxy ------------------------------------------------
+
+_active: contextvars.ContextVar[Heap | None] = contextvars.ContextVar("durable_heap_active", default=None)
+_last_opened: Heap | None = None
+
+
+def active_heap() -> Heap:
+    """The heap `state` refers to here: the activated one, else the last opened."""
+    heap = _active.get()
+    if heap is not None:
+        if heap.status is HeapStatus.CLOSED:
+            raise HeapClosedError(
+                f"state refers to the heap {heap.target}, which is closed: open it again "
+                "with durable_heap.open() or activate another heap"
+            )
+        return heap
+    if _last_opened is not None:
+        return _last_opened
+    raise NoActiveHeapError(
+        "no heap is open, so `state` has nothing to refer to: call "
+        "durable_heap.open('data/app.fs') first, or run your program with "
+        "`durable-heap call program.py function`."
+    )
+
+
+class _StateProxy:
+    """``durable_heap.state``: the `State` of the active heap, for this thread."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)  # protocol probes (copy, inspect) are not state
+        return getattr(active_heap().state, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(active_heap().state, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(active_heap().state, name)
+
+    def __getitem__(self, name: str) -> Any:
+        return active_heap().state[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        active_heap().state[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del active_heap().state[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in active_heap().state
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(active_heap().state)
+
+    def __len__(self) -> int:
+        return len(active_heap().state)
+
+    def __dir__(self) -> list[str]:
+        try:
+            return sorted(set(dir(State)) | set(active_heap().state))
+        except NoActiveHeapError:
+            return sorted(dir(State))
+
+    def __repr__(self) -> str:
+        try:
+            return repr(active_heap().state)
+        except NoActiveHeapError:
+            return "<durable_heap.state: no heap open>"
+
+    def __eq__(self, other: object) -> bool:
+        return active_heap().state == other
+
+    __hash__ = object.__hash__
+
+
+#: The state of the active heap; see `active_heap`.
+state: Any = _StateProxy()
+
+
+def open(  # noqa: A001 - durable_heap.open is the public name
+    target: str | Any = None,
+    *,
+    attempts: int = DEFAULT_ATTEMPTS,
+    cache_size: int = DEFAULT_CACHE_SIZE,
+    read_only: bool = False,
+) -> Heap:
+    """Open (creating if needed) the heap at `target` and make it the active one.
+
+    `target` is a path (``data/app.fs``), ``file:///abs/app.fs`` or
+    ``memory://``; without one, ``$DURABLE_HEAP_STORAGE`` or
+    ``.durable-heap/heap.fs``. `attempts` is how often actions are tried when
+    they conflict; `cache_size` how many objects each thread keeps in memory.
+
+    >>> import durable_heap as dh
+    >>> heap = dh.open("memory://")
+    >>> heap.close()
+    """
+    return Heap(parse_target(target), attempts=attempts, cache_size=cache_size, read_only=read_only)

@@ -1,0 +1,483 @@
+"""The value model: what can be stored, what plain values become, and the watch
+that keeps in-place changes to plain objects from being lost.
+
+Three kinds of values live in durable objects:
+
+* *atomic* values are immutable (numbers, strings, bytes, None, dates, enums,
+  tuples and frozensets of atomic values, named functions and classes) or are
+  references to other persistent objects. Nothing about them can change behind
+  our back.
+* plain ``dict``, ``list`` and ``set`` values are *converted* on assignment into
+  the durable containers (`Dict`, `List`, `Set`), which track their own changes.
+* anything else (dataclass instances, ordinary objects, ``OrderedDict``,
+  ``bytearray``...) is *watched*: it is pickled inside the record of the durable
+  object that holds it, so an in-place change (``state.cfg.retries = 3``) does
+  not set ``_p_changed`` -- the classic ZODB trap. We close it like this: every
+  durable object whose record holds a watched value registers with the `_Watch`
+  of its connection when it is loaded (with a snapshot of its state) and when it
+  is saved; before each commit the watch re-pickles the registered objects that
+  still look clean and marks the ones whose bytes differ as changed; after the
+  transaction ends (commit or abort) it turns them back into ghosts, so that the
+  next transaction that touches them loads them again and is watched too, and an
+  aborted in-place change is dropped instead of lingering in memory.
+
+  The cost is therefore paid only by records that hold watched values: one
+  snapshot pickle when loaded, one when committing, one reload per transaction.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import decimal
+import enum
+import fractions
+import io
+import pathlib
+import pickle
+import threading
+import types
+import uuid
+import weakref
+from typing import Any, Callable, Iterable, Iterator
+
+import transaction.interfaces
+from persistent import Persistent
+
+from ._errors import NotPersistableError
+
+__all__ = [
+    "CONVERTERS",
+    "ROOT_KEY",
+    "BadValue",
+    "adopt",
+    "check_writable",
+    "culprit",
+    "holds_watched",
+    "is_atomic",
+    "path_of",
+    "public_error",
+    "snapshot",
+    "watch",
+]
+
+#: Key of the `State` object in the ZODB root mapping.
+ROOT_KEY = "durable_heap.state"
+
+_ATOMIC: frozenset[type] = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        decimal.Decimal,
+        fractions.Fraction,
+        datetime.date,
+        datetime.datetime,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+        uuid.UUID,
+        range,
+        slice,
+        type(Ellipsis),
+        type(NotImplemented),
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+    }
+)
+
+#: Filled by `_containers`: exact builtin type -> function making the durable twin.
+CONVERTERS: dict[type, Callable[[Any], Any]] = {}
+
+# Types that can never be stored, with the reason shown to the user.
+_REFUSED: dict[type, str] = {
+    types.GeneratorType: "a generator cannot be pickled; store the data it yields",
+    types.CoroutineType: "a coroutine cannot be pickled",
+    types.AsyncGeneratorType: "an async generator cannot be pickled",
+    types.ModuleType: "store the values you need from the module, not the module",
+    types.FrameType: "frames belong to a running program",
+    types.TracebackType: "tracebacks belong to a running program",
+    types.MethodType: "a bound method would copy its object; store the object",
+    types.BuiltinMethodType: "a bound method would copy its object; store the object",
+    type(threading.Lock()): "locks belong to a running process",
+    type(threading.RLock()): "locks belong to a running process",
+    threading.Thread: "threads belong to a running process",
+    threading.Event: "events belong to a running process",
+    threading.Condition: "conditions belong to a running process",
+    weakref.ref: "weak references belong to a running process",
+}
+_REFUSED_BASES: tuple[tuple[type, str], ...] = (
+    (io.IOBase, "an open file or stream belongs to a running process; store its path"),
+    (threading.Thread, "threads belong to a running process"),
+)
+
+
+def _late_refusals() -> None:
+    """Types from modules we do not want to import eagerly (socket, sqlite3)."""
+    import socket
+    import sqlite3
+
+    _REFUSED[socket.socket] = "a socket belongs to a running process; store its address"
+    _REFUSED[sqlite3.Connection] = "a database connection belongs to a running process"
+    _REFUSED[sqlite3.Cursor] = "a database cursor belongs to a running process"
+
+
+_late_refusals()
+
+
+def is_atomic(value: Any) -> bool:
+    """True when `value` can never change in place (or is a persistent reference)."""
+    tp = type(value)
+    if tp in _ATOMIC:
+        return True
+    if isinstance(value, (tuple, frozenset)):
+        return all(is_atomic(v) for v in value)
+    if isinstance(value, (Persistent, enum.Enum)):
+        return True
+    if tp is types.FunctionType or tp is types.BuiltinFunctionType or isinstance(value, type):
+        return True  # pickled by name; adopt() has refused the local ones
+    return False
+
+
+def holds_watched(values: Iterable[Any]) -> bool:
+    """True when any of `values` is neither atomic nor a durable container."""
+    for v in values:
+        if type(v) in _ATOMIC:
+            continue
+        if not is_atomic(v):
+            return True
+    return False
+
+
+class BadValue(Exception):
+    """Internal: an unstorable value, with the accessors that lead to it.
+
+    Raised deep inside conversions; the outermost holder turns it into the public
+    `NotPersistableError` once it knows the full path (see `public_error`).
+    """
+
+    def __init__(self, value: Any, reason: str, parts: list[str] | None = None) -> None:
+        super().__init__(reason)
+        self.value = value
+        self.reason = reason
+        self.parts: list[str] = parts if parts is not None else []
+
+    def prefixed(self, accessor: str) -> BadValue:
+        self.parts.insert(0, accessor)
+        return self
+
+
+def public_error(err: BadValue, holder: Any, base: str | None = None) -> NotPersistableError:
+    """The user-facing error for `err`, its path starting at ``state`` when known."""
+    if base is None:
+        base = path_of(holder) if holder is not None else "value"
+    return NotPersistableError(base + "".join(err.parts), err.value, err.reason)
+
+
+def adopt(value: Any) -> Any:
+    """Return what `value` becomes when stored: a durable twin, or itself.
+
+    Raises `BadValue` for values that cannot be stored. Plain objects are
+    trial-pickled here so that the error names the place it was assigned.
+    """
+    tp = type(value)
+    if tp in _ATOMIC:
+        return value
+    conv = CONVERTERS.get(tp)
+    if conv is not None:
+        return conv(value)
+    if isinstance(value, Persistent):
+        return value
+    if isinstance(value, tuple):
+        items = []
+        changed = False
+        for i, v in enumerate(value):
+            try:
+                a = adopt(v)
+            except BadValue as e:
+                raise e.prefixed(f"[{i}]") from None
+            changed = changed or a is not v
+            items.append(a)
+        if not changed:
+            return value
+        if tp is tuple:
+            return tuple(items)
+        make = getattr(tp, "_make", None)  # a namedtuple
+        return make(items) if make is not None else tp(items)
+    if isinstance(value, frozenset):
+        for v in value:
+            adopt(v)
+        return value
+    _refuse_or_accept(value)
+    return value
+
+
+def _refuse_or_accept(value: Any) -> None:
+    """Raise `BadValue` if `value` cannot be stored; plain objects are trial-pickled."""
+    tp = type(value)
+    if tp is types.FunctionType or tp is types.BuiltinFunctionType:
+        qual = getattr(value, "__qualname__", "")
+        if "<lambda>" in qual:
+            raise BadValue(value, "a lambda has no name to be stored by; use a module-level function")
+        if "<locals>" in qual:
+            raise BadValue(value, "a function defined inside another function cannot be stored by name")
+        return
+    if isinstance(value, type):
+        if "<locals>" in value.__qualname__:
+            raise BadValue(value, "a class defined inside a function cannot be stored by name")
+        return
+    if isinstance(value, enum.Enum):
+        return
+    reason = _REFUSED.get(tp)
+    if reason is None:
+        for base, why in _REFUSED_BASES:
+            if isinstance(value, base):
+                reason = why
+                break
+    if reason is not None:
+        raise BadValue(value, reason)
+    if "<locals>" in tp.__qualname__:
+        raise BadValue(value, f"its class {tp.__qualname__} is defined inside a function")
+    try:
+        snapshot(value)
+    except BadValue:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's value
+        raise _locate(value, exc) from None
+
+
+def _locate(value: Any, exc: BaseException) -> BadValue:
+    """Find the part of `value` that does not pickle, for a precise path."""
+    for accessor, child in _plain_children(value):
+        if type(child) in _ATOMIC:
+            continue
+        try:
+            _refuse_or_accept(child)
+        except BadValue as e:
+            return e.prefixed(accessor)
+    return BadValue(value, f"pickling failed: {exc}")
+
+
+def _plain_children(value: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield f"[{i}]", v
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield f"[{k!r}]", v
+    elif isinstance(value, (set, frozenset)):
+        for v in value:
+            yield "{...}", v
+    else:
+        d = getattr(value, "__dict__", None)
+        if isinstance(d, dict):
+            for k, v in d.items():
+                yield f".{k}", v
+
+
+# --- snapshots ---------------------------------------------------------------
+
+
+class _SnapshotPickler(pickle.Pickler):
+    """Pickles like ZODB does for comparison: persistent objects as references."""
+
+    def persistent_id(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
+        if isinstance(obj, Persistent) and not isinstance(obj, type):
+            oid = obj._p_oid
+            return oid if oid is not None else id(obj)
+        return None
+
+
+def snapshot(obj: Any) -> bytes:
+    """Bytes that change whenever the stored form of `obj` would change."""
+    buf = io.BytesIO()
+    _SnapshotPickler(buf, protocol=3).dump(obj)
+    return buf.getvalue()
+
+
+# --- the watch ---------------------------------------------------------------
+
+
+class _Watch:
+    """Per connection: durable objects loaded or saved with watched values.
+
+    Registered as a synchronizer of the connection's transaction manager, so it
+    sees the end of every transaction, including ones committed with plain
+    ``transaction.commit()``.
+    """
+
+    __slots__ = ("tm", "items", "hooked", "__weakref__")
+
+    def __init__(self) -> None:
+        self.tm: Any = None
+        # id(obj) -> (obj, snapshot at load, or None when saved this transaction)
+        self.items: dict[int, tuple[Any, bytes | None]] = {}
+        self.hooked: Any = None
+
+    # ISynchronizer
+    def newTransaction(self, txn: Any, sync: bool = True) -> None:  # noqa: N802
+        if self.items:
+            self._hook(txn)
+
+    def beforeCompletion(self, txn: Any) -> None:  # noqa: N802
+        pass
+
+    def afterCompletion(self, txn: Any) -> None:  # noqa: N802
+        items, self.items, self.hooked = self.items, {}, None
+        for obj, _ in items.values():
+            # Ghost it: the next transaction reloads (and watches) it, and an
+            # aborted in-place change does not survive in memory.
+            if obj._p_jar is not None and obj._p_oid is not None:
+                obj._p_invalidate()
+
+    def _hook(self, txn: Any) -> None:
+        if self.hooked is not txn:
+            txn.addBeforeCommitHook(self._before_commit)
+            self.hooked = txn
+
+    def _before_commit(self) -> None:
+        for obj, base in list(self.items.values()):
+            if base is None or obj._p_changed is not False:
+                continue  # saved anyway, or a ghost again
+            try:
+                now = snapshot(obj.__getstate__())
+            except Exception as exc:  # noqa: BLE001 - report which value it is
+                raise culprit(obj, exc) from None
+            if now != base:
+                obj._p_changed = True
+
+
+def culprit(holder: Any, exc: BaseException) -> NotPersistableError:
+    for accessor, child in _durable_children(holder):
+        if type(child) in _ATOMIC:
+            continue
+        try:
+            _refuse_or_accept(child)
+        except BadValue as e:
+            return public_error(e.prefixed(accessor), holder)
+    return public_error(BadValue(holder, f"pickling failed: {exc}"), holder)
+
+
+def watch(obj: Any, state: Any) -> None:
+    """Register `obj` (just loaded or saved, its state holding watched values).
+
+    `state` is the state it was loaded from (to snapshot), or None when it is
+    being saved: then it only needs to become a ghost after the transaction.
+    """
+    jar = obj._p_jar
+    if jar is None or obj._p_oid is None:
+        return
+    w = jar.__dict__.get("_dh_watch")
+    if w is None:
+        w = jar._dh_watch = _Watch()
+    tm = jar.transaction_manager
+    if tm is None:
+        return
+    if w.tm is not tm:
+        if w.tm is not None:
+            w.tm.unregisterSynch(w)
+        w.tm = tm
+        tm.registerSynch(w)
+    key = id(obj)
+    if state is None:
+        if key not in w.items:
+            w.items[key] = (obj, None)
+        return
+    w.items[key] = (obj, snapshot(state))
+    try:
+        txn = tm.get()
+    except transaction.interfaces.NoTransaction:
+        return  # loaded outside a transaction: hooked when the next one begins
+    w._hook(txn)
+
+
+# --- transactions ------------------------------------------------------------
+
+
+def check_writable(obj: Any) -> None:
+    """Raise `NoTransactionError` when `obj` is durable and no transaction is open.
+
+    Called by every mutator *before* it changes anything, so that a refused
+    change leaves memory as it was.
+    """
+    jar = obj._p_jar
+    if jar is None:
+        return
+    tm = jar.transaction_manager
+    if tm is None or not tm.explicit:
+        return
+    try:
+        tm.get()
+    except transaction.interfaces.NoTransaction:
+        from ._errors import NoTransactionError
+
+        msg = (
+            f"{path_of(obj)} was changed outside a transaction. Make changes inside "
+            "`with heap.transaction():` or a function decorated with `@heap.action` "
+            "(programs run by `durable-heap call` are inside one already)."
+        )
+        raise NoTransactionError(msg) from None
+
+
+# --- paths -------------------------------------------------------------------
+
+
+def _durable_children(obj: Any) -> Iterator[tuple[str, Any]]:
+    """(accessor, value) pairs of `obj` that are in memory, loading nothing."""
+    children = getattr(type(obj), "_dh_children", None)
+    if children is not None:
+        yield from children(obj)
+    elif isinstance(obj, Persistent):
+        if obj._p_changed is None:
+            return
+        d = getattr(obj, "__dict__", None)
+        if isinstance(d, dict):
+            for k, v in list(d.items()):
+                if not k.startswith(("_p_", "_v_")):
+                    yield f".{k}", v
+    else:
+        yield from _plain_children(obj)
+
+
+def path_of(obj: Any, limit: int = 200_000) -> str:
+    """The path from ``state`` to `obj` through objects in memory, or a description.
+
+    Used only to word error messages, so it may be slow; it never loads a ghost.
+    """
+    jar = obj._p_jar if isinstance(obj, Persistent) else None
+    name = type(obj).__name__
+    if jar is None:
+        return f"<new {name}>"
+    try:
+        state = jar.root().get(ROOT_KEY)
+    except Exception:  # noqa: BLE001 - a closed connection: just describe it
+        state = None
+    if state is None:
+        return f"<{name} oid {_oid(obj)}>"
+    if obj is state:
+        return "state"
+    queue = collections.deque([(state, "state")])
+    seen = {id(state)}
+    while queue and len(seen) < limit:
+        current, path = queue.popleft()
+        for accessor, child in _durable_children(current):
+            if child is obj:
+                return path + accessor
+            if id(child) in seen or type(child) in _ATOMIC:
+                continue
+            if isinstance(child, Persistent) and child._p_changed is None:
+                continue
+            seen.add(id(child))
+            queue.append((child, path + accessor))
+    return f"<{name} oid {_oid(obj)}>"
+
+
+def _oid(obj: Any) -> str:
+    oid = getattr(obj, "_p_oid", None)
+    return "0x" + oid.hex().lstrip("0") if oid else "?"
