@@ -38,6 +38,7 @@ import pathlib
 import reprlib
 import struct
 import uuid
+import weakref
 from bisect import bisect_right
 from itertools import islice
 from random import getrandbits
@@ -73,6 +74,7 @@ BRANCH_MAX = 64
 COLLIDED = -1
 
 _MISSING: Any = object()
+_NOTHING: Any = ()
 
 
 # --- stable hashing ------------------------------------------------------------
@@ -175,12 +177,38 @@ class _EntryBucket(LOBucket):
         return state
 
 
+    def _dh_watched(self) -> bool:
+        state = LOBucket.__getstate__(self)
+        return bool(state) and holds_watched(_bucket_values(state))
+
+    def _dh_children(self) -> Iterator[tuple[str, Any]]:
+        """For error paths: the entries, if this bucket is in memory."""
+        if self._p_changed is not None:
+            state = LOBucket.__getstate__(self)
+            for k, v in state[0][1::2] if state else ():
+                yield f"[{k!r}]", v
+
+
 class _Entries(LOBTree):
     """Sequence number -> ``(key, value)``, in insertion order."""
 
     _bucket_type = _EntryBucket
     max_leaf_size = 30
     max_internal_size = 250
+
+    def _dh_children(self) -> Iterator[tuple[str, Any]]:
+        """For error paths: the nodes in memory (a small tree keeps entries inline)."""
+        if self._p_changed is None:
+            return
+        state = LOBTree.__getstate__(self)
+        if not state:
+            return
+        if len(state) == 1:  # one bucket, inline: (((k, v, ...),),)
+            for k, v in state[0][0][0][1::2]:
+                yield f"[{k!r}]", v
+            return
+        for node in state[0][0::2]:
+            yield "", node
 
 
 def _bucket_values(state: Any) -> Iterator[Any]:
@@ -197,28 +225,6 @@ def _walk_buckets(tree: Any) -> Iterator[Any]:
         yield bucket
         state = LOBucket.__getstate__(bucket)
         bucket = state[1] if state and len(state) > 1 else None
-
-
-def _loaded_entries(tree: Any) -> Iterator[Any]:
-    """Entries of the buckets of `tree` already in memory; loads nothing."""
-    if tree is None or tree._p_changed is None:
-        return
-    state = LOBTree.__getstate__(tree)
-    if not state:
-        return
-    if len(state) == 1 and isinstance(state[0], tuple) and (not state[0] or not isinstance(state[0][0], Persistent)):
-        # A one-bucket tree keeps its items inline: ((k, v, ...),)
-        inner = state[0]
-        items = inner[0] if inner and isinstance(inner[0], tuple) else inner
-        yield from items[1::2]
-        return
-    for child in state[0][0::2]:
-        if child._p_changed is None:
-            continue
-        if isinstance(child, LOBucket):
-            yield from LOBucket.__getstate__(child)[0][1::2]
-        else:
-            yield from _loaded_entries(child)
 
 
 def _deactivate_if_idle(obj: Any, was_ghost: bool) -> None:
@@ -286,6 +292,10 @@ class _Hashed(Persistent):
             self._index = self._entries = self._coll = self._len = None
             if holds_watched(small) or holds_watched(small.values()):
                 watch(self, state)
+
+    def _dh_watched(self) -> bool:
+        small = self._small
+        return small is not None and (holds_watched(small) or holds_watched(small.values()))
 
     # -- lookups ------------------------------------------------------------------
 
@@ -511,11 +521,10 @@ class _Hashed(Persistent):
         if self._p_changed is None:
             return
         if self._small is not None:
-            pairs: Iterable[tuple[Any, Any]] = list(self._small.items())
+            for k, v in list(self._small.items()):
+                yield f"[{k!r}]", v
         else:
-            pairs = _loaded_entries(self._entries)
-        for k, v in pairs:
-            yield f"[{k!r}]", v
+            yield "", self._entries
 
 
 # --- Dict ----------------------------------------------------------------------------
@@ -991,6 +1000,15 @@ class _Leaf(Persistent):
     def _size(self) -> int:
         return len(self.items)
 
+    def _dh_watched(self) -> bool:
+        return holds_watched(self.items)
+
+    def _dh_children(self) -> Iterator[tuple[str, Any]]:
+        if self._p_changed is not None:
+            offset = _LEAF_OFFSETS.get(self)
+            for j, v in enumerate(list(self.items)):
+                yield (f"[{offset + j}]" if offset is not None else "[?]"), v
+
 
 class _Branch(Persistent):
     """Children of a List tree with cumulative counts: ``ends[i]`` items in kids[:i+1]."""
@@ -1044,11 +1062,11 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     __hash__ = None  # type: ignore[assignment]
     __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
 
-    def __init__(self, iterable: Iterable[Any] = ()) -> None:
+    def __init__(self, iterable: Iterable[Any] = _NOTHING) -> None:
         self._tail: list[Any] = []
         self._root: Any = None
         self._size = 0
-        if iterable != ():
+        if iterable is not _NOTHING:
             try:
                 self._extend(iterable)
             except BadValue as err:
@@ -1078,6 +1096,9 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
             self._root, self._size = state[1], state[2]
         if holds_watched(self._tail):
             watch(self, state)
+
+    def _dh_watched(self) -> bool:
+        return holds_watched(self._tail)
 
     def _p_resolveConflict(self, old: Any, saved: Any, new: Any) -> Any:
         """Merge two transactions that both only appended to the tail."""
@@ -1508,7 +1529,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         if self._p_changed is None:
             return
         if self._root is not None:
-            yield from _loaded_items(self._root, 0)
+            yield from _loaded_nodes(self._root, 0)
         for i, v in enumerate(list(self._tail), self._size):
             yield f"[{i}]", v
 
@@ -1530,16 +1551,22 @@ def _walk(node: Any, start: int) -> Iterator[Any]:
     _deactivate_if_idle(node, was_ghost)
 
 
-def _loaded_items(node: Any, offset: int) -> Iterator[tuple[str, Any]]:
+#: Error paths only: the list index of each leaf's first item, found while
+#: `path_of` walks a List, so that a leaf can name its items' indexes.
+_LEAF_OFFSETS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _loaded_nodes(node: Any, offset: int) -> Iterator[tuple[str, Any]]:
+    """The tree nodes in memory under `node`, noting each leaf's offset."""
     if node._p_changed is None:
         return
     if type(node) is _Leaf:
-        for i, v in enumerate(list(node.items), offset):
-            yield f"[{i}]", v
+        _LEAF_OFFSETS[node] = offset
+        yield "", node
         return
     prev = 0
     for kid, end in zip(list(node.kids), list(node.ends)):
-        yield from _loaded_items(kid, offset + prev)
+        yield from _loaded_nodes(kid, offset + prev)
         prev = end
 
 

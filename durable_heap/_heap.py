@@ -22,7 +22,6 @@ import contextlib
 import contextvars
 import enum
 import functools
-import pickle
 import random
 import reprlib
 import threading
@@ -43,7 +42,7 @@ from ._errors import (
 )
 from ._state import State
 from ._storage import Target, open_storage, parse_target, private_files
-from ._values import ROOT_KEY, culprit, snapshot
+from ._values import ROOT_KEY, precheck
 
 __all__ = ["Heap", "HeapStatus", "active_heap", "open", "state"]
 
@@ -106,7 +105,7 @@ class Heap:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.target = target
-        self.attempts = attempts
+        self.max_attempts = attempts
         self.read_only = read_only
         self.status = HeapStatus.OPEN
         storage = open_storage(target, read_only=read_only)
@@ -124,8 +123,7 @@ class Heap:
         except Exception:
             self.close()
             raise
-        global _last_opened
-        _last_opened = self
+        _open_heaps.append(self)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -147,9 +145,8 @@ class Heap:
         if self.status is HeapStatus.CLOSED:
             return
         self.status = HeapStatus.CLOSED
-        global _last_opened
-        if _last_opened is self:
-            _last_opened = None
+        if self in _open_heaps:
+            _open_heaps.remove(self)
         for conn in list(self._conns):
             _close_quietly(conn)
         with private_files():
@@ -184,8 +181,18 @@ class Heap:
 
     @property
     def state(self) -> State:
-        """The root `State` of this heap, as this thread sees it."""
+        """The root `State` of this heap, as this thread sees it.
+
+        Inside a transaction, everything read is one consistent snapshot. Outside
+        one, each access first catches up with what other threads and processes
+        have committed (reads work; changes are refused).
+        """
         local = self._thread()
+        if not local.depth:
+            try:
+                local.tm.get()
+            except transaction.interfaces.NoTransaction:
+                local.conn.newTransaction(None)  # see the latest commits
         st = local.state
         if st is None:
             st = local.state = local.conn.root()[ROOT_KEY]
@@ -253,6 +260,7 @@ class Heap:
             raise
         local.depth = 0
         try:
+            precheck(local.conn)
             tm.commit()
         except transaction.interfaces.TransientError:
             tm.abort()
@@ -271,7 +279,7 @@ class Heap:
                 with attempt as state:
                     state.count += 1
         """
-        total = attempts or self.attempts
+        total = attempts or self.max_attempts
         for n in range(1, total + 1):
             attempt = _Attempt(self, n, total, note)
             yield attempt
@@ -281,7 +289,7 @@ class Heap:
 
     def run(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Call ``func(*args, **kwargs)`` as one transaction, retrying on conflicts."""
-        return self._run(func, args, kwargs, None, self.attempts)
+        return self._run(func, args, kwargs, None, self.max_attempts)
 
     def _run(
         self,
@@ -331,7 +339,7 @@ class Heap:
         def decorate(f: F) -> F:
             @functools.wraps(f)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return self._run(f, args, kwargs, note, attempts or self.attempts)
+                return self._run(f, args, kwargs, note, attempts or self.max_attempts)
 
             return wrapper  # type: ignore[return-value]
 
@@ -417,19 +425,9 @@ def _call_note(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
 
 
 def _translate_commit_error(conn: Any, exc: BaseException) -> BaseException:
-    """Name the unstorable value behind a pickling failure at commit, if there is one."""
+    """Map storage errors at commit to ours (unstorable values: see `precheck`)."""
     if isinstance(exc, ZODB.POSException.ReadOnlyError):
         return StorageError("the heap is open read-only: changes cannot be committed")
-    if not isinstance(exc, (pickle.PicklingError, TypeError, AttributeError)):
-        return exc
-    if getattr(exc, "__module__", None) == "durable_heap._errors":
-        return exc
-    suspects = list(getattr(conn, "_registered_objects", ())) + list(getattr(conn, "_added", {}).values())
-    for obj in suspects:
-        try:
-            snapshot(obj.__getstate__())
-        except Exception as inner:  # noqa: BLE001 - this one does not pickle
-            return culprit(obj, inner)
     return exc
 
 
@@ -449,11 +447,12 @@ def _close_quietly(conn: Any) -> None:
 # --- the active heap and the `state` proxy ------------------------------------------------
 
 _active: contextvars.ContextVar[Heap | None] = contextvars.ContextVar("durable_heap_active", default=None)
-_last_opened: Heap | None = None
+#: Heaps open in this process, oldest first: `state` falls back to the newest.
+_open_heaps: list[Heap] = []
 
 
 def active_heap() -> Heap:
-    """The heap `state` refers to here: the activated one, else the last opened."""
+    """The heap `state` refers to here: the activated one, else the newest still open."""
     heap = _active.get()
     if heap is not None:
         if heap.status is HeapStatus.CLOSED:
@@ -462,8 +461,8 @@ def active_heap() -> Heap:
                 "with durable_heap.open() or activate another heap"
             )
         return heap
-    if _last_opened is not None:
-        return _last_opened
+    if _open_heaps:
+        return _open_heaps[-1]
     raise NoActiveHeapError(
         "no heap is open, so `state` has nothing to refer to: call "
         "durable_heap.open('data/app.fs') first, or run your program with "

@@ -81,7 +81,7 @@ def load(heap: Heap, program: str, *, commit: bool = True) -> types.ModuleType:
     try:
         with heap.activate():
             if commit:
-                heap._run(exec, (code, module.__dict__), {}, f"load {name}", heap.attempts)
+                heap._run(exec, (code, module.__dict__), {}, f"load {name}", heap.max_attempts)
             else:
                 _run_discarded(heap, code, module.__dict__)
     except Exception as exc:
@@ -113,7 +113,7 @@ def call(heap: Heap, module: types.ModuleType, function: str, args: list[Any]) -
             f"{module.__file__} has no function {function!r} (its functions: {listed})"
         )
     with heap.activate():
-        return heap._run(func, tuple(args), {}, None, heap.attempts)
+        return heap._run(func, tuple(args), {}, None, heap.max_attempts)
 
 
 def _where(exc: BaseException, path: str) -> str:

@@ -70,6 +70,9 @@ class Object(Persistent):
         if isinstance(state, dict) and holds_watched(state.values()):
             watch(self, state)
 
+    def _dh_watched(self) -> bool:
+        return holds_watched(self.__dict__.values())
+
     def _dh_as_dict(self) -> dict[str, Any]:
         """The stored attributes, in assignment order."""
         self._p_activate()

@@ -56,6 +56,7 @@ __all__ = [
     "holds_watched",
     "is_atomic",
     "path_of",
+    "precheck",
     "public_error",
     "snapshot",
     "watch",
@@ -354,14 +355,36 @@ class _Watch:
 
 
 def culprit(holder: Any, exc: BaseException) -> NotPersistableError:
+    """The error naming the value of `holder` that does not pickle."""
+    base = path_of(holder)  # first: walking the path also teaches List leaves their offsets
     for accessor, child in _durable_children(holder):
         if type(child) in _ATOMIC:
             continue
         try:
             _refuse_or_accept(child)
         except BadValue as e:
-            return public_error(e.prefixed(accessor), holder)
-    return public_error(BadValue(holder, f"pickling failed: {exc}"), holder)
+            return public_error(e.prefixed(accessor), holder, base=base)
+    return public_error(BadValue(holder, f"pickling failed: {exc}"), holder, base=base)
+
+
+def precheck(conn: Any) -> None:
+    """Before a commit: name any value that will not pickle, while it still can be.
+
+    Only records holding watched values can fail (everything else was checked
+    on assignment), so only those are trial-pickled. After a failed commit ZODB
+    has already rolled the objects back, so this is the last moment to say which
+    value it was. Reads ZODB's private lists of changed and added objects.
+    """
+    changed = list(getattr(conn, "_registered_objects", ()))
+    changed += list(getattr(conn, "_added", {}).values())
+    for obj in changed:
+        watched = getattr(type(obj), "_dh_watched", None)
+        if watched is None or obj._p_changed is None or not watched(obj):
+            continue
+        try:
+            snapshot(obj.__getstate__())
+        except Exception as exc:  # noqa: BLE001 - name the value that fails
+            raise culprit(obj, exc) from None
 
 
 def watch(obj: Any, state: Any) -> None:

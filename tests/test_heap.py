@@ -1,0 +1,288 @@
+"""Heap: opening targets, transactions, actions, retries, threads and the errors users meet."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import durable_heap as dh
+from tests.conftest import ROOT, run
+
+
+def test_open_creates_private_files_and_folders(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "app.fs"
+    with dh.open(path) as heap:
+        with heap.transaction() as state:
+            state.x = 1
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    for f in path.parent.iterdir():
+        if f.is_file():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def test_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with dh.open(f"file://{tmp_path}/u.fs") as heap:
+        with heap.transaction() as state:
+            state.x = "url"
+    with dh.open(tmp_path / "u.fs") as heap:
+        assert heap.state.x == "url"
+    with dh.open("memory://") as heap:
+        with heap.transaction() as state:
+            state.x = 1
+        assert heap.state.x == 1
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DURABLE_HEAP_STORAGE", str(tmp_path / "env.fs"))
+    with dh.open() as heap:
+        assert str(heap.target) == str(tmp_path / "env.fs")
+    monkeypatch.delenv("DURABLE_HEAP_STORAGE")
+    with dh.open() as heap:
+        assert str(heap.target) == str(tmp_path / ".durable-heap" / "heap.fs")
+    with pytest.raises(dh.UnknownTargetError, match="unknown heap target scheme 'ftp://'") as info:
+        dh.open("ftp://example/x")
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(dh.UnknownTargetError):
+        dh.open("")
+
+
+def test_transaction_commits_and_aborts(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.users = {}
+        state.users["ann"] = {"tags": ["a"]}
+    with pytest.raises(KeyError):
+        with heap.transaction() as state:
+            state.users["bob"] = {"tags": []}
+            state.users["ann"]["tags"].append("b")
+            state.created = {"big": list(range(500))}
+            raise KeyError("boom")
+    assert heap.state.users == {"ann": {"tags": ["a"]}}
+    assert "created" not in heap.state
+
+
+def test_action_notes_nesting_and_return(heap: dh.Heap) -> None:
+    calls: list[str] = []
+
+    @heap.action
+    def add(name: str, n: int = 1) -> int:
+        heap.state.setdefault("counts", {})
+        heap.state.counts[name] = heap.state.counts.get(name, 0) + n
+        calls.append(name)
+        return heap.state.counts[name]
+
+    @heap.action(note="batch of adds")
+    def batch() -> None:
+        add("x")
+        add("y", n=2)
+        with heap.transaction():  # joins too
+            add("z")
+
+    assert add("x") == 1
+    batch()
+    assert add.__name__ == "add"
+    assert dict(heap.state.counts) == {"x": 2, "y": 2, "z": 1}
+    notes = [t["description"] for t in heap.db.undoLog(0, 10)]
+    assert "batch of adds" in notes
+    assert any(n.startswith("test_action_notes_nesting_and_return.<locals>.add('x')") for n in notes)
+    assert sum("add('y', n=2)" in n for n in notes) == 0  # nested: one transaction, the outer note
+
+    @heap.action
+    def fail() -> None:
+        heap.state.counts["x"] = 100
+        add("w")
+        raise RuntimeError("nested failure rolls back everything")
+
+    with pytest.raises(RuntimeError):
+        fail()
+    assert heap.state.counts == {"x": 2, "y": 2, "z": 1}
+
+
+def test_threads_have_their_own_connections_and_actions_retry(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.count = 0
+
+    @heap.action
+    def bump() -> None:
+        heap.state.count += 1
+
+    seen: set[int] = set()
+
+    def worker() -> None:
+        seen.add(id(heap.connection))
+        for _ in range(50):
+            bump()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 4 and id(heap.connection) not in seen
+    assert heap.state.count == 200  # every conflict was retried, none lost
+
+
+def test_conflict_without_retries_is_a_clear_error(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.count = 0
+    ready, go = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with heap.transaction() as st:
+                st.count += 10
+                ready.set()
+                go.wait(5)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    ready.wait(5)
+    with heap.transaction() as st:
+        st.count += 1
+    go.set()
+    t.join()
+    assert len(errors) == 1 and isinstance(errors[0], dh.ConflictError)
+    assert "heap.attempts" in str(errors[0])
+    assert heap.state.count == 1
+
+    # heap.attempts() re-runs the block
+    tries = 0
+    for attempt in heap.attempts(3):
+        with attempt as st:
+            tries += 1
+            st.count += 1
+            if tries == 1:
+                # another thread commits in between: this attempt conflicts
+                th = threading.Thread(target=lambda: heap.run(lambda: setattr(heap.state, "count", 50)))
+                th.start()
+                th.join()
+    assert tries == 2 and heap.state.count == 51
+
+
+def test_action_gives_up_after_its_attempts(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.count = 0
+    tries = 0
+
+    @heap.action(attempts=3)
+    def always_conflicts() -> None:
+        nonlocal tries
+        tries += 1
+        heap.state.count += 1
+        th = threading.Thread(target=lambda: heap.run(lambda: setattr(heap.state, "count", -tries)))
+        th.start()
+        th.join()
+
+    with pytest.raises(dh.ConflictError, match="tried 3 times"):
+        always_conflicts()
+    assert tries == 3 and heap.state.count == -3
+
+
+def test_closed_heap(heap_path: Path) -> None:
+    heap = dh.open(heap_path)
+    heap.close()
+    heap.close()  # idempotent
+    assert heap.status is dh.HeapStatus.CLOSED and "closed" in repr(heap)
+    with pytest.raises(dh.HeapClosedError, match="closed"):
+        heap.state  # noqa: B018
+    with pytest.raises(dh.HeapClosedError):
+        with heap.transaction():
+            pass
+
+
+def test_locked_by_another_process(heap_path: Path) -> None:
+    code = (
+        "import sys, durable_heap as dh; h = dh.open(sys.argv[1]); "
+        "print('ready', flush=True); sys.stdin.read()"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen([sys.executable, "-c", code, str(heap_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(dh.HeapLockedError) as info:
+            dh.open(heap_path)
+        msg = str(info.value)
+        assert str(heap_path) in msg and f"process {holder.pid}" in msg and "zeo://" in msg
+    finally:
+        holder.communicate("", timeout=30)
+    with dh.open(heap_path) as heap:  # released when the holder exits
+        assert heap.state is not None
+
+
+def test_open_twice_in_one_process(heap: dh.Heap, heap_path: Path) -> None:
+    with pytest.raises(dh.HeapLockedError, match="already open in this process"):
+        dh.open(heap_path)
+
+
+def test_a_file_that_is_not_a_heap_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"my precious notes\n")
+    before = path.stat()
+    with pytest.raises(dh.NotAHeapError, match="not modified"):
+        dh.open(path)
+    assert path.read_bytes() == b"my precious notes\n" and path.stat().st_mtime == before.st_mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(dh.NotAHeapError, match="folder"):
+        dh.open(tmp_path)
+
+
+def test_read_only(heap_path: Path) -> None:
+    with pytest.raises(dh.StorageError, match="no heap"):
+        dh.open(heap_path, read_only=True)
+    with dh.open(heap_path) as heap:
+        with heap.transaction() as state:
+            state.x = 1
+    with dh.open(heap_path, read_only=True) as ro:
+        assert ro.state.x == 1
+        with pytest.raises(dh.StorageError, match="read-only"):
+            with ro.transaction() as state:
+                state.x = 2
+
+
+def test_persistence_across_processes_through_the_api(heap_path: Path) -> None:
+    code = (
+        "import sys, durable_heap as dh\n"
+        "heap = dh.open(sys.argv[1])\n"
+        "@heap.action\n"
+        "def step():\n"
+        "    s = heap.state\n"
+        "    s.setdefault('log', [])\n"
+        "    s.log.append(len(s.log))\n"
+        "    return list(s.log)\n"
+        "print(step())\n"
+    )
+    outs = [run(["-c", code, str(heap_path)]).stdout.strip() for _ in range(3)]
+    assert outs == ["[0]", "[0, 1]", "[0, 1, 2]"]
+
+
+def test_no_active_heap_message() -> None:
+    out = run(["-c", "from durable_heap import state\nstate.x"])
+    assert out.returncode == 1
+    assert "NoActiveHeapError: no heap is open" in out.stderr and "durable_heap.open(" in out.stderr
+
+
+def test_thread_connections_close_with_their_threads(heap: dh.Heap) -> None:
+    def touch() -> None:
+        assert heap.state is not None
+
+    for _ in range(20):
+        t = threading.Thread(target=touch)
+        t.start()
+        t.join()
+    deadline = time.time() + 5
+    import gc
+
+    while time.time() < deadline:
+        gc.collect()
+        if len(list(heap._conns)) <= 2:
+            break
+        time.sleep(0.05)
+    assert len(list(heap._conns)) <= 2

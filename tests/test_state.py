@@ -1,0 +1,206 @@
+"""State and Object: attribute access, conversion, the watch on plain objects, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+import durable_heap as dh
+from tests.strategies import Point
+
+
+@dataclasses.dataclass
+class Settings:
+    retries: int = 1
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+
+class User(dh.Object):
+    email = None  # class default: serves instances stored before it existed
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tags = []
+
+
+def test_state_is_a_mapping_of_names(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        assert state.setdefault("count", 0) == 0
+        assert state.setdefault("count", 5) == 0
+        state["title"] = "x"
+        state.items = [1]  # a stored name may shadow a helper of State
+        assert "count" in state and "nope" not in state
+        assert state.get("nope", 3) == 3 and state["title"] == "x"
+        assert list(state) == ["count", "title", "items"] and len(state) == 3
+        assert type(state.items) is dh.List
+        del state["title"]
+        with pytest.raises(KeyError):
+            del state["title"]
+        with pytest.raises(KeyError):
+            state["title"]
+        with pytest.raises(TypeError):
+            state[1] = 2  # type: ignore[index]
+        with pytest.raises(ValueError):
+            state["_p_oid"] = 1
+
+
+def test_objects_persist_and_share(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
+    with heap.transaction() as state:
+        ann = User("ann")
+        state.users = {"ann": ann}
+        state.admins = [ann]  # one object, two places
+        ann.tags.append("a")
+    heap = reopen(heap)
+    with heap.transaction() as state:
+        ann = state.users["ann"]
+        assert ann is state.admins[0]
+        assert ann.tags == ["a"] and ann.email is None
+        assert repr(ann) == "User(name='ann', tags=['a'])"
+        ann.email = "ann@example.org"
+    heap = reopen(heap)
+    assert heap.state.admins[0].email == "ann@example.org"
+
+
+def test_in_place_changes_to_plain_objects_are_saved(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
+    with heap.transaction() as state:
+        state.settings = Settings()
+        state.points = {f"p{i}": Point(i) for i in range(100)}  # tree form, watched buckets
+        state.few = [Point(1)]  # a List's own record
+        u = state.user = User("bob")
+        u.prefs = Settings()  # an Object's record
+    with heap.transaction() as state:
+        state.settings.retries = 3
+        state.settings.tags.append("a")
+        state.points["p50"].x = -50
+        state.few[0].y = "why"
+        state.user.prefs.retries = 9
+    heap = reopen(heap)
+    st = heap.state
+    assert st.settings == Settings(3, ["a"])
+    assert st.points["p50"] == Point(-50) and st.points["p49"] == Point(49)
+    assert st.few[0] == Point(1, "why")
+    assert st.user.prefs.retries == 9
+
+
+def test_in_place_changes_are_rolled_back_on_abort(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.settings = Settings()
+        state.points = {f"p{i}": Point(i) for i in range(100)}
+    with pytest.raises(ZeroDivisionError):
+        with heap.transaction() as state:
+            state.settings.retries = 99
+            state.points["p1"].x = 99
+            1 / 0  # noqa: B018
+    # Not only not saved: not left behind in memory either.
+    with heap.transaction() as state:
+        assert state.settings.retries == 1 and state.points["p1"].x == 1
+
+
+def test_held_objects_are_watched_in_later_transactions(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
+    with heap.transaction() as state:
+        state.user = User("cy")
+        state.user.prefs = Settings()
+    user = heap.state.user  # an Object kept across transactions
+    for n in range(3):
+        with heap.transaction():
+            user.prefs.retries = n + 10
+    heap = reopen(heap)
+    assert heap.state.user.prefs.retries == 12
+
+
+def test_changes_outside_a_transaction_are_refused(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.users = {"a": 1}
+        state.items = [1]
+        state.tags = {1}
+        state.user = User("x")
+    st = heap.state
+    for change in (
+        lambda: setattr(st, "count", 1),
+        lambda: st.users.__setitem__("b", 2),
+        lambda: st.items.append(2),
+        lambda: st.tags.add(2),
+        lambda: setattr(st.user, "name", "y"),
+        lambda: st.users.pop("a"),
+    ):
+        with pytest.raises(dh.NoTransactionError, match="outside a transaction"):
+            change()
+    assert st.users == {"a": 1} and st.items == [1] and st.tags == {1} and st.user.name == "x"
+    assert "count" not in st
+
+
+@pytest.mark.parametrize(
+    ("make", "type_name"),
+    [
+        (lambda: (lambda: 0), "function"),
+        (lambda: (i for i in range(2)), "generator"),
+        (lambda: threading.Lock(), "lock"),
+        (lambda: socket.socket(), "socket"),
+        (lambda: open(__file__), "TextIOWrapper"),  # noqa: SIM115
+        (lambda: threading, "module"),
+        (lambda: dataclasses.make_dataclass("Local", ["a"])(1), "Local"),
+        (lambda: Settings(tags=[threading.Lock()]), "lock"),
+    ],
+)
+def test_unstorable_values_are_refused_at_assignment(heap: dh.Heap, make, type_name: str) -> None:  # type: ignore[no-untyped-def]
+    with heap.transaction() as state:
+        state.keep = {"old": 1}
+    value = make()
+    try:
+        with pytest.raises(dh.NotPersistableError) as info:
+            with heap.transaction() as state:
+                state.keep["cb"] = value
+        assert "state.keep['cb']" in str(info.value) and type_name in str(info.value)
+        assert isinstance(info.value, TypeError)
+        assert heap.state.keep == {"old": 1}
+    finally:
+        if hasattr(value, "close"):
+            value.close()
+
+
+def test_unstorable_value_added_after_assignment_is_caught_at_commit(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.settings = Settings()
+        state.points = {f"p{i}": Point(i) for i in range(100)}
+    with pytest.raises(dh.NotPersistableError, match=r"state\.settings\.tags\[0\]"):
+        with heap.transaction() as state:
+            state.settings.tags.append(lambda: 0)
+    with pytest.raises(dh.NotPersistableError, match=r"state\.points\['p7'\]\.y"):
+        with heap.transaction() as state:
+            state.points["p7"].y = threading.Lock()
+    with pytest.raises(dh.NotPersistableError, match=r"state\.fresh\.y"):
+        with heap.transaction() as state:
+            state.fresh = Point(1)
+            state.fresh.y = threading.Lock()  # changed in the same transaction
+    assert heap.state.settings == Settings() and heap.state.points["p7"] == Point(7)
+    assert "fresh" not in heap.state
+
+
+def test_object_constructed_with_a_bad_value(heap: dh.Heap) -> None:
+    with pytest.raises(dh.NotPersistableError, match=r"User\(\.\.\.\)\.tags"):
+        u = User("x")
+        u.tags = lambda: 0
+
+
+def test_state_proxy(heap_path: Path) -> None:
+    from durable_heap import state
+
+    with dh.open(heap_path) as heap:
+        with heap.transaction():
+            state.count = 1
+            state["n"] = 2
+        assert state.count == 1 and state["n"] == 2 and "n" in state
+        assert sorted(state) == ["count", "n"] and len(state) == 2
+        other = dh.open("memory://")
+        assert "count" not in state  # the heap most recently opened
+        with heap.activate():
+            assert state.count == 1
+        other.close()
+        assert state.count == 1  # `other` closed: back to the newest heap still open
+    with pytest.raises(dh.NoActiveHeapError, match=r"durable_heap.open"):
+        state.count  # noqa: B018
+    assert "no heap open" in repr(state)
