@@ -48,6 +48,7 @@ from typing import Any, Iterable, Iterator
 from BTrees.Length import Length
 from BTrees.LLBTree import LLBTree
 from BTrees.LOBTree import LOBTree, LOBucket
+from BTrees.OLBTree import OLBTree
 from persistent import Persistent
 from ZODB.POSException import ConflictError as _ZConflictError
 
@@ -58,6 +59,7 @@ from ._values import (
     check_writable,
     holds_watched,
     public_error,
+    remember_reads,
     watch,
 )
 
@@ -193,7 +195,7 @@ class _Entries(LOBTree):
     """Sequence number -> ``(key, value)``, in insertion order."""
 
     _bucket_type = _EntryBucket
-    max_leaf_size = 30
+    max_leaf_size = 60
     max_internal_size = 250
 
     def _dh_children(self) -> Iterator[tuple[str, Any]]:
@@ -258,10 +260,34 @@ def _changed_size(kind: str) -> RuntimeError:
 # --- Dict and Set: the hashed core -------------------------------------------------
 
 
+class _KeyIndex(OLBTree):
+    """``str`` key -> sequence number: the index while every key is a ``str``.
+
+    Strings have a total order, so they can index themselves: no hashing, and
+    lookups are one C call. The first key of another type turns the index into
+    an `_Index` of stable hashes, once (`_Hashed._rehash`).
+    """
+
+    max_leaf_size = 40
+    max_internal_size = 250
+
+
+#: Values a Dict remembers per transaction, so repeated reads skip the trees.
+HOT_MAX = 4096
+
+
+def _cacheable(value: Any) -> bool:
+    """Values the per-transaction read cache may hold: never a watched object."""
+    return type(value) in _PLAIN or isinstance(value, Persistent)
+
+
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, complex})
+
+
 class _Hashed(Persistent):
     """Storage shared by `Dict` and `Set`: small form, or the hashed tree form."""
 
-    __slots__ = ("_small", "_index", "_entries", "_coll", "_len")
+    __slots__ = ("_small", "_index", "_entries", "_coll", "_len", "_v_hot")
     __hash__ = None  # type: ignore[assignment]  # mutable, like dict and set
     _kind = "dictionary"
 
@@ -271,26 +297,29 @@ class _Hashed(Persistent):
         self._entries: Any = None
         self._coll: Any = None
         self._len: Any = None
+        self._v_hot: dict[Any, Any] | None = None
 
     # -- record format ---------------------------------------------------------
     # Format 1, small: (dict,)      Format 1, tree: (None, index, entries, coll, len)
+    # where index is a _KeyIndex (all keys str) or an _Index (stable hashes).
 
     def __getstate__(self) -> Any:
+        if self._dh_watched():
+            watch(self, None)
         small = self._small
         if small is not None:
-            if holds_watched(small) or holds_watched(small.values()):
-                watch(self, None)
             return (small,)
         return (None, self._index, self._entries, self._coll, self._len)
 
     def __setstate__(self, state: Any) -> None:
         small = state[0]
         self._small = small
+        self._v_hot = None
         if small is None:
             _, self._index, self._entries, self._coll, self._len = state
         else:
             self._index = self._entries = self._coll = self._len = None
-            if holds_watched(small) or holds_watched(small.values()):
+            if self._dh_watched():
                 watch(self, state)
 
     def _dh_watched(self) -> bool:
@@ -299,10 +328,21 @@ class _Hashed(Persistent):
 
     # -- lookups ------------------------------------------------------------------
 
-    def _find(self, key: Any) -> tuple[int, int, Any]:
-        """(hash, seq, entry) of `key` in the tree form; seq 0 when absent."""
+    def _find(self, key: Any) -> tuple[Any, int, Any]:
+        """(index key, seq, entry) of `key` in the tree form; seq is 0 when absent.
+
+        The index key is None for a key the current index cannot hold (a non-str
+        key while all keys are str).
+        """
+        index = self._index
+        if type(index) is _KeyIndex:
+            if isinstance(key, str):
+                seq = index.get(key)
+                return (key, seq, self._entries[seq]) if seq is not None else (key, 0, None)
+            hash(key)  # unhashable keys raise TypeError, as in a dict
+            return None, 0, None
         h = stable_hash(key)
-        seq = self._index.get(h)
+        seq = index.get(h)
         if seq is None:
             return h, 0, None
         if seq == COLLIDED:
@@ -322,14 +362,40 @@ class _Hashed(Persistent):
         small = self._small
         if small is not None:
             return small.get(key, default)
+        hot = self._v_hot
+        if hot is not None and key in hot:
+            return hot[key]
         _, seq, entry = self._find(key)
-        return entry[1] if seq else default
+        if not seq:
+            return default
+        value = entry[1]
+        self._remember(key, value)
+        return value
 
     def _has(self, key: Any) -> bool:
         small = self._small
         if small is not None:
             return key in small
-        return self._find(key)[1] != 0
+        hot = self._v_hot
+        if hot is not None and key in hot:
+            return True
+        _, seq, entry = self._find(key)
+        if seq:
+            self._remember(key, entry[1])
+        return seq != 0
+
+    def _remember(self, key: Any, value: Any) -> None:
+        """Keep a read value for the rest of this transaction (see `forget_reads`)."""
+        if not _cacheable(value):
+            return
+        hot = self._v_hot
+        if hot is None:
+            if self._p_jar is None:
+                return
+            hot = self._v_hot = {}
+            remember_reads(self)
+        if len(hot) < HOT_MAX:
+            hot[key] = value
 
     def __len__(self) -> int:
         small = self._small
@@ -347,14 +413,23 @@ class _Hashed(Persistent):
             if len(small) > SMALL_MAX:
                 self._grow()
             return
-        h, seq, entry = self._find(key)
+        ikey, seq, entry = self._find(key)
         if seq:
             if entry[1] is not value:
                 self._entries[seq] = (entry[0], value)
-            return
-        self._add_new(h, key, value)
+        else:
+            self._add_new(ikey, key, value)
+        hot = self._v_hot
+        if hot is not None:
+            if _cacheable(value):
+                hot[key] = value
+            else:
+                hot.pop(key, None)
 
-    def _add_new(self, h: int, key: Any, value: Any) -> None:
+    def _add_new(self, ikey: Any, key: Any, value: Any) -> None:
+        if ikey is None:  # the first key that is not a str
+            self._rehash()
+            ikey = stable_hash(key)
         entries = self._entries
         try:
             last = entries.maxKey()
@@ -364,36 +439,69 @@ class _Hashed(Persistent):
         # same number, so BTrees can merge their inserts instead of conflicting.
         seq = last + 1 + getrandbits(4)
         entries[seq] = (key, value)
-        self._link(h, seq)
+        self._link(ikey, seq)
         self._len.change(1)
 
-    def _link(self, h: int, seq: int) -> None:
+    def _link(self, ikey: Any, seq: int) -> None:
         index = self._index
-        current = index.get(h)
-        if current is None:
-            index[h] = seq
+        current = index.get(ikey)
+        if current is None or type(index) is _KeyIndex:
+            index[ikey] = seq
             return
         coll = self._coll
         if coll is None:
             coll = self._coll = LOBTree()
             self._p_changed = True
         if current == COLLIDED:
-            coll[h] = coll[h] + (seq,)
+            coll[ikey] = coll[ikey] + (seq,)
         else:
-            coll[h] = (current, seq)
-            index[h] = COLLIDED
+            coll[ikey] = (current, seq)
+            index[ikey] = COLLIDED
 
-    def _unlink(self, h: int, seq: int) -> None:
+    def _link_many(self, pairs: list[tuple[Any, int]]) -> None:
+        """Index (key, seq) pairs of entries already stored: batched C updates."""
         index = self._index
-        if index[h] != COLLIDED:
-            del index[h]
+        if type(index) is _KeyIndex:
+            if all(type(k) is str for k, _ in pairs):
+                index.update(pairs)
+                return
+            self._rehash()  # indexes every stored entry, these included
             return
-        rest = tuple(s for s in self._coll[h] if s != seq)
+        batch: dict[int, int] = {}
+        for key, seq in pairs:
+            h = stable_hash(key)
+            if h in batch or h in index:
+                index.update(batch)  # a shared hash goes through the collision table
+                batch.clear()
+                self._link(h, seq)
+            else:
+                batch[h] = seq
+        index.update(batch)
+
+    def _unlink(self, ikey: Any, seq: int) -> None:
+        index = self._index
+        if type(index) is _KeyIndex or index[ikey] != COLLIDED:
+            del index[ikey]
+            return
+        rest = tuple(s for s in self._coll[ikey] if s != seq)
         if len(rest) == 1:
-            del self._coll[h]
-            index[h] = rest[0]
+            del self._coll[ikey]
+            index[ikey] = rest[0]
         else:
-            self._coll[h] = rest
+            self._coll[ikey] = rest
+
+    def _rehash(self) -> None:
+        """Replace a str-keyed index by an index of stable hashes (once, O(n))."""
+        self._index = _Index()
+        self._coll = None
+        self._p_changed = True
+        pairs: list[tuple[Any, int]] = []
+        for seq, entry in self._entries.items():
+            pairs.append((entry[0], seq))
+            if len(pairs) >= 50_000:
+                self._link_many(pairs)
+                pairs = []
+        self._link_many(pairs)
 
     def _take(self, key: Any) -> Any:
         """Remove `key`; return its value or _MISSING."""
@@ -403,12 +511,14 @@ class _Hashed(Persistent):
             if value is not _MISSING:
                 self._p_changed = True
             return value
-        h, seq, entry = self._find(key)
+        ikey, seq, entry = self._find(key)
         if not seq:
             return _MISSING
         del self._entries[seq]
-        self._unlink(h, seq)
+        self._unlink(ikey, seq)
         self._len.change(-1)
+        if self._v_hot is not None:
+            self._v_hot.pop(key, None)
         return entry[1]
 
     def _take_last(self) -> tuple[Any, Any]:
@@ -421,8 +531,10 @@ class _Hashed(Persistent):
         seq = entries.maxKey()
         key, value = entries[seq]
         del entries[seq]
-        self._unlink(stable_hash(key), seq)
+        self._unlink(key if type(self._index) is _KeyIndex else stable_hash(key), seq)
         self._len.change(-1)
+        if self._v_hot is not None:
+            self._v_hot.pop(key, None)
         return key, value
 
     def _reset(self) -> None:
@@ -434,7 +546,7 @@ class _Hashed(Persistent):
         """Move the entries of the small form into a new tree form."""
         small = self._small
         assert small is not None
-        self._index = _Index()
+        self._index = _KeyIndex() if all(type(k) is str for k in small) else _Index()
         self._entries = _Entries()
         self._coll = None
         self._len = Length(0)
@@ -445,38 +557,26 @@ class _Hashed(Persistent):
     def _bulk_add(self, items: Iterable[tuple[Any, Any]]) -> None:
         """Add entries whose keys are known to be new and distinct, in order.
 
-        Batches go to the trees through their C ``update``: the fast path for
+        Chunks go to the trees through their C ``update``: the fast path for
         building a big container in one transaction.
         """
-        entries, index = self._entries, self._index
+        entries = self._entries
         try:
             seq = entries.maxKey()
         except ValueError:
             seq = 0
-        batch_entries: dict[int, Any] = {}
-        batch_index: dict[int, int] = {}
-
-        def flush() -> None:
-            entries.update(batch_entries)
-            index.update(batch_index)
-            batch_entries.clear()
-            batch_index.clear()
-
-        n = 0
-        for key, value in items:
-            seq += 1
-            n += 1
-            batch_entries[seq] = (key, value)
-            h = stable_hash(key)
-            if h in batch_index or h in index:
-                flush()  # a shared hash: link it through the collision table
-                self._link(h, seq)
-            else:
-                batch_index[h] = seq
-            if len(batch_entries) >= 50_000:
-                flush()
-        flush()
-        self._len.change(n)
+        it = iter(items)
+        total = 0
+        while True:
+            chunk = list(islice(it, 50_000))
+            if not chunk:
+                break
+            seqs = range(seq + 1, seq + 1 + len(chunk))
+            seq += len(chunk)
+            entries.update(list(zip(seqs, chunk)))
+            self._link_many(list(zip([k for k, _ in chunk], seqs)))
+            total += len(chunk)
+        self._len.change(total)
 
     # -- iteration -------------------------------------------------------------------
 
@@ -616,9 +716,17 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         small = self._small
         if small is not None:
             return small[key]
+        hot = self._v_hot
+        if hot is not None:
+            try:
+                return hot[key]
+            except KeyError:
+                pass
         _, seq, entry = self._find(key)
         if seq:
-            return entry[1]
+            value = entry[1]
+            self._remember(key, value)
+            return value
         raise KeyError(key)
 
     def get(self, key: Any, default: Any = None) -> Any:
@@ -690,6 +798,8 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
     # -- changes ------------------------------------------------------------------------
 
     def _adopt_item(self, key: Any, value: Any) -> Any:
+        if type(key) in _PLAIN and type(value) in _PLAIN:
+            return value  # the common case, checked in one step
         try:
             hash(key)
         except TypeError:
@@ -699,6 +809,14 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
             return adopt(value)
         except BadValue as err:
             raise err.prefixed(f"[{key!r}]") from None
+
+    def _adopted(self, pairs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        for pair in pairs:
+            key, value = pair
+            if type(key) in _PLAIN and type(value) in _PLAIN:
+                yield pair
+            else:
+                yield key, self._adopt_item(key, value)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         check_writable(self)
@@ -772,7 +890,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
             # Bulk load into an empty Dict: the fast path for big imports.
             if self._small is not None:
                 self._grow()
-            self._bulk_add((k, self._adopt_item(k, v)) for k, v in pairs)
+            self._bulk_add(self._adopted(pairs))
             return
         for i, pair in enumerate(pairs):
             try:

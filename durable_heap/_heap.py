@@ -42,7 +42,7 @@ from ._errors import (
 )
 from ._state import State
 from ._storage import Target, open_storage, parse_target, private_files
-from ._values import ROOT_KEY, precheck
+from ._values import ROOT_KEY, forget_reads, precheck
 
 __all__ = ["Heap", "HeapStatus", "active_heap", "open", "state"]
 
@@ -193,6 +193,7 @@ class Heap:
                 local.tm.get()
             except transaction.interfaces.NoTransaction:
                 local.conn.newTransaction(None)  # see the latest commits
+                forget_reads(local.conn)
         st = local.state
         if st is None:
             st = local.state = local.conn.root()[ROOT_KEY]

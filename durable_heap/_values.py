@@ -52,12 +52,14 @@ __all__ = [
     "BadValue",
     "adopt",
     "check_writable",
+    "forget_reads",
     "culprit",
     "holds_watched",
     "is_atomic",
     "path_of",
     "precheck",
     "public_error",
+    "remember_reads",
     "snapshot",
     "watch",
 ]
@@ -313,16 +315,25 @@ class _Watch:
     ``transaction.commit()``.
     """
 
-    __slots__ = ("tm", "items", "hooked", "__weakref__")
+    __slots__ = ("tm", "items", "hooked", "hot", "__weakref__")
 
     def __init__(self) -> None:
         self.tm: Any = None
         # id(obj) -> (obj, snapshot at load, or None when saved this transaction)
         self.items: dict[int, tuple[Any, bytes | None]] = {}
         self.hooked: Any = None
+        # containers holding values read in this transaction (`remember_reads`)
+        self.hot: list[Any] = []
+
+    def forget_reads(self) -> None:
+        hot, self.hot = self.hot, []
+        for obj in hot:
+            if obj._p_changed is not None:  # a ghost has forgotten already
+                obj._v_hot = None
 
     # ISynchronizer
     def newTransaction(self, txn: Any, sync: bool = True) -> None:  # noqa: N802
+        self.forget_reads()
         if self.items:
             self._hook(txn)
 
@@ -330,6 +341,7 @@ class _Watch:
         pass
 
     def afterCompletion(self, txn: Any) -> None:  # noqa: N802
+        self.forget_reads()
         items, self.items, self.hooked = self.items, {}, None
         for obj, _ in items.values():
             # Ghost it: the next transaction reloads (and watches) it, and an
@@ -387,6 +399,40 @@ def precheck(conn: Any) -> None:
             raise culprit(obj, exc) from None
 
 
+def _watch_of(jar: Any) -> _Watch | None:
+    """The `_Watch` of a connection, registered with its transaction manager."""
+    w = jar.__dict__.get("_dh_watch")
+    if w is None:
+        w = jar._dh_watch = _Watch()
+    tm = jar.transaction_manager
+    if tm is None:
+        return None
+    if w.tm is not tm:
+        if w.tm is not None:
+            w.tm.unregisterSynch(w)
+        w.tm = tm
+        tm.registerSynch(w)
+    return w
+
+
+def remember_reads(obj: Any) -> None:
+    """`obj` now caches values read in this transaction: forget them when it ends.
+
+    Snapshot isolation makes such a cache exact within one transaction; the
+    next one may see other processes' changes, so the cache goes.
+    """
+    w = _watch_of(obj._p_jar)
+    if w is not None:
+        w.hot.append(obj)
+
+
+def forget_reads(jar: Any) -> None:
+    """Drop every per-transaction read cache of a connection (it was synced)."""
+    w = jar.__dict__.get("_dh_watch")
+    if w is not None:
+        w.forget_reads()
+
+
 def watch(obj: Any, state: Any) -> None:
     """Register `obj` (just loaded or saved, its state holding watched values).
 
@@ -396,17 +442,10 @@ def watch(obj: Any, state: Any) -> None:
     jar = obj._p_jar
     if jar is None or obj._p_oid is None:
         return
-    w = jar.__dict__.get("_dh_watch")
+    w = _watch_of(jar)
     if w is None:
-        w = jar._dh_watch = _Watch()
-    tm = jar.transaction_manager
-    if tm is None:
         return
-    if w.tm is not tm:
-        if w.tm is not None:
-            w.tm.unregisterSynch(w)
-        w.tm = tm
-        tm.registerSynch(w)
+    tm = w.tm
     key = id(obj)
     if state is None:
         if key not in w.items:
