@@ -161,7 +161,7 @@ class _Index(LLBTree):
     """Stable hash -> sequence number. Smaller buckets: fewer bytes per commit."""
 
     max_leaf_size = 64
-    max_internal_size = 256
+    max_internal_size = 64
 
 
 class _EntryBucket(LOBucket):
@@ -195,8 +195,8 @@ class _Entries(LOBTree):
     """Sequence number -> ``(key, value)``, in insertion order."""
 
     _bucket_type = _EntryBucket
-    max_leaf_size = 60
-    max_internal_size = 250
+    max_leaf_size = 40
+    max_internal_size = 64
 
     def _dh_children(self) -> Iterator[tuple[str, Any]]:
         """For error paths: the nodes in memory (a small tree keeps entries inline)."""
@@ -269,7 +269,7 @@ class _KeyIndex(OLBTree):
     """
 
     max_leaf_size = 40
-    max_internal_size = 250
+    max_internal_size = 64
 
 
 #: Values a Dict remembers per transaction, so repeated reads skip the trees.
@@ -437,7 +437,7 @@ class _Hashed(Persistent):
             last = 0
         # A small random gap: two processes appending at once rarely pick the
         # same number, so BTrees can merge their inserts instead of conflicting.
-        seq = last + 1 + getrandbits(4)
+        seq = last + 1 + getrandbits(8)
         entries[seq] = (key, value)
         self._link(ikey, seq)
         self._len.change(1)

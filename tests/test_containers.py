@@ -405,3 +405,86 @@ def test_containers_are_not_plain_picklable_copies() -> None:
     d = Dict({"a": [1, 2]})
     assert copy.deepcopy(to_builtin(d)) == {"a": [1, 2]}
     assert pickle.loads(pickle.dumps(List([1, 2]))) == [1, 2]
+
+
+# --- stored: caches, index modes, concurrency ---------------------------------------------
+
+
+def _in_thread(fn):  # type: ignore[no-untyped-def]
+    import threading
+
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0] if out else None
+
+
+def test_read_cache_sees_other_connections_commits(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.d = {f"k{i}": i for i in range(200)}
+    with heap.transaction() as state:
+        assert state.d["k5"] == 5 and state.d["k5"] == 5  # now cached for this transaction
+
+    def other() -> None:
+        with heap.transaction() as st:
+            st.d["k5"] = "changed"
+            del st.d["k6"]
+
+    _in_thread(other)
+    with heap.transaction() as state:
+        assert state.d["k5"] == "changed" and "k6" not in state.d
+    assert heap.state.d["k5"] == "changed"  # outside a transaction: caught up too
+    _in_thread(lambda: heap.run(lambda: heap.state.d.__setitem__("k5", "again")))
+    assert heap.state.d.get("k5") == "again"
+
+
+def test_index_switches_from_str_keys_to_hashes_and_persists(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
+    with heap.transaction() as state:
+        state.d = {f"k{i}": i for i in range(100)}
+        assert type(state.d._index) is c._KeyIndex
+    with heap.transaction() as state:
+        state.d[7] = "seven"
+        state.d[("t", 1)] = "tuple"
+        assert type(state.d._index) is c._Index
+    heap = reopen(heap)
+    d = heap.state.d
+    assert d[7] == "seven" and d[("t", 1)] == "tuple" and d["k99"] == 99 and len(d) == 102
+    assert list(d)[-2:] == [7, ("t", 1)]
+
+
+def test_concurrent_changes_to_different_entries_do_not_conflict(heap: dh.Heap) -> None:
+    import threading
+
+    with heap.transaction() as state:
+        state.d = {f"k{i}": 0 for i in range(5000)}
+        state.lst = list(range(10))
+    barrier = threading.Barrier(2)
+    attempts: list[int] = []
+
+    def writer(name: str, key: str) -> None:
+        tries = 0
+        for attempt in heap.attempts(1):  # a single try: a conflict would raise
+            with attempt as st:
+                tries += 1
+                st.d[key] = name
+                st.lst.append(name)
+                barrier.wait(5)  # both transactions are open at once
+        for attempt in heap.attempts(3):  # new keys: merged, but 1 in 256 picks the same slot
+            with attempt as st:
+                tries += 1
+                st.d[f"new-{name}"] = 1
+                if tries == 2:
+                    barrier.wait(5)
+        attempts.append(tries)
+
+    threads = [threading.Thread(target=writer, args=(n, k)) for n, k in (("a", "k10"), ("b", "k4000"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(attempts) == 2 and all(n in (2, 3) for n in attempts)
+    d = heap.state.d
+    assert d["k10"] == "a" and d["k4000"] == "b" and d["new-a"] == d["new-b"] == 1
+    assert len(d) == 5002
+    assert sorted(heap.state.lst[10:]) == ["a", "b"]  # both appends merged
