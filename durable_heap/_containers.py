@@ -40,7 +40,7 @@ import struct
 import uuid
 import weakref
 from bisect import bisect_right
-from itertools import islice
+from itertools import chain, islice
 from random import getrandbits
 from types import GenericAlias
 from typing import Any, Iterable, Iterator
@@ -213,10 +213,9 @@ class _Entries(LOBTree):
             yield "", node
 
 
-def _bucket_values(state: Any) -> Iterator[Any]:
-    for entry in state[0][1::2]:
-        yield entry[0]
-        yield entry[1]
+def _bucket_values(state: Any) -> list[Any]:
+    """Keys and values of a bucket state ``((seq, (key, value), ...), [next])``."""
+    return list(chain.from_iterable(state[0][1::2]))
 
 
 def _walk_buckets(tree: Any) -> Iterator[Any]:
@@ -297,7 +296,9 @@ class _Hashed(Persistent):
         self._entries: Any = None
         self._coll: Any = None
         self._len: Any = None
-        self._v_hot: dict[Any, Any] | None = None
+        # Read cache: the small dict itself, or in tree form the values read in
+        # this transaction (`_remember`). Volatile: never stored, gone on ghosting.
+        self._v_hot: dict[Any, Any] | None = self._small
 
     # -- record format ---------------------------------------------------------
     # Format 1, small: (dict,)      Format 1, tree: (None, index, entries, coll, len)
@@ -313,8 +314,7 @@ class _Hashed(Persistent):
 
     def __setstate__(self, state: Any) -> None:
         small = state[0]
-        self._small = small
-        self._v_hot = None
+        self._small = self._v_hot = small
         if small is None:
             _, self._index, self._entries, self._coll, self._len = state
         else:
@@ -359,12 +359,14 @@ class _Hashed(Persistent):
         return h, 0, None
 
     def _get(self, key: Any, default: Any) -> Any:
+        hot = self._v_hot
+        if hot is not None:
+            value = hot.get(key, _MISSING)
+            if value is not _MISSING:
+                return value
         small = self._small
         if small is not None:
             return small.get(key, default)
-        hot = self._v_hot
-        if hot is not None and key in hot:
-            return hot[key]
         _, seq, entry = self._find(key)
         if not seq:
             return default
@@ -373,16 +375,20 @@ class _Hashed(Persistent):
         return value
 
     def _has(self, key: Any) -> bool:
-        small = self._small
-        if small is not None:
-            return key in small
         hot = self._v_hot
         if hot is not None and key in hot:
             return True
+        small = self._small
+        if small is not None:
+            return key in small
         _, seq, entry = self._find(key)
         if seq:
             self._remember(key, entry[1])
         return seq != 0
+
+    def _dh_forget_reads(self) -> None:
+        """The transaction ended: what was read may have changed since."""
+        self._v_hot = self._small
 
     def _remember(self, key: Any, value: Any) -> None:
         """Keep a read value for the rest of this transaction (see `forget_reads`)."""
@@ -550,7 +556,7 @@ class _Hashed(Persistent):
         self._entries = _Entries()
         self._coll = None
         self._len = Length(0)
-        self._small = None
+        self._small = self._v_hot = None
         self._p_changed = True
         self._bulk_add(small.items())
 
@@ -713,15 +719,15 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
     # -- reads -------------------------------------------------------------------------
 
     def __getitem__(self, key: Any) -> Any:
-        small = self._small
-        if small is not None:
-            return small[key]
-        hot = self._v_hot
+        hot = self._v_hot  # the small dict itself, or values read in this transaction
         if hot is not None:
             try:
                 return hot[key]
             except KeyError:
                 pass
+        small = self._small
+        if small is not None:
+            return small[key]
         _, seq, entry = self._find(key)
         if seq:
             value = entry[1]
@@ -880,17 +886,22 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
             else:
                 pairs = source
             distinct = isinstance(source, (dict, Dict))
-            self._update_pairs(pairs, len(source) if distinct else 0)
+            self._update_pairs(pairs, len(source) if distinct else 0, source)
         if kwargs:
             self._update_pairs(kwargs.items(), len(kwargs))
 
-    def _update_pairs(self, pairs: Iterable[Any], distinct: int) -> None:
+    def _update_pairs(self, pairs: Iterable[Any], distinct: int, source: Any = None) -> None:
         """Store `pairs`; `distinct` > 0 counts them when their keys are distinct."""
         if distinct > SMALL_MAX and not len(self):
             # Bulk load into an empty Dict: the fast path for big imports.
             if self._small is not None:
                 self._grow()
-            self._bulk_add(self._adopted(pairs))
+            plain = (
+                type(source) is dict
+                and set(map(type, source)) <= _PLAIN
+                and set(map(type, source.values())) <= _PLAIN
+            )  # decided at C speed: then the items need no adoption one by one
+            self._bulk_add(source.items() if plain else self._adopted(pairs))
             return
         for i, pair in enumerate(pairs):
             try:
@@ -1248,13 +1259,16 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         return i
 
     def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
+        if type(i) is int and 0 <= i < self._size:
+            node = self._root  # the common case first: a plain index into the tree
+        elif isinstance(i, slice):
             return self._slice(i)
-        i = self._index(i)
-        size = self._size
-        if i >= size:
-            return self._tail[i - size]
-        node = self._root
+        else:
+            i = self._index(i)
+            size = self._size
+            if i >= size:
+                return self._tail[i - size]
+            node = self._root
         while type(node) is _Branch:
             ends = node.ends
             k = bisect_right(ends, i)

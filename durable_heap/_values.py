@@ -121,17 +121,15 @@ _REFUSED_BASES: tuple[tuple[type, str], ...] = (
 )
 
 
-def _late_refusals() -> None:
-    """Types from modules we do not want to import eagerly (socket, sqlite3)."""
-    import socket
-    import sqlite3
-
-    _REFUSED[socket.socket] = "a socket belongs to a running process; store its address"
-    _REFUSED[sqlite3.Connection] = "a database connection belongs to a running process"
-    _REFUSED[sqlite3.Cursor] = "a database cursor belongs to a running process"
-
-
-_late_refusals()
+# Refused without importing their modules: `import durable_heap` stays light.
+_REFUSED_BY_NAME: dict[str, str] = {
+    "socket.socket": "a socket belongs to a running process; store its address",
+    "ssl.SSLSocket": "a socket belongs to a running process; store its address",
+    "sqlite3.Connection": "a database connection belongs to a running process",
+    "sqlite3.Cursor": "a database cursor belongs to a running process",
+    "subprocess.Popen": "a child process belongs to a running process; store its pid",
+    "selectors.DefaultSelector": "a selector belongs to a running process",
+}
 
 
 def is_atomic(value: Any) -> bool:
@@ -149,13 +147,16 @@ def is_atomic(value: Any) -> bool:
 
 
 def holds_watched(values: Iterable[Any]) -> bool:
-    """True when any of `values` is neither atomic nor a durable container."""
-    for v in values:
-        if type(v) in _ATOMIC:
-            continue
-        if not is_atomic(v):
-            return True
-    return False
+    """True when any of `values` is neither atomic nor a durable container.
+
+    Runs on every load and save of a record: the common case (only atomic
+    types) is decided by one set of types built at C speed.
+    """
+    if not isinstance(values, (list, tuple)):
+        values = list(values)
+    if set(map(type, values)) <= _ATOMIC:
+        return False
+    return any(not is_atomic(v) for v in values if type(v) not in _ATOMIC)
 
 
 class BadValue(Exception):
@@ -237,7 +238,7 @@ def _refuse_or_accept(value: Any) -> None:
         return
     if isinstance(value, enum.Enum):
         return
-    reason = _REFUSED.get(tp)
+    reason = _REFUSED.get(tp) or _REFUSED_BY_NAME.get(f"{tp.__module__}.{tp.__qualname__}")
     if reason is None:
         for base, why in _REFUSED_BASES:
             if isinstance(value, base):
@@ -329,7 +330,7 @@ class _Watch:
         hot, self.hot = self.hot, []
         for obj in hot:
             if obj._p_changed is not None:  # a ghost has forgotten already
-                obj._v_hot = None
+                obj._dh_forget_reads()
 
     # ISynchronizer
     def newTransaction(self, txn: Any, sync: bool = True) -> None:  # noqa: N802

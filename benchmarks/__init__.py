@@ -1,0 +1,1 @@
+"""durable_heap benchmarks: ``python -m benchmarks [--quick] [--only W] [--sizes N,..] [--json P] [--report]``."""

@@ -1,0 +1,121 @@
+"""Run one measurement in this process and print it as JSON (the runner spawns this).
+
+    python -m benchmarks.one WORKLOAD SYSTEM SIZE DIR [REPS]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+import timeit
+from typing import Any
+
+from benchmarks.systems import SYSTEMS, System, key
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _store(system: System, folder: str) -> str:
+    return os.path.join(folder, "store")
+
+
+def bulk(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
+    """Build the store with n entries in one transaction (the file is reused below)."""
+    path = _store(system, folder)
+    t0 = time.perf_counter()
+    system.build(path, n)
+    elapsed = time.perf_counter() - t0
+    size = sum(os.path.getsize(f) for f in system.files(path) if os.path.exists(f))
+    return {"seconds": elapsed, "peak_rss_mb": _rss_mb(), "file_mb": size / 2**20}
+
+
+def commit(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
+    """Change one random entry and make it durable, `reps` times."""
+    path = _store(system, folder)
+    system.open(path)
+    rnd = random.Random(42)
+    idx = [rnd.randrange(n) for _ in range(reps + 5)]
+    for i in idx[:5]:  # warm-up: the tree's upper levels come into memory
+        system.change(i, -1)
+    before = sum(os.path.getsize(f) for f in system.files(path) if os.path.exists(f))
+    times = []
+    for r, i in enumerate(idx[5:]):
+        t0 = time.perf_counter()
+        system.change(i, r)
+        times.append(time.perf_counter() - t0)
+    after = sum(os.path.getsize(f) for f in system.files(path) if os.path.exists(f))
+    system.close()
+    written = after if system.rewrites_all else (after - before) / reps
+    times.sort()
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "p90_ms": times[int(len(times) * 0.9)] * 1e3,
+        "bytes_per_commit": written,
+    }
+
+
+def read(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
+    """Read one entry that is already in memory, many times (nanoseconds per read)."""
+    path = _store(system, folder)
+    system.open(path)
+    k = key(n // 2)
+    name = type(system).__name__
+    if name.startswith("DurableHeap"):
+        heap = system.heap  # type: ignore[attr-defined]
+        tm = heap.transaction_manager
+        tm.begin()  # reads inside one transaction: the usual shape of an action
+        target = heap.state.d if name == "DurableHeapDict" else heap.state.lst
+        stmt, env = "t[k]", {"t": target, "k": k if name == "DurableHeapDict" else n // 2}
+    elif name == "RawZODB":
+        stmt, env = "t[k].value", {"t": system.tree, "k": k}  # type: ignore[attr-defined]
+    elif name == "RawOOBTree":
+        stmt, env = "t[k]", {"t": system.tree, "k": k}  # type: ignore[attr-defined]
+    elif name == "PlainDict":
+        stmt, env = "t[k]", {"t": system.data, "k": k}  # type: ignore[attr-defined]
+    else:
+        stmt, env = "r(k)", {"r": system.read, "k": k}
+    timer = timeit.Timer(stmt, globals=env)
+    timer.timeit(1000)
+    number = max(1, reps)
+    best = min(timer.repeat(repeat=5, number=number)) / number
+    result = {"ns_per_read": best * 1e9}
+    if name.startswith("DurableHeap"):
+        tm.abort()
+    system.close()
+    return result
+
+
+def cold_open(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
+    """Open the store and read one entry: time and this process's peak RSS."""
+    path = _store(system, folder)
+    system.prepare()  # imports are not part of opening
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    system.open(path)
+    system.read(key(n // 3))
+    elapsed = time.perf_counter() - t0
+    system.close()
+    return {"ms": elapsed * 1e3, "peak_rss_mb": _rss_mb(), "rss_before_mb": base}
+
+
+WORKLOADS = {"bulk": bulk, "open": cold_open, "read": read, "commit": commit}
+
+
+def main() -> None:
+    workload, system_name, size, folder = sys.argv[1:5]
+    reps = int(sys.argv[5]) if len(sys.argv) > 5 else 100
+    system = SYSTEMS[system_name]()
+    if system_name == "dict":
+        system.build("", int(size))
+    print(json.dumps(WORKLOADS[workload](system, int(size), folder, reps)))
+
+
+if __name__ == "__main__":
+    main()

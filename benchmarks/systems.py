@@ -1,0 +1,292 @@
+"""The systems under test, each doing the same logical work on a key -> value map.
+
+Every system implements ``build(path, n)`` (create the store with keys
+``k0000000``..), ``open(path)``, ``change(i, value)`` (one entry changed and made
+durable), ``read(key)`` and ``close()``. Keys and values are small (a 8-char
+string and an int), the shape of most service state.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sqlite3
+from typing import Any
+
+
+def key(i: int) -> str:
+    return f"k{i:07d}"
+
+
+class System:
+    name = "?"
+    note = ""
+    durable = True
+    max_size = 10**9  # sizes above this are skipped (too slow to be worth measuring)
+    rewrites_all = False  # every commit writes the whole store
+    modules: tuple[str, ...] = ()
+
+    def prepare(self) -> None:
+        """Import what `open` needs, so that a cold open does not time imports."""
+        for m in self.modules:
+            __import__(m)
+
+    def build(self, path: str, n: int) -> None:
+        raise NotImplementedError
+
+    def open(self, path: str) -> None:
+        raise NotImplementedError
+
+    def change(self, i: int, value: int) -> None:
+        raise NotImplementedError
+
+    def read(self, k: str) -> Any:
+        raise NotImplementedError
+
+    def files(self, path: str) -> list[str]:
+        return [path]
+
+    def close(self) -> None:
+        pass
+
+
+class DurableHeapDict(System):
+    name = "durable_heap Dict"
+    modules = ("durable_heap",)
+
+    def build(self, path: str, n: int) -> None:
+        import durable_heap as dh
+
+        with dh.open(path) as heap:
+            with heap.transaction() as state:
+                state.d = {key(i): i for i in range(n)}
+
+    def open(self, path: str) -> None:
+        import durable_heap as dh
+
+        self.heap = dh.open(path)
+
+    def change(self, i: int, value: int) -> None:
+        with self.heap.transaction() as state:
+            state.d[key(i)] = value
+
+    def read(self, k: str) -> Any:
+        return self.heap.state.d[k]
+
+    def close(self) -> None:
+        self.heap.close()
+
+
+class DurableHeapList(DurableHeapDict):
+    name = "durable_heap List"
+
+    def build(self, path: str, n: int) -> None:
+        import durable_heap as dh
+
+        with dh.open(path) as heap:
+            with heap.transaction() as state:
+                state.lst = list(range(n))
+
+    def change(self, i: int, value: int) -> None:
+        with self.heap.transaction() as state:
+            state.lst[i] = value
+
+    def read(self, k: str) -> Any:
+        return self.heap.state.lst[int(k[1:])]
+
+
+class RawZODB(System):
+    """What a ZODB expert writes: Persistent items in an OOBTree, raw transaction API."""
+
+    name = "raw ZODB (OOBTree of Persistent)"
+    modules = ("transaction", "ZODB", "ZODB.FileStorage", "BTrees.OOBTree", "benchmarks.items")
+
+    def build(self, path: str, n: int) -> None:
+        import transaction
+        import ZODB
+        import ZODB.FileStorage
+        from BTrees.OOBTree import OOBTree
+
+        from benchmarks.items import Item
+
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        tree = conn.root()["d"] = OOBTree()
+        for i in range(n):
+            tree[key(i)] = Item(i)
+        tm.commit()
+        db.close()
+
+    def open(self, path: str) -> None:
+        import transaction
+        import ZODB
+        import ZODB.FileStorage
+
+        self.db = ZODB.DB(ZODB.FileStorage.FileStorage(path), cache_size=50_000)
+        self.tm = transaction.TransactionManager()
+        self.conn = self.db.open(transaction_manager=self.tm)
+        self.tree = self.conn.root()["d"]
+
+    def change(self, i: int, value: int) -> None:
+        self.tree[key(i)].value = value
+        self.tm.commit()
+
+    def read(self, k: str) -> Any:
+        return self.tree[k].value
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class RawOOBTree(RawZODB):
+    """The plain OOBTree of key -> value (no Persistent items): the bulk-load baseline."""
+
+    name = "raw ZODB (OOBTree)"
+
+    def build(self, path: str, n: int) -> None:
+        import transaction
+        import ZODB
+        import ZODB.FileStorage
+        from BTrees.OOBTree import OOBTree
+
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        tree = conn.root()["d"] = OOBTree()
+        for i in range(n):
+            tree[key(i)] = i
+        tm.commit()
+        db.close()
+
+    def change(self, i: int, value: int) -> None:
+        self.tree[key(i)] = value
+        self.tm.commit()
+
+    def read(self, k: str) -> Any:
+        return self.tree[k]
+
+
+class SQLite(System):
+    name = "sqlite3 (WAL, synchronous=FULL)"
+    sync = "FULL"
+
+    def _connect(self, path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.sync}")
+        return conn
+
+    def build(self, path: str, n: int) -> None:
+        conn = self._connect(path)
+        conn.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v INTEGER)")
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO kv VALUES (?, ?)", ((key(i), i) for i in range(n)))
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+    def open(self, path: str) -> None:
+        self.conn = self._connect(path)
+
+    def change(self, i: int, value: int) -> None:
+        self.conn.execute("UPDATE kv SET v = ? WHERE k = ?", (value, key(i)))
+
+    def read(self, k: str) -> Any:
+        return self.conn.execute("SELECT v FROM kv WHERE k = ?", (k,)).fetchone()[0]
+
+    def files(self, path: str) -> list[str]:
+        return [path, path + "-wal"]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SQLiteNormal(SQLite):
+    name = "sqlite3 (WAL, synchronous=NORMAL)"
+    note = "not durable on power loss"
+    durable = False
+    sync = "NORMAL"
+
+
+class Pickle(System):
+    """The naive approach: pickle the whole dict and fsync it on every change."""
+
+    name = "pickle whole heap + fsync"
+    max_size = 1_000_000
+    rewrites_all = True
+
+    def build(self, path: str, n: int) -> None:
+        self.data = {key(i): i for i in range(n)}
+        self.path = path
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(self.data, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def open(self, path: str) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            self.data = pickle.load(f)  # noqa: S301 - our own file
+
+    def change(self, i: int, value: int) -> None:
+        self.data[key(i)] = value
+        self._save()
+
+    def read(self, k: str) -> Any:
+        return self.data[k]
+
+
+class FsyncFloor(System):
+    """Append about 200 bytes and fsync: no durable store commits faster on this disk."""
+
+    name = "fsync floor (200 B append + fsync)"
+
+    def build(self, path: str, n: int) -> None:
+        open(path, "wb").close()
+
+    def open(self, path: str) -> None:
+        self.f = open(path, "ab")  # noqa: SIM115
+
+    def change(self, i: int, value: int) -> None:
+        self.f.write(b"x" * 200)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def read(self, k: str) -> Any:
+        return None
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class PlainDict(System):
+    name = "plain dict (in memory)"
+    durable = False
+
+    def build(self, path: str, n: int) -> None:
+        self.n = n
+
+    def open(self, path: str) -> None:
+        self.data = {key(i): i for i in range(self.n)} if hasattr(self, "n") else {}
+
+    def read(self, k: str) -> Any:
+        return self.data[k]
+
+
+SYSTEMS: dict[str, type[System]] = {
+    "durable_heap": DurableHeapDict,
+    "durable_heap_list": DurableHeapList,
+    "raw_zodb": RawZODB,
+    "raw_oobtree": RawOOBTree,
+    "sqlite_full": SQLite,
+    "sqlite_normal": SQLiteNormal,
+    "pickle": Pickle,
+    "fsync": FsyncFloor,
+    "dict": PlainDict,
+}
