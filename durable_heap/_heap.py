@@ -332,9 +332,15 @@ class Heap:
     ) -> Any:
         """Decorator: every call of the function is one transaction, retried on conflicts.
 
-        >>> @heap.action                     # doctest: +SKIP
+        >>> import durable_heap as dh
+        >>> heap = dh.open("memory://")
+        >>> @heap.action
         ... def add_user(name):
-        ...     heap.state.users[name] = {"tags": []}
+        ...     heap.state.setdefault("users", {})[name] = {"tags": []}
+        ...     return len(heap.state.users)
+        >>> add_user("ann"), add_user("bob")
+        (1, 2)
+        >>> heap.close()
         """
 
         def decorate(f: F) -> F:

@@ -94,7 +94,10 @@ class State(Object):
     on a dict. ``setdefault`` is the idiom for a program's top level, which runs
     at every load: it initialises a name once and leaves it alone afterwards.
 
-    >>> state.setdefault("count", 0)    # doctest: +SKIP
+    >>> import durable_heap as dh
+    >>> with dh.open("memory://") as heap, heap.transaction() as state:
+    ...     state.setdefault("count", 0), state.setdefault("count", 5), state["count"]
+    (0, 0, 0)
     """
 
     def _names(self) -> dict[str, Any]:
