@@ -1,1 +1,4 @@
-"""durable_heap benchmarks: ``python -m benchmarks [--quick] [--only W] [--sizes N,..] [--json P] [--report]``."""
+"""durable_heap benchmarks.
+
+``python -m benchmarks [--quick] [--only W] [--sizes N,..] [--json PATH] [--report]``
+"""

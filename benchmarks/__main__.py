@@ -172,7 +172,8 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[str]:
     for name, row in (("Dict", dh), ("List", lst)):
         if row:
             worst = max(r["bytes_per_commit"] for r in row.values())
-            line(f"{name} bytes per one-entry commit: at most {worst:,.0f} B (target <= 2,048 B)", worst <= 2048)
+            text = f"{name} bytes per one-entry commit: at most {worst:,.0f} B (target <= 2,048 B)"
+            line(text, worst <= 2048)
     b = results.get("bulk", {})
     if "durable_heap" in b and "raw_oobtree" in b:
         s = max(set(b["durable_heap"]) & set(b["raw_oobtree"]))

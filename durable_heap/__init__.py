@@ -24,15 +24,15 @@ from ._errors import (
     HeapClosedError,
     HeapLockedError,
     NoActiveHeapError,
-    NoTransactionError,
     NotAHeapError,
     NotPersistableError,
+    NoTransactionError,
     ProgramError,
     ProgramNotFoundError,
     StorageError,
     UnknownTargetError,
 )
-from ._heap import Heap, HeapStatus, active_heap, open, state
+from ._heap import Heap, HeapStatus, active_heap, open, state  # noqa: A004 - dh.open is the API
 from ._state import Object, State
 
 __version__ = "0.1.0"

@@ -40,10 +40,11 @@ import struct
 import uuid
 import weakref
 from bisect import bisect_right
+from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 from random import getrandbits
 from types import GenericAlias
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from BTrees.Length import Length
 from BTrees.LLBTree import LLBTree
@@ -138,8 +139,9 @@ def _other_hash(key: Any) -> int:
             total = (total + stable_hash(k)) & 0xFFFFFFFFFFFFFFFF
         return _digest(b"f", total.to_bytes(8, "little"))
     if isinstance(key, datetime.datetime):
-        if key.utcoffset() is not None:
-            key = (key - key.utcoffset()).replace(tzinfo=None)
+        offset = key.utcoffset()
+        if offset is not None:
+            key = (key - offset).replace(tzinfo=None)
         return _digest(b"D", key.isoformat().encode())
     if isinstance(key, datetime.date):
         return _digest(b"d", key.isoformat().encode())
@@ -250,6 +252,11 @@ def _fail(err: BadValue, holder: Any, accessor: str) -> Exception:
 
 def _attached(obj: Any) -> bool:
     return obj._p_jar is not None
+
+
+def _touch(obj: Any) -> None:
+    """Mark a persistent object changed (typed Any: persistent ships no types)."""
+    obj._p_changed = True
 
 
 def _changed_size(kind: str) -> RuntimeError:
@@ -415,7 +422,7 @@ class _Hashed(Persistent):
         small = self._small
         if small is not None:
             small[key] = value
-            self._p_changed = True
+            _touch(self)
             if len(small) > SMALL_MAX:
                 self._grow()
             return
@@ -457,7 +464,7 @@ class _Hashed(Persistent):
         coll = self._coll
         if coll is None:
             coll = self._coll = LOBTree()
-            self._p_changed = True
+            _touch(self)
         if current == COLLIDED:
             coll[ikey] = coll[ikey] + (seq,)
         else:
@@ -500,7 +507,7 @@ class _Hashed(Persistent):
         """Replace a str-keyed index by an index of stable hashes (once, O(n))."""
         self._index = _Index()
         self._coll = None
-        self._p_changed = True
+        _touch(self)
         pairs: list[tuple[Any, int]] = []
         for seq, entry in self._entries.items():
             pairs.append((entry[0], seq))
@@ -515,7 +522,7 @@ class _Hashed(Persistent):
         if small is not None:
             value = small.pop(key, _MISSING)
             if value is not _MISSING:
-                self._p_changed = True
+                _touch(self)
             return value
         ikey, seq, entry = self._find(key)
         if not seq:
@@ -531,7 +538,7 @@ class _Hashed(Persistent):
         small = self._small
         if small is not None:
             item = small.popitem()
-            self._p_changed = True
+            _touch(self)
             return item
         entries = self._entries
         seq = entries.maxKey()
@@ -546,7 +553,7 @@ class _Hashed(Persistent):
     def _reset(self) -> None:
         if self._small is None or self._small:
             self._init_empty()
-            self._p_changed = True
+            _touch(self)
 
     def _grow(self) -> None:
         """Move the entries of the small form into a new tree form."""
@@ -557,7 +564,7 @@ class _Hashed(Persistent):
         self._coll = None
         self._len = Length(0)
         self._small = self._v_hot = None
-        self._p_changed = True
+        _touch(self)
         self._bulk_add(small.items())
 
     def _bulk_add(self, items: Iterable[tuple[Any, Any]]) -> None:
@@ -579,8 +586,8 @@ class _Hashed(Persistent):
                 break
             seqs = range(seq + 1, seq + 1 + len(chunk))
             seq += len(chunk)
-            entries.update(list(zip(seqs, chunk)))
-            self._link_many(list(zip([k for k, _ in chunk], seqs)))
+            entries.update(list(zip(seqs, chunk, strict=True)))
+            self._link_many(list(zip([k for k, _ in chunk], seqs, strict=True)))
             total += len(chunk)
         self._len.change(total)
 
@@ -638,6 +645,7 @@ class _Hashed(Persistent):
 
 class _DictKeys(cabc.KeysView):  # type: ignore[type-arg]
     __slots__ = ()
+    _mapping: Any  # set by collections.abc.MappingView
 
     def __iter__(self) -> Iterator[Any]:
         for k, _ in self._mapping._iter_entries():
@@ -652,6 +660,7 @@ class _DictKeys(cabc.KeysView):  # type: ignore[type-arg]
 
 class _DictValues(cabc.ValuesView):  # type: ignore[type-arg]
     __slots__ = ()
+    _mapping: Any  # set by collections.abc.MappingView
 
     def __iter__(self) -> Iterator[Any]:
         for _, v in self._mapping._iter_entries():
@@ -668,6 +677,7 @@ class _DictValues(cabc.ValuesView):  # type: ignore[type-arg]
 
 class _DictItems(cabc.ItemsView):  # type: ignore[type-arg]
     __slots__ = ()
+    _mapping: Any  # set by collections.abc.MappingView
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         return self._mapping._iter_entries()  # type: ignore[no-any-return]
@@ -713,7 +723,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         return self
 
     @classmethod
-    def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Dict:  # type: ignore[override]
+    def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Dict:  # type: ignore[override,misc]
         return cls((k, value) for k in iterable)
 
     # -- reads -------------------------------------------------------------------------
@@ -748,13 +758,13 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
     def __reversed__(self) -> Iterator[Any]:
         return self._reversed_keys()
 
-    def keys(self) -> _DictKeys:  # type: ignore[override]
+    def keys(self) -> _DictKeys:  # type: ignore[override,misc]
         return _DictKeys(self)
 
-    def values(self) -> _DictValues:  # type: ignore[override]
+    def values(self) -> _DictValues:  # type: ignore[override,misc]
         return _DictValues(self)
 
-    def items(self) -> _DictItems:  # type: ignore[override]
+    def items(self) -> _DictItems:  # type: ignore[override,misc]
         return _DictItems(self)
 
     def copy(self) -> dict[Any, Any]:
@@ -864,7 +874,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         check_writable(self)
         self._reset()
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override,misc]
         check_writable(self)
         if len(args) > 1:
             raise TypeError(f"update expected at most 1 argument, got {len(args)}")
@@ -1080,25 +1090,25 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
             else:
                 self.add(m)
 
-    def __ior__(self, other: Any) -> Set:  # type: ignore[override]
+    def __ior__(self, other: Any) -> Set:  # type: ignore[override,misc]
         if not isinstance(other, cabc.Set):
             return NotImplemented
         self.update(other)
         return self
 
-    def __iand__(self, other: Any) -> Set:  # type: ignore[override]
+    def __iand__(self, other: Any) -> Set:  # type: ignore[override,misc]
         if not isinstance(other, cabc.Set):
             return NotImplemented
         self.intersection_update(other)
         return self
 
-    def __isub__(self, other: Any) -> Set:  # type: ignore[override]
+    def __isub__(self, other: Any) -> Set:  # type: ignore[override,misc]
         if not isinstance(other, cabc.Set):
             return NotImplemented
         self.difference_update(other)
         return self
 
-    def __ixor__(self, other: Any) -> Set:  # type: ignore[override]
+    def __ixor__(self, other: Any) -> Set:  # type: ignore[override,misc]
         if not isinstance(other, cabc.Set):
             return NotImplemented
         self.symmetric_difference_update(other)
@@ -1172,7 +1182,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _prefix(old: list[Any], new: list[Any]) -> bool:
-    return len(new) >= len(old) and all(_same(a, b) for a, b in zip(old, new))
+    # `new` may be longer: it extends `old`
+    return len(new) >= len(old) and all(_same(a, b) for a, b in zip(old, new, strict=False))
 
 
 class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
@@ -1232,7 +1243,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     def _p_resolveConflict(self, old: Any, saved: Any, new: Any) -> Any:
         """Merge two transactions that both only appended to the tail."""
         if len(old) == len(saved) == len(new) and all(
-            _same(a, b) and _same(a, c) for a, b, c in zip(old[1:], saved[1:], new[1:])
+            _same(a, b) and _same(a, c) for a, b, c in zip(old[1:], saved[1:], new[1:], strict=True)
         ):
             o, s, n = old[0], saved[0], new[0]
             if _prefix(o, s) and _prefix(o, n):
@@ -1256,7 +1267,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
             i += n
         if not 0 <= i < n:
             raise IndexError("list index out of range")
-        return i
+        return int(i)
 
     def __getitem__(self, i: Any) -> Any:
         if type(i) is int and 0 <= i < self._size:
@@ -1331,7 +1342,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
             return NotImplemented
         if len(self) != len(other):
             return False
-        return all(a is b or a == b for a, b in zip(self, other))
+        return all(a is b or a == b for a, b in zip(self, other, strict=True))
 
     def __ne__(self, other: object) -> bool:
         eq = self.__eq__(other)
@@ -1371,7 +1382,8 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         return other + list(self)
 
     def __mul__(self, n: Any) -> list[Any]:
-        return list(self) * n
+        result: list[Any] = list(self) * n
+        return result
 
     __rmul__ = __mul__
 
@@ -1417,11 +1429,11 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         if len(tail) > TAIL_MAX:
             self._spill()
 
-    def __iadd__(self, values: Iterable[Any]) -> List:  # type: ignore[override]
+    def __iadd__(self, values: Iterable[Any]) -> List:  # type: ignore[override,misc]
         self.extend(values)
         return self
 
-    def __imul__(self, n: int) -> List:
+    def __imul__(self, n: int) -> List:  # type: ignore[misc]
         items = list(self) * n
         self._public(self._replace, items)
         return self
@@ -1539,7 +1551,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         items[s] = new  # raises exactly as list does (extended-slice sizes, ...)
         start, stop, step = s.indices(len(self))
         if step == 1 and len(new) + max(0, stop - start) <= LEAF_MAX:
-            for k in range(max(0, stop - start)):
+            for _ in range(max(0, stop - start)):
                 self._delete(start)
             for k, v in enumerate(new):
                 self._insert(start + k, v)
@@ -1697,7 +1709,7 @@ def _loaded_nodes(node: Any, offset: int) -> Iterator[tuple[str, Any]]:
         yield "", node
         return
     prev = 0
-    for kid, end in zip(list(node.kids), list(node.ends)):
+    for kid, end in zip(list(node.kids), list(node.ends), strict=True):
         yield from _loaded_nodes(kid, offset + prev)
         prev = end
 

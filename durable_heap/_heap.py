@@ -27,7 +27,8 @@ import reprlib
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator, TypeVar, overload
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, overload
 
 import transaction
 import transaction.interfaces
@@ -167,7 +168,7 @@ class Heap:
         local = self._local
         if local.conn is None:
             if self.status is HeapStatus.CLOSED:
-                raise HeapClosedError(f"the heap {self.target} is closed: open it again with durable_heap.open()")
+                raise self._closed()
             tm = transaction.TransactionManager(explicit=True)
             conn = self.db.open(transaction_manager=tm)
             local.tm, local.conn = tm, conn
@@ -176,8 +177,11 @@ class Heap:
             with self._lock:
                 self._conns.add(conn)
         elif self.status is HeapStatus.CLOSED:
-            raise HeapClosedError(f"the heap {self.target} is closed: open it again with durable_heap.open()")
+            raise self._closed()
         return local
+
+    def _closed(self) -> HeapClosedError:
+        return HeapClosedError(f"the heap {self.target} is closed: open it again with durable_heap.open()")
 
     @property
     def state(self) -> State:
@@ -320,7 +324,9 @@ class Heap:
     def action(self, func: F, /) -> F: ...
 
     @overload
-    def action(self, *, attempts: int | None = None, note: str | None = None) -> Callable[[F], F]: ...
+    def action(
+        self, func: None = None, /, *, attempts: int | None = None, note: str | None = None
+    ) -> Callable[[F], F]: ...
 
     def action(
         self,

@@ -15,7 +15,8 @@ assigning an attribute marks it changed. On top of ZODB's rules they add:
 from __future__ import annotations
 
 import reprlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from persistent import Persistent
 

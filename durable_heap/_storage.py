@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._errors import HeapLockedError, NotAHeapError, StorageError, UnknownTargetError
@@ -112,9 +113,9 @@ def _flag(target: Target, name: str) -> bool:
 
 
 def _open_file_storage(path: str, *, read_only: bool) -> Any:
+    from zc.lockfile import LockError
     from ZODB.FileStorage import FileStorage
     from ZODB.FileStorage.FileStorage import FileStorageFormatError
-    from zc.lockfile import LockError
 
     exists = os.path.exists(path)
     if exists and os.path.isdir(path):

@@ -39,7 +39,8 @@ import threading
 import types
 import uuid
 import weakref
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import transaction.interfaces
 from persistent import Persistent
@@ -402,7 +403,7 @@ def precheck(conn: Any) -> None:
 
 def _watch_of(jar: Any) -> _Watch | None:
     """The `_Watch` of a connection, registered with its transaction manager."""
-    w = jar.__dict__.get("_dh_watch")
+    w: _Watch | None = jar.__dict__.get("_dh_watch")
     if w is None:
         w = jar._dh_watch = _Watch()
     tm = jar.transaction_manager

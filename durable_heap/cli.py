@@ -18,8 +18,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from itertools import islice
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["main"]
 

@@ -61,7 +61,8 @@ def test_arguments_and_results(tmp_path: Path) -> None:
         "args": [3, "x", [1, 2], {"a": None}, True, "--storage"],
         "types": ["int", "str", "list", "dict", "bool", "str"],
     }
-    assert json.loads(cli("call", str(prog), "seen").stdout) == [[3, "x", [1, 2], {"a": None}, True, "--storage"]]
+    seen = json.loads(cli("call", str(prog), "seen").stdout)
+    assert seen == [[3, "x", [1, 2], {"a": None}, True, "--storage"]]
     assert cli("call", str(prog), "opaque").stdout.startswith("<object object at")
 
 
@@ -128,7 +129,10 @@ def test_locked_heap_from_the_cli(counter: Path) -> None:
     import sys
 
     target = counter.parent / ".durable-heap" / "counter.fs"
-    code = "import sys, durable_heap as dh; h = dh.open(sys.argv[1]); print('ready', flush=True); sys.stdin.read()"
+    code = (
+        "import sys, durable_heap as dh; h = dh.open(sys.argv[1]); "
+        "print('ready', flush=True); sys.stdin.read()"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(target)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
