@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks.one import summarize
 from benchmarks.systems import SYSTEMS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,8 @@ SHOWN = {
     "open": ["durable_heap", "raw_zodb", "sqlite_full", "pickle"],
     "read": ["durable_heap", "durable_heap_list", "raw_oobtree", "raw_zodb", "sqlite_full", "dict"],
     "commit": [
-        "durable_heap", "durable_heap_list", "raw_zodb", "raw_oobtree",
+        "durable_heap", "durable_heap_list", "durable_heap_watched", "durable_heap_objects",
+        "raw_zodb", "raw_oobtree",
         "sqlite_full", "sqlite_normal", "pickle", "fsync",
     ],
 }
@@ -69,23 +71,48 @@ def reps_for(workload: str, system: str, size: int, quick: bool) -> int:
 
 
 def measure(workloads: list[str], sizes: list[int], quick: bool) -> dict[str, Any]:
+    """Build each system's store once per size, then run the workloads on it.
+
+    Commits are measured in rounds that alternate between the systems, so that a
+    machine that slows down for a while slows every system alike.
+    """
     results: dict[str, Any] = {w: {} for w in workloads}
     needed = sorted({s for w in workloads for s in SHOWN[w]}, key=list(SYSTEMS).index)
+    rounds = 1 if quick else 3
     for size in sizes:
-        for system in needed:
-            if size > SYSTEMS[system].max_size:
-                continue
-            folder = tempfile.mkdtemp(prefix=f"bench-{system}-")
-            try:
+        folders: dict[str, str] = {}
+        try:
+            for system in needed:
+                if size > SYSTEMS[system].max_size:
+                    continue
+                folder = folders[system] = tempfile.mkdtemp(prefix=f"bench-{system}-")
                 build = run_one("bulk", system, size, folder, 1)
                 if "bulk" in workloads and system in SHOWN["bulk"]:
                     results["bulk"].setdefault(system, {})[size] = build
-                for w in ORDER[1:]:
+                for w in ("open", "read"):
                     if w in workloads and system in SHOWN[w]:
                         r = run_one(w, system, size, folder, reps_for(w, system, size, quick))
                         results[w].setdefault(system, {})[size] = r
-                print(f"  measured {system} at {size:,}", file=sys.stderr)
-            finally:
+                print(f"  built and read {system} at {size:,}", file=sys.stderr)
+            if "commit" in workloads:
+                merged: dict[str, dict[str, Any]] = {}
+                for _ in range(rounds):
+                    for system in SHOWN["commit"]:
+                        if system not in folders:
+                            continue
+                        reps = max(1, reps_for("commit", system, size, quick) // rounds)
+                        r = run_one("commit", system, size, folders[system], reps)
+                        m = merged.setdefault(system, {"samples_ms": [], "bytes": []})
+                        m["samples_ms"] += r["samples_ms"]
+                        m["bytes"].append(r["bytes_per_commit"])
+                for system, m in merged.items():
+                    r = summarize({"samples_ms": m["samples_ms"],
+                                   "bytes_per_commit": sum(m["bytes"]) / len(m["bytes"])})
+                    del r["samples_ms"]
+                    results["commit"].setdefault(system, {})[size] = r
+                print(f"  committed at {size:,}", file=sys.stderr)
+        finally:
+            for folder in folders.values():
                 shutil.rmtree(folder, ignore_errors=True)
     return results
 

@@ -53,12 +53,15 @@ def commit(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     after = sum(os.path.getsize(f) for f in system.files(path) if os.path.exists(f))
     system.close()
     written = after if system.rewrites_all else (after - before) / reps
-    times.sort()
-    return {
-        "median_ms": statistics.median(times) * 1e3,
-        "p90_ms": times[int(len(times) * 0.9)] * 1e3,
-        "bytes_per_commit": written,
-    }
+    return summarize({"samples_ms": [t * 1e3 for t in times], "bytes_per_commit": written})
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Median and p90 of the samples (also used to merge several rounds)."""
+    samples = sorted(result["samples_ms"])
+    result["median_ms"] = statistics.median(samples)
+    result["p90_ms"] = samples[int(len(samples) * 0.9)]
+    return result
 
 
 def read(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
@@ -67,7 +70,7 @@ def read(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     system.open(path)
     k = key(n // 2)
     name = type(system).__name__
-    if name.startswith("DurableHeap"):
+    if name in ("DurableHeapDict", "DurableHeapList"):
         heap = system.heap  # type: ignore[attr-defined]
         tm = heap.transaction_manager
         tm.begin()  # reads inside one transaction: the usual shape of an action
@@ -86,7 +89,7 @@ def read(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     number = max(1, reps)
     best = min(timer.repeat(repeat=5, number=number)) / number
     result = {"ns_per_read": best * 1e9}
-    if name.startswith("DurableHeap"):
+    if name in ("DurableHeapDict", "DurableHeapList"):
         tm.abort()
     system.close()
     return result

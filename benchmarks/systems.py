@@ -95,6 +95,43 @@ class DurableHeapList(DurableHeapDict):
         return self.heap.state.lst[int(k[1:])]
 
 
+class DurableHeapWatched(DurableHeapDict):
+    """Values are plain dataclass instances changed in place: the watch must notice."""
+
+    name = "durable_heap Dict of dataclasses, changed in place"
+
+    def build(self, path: str, n: int) -> None:
+        import durable_heap as dh
+
+        from benchmarks.items import Rec
+
+        with dh.open(path) as heap:
+            with heap.transaction() as state:
+                state.d = {key(i): Rec(i) for i in range(n)}
+
+    def change(self, i: int, value: int) -> None:
+        with self.heap.transaction() as state:
+            state.d[key(i)].value = value
+
+    def read(self, k: str) -> Any:
+        return self.heap.state.d[k].value
+
+
+class DurableHeapObjects(DurableHeapWatched):
+    """Values are durable_heap.Object instances: each its own record."""
+
+    name = "durable_heap Dict of Objects, changed in place"
+
+    def build(self, path: str, n: int) -> None:
+        import durable_heap as dh
+
+        from benchmarks.items import Obj
+
+        with dh.open(path) as heap:
+            with heap.transaction() as state:
+                state.d = {key(i): Obj(i) for i in range(n)}
+
+
 class RawZODB(System):
     """What a ZODB expert writes: Persistent items in an OOBTree, raw transaction API."""
 
@@ -282,6 +319,8 @@ class PlainDict(System):
 SYSTEMS: dict[str, type[System]] = {
     "durable_heap": DurableHeapDict,
     "durable_heap_list": DurableHeapList,
+    "durable_heap_watched": DurableHeapWatched,
+    "durable_heap_objects": DurableHeapObjects,
     "raw_zodb": RawZODB,
     "raw_oobtree": RawOOBTree,
     "sqlite_full": SQLite,

@@ -93,3 +93,37 @@ def test_million_entry_containers(tmp_path: Path) -> None:
             assert next(iter(state.d)) == 1 and list(reversed(state.d))[:1] == [BIG]
         grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
         assert grown_mb < 150, f"iterating 2M entries grew the peak RSS by {grown_mb:.0f} MB"
+
+
+def test_small_containers_stay_one_small_record(tmp_path: Path) -> None:
+    """A 3-entry Dict costs about what a 3-entry PersistentMapping costs: one record."""
+    import transaction
+    import ZODB
+    import ZODB.FileStorage
+    from persistent.mapping import PersistentMapping
+
+    def last_transaction(path: Path) -> list[int]:
+        fs = ZODB.FileStorage.FileStorage(str(path), read_only=True)
+        try:
+            return [[len(r.data) for r in txn] for txn in fs.iterator()][-1]
+        finally:
+            fs.close()
+
+    ours = tmp_path / "ours.fs"
+    with dh.open(ours) as heap:
+        with heap.transaction() as state:
+            state.d = {"a": 1, "b": 2, "c": 3}
+        with heap.transaction() as state:
+            state.d["b"] = 20
+    raw = tmp_path / "raw.fs"
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(str(raw)))
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    conn.root()["d"] = PersistentMapping({"a": 1, "b": 2, "c": 3})
+    tm.commit()
+    conn.root()["d"]["b"] = 20
+    tm.commit()
+    db.close()
+    (ours_record,) = last_transaction(ours)
+    (raw_record,) = last_transaction(raw)
+    assert ours_record <= raw_record  # one record, no bigger than PersistentMapping's
