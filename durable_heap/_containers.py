@@ -221,13 +221,21 @@ def _bucket_values(state: Any) -> list[Any]:
 
 
 def _walk_buckets(tree: Any) -> Iterator[Any]:
-    """The buckets of a BTree in key order, each loaded as it is reached."""
+    """Items tuples of a BTree's buckets in key order, streaming.
+
+    A bucket loaded only for this walk becomes a ghost again once passed (its
+    successor is read first), so memory stays bounded on huge trees.
+    """
     tree._p_activate()
     bucket = tree._firstbucket
     while bucket is not None:
-        yield bucket
+        was_ghost = bucket._p_changed is None
         state = LOBucket.__getstate__(bucket)
-        bucket = state[1] if state and len(state) > 1 else None
+        following = state[1] if state and len(state) > 1 else None
+        if state:
+            yield state[0]
+        _deactivate_if_idle(bucket, was_ghost)
+        bucket = following
 
 
 def _deactivate_if_idle(obj: Any, was_ghost: bool) -> None:
@@ -604,12 +612,8 @@ class _Hashed(Persistent):
                     raise _changed_size(self._kind)
             return
         n = self._len()
-        for bucket in _walk_buckets(self._entries):
-            was_ghost = bucket._p_changed is None
-            state = LOBucket.__getstate__(bucket)
-            if state:
-                yield from state[0][1::2]
-            _deactivate_if_idle(bucket, was_ghost)
+        for items in _walk_buckets(self._entries):
+            yield from items[1::2]
             if self._len() != n:
                 raise _changed_size(self._kind)
 
