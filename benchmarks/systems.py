@@ -102,7 +102,6 @@ class DurableHeapWatched(DurableHeapDict):
 
     def build(self, path: str, n: int) -> None:
         import durable_heap as dh
-
         from benchmarks.items import Rec
 
         with dh.open(path) as heap:
@@ -124,7 +123,6 @@ class DurableHeapObjects(DurableHeapWatched):
 
     def build(self, path: str, n: int) -> None:
         import durable_heap as dh
-
         from benchmarks.items import Obj
 
         with dh.open(path) as heap:
