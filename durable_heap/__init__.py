@@ -29,6 +29,7 @@ from ._errors import (
     NoTransactionError,
     ProgramError,
     ProgramNotFoundError,
+    StaleReferenceError,
     StorageError,
     UnknownTargetError,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "ProgramError",
     "ProgramNotFoundError",
     "Set",
+    "StaleReferenceError",
     "State",
     "StorageError",
     "UnknownTargetError",

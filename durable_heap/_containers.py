@@ -33,8 +33,10 @@ import collections.abc as cabc
 import datetime
 import enum
 import hashlib
+import io
 import numbers
 import pathlib
+import pickle
 import reprlib
 import struct
 import uuid
@@ -120,10 +122,10 @@ def stable_hash(key: Any) -> int:
 
 
 def _other_hash(key: Any) -> int:
-    if isinstance(key, str):
-        return _digest(b"s", str(key).encode("utf-8", "surrogatepass"))
+    if isinstance(key, str):  # str() of a subclass may differ (str enums): take the value
+        return _digest(b"s", str.encode(key, "utf-8", "surrogatepass"))
     if isinstance(key, bytes):
-        return _digest(b"b", bytes(key))
+        return _digest(b"b", bytes(memoryview(key)))
     if isinstance(key, enum.Enum) and not isinstance(key, numbers.Number):
         tp = type(key)
         return _digest(b"e", f"{tp.__module__}.{tp.__qualname__}.{key._name_}".encode())
@@ -177,13 +179,34 @@ class _EntryBucket(LOBucket):
     def __getstate__(self) -> Any:
         state = LOBucket.__getstate__(self)
         if state and holds_watched(_bucket_values(state)):
-            watch(self, None)
+            watch(self, state)
         return state
 
 
     def _dh_watched(self) -> bool:
         state = LOBucket.__getstate__(self)
         return bool(state) and holds_watched(_bucket_values(state))
+
+    def _p_resolveConflict(self, old: Any, committed: Any, new: Any) -> Any:
+        """BTrees' merge of changes to different entries, checked strictly.
+
+        The C merge decides what changed with ``==``; a change to an equal but
+        different value (``True`` for ``1``, an entity equal by id) would be
+        dropped. Each entry of the merge must be exactly what one side made.
+        """
+        merged = LOBucket._p_resolveConflict(self, old, committed, new)
+        before, theirs, ours, result = (
+            _bucket_dict(old), _bucket_dict(committed), _bucket_dict(new), _bucket_dict(merged)
+        )
+        for seq in set(before) | set(theirs) | set(ours):
+            was = before.get(seq, _MISSING)
+            mine, other = ours.get(seq, _MISSING), theirs.get(seq, _MISSING)
+            changed_mine, changed_other = not _same(mine, was), not _same(other, was)
+            if changed_mine and changed_other:
+                raise _ZConflictError("concurrent changes to the same entry")
+            if not _same(result.get(seq, _MISSING), mine if changed_mine else other):
+                raise _ZConflictError("concurrent changes that ZODB would merge by equality")
+        return merged
 
     def _dh_children(self) -> Iterator[tuple[str, Any]]:
         """For error paths: the entries, if this bucket is in memory."""
@@ -199,6 +222,23 @@ class _Entries(LOBTree):
     _bucket_type = _EntryBucket
     max_leaf_size = 40
     max_internal_size = 64
+
+    # Until it holds more than one bucket, a BTree keeps its only bucket inline,
+    # in the tree's own record: then the tree must watch the plain objects itself.
+
+    def __setstate__(self, state: Any) -> None:
+        LOBTree.__setstate__(self, state)
+        if _inline_watched(state):
+            watch(self, state)
+
+    def __getstate__(self) -> Any:
+        state = LOBTree.__getstate__(self)
+        if _inline_watched(state):
+            watch(self, state)
+        return state
+
+    def _dh_watched(self) -> bool:
+        return _inline_watched(LOBTree.__getstate__(self))
 
     def _dh_children(self) -> Iterator[tuple[str, Any]]:
         """For error paths: the nodes in memory (a small tree keeps entries inline)."""
@@ -220,6 +260,16 @@ def _bucket_values(state: Any) -> list[Any]:
     return list(chain.from_iterable(state[0][1::2]))
 
 
+def _bucket_dict(state: Any) -> dict[int, Any]:
+    items = state[0] if state else ()
+    return dict(zip(items[0::2], items[1::2], strict=True))
+
+
+def _inline_watched(state: Any) -> bool:
+    """Whether a BTree state keeps its one bucket inline, holding watched values."""
+    return bool(state) and len(state) == 1 and holds_watched(_bucket_values(state[0][0]))
+
+
 def _walk_buckets(tree: Any) -> Iterator[Any]:
     """Items tuples of a BTree's buckets in key order, streaming.
 
@@ -233,7 +283,7 @@ def _walk_buckets(tree: Any) -> Iterator[Any]:
         state = LOBucket.__getstate__(bucket)
         following = state[1] if state and len(state) > 1 else None
         if state:
-            yield state[0]
+            yield bucket, state[0]
         _deactivate_if_idle(bucket, was_ghost)
         bucket = following
 
@@ -252,14 +302,7 @@ def _is_watched(obj: Any) -> bool:
 
 def _fail(err: BadValue, holder: Any, accessor: str) -> Exception:
     """The public error for a bad value stored into `holder` at `accessor`."""
-    err.prefixed(accessor)
-    if holder._p_jar is None and holder._p_oid is None and not _attached(holder):
-        return public_error(err, None, base=f"{type(holder).__name__}(...)")
-    return public_error(err, holder)
-
-
-def _attached(obj: Any) -> bool:
-    return obj._p_jar is not None
+    return public_error(err.prefixed(accessor), holder)
 
 
 def _touch(obj: Any) -> None:
@@ -301,7 +344,7 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, complex})
 class _Hashed(Persistent):
     """Storage shared by `Dict` and `Set`: small form, or the hashed tree form."""
 
-    __slots__ = ("_small", "_index", "_entries", "_coll", "_len", "_v_hot")
+    __slots__ = ("_small", "_index", "_entries", "_coll", "_len", "_v_hot", "_v_mods")
     __hash__ = None  # type: ignore[assignment]  # mutable, like dict and set
     _kind = "dictionary"
 
@@ -314,22 +357,25 @@ class _Hashed(Persistent):
         # Read cache: the small dict itself, or in tree form the values read in
         # this transaction (`_remember`). Volatile: never stored, gone on ghosting.
         self._v_hot: dict[Any, Any] | None = self._small
+        self._v_mods = 0  # counts values replaced in the tree form (for iterators)
 
     # -- record format ---------------------------------------------------------
     # Format 1, small: (dict,)      Format 1, tree: (None, index, entries, coll, len)
     # where index is a _KeyIndex (all keys str) or an _Index (stable hashes).
 
     def __getstate__(self) -> Any:
-        if self._dh_watched():
-            watch(self, None)
         small = self._small
-        if small is not None:
-            return (small,)
-        return (None, self._index, self._entries, self._coll, self._len)
+        if small is None:
+            return (None, self._index, self._entries, self._coll, self._len)
+        state = (small,)
+        if self._dh_watched():
+            watch(self, state)
+        return state
 
     def __setstate__(self, state: Any) -> None:
         small = state[0]
         self._small = self._v_hot = small
+        self._v_mods = 0
         if small is None:
             _, self._index, self._entries, self._coll, self._len = state
         else:
@@ -438,6 +484,7 @@ class _Hashed(Persistent):
         if seq:
             if entry[1] is not value:
                 self._entries[seq] = (entry[0], value)
+                self._v_mods += 1
         else:
             self._add_new(ikey, key, value)
         hot = self._v_hot
@@ -447,7 +494,19 @@ class _Hashed(Persistent):
             else:
                 hot.pop(key, None)
 
+    def _guard(self) -> None:
+        """Index changes assume the index this record points to is still current.
+
+        A concurrent `_rehash` (or `_grow`) replaces it in this record only: with
+        ``readCurrent`` that commit conflicts with ours instead of leaving our
+        change in an index nobody uses any more.
+        """
+        jar = self._p_jar
+        if jar is not None and self._p_oid is not None:
+            jar.readCurrent(self)
+
     def _add_new(self, ikey: Any, key: Any, value: Any) -> None:
+        self._guard()
         if ikey is None:  # the first key that is not a str
             self._rehash()
             ikey = stable_hash(key)
@@ -535,6 +594,7 @@ class _Hashed(Persistent):
         ikey, seq, entry = self._find(key)
         if not seq:
             return _MISSING
+        self._guard()
         del self._entries[seq]
         self._unlink(ikey, seq)
         self._len.change(-1)
@@ -548,6 +608,7 @@ class _Hashed(Persistent):
             item = small.popitem()
             _touch(self)
             return item
+        self._guard()
         entries = self._entries
         seq = entries.maxKey()
         key, value = entries[seq]
@@ -612,8 +673,17 @@ class _Hashed(Persistent):
                     raise _changed_size(self._kind)
             return
         n = self._len()
-        for items in _walk_buckets(self._entries):
-            yield from items[1::2]
+        for bucket, items in _walk_buckets(self._entries):
+            mods = self._v_mods
+            i = 1
+            while i < len(items):
+                yield items[i]
+                if self._v_mods != mods:  # a value was replaced meanwhile: read it live
+                    mods = self._v_mods
+                    fresh = LOBucket.__getstate__(bucket)[0]
+                    i = 2 * bisect_right(fresh[0::2], items[i - 1]) - 1
+                    items = fresh
+                i += 2
             if self._len() != n:
                 raise _changed_size(self._kind)
 
@@ -785,11 +855,8 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         if len(self) != len(other):
             return False
         for k, v in self._iter_entries():
-            try:
-                ov = other[k]
-            except KeyError:
-                return False
-            if not (ov is v or ov == v):
+            ov = other.get(k, _MISSING)  # not other[k]: a defaultdict would grow
+            if ov is _MISSING or not (ov is v or ov == v):
                 return False
         return True
 
@@ -917,6 +984,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
             )  # decided at C speed: then the items need no adoption one by one
             self._bulk_add(source.items() if plain else self._adopted(pairs))
             return
+        adopted = []  # all of them first: a refused value changes nothing
         for i, pair in enumerate(pairs):
             try:
                 k, v = pair
@@ -924,7 +992,9 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
                 raise TypeError(
                     f"cannot convert dictionary update sequence element #{i} to a sequence"
                 ) from None
-            self._put(k, self._adopt_item(k, v))
+            adopted.append((k, self._adopt_item(k, v)))
+        for k, v in adopted:
+            self._put(k, v)
 
 
 # --- Set ------------------------------------------------------------------------------
@@ -1071,9 +1141,13 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
 
     def update(self, *others: Iterable[Any]) -> None:
         check_writable(self)
+        members = [list(other) for other in others]
         try:
-            for other in others:
-                self._add_all(other)
+            for group in members:  # all of them first: a refused member changes nothing
+                for m in group:
+                    self._adopt_member(m)
+            for group in members:
+                self._add_all(group)
         except BadValue as err:
             raise _fail(err, self, "") from None
 
@@ -1084,6 +1158,9 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
 
     def difference_update(self, *others: Iterable[Any]) -> None:
         for other in others:
+            if other is self:
+                self.clear()
+                continue
             for m in other:
                 self.discard(m)
 
@@ -1125,14 +1202,14 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
 class _Leaf(Persistent):
     """A run of consecutive List items (a plain list in one record)."""
 
-    __slots__ = ("items",)
+    __slots__ = ("items", "__weakref__")
 
     def __init__(self, items: list[Any]) -> None:
         self.items = items
 
     def __getstate__(self) -> Any:
         if holds_watched(self.items):
-            watch(self, None)
+            watch(self, self.items)
         return self.items
 
     def __setstate__(self, state: Any) -> None:
@@ -1172,17 +1249,32 @@ class _Branch(Persistent):
         return self.ends[-1] if self.ends else 0
 
 
+class _RefPickler(pickle.Pickler):
+    """Pickles states met in conflict resolution, references by their oid."""
+
+    def persistent_id(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
+        oid = getattr(obj, "oid", None) if type(obj).__name__ == "PersistentReference" else None
+        return oid
+
+
 def _same(a: Any, b: Any) -> bool:
-    """Equality for conflict resolution, where references are PersistentReference."""
+    """Exact sameness of two values in conflict resolution.
+
+    Not ``==``: ``1 == True`` and an entity whose ``__eq__`` compares ids would
+    hide a real change, and the merge would silently drop it. Same type and the
+    same pickle, or it is a conflict (which the action then retries).
+    """
     if a is b:
         return True
-    oa, ob = getattr(a, "oid", _MISSING), getattr(b, "oid", _MISSING)
-    if oa is not _MISSING or ob is not _MISSING:
-        return oa == ob and type(a) is type(b)
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - incomparable means "not the same"
+    if type(a) is not type(b):
         return False
+    try:
+        buf_a, buf_b = io.BytesIO(), io.BytesIO()
+        _RefPickler(buf_a, protocol=3).dump(a)
+        _RefPickler(buf_b, protocol=3).dump(b)
+    except Exception:  # noqa: BLE001 - what cannot be compared is not the same
+        return False
+    return buf_a.getvalue() == buf_b.getvalue()
 
 
 def _prefix(old: list[Any], new: list[Any]) -> bool:
@@ -1226,11 +1318,10 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     # -- record format: format 1 is (tail,) when small, (tail, root, size) otherwise --
 
     def __getstate__(self) -> Any:
+        state = (self._tail,) if self._root is None else (self._tail, self._root, self._size)
         if holds_watched(self._tail):
-            watch(self, None)
-        if self._root is None:
-            return (self._tail,)
-        return (self._tail, self._root, self._size)
+            watch(self, state)
+        return state
 
     def __setstate__(self, state: Any) -> None:
         self._tail = state[0]
@@ -1420,18 +1511,19 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         self._public(self._extend, values)
 
     def _extend(self, values: Iterable[Any]) -> None:
-        if values is self:
-            values = list(values)
+        items = self._adopt_all(values, len(self))  # all of them first: a refusal changes nothing
         tail = self._tail
-        n = self._size + len(tail)
-        for v in values:
-            tail.append(self._adopt_at(f"[{n}]", v))
-            n += 1
-            if len(tail) > TAIL_MAX + LEAF_MAX:
+        for start in range(0, len(items), LEAF_MAX):
+            tail.extend(items[start:start + LEAF_MAX])
+            if len(tail) > TAIL_MAX:
                 self._spill()
         self._p_changed = True
-        if len(tail) > TAIL_MAX:
-            self._spill()
+
+    def _adopt_all(self, values: Iterable[Any], first: int) -> list[Any]:
+        items = list(values)
+        if set(map(type, items)) <= _PLAIN:  # decided at C speed: nothing to convert
+            return items
+        return [self._adopt_at(f"[{i}]", v) for i, v in enumerate(items, first)]
 
     def __iadd__(self, values: Iterable[Any]) -> List:  # type: ignore[override,misc]
         self.extend(values)
@@ -1551,9 +1643,9 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def _set_slice(self, s: slice, values: Iterable[Any]) -> None:
         items = list(self)
-        new = list(values)
-        items[s] = new  # raises exactly as list does (extended-slice sizes, ...)
         start, stop, step = s.indices(len(self))
+        new = self._adopt_all(values, start)  # all of them first: a refusal changes nothing
+        items[s] = new  # raises exactly as list does (extended-slice sizes, ...)
         if step == 1 and len(new) + max(0, stop - start) <= LEAF_MAX:
             for _ in range(max(0, stop - start)):
                 self._delete(start)
@@ -1563,7 +1655,13 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         self._replace(items)
 
     def _replace(self, items: list[Any]) -> None:
-        """Rebuild from `items` (sort, reverse, big slice changes)."""
+        """Rebuild from `items` (sort, reverse, big slice changes).
+
+        The old nodes are touched: a concurrent change to one of them must
+        conflict with this rebuild, not be committed into a node no longer used.
+        """
+        for node in _nodes(self._root):
+            node._p_changed = True
         self._tail, self._root, self._size = [], None, 0
         self._extend(items)
         self._p_changed = True
@@ -1668,6 +1766,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
             path.append((node, len(node.kids) - 1))
             node = node.kids[-1]
         items = list(node.items)
+        node._p_changed = True  # a concurrent change to this leaf must conflict, not vanish
         self._count(path, -len(items))
         self._unhook(path)
         self._tail = items
@@ -1697,6 +1796,16 @@ def _walk(node: Any, start: int) -> Iterator[Any]:
     for idx in range(k, len(kids)):
         yield from _walk(kids[idx], start - offset if idx == k else 0)
     _deactivate_if_idle(node, was_ghost)
+
+
+def _nodes(node: Any) -> Iterator[Any]:
+    """Every node of a List tree."""
+    if node is None:
+        return
+    yield node
+    if type(node) is _Branch:
+        for kid in node.kids:
+            yield from _nodes(kid)
 
 
 #: Error paths only: the list index of each leaf's first item, found while

@@ -5,6 +5,7 @@ Hierarchy::
     DurableHeapError
      ├── NotPersistableError (also TypeError)   a value that cannot be stored
      ├── NoTransactionError (also RuntimeError) a change made outside a transaction
+ ├── StaleReferenceError (also RuntimeError) a plain object changed after it left state
      ├── ConflictError                          concurrent changes, retries used up
      ├── NoActiveHeapError (also RuntimeError)  `state` used with no heap open
      ├── HeapClosedError (also RuntimeError)    a closed heap was used
@@ -35,6 +36,7 @@ __all__ = [
     "NotPersistableError",
     "ProgramError",
     "ProgramNotFoundError",
+    "StaleReferenceError",
     "StorageError",
     "UnknownTargetError",
 ]
@@ -67,6 +69,11 @@ class NotPersistableError(DurableHeapError, TypeError):
 
 class NoTransactionError(DurableHeapError, RuntimeError):
     """A durable object was changed outside any transaction."""
+
+
+class StaleReferenceError(DurableHeapError, RuntimeError):
+    """A plain object kept from an earlier transaction was changed: the change
+    would not reach state, so the transaction is aborted instead."""
 
 
 class ConflictError(DurableHeapError):

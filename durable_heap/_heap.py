@@ -35,6 +35,7 @@ import transaction.interfaces
 import ZODB
 import ZODB.POSException
 
+from . import _values
 from ._errors import (
     ConflictError,
     HeapClosedError,
@@ -43,7 +44,7 @@ from ._errors import (
 )
 from ._state import State
 from ._storage import Target, open_storage, parse_target, private_files
-from ._values import ROOT_KEY, forget_reads, precheck
+from ._values import ROOT_KEY, forget_reads, precheck, reset_watch
 
 __all__ = ["Heap", "HeapStatus", "active_heap", "open", "state"]
 
@@ -171,6 +172,7 @@ class Heap:
                 raise self._closed()
             tm = transaction.TransactionManager(explicit=True)
             conn = self.db.open(transaction_manager=tm)
+            reset_watch(conn)  # it may come from ZODB's pool, used by a finished thread
             local.tm, local.conn = tm, conn
             local.slot = _Slot()
             weakref.finalize(local.slot, _close_quietly, conn)
@@ -446,6 +448,7 @@ def _translate_commit_error(conn: Any, exc: BaseException) -> BaseException:
 
 def _close_quietly(conn: Any) -> None:
     try:
+        reset_watch(conn)
         tm = conn.transaction_manager
         if tm is not None:
             try:
@@ -481,6 +484,18 @@ def active_heap() -> Heap:
         "durable_heap.open('data/app.fs') first, or run your program with "
         "`durable-heap call program.py function`."
     )
+
+
+def _active_root() -> Any:
+    """For error paths: the state of the active heap in this thread, if any.
+
+    Not `Heap.state`: that would first catch up with other commits.
+    """
+    local = active_heap()._thread()
+    return local.state if local.state is not None else local.conn.root()[ROOT_KEY]
+
+
+_values.current_root = _active_root
 
 
 class _StateProxy:

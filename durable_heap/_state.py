@@ -27,6 +27,23 @@ __all__ = ["Object", "State"]
 _MISSING: Any = object()
 
 
+def _state_values(state: Any) -> list[Any]:
+    """Attribute values in a Persistent state: a dict, or (dict, slots) with __slots__."""
+    if isinstance(state, dict):
+        return list(state.values())
+    if isinstance(state, tuple) and len(state) == 2:
+        return [v for part in state if isinstance(part, dict) for v in part.values()]
+    return []
+
+
+def _slot(cls: type, name: str) -> Any:
+    """The member descriptor of slot `name` (set directly: not a change)."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    raise AttributeError(name)
+
+
 class Object(Persistent):
     """Base class for your own durable classes: every instance is its own record.
 
@@ -49,10 +66,7 @@ class Object(Persistent):
         try:
             value = adopt(value)
         except BadValue as err:
-            err.prefixed(f".{name}")
-            if self._p_jar is None:
-                raise public_error(err, None, base=f"{type(self).__name__}(...)") from None
-            raise public_error(err, self) from None
+            raise public_error(err.prefixed(f".{name}"), self) from None
         Persistent.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
@@ -62,17 +76,25 @@ class Object(Persistent):
 
     def __getstate__(self) -> Any:
         state = Persistent.__getstate__(self)
-        if isinstance(state, dict) and holds_watched(state.values()):
-            watch(self, None)
+        if holds_watched(_state_values(state)):
+            watch(self, state)
         return state
 
     def __setstate__(self, state: Any) -> None:
-        Persistent.__setstate__(self, state)
-        if isinstance(state, dict) and holds_watched(state.values()):
+        if isinstance(state, tuple) and len(state) == 2:
+            # (dict, slots) of a subclass with __slots__: set the slots directly,
+            # since loading is not a change (our __setattr__ would treat it as one).
+            attrs, slots = state
+            Persistent.__setstate__(self, attrs or {})
+            for name, value in (slots or {}).items():
+                _slot(type(self), name).__set__(self, value)
+        else:
+            Persistent.__setstate__(self, state)
+        if holds_watched(_state_values(state)):
             watch(self, state)
 
     def _dh_watched(self) -> bool:
-        return holds_watched(self.__dict__.values())
+        return holds_watched(_state_values(Persistent.__getstate__(self)))
 
     def _dh_as_dict(self) -> dict[str, Any]:
         """The stored attributes, in assignment order."""

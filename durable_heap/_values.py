@@ -55,12 +55,14 @@ __all__ = [
     "check_writable",
     "forget_reads",
     "culprit",
+    "holder_path",
     "holds_watched",
     "is_atomic",
     "path_of",
     "precheck",
     "public_error",
     "remember_reads",
+    "reset_watch",
     "snapshot",
     "watch",
 ]
@@ -181,7 +183,7 @@ class BadValue(Exception):
 def public_error(err: BadValue, holder: Any, base: str | None = None) -> NotPersistableError:
     """The user-facing error for `err`, its path starting at ``state`` when known."""
     if base is None:
-        base = path_of(holder) if holder is not None else "value"
+        base = holder_path(holder) if holder is not None else "value"
     return NotPersistableError(base + "".join(err.parts), err.value, err.reason)
 
 
@@ -317,15 +319,19 @@ class _Watch:
     ``transaction.commit()``.
     """
 
-    __slots__ = ("tm", "items", "hooked", "hot", "__weakref__")
+    __slots__ = ("jar", "tm", "items", "hooked", "hot", "orphans", "__weakref__")
 
-    def __init__(self) -> None:
+    def __init__(self, jar: Any) -> None:
+        self.jar = weakref.ref(jar)
         self.tm: Any = None
-        # id(obj) -> (obj, snapshot at load, or None when saved this transaction)
-        self.items: dict[int, tuple[Any, bytes | None]] = {}
+        # id(obj) -> (obj, snapshot of its state when loaded or last saved)
+        self.items: dict[int, tuple[Any, bytes]] = {}
         self.hooked: Any = None
         # containers holding values read in this transaction (`remember_reads`)
         self.hot: list[Any] = []
+        # plain objects of records ghosted after a transaction that someone still
+        # holds: changed later, the change would be lost (see `_check_orphans`)
+        self.orphans: list[_Orphan] = []
 
     def forget_reads(self) -> None:
         hot, self.hot = self.hot, []
@@ -336,7 +342,7 @@ class _Watch:
     # ISynchronizer
     def newTransaction(self, txn: Any, sync: bool = True) -> None:  # noqa: N802
         self.forget_reads()
-        if self.items:
+        if self.items or self.orphans:
             self._hook(txn)
 
     def beforeCompletion(self, txn: Any) -> None:  # noqa: N802
@@ -345,11 +351,24 @@ class _Watch:
     def afterCompletion(self, txn: Any) -> None:  # noqa: N802
         self.forget_reads()
         items, self.items, self.hooked = self.items, {}, None
+        held: list[tuple[Any, bytes, str]] = []
         for obj, _ in items.values():
             # Ghost it: the next transaction reloads (and watches) it, and an
             # aborted in-place change does not survive in memory.
             if obj._p_jar is not None and obj._p_oid is not None:
+                refs = _weak_plain_values(obj)
                 obj._p_invalidate()
+                held += [(r, obj._p_oid, acc) for r, acc in refs]
+        # What survives the ghosting is referenced from elsewhere: user code may
+        # change it later, believing it still part of state.
+        for ref, oid, accessor in held:
+            value = ref()
+            if value is not None:
+                try:
+                    self.orphans.append(_Orphan(ref, snapshot(value), oid, accessor))
+                except Exception:  # noqa: BLE001,S112 - unpicklable now: nothing to compare
+                    continue
+        del self.orphans[:-ORPHANS_MAX]
 
     def _hook(self, txn: Any) -> None:
         if self.hooked is not txn:
@@ -357,8 +376,10 @@ class _Watch:
             self.hooked = txn
 
     def _before_commit(self) -> None:
+        if self.orphans:
+            self._check_orphans()
         for obj, base in list(self.items.values()):
-            if base is None or obj._p_changed is not False:
+            if obj._p_changed is not False:
                 continue  # saved anyway, or a ghost again
             try:
                 now = snapshot(obj.__getstate__())
@@ -366,6 +387,73 @@ class _Watch:
                 raise culprit(obj, exc) from None
             if now != base:
                 obj._p_changed = True
+
+
+    def _check_orphans(self) -> None:
+        """Refuse to commit when a plain object that left state was changed.
+
+        Plain objects are copies inside their holder's record: after the
+        transaction the record is ghosted and the next load makes new copies. A
+        change through an old reference would be silently lost; say so instead.
+        """
+        alive = []
+        for orphan in self.orphans:
+            value = orphan.ref()
+            if value is None:
+                continue
+            try:
+                unchanged = snapshot(value) == orphan.snapshot
+            except Exception:  # noqa: BLE001 - changed into something unpicklable
+                unchanged = False
+            if unchanged:
+                alive.append(orphan)
+                continue
+            self.orphans = alive + [o for o in self.orphans[len(alive) + 1:] if o is not orphan]
+            raise _stale(orphan, value, self.jar())
+        self.orphans = alive
+
+
+#: Plain objects held from ghosted records that a watch keeps checking.
+ORPHANS_MAX = 1_000
+
+
+class _Orphan:
+    __slots__ = ("ref", "snapshot", "oid", "accessor")
+
+    def __init__(self, ref: Any, snap: bytes, oid: bytes, accessor: str) -> None:
+        self.ref, self.snapshot, self.oid, self.accessor = ref, snap, oid, accessor
+
+
+def _weak_plain_values(obj: Any) -> list[tuple[Any, str]]:
+    """Weak references to the watched plain values of a record, with their accessors."""
+    refs = []
+    for accessor, value in _durable_children(obj):
+        if is_atomic(value):
+            continue
+        try:
+            refs.append((weakref.ref(value), accessor))
+        except TypeError:
+            continue  # lists, dicts...: cannot be followed once ghosted
+    return refs
+
+
+def _stale(orphan: _Orphan, value: Any, jar: Any) -> Exception:
+    from ._errors import StaleReferenceError
+
+    where = "a record"
+    if jar is not None:
+        try:
+            where = path_of(jar.get(orphan.oid))
+        except Exception:  # noqa: BLE001,S110 - only for the message
+            pass
+    name = type(value).__name__
+    return StaleReferenceError(
+        f"{where}{orphan.accessor}: a {name} was changed through a reference kept from an "
+        "earlier transaction. Plain objects are loaded afresh by each transaction, so that "
+        f"{name} is no longer the one in state and the change would be lost; the "
+        f"transaction was aborted. Read it from state inside the transaction that changes "
+        f"it, or make {name} a durable_heap.Object subclass (those can be kept)."
+    )
 
 
 def culprit(holder: Any, exc: BaseException) -> NotPersistableError:
@@ -405,7 +493,7 @@ def _watch_of(jar: Any) -> _Watch | None:
     """The `_Watch` of a connection, registered with its transaction manager."""
     w: _Watch | None = jar.__dict__.get("_dh_watch")
     if w is None:
-        w = jar._dh_watch = _Watch()
+        w = jar._dh_watch = _Watch(jar)
     tm = jar.transaction_manager
     if tm is None:
         return None
@@ -428,6 +516,20 @@ def remember_reads(obj: Any) -> None:
         w.hot.append(obj)
 
 
+def reset_watch(jar: Any) -> None:
+    """A connection changes hands (opened from ZODB's pool, or closed into it).
+
+    Whatever the watch holds belongs to the previous user: ghost the watched
+    objects, drop the read caches, and follow the connection's current
+    transaction manager (a pooled connection comes back with a new one).
+    """
+    w = _watch_of(jar)
+    if w is None:
+        return
+    w.forget_reads()
+    w.afterCompletion(None)
+
+
 def forget_reads(jar: Any) -> None:
     """Drop every per-transaction read cache of a connection (it was synced)."""
     w = jar.__dict__.get("_dh_watch")
@@ -436,10 +538,10 @@ def forget_reads(jar: Any) -> None:
 
 
 def watch(obj: Any, state: Any) -> None:
-    """Register `obj` (just loaded or saved, its state holding watched values).
+    """Register `obj`, just loaded from or saved as `state`, which holds watched values.
 
-    `state` is the state it was loaded from (to snapshot), or None when it is
-    being saved: then it only needs to become a ghost after the transaction.
+    The snapshot of `state` is what the commit compares against; after the
+    transaction the object is ghosted (see `_Watch`).
     """
     jar = obj._p_jar
     if jar is None or obj._p_oid is None:
@@ -448,12 +550,7 @@ def watch(obj: Any, state: Any) -> None:
     if w is None:
         return
     tm = w.tm
-    key = id(obj)
-    if state is None:
-        if key not in w.items:
-            w.items[key] = (obj, None)
-        return
-    w.items[key] = (obj, snapshot(state))
+    w.items[id(obj)] = (obj, snapshot(state))
     try:
         txn = tm.get()
     except transaction.interfaces.NoTransaction:
@@ -509,6 +606,16 @@ def _durable_children(obj: Any) -> Iterator[tuple[str, Any]]:
         yield from _plain_children(obj)
 
 
+#: Set by the heap layer: the `State` of the active heap, for objects not yet stored.
+current_root: Callable[[], Any] | None = None
+
+
+def holder_path(obj: Any) -> str:
+    """`path_of`, or ``Dict(...)`` for an object that is not (yet) reachable from state."""
+    path = path_of(obj)
+    return f"{type(obj).__name__}(...)" if path.startswith("<") else path
+
+
 def path_of(obj: Any, limit: int = 200_000) -> str:
     """The path from ``state`` to `obj` through objects in memory, or a description.
 
@@ -516,11 +623,13 @@ def path_of(obj: Any, limit: int = 200_000) -> str:
     """
     jar = obj._p_jar if isinstance(obj, Persistent) else None
     name = type(obj).__name__
-    if jar is None:
-        return f"<new {name}>"
+    state = None
     try:
-        state = jar.root().get(ROOT_KEY)
-    except Exception:  # noqa: BLE001 - a closed connection: just describe it
+        if jar is not None:
+            state = jar.root().get(ROOT_KEY)
+        elif current_root is not None:
+            state = current_root()  # a new object may already hang from state
+    except Exception:  # noqa: BLE001 - closed, or no heap: just describe it
         state = None
     if state is None:
         return f"<{name} oid {_oid(obj)}>"

@@ -151,7 +151,9 @@ def _call(args: argparse.Namespace) -> int:
         from ._errors import ProgramNotFoundError
 
         raise ProgramNotFoundError(f"there is no program file {args.program!r}")
-    with durable_heap.open(_target(args)) as heap:
+    def load_and_call() -> str:
+        # One transaction for the top level and the function: references the top
+        # level takes (CFG = state.setdefault(...)) stay valid in the function.
         module = load(heap, args.program)
         try:
             result = call(heap, module, args.function, values)
@@ -159,10 +161,20 @@ def _call(args: argparse.Namespace) -> int:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's function failed
             raise _FunctionFailed(f"{args.function}()", exc) from exc
-        with heap.transaction():
-            text = format_result(result)  # may read durable objects
+        return format_result(result)  # may read durable objects
+
+    with durable_heap.open(_target(args)) as heap:
+        note = _call_note(args.function, values)
+        text = heap._run(load_and_call, (), {}, note, heap.max_attempts)
     print(text)
     return 0
+
+
+def _call_note(function: str, values: list[Any]) -> str:
+    from ._heap import _call_note as note_of
+
+    text = note_of(lambda: None, tuple(values), {})
+    return function + text[text.index("("):]
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -179,3 +179,22 @@ def test_program_name_clashing_with_a_module(tmp_path: Path) -> None:
     prog = write(tmp_path / "json.py", "def f():\n    return 1\n")
     out = cli("call", str(prog), "f")
     assert out.returncode == 1 and "also the name of an installed module" in out.stderr
+
+
+def test_top_level_references_are_valid_in_the_function(tmp_path: Path) -> None:
+    prog = write(tmp_path / "cfgprog.py", """
+        import dataclasses
+        from durable_heap import state
+
+        @dataclasses.dataclass
+        class Cfg:
+            retries: int = 0
+
+        CFG = state.setdefault("cfg", Cfg())   # a plain object taken at load
+
+        def bump():
+            CFG.retries += 1
+            return CFG.retries
+    """)
+    outs = [cli("call", str(prog), "bump") for _ in range(3)]
+    assert [o.stdout.strip() for o in outs] == ["1", "2", "3"], outs[-1].stderr

@@ -488,3 +488,122 @@ def test_concurrent_changes_to_different_entries_do_not_conflict(heap: dh.Heap) 
     assert d["k10"] == "a" and d["k4000"] == "b" and d["new-a"] == d["new-b"] == 1
     assert len(d) == 5002
     assert sorted(heap.state.lst[10:]) == ["a", "b"]  # both appends merged
+
+
+def _race(heap: dh.Heap, first, second) -> list[BaseException]:  # type: ignore[no-untyped-def]
+    """`first` runs in a transaction that commits after `second` committed in another thread."""
+    import threading
+
+    errors: list[BaseException] = []
+    inside, done = threading.Event(), threading.Event()
+
+    def one() -> None:
+        try:
+            with heap.transaction() as st:
+                first(st)
+                inside.set()
+                done.wait(5)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=one)
+    t.start()
+    inside.wait(5)
+    with heap.transaction() as st:
+        second(st)
+    done.set()
+    t.join()
+    return errors
+
+
+def test_concurrent_change_to_an_equal_value_is_not_merged_away(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.d = {f"k{i}": 1 for i in range(100)}
+        state.lst = [1, 2, 3]
+    # True == 1: a merge by equality would keep 1 and drop this change.
+    errors = _race(heap, lambda st: st.d.__setitem__("k1", True), lambda st: st.d.__setitem__("k2", 5))
+    assert [type(e) for e in errors] == [dh.ConflictError] or heap.state.d["k1"] is True
+    errors = _race(heap, lambda st: st.lst.__setitem__(0, True), lambda st: st.lst.append(4))
+    assert [type(e) for e in errors] == [dh.ConflictError] or heap.state.lst[0] is True
+    assert heap.state.d["k2"] == 5 and heap.state.lst[-1] == 4
+
+
+def test_concurrent_rehash_and_insert_conflict_instead_of_corrupting(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.d = {f"k{i}": i for i in range(90)}
+    errors = _race(heap, lambda st: st.d.__setitem__("new", 1), lambda st: st.d.__setitem__(7, "int key"))
+    assert [type(e) for e in errors] == [dh.ConflictError]
+    d = heap.state.d
+    assert "new" not in d and d[7] == "int key" and len(d) == 91 and len(list(d)) == 91
+
+
+def test_concurrent_leaf_change_and_list_rebuild_conflict(heap: dh.Heap, tiny_tree: None) -> None:
+    with heap.transaction() as state:
+        state.lst = list(range(40))
+    errors = _race(heap, lambda st: st.lst.__setitem__(1, "set"), lambda st: st.lst.sort(reverse=True))
+    assert [type(e) for e in errors] == [dh.ConflictError]
+    assert heap.state.lst == sorted(range(40), reverse=True)
+    with heap.transaction() as state:
+        state.lst = list(range(12))  # a tree of small leaves and an empty-able tail
+    def pop_to_leaf(st):  # type: ignore[no-untyped-def]
+        while len(st.lst._tail):
+            st.lst.pop()
+        st.lst.pop()  # pulls the last leaf out of the tree
+    # the last item of the tree lives in the leaf that the pop pulls out
+    errors = _race(heap, lambda st: st.lst.__setitem__(st.lst._size - 1, "set"), pop_to_leaf)
+    assert [type(e) for e in errors] == [dh.ConflictError]
+
+
+def test_str_subclass_keys_hash_by_value() -> None:
+    import enum
+
+    class Color(str, enum.Enum):
+        RED = "red"
+
+    d, ref = Dict({i: i for i in range(40)}), {i: i for i in range(40)}  # hashed index
+    d["red"] = ref["red"] = 1
+    assert Color.RED in d and d[Color.RED] == 1
+    d[Color.RED] = ref[Color.RED] = 2
+    assert len(d) == len(ref) == 41 and d == ref
+
+
+def test_builtin_edge_cases() -> None:
+    import collections
+
+    s = Set(range(50))
+    s -= s
+    assert s == set()
+    s = Set(range(5))
+    s.difference_update(s)
+    assert s == set()
+    dd: collections.defaultdict[str, int] = collections.defaultdict(int, {"b": 1})
+    assert Dict({"a": 1}) != dd and dict(dd) == {"b": 1}  # comparing does not grow it
+    d = Dict({f"k{i}": i for i in range(100)})
+    seen = {}
+    for k, v in d.items():
+        seen[k] = v
+        if k == "k1":
+            d["k5"] = "updated"  # a later value replaced during iteration: seen, as in a dict
+    assert seen["k5"] == "updated"
+
+
+def test_a_refused_value_changes_nothing() -> None:
+    import threading
+
+    lst = List([1, 2, 3])
+    for change in (
+        lambda: lst.__setitem__(slice(0, 2), [9, threading.Lock()]),
+        lambda: lst.extend([4, threading.Lock()]),
+        lambda: lst.__iadd__([4, threading.Lock()]),
+    ):
+        with pytest.raises(dh.NotPersistableError):
+            change()
+        assert lst == [1, 2, 3]
+    d = Dict({"a": 1})
+    with pytest.raises(dh.NotPersistableError):
+        d.update({"b": 2, "c": threading.Lock()})
+    assert d == {"a": 1}
+    s = Set({1})
+    with pytest.raises(dh.NotPersistableError):
+        s.update([2], [lambda: 0])
+    assert s == {1}

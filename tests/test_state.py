@@ -204,3 +204,87 @@ def test_state_proxy(heap_path: Path) -> None:
     with pytest.raises(dh.NoActiveHeapError, match=r"durable_heap.open"):
         state.count  # noqa: B018
     assert "no heap open" in repr(state)
+
+
+def test_plain_objects_in_a_one_bucket_tree_are_watched(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
+    with heap.transaction() as state:
+        state.d = {f"k{i}": Settings(i) for i in range(35)}  # tree form, one inline bucket
+    with heap.transaction() as state:
+        state.d["k1"].retries = 99
+    heap = reopen(heap)
+    assert heap.state.d["k1"].retries == 99
+
+
+def test_a_plain_object_kept_across_transactions_is_refused_not_lost(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        cfg = state.setdefault("cfg", Settings())
+        cfg.retries = 2  # same transaction: fine
+    assert heap.state.cfg.retries == 2
+    with pytest.raises(dh.StaleReferenceError, match=r"state\.cfg: a Settings was changed .*Object"):
+        with heap.transaction() as state:
+            cfg.retries = 3  # `cfg` is no longer the object in state
+            state.other = 1
+    assert heap.state.cfg.retries == 2 and "other" not in heap.state
+    with heap.transaction() as state:  # reported once; reading it again works
+        state.cfg.retries = 4
+    assert heap.state.cfg.retries == 4
+
+
+def test_pooled_connections_start_clean(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
+    import gc
+
+    with heap.transaction() as state:
+        state.cfg = Settings(1)
+        state.big = {f"k{i}": i for i in range(100)}
+
+    expected = {"retries": 1, "k1": 1}
+    failures: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            with heap.transaction() as st:
+                assert st.cfg.retries == expected["retries"] and st.big["k1"] == expected["k1"]
+            assert heap.state.big["k1"] == expected["k1"]  # read outside a transaction, cached
+        except BaseException as exc:  # noqa: BLE001
+            failures.append(exc)
+
+    def writer(value: int) -> None:
+        with heap.transaction() as st:
+            st.cfg.retries = value
+            st.big["k1"] += value
+        expected["retries"] = value
+        expected["k1"] += value
+
+    for value in (5, 7):
+        for target, args in ((reader, ()), (writer, (value,))):
+            t = threading.Thread(target=target, args=args)
+            t.start()
+            t.join()
+            del t
+            gc.collect()  # the thread's connection goes back to ZODB's pool
+    assert not failures, failures
+    heap = reopen(heap)
+    assert heap.state.cfg.retries == 7 and heap.state.big["k1"] == 13
+
+
+def test_change_after_a_savepoint_is_saved(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
+    with heap.transaction() as state:
+        state.cfg = Settings(1)
+        heap.transaction_manager.savepoint()
+        state.cfg.retries = 2
+    heap = reopen(heap)
+    assert heap.state.cfg.retries == 2
+
+
+class Slotted(dh.Object):
+    __slots__ = ("conf",)
+
+
+def test_objects_with_slots_are_watched(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
+    with heap.transaction() as state:
+        state.s = Slotted()
+        state.s.conf = Settings(1)
+    with heap.transaction() as state:
+        state.s.conf.retries = 8
+    heap = reopen(heap)
+    assert heap.state.s.conf.retries == 8
