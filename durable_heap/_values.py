@@ -35,6 +35,7 @@ import fractions
 import io
 import pathlib
 import pickle
+import sys
 import threading
 import types
 import uuid
@@ -351,23 +352,24 @@ class _Watch:
     def afterCompletion(self, txn: Any) -> None:  # noqa: N802
         self.forget_reads()
         items, self.items, self.hooked = self.items, {}, None
-        held: list[tuple[Any, bytes, str]] = []
+        values: list[tuple[Any, bytes, str]] = []
         for obj, _ in items.values():
             # Ghost it: the next transaction reloads (and watches) it, and an
             # aborted in-place change does not survive in memory.
             if obj._p_jar is not None and obj._p_oid is not None:
-                refs = _weak_plain_values(obj)
+                values += [(v, obj._p_oid, acc) for acc, v in _plain_values(obj)]
                 obj._p_invalidate()
-                held += [(r, obj._p_oid, acc) for r, acc in refs]
-        # What survives the ghosting is referenced from elsewhere: user code may
-        # change it later, believing it still part of state.
-        for ref, oid, accessor in held:
-            value = ref()
-            if value is not None:
+        # A value still referenced after the ghosting is held by user code, which
+        # may change it later believing it still part of state. CPython counts the
+        # references: `values`' tuple, the loop variable and getrefcount's argument.
+        for entry in values:
+            value = entry[0]
+            if sys.getrefcount(value) > _OURS + 1:
                 try:
-                    self.orphans.append(_Orphan(ref, snapshot(value), oid, accessor))
+                    self.orphans.append(_Orphan(value, snapshot(value), entry[1], entry[2]))
                 except Exception:  # noqa: BLE001,S112 - unpicklable now: nothing to compare
                     continue
+        del values
         del self.orphans[:-ORPHANS_MAX]
 
     def _hook(self, txn: Any) -> None:
@@ -398,8 +400,8 @@ class _Watch:
         """
         alive = []
         for orphan in self.orphans:
-            value = orphan.ref()
-            if value is None:
+            value = orphan.value
+            if sys.getrefcount(value) <= _OURS + 1:  # only we hold it now
                 continue
             try:
                 unchanged = snapshot(value) == orphan.snapshot
@@ -417,24 +419,21 @@ class _Watch:
 ORPHANS_MAX = 1_000
 
 
+#: References to a tracked value that are ours (a container slot plus a local
+#: variable); getrefcount adds one for its argument.
+_OURS = 2
+
+
 class _Orphan:
-    __slots__ = ("ref", "snapshot", "oid", "accessor")
+    __slots__ = ("value", "snapshot", "oid", "accessor")
 
-    def __init__(self, ref: Any, snap: bytes, oid: bytes, accessor: str) -> None:
-        self.ref, self.snapshot, self.oid, self.accessor = ref, snap, oid, accessor
+    def __init__(self, value: Any, snap: bytes, oid: bytes, accessor: str) -> None:
+        self.value, self.snapshot, self.oid, self.accessor = value, snap, oid, accessor
 
 
-def _weak_plain_values(obj: Any) -> list[tuple[Any, str]]:
-    """Weak references to the watched plain values of a record, with their accessors."""
-    refs = []
-    for accessor, value in _durable_children(obj):
-        if is_atomic(value):
-            continue
-        try:
-            refs.append((weakref.ref(value), accessor))
-        except TypeError:
-            continue  # lists, dicts...: cannot be followed once ghosted
-    return refs
+def _plain_values(obj: Any) -> list[tuple[str, Any]]:
+    """The watched plain values of a record in memory, with their accessors."""
+    return [(acc, v) for acc, v in _durable_children(obj) if not is_atomic(v)]
 
 
 def _stale(orphan: _Orphan, value: Any, jar: Any) -> Exception:
