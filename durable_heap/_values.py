@@ -32,6 +32,7 @@ import datetime
 import decimal
 import enum
 import fractions
+import gc
 import io
 import pathlib
 import pickle
@@ -360,11 +361,18 @@ class _Watch:
                 values += [(v, obj._p_oid, acc) for acc, v in _plain_values(obj)]
                 obj._p_invalidate()
         # A value still referenced after the ghosting is held by user code, which
-        # may change it later believing it still part of state. CPython counts the
-        # references: `values`' tuple, the loop variable and getrefcount's argument.
-        for entry in values:
+        # may change it later believing it still part of state.
+        # CPython counts the references: ours are the entry tuple (and below the
+        # loop variable), plus one for getrefcount's own argument.
+        held = [entry for entry in values if sys.getrefcount(entry[0]) > 2]
+        if held:
+            # ZODB's object writers are reference cycles that keep what they
+            # pickled alive until the cyclic GC runs: collect the young ones
+            # first, so that only references from user code remain.
+            gc.collect(1)
+        for entry in held:
             value = entry[0]
-            if sys.getrefcount(value) > _OURS + 1:
+            if sys.getrefcount(value) > 3:
                 try:
                     self.orphans.append(_Orphan(value, snapshot(value), entry[1], entry[2]))
                 except Exception:  # noqa: BLE001,S112 - unpicklable now: nothing to compare
@@ -401,7 +409,7 @@ class _Watch:
         alive = []
         for orphan in self.orphans:
             value = orphan.value
-            if sys.getrefcount(value) <= _OURS + 1:  # only we hold it now
+            if sys.getrefcount(value) <= 3:  # the orphan, `value` and the argument: ours only
                 continue
             try:
                 unchanged = snapshot(value) == orphan.snapshot
@@ -417,11 +425,6 @@ class _Watch:
 
 #: Plain objects held from ghosted records that a watch keeps checking.
 ORPHANS_MAX = 1_000
-
-
-#: References to a tracked value that are ours (a container slot plus a local
-#: variable); getrefcount adds one for its argument.
-_OURS = 2
 
 
 class _Orphan:

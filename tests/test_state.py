@@ -288,3 +288,23 @@ def test_objects_with_slots_are_watched(heap: dh.Heap, reopen) -> None:  # type:
         state.s.conf.retries = 8
     heap = reopen(heap)
     assert heap.state.s.conf.retries == 8
+
+
+def test_kept_values_without_weak_references_are_checked_too(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        buf = state.setdefault("buf", bytearray(b"ab"))  # no weak references to a bytearray
+    with pytest.raises(dh.StaleReferenceError, match=r"state\.buf: a bytearray"):
+        with heap.transaction():
+            buf.extend(b"c")
+    assert heap.state.buf == bytearray(b"ab")
+
+
+def test_values_nobody_keeps_are_not_tracked(heap: dh.Heap) -> None:
+    with heap.transaction() as state:
+        state.d = {f"k{i}": Settings(i) for i in range(100)}
+    for _ in range(3):
+        with heap.transaction() as state:
+            state.d["k3"].retries += 1
+    watch = heap.connection._dh_watch
+    assert watch.orphans == []  # every Settings loaded was let go after its transaction
+    assert heap.state.d["k3"].retries == 6
