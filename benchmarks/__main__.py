@@ -48,10 +48,10 @@ MAIN_FIGURE = {"bulk": "seconds", "open": "ms", "read": "ns_per_read", "commit":
 UNITS = {"seconds": "s", "ms": "ms", "ns_per_read": "ns", "median_ms": "ms"}
 
 
-def run_one(workload: str, system: str, size: int, folder: str, reps: int) -> dict[str, Any]:
+def run_one(workload: str, system: str, size: int, folder: str, reps: int, seed: int = 0) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.one", workload, system, str(size), folder, str(reps)],
+        [sys.executable, "-m", "benchmarks.one", workload, system, str(size), folder, str(reps), str(seed)],
         capture_output=True, text=True, env=env, cwd=ROOT, check=False,
     )
     if out.returncode != 0:
@@ -70,7 +70,9 @@ def reps_for(workload: str, system: str, size: int, quick: bool) -> int:
     return 1
 
 
-def measure(workloads: list[str], sizes: list[int], quick: bool) -> dict[str, Any]:
+def measure(
+    workloads: list[str], sizes: list[int], quick: bool, only: set[str] | None = None
+) -> dict[str, Any]:
     """Build each system's store once per size, then run the workloads on it.
 
     Commits are measured in rounds that alternate between the systems, so that a
@@ -78,6 +80,8 @@ def measure(workloads: list[str], sizes: list[int], quick: bool) -> dict[str, An
     """
     results: dict[str, Any] = {w: {} for w in workloads}
     needed = sorted({s for w in workloads for s in SHOWN[w]}, key=list(SYSTEMS).index)
+    if only:
+        needed = [s for s in needed if s in only]
     rounds = 1 if quick else 3
     for size in sizes:
         folders: dict[str, str] = {}
@@ -96,12 +100,12 @@ def measure(workloads: list[str], sizes: list[int], quick: bool) -> dict[str, An
                 print(f"  built and read {system} at {size:,}", file=sys.stderr)
             if "commit" in workloads:
                 merged: dict[str, dict[str, Any]] = {}
-                for _ in range(rounds):
+                for round_ in range(rounds):
                     for system in SHOWN["commit"]:
                         if system not in folders:
                             continue
                         reps = max(1, reps_for("commit", system, size, quick) // rounds)
-                        r = run_one("commit", system, size, folders[system], reps)
+                        r = run_one("commit", system, size, folders[system], reps, seed=round_)
                         m = merged.setdefault(system, {"samples_ms": [], "bytes": []})
                         m["samples_ms"] += r["samples_ms"]
                         m["bytes"].append(r["bytes_per_commit"])
@@ -279,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI smoke run)")
     p.add_argument("--only", choices=ORDER, action="append", help="run only this workload (repeatable)")
     p.add_argument("--sizes", help="comma-separated heap sizes")
+    p.add_argument("--systems", help=f"comma-separated systems (default all: {', '.join(SYSTEMS)})")
     p.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
     p.add_argument("--report", action="store_true", help="write docs/benchmarks.md and docs/img/*.png")
     args = p.parse_args(argv)
@@ -287,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes = [10_000] if args.quick else [10_000, 100_000, 1_000_000]
     workloads = args.only or ORDER
-    results = measure(workloads, sizes, args.quick)
+    only = set(args.systems.split(",")) if args.systems else None
+    if only and not only <= set(SYSTEMS):
+        p.error(f"unknown systems: {', '.join(sorted(only - set(SYSTEMS)))}")
+    results = measure(workloads, sizes, args.quick, only)
     body = tables(results, sizes)
     goals = targets(results, sizes)
     text = "\n".join(body + ["### Targets", ""] + goals + [""])

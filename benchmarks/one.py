@@ -1,6 +1,6 @@
 """Run one measurement in this process and print it as JSON (the runner spawns this).
 
-    python -m benchmarks.one WORKLOAD SYSTEM SIZE DIR [REPS]
+    python -m benchmarks.one WORKLOAD SYSTEM SIZE DIR [REPS [SEED]]
 """
 
 from __future__ import annotations
@@ -36,19 +36,20 @@ def bulk(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     return {"seconds": elapsed, "peak_rss_mb": _rss_mb(), "file_mb": size / 2**20}
 
 
-def commit(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
-    """Change one random entry and make it durable, `reps` times."""
+def commit(system: System, n: int, folder: str, reps: int, seed: int = 0) -> dict[str, Any]:
+    """Change one random entry to a new value and make it durable, `reps` times."""
     path = _store(system, folder)
     system.open(path)
-    rnd = random.Random(42)
+    rnd = random.Random(seed)  # each round of a run changes other entries...
     idx = [rnd.randrange(n) for _ in range(reps + 5)]
-    for i in idx[:5]:  # warm-up: the tree's upper levels come into memory
-        system.change(i, -1)
+    values = random.Random().sample(range(10**6, 10**9), reps + 5)  # ...to new values
+    for i, v in zip(idx[:5], values[:5], strict=True):  # warm-up: upper tree levels load
+        system.change(i, v)
     before = sum(os.path.getsize(f) for f in system.files(path) if os.path.exists(f))
     times = []
-    for r, i in enumerate(idx[5:]):
+    for i, v in zip(idx[5:], values[5:], strict=True):
         t0 = time.perf_counter()
-        system.change(i, r)
+        system.change(i, v)
         times.append(time.perf_counter() - t0)
     after = sum(os.path.getsize(f) for f in system.files(path) if os.path.exists(f))
     system.close()
@@ -114,10 +115,15 @@ WORKLOADS = {"bulk": bulk, "open": cold_open, "read": read, "commit": commit}
 def main() -> None:
     workload, system_name, size, folder = sys.argv[1:5]
     reps = int(sys.argv[5]) if len(sys.argv) > 5 else 100
+    seed = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     system = SYSTEMS[system_name]()
     if system_name == "dict":
         system.build("", int(size))
-    print(json.dumps(WORKLOADS[workload](system, int(size), folder, reps)))
+    if workload == "commit":
+        result = commit(system, int(size), folder, reps, seed)
+    else:
+        result = WORKLOADS[workload](system, int(size), folder, reps)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
