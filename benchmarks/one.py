@@ -36,12 +36,19 @@ def bulk(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     return {"seconds": elapsed, "peak_rss_mb": _rss_mb(), "file_mb": size / 2**20}
 
 
-def commit(system: System, n: int, folder: str, reps: int, seed: int = 0) -> dict[str, Any]:
-    """Change one random entry to a new value and make it durable, `reps` times."""
+def commit(
+    system: System, n: int, folder: str, reps: int, seed: int = 0, warm: bool = False
+) -> dict[str, Any]:
+    """Change one random entry to a new value and make it durable, `reps` times.
+
+    With `warm`, the entries come from a set of 20 changed over and over, whose
+    records stay in memory: the cost of the commit itself, without loading.
+    """
     path = _store(system, folder)
     system.open(path)
     rnd = random.Random(seed)  # each round of a run changes other entries...
-    idx = [rnd.randrange(n) for _ in range(reps + 5)]
+    keys = [rnd.randrange(n) for _ in range(20)] if warm else None
+    idx = [rnd.choice(keys) if keys else rnd.randrange(n) for _ in range(reps + 5)]
     values = random.Random().sample(range(10**6, 10**9), reps + 5)  # ...to new values
     for i, v in zip(idx[:5], values[:5], strict=True):  # warm-up: upper tree levels load
         system.change(i, v)
@@ -119,8 +126,8 @@ def main() -> None:
     system = SYSTEMS[system_name]()
     if system_name == "dict":
         system.build("", int(size))
-    if workload == "commit":
-        result = commit(system, int(size), folder, reps, seed)
+    if workload in ("commit", "commit_warm"):
+        result = commit(system, int(size), folder, reps, seed, warm=workload == "commit_warm")
     else:
         result = WORKLOADS[workload](system, int(size), folder, reps)
     print(json.dumps(result))
