@@ -136,22 +136,20 @@ class RawZODB(System):
     name = "raw ZODB (OOBTree of Persistent)"
     modules = ("transaction", "ZODB", "ZODB.FileStorage", "BTrees.OOBTree", "benchmarks.items")
 
-    def build(self, path: str, n: int) -> None:
-        import transaction
-        import ZODB
-        import ZODB.FileStorage
-        from BTrees.OOBTree import OOBTree
-
+    def value(self, i: int) -> Any:
         from benchmarks.items import Item
 
-        db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
-        tm = transaction.TransactionManager()
-        conn = db.open(transaction_manager=tm)
-        tree = conn.root()["d"] = OOBTree()
+        return Item(i)
+
+    def build(self, path: str, n: int) -> None:
+        from BTrees.OOBTree import OOBTree
+
+        self.open(path)
+        tree = self.conn.root()["d"] = OOBTree()
         for i in range(n):
-            tree[key(i)] = Item(i)
-        tm.commit()
-        db.close()
+            tree[key(i)] = self.value(i)
+        self.tm.commit()
+        self.close()
 
     def open(self, path: str) -> None:
         import transaction
@@ -161,7 +159,7 @@ class RawZODB(System):
         self.db = ZODB.DB(ZODB.FileStorage.FileStorage(path), cache_size=50_000)
         self.tm = transaction.TransactionManager()
         self.conn = self.db.open(transaction_manager=self.tm)
-        self.tree = self.conn.root()["d"]
+        self.tree = self.conn.root().get("d")
 
     def change(self, i: int, value: int) -> None:
         self.tree[key(i)].value = value
@@ -179,20 +177,8 @@ class RawOOBTree(RawZODB):
 
     name = "raw ZODB (OOBTree)"
 
-    def build(self, path: str, n: int) -> None:
-        import transaction
-        import ZODB
-        import ZODB.FileStorage
-        from BTrees.OOBTree import OOBTree
-
-        db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
-        tm = transaction.TransactionManager()
-        conn = db.open(transaction_manager=tm)
-        tree = conn.root()["d"] = OOBTree()
-        for i in range(n):
-            tree[key(i)] = i
-        tm.commit()
-        db.close()
+    def value(self, i: int) -> Any:
+        return i
 
     def change(self, i: int, value: int) -> None:
         self.tree[key(i)] = value
