@@ -34,20 +34,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Which systems each workload shows; the first is the base of the ratios.
 SHOWN = {
-    "bulk": ["durable_heap", "durable_heap_list", "raw_oobtree", "raw_zodb", "sqlite_full", "pickle"],
-    "open": ["durable_heap", "raw_zodb", "sqlite_full", "pickle"],
-    "read": ["durable_heap", "durable_heap_list", "raw_oobtree", "raw_zodb", "sqlite_full", "dict"],
+    "bulk": [
+        "durable_heap", "durable_heap_list", "raw_oobtree", "raw_zodb", "sqlite_full", "pickle",
+        "shelve", "diskcache",
+    ],
+    "open": ["durable_heap", "raw_zodb", "sqlite_full", "pickle", "shelve", "diskcache"],
+    "iterate": [
+        "durable_heap", "durable_heap_list", "raw_oobtree", "raw_zodb", "sqlite_full", "pickle",
+        "shelve", "diskcache",
+    ],
+    "read": [
+        "durable_heap", "durable_heap_list", "raw_oobtree", "raw_zodb", "sqlite_full", "shelve",
+        "diskcache", "dict",
+    ],
     "commit": [
         "durable_heap", "durable_heap_list", "durable_heap_watched", "durable_heap_objects",
         "raw_zodb", "raw_oobtree",
-        "sqlite_full", "sqlite_normal", "pickle", "fsync",
+        "sqlite_full", "sqlite_normal", "pickle", "shelve", "diskcache", "fsync",
     ],
     "commit_warm": ["durable_heap", "durable_heap_list", "raw_zodb", "raw_oobtree", "sqlite_full"],
 }
-ORDER = ["bulk", "open", "read", "commit", "commit_warm"]  # bulk builds the store the others use
+ORDER = ["bulk", "open", "read", "iterate", "commit", "commit_warm"]  # bulk builds the store the others use
 COMMITS = ("commit", "commit_warm")
 MAIN_FIGURE = {
-    "bulk": "seconds", "open": "ms", "read": "ns_per_read", "commit": "median_ms", "commit_warm": "median_ms",
+    "bulk": "seconds", "open": "ms", "read": "ns_per_read", "iterate": "seconds",
+    "commit": "median_ms", "commit_warm": "median_ms",
 }
 UNITS = {"seconds": "s", "ms": "ms", "ns_per_read": "ns", "median_ms": "ms"}
 
@@ -66,7 +77,7 @@ def run_one(workload: str, system: str, size: int, folder: str, reps: int, seed:
 def reps_for(workload: str, system: str, size: int, quick: bool) -> int:
     if workload in COMMITS:
         reps = 30 if quick else 300
-        if system == "pickle":  # each commit rewrites the whole heap
+        if system in ("pickle", "shelve"):  # each commit rewrites the whole heap (or its index)
             reps = max(5, min(reps, 20_000_000 // max(size, 1)))
         return reps
     if workload == "read":
@@ -97,7 +108,7 @@ def measure(
                 build = run_one("bulk", system, size, folder, 1)
                 if "bulk" in workloads and system in SHOWN["bulk"]:
                     results["bulk"].setdefault(system, {})[size] = build
-                for w in ("open", "read"):
+                for w in ("open", "read", "iterate"):
                     if w in workloads and system in SHOWN[w]:
                         r = run_one(w, system, size, folder, reps_for(w, system, size, quick))
                         results[w].setdefault(system, {})[size] = r
@@ -141,6 +152,7 @@ def tables(results: dict[str, Any], sizes: list[int]) -> list[str]:
         "bulk": "Bulk build: n entries in one transaction (seconds, lower is better)",
         "open": "Cold open + first read (milliseconds; peak RSS of the process)",
         "read": "Hot read of one entry already in memory (nanoseconds per read)",
+        "iterate": "Iterate every entry once, after opening (seconds; peak RSS of the process)",
         "commit": "One-entry change + durable commit, random entries across the heap "
         "(median ms, p90; bytes appended per commit)",
         "commit_warm": "One-entry change + durable commit, 20 entries changed over and over "
@@ -167,7 +179,7 @@ def tables(results: dict[str, Any], sizes: list[int]) -> list[str]:
                 cell = f"{_fmt(r[fig])} {UNITS[fig]}"
                 if w in COMMITS:
                     cell += f" (p90 {_fmt(r['p90_ms'])}; {r['bytes_per_commit']:,.0f} B)"
-                if w in ("bulk", "open"):
+                if w in ("bulk", "open", "iterate"):
                     cell += f", {r['peak_rss_mb']:.0f} MB"
                 b = base.get(s)
                 if b and system != SHOWN[w][0]:

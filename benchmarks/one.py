@@ -116,7 +116,20 @@ def cold_open(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     return {"ms": elapsed * 1e3, "peak_rss_mb": _rss_mb(), "rss_before_mb": base}
 
 
-WORKLOADS = {"bulk": bulk, "open": cold_open, "read": read, "commit": commit}
+def iterate(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
+    """Open the store and go through every entry once: time and peak RSS growth."""
+    path = _store(system, folder)
+    system.open(path)
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    count = system.iterate()
+    elapsed = time.perf_counter() - t0
+    system.close()
+    assert count == n, (count, n)
+    return {"seconds": elapsed, "peak_rss_mb": _rss_mb(), "rss_growth_mb": _rss_mb() - base}
+
+
+WORKLOADS = {"bulk": bulk, "open": cold_open, "read": read, "iterate": iterate, "commit": commit}
 
 
 def main() -> None:

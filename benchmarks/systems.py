@@ -46,6 +46,10 @@ class System:
     def files(self, path: str) -> list[str]:
         return [path]
 
+    def iterate(self) -> int:
+        """Go through every (key, value) once; return how many there were."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -73,6 +77,10 @@ class DurableHeapDict(System):
     def read(self, k: str) -> Any:
         return self.heap.state.d[k]
 
+    def iterate(self) -> int:
+        with self.heap.transaction() as state:
+            return sum(1 for _ in state.d.items())
+
     def close(self) -> None:
         self.heap.close()
 
@@ -93,6 +101,10 @@ class DurableHeapList(DurableHeapDict):
 
     def read(self, k: str) -> Any:
         return self.heap.state.lst[int(k[1:])]
+
+    def iterate(self) -> int:
+        with self.heap.transaction() as state:
+            return sum(1 for _ in state.lst)
 
 
 class DurableHeapWatched(DurableHeapDict):
@@ -168,6 +180,9 @@ class RawZODB(System):
     def read(self, k: str) -> Any:
         return self.tree[k].value
 
+    def iterate(self) -> int:
+        return sum(1 for _ in self.tree.items())
+
     def close(self) -> None:
         self.db.close()
 
@@ -216,6 +231,9 @@ class SQLite(System):
     def read(self, k: str) -> Any:
         return self.conn.execute("SELECT v FROM kv WHERE k = ?", (k,)).fetchone()[0]
 
+    def iterate(self) -> int:
+        return sum(1 for _ in self.conn.execute("SELECT k, v FROM kv"))
+
     def files(self, path: str) -> list[str]:
         return [path, path + "-wal"]
 
@@ -261,6 +279,97 @@ class Pickle(System):
 
     def read(self, k: str) -> Any:
         return self.data[k]
+
+    def iterate(self) -> int:
+        return sum(1 for _ in self.data.items())
+
+
+def _dbm_name() -> str:
+    for mod in ("dbm.gnu", "dbm.ndbm"):
+        try:
+            __import__(mod)
+            return mod
+        except ImportError:
+            continue
+    return "dbm.dumb"
+
+
+class Shelve(System):
+    """The standard library's persistent dict (on whatever dbm this Python has)."""
+
+    name = f"shelve ({_dbm_name()})"
+    note = "no fsync: not durable on power loss"
+    durable = False
+    max_size = 1_000_000
+
+    def build(self, path: str, n: int) -> None:
+        self.open(path)
+        for i in range(n):
+            self.db[key(i)] = i
+        self.close()
+
+    def open(self, path: str) -> None:
+        import shelve
+
+        self.db = shelve.open(path)
+
+    def change(self, i: int, value: int) -> None:
+        self.db[key(i)] = value
+        self.db.sync()
+
+    def read(self, k: str) -> Any:
+        return self.db[k]
+
+    def iterate(self) -> int:
+        return sum(1 for _ in self.db.items())
+
+    def files(self, path: str) -> list[str]:
+        import glob
+
+        return glob.glob(path + "*")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class DiskCache(System):
+    """diskcache.Cache: a popular persistent dict on SQLite (an optional extra)."""
+
+    name = "diskcache"
+    modules = ("diskcache",)
+
+    def build(self, path: str, n: int) -> None:
+        self.open(path)
+        with self.cache.transact():
+            for i in range(n):
+                self.cache[key(i)] = i
+        self.close()
+
+    def open(self, path: str) -> None:
+        import diskcache
+
+        self.cache = diskcache.Cache(path, sqlite_synchronous=2)  # FULL: durable commits
+
+    def change(self, i: int, value: int) -> None:
+        self.cache[key(i)] = value
+
+    def read(self, k: str) -> Any:
+        return self.cache[k]
+
+    def iterate(self) -> int:
+        count = 0
+        for k in self.cache.iterkeys():  # diskcache iterates keys; values are one read each
+            self.cache[k]
+            count += 1
+        return count
+
+    def files(self, path: str) -> list[str]:
+        import glob
+
+        return glob.glob(path + "/*")
+
+    def close(self) -> None:
+        self.cache.close()
 
 
 class FsyncFloor(System):
@@ -310,6 +419,8 @@ SYSTEMS: dict[str, type[System]] = {
     "sqlite_full": SQLite,
     "sqlite_normal": SQLiteNormal,
     "pickle": Pickle,
+    "shelve": Shelve,
+    "diskcache": DiskCache,
     "fsync": FsyncFloor,
     "dict": PlainDict,
 }
