@@ -94,9 +94,9 @@ def read(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
         stmt, env = "r(k)", {"r": system.read, "k": k}
     timer = timeit.Timer(stmt, globals=env)
     timer.timeit(1000)
-    number = max(1, reps)
-    best = min(timer.repeat(repeat=5, number=number)) / number
-    result = {"ns_per_read": best * 1e9}
+    number = max(1, reps // 10)
+    runs = sorted(t / number * 1e9 for t in timer.repeat(repeat=10, number=number))
+    result = {"ns_per_read": statistics.median(runs), "p90_ns": runs[8]}
     if name in ("DurableHeapDict", "DurableHeapList"):
         tm.abort()
     system.close()

@@ -111,6 +111,7 @@ class DurableHeapWatched(DurableHeapDict):
     """Values are plain dataclass instances changed in place: the watch must notice."""
 
     name = "durable_heap Dict of dataclasses, changed in place"
+    max_size = 1_000_000  # the same structure as the Dict: 10M adds nothing but minutes
 
     def build(self, path: str, n: int) -> None:
         import durable_heap as dh
@@ -337,6 +338,7 @@ class DiskCache(System):
 
     name = "diskcache"
     modules = ("diskcache",)
+    max_size = 1_000_000  # builds about 10x slower than the others: 10M would take half an hour
 
     def build(self, path: str, n: int) -> None:
         self.open(path)
