@@ -1000,6 +1000,19 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
 # --- Set ------------------------------------------------------------------------------
 
 
+def _in_place(method: str) -> Any:
+    """``s |= other`` and friends: the named update, only with another set, as set does."""
+
+    def operator(self: Set, other: Any) -> Any:
+        if not isinstance(other, cabc.Set):
+            return NotImplemented
+        getattr(self, method)(other)
+        return self
+
+    operator.__name__ = f"__i{method[:3]}__"
+    return operator
+
+
 class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
     """A durable ``set`` of any hashable members, scaling to millions.
 
@@ -1171,29 +1184,10 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
             else:
                 self.add(m)
 
-    def __ior__(self, other: Any) -> Set:  # type: ignore[override,misc]
-        if not isinstance(other, cabc.Set):
-            return NotImplemented
-        self.update(other)
-        return self
-
-    def __iand__(self, other: Any) -> Set:  # type: ignore[override,misc]
-        if not isinstance(other, cabc.Set):
-            return NotImplemented
-        self.intersection_update(other)
-        return self
-
-    def __isub__(self, other: Any) -> Set:  # type: ignore[override,misc]
-        if not isinstance(other, cabc.Set):
-            return NotImplemented
-        self.difference_update(other)
-        return self
-
-    def __ixor__(self, other: Any) -> Set:  # type: ignore[override,misc]
-        if not isinstance(other, cabc.Set):
-            return NotImplemented
-        self.symmetric_difference_update(other)
-        return self
+    __ior__ = _in_place("update")
+    __iand__ = _in_place("intersection_update")
+    __isub__ = _in_place("difference_update")
+    __ixor__ = _in_place("symmetric_difference_update")
 
 
 # --- List -------------------------------------------------------------------------------

@@ -261,16 +261,21 @@ def _refuse_or_accept(value: Any) -> None:
         raise _locate(value, exc) from None
 
 
-def _locate(value: Any, exc: BaseException) -> BadValue:
-    """Find the part of `value` that does not pickle, for a precise path."""
-    for accessor, child in _plain_children(value):
+def _first_bad(children: Iterable[tuple[str, Any]]) -> BadValue | None:
+    """The first of (accessor, value) pairs that cannot be stored, as a BadValue."""
+    for accessor, child in children:
         if type(child) in _ATOMIC:
             continue
         try:
             _refuse_or_accept(child)
         except BadValue as e:
             return e.prefixed(accessor)
-    return BadValue(value, f"pickling failed: {exc}")
+    return None
+
+
+def _locate(value: Any, exc: BaseException) -> BadValue:
+    """Find the part of `value` that does not pickle, for a precise path."""
+    return _first_bad(_plain_children(value)) or BadValue(value, f"pickling failed: {exc}")
 
 
 def _plain_children(value: Any) -> Iterator[tuple[str, Any]]:
@@ -461,14 +466,8 @@ def _stale(orphan: _Orphan, value: Any, jar: Any) -> Exception:
 def culprit(holder: Any, exc: BaseException) -> NotPersistableError:
     """The error naming the value of `holder` that does not pickle."""
     base = path_of(holder)  # first: walking the path also teaches List leaves their offsets
-    for accessor, child in _durable_children(holder):
-        if type(child) in _ATOMIC:
-            continue
-        try:
-            _refuse_or_accept(child)
-        except BadValue as e:
-            return public_error(e.prefixed(accessor), holder, base=base)
-    return public_error(BadValue(holder, f"pickling failed: {exc}"), holder, base=base)
+    bad = _first_bad(_durable_children(holder))
+    return public_error(bad or BadValue(holder, f"pickling failed: {exc}"), holder, base=base)
 
 
 def precheck(conn: Any) -> None:
