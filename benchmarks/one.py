@@ -22,13 +22,13 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _store(system: System, folder: str) -> str:
+def _store(folder: str) -> str:
     return os.path.join(folder, "store")
 
 
 def bulk(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     """Build the store with n entries in one transaction (the file is reused below)."""
-    path = _store(system, folder)
+    path = _store(folder)
     t0 = time.perf_counter()
     system.build(path, n)
     elapsed = time.perf_counter() - t0
@@ -44,7 +44,7 @@ def commit(
     With `warm`, the entries come from a set of 20 changed over and over, whose
     records stay in memory: the cost of the commit itself, without loading.
     """
-    path = _store(system, folder)
+    path = _store(folder)
     system.open(path)
     rnd = random.Random(seed)  # each round of a run changes other entries...
     keys = [rnd.randrange(n) for _ in range(20)] if warm else None
@@ -74,7 +74,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 def read(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     """Read one entry that is already in memory, many times (nanoseconds per read)."""
-    path = _store(system, folder)
+    path = _store(folder)
     system.open(path)
     k = key(n // 2)
     name = type(system).__name__
@@ -105,7 +105,7 @@ def read(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
 
 def cold_open(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     """Open the store and read one entry: time and this process's peak RSS."""
-    path = _store(system, folder)
+    path = _store(folder)
     system.prepare()  # imports are not part of opening
     base = _rss_mb()
     t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def cold_open(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
 
 def iterate(system: System, n: int, folder: str, reps: int) -> dict[str, Any]:
     """Open the store and go through every entry once: time and peak RSS growth."""
-    path = _store(system, folder)
+    path = _store(folder)
     system.open(path)
     base = _rss_mb()
     t0 = time.perf_counter()

@@ -300,11 +300,6 @@ def _is_watched(obj: Any) -> bool:
     return w is not None and id(obj) in w.items
 
 
-def _fail(err: BadValue, holder: Any, accessor: str) -> Exception:
-    """The public error for a bad value stored into `holder` at `accessor`."""
-    return public_error(err.prefixed(accessor), holder)
-
-
 def _touch(obj: Any) -> None:
     """Mark a persistent object changed (typed Any: persistent ships no types)."""
     obj._p_changed = True
@@ -910,7 +905,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         try:
             value = self._adopt_item(key, value)
         except BadValue as err:
-            raise _fail(err, self, "") from None
+            raise public_error(err, self) from None
         self._put(key, value)
 
     def __delitem__(self, key: Any) -> None:
@@ -952,7 +947,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         try:
             self._update(args, kwargs)
         except BadValue as err:
-            raise _fail(err, self, "") from None
+            raise public_error(err, self) from None
 
     def _update(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if len(args) > 1:
@@ -1129,7 +1124,7 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
         try:
             self._adopt_member(member)
         except BadValue as err:
-            raise _fail(err, self, "") from None
+            raise public_error(err, self) from None
         if not self._has(member):
             self._put(member, None)
 
@@ -1162,7 +1157,7 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
             for group in members:
                 self._add_all(group)
         except BadValue as err:
-            raise _fail(err, self, "") from None
+            raise public_error(err, self) from None
 
     def intersection_update(self, *others: Iterable[Any]) -> None:
         keep = set(self).intersection(*others)
@@ -1489,7 +1484,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         try:
             return fn(*args)
         except BadValue as err:
-            raise _fail(err, self, "") from None
+            raise public_error(err, self) from None
 
     def append(self, value: Any) -> None:
         self._public(self._append, value)
@@ -1564,7 +1559,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         try:
             value = self._adopt_at(f"[{i}]", value)
         except BadValue as err:
-            raise _fail(err, self, "") from None
+            raise public_error(err, self) from None
         size = self._size
         if i >= size:
             self._tail[i - size] = value

@@ -273,7 +273,7 @@ class Heap:
             tm.abort()
             raise
         except BaseException as exc:
-            err = _translate_commit_error(local.conn, exc)
+            err = _translate_commit_error(exc)
             tm.abort()
             if err is exc:
                 raise
@@ -310,7 +310,7 @@ class Heap:
         if local.depth:
             return func(*args, **kwargs)  # nested: joins the outer transaction
         if note is None:
-            note = _call_note(func, args, kwargs)
+            note = call_note(getattr(func, "__qualname__", repr(func)), args, kwargs)
         for n in range(1, attempts + 1):
             try:
                 with self._transaction(local, note):
@@ -433,13 +433,14 @@ def _conflict(attempts: int, note: str | None) -> ConflictError:
     )
 
 
-def _call_note(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def call_note(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``name('arg', n=2)``, arguments shortened: the note of an action's transaction."""
     parts = [_note_repr.repr(a) for a in args]
     parts += [f"{k}={_note_repr.repr(v)}" for k, v in kwargs.items()]
-    return f"{getattr(func, '__qualname__', repr(func))}({', '.join(parts)})"
+    return f"{name}({', '.join(parts)})"
 
 
-def _translate_commit_error(conn: Any, exc: BaseException) -> BaseException:
+def _translate_commit_error(exc: BaseException) -> BaseException:
     """Map storage errors at commit to ours (unstorable values: see `precheck`)."""
     if isinstance(exc, ZODB.POSException.ReadOnlyError):
         return StorageError("the heap is open read-only: changes cannot be committed")

@@ -47,7 +47,7 @@ from typing import Any
 import transaction.interfaces
 from persistent import Persistent
 
-from ._errors import NotPersistableError
+from ._errors import NotPersistableError, NoTransactionError, StaleReferenceError
 
 __all__ = [
     "CONVERTERS",
@@ -445,8 +445,6 @@ def _plain_values(obj: Any) -> list[tuple[str, Any]]:
 
 
 def _stale(orphan: _Orphan, value: Any, jar: Any) -> Exception:
-    from ._errors import StaleReferenceError
-
     where = "a record"
     if jar is not None:
         try:
@@ -577,8 +575,6 @@ def check_writable(obj: Any) -> None:
     try:
         tm.get()
     except transaction.interfaces.NoTransaction:
-        from ._errors import NoTransactionError
-
         msg = (
             f"{path_of(obj)} was changed outside a transaction. Make changes inside "
             "`with heap.transaction():` or a function decorated with `@heap.action` "

@@ -115,7 +115,13 @@ class _FunctionFailed(Exception):
 
 
 def _report(exc: BaseException, args: argparse.Namespace) -> int:
-    from ._errors import DurableHeapError, FunctionNotFoundError, ProgramNotFoundError, StorageError
+    from ._errors import (
+        DurableHeapError,
+        FunctionNotFoundError,
+        ProgramError,
+        ProgramNotFoundError,
+        StorageError,
+    )
 
     shown = exc.exc if isinstance(exc, _FunctionFailed) else exc
     if args.traceback:
@@ -125,7 +131,7 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
         message = f"{exc.where} raised {type(shown).__name__}: {shown}{hint}"
     elif isinstance(exc, DurableHeapError):
         message = str(exc)
-        if exc.__cause__ is not None and not args.traceback and isinstance(exc, ProgramError_()):
+        if exc.__cause__ is not None and not args.traceback and isinstance(exc, ProgramError):
             message += hint
     else:
         message = f"internal error: {type(exc).__name__}: {exc}{hint}"
@@ -134,16 +140,11 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
     return EXIT_USAGE if isinstance(shown, usage) else EXIT_FAILED
 
 
-def ProgramError_() -> type:  # noqa: N802 - a lazy import of the class
-    from ._errors import ProgramError
-
-    return ProgramError
-
-
 def _call(args: argparse.Namespace) -> int:
     import durable_heap
 
     from ._errors import DurableHeapError
+    from ._heap import call_note
     from ._program import call, load
 
     values = [parse_arg(a) for a in args.args]
@@ -164,17 +165,11 @@ def _call(args: argparse.Namespace) -> int:
         return format_result(result)  # may read durable objects
 
     with durable_heap.open(_target(args)) as heap:
-        note = _call_note(args.function, values)
+        note = call_note(args.function, tuple(values), {})
         text = heap._run(load_and_call, (), {}, note, heap.max_attempts)
     print(text)
     return 0
 
-
-def _call_note(function: str, values: list[Any]) -> str:
-    from ._heap import _call_note as note_of
-
-    text = note_of(lambda: None, tuple(values), {})
-    return function + text[text.index("("):]
 
 
 def _inspect(args: argparse.Namespace) -> int:
