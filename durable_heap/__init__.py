@@ -19,6 +19,7 @@ is persisted, incrementally and atomically, at the end of each transaction.
 from ._containers import Dict, List, Set, to_builtin
 from ._errors import (
     ConflictError,
+    DeployError,
     DurableHeapError,
     FunctionNotFoundError,
     HeapClosedError,
@@ -35,11 +36,13 @@ from ._errors import (
 )
 from ._heap import Heap, HeapStatus, active_heap, open, state  # noqa: A004 - dh.open is the API
 from ._state import Object, State
+from ._versions import Program, Version
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConflictError",
+    "DeployError",
     "Dict",
     "DurableHeapError",
     "FunctionNotFoundError",
@@ -53,6 +56,7 @@ __all__ = [
     "NotAHeapError",
     "NotPersistableError",
     "Object",
+    "Program",
     "ProgramError",
     "ProgramNotFoundError",
     "Set",
@@ -60,6 +64,7 @@ __all__ = [
     "State",
     "StorageError",
     "UnknownTargetError",
+    "Version",
     "active_heap",
     "open",
     "state",

@@ -15,7 +15,8 @@ Hierarchy::
      │    └── UnknownTargetError (also ValueError)  a target string we cannot parse
      └── ProgramError                           a program cannot be loaded or run
           ├── ProgramNotFoundError (also FileNotFoundError)
-          └── FunctionNotFoundError (also AttributeError)
+          ├── FunctionNotFoundError (also AttributeError)
+          └── DeployError                       a deploy failed; nothing was committed
 
 Everything a user can cause ends as one of these, with a message that says what
 went wrong and what to do; ZODB, zc.lockfile and transaction errors are mapped in
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConflictError",
+    "DeployError",
     "DurableHeapError",
     "FunctionNotFoundError",
     "HeapClosedError",
@@ -114,6 +116,21 @@ class ProgramNotFoundError(ProgramError, FileNotFoundError):
 
 class FunctionNotFoundError(ProgramError, AttributeError):
     """The program has no function of that name."""
+
+
+class DeployError(ProgramError):
+    """A deploy failed and committed nothing: the previous version stays in force.
+
+    `cause` is the exception behind it (a syntax error, what the top level or
+    ``migrate`` raised), or None; `removed` lists the stored class paths the new
+    version no longer defines when that is why it was refused.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None,
+                 removed: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.removed = removed or []
 
 
 def _type_name(tp: type) -> str:

@@ -20,19 +20,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime
 import enum
 import functools
+import os
 import random
 import reprlib
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import transaction
 import transaction.interfaces
 import ZODB
+import ZODB.broken
+import ZODB.Connection
 import ZODB.POSException
 
 from . import _values
@@ -45,6 +49,9 @@ from ._errors import (
 from ._state import State
 from ._storage import Target, open_storage, parse_target, private_files
 from ._values import ROOT_KEY, forget_reads, precheck, reset_watch
+
+if TYPE_CHECKING:
+    from ._versions import Program, Version
 
 __all__ = ["Heap", "HeapStatus", "active_heap", "open", "state"]
 
@@ -78,6 +85,7 @@ class _Thread(threading.local):
     state: State | None = None
     depth = 0
     slot: Any = None
+    generation = 0
 
 
 class _Slot:
@@ -110,10 +118,15 @@ class Heap:
         self.max_attempts = attempts
         self.read_only = read_only
         self.status = HeapStatus.OPEN
+        #: Class renames of the loaded program versions: old path -> new path.
+        self.renames: dict[str, str] = {}
+        # Bumped when loaded classes change (a deploy): connections drop their caches.
+        self._generation = 0
         storage = open_storage(target, read_only=read_only)
         try:
             with private_files():
-                self.db = ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size)
+                self.db = ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size,
+                                  class_factory=self._find_class)
         except Exception:
             storage.close()
             raise
@@ -175,12 +188,44 @@ class Heap:
             reset_watch(conn)  # it may come from ZODB's pool, used by a finished thread
             local.tm, local.conn = tm, conn
             local.slot = _Slot()
+            local.generation = self._generation
             weakref.finalize(local.slot, _close_quietly, conn)
             with self._lock:
                 self._conns.add(conn)
         elif self.status is HeapStatus.CLOSED:
             raise self._closed()
+        elif local.generation != self._generation and not local.depth:
+            self._drop_cache(local)
         return local
+
+    # -- classes ------------------------------------------------------------------------
+
+    def _find_class(self, conn: Any, module: str, name: str) -> Any:
+        """ZODB's class factory: ZODB's own lookup, after the programs' rename tables."""
+        if self.renames:
+            new = self.renames.get(f"{module}.{name}")
+            if new is not None:
+                module, _, name = new.rpartition(".")
+        return ZODB.broken.find_global(module, name)
+
+    def classes_changed(self) -> None:
+        """Loaded classes were replaced (a deploy): cached objects must be loaded again.
+
+        This thread's connection drops its cache now (call it between
+        transactions, or at the start of one before anything changed); other
+        threads' connections do so at their next transaction.
+        """
+        self._generation += 1
+        ZODB.Connection.resetCaches()  # connections resting in ZODB's pool
+        local = self._local
+        if local.conn is not None:
+            self._drop_cache(local)
+
+    def _drop_cache(self, local: _Thread) -> None:
+        reset_watch(local.conn, classes_changed=True)
+        local.conn._resetCache()
+        local.state = None
+        local.generation = self._generation
 
     def _closed(self) -> HeapClosedError:
         return HeapClosedError(f"the heap {self.target} is closed: open it again with durable_heap.open()")
@@ -361,6 +406,56 @@ class Heap:
         if func is not None:
             return decorate(func)  # type: ignore[arg-type]
         return decorate
+
+    # -- programs and versions (see `_versions`) -------------------------------------------
+
+    def deploy(self, program: str | os.PathLike[str], *, note: str | None = None,
+               force: bool = False) -> Version:
+        """Deploy a program file or package as its next version, in one transaction.
+
+        Runs the new top level and its ``migrate(state, previous)``; raises
+        `DeployError` (and commits nothing) when anything fails. Source equal to
+        the current version's deploys nothing and returns the current version.
+        `force` deploys although stored objects use classes the code dropped.
+        """
+        from ._versions import deploy
+
+        return deploy(self, program, note=note, force=force)[0]
+
+    def rollback(self, program: str | os.PathLike[str], to: int, *, note: str | None = None,
+                 force: bool = False) -> Version:
+        """Deploy version `to`'s stored source again, as a new version (state is kept)."""
+        from ._versions import rollback
+
+        return rollback(self, program, to, note=note, force=force)[0]
+
+    def versions(self, program: str | os.PathLike[str]) -> list[Version]:
+        """Every deployed version of a program (a path or module name), oldest first."""
+        from ._versions import versions
+
+        return versions(self, program)
+
+    def load(self, program: str | os.PathLike[str], *, deploy: bool = True,
+             watch: bool = False) -> Program:
+        """The program, ready to call: ``heap.load("app.py").call("add", "ann")``.
+
+        With `deploy`, its file is deployed first when it differs from the source
+        last deployed from it; with `watch`, again before any call once it changes.
+        """
+        from ._versions import load
+
+        return load(self, program, deploy=deploy, watch=watch)
+
+    def state_at(self, when: int | datetime.datetime | str,
+                 program: str | os.PathLike[str] | None = None) -> contextlib.AbstractContextManager[State]:
+        """Read-only state as it was: ``with heap.state_at(1, "app.py") as old: ...``.
+
+        `when` is a version number of `program` (its last moment as the current
+        version) or a time (datetime or ISO text; UTC without a zone).
+        """
+        from ._versions import state_at
+
+        return state_at(self, when, program)
 
     # -- maintenance -----------------------------------------------------------------------
 

@@ -1,126 +1,289 @@
-"""Programs: a Python file whose top level uses ``state``, loaded against a heap.
+"""Programs as code: read a program's source, compile it, and run it as a module.
 
-Loading a program creates a new module object under a stable name (the file's
-stem: ``counter.py`` -> ``counter``), so pickled references to its classes
-(``counter.User``) resolve to the loaded code; runs its top level in one
-transaction with the heap active (so ``state.setdefault(...)`` initialisation is
-committed); and hands back the module, whose functions are then called as
-actions. Keeping these steps in `load` is what lets the version layer add deploy
-records (source hash, history, migrate) around them without a rewrite.
+A program is a Python file (``app.py``, module ``app``) or a package (a folder
+``app/`` with ``__init__.py`` and submodules, module ``app`` and ``app.*``).
+Its module name is stable -- the file stem or folder name -- because pickles
+name classes by module path: objects of ``app.User`` stored by one version are
+found again as ``app.User`` of the next.
+
+The code that runs is always a `Source` held in memory (the version layer keeps
+it in the heap), never whatever is on disk at that moment: a meta-path finder
+serves the program's modules from it, and `linecache` is taught its lines so
+tracebacks show the code that actually ran. This module knows nothing about
+heaps or versions; `_versions` builds deploys and history on it.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import linecache
 import os
 import sys
 import traceback
 import types
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ._errors import FunctionNotFoundError, ProgramError, ProgramNotFoundError
-from ._heap import Heap
+from ._errors import DeployError, ProgramError, ProgramNotFoundError
 
-__all__ = ["call", "default_target", "load", "module_name"]
+__all__ = [
+    "RENAMES_NAME",
+    "STATE_DIR",
+    "Compiled",
+    "Source",
+    "compile_source",
+    "default_target",
+    "install",
+    "module_name",
+    "read_source",
+    "restore",
+    "swap_out",
+    "where",
+]
 
 STATE_DIR = ".durable-heap"
+#: The program-level name of the class rename table.
+RENAMES_NAME = "__durable_renames__"
 
 
-def default_target(program: str) -> str:
-    """Where a program's heap lives unless told: ``.durable-heap/<stem>.fs`` beside it."""
+def module_name(program: str | os.PathLike[str]) -> str:
+    """The stable module name of a program: its file stem, or its folder's name."""
     path = os.path.abspath(program)
-    return os.path.join(os.path.dirname(path), STATE_DIR, module_name(path) + ".fs")
+    if os.path.basename(path) == "__init__.py":
+        path = os.path.dirname(path)
+    return os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
 
 
-def module_name(program: str) -> str:
-    """The stable module name of a program: its file stem."""
-    return os.path.splitext(os.path.basename(os.path.abspath(program)))[0]
+def default_target(program: str | os.PathLike[str]) -> str:
+    """Where a program's heap lives unless told: ``.durable-heap/<name>.fs`` beside it."""
+    path = os.path.abspath(program)
+    if os.path.basename(path) == "__init__.py":
+        path = os.path.dirname(path)
+    return os.path.join(os.path.dirname(path.rstrip(os.sep)), STATE_DIR, module_name(path) + ".fs")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A program's code: its module name, where it came from, and its files' text."""
+
+    name: str
+    origin: str  # absolute path of the file, or of the package folder
+    files: dict[str, str]  # relative path -> text; a single file is {"<name>.py": text}
+    is_package: bool
+
+    @property
+    def hash(self) -> str:
+        """SHA-256 over the files' paths and texts: equal code, equal hash."""
+        h = hashlib.sha256()
+        for rel in sorted(self.files):
+            h.update(rel.encode() + b"\0" + self.files[rel].encode("utf-8") + b"\0")
+        return h.hexdigest()
+
+    def filename(self, rel: str) -> str:
+        """The absolute file name a relative path of this source stands for."""
+        return os.path.join(self.origin, rel) if self.is_package else self.origin
+
+    def module_of(self, rel: str) -> str:
+        """The module name of a relative path (``sub/__init__.py`` -> ``name.sub``)."""
+        if not self.is_package:
+            return self.name
+        parts = rel[: -len(".py")].split("/")
+        if parts[-1] == "__init__":
+            parts.pop()
+        return ".".join([self.name, *parts])
+
+
+def read_source(program: str | os.PathLike[str]) -> Source:
+    """Read a program file or package folder from disk."""
+    path = os.path.abspath(program)
+    if os.path.basename(path) == "__init__.py":
+        path = os.path.dirname(path)
+    name = module_name(path)
+    _check_name(name, path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "__init__.py")):
+            raise ProgramError(
+                f"{program} is a folder without __init__.py: a program is a .py file or a "
+                "package folder"
+            )
+        files = {}
+        for folder, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d.isidentifier())
+            for n in sorted(names):
+                if n.endswith(".py"):
+                    full = os.path.join(folder, n)
+                    files[os.path.relpath(full, path).replace(os.sep, "/")] = _read(full, program)
+        return Source(name, path, files, True)
+    if not os.path.isfile(path):
+        raise ProgramNotFoundError(f"there is no program file {os.fspath(program)!r}")
+    return Source(name, path, {os.path.basename(path): _read(path, program)}, False)
+
+
+def _read(path: str, program: Any) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProgramError(f"cannot read {os.fspath(program)}: {exc}") from exc
 
 
 def _check_name(name: str, path: str) -> None:
     if not name.isidentifier():
         raise ProgramError(
-            f"{path}: the program name {name!r} is not a Python identifier; rename the "
-            "file (its stem becomes the module name stored with its objects)"
+            f"{path}: the program name {name!r} is not a Python identifier; rename it "
+            "(the name becomes the module name stored with its objects)"
         )
     existing = sys.modules.get(name)
+    ours = existing is not None and getattr(existing, "__durable_source__", None) is not None
     clash = name in sys.stdlib_module_names or (
-        existing is not None and getattr(existing, "__file__", None) != path
+        existing is not None and not ours and getattr(existing, "__file__", None) != path
     )
     if clash:
         raise ProgramError(
             f"{path}: the program name {name!r} is also the name of an installed module; "
-            "rename the file (its stem becomes the module name stored with its objects)"
+            "rename it (the name becomes the module name stored with its objects)"
         )
 
 
-def load(heap: Heap, program: str, *, commit: bool = True) -> types.ModuleType:
-    """Load `program` against `heap`: run its top level in one transaction.
+@dataclass(frozen=True)
+class Compiled:
+    """A `Source` compiled: code per module name, and its class rename table."""
 
-    With ``commit=False`` the top level runs in a transaction that is aborted
-    (for read-only views such as ``durable-heap inspect``).
+    source: Source
+    code: dict[str, tuple[types.CodeType, str, bool]]  # module -> (code, filename, is package)
+    renames: dict[str, str]
+
+
+def compile_source(source: Source) -> Compiled:
+    """Compile every file of `source`; a syntax error becomes a `DeployError`."""
+    code: dict[str, tuple[types.CodeType, str, bool]] = {}
+    renames: dict[str, str] = {}
+    for rel, text in sorted(source.files.items()):
+        filename = source.filename(rel)
+        try:
+            tree = ast.parse(text, filename)
+            compiled = compile(tree, filename, "exec")
+        except SyntaxError as exc:
+            shown = os.path.basename(filename) if not source.is_package else f"{source.name}/{rel}"
+            raise DeployError(f"{shown}, line {exc.lineno}: syntax error: {exc.msg}", exc) from exc
+        renames.update(_renames(tree, filename))
+        code[source.module_of(rel)] = (compiled, filename, rel.endswith("__init__.py"))
+    return Compiled(source, code, renames)
+
+
+def _renames(tree: ast.Module, filename: str) -> dict[str, str]:
+    """The literal ``__durable_renames__ = {...}`` of a module, read before it runs.
+
+    Read from the syntax tree so that objects of renamed classes that the top
+    level itself touches already load as the new classes.
     """
-    path = os.path.abspath(program)
-    if not os.path.isfile(path):
-        raise ProgramNotFoundError(f"there is no program file {program!r}")
-    name = module_name(path)
-    _check_name(name, path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-        code = compile(source, path, "exec")
-    except SyntaxError as exc:
-        raise ProgramError(f"{program}, line {exc.lineno}: syntax error: {exc.msg}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProgramError(f"cannot read {program}: {exc}") from exc
-    module = types.ModuleType(name)
-    module.__file__ = path
-    folder = os.path.dirname(path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == RENAMES_NAME for t in node.targets
+        ):
+            try:
+                table = ast.literal_eval(node.value)
+            except ValueError:
+                table = None
+            ok = isinstance(table, dict) and all(
+                isinstance(k, str) and isinstance(v, str) and "." in k and "." in v
+                for k, v in table.items()
+            )
+            if not ok:
+                raise DeployError(
+                    f"{filename}, line {node.lineno}: {RENAMES_NAME} must be a literal dict of "
+                    "'module.OldClass': 'module.NewClass' strings"
+                )
+            return dict(table)  # type: ignore[arg-type]
+    return {}
+
+
+class _StoredFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves a program's modules from its compiled source, ahead of the disk."""
+
+    def __init__(self, compiled: Compiled) -> None:
+        self.compiled = compiled
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        entry = self.compiled.code.get(fullname)
+        if entry is None:
+            return None
+        spec = importlib.util.spec_from_loader(fullname, self, origin=entry[1], is_package=entry[2])
+        if spec is not None:
+            spec.has_location = True
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        code, filename, _ = self.compiled.code[module.__name__]
+        module.__file__ = filename
+        module.__durable_source__ = self.compiled.source.hash  # type: ignore[attr-defined]
+        exec(code, module.__dict__)  # noqa: S102 - running the user's program is the point
+
+
+def swap_out(name: str) -> dict[str, types.ModuleType]:
+    """Take a program's modules (``name`` and ``name.*``) out of `sys.modules`."""
+    prefix = name + "."
+    taken = {k: m for k, m in list(sys.modules.items()) if k == name or k.startswith(prefix)}
+    for k in taken:
+        del sys.modules[k]
+    return taken
+
+
+def restore(name: str, modules: dict[str, types.ModuleType]) -> None:
+    """Put back what `swap_out` took, dropping what was loaded since."""
+    swap_out(name)
+    sys.modules.update(modules)
+    _drop_finder(name)
+    loader = getattr(modules.get(name), "__loader__", None)
+    if isinstance(loader, _StoredFinder):
+        sys.meta_path.insert(0, loader)
+
+
+def _drop_finder(name: str) -> None:
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if not (isinstance(f, _StoredFinder) and f.compiled.source.name == name)
+    ]
+
+
+def install(compiled: Compiled) -> types.ModuleType:
+    """Import the program from `compiled`: its top level runs now, in the caller's transaction.
+
+    The caller has taken the previous modules out with `swap_out` (and puts them
+    back with `restore` if this raises).
+    """
+    source = compiled.source
+    for module, (_, filename, _) in compiled.code.items():
+        rel = next(r for r in source.files if source.module_of(r) == module)
+        text = source.files[rel]
+        linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    _drop_finder(source.name)
+    sys.meta_path.insert(0, _StoredFinder(compiled))
+    folder = os.path.dirname(source.origin)
     if folder not in sys.path:
-        sys.path.insert(0, folder)
-    sys.modules[name] = module
-    try:
-        with heap.activate():
-            if commit:
-                heap._run(exec, (code, module.__dict__), {}, f"load {name}", heap.max_attempts)
-            else:
-                _run_discarded(heap, code, module.__dict__)
-    except Exception as exc:
-        del sys.modules[name]
-        raise ProgramError(f"{program} raised at load: {_where(exc, path)}") from exc
-    return module
+        sys.path.insert(0, folder)  # the program's neighbours stay importable
+    importlib.invalidate_caches()
+    return importlib.import_module(source.name)
 
 
-def _run_discarded(heap: Heap, code: Any, namespace: dict[str, Any]) -> None:
-    tm = heap.transaction_manager
-    tm.begin()
-    try:
-        exec(code, namespace)  # noqa: S102 - running the user's program is the point
-    finally:
-        tm.abort()
-
-
-def call(heap: Heap, module: types.ModuleType, function: str, args: list[Any]) -> Any:
-    """Call ``module.function(*args)`` as one action of `heap`."""
-    func = getattr(module, function, None)
-    if func is None or not callable(func) or function.startswith("_"):
-        names = sorted(
-            n for n, v in vars(module).items()
-            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
-            and isinstance(v, types.FunctionType)
-        )
-        listed = ", ".join(names) if names else "none"
-        raise FunctionNotFoundError(
-            f"{module.__file__} has no function {function!r} (its functions: {listed})"
-        )
-    with heap.activate():
-        return heap._run(func, tuple(args), {}, None, heap.max_attempts)
-
-
-def _where(exc: BaseException, path: str) -> str:
-    """``Type: message (file, line N)`` with the program's own innermost line."""
-    line = None
+def where(exc: BaseException, filenames: Iterable[str]) -> str:
+    """``Type: message (file, line N)``, at the program's own innermost line."""
+    names = set(filenames)
+    at = None
     for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename == path:
-            line = frame.lineno
+        if frame.filename in names:
+            at = (frame.filename, frame.lineno)
     msg = f"{type(exc).__name__}: {exc}"
-    return f"{msg} (line {line})" if line else msg
+    if at is None:
+        return msg
+    return f"{msg} ({os.path.basename(at[0])}, line {at[1]})"

@@ -50,6 +50,7 @@ from persistent import Persistent
 from ._errors import NotPersistableError, NoTransactionError, StaleReferenceError
 
 __all__ = [
+    "CLASSES_KEY",
     "CONVERTERS",
     "ROOT_KEY",
     "BadValue",
@@ -60,13 +61,17 @@ __all__ = [
     "holder_path",
     "holds_watched",
     "is_atomic",
+    "note_class",
+    "program_roots",
     "path_of",
     "precheck",
     "public_error",
     "remember_reads",
     "reset_watch",
     "snapshot",
+    "stored_classes",
     "watch",
+    "watched_plain_ids",
 ]
 
 #: Key of the `State` object in the ZODB root mapping.
@@ -202,6 +207,7 @@ def adopt(value: Any) -> Any:
     if conv is not None:
         return conv(value)
     if isinstance(value, Persistent):
+        note_class(tp)
         return value
     if isinstance(value, tuple):
         items = []
@@ -236,12 +242,15 @@ def _refuse_or_accept(value: Any) -> None:
             raise BadValue(value, "a lambda has no name to be stored by; use a module-level function")
         if "<locals>" in qual:
             raise BadValue(value, "a function defined inside another function cannot be stored by name")
+        note_class(value)  # stored by name, like a class
         return
     if isinstance(value, type):
         if "<locals>" in value.__qualname__:
             raise BadValue(value, "a class defined inside a function cannot be stored by name")
+        note_class(value)
         return
     if isinstance(value, enum.Enum):
+        note_class(tp)
         return
     reason = _REFUSED.get(tp) or _REFUSED_BY_NAME.get(f"{tp.__module__}.{tp.__qualname__}")
     if reason is None:
@@ -303,16 +312,85 @@ class _SnapshotPickler(pickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
         if isinstance(obj, Persistent) and not isinstance(obj, type):
+            note_class(type(obj))
             oid = obj._p_oid
             return oid if oid is not None else id(obj)
         return None
 
 
+class _NotingPickler(_SnapshotPickler):
+    """A snapshot pickler that also notes the program classes it pickles."""
+
+    def reducer_override(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
+        note_class(obj if isinstance(obj, type) else type(obj))
+        return NotImplemented
+
+
 def snapshot(obj: Any) -> bytes:
     """Bytes that change whenever the stored form of `obj` would change."""
     buf = io.BytesIO()
-    _SnapshotPickler(buf, protocol=3).dump(obj)
+    (_NotingPickler if program_roots else _SnapshotPickler)(buf, protocol=3).dump(obj)
     return buf.getvalue()
+
+
+# --- the class registry ----------------------------------------------------------
+#
+# A deploy must know whether stored objects use a class that the new version
+# removes, without scanning the heap. So the classes of programs' modules are
+# noted as values are stored: at assignment (`adopt`), in the snapshots the
+# watch takes of records holding plain objects, and for `Object` records when
+# they are saved. Before each commit the paths not yet registered are added to
+# one small record (`CLASSES_KEY` in the ZODB root). The registry only grows:
+# a path stays listed after its last object is gone (a deploy then needs
+# ``force``).
+
+#: Key of the registry of stored program class paths in the ZODB root.
+CLASSES_KEY = "durable_heap.classes"
+#: Top-level module names of the programs loaded in this process: only their
+#: classes are registered (the library's and the standard library's never go away).
+program_roots: set[str] = set()
+_pending: set[str] = set()
+
+
+def note_class(cls: Any) -> None:
+    """Remember that an instance of `cls` is being stored (program classes only)."""
+    if program_roots:
+        module = getattr(cls, "__module__", None) or ""
+        if module.partition(".")[0] in program_roots:
+            _pending.add(f"{module}.{cls.__qualname__}")
+
+
+def stored_classes(conn: Any) -> set[str]:
+    """Every program class path that objects were ever stored with (see `note_class`)."""
+    registry = conn.root().get(CLASSES_KEY)
+    return set(registry.keys()) if registry is not None else set()
+
+
+def _register_pending(conn: Any) -> None:
+    """Add the noted class paths that the registry lacks (a before-commit hook)."""
+    if not _pending or conn.isReadOnly():
+        return
+    known: set[str] | None = conn.__dict__.get("_dh_classes")
+    if known is None:
+        known = conn._dh_classes = stored_classes(conn)
+    new = _pending - known
+    _pending.clear()
+    if not new:
+        return
+    from BTrees.OOBTree import OOBTree
+
+    root = conn.root()
+    registry = root.get(CLASSES_KEY)
+    if registry is None:
+        registry = root[CLASSES_KEY] = OOBTree()
+    for path in new:
+        registry[path] = True
+
+    def remember(ok: bool) -> None:
+        if ok:
+            known.update(new)
+
+    conn.transaction_manager.get().addAfterCommitHook(remember)
 
 
 # --- the watch ---------------------------------------------------------------
@@ -478,6 +556,11 @@ def precheck(conn: Any) -> None:
     """
     changed = list(getattr(conn, "_registered_objects", ()))
     changed += list(getattr(conn, "_added", {}).values())
+    if program_roots:
+        for obj in changed:
+            note_class(type(obj))
+        # After the watch's own hook, which may snapshot (and note) more values.
+        conn.transaction_manager.get().addBeforeCommitHook(_register_pending, (conn,))
     for obj in changed:
         watched = getattr(type(obj), "_dh_watched", None)
         if watched is None or obj._p_changed is None or not watched(obj):
@@ -515,18 +598,31 @@ def remember_reads(obj: Any) -> None:
         w.hot.append(obj)
 
 
-def reset_watch(jar: Any) -> None:
+def reset_watch(jar: Any, *, classes_changed: bool = False) -> None:
     """A connection changes hands (opened from ZODB's pool, or closed into it).
 
     Whatever the watch holds belongs to the previous user: ghost the watched
     objects, drop the read caches, and follow the connection's current
     transaction manager (a pooled connection comes back with a new one).
+    When a deploy replaced the program's classes, plain objects kept from
+    before are instances of the old classes and are no longer followed.
     """
     w = _watch_of(jar)
     if w is None:
         return
     w.forget_reads()
     w.afterCompletion(None)
+    if classes_changed:
+        w.orphans.clear()
+
+
+def watched_plain_ids(jar: Any) -> set[int]:
+    """Ids of the plain objects held by records loaded or changed in this transaction."""
+    w = jar.__dict__.get("_dh_watch")
+    records = [obj for obj, _ in w.items.values()] if w is not None else []
+    records += getattr(jar, "_registered_objects", [])
+    records += getattr(jar, "_added", {}).values()
+    return {id(v) for obj in records for _, v in _plain_values(obj)}
 
 
 def forget_reads(jar: Any) -> None:

@@ -1,14 +1,20 @@
 """The ``durable-heap`` command.
 
-    durable-heap call PROGRAM.py FUNCTION [ARGS...]   run FUNCTION as one action
-    durable-heap inspect PROGRAM.py [--depth N]        print the program's state
+    durable-heap call PROGRAM FUNCTION [ARGS...]   run FUNCTION as one action
+    durable-heap deploy PROGRAM [--note TEXT]      deploy the file as the next version
+    durable-heap versions PROGRAM                  list the deployed versions
+    durable-heap rollback PROGRAM --to N           deploy version N's source again
+    durable-heap inspect PROGRAM [--at N|TIME]     print the program's state
+    durable-heap check PROGRAM                     list stored classes the code lost
+    durable-heap watch PROGRAM                     deploy the file whenever it changes
 
-Options may come anywhere (``--storage TARGET``, ``--traceback``); arguments
-after ``--`` are never read as options. Each argument is parsed as JSON where
-it parses (``3``, ``"x"``, ``[1, 2]``, ``true``), else passed as a string. The
-result is printed as JSON, or as its ``repr`` when it is not JSON data.
-Errors print one line on stderr and exit non-zero (1: the program or its
-function failed, 2: bad usage or a missing program, function or heap).
+PROGRAM is a ``.py`` file or a package folder. Options may come anywhere
+(``--storage TARGET``, ``--traceback``); arguments after ``--`` are never read
+as options. Each argument is parsed as JSON where it parses (``3``, ``"x"``,
+``[1, 2]``, ``true``), else passed as a string. The result is printed as JSON,
+or as its ``repr`` when it is not JSON data. Errors print one line on stderr
+and exit non-zero (1: the program, its function or a deploy failed, 2: bad
+usage or a missing program, function, version or heap).
 """
 
 from __future__ import annotations
@@ -47,18 +53,38 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         )
         p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
 
-    call = sub.add_parser("call", help="run a function of a program as one transaction")
-    call.add_argument("program", help="the program file, e.g. counter.py")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("program", help="the program: a .py file or a package folder")
+        commands[name] = p
+        return p
+
+    commands: dict[str, argparse.ArgumentParser] = {}
+    call = command("call", "run a function of a program as one transaction")
     call.add_argument("function", help="the function to call")
     call.add_argument("args", nargs="*", help="arguments: JSON where it parses, else strings")
-    common(call)
-
-    insp = sub.add_parser("inspect", help="print a program's state as a tree")
-    insp.add_argument("program", help="the program file, e.g. counter.py")
+    call.add_argument("--no-deploy", action="store_true",
+                      help="run the current version even if the file changed")
+    dep = command("deploy", "deploy the program file as its next version")
+    dep.add_argument("--note", help="a note recorded with the version")
+    dep.add_argument("--force", action="store_true",
+                     help="deploy although stored objects use classes the new code dropped")
+    command("versions", "list the deployed versions of a program")
+    rb = command("rollback", "deploy an earlier version's stored source again, as a new version")
+    rb.add_argument("--to", type=int, required=True, metavar="N", help="the version to go back to")
+    rb.add_argument("--note", help="a note recorded with the version")
+    rb.add_argument("--force", action="store_true", help="as for deploy")
+    insp = command("inspect", "print a program's state as a tree")
     insp.add_argument("--depth", type=int, default=3, help="levels to show (default 3)")
     insp.add_argument("--limit", type=int, default=20, help="entries shown per container (default 20)")
-    common(insp)
-    return parser, {"call": call, "inspect": insp}
+    insp.add_argument("--at", metavar="N|TIME",
+                      help="the state while version N was current, or at an ISO time (UTC by default)")
+    command("check", "list stored classes that the current version no longer defines")
+    w = command("watch", "deploy the program whenever its file changes (until interrupted)")
+    w.add_argument("--interval", type=float, default=1.0, help="seconds between checks (default 1)")
+    for p in commands.values():
+        common(p)
+    return parser, commands
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -95,10 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Options may follow the program's arguments: parse each command intermixed.
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
+    run = {"call": _call, "deploy": _deploy, "versions": _versions, "rollback": _rollback,
+           "inspect": _inspect, "check": _check, "watch": _watch}[args.command]
     try:
-        if args.command == "call":
-            return _call(args)
-        return _inspect(args)
+        return run(args)
     except KeyboardInterrupt:
         print("durable-heap: interrupted", file=sys.stderr)
         return 130
@@ -140,60 +166,169 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
     return EXIT_USAGE if isinstance(shown, usage) else EXIT_FAILED
 
 
+def _announce(version: Any) -> None:
+    print(f"durable-heap: deployed {version.program} version {version.number} "
+          f"(source {version.source_hash[:12]})", file=sys.stderr)
+
+
 def _call(args: argparse.Namespace) -> int:
     import durable_heap
 
     from ._errors import DurableHeapError
-    from ._heap import call_note
-    from ._program import call, load
+    from ._versions import load
 
     values = [parse_arg(a) for a in args.args]
-    if not os.path.isfile(args.program):
-        from ._errors import ProgramNotFoundError
-
-        raise ProgramNotFoundError(f"there is no program file {args.program!r}")
-    def load_and_call() -> str:
-        # One transaction for the top level and the function: references the top
-        # level takes (CFG = state.setdefault(...)) stay valid in the function.
-        module = load(heap, args.program)
+    with durable_heap.open(_target(args)) as heap:
+        program = load(heap, args.program, deploy=not args.no_deploy, on_deploy=_announce)
         try:
-            result = call(heap, module, args.function, values)
+            # One transaction: the program's top level (when loaded), the function,
+            # and the result's rendering (it may read durable objects).
+            text = program._call(args.function, tuple(values), {}, format_result)
         except DurableHeapError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's function failed
             raise _FunctionFailed(f"{args.function}()", exc) from exc
-        return format_result(result)  # may read durable objects
-
-    with durable_heap.open(_target(args)) as heap:
-        note = call_note(args.function, tuple(values), {})
-        text = heap._run(load_and_call, (), {}, note, heap.max_attempts)
     print(text)
     return 0
 
 
-
-def _inspect(args: argparse.Namespace) -> int:
+def _deploy(args: argparse.Namespace) -> int:
     import durable_heap
 
-    from ._errors import ProgramNotFoundError, StorageError
-    from ._program import load
+    from ._versions import deploy
 
-    if not os.path.isfile(args.program):
-        raise ProgramNotFoundError(f"there is no program file {args.program!r}")
+    with durable_heap.open(_target(args)) as heap:
+        version, new = deploy(heap, args.program, note=args.note, force=args.force)
+    if new:
+        _announce(version)
+    else:
+        print(f"durable-heap: {version.program} is unchanged: version {version.number} is current",
+              file=sys.stderr)
+    print(version.number)
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    import durable_heap
+
+    from ._versions import rollback
+
+    with durable_heap.open(_target(args)) as heap:
+        version, new = rollback(heap, args.program, args.to, note=args.note, force=args.force)
+    if new:
+        print(f"durable-heap: rolled {version.program} back to version {args.to}'s source, "
+              f"deployed as version {version.number}", file=sys.stderr)
+    else:
+        print(f"durable-heap: version {args.to} of {version.program} is already current", file=sys.stderr)
+    print(version.number)
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from ._versions import versions
+
+    with _open_existing(args) as heap:
+        listed = versions(heap, args.program)
+    if not listed:
+        from ._errors import ProgramNotFoundError
+
+        raise ProgramNotFoundError(f"{args.program} has no deployed versions in {_target(args)}")
+    print(f"   {'version':>7}  {'deployed (UTC)':<19}  {'source':<12}  note")
+    for v in listed:
+        mark = "*" if v.current else " "
+        when = v.deployed_at.strftime("%Y-%m-%d %H:%M:%S")
+        print(f" {mark} {v.number:>7}  {when}  {v.source_hash[:12]}  {v.note}")
+    return 0
+
+
+def _open_existing(args: argparse.Namespace, read_only: bool = True) -> Any:
+    """Open the program's heap read-only; a missing heap file is a usage error."""
+    import durable_heap
+
+    from ._errors import StorageError
+
     target = _target(args)
     if "://" not in target and not os.path.exists(target):
         raise StorageError(f"{args.program} has no heap yet at {target}: `durable-heap call` creates it")
+    return durable_heap.open(target, read_only=read_only)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ._versions import load_discarded, parse_time, state_at, version_at
+
     # Read-only: works beside a running program, and never writes.
-    with durable_heap.open(target, read_only=True) as heap:
-        load(heap, args.program, commit=False)  # its classes must exist to show its objects
+    with _open_existing(args) as heap:
+        if args.at is None:
+            load_discarded(heap, args.program)  # its classes must exist to show its objects
+            tm = heap.transaction_manager
+            tm.begin()
+            try:
+                lines = render(heap.state, depth=args.depth, limit=args.limit)
+            finally:
+                tm.abort()
+        else:
+            try:
+                when: Any = int(args.at) if args.at.isdigit() else parse_time(args.at)
+            except ValueError as exc:
+                print(f"durable-heap: error: --at: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            number = when if isinstance(when, int) else version_at(heap, args.program, when)
+            load_discarded(heap, args.program, number)
+            with state_at(heap, when, args.program) as old:
+                lines = render(old, depth=args.depth, limit=args.limit)
+    print("\n".join(lines))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ._versions import broken_classes, load_discarded
+
+    with _open_existing(args) as heap:
+        module = load_discarded(heap, args.program)
         tm = heap.transaction_manager
         tm.begin()
         try:
-            lines = render(heap.state, depth=args.depth, limit=args.limit)
+            broken = broken_classes(heap.connection, module.__name__, heap.renames)
         finally:
             tm.abort()
-    print("\n".join(lines))
-    return 0
+    if not broken:
+        print(f"{module.__name__}: every stored class is defined by the current version")
+        return 0
+    print(f"{module.__name__}: stored objects use classes the current version does not define "
+          "(they load as broken objects; their data is kept):")
+    for path in broken:
+        print(f"  {path}")
+    print("Define them again, or map them to their new names in __durable_renames__.")
+    return EXIT_FAILED
+
+
+def _watch(args: argparse.Namespace) -> int:
+    import time
+
+    import durable_heap
+
+    from ._errors import DeployError
+    from ._versions import _stamp, auto_deploy
+
+    with durable_heap.open(_target(args)) as heap:
+        print(f"durable-heap: watching {args.program} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        stamp: Any = object()
+        try:
+            while True:
+                now = _stamp(os.path.abspath(args.program))
+                if now != stamp:
+                    stamp = now
+                    try:
+                        version = auto_deploy(heap, args.program)
+                    except DeployError as exc:
+                        print(f"durable-heap: error: {exc}", file=sys.stderr, flush=True)
+                    else:
+                        if version is not None:
+                            _announce(version)
+                        sys.stderr.flush()
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
 
 
 def render(obj: Any, *, depth: int = 3, limit: int = 20, name: str = "state") -> list[str]:

@@ -84,7 +84,8 @@ def test_program_that_raises_at_import(tmp_path: Path) -> None:
     """)
     out = cli("call", str(prog), "f")
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "raised at load: ZeroDivisionError: division by zero (line 4)" in out.stderr
+    assert ("deploy of bad failed: its top level raised ZeroDivisionError: division by zero "
+            "(bad.py, line 4)") in out.stderr
     out = cli("call", str(prog), "f", "--traceback")
     assert "Traceback" in out.stderr and "ZeroDivisionError" in out.stderr
     syntax = write(tmp_path / "syn.py", "def f(:\n    pass\n")

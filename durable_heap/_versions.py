@@ -1,0 +1,740 @@
+"""Versions: deploys that hand `state` from one version of a program to the next.
+
+Each heap keeps, per program (by module name), the list of its deployed
+versions -- number, UTC time, source hash, the full source, a note -- and which
+one is current. Every process runs the *current version's stored source*, not
+the file on disk: a broken file never stops a program from loading its state.
+
+A deploy, all in one transaction (a failure commits nothing, and the previous
+version stays in force):
+
+1. compile the new source (a syntax error stops here);
+2. take the old modules out of `sys.modules` and have every connection drop
+   its cached objects, so stored objects load as instances of the new classes;
+3. run the new top level (``state.setdefault(...)`` initialisation);
+4. call ``migrate(state, previous)`` if the program defines it;
+5. refuse if stored objects use a class the new version no longer defines
+   (the class registry of `_values` answers without a scan), unless forced;
+6. record the version and the new version's durable globals.
+
+Durable globals are the module-level data of a version (``hits = []``): kept
+in the heap per version, bound into the module at the start of each call and
+saved at its end. A new version starts from what its own top level makes.
+
+History comes from ZODB: a version record is never changed after its deploy,
+so its ``_p_serial`` is the deploy's transaction id, and a historical
+connection ``before`` the next version's deploy shows the state as it was
+while a version was current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import os
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import transaction
+import transaction.interfaces
+import ZODB.broken
+import ZODB.POSException
+from BTrees.IOBTree import IOBTree
+from BTrees.OOBTree import OOBTree
+from persistent import Persistent
+
+from . import _values
+from ._containers import Dict
+from ._errors import (
+    DeployError,
+    DurableHeapError,
+    FunctionNotFoundError,
+    NotPersistableError,
+    ProgramError,
+    ProgramNotFoundError,
+    StorageError,
+)
+from ._heap import Heap, _backoff, _conflict, _StateProxy, call_note
+from ._program import (
+    Compiled,
+    Source,
+    compile_source,
+    install,
+    module_name,
+    read_source,
+    restore,
+    swap_out,
+    where,
+)
+from ._values import ROOT_KEY, program_roots, stored_classes, watched_plain_ids
+
+__all__ = [
+    "PROGRAMS_KEY",
+    "Program",
+    "Version",
+    "auto_deploy",
+    "broken_classes",
+    "deploy",
+    "load",
+    "load_discarded",
+    "rollback",
+    "state_at",
+    "versions",
+]
+
+#: Key of the programs' version records in the ZODB root.
+PROGRAMS_KEY = "durable_heap.programs"
+
+# One deploy at a time per process: deploys swap modules in `sys.modules`.
+_deploy_lock = threading.RLock()
+
+
+class _VersionRecord(Persistent):
+    """One deployed version. Never changed after its deploy commits: its
+    ``_p_serial`` is then the deploy's transaction id (used by `state_at`)."""
+
+    def __init__(self, number: int, source: Source, note: str) -> None:
+        self.number = number
+        self.deployed_at = datetime.datetime.now(datetime.timezone.utc)
+        self.source_hash = source.hash
+        self.files = dict(source.files)
+        self.origin = source.origin
+        self.is_package = source.is_package
+        self.note = note
+
+    def source(self, name: str) -> Source:
+        return Source(name, self.origin, dict(self.files), self.is_package)
+
+
+class _ProgramRecord(Persistent):
+    """A program's versions, the current one, and the durable globals of each."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.current = 0
+        #: Hash of the source last deployed *from the file*: a call deploys only
+        #: when the file differs from it, so a rollback is not undone by the next call.
+        self.file_hash: str | None = None
+        self.versions = IOBTree()  # number -> _VersionRecord
+        self.globals = IOBTree()  # number -> Dict of durable globals
+
+
+@dataclass(frozen=True)
+class Version:
+    """A deployed version of a program, as `Heap.versions` lists it."""
+
+    program: str
+    number: int
+    deployed_at: datetime.datetime  # UTC
+    source_hash: str
+    note: str
+    origin: str  # the file or package folder it was deployed from
+    files: tuple[str, ...]
+    current: bool
+
+    def __str__(self) -> str:
+        return f"{self.program} version {self.number}"
+
+
+def _public(rec: _ProgramRecord, number: int) -> Version:
+    v = rec.versions[number]
+    return Version(rec.name, v.number, v.deployed_at, v.source_hash, v.note, v.origin,
+                   tuple(sorted(v.files)), number == rec.current)
+
+
+def _record(conn: Any, name: str) -> _ProgramRecord | None:
+    programs = conn.root().get(PROGRAMS_KEY)
+    return programs.get(name) if programs is not None else None
+
+
+def _read(heap: Heap, func: Callable[[Any], Any]) -> Any:
+    """Run ``func(connection)`` in a transaction of its own (reads only)."""
+    local = heap._thread()
+    if local.depth:
+        return func(local.conn)
+    tm = local.tm
+    tm.begin()
+    try:
+        return func(local.conn)
+    finally:
+        tm.abort()
+
+
+def _outside_transactions(heap: Heap, what: str) -> Any:
+    local = heap._thread()
+    if local.depth:
+        raise ProgramError(
+            f"{what} runs in a transaction of its own: call it outside transactions and actions"
+        )
+    return local
+
+
+# --- deploy ----------------------------------------------------------------------------
+
+
+def deploy(heap: Heap, program: str | os.PathLike[str], *, note: str | None = None,
+           force: bool = False) -> tuple[Version, bool]:
+    """Deploy the program file or package at `program`; return (version, whether new).
+
+    Source equal to the current version's deploys nothing and returns it.
+    """
+    source = read_source(program)
+    text = note if note is not None else f"from {os.path.basename(source.origin)}"
+    return _deploy(heap, source, note=text, force=force, from_file=True)
+
+
+def auto_deploy(heap: Heap, program: str | os.PathLike[str], *, force: bool = False) -> Version | None:
+    """Deploy `program` when its file differs from the source last deployed from it."""
+    source = read_source(program)
+
+    def seen(conn: Any) -> bool:
+        rec = _record(conn, source.name)
+        return rec is not None and rec.current > 0 and rec.file_hash == source.hash
+
+    if _read(heap, seen):
+        return None
+    version, new = _deploy(heap, source, note=f"from {os.path.basename(source.origin)}",
+                           force=force, from_file=True)
+    return version if new else None
+
+
+def rollback(heap: Heap, program: str | os.PathLike[str], to: int, *, note: str | None = None,
+             force: bool = False) -> tuple[Version, bool]:
+    """Deploy version `to`'s stored source again, as a new version; state is kept."""
+    name = module_name(program)
+
+    def source_of(conn: Any) -> tuple[Source, bool]:
+        rec = _existing(conn, name, heap)
+        if to not in rec.versions:
+            raise DeployError(
+                f"{name} has no version {to} (its versions: {_span(rec)}); nothing was deployed"
+            )
+        return rec.versions[to].source(name), rec.current == to
+
+    source, current = _read(heap, source_of)
+    if current:
+        return _read(heap, lambda conn: (_public(_existing(conn, name, heap), to), False))  # type: ignore[no-any-return]
+    return _deploy(heap, source, note=note or f"rollback to version {to}", force=force, from_file=False)
+
+
+def _existing(conn: Any, name: str, heap: Heap) -> _ProgramRecord:
+    rec = _record(conn, name)
+    if rec is None or not rec.current:
+        raise ProgramNotFoundError(f"{name} has never been deployed to the heap {heap.target}")
+    return rec
+
+
+def _span(rec: _ProgramRecord) -> str:
+    numbers = list(rec.versions.keys())
+    return f"{numbers[0]} to {numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
+
+
+def _deploy(heap: Heap, source: Source, *, note: str, force: bool, from_file: bool) -> tuple[Version, bool]:
+    _outside_transactions(heap, "a deploy")
+    compiled = compile_source(source)
+    with _deploy_lock:
+        for attempt in range(1, heap.max_attempts + 1):
+            try:
+                return _deploy_once(heap, compiled, note, force, from_file)
+            except transaction.interfaces.TransientError as exc:
+                if attempt == heap.max_attempts:
+                    raise _conflict(attempt, f"deploy {source.name}") from exc
+            _backoff(attempt)
+    raise AssertionError("unreachable")
+
+
+def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
+                 from_file: bool) -> tuple[Version, bool]:
+    source = compiled.source
+    name = source.name
+    local = heap._thread()
+
+    def unchanged(conn: Any) -> Version | None:
+        rec = _record(conn, name)
+        if rec is None or not rec.current or rec.versions[rec.current].source_hash != source.hash:
+            return None
+        if from_file and rec.file_hash != source.hash:
+            rec.file_hash = source.hash  # the file was seen: a call will not deploy it again
+        return _public(rec, rec.current)
+
+    with heap._transaction(local, f"deploy {name}: unchanged"):
+        same = unchanged(local.conn)
+    if same is not None:
+        return same, False
+
+    saved = swap_out(name)
+    old_renames = dict(heap.renames)
+    program_roots.add(name)
+    heap.renames.update(compiled.renames)
+    heap.classes_changed()
+    stage, current, ok = "its top level", 0, False
+    try:
+        txn_note = f"deploy {name}: {note}" if note else f"deploy {name}"
+        with heap._transaction(local, txn_note), heap.activate():
+            conn = local.conn
+            rec = _record(conn, name)
+            current = rec.current if rec is not None else 0
+            module = install(compiled)
+            previous = _public(rec, current) if rec is not None and current else None
+            migrate = module.__dict__.get("migrate")
+            if callable(migrate):
+                stage = "migrate()"
+                migrate(heap.state, previous)
+            stage = ""
+            removed = broken_classes(conn, name, heap.renames)
+            if removed and not force:
+                raise DeployError(_removed_message(name, removed, current), removed=removed)
+            if rec is None:
+                programs = conn.root().get(PROGRAMS_KEY)
+                if programs is None:
+                    programs = conn.root()[PROGRAMS_KEY] = OOBTree()
+                rec = programs[name] = _ProgramRecord(name)
+            number = rec.versions.maxKey() + 1 if len(rec.versions) else 1
+            rec.versions[number] = _VersionRecord(number, source, note)
+            rec.current = number
+            if from_file:
+                rec.file_hash = source.hash
+            durable = rec.globals[number] = Dict()
+            _capture_globals(module, durable, conn)
+            result = _public(rec, number)
+        ok = True
+        return result, True
+    except (transaction.interfaces.TransientError, DeployError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the deploy did
+        raise _deploy_error(name, stage, exc, source, current) from exc
+    finally:
+        if not ok:
+            restore(name, saved)
+            heap.renames.clear()
+            heap.renames.update(old_renames)
+            heap.classes_changed()
+
+
+def _kept(name: str, current: int) -> str:
+    if current:
+        return f"nothing was committed and version {current} stays in force"
+    return "nothing was committed"
+
+
+def _deploy_error(name: str, stage: str, exc: BaseException, source: Source, current: int) -> DeployError:
+    files = [source.filename(rel) for rel in source.files]
+    if isinstance(exc, DurableHeapError) and not stage:
+        what = str(exc)
+    else:
+        what = f"{stage + ' raised ' if stage else ''}{where(exc, files)}"
+    return DeployError(f"deploy of {name} failed: {what}; {_kept(name, current)}", exc)
+
+
+def _removed_message(name: str, removed: list[str], current: int) -> str:
+    listed = ", ".join(removed)
+    return (
+        f"deploy of {name} refused: stored objects use classes this version no longer defines: "
+        f"{listed}. Keep those classes, map them to their new names in __durable_renames__ "
+        f"(e.g. {{'{removed[0]}': '{name}.NewName'}}), or deploy with force (--force) to leave "
+        f"those objects unloadable (their data is kept); {_kept(name, current)}"
+    )
+
+
+def broken_classes(conn: Any, name: str, renames: dict[str, str]) -> list[str]:
+    """Stored class paths of program `name` that the loaded code no longer defines."""
+    return sorted(
+        path for path in stored_classes(conn)
+        if path.partition(".")[0] == name and not _resolves(renames.get(path, path))
+    )
+
+
+def _resolves(path: str) -> bool:
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        modname = ".".join(parts[:i])
+        module = sys.modules.get(modname)
+        if module is None:
+            try:
+                module = importlib.import_module(modname)
+            except Exception:  # noqa: BLE001,S112 - not a module: try a shorter prefix
+                continue
+        obj: Any = module
+        for attr in parts[i:]:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                return False
+        return not (isinstance(obj, type) and issubclass(obj, ZODB.broken.Broken))
+    return False
+
+
+# --- durable globals ---------------------------------------------------------------------
+
+_NOT_DATA = (types.ModuleType, type, _StateProxy, Heap)
+
+
+def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
+    """The module's data globals: not dunders, functions, classes or modules."""
+    for name, value in list(vars(module).items()):
+        if name.startswith("__") or isinstance(value, _NOT_DATA) or callable(value):
+            continue
+        yield name, value
+
+
+def _capture_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
+    """Store a new version's data globals and bind the module to the stored twins.
+
+    Values that cannot be stored (a lock, a socket) stay process-local, as the
+    top level makes them; plain objects read from state are state's, not globals.
+    """
+    held = watched_plain_ids(conn)
+    for name, value in _data_globals(module):
+        if id(value) in held:
+            continue
+        try:
+            durable[name] = value
+        except NotPersistableError:
+            continue
+        module.__dict__[name] = durable[name]
+
+
+def _save_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
+    """After a call: store the globals it rebound (``global n; n += 1``)."""
+    held: set[int] | None = None
+    names = set()
+    for name, value in _data_globals(module):
+        names.add(name)
+        stored = durable.get(name, _values)  # `_values`: a marker nothing stores
+        if stored is value or (
+            _values.is_atomic(value) and type(stored) is type(value) and stored == value
+        ):
+            continue
+        if held is None:
+            held = watched_plain_ids(conn)
+        if id(value) in held:
+            continue
+        try:
+            durable[name] = value
+        except NotPersistableError:
+            continue
+        module.__dict__[name] = durable[name]
+    for name in [n for n in durable if n not in names and n not in vars(module)]:
+        del durable[name]
+
+
+# --- running the current version ----------------------------------------------------------
+
+
+class Program:
+    """A program loaded against a heap: calls run the current version as actions.
+
+    Each call is one transaction that first makes sure the module is the heap's
+    current version (reloading it when another process deployed or rolled
+    back), binds the version's durable globals, runs the function, and saves
+    the globals it changed. With ``watch=True`` each call first deploys the
+    program file if it changed (at most one check a second): hot reload
+    without a restart.
+    """
+
+    def __init__(self, heap: Heap, program: str | os.PathLike[str], *, watch: bool = False) -> None:
+        self.heap = heap
+        self.path = os.path.abspath(program)
+        self.name = module_name(program)
+        self.watch = watch
+        #: Called with each version that `watch` deployed.
+        self.on_deploy: Callable[[Version], None] | None = None
+        self._module: types.ModuleType | None = None
+        self._loaded: tuple[int, str] = (0, "")
+        self._stamp: Any = None
+        self._checked = 0.0
+
+    def __repr__(self) -> str:
+        return f"<durable_heap.Program {self.name} version {self._loaded[0] or '?'}>"
+
+    @property
+    def module(self) -> types.ModuleType:
+        """The loaded module of the current version."""
+        self.heap._run(self._ensure, (), {}, f"load {self.name}", self.heap.max_attempts)
+        assert self._module is not None
+        return self._module
+
+    @property
+    def version(self) -> Version:
+        """The heap's current version of this program."""
+        def current(conn: Any) -> Version:
+            rec = _existing(conn, self.name, self.heap)
+            return _public(rec, rec.current)
+
+        return _read(self.heap, current)  # type: ignore[no-any-return]
+
+    def call(self, function: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``function(*args, **kwargs)`` of the current version as one action."""
+        return self._call(function, args, kwargs, None)
+
+    def _call(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+              then: Callable[[Any], Any] | None) -> Any:
+        if self.watch:
+            self.deploy_if_changed()
+        note = call_note(function, args, kwargs)
+        return self.heap._run(self._in_transaction, (function, args, kwargs, then), {}, note,
+                              self.heap.max_attempts)
+
+    def _in_transaction(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                        then: Callable[[Any], Any] | None) -> Any:
+        loaded_here = self._ensure()
+        try:
+            module = self._module
+            assert module is not None
+            func = _function(module, function)
+            conn = self.heap.connection
+            durable = self._globals(conn)
+            with self.heap.activate():
+                if durable is not None:
+                    module.__dict__.update(durable.items())
+                result = func(*args, **kwargs)
+                if durable is not None:
+                    _save_globals(module, durable, conn)
+                return then(result) if then is not None else result
+        except BaseException:
+            if loaded_here:
+                self._module = None  # its top level's changes are rolled back: run it again
+            raise
+
+    def _globals(self, conn: Any) -> Dict | None:
+        rec = _record(conn, self.name)
+        return rec.globals.get(self._loaded[0]) if rec is not None else None
+
+    def _ensure(self) -> bool:
+        """Load the current version unless it is loaded; True when it was loaded now."""
+        heap = self.heap
+        rec = _existing(heap.connection, self.name, heap)
+        number = rec.current
+        version = rec.versions[number]
+        if (
+            self._module is not None
+            and self._loaded == (number, version.source_hash)
+            and sys.modules.get(self.name) is self._module
+        ):
+            return False
+        compiled = compile_source(version.source(self.name))
+        with _deploy_lock:
+            saved = swap_out(self.name)
+            program_roots.add(self.name)
+            heap.renames.update(compiled.renames)
+            heap.classes_changed()  # at the start of the transaction: nothing changed yet
+            try:
+                with heap.activate():
+                    self._module = install(compiled)
+            except Exception as exc:
+                restore(self.name, saved)
+                files = [compiled.source.filename(rel) for rel in compiled.source.files]
+                raise ProgramError(
+                    f"{self.name} version {number} raised at load: {where(exc, files)}"
+                ) from exc
+        self._loaded = (number, version.source_hash)
+        return True
+
+    def deploy_if_changed(self) -> Version | None:
+        """Deploy the program file if it changed since it was last deployed from."""
+        now = time.monotonic()
+        if now - self._checked < 1.0 and self._stamp is not None:
+            return None
+        self._checked = now
+        stamp = _stamp(self.path)
+        if stamp == self._stamp:
+            return None
+        version = auto_deploy(self.heap, self.path)
+        self._stamp = stamp  # after a failed deploy the same file is not tried again
+        if version is not None and self.on_deploy is not None:
+            self.on_deploy(version)
+        return version
+
+
+def _stamp(path: str) -> Any:
+    """Sizes and modification times of a program's files: cheap change detection."""
+    if os.path.isdir(path):
+        return tuple(
+            (os.path.join(d, n), os.stat(os.path.join(d, n)).st_mtime_ns, os.stat(os.path.join(d, n)).st_size)
+            for d, _, names in sorted(os.walk(path)) for n in sorted(names) if n.endswith(".py")
+        )
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _function(module: types.ModuleType, function: str) -> Callable[..., Any]:
+    func = getattr(module, function, None)
+    if func is None or not callable(func) or function.startswith("_"):
+        names = sorted(
+            n for n, v in vars(module).items()
+            if isinstance(v, types.FunctionType) and not n.startswith("_")
+            and v.__module__ == module.__name__ and n != "migrate"
+        )
+        listed = ", ".join(names) if names else "none"
+        raise FunctionNotFoundError(
+            f"{module.__name__} has no function {function!r} (its functions: {listed})"
+        )
+    return func  # type: ignore[no-any-return]
+
+
+def load(heap: Heap, program: str | os.PathLike[str], *, deploy: bool = True, watch: bool = False,
+         on_deploy: Callable[[Version], None] | None = None) -> Program:
+    """A `Program` for `program`, deploying its file first when it changed (``deploy``)."""
+    path = os.path.abspath(program)
+    if deploy and os.path.exists(path):
+        version = auto_deploy(heap, path)
+        if version is not None and on_deploy is not None:
+            on_deploy(version)
+    else:
+        name = module_name(path)
+        if _read(heap, lambda conn: _record(conn, name)) is None:
+            if not os.path.exists(path):
+                raise ProgramNotFoundError(f"there is no program file {os.fspath(program)!r}")
+            raise ProgramError(
+                f"{name} has never been deployed to the heap {heap.target}: deploy it first "
+                f"(durable-heap deploy {os.fspath(program)})"
+            )
+    prog = Program(heap, path, watch=watch)
+    prog.on_deploy = on_deploy
+    prog._stamp = _stamp(path)
+    return prog
+
+
+def versions(heap: Heap, program: str | os.PathLike[str]) -> list[Version]:
+    """Every deployed version of `program`, oldest first."""
+    name = module_name(program)
+
+    def listing(conn: Any) -> list[Version]:
+        rec = _record(conn, name)
+        return [] if rec is None else [_public(rec, n) for n in rec.versions.keys()]
+
+    return _read(heap, listing)  # type: ignore[no-any-return]
+
+
+# --- read-only views ----------------------------------------------------------------------
+
+
+def load_discarded(heap: Heap, program: str | os.PathLike[str],
+                   number: int | None = None) -> types.ModuleType:
+    """Load version `number` (default: current; the file if never deployed) for a
+    read-only view: its top level runs in a transaction that is aborted."""
+    name = module_name(program)
+
+    def source_of(conn: Any) -> Source | None:
+        rec = _record(conn, name)
+        if rec is None or not rec.current:
+            return None
+        n = number if number is not None else rec.current
+        if n not in rec.versions:
+            raise ProgramError(f"{name} has no version {n} (its versions: {_span(rec)})")
+        return rec.versions[n].source(name)  # type: ignore[no-any-return]
+
+    source: Source | None = _read(heap, source_of)
+    if source is None:
+        if number is not None:
+            raise ProgramNotFoundError(f"{name} has never been deployed to the heap {heap.target}")
+        source = read_source(program)
+    compiled = compile_source(source)
+    swap_out(name)
+    program_roots.add(name)
+    heap.renames.update(compiled.renames)
+    heap.classes_changed()
+    tm = heap.transaction_manager
+    tm.begin()
+    try:
+        with heap.activate():
+            module = install(compiled)
+    except Exception as exc:
+        files = [source.filename(rel) for rel in source.files]
+        raise ProgramError(f"{name} raised at load: {where(exc, files)}") from exc
+    finally:
+        tm.abort()
+    return module
+
+
+def version_at(heap: Heap, program: str | os.PathLike[str], when: datetime.datetime) -> int | None:
+    """The version of `program` that was current at `when` (None: none yet)."""
+    name = module_name(program)
+    with _historical(heap, {"at": when}, when.isoformat()) as conn:
+        rec = _record(conn, name)
+        return rec.current if rec is not None and rec.current else None
+
+
+@contextlib.contextmanager
+def state_at(heap: Heap, when: int | datetime.datetime | str,
+             program: str | os.PathLike[str] | None = None) -> Iterator[Any]:
+    """The state as it was: while version `when` of `program` was current (its
+    last moment before the next deploy), or at a time (a datetime, or ISO text;
+    without a zone, UTC). Read-only; packing limits how far back it reaches."""
+    if isinstance(when, str):
+        when = parse_time(when)
+    if isinstance(when, datetime.datetime):
+        utc = datetime.timezone.utc
+        when = when.astimezone(utc) if when.tzinfo else when.replace(tzinfo=utc)
+        kwargs: dict[str, Any] = {"at": when}
+        label = when.isoformat()
+    else:
+        if program is None:
+            raise ValueError("a version number needs the program it belongs to")
+        name = module_name(program)
+        number = when
+
+        def next_deploy(conn: Any) -> bytes | None:
+            rec = _existing(conn, name, heap)
+            if number not in rec.versions:
+                raise ProgramError(f"{name} has no version {number} (its versions: {_span(rec)})")
+            later = list(rec.versions.keys(number + 1))
+            if not later:
+                return None
+            record = rec.versions[later[0]]
+            record._p_activate()  # a ghost's serial is not known yet
+            return record._p_serial  # type: ignore[no-any-return]
+
+        before = _read(heap, next_deploy)
+        kwargs = {"before": before} if before is not None else {}
+        label = f"version {number}"
+    with _historical(heap, kwargs, label) as conn:
+        try:
+            yield conn.root()[ROOT_KEY]
+        except (ZODB.POSException.POSKeyError, KeyError) as exc:
+            raise _gone(label) from exc
+
+
+@contextlib.contextmanager
+def _historical(heap: Heap, kwargs: dict[str, Any], label: str) -> Iterator[Any]:
+    tm = transaction.TransactionManager()
+    try:
+        conn = heap.db.open(transaction_manager=tm, **kwargs)
+    except ValueError:
+        # After the last commit: the state then is the latest one.
+        conn = heap.db.open(transaction_manager=tm)
+    try:
+        try:
+            conn.root()
+        except (ZODB.POSException.POSKeyError, KeyError) as exc:
+            raise _gone(label) from exc
+        yield conn
+    finally:
+        tm.abort()
+        conn.close()
+
+
+def _gone(label: str) -> StorageError:
+    return StorageError(
+        f"the heap holds no state at {label}: it did not exist yet, or the revisions of that "
+        "time were removed by a pack"
+    )
+
+
+def parse_time(text: str) -> datetime.datetime:
+    """An ISO time (``2026-11-28T10:00``, ``2026-11-28 10:00:00+01:00``); UTC without a zone."""
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a version number nor an ISO time such as 2026-11-28T10:00"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
