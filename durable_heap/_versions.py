@@ -12,7 +12,8 @@ version stays in force):
 2. take the old modules out of `sys.modules` and have every connection drop
    its cached objects, so stored objects load as instances of the new classes;
 3. run the new top level (``state.setdefault(...)`` initialisation);
-4. call ``migrate(state, previous)`` if the program defines it;
+4. call ``migrate(state, previous)`` if the program defines it and a version
+   came before;
 5. refuse if stored objects use a class the new version no longer defines
    (the class registry of `_values` answers without a scan), unless forced;
 6. record the version and the new version's durable globals.
@@ -237,7 +238,12 @@ def _span(rec: _ProgramRecord) -> str:
 
 def _deploy(heap: Heap, source: Source, *, note: str, force: bool, from_file: bool) -> tuple[Version, bool]:
     _outside_transactions(heap, "a deploy")
-    compiled = compile_source(source)
+    try:
+        compiled = compile_source(source)
+    except DeployError as exc:
+        rec = _read(heap, lambda conn: _record(conn, source.name))
+        current = rec.current if rec is not None else 0
+        raise DeployError(f"{exc}; {_kept(source.name, current)}", exc.cause) from exc.cause
     with _deploy_lock:
         for attempt in range(1, heap.max_attempts + 1):
             try:
@@ -283,7 +289,7 @@ def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
             module = install(compiled)
             previous = _public(rec, current) if rec is not None and current else None
             migrate = module.__dict__.get("migrate")
-            if callable(migrate):
+            if callable(migrate) and previous is not None:  # a first deploy has nothing to migrate
                 stage = "migrate()"
                 migrate(heap.state, previous)
             stage = ""

@@ -1,0 +1,450 @@
+"""Deploys, versions, rollback, history and durable globals: end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import durable_heap as dh
+from tests.conftest import ROOT, cli
+
+V1 = """
+    from durable_heap import Object, state
+
+    class User(Object):
+        def __init__(self, name):
+            self.name = name
+
+    state.setdefault("users", {})
+
+    def add(name):
+        state.users[name] = User(name)
+        return len(state.users)
+
+    def describe(name):
+        u = state.users[name]
+        return {"cls": type(u).__qualname__, "email": getattr(u, "email", "none"),
+                "version": 1}
+"""
+
+V2 = """
+    from durable_heap import Object, state
+
+    class User(Object):
+        email = None                      # a class default serves old instances
+
+        def __init__(self, name, email=None):
+            self.name = name
+            self.email = email
+
+    state.setdefault("users", {})
+
+    def migrate(state, previous):
+        state.migrations = state.get("migrations", []) + [[previous.number, previous.source_hash]]
+
+    def add(name):
+        state.users[name] = User(name, f"{name}@example.org")
+        return len(state.users)
+
+    def describe(name):
+        u = state.users[name]
+        return {"cls": type(u).__qualname__, "email": u.email, "version": 2,
+                "same_class": type(u) is User}
+"""
+
+
+def write(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def ok(*args: str) -> str:
+    out = cli(*args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def call(prog: Path, *args: str) -> object:
+    return json.loads(ok("call", str(prog), *args))
+
+
+def versions(prog: Path) -> list[dh.Version]:
+    with dh.open(prog.parent / ".durable-heap" / f"{prog.stem}.fs", read_only=True) as heap:
+        return heap.versions(prog)
+
+
+def snapshot(prog: Path) -> tuple[list[tuple[int, str, bool]], str]:
+    """Versions and the whole state tree: what a failed deploy must leave unchanged."""
+    listed = [(v.number, v.source_hash, v.current) for v in versions(prog)]
+    return listed, ok("inspect", str(prog), "--depth", "9")
+
+
+def test_deploy_new_version_with_migrate_rollback_and_history(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    first = cli("call", str(app), "add", "ann")
+    assert first.returncode == 0 and first.stdout.strip() == "1"
+    assert "deployed app version 1" in first.stderr
+    second = cli("call", str(app), "describe", "ann")
+    assert "deployed" not in second.stderr  # unchanged file: no deploy
+    assert json.loads(second.stdout) == {"cls": "User", "email": "none", "version": 1}
+
+    write(app, V2)
+    out = cli("deploy", str(app), "--note", "users get an email")
+    assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr
+    assert call(app, "describe", "ann") == {"cls": "User", "email": None, "version": 2, "same_class": True}
+    assert call(app, "add", "bob") == 2
+    assert call(app, "describe", "bob")["email"] == "bob@example.org"  # type: ignore[index]
+
+    listed = versions(app)
+    assert [(v.number, v.current) for v in listed] == [(1, False), (2, True)]
+    assert listed[1].note == "users get an email" and listed[0].note == "from app.py"
+    assert listed[0].deployed_at.tzinfo is not None and listed[0].deployed_at <= listed[1].deployed_at
+    text = ok("versions", str(app))
+    assert "users get an email" in text and listed[1].source_hash[:12] in text
+    assert text.splitlines()[2].startswith(" * ") and text.splitlines()[1].startswith("   ")
+
+    # migrate ran once, with the previous version
+    with dh.open(app.parent / ".durable-heap" / "app.fs", read_only=True) as heap:
+        assert dh.to_builtin(heap.state.migrations) == [[1, listed[0].source_hash]]
+
+    out = cli("rollback", str(app), "--to", "1")
+    assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr
+    assert "version 1's source" in out.stderr
+    # The file still says v2, but the rollback is not undone by the next call.
+    assert call(app, "describe", "bob") == {"cls": "User", "email": "bob@example.org", "version": 1}
+    listed = versions(app)
+    assert [v.number for v in listed] == [1, 2, 3]
+    assert listed[2].source_hash == listed[0].source_hash and listed[2].current
+    assert listed[2].note == "rollback to version 1"
+    # Deploying the file explicitly goes forward again.
+    assert ok("deploy", str(app)) == "4"
+    assert call(app, "describe", "bob")["version"] == 2  # type: ignore[index]
+    # An unchanged deploy records nothing.
+    out = cli("deploy", str(app))
+    assert out.stdout.strip() == "4" and "unchanged" in out.stderr
+
+    # History: the state while version 1 was current had only ann.
+    at1 = ok("inspect", str(app), "--at", "1")
+    assert "users: Dict (1 entry)" in at1 and "'bob'" not in at1
+    at2 = ok("inspect", str(app), "--at", "2")
+    assert "users: Dict (2 entries)" in at2 and "migrations" in at2
+    when = listed[1].deployed_at.isoformat()  # just before version 2's deploy committed
+    assert "users: Dict (1 entry)" in ok("inspect", str(app), "--at", when)
+    before = cli("inspect", str(app), "--at", "2001-01-01T00:00")
+    assert before.returncode == 2 and "did not exist yet" in before.stderr
+    bad = cli("inspect", str(app), "--at", "yesterday")
+    assert bad.returncode == 2 and "ISO time" in bad.stderr
+
+    # The same history through the API.
+    with dh.open(app.parent / ".durable-heap" / "app.fs", read_only=True) as heap:
+        with heap.state_at(1, app) as old:
+            assert sorted(old.users) == ["ann"]
+        with heap.state_at(heap.versions(app)[3].deployed_at) as old:
+            assert sorted(old.users) == ["ann", "bob"]
+
+
+@pytest.mark.parametrize(
+    ("case", "source", "message"),
+    [
+        ("syntax", "def add(:\n    pass\n", "app.py, line 1: syntax error"),
+        ("top level", "from durable_heap import state\nstate.half = 1\nx = 1 / 0\n",
+         "its top level raised ZeroDivisionError: division by zero (app.py, line 3)"),
+        ("migrate", V2.replace("state.migrations = ", "raise RuntimeError('no way'); state.m = "),
+         "migrate() raised RuntimeError: no way (app.py, line 14)"),
+        ("removed class", "from durable_heap import state\nstate.setdefault('users', {})\n",
+         "stored objects use classes this version no longer defines: app.User"),
+        ("unstorable", "from durable_heap import state\nstate.cb = lambda: 1\n",
+         "state.cb cannot be stored"),
+    ],
+)
+def test_failed_deploy_changes_nothing(tmp_path: Path, case: str, source: str, message: str) -> None:
+    app = write(tmp_path / "app.py", V1)
+    assert call(app, "add", "ann") == 1
+    before = snapshot(app)
+
+    write(app, textwrap.dedent(source) if case != "migrate" else source)
+    out = cli("deploy", str(app))
+    assert out.returncode == 1, out.stderr
+    assert message in out.stderr and "version 1 stays in force" in out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert snapshot(app) == before
+    # `call` with the broken file: reports the failed deploy, runs nothing.
+    out = cli("call", str(app), "add", "bob")
+    assert out.returncode == 1 and message in out.stderr and out.stdout == ""
+    assert snapshot(app) == before
+    # The old code keeps serving.
+    assert call(app, "--no-deploy", "add", "bob") == 2
+    assert call(app, "--no-deploy", "describe", "bob")["version"] == 1  # type: ignore[index]
+
+
+def test_removed_class_forced_keeps_data_and_check_lists_it(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    assert call(app, "add", "ann") == 1
+    assert "every stored class" in ok("check", str(app))
+    write(app, """
+        from durable_heap import state
+        state.setdefault("users", {})
+
+        def count():
+            return len(state.users)
+    """)
+    assert ok("deploy", str(app), "--force") == "2"
+    assert call(app, "count") == 1
+    out = cli("check", str(app))
+    assert out.returncode == 1 and "app.User" in out.stdout
+    write(app, V1)  # putting the class back repairs the objects: the data was kept
+    assert ok("deploy", str(app)) == "3"
+    assert call(app, "describe", "ann")["cls"] == "User"  # type: ignore[index]
+    assert cli("check", str(app)).returncode == 0
+
+
+def test_rename_table(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    assert call(app, "add", "ann") == 1
+    write(app, """
+        from durable_heap import Object, state
+
+        __durable_renames__ = {"app.User": "app.Member"}
+
+        class Member(Object):
+            rank = "new"
+
+        state.setdefault("users", {})
+        # the top level already sees renamed objects
+        state.kinds = sorted({type(u).__name__ for u in state.users.values()})
+
+        def describe(name):
+            u = state.users[name]
+            return [type(u).__name__, u.name, u.rank]
+
+        def touch(name):
+            state.users[name].rank = "touched"
+    """)
+    out = cli("deploy", str(app))
+    assert out.returncode == 0, out.stderr
+    assert call(app, "describe", "ann") == ["Member", "ann", "new"]
+    ok("call", str(app), "touch", "ann")
+    assert "'ann': app.Member" in ok("inspect", str(app))
+    with dh.open(app.parent / ".durable-heap" / "app.fs", read_only=True) as heap:
+        assert dh.to_builtin(heap.state.kinds) == ["Member"]
+
+
+def test_durable_globals_persist_within_a_version(tmp_path: Path) -> None:
+    app = write(tmp_path / "hits.py", """
+        import threading
+        from durable_heap import state
+
+        hits = []
+        count = 0
+        seen = {"first": None}
+        lock = threading.Lock()          # not data: stays process-local
+
+        def hit(name):
+            global count
+            with lock:
+                hits.append(name)
+                count += 1
+                if seen["first"] is None:
+                    seen["first"] = name
+            return [list(hits), count, seen["first"]]
+    """)
+    assert call(app, "hit", "a") == [["a"], 1, "a"]
+    assert call(app, "hit", "b") == [["a", "b"], 2, "a"]
+    assert call(app, "hit", "c") == [["a", "b", "c"], 3, "a"]
+    # A new version starts from its own top level: state is what crosses versions.
+    write(app, app.read_text().replace("hits = []", "hits = ['v2']")
+          + "\ndef boom():\n    hits.append('x')\n    raise ValueError\n")
+    assert call(app, "hit", "d") == [["v2", "d"], 1, "d"]
+    assert call(app, "hit", "e") == [["v2", "d", "e"], 2, "d"]
+    # A failing call keeps the globals as they were.
+    assert cli("call", str(app), "boom").returncode == 1
+    assert call(app, "hit", "f") == [["v2", "d", "e", "f"], 3, "d"]
+
+
+def test_package_program(tmp_path: Path) -> None:
+    pkg = tmp_path / "shop"
+    (pkg / "parts").mkdir(parents=True)
+    write(pkg / "__init__.py", """
+        from durable_heap import state
+        from .models import Item
+        from .parts.prices import price
+
+        state.setdefault("items", {})
+
+        def add(name):
+            state.items[name] = Item(name, price(name))
+            return len(state.items)
+
+        def show():
+            return {k: [type(v).__module__, v.name, v.price] for k, v in state.items.items()}
+    """)
+    write(pkg / "models.py", """
+        from durable_heap import Object
+
+        class Item(Object):
+            def __init__(self, name, price):
+                self.name, self.price = name, price
+    """)
+    write(pkg / "parts" / "__init__.py", "")
+    write(pkg / "parts" / "prices.py", "def price(name):\n    return len(name)\n")
+    assert call(pkg, "add", "pen") == 1
+    assert (tmp_path / ".durable-heap" / "shop.fs").is_file()
+    assert call(pkg, "show") == {"pen": ["shop.models", "pen", 3]}
+    write(pkg / "parts" / "prices.py", "def price(name):\n    return 10 * len(name)\n")
+    out = cli("call", str(pkg), "add", "ink")
+    assert out.returncode == 0 and "deployed shop version 2" in out.stderr
+    assert call(pkg, "show") == {"pen": ["shop.models", "pen", 3], "ink": ["shop.models", "ink", 30]}
+    listed = versions(pkg)
+    assert listed[-1].files == ("__init__.py", "models.py", "parts/__init__.py", "parts/prices.py")
+    # The stored source runs, not the disk: a broken submodule on disk does not stop calls.
+    write(pkg / "models.py", "class Item(:\n")
+    assert call(pkg, "--no-deploy", "show")["ink"][2] == 30  # type: ignore[index]
+    out = cli("call", str(pkg), "show")
+    assert out.returncode == 1 and "shop/models.py, line 1: syntax error" in out.stderr
+
+
+def test_stored_source_runs_not_the_file(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    assert call(app, "add", "ann") == 1
+    write(app, "this is not python\n")
+    out = ok("inspect", str(app))  # inspect loads the current version's stored source
+    assert "'ann': app.User" in out
+    app.unlink()
+    assert call(app, "describe", "ann")["version"] == 1  # type: ignore[index]
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    out = cli("deploy", str(tmp_path / "nope.py"))
+    assert out.returncode == 2 and "no program file" in out.stderr
+    app = write(tmp_path / "app.py", V1)
+    assert call(app, "add", "ann") == 1
+    out = cli("rollback", str(app), "--to", "7")
+    assert out.returncode == 1 and "has no version 7 (its versions: 1)" in out.stderr
+    assert [v.number for v in versions(app)] == [1]
+    out = cli("rollback", str(app), "--to", "1")
+    assert out.returncode == 0 and "already current" in out.stderr
+    out = cli("inspect", str(app), "--at", "5")
+    assert out.returncode == 1 and "no version 5" in out.stderr
+    write(tmp_path / "fresh.py", "def f():\n    return 1\n")
+    out = cli("call", str(tmp_path / "fresh.py"), "f", "--no-deploy")
+    assert out.returncode == 1 and "never been deployed" in out.stderr
+    out = cli("versions", str(tmp_path / "fresh.py"), "--storage", str(tmp_path / ".durable-heap" / "app.fs"))
+    assert out.returncode == 2 and "no deployed versions" in out.stderr
+    write(app, textwrap.dedent(V1) + "\n__durable_renames__ = {'a': 1}\n")
+    out = cli("deploy", str(app))
+    assert out.returncode == 1 and "__durable_renames__ must be a literal dict" in out.stderr
+
+
+def test_compatibility_with_a_heap_written_by_version_0_1(tmp_path: Path) -> None:
+    fixtures = ROOT / "tests" / "fixtures"
+    app = tmp_path / "legacy.py"
+    shutil.copy(fixtures / "legacy.py", app)
+    (tmp_path / ".durable-heap").mkdir()
+    shutil.copy(fixtures / "legacy-0.1.fs", tmp_path / ".durable-heap" / "legacy.fs")
+    assert call(app, "describe", "ann") == {"name": "ann", "notes": ["buy milk", "call bob"], "users": 101}
+    assert [v.number for v in versions(app)] == [1]
+    assert call(app, "add", "zoe", "new") == 102
+
+
+def test_api_deploy_load_and_reload(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    with dh.open(tmp_path / "h.fs") as heap:
+        prog = heap.load(app)
+        assert prog.call("add", "ann") == 1
+        assert prog.version.number == 1
+        assert prog.call("describe", "ann")["version"] == 1
+        # Another deploy (here from this process, as a deploying process would):
+        # the program loads the new version before its next call.
+        write(app, V2)
+        v2 = heap.deploy(app, note="v2")
+        assert v2.number == 2 and v2.current
+        expected = {"cls": "User", "email": None, "version": 2, "same_class": True}
+        assert prog.call("describe", "ann") == expected
+        assert heap.rollback(app, 1).number == 3
+        assert prog.call("describe", "ann")["version"] == 1
+        with pytest.raises(dh.DeployError) as err:
+            heap.deploy(write(app, "x = 1 / 0\n"))
+        assert isinstance(err.value.cause, ZeroDivisionError) and "version 3 stays" in str(err.value)
+        assert prog.call("describe", "ann")["version"] == 1
+        with heap.transaction(), pytest.raises(dh.ProgramError, match="transaction of its own"):
+            heap.deploy(app)
+        with pytest.raises(dh.FunctionNotFoundError, match=r"its functions: add, describe"):
+            prog.call("nope")
+
+
+def test_hot_reload_on_file_change(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    with dh.open(tmp_path / "h.fs") as heap:
+        prog = heap.load(app, watch=True)
+        assert prog.call("add", "ann") == 1
+        write(app, V2)
+        os.utime(app, ns=(time.time_ns() + 5_000_000_000,) * 2)
+        prog._checked = 0.0  # skip the once-a-second pause
+        assert prog.call("describe", "ann")["version"] == 2
+        assert [v.number for v in heap.versions(app)] == [1, 2]
+        # A broken edit is reported by the deploy, and the running version keeps serving.
+        write(app, "def (:\n")
+        os.utime(app, ns=(time.time_ns() + 9_000_000_000,) * 2)
+        prog._checked = 0.0
+        with pytest.raises(dh.DeployError):
+            prog.call("describe", "ann")
+        assert prog.call("describe", "ann")["version"] == 2
+
+
+def test_watch_command(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    assert call(app, "add", "ann") == 1
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("DURABLE_HEAP_STORAGE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "durable_heap", "watch", str(app), "--interval", "0.1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        lines.append(proc.stderr.readline())
+        assert "watching" in lines[0]
+        write(app, V2)
+        lines.append(proc.stderr.readline())
+        assert "deployed app version 2" in lines[-1]
+        write(app, "x = (\n")
+        lines.append(proc.stderr.readline())
+        assert "syntax error" in lines[-1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, lines
+    assert [v.number for v in versions(app)] == [1, 2]
+
+
+def test_concurrent_deploys_in_one_process(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write(tmp_path / "a" / "app.py", V1)
+    b = write(tmp_path / "b" / "app.py", V2)
+    with dh.open(tmp_path / "h.fs") as heap:
+        results: list[object] = []
+
+        def go(path: Path) -> None:
+            try:
+                results.append(heap.deploy(path).number)
+            except Exception as exc:  # noqa: BLE001 - collected for the assert
+                results.append(exc)
+
+        threads = [threading.Thread(target=go, args=(p,)) for p in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [1, 2]  # type: ignore[type-var]
+        listed = heap.versions(a)
+        assert [v.number for v in listed] == [1, 2] and listed[1].current
