@@ -20,3 +20,14 @@ def test_quick_benchmarks_produce_every_row(tmp_path: Path) -> None:
     commit = results["commit"]["durable_heap"]["10000"]
     assert commit["median_ms"] > 0 and 0 < commit["bytes_per_commit"] < 2048
     assert "### Targets" in out.stdout
+
+
+def test_quick_deploy_benchmark() -> None:
+    out = run(["-m", "benchmarks.deploy", "--quick", "--reps", "3", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert [r["size"] for r in data["rows"]] == [1_000, 10_000]
+    for row in data["rows"]:
+        assert row["deploy_ms"] > 0 and row["deploy_migrate_ms"] > 0
+        assert row["versions"] == 1 + 2 * (3 + 2)  # the first load, then every timed deploy
+    assert set(data["ratios"]) == {"deploy_ms", "deploy_migrate_ms"}
