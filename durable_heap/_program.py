@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import DeployError, ProgramError, ProgramNotFoundError
+from ._values import serve_defaults
 
 __all__ = [
     "RENAMES_NAME",
@@ -273,7 +274,10 @@ def install(compiled: Compiled) -> types.ModuleType:
     if folder not in sys.path:
         sys.path.insert(0, folder)  # the program's neighbours stay importable
     importlib.invalidate_caches()
-    return importlib.import_module(source.name)
+    top = importlib.import_module(source.name)
+    for loaded in [m for k, m in list(sys.modules.items()) if k in compiled.code]:
+        serve_defaults(loaded)
+    return top
 
 
 def where(exc: BaseException, filenames: Iterable[str]) -> str:

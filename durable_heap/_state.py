@@ -20,7 +20,16 @@ from typing import Any
 
 from persistent import Persistent
 
-from ._values import BadValue, adopt, check_writable, holds_watched, public_error, watch
+from ._values import (
+    BadValue,
+    adopt,
+    check_writable,
+    dataclass_defaults,
+    fill_defaults,
+    holds_watched,
+    public_error,
+    watch,
+)
 
 __all__ = ["Object", "State"]
 
@@ -90,6 +99,8 @@ class Object(Persistent):
                 _slot(type(self), name).__set__(self, value)
         else:
             Persistent.__setstate__(self, state)
+        if dataclass_defaults(type(self)):  # a dataclass Object stored before a field existed
+            fill_defaults(self, self.__dict__)
         if holds_watched(_state_values(state)):
             watch(self, state)
 

@@ -448,3 +448,56 @@ def test_concurrent_deploys_in_one_process(tmp_path: Path) -> None:
         assert sorted(results) == [1, 2]  # type: ignore[type-var]
         listed = heap.versions(a)
         assert [v.number for v in listed] == [1, 2] and listed[1].current
+
+
+def test_new_fields_with_defaults_serve_old_objects(tmp_path: Path) -> None:
+    app = write(tmp_path / "notes.py", """
+        import dataclasses
+        from durable_heap import Object, state
+
+        @dataclasses.dataclass
+        class Note:
+            text: str
+
+        @dataclasses.dataclass(eq=False)
+        class Card(Object):
+            title: str
+
+        state.setdefault("notes", [])
+        state.setdefault("cards", {})
+
+        def add(text):
+            state.notes.append(Note(text))
+            state.cards[text] = Card(text)
+    """)
+    ok("call", str(app), "add", "milk")
+    write(app, """
+        import dataclasses
+        from durable_heap import Object, state
+
+        @dataclasses.dataclass
+        class Note:
+            text: str
+            done: bool = False
+            tags: list = dataclasses.field(default_factory=list)
+
+        @dataclasses.dataclass(eq=False)
+        class Card(Object):
+            title: str
+            pins: dict = dataclasses.field(default_factory=dict)
+            color: str = "grey"
+
+        state.setdefault("notes", [])
+        state.setdefault("cards", {})
+
+        def show():
+            n, c = state.notes[0], state.cards["milk"]
+            return [n.text, n.done, n.tags, c.title, c.color, dict(c.pins)]
+
+        def tag(t):
+            state.notes[0].tags.append(t)     # the default list is the object's own
+            state.cards["milk"].color = t
+    """)
+    assert call(app, "show") == ["milk", False, [], "milk", "grey", {}]
+    ok("call", str(app), "tag", "red")
+    assert call(app, "show") == ["milk", False, ["red"], "milk", "red", {}]
