@@ -501,3 +501,56 @@ def test_new_fields_with_defaults_serve_old_objects(tmp_path: Path) -> None:
     assert call(app, "show") == ["milk", False, [], "milk", "grey", {}]
     ok("call", str(app), "tag", "red")
     assert call(app, "show") == ["milk", False, ["red"], "milk", "red", {}]
+
+
+def test_class_registry_sees_plain_nested_and_enum_values(tmp_path: Path) -> None:
+    app = write(tmp_path / "reg.py", """
+        import dataclasses, enum
+        from durable_heap import state
+
+        class Color(enum.Enum):
+            RED = 1
+
+        @dataclasses.dataclass
+        class Inner:
+            x: int
+
+        @dataclasses.dataclass
+        class Note:
+            text: str
+            inner: object = None
+
+        state.setdefault("notes", [])
+
+        def add(text):
+            state.notes.append(Note(text))
+
+        def nest():
+            state.notes[0].inner = [Inner(2)]      # an in-place change of a plain object
+
+        def paint():
+            state.color = Color.RED
+    """)
+    for fn in ("add", "nest", "paint"):
+        ok("call", str(app), fn, *(["a"] if fn == "add" else []))
+    with dh.open(tmp_path / ".durable-heap" / "reg.fs", read_only=True) as heap:
+        registry = heap.connection.root()["durable_heap.classes"]
+        assert sorted(registry.keys()) == ["reg.Color", "reg.Inner", "reg.Note"]
+    write(app, "from durable_heap import state\n")
+    out = cli("deploy", str(app))
+    assert out.returncode == 1 and "reg.Color, reg.Inner, reg.Note" in out.stderr
+
+
+def test_history_after_pack(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    assert call(app, "add", "ann") == 1
+    write(app, V2)
+    assert ok("deploy", str(app)) == "2"
+    assert "users: Dict (1 entry)" in ok("inspect", str(app), "--at", "1")
+    with dh.open(tmp_path / ".durable-heap" / "app.fs") as heap:
+        heap.pack()
+    out = cli("inspect", str(app), "--at", "1")
+    assert out.returncode == 2 and "removed by a pack" in out.stderr
+    assert [v.number for v in versions(app)] == [1, 2]  # version records survive packing
+    assert ok("rollback", str(app), "--to", "1") == "3"
+    assert call(app, "describe", "ann")["version"] == 1  # type: ignore[index]
