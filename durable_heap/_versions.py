@@ -307,7 +307,7 @@ def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
             if from_file:
                 rec.file_hash = source.hash
             durable = rec.globals[number] = Dict()
-            _capture_globals(module, durable, conn)
+            _save_globals(module, durable, conn)
             result = _public(rec, number)
         ok = True
         return result, True
@@ -388,25 +388,14 @@ def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
         yield name, value
 
 
-def _capture_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
-    """Store a new version's data globals and bind the module to the stored twins.
+def _save_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
+    """Store the data globals that differ from `durable`, binding the module to the
+    stored twins: after a deploy's top level (all of them), after a call (those it
+    rebound: ``global n; n += 1``).
 
     Values that cannot be stored (a lock, a socket) stay process-local, as the
     top level makes them; plain objects read from state are state's, not globals.
     """
-    held = watched_plain_ids(conn)
-    for name, value in _data_globals(module):
-        if id(value) in held:
-            continue
-        try:
-            durable[name] = value
-        except NotPersistableError:
-            continue
-        module.__dict__[name] = durable[name]
-
-
-def _save_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
-    """After a call: store the globals it rebound (``global n; n += 1``)."""
     held: set[int] | None = None
     names = set()
     for name, value in _data_globals(module):
