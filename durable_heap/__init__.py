@@ -36,6 +36,7 @@ from ._errors import (
 )
 from ._heap import Heap, HeapStatus, active_heap, open, state  # noqa: A004 - dh.open is the API
 from ._state import Object, State
+from ._types import typed_state
 from ._versions import Program, Version
 
 __version__ = "0.1.0"
@@ -69,4 +70,5 @@ __all__ = [
     "open",
     "state",
     "to_builtin",
+    "typed_state",
 ]

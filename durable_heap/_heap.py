@@ -206,7 +206,11 @@ class Heap:
             new = self.renames.get(f"{module}.{name}")
             if new is not None:
                 module, _, name = new.rpartition(".")
-        return ZODB.broken.find_global(module, name)
+        found = ZODB.broken.find_global(module, name)
+        if name == "State" and isinstance(found, type) and issubclass(found, ZODB.broken.Broken):
+            if module.partition(".")[0] in _values.program_roots:
+                return State  # the program dropped its declared State: the root stays usable
+        return found
 
     def classes_changed(self) -> None:
         """Loaded classes were replaced (a deploy): cached objects must be loaded again.

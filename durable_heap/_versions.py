@@ -11,7 +11,9 @@ version stays in force):
 1. compile the new source (a syntax error stops here);
 2. take the old modules out of `sys.modules` and have every connection drop
    its cached objects, so stored objects load as instances of the new classes;
-3. run the new top level (``state.setdefault(...)`` initialisation);
+3. run the new top level (``state.setdefault(...)`` initialisation); a
+   program that declares ``class State(durable_heap.State)`` gets its root
+   made an instance of it, missing annotated names set from their defaults;
 4. call ``migrate(state, previous)`` if the program defines it and a version
    came before;
 5. refuse if stored objects use a class the new version no longer defines
@@ -73,6 +75,7 @@ from ._program import (
     swap_out,
     where,
 )
+from ._types import apply_declared, declared_state
 from ._values import ROOT_KEY, program_roots, stored_classes, watched_plain_ids
 
 __all__ = [
@@ -293,6 +296,7 @@ def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
                 stage = "migrate()"
                 migrate(heap.state, previous)
             stage = ""
+            apply_declared(conn, declared_state(module), name)
             removed = broken_classes(conn, name, heap.renames)
             if removed and not force:
                 raise DeployError(_removed_message(name, removed, current), removed=removed)
@@ -612,10 +616,11 @@ def versions(heap: Heap, program: str | os.PathLike[str]) -> list[Version]:
 # --- read-only views ----------------------------------------------------------------------
 
 
-def load_discarded(heap: Heap, program: str | os.PathLike[str],
-                   number: int | None = None) -> types.ModuleType:
-    """Load version `number` (default: current; the file if never deployed) for a
-    read-only view: its top level runs in a transaction that is aborted."""
+def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | None = None,
+                   *, from_file: bool = False) -> types.ModuleType:
+    """Load version `number` (default: current; the file if never deployed, or
+    with `from_file`) for a read-only view: its top level runs in a transaction
+    that is aborted."""
     name = module_name(program)
 
     def source_of(conn: Any) -> Source | None:
@@ -627,7 +632,7 @@ def load_discarded(heap: Heap, program: str | os.PathLike[str],
             raise ProgramError(f"{name} has no version {n} (its versions: {_span(rec)})")
         return rec.versions[n].source(name)  # type: ignore[no-any-return]
 
-    source: Source | None = _read(heap, source_of)
+    source: Source | None = None if from_file else _read(heap, source_of)
     if source is None:
         if number is not None:
             raise ProgramNotFoundError(f"{name} has never been deployed to the heap {heap.target}")

@@ -1,0 +1,260 @@
+"""Typed state: inferred stubs that mypy accepts, a declared State across deploys, --check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import durable_heap as dh
+from durable_heap._types import infer_stub
+from tests.conftest import ROOT, cli
+
+PROGRAM = '''
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import TYPE_CHECKING
+
+import durable_heap as dh
+from durable_heap import Object
+
+if TYPE_CHECKING:
+    from shop_state import State        # written by `durable-heap types shop.py --write`
+
+state: State = dh.state
+
+
+@dataclasses.dataclass
+class Note:
+    text: str
+    when: datetime.date | None = None
+
+
+class User(Object):
+    def __init__(self, name: str, email: str | None = None) -> None:
+        self.name = name
+        self.email = email
+        self.notes: list[Note] = []
+
+
+state.setdefault("count", 0)
+state.setdefault("users", {})
+state.setdefault("tags", set())
+
+
+def add(name: str, email: str | None = None) -> int:
+    user = state.users[name] = User(name, email)
+    user.notes.append(Note("hi", datetime.date(2026, 1, 1)))
+    state.pair = (1, "x")
+    state.mixed = [1, "a", None]
+    state.scores = {"a": 1.5, "b": 2}
+    state.count += 1
+    return state.count
+
+
+def typed_use() -> str:
+    total: int = state.count + len(state.users)
+    first: User = state.users["ann"]
+    kinds = [type(m).__name__ for m in state.mixed]
+    return f"{total} {first.name} {kinds} {state.pair[1].upper()} {sorted(state.tags)}"
+'''
+
+
+def write(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def ok(*args: str) -> str:
+    out = cli(*args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def mypy(folder: Path, *files: str) -> subprocess.CompletedProcess[str]:
+    # An editable install is not visible to mypy; errors inside durable_heap are not the point.
+    env = dict(os.environ, MYPYPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental",
+         "--cache-dir", "/dev/null", *files],
+        cwd=folder, capture_output=True, text=True, timeout=300, env=env,
+    )
+
+
+def test_stub_from_data_and_source_passes_mypy_strict(tmp_path: Path) -> None:
+    app = write(tmp_path / "shop.py", PROGRAM)
+    ok("call", str(app), "add", "ann", "ann@example.org")
+    ok("call", str(app), "add", "bob")
+    out = cli("types", str(app), "--write")
+    assert out.returncode == 0, out.stderr
+    stub = (tmp_path / "shop_state.py").read_text()
+    assert stub.startswith("# durable-heap: generated stub")
+    body = stub[stub.index("class State"):]
+    for line in (
+        "class State(durable_heap.State):",
+        "    count: int",
+        "    mixed: list[int | str | None]",
+        "    pair: tuple[int, str]",
+        "    scores: dict[str, float]",
+        "    tags: set[Any]",
+        "    users: dict[str, User]",
+        "#     email: str | None",
+        "#     notes: list[Note]",
+        "#     when: datetime.date",
+    ):
+        assert line in body.splitlines(), (line, stub)
+    assert "    from shop import User" in stub
+    assert ok("types", str(app)) == stub  # deterministic; printing writes nothing
+    checked = mypy(tmp_path, "shop.py", "shop_state.py")
+    assert checked.returncode == 0, checked.stdout
+    # The stub's types matter: misuse is caught.
+    write(tmp_path / "misuse.py", """
+        from shop_state import State
+        import durable_heap as dh
+        state: State = dh.state
+        def f() -> str:
+            return state.count.upper()
+    """)
+    bad = mypy(tmp_path, "misuse.py")
+    assert bad.returncode == 1 and '"int" has no attribute "upper"' in bad.stdout
+
+
+def test_program_without_state_usage_gives_an_empty_valid_stub(tmp_path: Path) -> None:
+    app = write(tmp_path / "plain.py", "def f() -> int:\n    return 1\n")
+    stub = ok("types", str(app))  # no heap yet: from the source alone
+    assert "class State(durable_heap.State):\n    pass\n" in stub
+    assert not (tmp_path / ".durable-heap").exists()
+    (tmp_path / "plain_state.py").write_text(stub)
+    assert mypy(tmp_path, "plain_state.py").returncode == 0
+    # Names the source assigns appear before any data exists.
+    write(app, "from durable_heap import state\nstate.setdefault('n', 0)\ndef f():\n    state.items = []\n")
+    stub = ok("types", str(app))
+    assert "    items: list[Any]" in stub and "    n: int" in stub
+
+
+def test_write_never_overwrites_a_foreign_file(tmp_path: Path) -> None:
+    app = write(tmp_path / "shop.py", PROGRAM)
+    ok("call", str(app), "add", "ann")
+    mine = tmp_path / "shop_state.py"
+    mine.write_text("# my own module\nX = 1\n")
+    out = cli("types", str(app), "--write")
+    assert out.returncode == 1 and "not generated by durable-heap types" in out.stderr
+    assert mine.read_text() == "# my own module\nX = 1\n"
+    assert cli("types", str(app), "--write", "--force").returncode == 0
+    assert mine.read_text().startswith("# durable-heap: generated stub")
+    assert cli("types", str(app), "--write").returncode == 0  # its own file: rewritten
+
+
+def test_broken_classes_appear_as_any_with_a_comment(tmp_path: Path) -> None:
+    app = write(tmp_path / "shop.py", PROGRAM)
+    ok("call", str(app), "add", "ann")
+    write(app, "from durable_heap import state\nstate.setdefault('users', {})\n")
+    ok("deploy", str(app), "--force")
+    stub = ok("types", str(app))
+    assert "    users: dict[str, Any]" in stub
+    assert "# shop.User: its objects cannot be loaded (the class is missing): typed Any" in stub
+
+
+def test_inference_reads_a_bounded_sample_of_a_huge_dict(tmp_path: Path) -> None:
+    path = tmp_path / "big.fs"
+    with dh.open(path) as heap, heap.transaction() as st:
+        st.big = {f"k{i}": i for i in range(1_000_000)}
+        st.items = list(range(1_000_000))
+    with dh.open(path, read_only=True) as heap:
+        conn = heap.connection
+        heap.transaction_manager.begin()
+        before = conn.getTransferCounts()[0]
+        stub = infer_stub(heap.state, "big", [], "big.py")
+        loads = conn.getTransferCounts()[0] - before
+        heap.transaction_manager.abort()
+    assert "    big: dict[str, int]" in stub and "    items: list[int]" in stub
+    assert loads < 60, loads  # a 1M-entry Dict and List: a few buckets, not 25,000
+
+
+DECLARED_V1 = """
+    from durable_heap import Object, state
+
+    class User(Object):
+        def __init__(self, name):
+            self.name = name
+
+    state.setdefault("count", 0)
+
+    def bump(n):
+        state.count += n
+        return state.count
+"""
+
+DECLARED_V2 = """
+    import durable_heap as dh
+    from durable_heap import Object
+
+    class User(Object):
+        def __init__(self, name):
+            self.name = name
+
+    class State(dh.State):
+        count: int = 0
+        users: dict[str, User] = {}        # copied per heap, never shared
+        title: str = "shop"
+
+    state = dh.typed_state(State)
+
+    def add(name):
+        state.users[name] = User(name)
+        root = dh.active_heap().state
+        return [type(root).__qualname__, type(root).__module__, state.count, sorted(state.users),
+                state.title, State.users]
+
+    def dump():
+        root = dh.active_heap().state
+        return {k: dh.to_builtin(root[k]) for k in sorted(root) if k != "users"}
+"""
+
+
+def test_declared_state_across_deploys(tmp_path: Path) -> None:
+    app = write(tmp_path / "shop.py", DECLARED_V1)
+    assert ok("call", str(app), "bump", "5").strip() == "5"
+    write(app, DECLARED_V2)
+    out = ok("call", str(app), "add", "ann")
+    assert out.strip() == '["State", "shop", 5, ["ann"], "shop", {}]'  # the class default is untouched
+    with dh.open(tmp_path / ".durable-heap" / "shop.fs", read_only=True) as heap:
+        assert type(heap.state).__module__ == "shop"  # the root is an instance of shop.State
+    # A new annotation with a default is set by the next deploy; nothing stored is removed.
+    write(app, DECLARED_V2.replace('title: str = "shop"', 'tags: list[str] = ["new"]'))
+    out = ok("call", str(app), "add", "bob")
+    assert '"shop"' in out  # title is still stored although no longer declared
+    assert json.loads(ok("call", str(app), "dump")) == {"count": 5, "tags": ["new"], "title": "shop"}
+    # Dropping the declaration makes the root a plain State again, data kept.
+    v4 = textwrap.dedent(DECLARED_V1) + "\ndef users():\n    return sorted(state.users)\n"
+    write(app, v4)
+    assert ok("call", str(app), "users").strip() == '["ann", "bob"]'
+    with dh.open(tmp_path / ".durable-heap" / "shop.fs", read_only=True) as heap:
+        assert type(heap.state) is dh.State and heap.state.title == "shop"
+
+
+def test_check_finds_planted_mismatches(tmp_path: Path) -> None:
+    app = write(tmp_path / "shop.py", textwrap.dedent(DECLARED_V2) + textwrap.dedent("""
+        def plant():
+            state.count = "five"
+            state.users["zed"] = User(7)
+    """))
+    ok("call", str(app), "add", "ann")
+    out = cli("types", str(app), "--check")
+    assert out.returncode == 0 and "matches shop.State" in out.stdout
+    ok("call", str(app), "plant")
+    write(app, app.read_text().replace("class User(Object):", "class User(Object):\n    name: str"))
+    out = cli("types", str(app), "--check")
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert "state.count: declared int, stored str" in lines
+    assert "state.users['zed'].name: declared str, stored int" in lines
+    assert len(lines) == 2, lines
+    plain = write(tmp_path / "plain.py", "from durable_heap import state\nstate.setdefault('n', 1)\n")
+    out = cli("types", str(plain), "--check")
+    assert out.returncode == 0 and "declares no State class" in out.stdout
