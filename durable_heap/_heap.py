@@ -120,6 +120,7 @@ class Heap:
         self.status = HeapStatus.OPEN
         #: Class renames of the loaded program versions: old path -> new path.
         self.renames: dict[str, str] = {}
+        self._renames_by_program: dict[str, dict[str, str]] = {}
         # Bumped when loaded classes change (a deploy): connections drop their caches.
         self._generation = 0
         storage = open_storage(target, read_only=read_only)
@@ -212,6 +213,16 @@ class Heap:
                 return State  # the program dropped its declared State: the root stays usable
         return found
 
+    def set_renames(self, program: str, table: dict[str, str]) -> dict[str, str]:
+        """Make `table` the rename table of `program` (replacing its last one); return that."""
+        old = self._renames_by_program.get(program, {})
+        self._renames_by_program[program] = dict(table)
+        merged: dict[str, str] = {}
+        for t in self._renames_by_program.values():
+            merged.update(t)
+        self.renames = merged
+        return old
+
     def classes_changed(self) -> None:
         """Loaded classes were replaced (a deploy): cached objects must be loaded again.
 
@@ -226,7 +237,7 @@ class Heap:
             self._drop_cache(local)
 
     def _drop_cache(self, local: _Thread) -> None:
-        reset_watch(local.conn, classes_changed=True)
+        reset_watch(local.conn)
         local.conn._resetCache()
         local.state = None
         local.generation = self._generation

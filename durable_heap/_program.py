@@ -38,6 +38,7 @@ __all__ = [
     "STATE_DIR",
     "Compiled",
     "Source",
+    "Swapped",
     "compile_source",
     "default_target",
     "install",
@@ -232,29 +233,44 @@ class _StoredFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(code, module.__dict__)  # noqa: S102 - running the user's program is the point
 
 
-def swap_out(name: str) -> dict[str, types.ModuleType]:
-    """Take a program's modules (``name`` and ``name.*``) out of `sys.modules`."""
+@dataclass
+class Swapped:
+    """What `swap_out` took away: a program's modules, finder and source lines."""
+
+    modules: dict[str, types.ModuleType]
+    finders: list[Any]
+    lines: dict[str, Any]
+
+
+def swap_out(name: str) -> Swapped:
+    """Take a program's modules (``name`` and ``name.*``) and its finder away.
+
+    Until `install` puts new ones in place, the program's classes cannot be
+    found at all (ZODB then makes broken objects), rather than be imported again
+    from the old source by another thread.
+    """
     prefix = name + "."
     taken = {k: m for k, m in list(sys.modules.items()) if k == name or k.startswith(prefix)}
     for k in taken:
         del sys.modules[k]
-    return taken
+    finders = [f for f in sys.meta_path if isinstance(f, _StoredFinder) and f.compiled.source.name == name]
+    sys.meta_path[:] = [f for f in sys.meta_path if f not in finders]
+    lines = {}
+    for finder in finders:
+        for _, filename, _ in finder.compiled.code.values():
+            if filename in linecache.cache:
+                lines[filename] = linecache.cache[filename]
+    return Swapped(taken, finders, lines)
 
 
-def restore(name: str, modules: dict[str, types.ModuleType]) -> None:
+def restore(name: str, swapped: Swapped) -> None:
     """Put back what `swap_out` took, dropping what was loaded since."""
-    swap_out(name)
-    sys.modules.update(modules)
-    _drop_finder(name)
-    loader = getattr(modules.get(name), "__loader__", None)
-    if isinstance(loader, _StoredFinder):
-        sys.meta_path.insert(0, loader)
-
-
-def _drop_finder(name: str) -> None:
-    sys.meta_path[:] = [
-        f for f in sys.meta_path if not (isinstance(f, _StoredFinder) and f.compiled.source.name == name)
-    ]
+    dropped = swap_out(name)
+    for filename in dropped.lines:
+        linecache.cache.pop(filename, None)
+    sys.modules.update(swapped.modules)
+    sys.meta_path[:0] = swapped.finders
+    linecache.cache.update(swapped.lines)
 
 
 def install(compiled: Compiled) -> types.ModuleType:
@@ -264,17 +280,22 @@ def install(compiled: Compiled) -> types.ModuleType:
     back with `restore` if this raises).
     """
     source = compiled.source
-    for module, (_, filename, _) in compiled.code.items():
-        rel = next(r for r in source.files if source.module_of(r) == module)
-        text = source.files[rel]
+    for rel, text in source.files.items():
+        filename = source.filename(rel)
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
-    _drop_finder(source.name)
-    sys.meta_path.insert(0, _StoredFinder(compiled))
+    finder = _StoredFinder(compiled)
+    sys.meta_path.insert(0, finder)
     folder = os.path.dirname(source.origin)
     if folder not in sys.path:
         sys.path.insert(0, folder)  # the program's neighbours stay importable
     importlib.invalidate_caches()
-    top = importlib.import_module(source.name)
+    # Built here rather than by import_module, which would hand back whatever
+    # module of that name is in sys.modules at the moment.
+    spec = finder.find_spec(source.name, None)
+    assert spec is not None
+    top = importlib.util.module_from_spec(spec)
+    sys.modules[source.name] = top
+    finder.exec_module(top)
     for loaded in [m for k, m in list(sys.modules.items()) if k in compiled.code]:
         serve_defaults(loaded)
     return top

@@ -378,11 +378,26 @@ class _SnapshotPickler(pickle.Pickler):
         return None
 
 
+def _class_path(module: str, qualname: str) -> str:
+    return f"{module}.{qualname}"
+
+
 class _NotingPickler(_SnapshotPickler):
-    """A snapshot pickler that also notes the program classes it pickles."""
+    """A snapshot pickler that also notes the program classes it pickles.
+
+    Classes are pickled by their path, not looked up: after a deploy replaced a
+    program's classes, instances of the old ones still snapshot (and compare)
+    as they did, so changes made through references kept from before are still
+    caught (see `_Watch._check_orphans`).
+    """
 
     def reducer_override(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
-        note_class(obj if isinstance(obj, type) else type(obj))
+        if isinstance(obj, type):
+            note_class(obj)
+            if obj.__module__.partition(".")[0] in program_roots:
+                return _class_path, (obj.__module__, obj.__qualname__)
+            return NotImplemented
+        note_class(type(obj))
         return NotImplemented
 
 
@@ -658,22 +673,18 @@ def remember_reads(obj: Any) -> None:
         w.hot.append(obj)
 
 
-def reset_watch(jar: Any, *, classes_changed: bool = False) -> None:
+def reset_watch(jar: Any) -> None:
     """A connection changes hands (opened from ZODB's pool, or closed into it).
 
     Whatever the watch holds belongs to the previous user: ghost the watched
     objects, drop the read caches, and follow the connection's current
     transaction manager (a pooled connection comes back with a new one).
-    When a deploy replaced the program's classes, plain objects kept from
-    before are instances of the old classes and are no longer followed.
     """
     w = _watch_of(jar)
     if w is None:
         return
     w.forget_reads()
     w.afterCompletion(None)
-    if classes_changed:
-        w.orphans.clear()
 
 
 def watched_plain_ids(jar: Any) -> set[int]:

@@ -95,8 +95,75 @@ __all__ = [
 #: Key of the programs' version records in the ZODB root.
 PROGRAMS_KEY = "durable_heap.programs"
 
-# One deploy at a time per process: deploys swap modules in `sys.modules`.
-_deploy_lock = threading.RLock()
+class _Gate:
+    """Program calls share it; a deploy or a module reload has it alone.
+
+    Modules are process-wide: a call still running the old version's code when
+    another thread swaps the modules would fail to commit (its objects' classes
+    are no longer the ones their paths name). So a deploy waits for the calls
+    in flight, and calls wait for the deploy. Reentrant per thread.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._calls = 0
+        self._owner: int | None = None
+        self._owner_depth = 0
+        self._waiting = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        me = threading.get_ident()
+        if depth == 0 and self._owner != me:
+            with self._cond:
+                while self._owner is not None or self._waiting:
+                    self._cond.wait()
+                self._calls += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0 and self._owner != me:
+                with self._cond:
+                    self._calls -= 1
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._owner == me:
+            self._owner_depth += 1
+            try:
+                yield
+            finally:
+                self._owner_depth -= 1
+            return
+        if getattr(self._local, "depth", 0):
+            raise ProgramError("a deploy cannot run inside a program call")
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._owner is not None or self._calls:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._owner = me
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._owner = None
+                self._cond.notify_all()
+
+
+_gate = _Gate()
+
+
+class _Reload(Exception):
+    """Internal: the current version must be loaded, which needs the gate alone."""
 
 
 class _VersionRecord(Persistent):
@@ -247,7 +314,7 @@ def _deploy(heap: Heap, source: Source, *, note: str, force: bool, from_file: bo
         rec = _read(heap, lambda conn: _record(conn, source.name))
         current = rec.current if rec is not None else 0
         raise DeployError(f"{exc}; {_kept(source.name, current)}", exc.cause) from exc.cause
-    with _deploy_lock:
+    with _gate.alone():
         for attempt in range(1, heap.max_attempts + 1):
             try:
                 return _deploy_once(heap, compiled, note, force, from_file)
@@ -278,9 +345,8 @@ def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
         return same, False
 
     saved = swap_out(name)
-    old_renames = dict(heap.renames)
+    old_renames = heap.set_renames(name, compiled.renames)
     program_roots.add(name)
-    heap.renames.update(compiled.renames)
     heap.classes_changed()
     stage, current, ok = "its top level", 0, False
     try:
@@ -322,8 +388,7 @@ def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
     finally:
         if not ok:
             restore(name, saved)
-            heap.renames.clear()
-            heap.renames.update(old_renames)
+            heap.set_renames(name, old_renames)
             heap.classes_changed()
 
 
@@ -416,6 +481,8 @@ def _save_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
         try:
             durable[name] = value
         except NotPersistableError:
+            if name in durable:  # now holds something unstorable: process-local from here on
+                del durable[name]
             continue
         module.__dict__[name] = durable[name]
     for name in [n for n in durable if n not in names and n not in vars(module)]:
@@ -447,6 +514,7 @@ class Program:
         self._loaded: tuple[int, str] = (0, "")
         self._stamp: Any = None
         self._checked = 0.0
+        self._globals_lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"<durable_heap.Program {self.name} version {self._loaded[0] or '?'}>"
@@ -454,7 +522,8 @@ class Program:
     @property
     def module(self) -> types.ModuleType:
         """The loaded module of the current version."""
-        self.heap._run(self._ensure, (), {}, f"load {self.name}", self.heap.max_attempts)
+        with _gate.alone():
+            self.heap._run(self._ensure, (True,), {}, f"load {self.name}", self.heap.max_attempts)
         assert self._module is not None
         return self._module
 
@@ -476,19 +545,36 @@ class Program:
         if self.watch:
             self.deploy_if_changed()
         note = call_note(function, args, kwargs)
-        return self.heap._run(self._in_transaction, (function, args, kwargs, then), {}, note,
-                              self.heap.max_attempts)
+        run = self.heap._run
+        with _gate.shared():
+            try:
+                return run(self._in_transaction, (function, args, kwargs, then, False), {}, note,
+                           self.heap.max_attempts)
+            except _Reload:
+                if self.heap.in_transaction:
+                    raise ProgramError(
+                        f"{self.name}: the program's current version is not loaded yet, and loading "
+                        "it cannot join a transaction in progress: make the first call of a new "
+                        "version outside transactions and actions"
+                    ) from None
+        # A new version to load (or the first call): with no other call in flight.
+        with _gate.alone():
+            return run(self._in_transaction, (function, args, kwargs, then, True), {}, note,
+                       self.heap.max_attempts)
 
     def _in_transaction(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                        then: Callable[[Any], Any] | None) -> Any:
-        loaded_here = self._ensure()
+                        then: Callable[[Any], Any] | None, alone: bool) -> Any:
+        loaded_here = self._ensure(alone)
         try:
             module = self._module
             assert module is not None
             func = _function(module, function)
             conn = self.heap.connection
             durable = self._globals(conn)
-            with self.heap.activate():
+            # Module globals are process-wide but bound to this thread's objects:
+            # a program with durable globals runs one call at a time.
+            lock = self._globals_lock if durable is not None and len(durable) else contextlib.nullcontext()
+            with self.heap.activate(), lock:
                 if durable is not None:
                     module.__dict__.update(durable.items())
                 result = func(*args, **kwargs)
@@ -504,33 +590,40 @@ class Program:
         rec = _record(conn, self.name)
         return rec.globals.get(self._loaded[0]) if rec is not None else None
 
-    def _ensure(self) -> bool:
-        """Load the current version unless it is loaded; True when it was loaded now."""
+    def _loaded_is(self, number: int, source_hash: str) -> bool:
+        return (
+            self._module is not None
+            and self._loaded == (number, source_hash)
+            and sys.modules.get(self.name) is self._module
+        )
+
+    def _ensure(self, alone: bool) -> bool:
+        """Load the current version unless it is loaded; True when it was loaded now.
+
+        Loading needs the gate alone: without it, raise `_Reload`.
+        """
         heap = self.heap
         rec = _existing(heap.connection, self.name, heap)
         number = rec.current
         version = rec.versions[number]
-        if (
-            self._module is not None
-            and self._loaded == (number, version.source_hash)
-            and sys.modules.get(self.name) is self._module
-        ):
+        if self._loaded_is(number, version.source_hash):
             return False
+        if not alone:
+            raise _Reload
         compiled = compile_source(version.source(self.name))
-        with _deploy_lock:
-            saved = swap_out(self.name)
-            program_roots.add(self.name)
-            heap.renames.update(compiled.renames)
-            heap.classes_changed()  # at the start of the transaction: nothing changed yet
-            try:
-                with heap.activate():
-                    self._module = install(compiled)
-            except Exception as exc:
-                restore(self.name, saved)
-                files = [compiled.source.filename(rel) for rel in compiled.source.files]
-                raise ProgramError(
-                    f"{self.name} version {number} raised at load: {where(exc, files)}"
-                ) from exc
+        saved = swap_out(self.name)
+        program_roots.add(self.name)
+        heap.set_renames(self.name, compiled.renames)
+        heap.classes_changed()  # at the start of the transaction: nothing changed yet
+        try:
+            with heap.activate():
+                self._module = install(compiled)
+        except Exception as exc:
+            restore(self.name, saved)
+            files = [compiled.source.filename(rel) for rel in compiled.source.files]
+            raise ProgramError(
+                f"{self.name} version {number} raised at load: {where(exc, files)}"
+            ) from exc
         self._loaded = (number, version.source_hash)
         return True
 
@@ -541,10 +634,10 @@ class Program:
             return None
         self._checked = now
         stamp = _stamp(self.path)
-        if stamp == self._stamp:
+        if stamp == self._stamp or stamp is None:  # unchanged, or gone: the current version serves
             return None
-        version = auto_deploy(self.heap, self.path)
         self._stamp = stamp  # after a failed deploy the same file is not tried again
+        version = auto_deploy(self.heap, self.path)
         if version is not None and self.on_deploy is not None:
             self.on_deploy(version)
         return version
@@ -640,7 +733,7 @@ def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | No
     compiled = compile_source(source)
     swap_out(name)
     program_roots.add(name)
-    heap.renames.update(compiled.renames)
+    heap.set_renames(name, compiled.renames)
     heap.classes_changed()
     tm = heap.transaction_manager
     tm.begin()
@@ -698,9 +791,11 @@ def state_at(heap: Heap, when: int | datetime.datetime | str,
         label = f"version {number}"
     with _historical(heap, kwargs, label) as conn:
         try:
-            yield conn.root()[ROOT_KEY]
+            root = conn.root()[ROOT_KEY]
+            root._p_activate()
         except (ZODB.POSException.POSKeyError, KeyError) as exc:
             raise _gone(label) from exc
+        yield root
 
 
 @contextlib.contextmanager

@@ -554,3 +554,33 @@ def test_history_after_pack(tmp_path: Path) -> None:
     assert [v.number for v in versions(app)] == [1, 2]  # version records survive packing
     assert ok("rollback", str(app), "--to", "1") == "3"
     assert call(app, "describe", "ann")["version"] == 1  # type: ignore[index]
+
+
+def test_program_calls_from_threads_across_a_deploy(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    with dh.open(tmp_path / "h.fs") as heap:
+        prog = heap.load(app)
+        errors: list[BaseException] = []
+        seen: set[int] = set()
+
+        def worker(w: int) -> None:
+            try:
+                for i in range(30):
+                    prog.call("add", f"w{w}-{i}")
+                    seen.add(prog.call("describe", f"w{w}-{i}")["version"])
+            except BaseException as exc:  # noqa: BLE001 - collected for the assert
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        write(app, V2)
+        heap.deploy(app)
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert prog.call("describe", "w0-0")["version"] == 2
+        with heap.transaction() as st:
+            assert len(st.users) == 90
+            assert {type(u).__module__ for u in st.users.values()} == {"app"}
