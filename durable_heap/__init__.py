@@ -33,13 +33,14 @@ from ._errors import (
     StaleReferenceError,
     StorageError,
     UnknownTargetError,
+    VersionNotFoundError,
 )
 from ._heap import Heap, HeapStatus, active_heap, open, state  # noqa: A004 - dh.open is the API
 from ._state import Object, State
 from ._types import typed_state
 from ._versions import Program, Version
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ConflictError",
@@ -66,6 +67,7 @@ __all__ = [
     "StorageError",
     "UnknownTargetError",
     "Version",
+    "VersionNotFoundError",
     "active_heap",
     "open",
     "state",

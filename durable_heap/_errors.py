@@ -16,6 +16,7 @@ Hierarchy::
      └── ProgramError                           a program cannot be loaded or run
           ├── ProgramNotFoundError (also FileNotFoundError)
           ├── FunctionNotFoundError (also AttributeError)
+          ├── VersionNotFoundError (also LookupError)  no such deployed version
           └── DeployError                       a deploy failed; nothing was committed
 
 Everything a user can cause ends as one of these, with a message that says what
@@ -41,6 +42,7 @@ __all__ = [
     "StaleReferenceError",
     "StorageError",
     "UnknownTargetError",
+    "VersionNotFoundError",
 ]
 
 
@@ -116,6 +118,10 @@ class ProgramNotFoundError(ProgramError, FileNotFoundError):
 
 class FunctionNotFoundError(ProgramError, AttributeError):
     """The program has no function of that name."""
+
+
+class VersionNotFoundError(ProgramError, LookupError):
+    """The program has no deployed version of that number."""
 
 
 class DeployError(ProgramError):

@@ -154,6 +154,7 @@ class Heap:
         local.tm.get().note("durable_heap: create the heap")
         root[_FORMAT_KEY] = _FORMAT
         root[ROOT_KEY] = State()
+        _values.ensure_registry(local.conn)  # empty: a new heap has no classes to scan for
         local.tm.commit()
 
     def close(self) -> None:

@@ -162,14 +162,21 @@ class Compiled:
     renames: dict[str, str]
 
 
-def compile_source(source: Source) -> Compiled:
-    """Compile every file of `source`; a syntax error becomes a `DeployError`."""
+def compile_source(source: Source, *, definitions_only: bool = False) -> Compiled:
+    """Compile every file of `source`; a syntax error becomes a `DeployError`.
+
+    With `definitions_only`, only imports, functions, classes and literal
+    assignments are kept: enough to load stored objects for a view of the past,
+    without running today's top level against that older state.
+    """
     code: dict[str, tuple[types.CodeType, str, bool]] = {}
     renames: dict[str, str] = {}
     for rel, text in sorted(source.files.items()):
         filename = source.filename(rel)
         try:
             tree = ast.parse(text, filename)
+            if definitions_only:
+                tree.body = [node for node in tree.body if _is_definition(node)]
             compiled = compile(tree, filename, "exec")
         except SyntaxError as exc:
             shown = os.path.basename(filename) if not source.is_package else f"{source.name}/{rel}"
@@ -177,6 +184,18 @@ def compile_source(source: Source) -> Compiled:
         renames.update(_renames(tree, filename))
         code[source.module_of(rel)] = (compiled, filename, rel.endswith("__init__.py"))
     return Compiled(source, code, renames)
+
+
+def _is_definition(node: ast.stmt) -> bool:
+    if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return True
+    if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+        try:
+            ast.literal_eval(node.value)
+        except ValueError:
+            return False
+        return True
+    return False
 
 
 def _renames(tree: ast.Module, filename: str) -> dict[str, str]:

@@ -37,6 +37,7 @@ import gc
 import io
 import pathlib
 import pickle
+import re
 import sys
 import threading
 import types
@@ -60,6 +61,7 @@ __all__ = [
     "forget_reads",
     "culprit",
     "dataclass_defaults",
+    "ensure_registry",
     "fill_defaults",
     "serve_defaults",
     "holder_path",
@@ -436,9 +438,65 @@ def note_class(cls: Any) -> None:
 
 
 def stored_classes(conn: Any) -> set[str]:
-    """Every program class path that objects were ever stored with (see `note_class`)."""
+    """Every program class path that objects were ever stored with (see `note_class`).
+
+    A heap written before the registry existed has none: its records are
+    scanned once for the classes they name (see `_scan_classes`).
+    """
     registry = conn.root().get(CLASSES_KEY)
-    return set(registry.keys()) if registry is not None else set()
+    if registry is not None:
+        return set(registry.keys())
+    scanned: set[str] | None = conn.__dict__.get("_dh_scanned")
+    if scanned is None:
+        scanned = conn._dh_scanned = _scan_classes(conn.db().storage)
+    return set(scanned)
+
+
+def ensure_registry(conn: Any) -> Any:
+    """The registry record, created (seeded by a scan on an older heap) if missing."""
+    root = conn.root()
+    registry = root.get(CLASSES_KEY)
+    if registry is None:
+        from BTrees.OOBTree import OOBTree
+
+        registry = OOBTree()
+        registry.update(dict.fromkeys(stored_classes(conn), True))
+        root[CLASSES_KEY] = registry
+    return registry
+
+
+# GLOBAL opcodes of protocol-3 pickles: ``c<module>\n<name>\n``.
+_GLOBAL = re.compile(rb"c([A-Za-z_][\w.]*)\n([A-Za-z_][\w.]*)\n")
+_LIBRARY_ROOTS = frozenset({
+    "builtins", "__builtin__", "copyreg", "copy_reg", "durable_heap", "BTrees", "persistent",
+    "ZODB", "zodbpickle", "datetime", "decimal", "fractions", "uuid", "pathlib", "collections",
+    "enum", "_codecs",
+})
+
+
+def _scan_classes(storage: Any) -> set[str]:
+    """The class paths named by the current records of `storage` (a one-time, full read)."""
+    found: set[str] = set()
+
+    def scan(data: bytes | None) -> None:
+        if data:
+            for m in _GLOBAL.finditer(data):
+                module = m.group(1).decode("ascii", "replace")
+                if module.partition(".")[0] not in _LIBRARY_ROOTS:
+                    found.add(f"{module}.{m.group(2).decode('ascii', 'replace')}")
+
+    if hasattr(storage, "record_iternext"):
+        cursor = None
+        while True:
+            _, _, data, cursor = storage.record_iternext(cursor)
+            scan(data)
+            if cursor is None:
+                break
+    else:
+        for txn in storage.iterator():
+            for record in txn:
+                scan(record.data)
+    return found
 
 
 def _register_pending(conn: Any) -> None:
@@ -452,12 +510,7 @@ def _register_pending(conn: Any) -> None:
     _pending.clear()
     if not new:
         return
-    from BTrees.OOBTree import OOBTree
-
-    root = conn.root()
-    registry = root.get(CLASSES_KEY)
-    if registry is None:
-        registry = root[CLASSES_KEY] = OOBTree()
+    registry = ensure_registry(conn)
     for path in new:
         registry[path] = True
 

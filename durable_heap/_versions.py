@@ -62,6 +62,7 @@ from ._errors import (
     ProgramError,
     ProgramNotFoundError,
     StorageError,
+    VersionNotFoundError,
 )
 from ._heap import Heap, _backoff, _conflict, _StateProxy, call_note
 from ._program import (
@@ -76,7 +77,7 @@ from ._program import (
     where,
 )
 from ._types import apply_declared, declared_state
-from ._values import ROOT_KEY, program_roots, stored_classes, watched_plain_ids
+from ._values import ROOT_KEY, ensure_registry, program_roots, stored_classes, watched_plain_ids
 
 __all__ = [
     "PROGRAMS_KEY",
@@ -283,7 +284,7 @@ def rollback(heap: Heap, program: str | os.PathLike[str], to: int, *, note: str 
     def source_of(conn: Any) -> tuple[Source, bool]:
         rec = _existing(conn, name, heap)
         if to not in rec.versions:
-            raise DeployError(
+            raise VersionNotFoundError(
                 f"{name} has no version {to} (its versions: {_span(rec)}); nothing was deployed"
             )
         return rec.versions[to].source(name), rec.current == to
@@ -363,6 +364,7 @@ def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
                 migrate(heap.state, previous)
             stage = ""
             apply_declared(conn, declared_state(module), name)
+            ensure_registry(conn)  # a heap from before the registry: scanned once, here
             removed = broken_classes(conn, name, heap.renames)
             if removed and not force:
                 raise DeployError(_removed_message(name, removed, current), removed=removed)
@@ -710,10 +712,10 @@ def versions(heap: Heap, program: str | os.PathLike[str]) -> list[Version]:
 
 
 def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | None = None,
-                   *, from_file: bool = False) -> types.ModuleType:
+                   *, from_file: bool = False, definitions_only: bool = False) -> types.ModuleType:
     """Load version `number` (default: current; the file if never deployed, or
     with `from_file`) for a read-only view: its top level runs in a transaction
-    that is aborted."""
+    that is aborted (with `definitions_only`, only its definitions run)."""
     name = module_name(program)
 
     def source_of(conn: Any) -> Source | None:
@@ -722,7 +724,7 @@ def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | No
             return None
         n = number if number is not None else rec.current
         if n not in rec.versions:
-            raise ProgramError(f"{name} has no version {n} (its versions: {_span(rec)})")
+            raise VersionNotFoundError(f"{name} has no version {n} (its versions: {_span(rec)})")
         return rec.versions[n].source(name)  # type: ignore[no-any-return]
 
     source: Source | None = None if from_file else _read(heap, source_of)
@@ -730,7 +732,7 @@ def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | No
         if number is not None:
             raise ProgramNotFoundError(f"{name} has never been deployed to the heap {heap.target}")
         source = read_source(program)
-    compiled = compile_source(source)
+    compiled = compile_source(source, definitions_only=definitions_only)
     swap_out(name)
     program_roots.add(name)
     heap.set_renames(name, compiled.renames)
@@ -778,7 +780,7 @@ def state_at(heap: Heap, when: int | datetime.datetime | str,
         def next_deploy(conn: Any) -> bytes | None:
             rec = _existing(conn, name, heap)
             if number not in rec.versions:
-                raise ProgramError(f"{name} has no version {number} (its versions: {_span(rec)})")
+                raise VersionNotFoundError(f"{name} has no version {number} (its versions: {_span(rec)})")
             later = list(rec.versions.keys(number + 1))
             if not later:
                 return None

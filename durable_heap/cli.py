@@ -153,6 +153,7 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
         ProgramError,
         ProgramNotFoundError,
         StorageError,
+        VersionNotFoundError,
     )
 
     shown = exc.exc if isinstance(exc, _FunctionFailed) else exc
@@ -168,13 +169,26 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
     else:
         message = f"internal error: {type(exc).__name__}: {exc}{hint}"
     print(f"durable-heap: error: {message}", file=sys.stderr)
-    usage = (ProgramNotFoundError, FunctionNotFoundError, StorageError)
+    usage = (ProgramNotFoundError, FunctionNotFoundError, VersionNotFoundError, StorageError)
     return EXIT_USAGE if isinstance(shown, usage) else EXIT_FAILED
 
 
 def _announce(version: Any) -> None:
     print(f"durable-heap: deployed {version.program} version {version.number} "
           f"(source {version.source_hash[:12]})", file=sys.stderr)
+
+
+def _check_program(args: argparse.Namespace, *, file_required: bool) -> None:
+    """Refuse a missing or misnamed program before any heap file is created."""
+    from ._errors import ProgramNotFoundError
+    from ._program import read_source
+
+    if os.path.exists(args.program):
+        read_source(args.program)
+        return
+    target = _target(args)
+    if file_required or ("://" not in target and not os.path.exists(target)):
+        raise ProgramNotFoundError(f"there is no program file {args.program!r}")
 
 
 def _call(args: argparse.Namespace) -> int:
@@ -184,6 +198,7 @@ def _call(args: argparse.Namespace) -> int:
     from ._versions import load
 
     values = [parse_arg(a) for a in args.args]
+    _check_program(args, file_required=False)
     with durable_heap.open(_target(args)) as heap:
         program = load(heap, args.program, deploy=not args.no_deploy, on_deploy=_announce)
         try:
@@ -203,6 +218,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
     from ._versions import deploy
 
+    _check_program(args, file_required=True)
     with durable_heap.open(_target(args)) as heap:
         version, new = deploy(heap, args.program, note=args.note, force=args.force)
     if new:
@@ -215,17 +231,17 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    import durable_heap
 
     from ._versions import rollback
 
-    with durable_heap.open(_target(args)) as heap:
+    with _open_existing(args, read_only=False) as heap:
         version, new = rollback(heap, args.program, args.to, note=args.note, force=args.force)
     if new:
         print(f"durable-heap: rolled {version.program} back to version {args.to}'s source, "
               f"deployed as version {version.number}", file=sys.stderr)
     else:
-        print(f"durable-heap: version {args.to} of {version.program} is already current", file=sys.stderr)
+        print(f"durable-heap: {version.program} version {version.number} already runs version "
+              f"{args.to}'s source: nothing deployed", file=sys.stderr)
     print(version.number)
     return 0
 
@@ -279,7 +295,8 @@ def _inspect(args: argparse.Namespace) -> int:
                 print(f"durable-heap: error: --at: {exc}", file=sys.stderr)
                 return EXIT_USAGE
             number = when if isinstance(when, int) else version_at(heap, args.program, when)
-            load_discarded(heap, args.program, number)
+            # Definitions only: that version's top level may not fit today's state.
+            load_discarded(heap, args.program, number, definitions_only=True)
             with state_at(heap, when, args.program) as old:
                 lines = render(old, depth=args.depth, limit=args.limit)
     print("\n".join(lines))
@@ -313,20 +330,21 @@ def _watch(args: argparse.Namespace) -> int:
 
     import durable_heap
 
-    from ._errors import DeployError
+    from ._errors import DurableHeapError
     from ._versions import _stamp, auto_deploy
 
+    _check_program(args, file_required=True)
     with durable_heap.open(_target(args)) as heap:
         print(f"durable-heap: watching {args.program} (Ctrl-C stops)", file=sys.stderr, flush=True)
         stamp: Any = object()
         try:
             while True:
                 now = _stamp(os.path.abspath(args.program))
-                if now != stamp:
+                if now != stamp and now is not None:  # gone for a moment (an editor's save): wait
                     stamp = now
                     try:
                         version = auto_deploy(heap, args.program)
-                    except DeployError as exc:
+                    except DurableHeapError as exc:
                         print(f"durable-heap: error: {exc}", file=sys.stderr, flush=True)
                     else:
                         if version is not None:

@@ -329,12 +329,12 @@ def test_bad_input(tmp_path: Path) -> None:
     app = write(tmp_path / "app.py", V1)
     assert call(app, "add", "ann") == 1
     out = cli("rollback", str(app), "--to", "7")
-    assert out.returncode == 1 and "has no version 7 (its versions: 1)" in out.stderr
+    assert out.returncode == 2 and "has no version 7 (its versions: 1)" in out.stderr
     assert [v.number for v in versions(app)] == [1]
     out = cli("rollback", str(app), "--to", "1")
-    assert out.returncode == 0 and "already current" in out.stderr
+    assert out.returncode == 0 and "already runs version 1's source" in out.stderr
     out = cli("inspect", str(app), "--at", "5")
-    assert out.returncode == 1 and "no version 5" in out.stderr
+    assert out.returncode == 2 and "no version 5" in out.stderr
     write(tmp_path / "fresh.py", "def f():\n    return 1\n")
     out = cli("call", str(tmp_path / "fresh.py"), "f", "--no-deploy")
     assert out.returncode == 1 and "never been deployed" in out.stderr
@@ -584,3 +584,120 @@ def test_program_calls_from_threads_across_a_deploy(tmp_path: Path) -> None:
         with heap.transaction() as st:
             assert len(st.users) == 90
             assert {type(u).__module__ for u in st.users.values()} == {"app"}
+
+
+def test_review_findings_in_a_service(tmp_path: Path) -> None:
+    """Threads, nested calls, stale references and rename tables around in-process deploys."""
+    app = write(tmp_path / "svc.py", """
+        import dataclasses
+        import threading
+        from durable_heap import Object, state
+
+        @dataclasses.dataclass
+        class Box:
+            items: list
+
+        class OldUser(Object):
+            pass
+
+        hits = []
+        _client = None                      # made lazily; not data once it holds an object
+
+        state.setdefault("box", Box([]))
+        state.setdefault("users", {})
+
+        def hit(name):
+            hits.append(name)
+            return len(hits)
+
+        def client():
+            global _client
+            if _client is None:
+                _client = threading.Lock()      # stands for a connection: not storable
+            return id(_client)
+
+        def keep():
+            return state.box
+
+        def add_old(name):
+            state.users[name] = OldUser()
+    """)
+    with dh.open(tmp_path / "h.fs") as heap:
+        prog = heap.load(app)
+        # Durable globals from 4 threads: nothing lost, no cross-connection errors.
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                for _ in range(50):
+                    prog.call("hit", "x")
+            except BaseException as exc:  # noqa: BLE001 - collected for the assert
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert prog.call("hit", "y") == 201
+        # A lazily made process-local global is made once, not reset at each call.
+        assert len({prog.call("client") for _ in range(4)}) == 1
+        # A plain object kept across a reload and then changed is refused, not lost.
+        box = prog.call("keep")
+        heap.deploy(write(app, app.read_text() + "\n# v2\n"))
+        prog.call("hit", "z")  # loads v2
+        with pytest.raises(dh.StaleReferenceError), heap.transaction():
+            box.items.append(1)
+        # A first call of a new version inside a transaction: a clear error, nothing lost.
+        heap.deploy(write(app, app.read_text() + "\n# v3\n"))
+        with pytest.raises(dh.ProgramError, match="outside transactions"), heap.transaction() as st:
+            st.kept = 1
+            prog.call("hit", "w")
+        # Rename tables are replaced, not merged, by each version.
+        prog.call("add_old", "ann")
+        text = app.read_text().replace("class OldUser(Object):", "class User(Object):")
+        renamed = "\n__durable_renames__ = {'svc.OldUser': 'svc.User'}\n"
+        heap.deploy(write(app, text.replace("OldUser()", "User()") + renamed))
+        assert prog.call("hit", "v") == 1  # a new version: its own globals
+        with pytest.raises(dh.DeployError, match="svc.OldUser"):
+            heap.deploy(write(app, text.replace("OldUser()", "User()")))  # the table dropped
+
+
+def test_state_at_lets_the_callers_errors_through(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    with dh.open(tmp_path / "h.fs") as heap:
+        heap.load(app).call("add", "ann")
+        with pytest.raises(KeyError, match="nobody"), heap.state_at(1, app) as old:
+            old.users["nobody"]
+
+
+def test_inspect_at_an_old_version_does_not_run_its_top_level_on_todays_state(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", """
+        from durable_heap import state
+        state.setdefault("names", ["ann"])
+        UPPER = [n.upper() for n in state.names]     # fits version 1's shape only
+
+        def show():
+            return UPPER
+    """)
+    assert call(app, "show") == ["ANN"]
+    write(app, """
+        from durable_heap import state
+        state.setdefault("names", [])
+
+        def migrate(state, previous):
+            state.names = [{"name": n} for n in state.names]
+    """)
+    assert ok("deploy", str(app)) == "2"
+    out = ok("inspect", str(app), "--at", "1")
+    assert "[0]: 'ann'" in out
+
+
+def test_no_heap_file_for_a_missing_or_misnamed_program(tmp_path: Path) -> None:
+    for args in (["call", str(tmp_path / "nope.py"), "f"], ["deploy", str(tmp_path / "nope.py")],
+                 ["rollback", str(tmp_path / "nope.py"), "--to", "1"],
+                 ["call", str(write(tmp_path / "my-app.py", "x = 1\n")), "f"]):
+        out = cli(*args)
+        assert out.returncode in (1, 2) and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / ".durable-heap").exists()
