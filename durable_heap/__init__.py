@@ -17,6 +17,7 @@ is persisted, incrementally and atomically, at the end of each transaction.
 """
 
 from ._containers import Dict, List, Set, to_builtin
+from ._counter import Counter
 from ._errors import (
     ConflictError,
     DurableHeapError,
@@ -29,6 +30,7 @@ from ._errors import (
     NoTransactionError,
     ProgramError,
     ProgramNotFoundError,
+    ServerUnavailableError,
     StaleReferenceError,
     StorageError,
     UnknownTargetError,
@@ -40,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConflictError",
+    "Counter",
     "Dict",
     "DurableHeapError",
     "FunctionNotFoundError",
@@ -55,6 +58,7 @@ __all__ = [
     "Object",
     "ProgramError",
     "ProgramNotFoundError",
+    "ServerUnavailableError",
     "Set",
     "StaleReferenceError",
     "State",

@@ -24,6 +24,7 @@ import enum
 import functools
 import random
 import reprlib
+import sys
 import threading
 import time
 import weakref
@@ -40,6 +41,7 @@ from ._errors import (
     ConflictError,
     HeapClosedError,
     NoActiveHeapError,
+    ServerUnavailableError,
     StorageError,
 )
 from ._state import State
@@ -261,16 +263,20 @@ class Heap:
         local.depth = 1
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
             local.depth = 0
             tm.abort()
+            if _disconnected(exc):
+                raise self._server_lost(note, committing=False) from exc
             raise
         local.depth = 0
         try:
             precheck(local.conn)
             tm.commit()
-        except transaction.interfaces.TransientError:
+        except transaction.interfaces.TransientError as exc:
             tm.abort()
+            if _disconnected(exc):  # transient to ZEO, but a retry could commit twice
+                raise self._server_lost(note, committing=True) from exc
             raise
         except BaseException as exc:
             err = _translate_commit_error(exc)
@@ -278,6 +284,19 @@ class Heap:
             if err is exc:
                 raise
             raise err from exc
+
+    def _server_lost(self, note: str | None, *, committing: bool) -> ServerUnavailableError:
+        what = f" during {note}" if note else ""
+        fate = (
+            "the transaction was aborted; if the server had already received its commit "
+            "the change is kept, so check before repeating it"
+            if committing
+            else "the transaction was aborted and nothing of it was committed"
+        )
+        return ServerUnavailableError(
+            f"lost the connection to the ZEO server at {self.target}{what}: {fate}. "
+            "Later transactions reconnect by themselves once the server is back."
+        )
 
     def attempts(self, attempts: int | None = None, note: str | None = None) -> Iterator[_Attempt]:
         """Retry a ``with`` block on conflicts::
@@ -421,6 +440,12 @@ class _Activation:
 def _backoff(attempt: int) -> None:
     """Sleep a random time that grows with the attempt: conflicting processes spread out."""
     time.sleep(random.uniform(0, min(0.5, 0.002 * 2**attempt)))
+
+
+def _disconnected(exc: BaseException) -> bool:
+    """True for ZEO's ClientDisconnected (without importing ZEO for heaps that do not use it)."""
+    zeo_errors = sys.modules.get("ZEO.Exceptions")
+    return zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)
 
 
 def _conflict(attempts: int, note: str | None) -> ConflictError:

@@ -2,6 +2,7 @@
 
     durable-heap call PROGRAM.py FUNCTION [ARGS...]   run FUNCTION as one action
     durable-heap inspect PROGRAM.py [--depth N]        print the program's state
+    durable-heap zeo --storage FILE [--address A]      serve a heap to other processes
 
 Options may come anywhere (``--storage TARGET``, ``--traceback``); arguments
 after ``--`` are never read as options. Each argument is parsed as JSON where
@@ -42,7 +43,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument(
             "--storage",
             metavar="TARGET",
-            help="the heap: a path, file:///abs/path.fs or memory:// (default: "
+            help="the heap: a path, file:///abs/path.fs, zeo://HOST:PORT or memory:// (default: "
             "$DURABLE_HEAP_STORAGE, else .durable-heap/<program>.fs beside the program)",
         )
         p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
@@ -58,7 +59,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     insp.add_argument("--depth", type=int, default=3, help="levels to show (default 3)")
     insp.add_argument("--limit", type=int, default=20, help="entries shown per container (default 20)")
     common(insp)
-    return parser, {"call": call, "inspect": insp}
+
+    from ._zeo import add_command
+
+    zeo = add_command(sub)
+    return parser, {"call": call, "inspect": insp, "zeo": zeo}
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -98,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "call":
             return _call(args)
+        if args.command == "zeo":
+            from ._zeo import run_server
+
+            return run_server(args)
         return _inspect(args)
     except KeyboardInterrupt:
         print("durable-heap: interrupted", file=sys.stderr)
