@@ -589,9 +589,10 @@ def open(  # noqa: A001 - durable_heap.open is the public name
 ) -> Heap:
     """Open (creating if needed) the heap at `target` and make it the active one.
 
-    `target` is a path (``data/app.fs``), ``file:///abs/app.fs`` or
-    ``memory://``; without one, ``$DURABLE_HEAP_STORAGE`` or
-    ``.durable-heap/heap.fs``. `attempts` is how often actions are tried when
+    `target` is a path (``data/app.fs``), ``file:///abs/app.fs``,
+    ``zeo://host:port`` or ``zeo:///path/to/socket`` (a heap served by
+    ``durable-heap zeo``, shared by processes) or ``memory://``; without one,
+    ``$DURABLE_HEAP_STORAGE`` or ``.durable-heap/heap.fs``. `attempts` is how often actions are tried when
     they conflict; `cache_size` how many objects each thread keeps in memory.
 
     >>> import durable_heap as dh
