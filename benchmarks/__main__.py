@@ -57,8 +57,8 @@ SHOWN = {
     ],
     "commit_warm": ["durable_heap", "durable_heap_list", "raw_zodb", "raw_oobtree", "sqlite_full"],
     # Through a ZEO server that the runner starts over each system's store.
-    "zeo_commit": ["durable_heap_zeo", "raw_zodb_zeo"],
-    "zeo_clients": ["durable_heap_zeo", "raw_zodb_zeo"],
+    "zeo_commit": ["durable_heap_zeo", "durable_heap_zeo_nosync", "raw_zodb_zeo"],
+    "zeo_clients": ["durable_heap_zeo", "durable_heap_zeo_nosync", "raw_zodb_zeo"],
 }
 # bulk builds the store the others use
 ORDER = ["bulk", "open", "read", "iterate", "commit", "commit_warm", "zeo_commit", "zeo_clients"]
@@ -232,6 +232,11 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _label(system: str) -> str:
+    cls = SYSTEMS[system]
+    return cls.name + (f" *({cls.note})*" if cls.note else "")
+
+
 def tables(results: dict[str, Any], sizes: list[int]) -> list[str]:
     lines: list[str] = []
     titles = {
@@ -282,9 +287,7 @@ def tables(results: dict[str, Any], sizes: list[int]) -> list[str]:
                 if b and system != SHOWN[w][0]:
                     cell += f" · ×{r[fig] / b[fig]:.2f}"
                 cells.append(cell)
-            cls = SYSTEMS[system]
-            label = cls.name + (f" *({cls.note})*" if cls.note else "")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_label(system)} | " + " | ".join(cells) + " |")
         lines += ["", f"×: ratio to {SYSTEMS[SHOWN[w][0]].name} in the same run.", ""]
     return lines
 
@@ -312,7 +315,7 @@ def zeo_clients_table(rows: dict[str, Any], sizes: list[int]) -> list[str]:
                 if b and system != SHOWN["zeo_clients"][0]:
                     cell += f" · ×{rate / b['commits_per_s'][str(c)]:.2f}"
                 cells.append(cell)
-            lines.append(f"| {SYSTEMS[system].name} | {s:,} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_label(system)} | {s:,} | " + " | ".join(cells) + " |")
     lines += ["", f"×: ratio to {SYSTEMS[SHOWN['zeo_clients'][0]].name} in the same run.", ""]
     return lines
 

@@ -422,6 +422,18 @@ class DurableHeapZEO(DurableHeapDict):
         self.heap.state.d[key(i)] = value
 
 
+class DurableHeapZEONoSync(DurableHeapZEO):
+    """As above, without the round trip that starts each transaction (``server_sync=0``)."""
+
+    name = "durable_heap Dict over ZEO, server_sync=0"
+    note = "relies on pushed invalidations"
+
+    def open(self, path: str) -> None:
+        import durable_heap as dh
+
+        self.heap = dh.open(zeo_address() + "?server_sync=0")
+
+
 class RawZODBZEO(RawZODB):
     """Raw ZODB (Persistent items in an OOBTree) through the same kind of ZEO server."""
 
@@ -485,5 +497,6 @@ SYSTEMS: dict[str, type[System]] = {
     "fsync": FsyncFloor,
     "dict": PlainDict,
     "durable_heap_zeo": DurableHeapZEO,
+    "durable_heap_zeo_nosync": DurableHeapZEONoSync,
     "raw_zodb_zeo": RawZODBZEO,
 }

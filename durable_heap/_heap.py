@@ -200,7 +200,12 @@ class Heap:
             try:
                 local.tm.get()
             except transaction.interfaces.NoTransaction:
-                local.conn.newTransaction(None)  # see the latest commits
+                try:
+                    local.conn.newTransaction(None)  # see the latest commits
+                except Exception as exc:
+                    if _disconnected(exc):
+                        raise self._server_lost(None, committing=False) from exc
+                    raise
                 forget_reads(local.conn)
         st = local.state
         if st is None:
@@ -257,7 +262,14 @@ class Heap:
     def _transaction(self, local: _Thread, note: str | None) -> Iterator[None]:
         """The outermost transaction; TransientError propagates (for retries)."""
         tm = local.tm
-        txn = tm.begin()
+        try:
+            txn = tm.begin()  # under ZEO, asks the server for the latest commits
+        except BaseException as exc:
+            with contextlib.suppress(transaction.interfaces.NoTransaction):
+                tm.abort()  # a begin that failed half-way leaves a transaction behind
+            if _disconnected(exc):
+                raise self._server_lost(note, committing=False) from exc
+            raise
         if note:
             txn.note(note)
         local.depth = 1

@@ -112,9 +112,20 @@ def is_loopback(host: str) -> bool:
 # --- TLS ---------------------------------------------------------------------------
 
 
-def _tls_error(files: str, exc: BaseException, hint: str) -> StorageError:
-    reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
-    return StorageError(f"cannot use the TLS files {files}: {reason}. {hint}")
+def _tls_context(server: bool, ca: str, cert: str | None, key: str | None, hint: str) -> Any:
+    """A TLS context that trusts `ca` and shows `cert` (if any); bad files: StorageError."""
+    import ssl
+
+    purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
+    try:
+        ctx = ssl.create_default_context(purpose, cafile=ca)
+        if cert or key:
+            ctx.load_cert_chain(cert or key or "", key if cert else None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        files = ", ".join(f for f in (cert, key, ca) if f)
+        raise StorageError(f"cannot use the TLS files {files}: {reason}. {hint}") from None
+    return ctx
 
 
 def server_tls(cert: str | None, key: str | None, ca: str | None) -> Any:
@@ -132,11 +143,7 @@ def server_tls(cert: str | None, key: str | None, ca: str | None) -> Any:
     import ssl
 
     hint = "Check --tls-cert, --tls-key and --tls-ca (PEM files; see docs/operations.md)."
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise _tls_error(", ".join(f for f in (cert, key, ca) if f), exc, hint) from None
+    ctx = _tls_context(True, ca, cert, key, hint)
     ctx.verify_mode = ssl.CERT_REQUIRED  # no certificate signed by the CA, no connection
     ctx.check_hostname = False
     return ctx
@@ -153,15 +160,8 @@ def client_tls(options: dict[str, str], addr: Address) -> tuple[Any, str | None]
             "a zeo:// target with TLS needs tls_ca=PATH (the CA that signed the server's "
             "certificate), and tls_cert=PATH (tls_key=PATH) for this client's certificate"
         )
-    import ssl
-
     hint = "Check the target's tls_ca, tls_cert and tls_key options (PEM files)."
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-        if cert or key:
-            ctx.load_cert_chain(cert or key or "", key if cert else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise _tls_error(", ".join(f for f in (ca, cert, key) if f), exc, hint) from None
+    ctx = _tls_context(False, ca, cert, key, hint)
     if isinstance(addr, str):  # a unix socket has no host name to check
         ctx.check_hostname = bool(hostname)
         return ctx, hostname or "localhost"

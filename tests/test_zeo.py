@@ -419,3 +419,24 @@ def test_server_stops_on_sigint_too(zeo_server: ZeoServer) -> None:
     zeo_server.proc.send_signal(signal.SIGINT)
     assert zeo_server.proc.wait(30) == 0
     assert "SIGINT: stopping" in zeo_server.log.read_text()
+
+
+def test_while_the_server_is_down_actions_fail_clearly_then_work_once_it_is_back(
+    zeo_server: ZeoServer,
+) -> None:
+    with dh.open(zeo_server.url + "?wait_timeout=1") as heap:
+
+        @heap.action
+        def bump() -> int:
+            heap.state.n = heap.state.get("n", 0) + 1
+            return int(heap.state.n)
+
+        assert bump() == 1
+        assert zeo_server.stop() == 0
+        with pytest.raises(dh.ServerUnavailableError, match=f"ZEO server at {zeo_server.url}"):
+            bump()  # not retried as a conflict: one clear error
+        with pytest.raises(dh.ServerUnavailableError):
+            heap.state.n  # noqa: B018 - reading outside a transaction asks the server too
+        zeo_server.start()
+        assert bump() == 2
+        assert heap.state.n == 2
