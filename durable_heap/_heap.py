@@ -133,16 +133,28 @@ class Heap:
 
     def _ensure_root(self) -> None:
         local = self._thread()
-        root = local.conn.root()
-        if ROOT_KEY in root:
-            return
-        if self.read_only:
-            raise StorageError(f"{self.target} holds no durable_heap state yet, and is open read-only")
-        local.tm.begin()
-        local.tm.get().note("durable_heap: create the heap")
-        root[_FORMAT_KEY] = _FORMAT
-        root[ROOT_KEY] = State()
-        local.tm.commit()
+        tm = local.tm
+        for attempt in range(1, self.max_attempts + 1):
+            tm.begin()
+            root = local.conn.root()
+            if ROOT_KEY in root:
+                tm.abort()
+                return
+            if self.read_only:
+                tm.abort()
+                raise StorageError(f"{self.target} holds no durable_heap state yet, and is open read-only")
+            tm.get().note("durable_heap: create the heap")
+            root[_FORMAT_KEY] = _FORMAT
+            root[ROOT_KEY] = State()
+            try:
+                tm.commit()
+                return
+            except transaction.interfaces.TransientError:
+                # Under ZEO another process may create the heap at the same moment:
+                # then use the one it made.
+                tm.abort()
+                _backoff(attempt)
+        raise _conflict(self.max_attempts, "durable_heap: create the heap")
 
     def close(self) -> None:
         """Close every thread's connection and the storage. Idempotent."""
@@ -604,8 +616,9 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     `target` is a path (``data/app.fs``), ``file:///abs/app.fs``,
     ``zeo://host:port`` or ``zeo:///path/to/socket`` (a heap served by
     ``durable-heap zeo``, shared by processes) or ``memory://``; without one,
-    ``$DURABLE_HEAP_STORAGE`` or ``.durable-heap/heap.fs``. `attempts` is how often actions are tried when
-    they conflict; `cache_size` how many objects each thread keeps in memory.
+    ``$DURABLE_HEAP_STORAGE`` or ``.durable-heap/heap.fs``. `attempts` is how
+    often actions are tried when they conflict; `cache_size` how many objects
+    each thread keeps in memory.
 
     >>> import durable_heap as dh
     >>> heap = dh.open("memory://")

@@ -97,6 +97,13 @@ def test_counter_incremented_by_four_processes_merges_without_retries(
     assert sum(r["tries"] for r in results) == acked
 
 
+def test_four_processes_opening_a_new_heap_at_once_share_one_state(zeo_server: ZeoServer) -> None:
+    results = _results(_start_workers("fresh", zeo_server.url, 5, 4))
+    assert sum(r["acked"] for r in results) == 20
+    with dh.open(zeo_server.url) as heap:
+        assert heap.state.count == 20
+
+
 def test_big_dict_and_list_changed_by_four_processes_lose_nothing(
     zeo_server: ZeoServer, client: dh.Heap
 ) -> None:

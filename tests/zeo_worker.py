@@ -7,7 +7,8 @@ can start every worker at once; then runs N actions and prints a JSON summary
 Modes: ``int`` (``state.count += 1``), ``counter`` (``state.hits += 1`` on a
 Counter), ``dict`` (a new key in ``state.big`` and an item appended to
 ``state.log``), ``loop`` (``int``, paced, going on through ServerUnavailableError),
-``inflight`` (one action, then one killed mid-way by the test, then one more).
+``inflight`` (one action, then one killed mid-way by the test, then one more),
+``fresh`` (``int`` on a heap the workers all create at once).
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ import durable_heap as dh
 def main() -> None:
     mode, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     wid = sys.argv[4] if len(sys.argv) > 4 else "0"
+    if mode == "fresh":  # every worker opens a heap nobody has created yet, at once
+        print("ready", flush=True)
+        sys.stdin.readline()
     heap = dh.open(url, attempts=500)
     tries = 0
-    print("ready", flush=True)
-    sys.stdin.readline()
+    if mode != "fresh":
+        print("ready", flush=True)
+        sys.stdin.readline()
 
     @heap.action
     def step(i: int) -> None:
@@ -35,6 +40,8 @@ def main() -> None:
         state: Any = heap.state
         if mode in ("int", "loop", "inflight"):
             state.count += 1
+        elif mode == "fresh":
+            state.count = state.get("count", 0) + 1
         elif mode == "counter":
             state.hits += 1
         elif mode == "dict":
