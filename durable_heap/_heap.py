@@ -112,13 +112,7 @@ class Heap:
         self.max_attempts = attempts
         self.read_only = read_only
         self.status = HeapStatus.OPEN
-        storage = open_storage(target, read_only=read_only)
-        try:
-            with private_files():
-                self.db = ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size)
-        except Exception:
-            storage.close()
-            raise
+        self.db = self._open_db(cache_size, pool_size)
         self._local = _Thread()
         self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -130,6 +124,27 @@ class Heap:
         _open_heaps.append(self)
 
     # -- lifecycle -----------------------------------------------------------------
+
+    def _open_db(self, cache_size: int, pool_size: int) -> Any:
+        """ZODB's DB on a new storage; it creates ZODB's root record in an empty one.
+
+        Under ZEO several processes may do that at the same moment: all but one
+        conflict, and open again to find the root the winner made.
+        """
+        for attempt in range(1, self.max_attempts + 1):
+            storage = open_storage(self.target, read_only=self.read_only)
+            try:
+                with private_files():
+                    return ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size)
+            except transaction.interfaces.TransientError as exc:
+                storage.close()
+                if attempt == self.max_attempts:
+                    raise _conflict(attempt, "durable_heap: create the heap") from exc
+                _backoff(attempt)
+            except Exception:
+                storage.close()
+                raise
+        raise AssertionError("unreachable")
 
     def _ensure_root(self) -> None:
         local = self._thread()

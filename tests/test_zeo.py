@@ -447,3 +447,23 @@ def test_while_the_server_is_down_actions_fail_clearly_then_work_once_it_is_back
         zeo_server.start()
         assert bump() == 2
         assert heap.state.n == 2
+
+
+def test_client_options_cache_file_and_read_only(zeo_server: ZeoServer, tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "worker.zec"
+    cache.parent.mkdir()
+    with dh.open(f"{zeo_server.url}?cache={cache}&cache_size=1000000&server_sync=0") as heap:
+        with heap.transaction() as state:
+            state.greeting = "hello"
+        assert cache.exists() and stat.S_IMODE(cache.stat().st_mode) == 0o600
+        with pytest.raises(dh.StorageError, match="cache .* is in use by another process"):
+            dh.open(f"{zeo_server.url}?cache={cache}")
+    with dh.open(f"{zeo_server.url}?cache={cache}") as heap:  # kept across restarts
+        assert heap.state.greeting == "hello"
+    with dh.open(f"{zeo_server.url}?read_only=1") as heap:
+        assert heap.state.greeting == "hello"
+        with pytest.raises(dh.StorageError, match="read-only"):
+            with heap.transaction() as state:
+                state.greeting = "changed"
+    with dh.open(zeo_server.url) as heap:
+        assert heap.state.greeting == "hello"
