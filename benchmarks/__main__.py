@@ -3,7 +3,8 @@
     python -m benchmarks                 full run (10k, 100k, 1M, 10M entries; about 40 minutes
                                          and 10 GB of memory, most for raw ZODB at 10M)
     python -m benchmarks --quick         a smoke run of every row (10k entries, few repetitions)
-    python -m benchmarks --only commit   one workload (bulk, open, read, commit)
+    python -m benchmarks --only commit   one workload (bulk, open, read, iterate, commit,
+                                         commit_warm, zeo_commit, zeo_clients)
     python -m benchmarks --sizes 10000,10000000
     python -m benchmarks --json results.json
     python -m benchmarks --report        also write docs/benchmarks.md and docs/img/*.png
@@ -55,25 +56,80 @@ SHOWN = {
         "sqlite_full", "sqlite_normal", "pickle", "shelve", "diskcache", "fsync",
     ],
     "commit_warm": ["durable_heap", "durable_heap_list", "raw_zodb", "raw_oobtree", "sqlite_full"],
+    # Through a ZEO server that the runner starts over each system's store.
+    "zeo_commit": ["durable_heap_zeo", "durable_heap_zeo_nosync", "raw_zodb_zeo"],
+    "zeo_clients": ["durable_heap_zeo", "durable_heap_zeo_nosync", "raw_zodb_zeo"],
 }
-ORDER = ["bulk", "open", "read", "iterate", "commit", "commit_warm"]  # bulk builds the store the others use
-COMMITS = ("commit", "commit_warm")
+# bulk builds the store the others use
+ORDER = ["bulk", "open", "read", "iterate", "commit", "commit_warm", "zeo_commit", "zeo_clients"]
+COMMITS = ("commit", "commit_warm", "zeo_commit")
 MAIN_FIGURE = {
     "bulk": "seconds", "open": "ms", "read": "ns_per_read", "iterate": "seconds",
-    "commit": "median_ms", "commit_warm": "median_ms",
+    "commit": "median_ms", "commit_warm": "median_ms", "zeo_commit": "median_ms",
 }
 UNITS = {"seconds": "s", "ms": "ms", "ns_per_read": "ns", "median_ms": "ms"}
+#: Client processes of the zeo_clients workload.
+CLIENTS = (1, 2, 4)
 
 
-def run_one(workload: str, system: str, size: int, folder: str, reps: int, seed: int = 0) -> dict[str, Any]:
+def _env(zeo: str | None = None) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if zeo:
+        env["BENCH_ZEO"] = zeo
+    return env
+
+
+def run_one(
+    workload: str, system: str, size: int, folder: str, reps: int, seed: int = 0, zeo: str | None = None
+) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.one", workload, system, str(size), folder, str(reps), str(seed)],
-        capture_output=True, text=True, env=env, cwd=ROOT, check=False,
+        capture_output=True, text=True, env=_env(zeo), cwd=ROOT, check=False,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{workload}/{system}/{size} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def start_zeo(folder: str) -> tuple[subprocess.Popen[str], str]:
+    """``durable-heap zeo`` over the store in `folder`, on a free port: (process, address)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "durable_heap", "zeo", "--storage", os.path.join(folder, "store"),
+         "--address", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(), cwd=ROOT,
+    )
+    address = proc.stdout.readline().strip()  # type: ignore[union-attr]
+    if not address.startswith("zeo://"):
+        proc.kill()
+        raise RuntimeError("the ZEO server did not start")
+    return proc, address
+
+
+def run_clients(system: str, size: int, folder: str, zeo: str, clients: int, millis: int) -> float:
+    """Aggregate commits per second of `clients` processes started at once."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.one", "zeo_clients", system, str(size), folder,
+             str(millis), "0", str(k), str(clients)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env(zeo), cwd=ROOT,
+        )
+        for k in range(clients)
+    ]
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+            raise RuntimeError(f"zeo_clients/{system} failed:\n{p.communicate()[1]}")
+    for p in procs:
+        p.stdin.write("go\n")  # type: ignore[union-attr]
+        p.stdin.flush()  # type: ignore[union-attr]
+    total = 0.0
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"zeo_clients/{system} failed:\n{err}")
+        r = json.loads(out.strip().splitlines()[-1])
+        total += r["commits"] / r["seconds"]
+    return total
 
 
 def reps_for(workload: str, system: str, size: int, quick: bool) -> int:
@@ -102,6 +158,7 @@ def measure(
     rounds = 1 if quick else 3
     for size in sizes:
         folders: dict[str, str] = {}
+        servers: dict[str, tuple[subprocess.Popen[str], str]] = {}
         try:
             for system in needed:
                 if size > SYSTEMS[system].max_size:
@@ -120,6 +177,8 @@ def measure(
                             times.sort()
                             r["ms"], r["p90_ms"] = statistics.median(times), times[-1]
                         results[w].setdefault(system, {})[size] = r
+                if SYSTEMS[system].zeo:
+                    servers[system] = start_zeo(folder)
                 print(f"  built and read {system} at {size:,}", file=sys.stderr)
             for w in COMMITS:
                 if w not in workloads:
@@ -130,7 +189,8 @@ def measure(
                         if system not in folders:
                             continue
                         reps = max(1, reps_for(w, system, size, quick) // rounds)
-                        r = run_one(w, system, size, folders[system], reps, seed=round_)
+                        zeo = servers[system][1] if system in servers else None
+                        r = run_one(w, system, size, folders[system], reps, seed=round_, zeo=zeo)
                         m = merged.setdefault(system, {"samples_ms": [], "bytes": []})
                         m["samples_ms"] += r["samples_ms"]
                         m["bytes"].append(r["bytes_per_commit"])
@@ -140,7 +200,25 @@ def measure(
                     del r["samples_ms"]
                     results[w].setdefault(system, {})[size] = r
                 print(f"  {w} at {size:,}", file=sys.stderr)
+            if "zeo_clients" in workloads:
+                millis = 500 if quick else 4000
+                rates: dict[str, dict[int, list[float]]] = {}
+                for clients in CLIENTS:
+                    for _ in range(rounds if not quick else 1):  # systems alternate
+                        for system in SHOWN["zeo_clients"]:
+                            if system in servers:
+                                rate = run_clients(system, size, folders[system], servers[system][1],
+                                                   clients, millis)
+                                rates.setdefault(system, {}).setdefault(clients, []).append(rate)
+                for system, by_clients in rates.items():
+                    results["zeo_clients"].setdefault(system, {})[size] = {
+                        "commits_per_s": {str(c): statistics.median(v) for c, v in by_clients.items()}
+                    }
+                print(f"  zeo_clients at {size:,}", file=sys.stderr)
         finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(60)
             for folder in folders.values():
                 shutil.rmtree(folder, ignore_errors=True)
     return results
@@ -152,6 +230,11 @@ def _fmt(value: float) -> str:
     if value >= 10:
         return f"{value:.1f}"
     return f"{value:.3g}"
+
+
+def _label(system: str) -> str:
+    cls = SYSTEMS[system]
+    return cls.name + (f" *({cls.note})*" if cls.note else "")
 
 
 def tables(results: dict[str, Any], sizes: list[int]) -> list[str]:
@@ -166,8 +249,15 @@ def tables(results: dict[str, Any], sizes: list[int]) -> list[str]:
         "commit_warm": "One-entry change + durable commit, 20 entries changed over and over "
         "(their records stay in memory: the commit without loading)",
     }
+    titles["zeo_commit"] = (
+        "Over ZEO: one-entry change + durable commit through a local ZEO server, one client "
+        "(median ms, p90; bytes appended per commit)"
+    )
     for w in ORDER:
         if w not in results or not results[w]:
+            continue
+        if w == "zeo_clients":
+            lines += zeo_clients_table(results[w], sizes)
             continue
         fig = MAIN_FIGURE[w]
         lines += [f"### {titles[w]}", ""]
@@ -197,10 +287,36 @@ def tables(results: dict[str, Any], sizes: list[int]) -> list[str]:
                 if b and system != SHOWN[w][0]:
                     cell += f" · ×{r[fig] / b[fig]:.2f}"
                 cells.append(cell)
-            cls = SYSTEMS[system]
-            label = cls.name + (f" *({cls.note})*" if cls.note else "")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_label(system)} | " + " | ".join(cells) + " |")
         lines += ["", f"×: ratio to {SYSTEMS[SHOWN[w][0]].name} in the same run.", ""]
+    return lines
+
+
+def zeo_clients_table(rows: dict[str, Any], sizes: list[int]) -> list[str]:
+    """Aggregate commits/s with 1, 2 and 4 client processes on distinct entries."""
+    lines = [
+        "### Over ZEO: aggregate commits per second of 1, 2 and 4 client processes, "
+        "each changing its own entries (higher is better)",
+        "",
+        "| system | size | " + " | ".join(f"{c} client{'s' if c > 1 else ''}" for c in CLIENTS) + " |",
+        "|---|---|" + "---|" * len(CLIENTS),
+    ]
+    base = rows.get(SHOWN["zeo_clients"][0], {})
+    for system in SHOWN["zeo_clients"]:
+        for s in sizes:
+            r = rows.get(system, {}).get(s) or rows.get(system, {}).get(str(s))
+            if not r:
+                continue
+            b = base.get(s) or base.get(str(s))
+            cells = []
+            for c in CLIENTS:
+                rate = r["commits_per_s"][str(c)]
+                cell = f"{rate:,.0f}/s"
+                if b and system != SHOWN["zeo_clients"][0]:
+                    cell += f" · ×{rate / b['commits_per_s'][str(c)]:.2f}"
+                cells.append(cell)
+            lines.append(f"| {_label(system)} | {s:,} | " + " | ".join(cells) + " |")
+    lines += ["", f"×: ratio to {SYSTEMS[SHOWN['zeo_clients'][0]].name} in the same run.", ""]
     return lines
 
 
@@ -234,6 +350,12 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[str]:
         if big != small and big in row and small in row:
             r = row[big]["median_ms"] / row[small]["median_ms"]
             line(f"{label} warm commit flat in size: {big:,}/{small:,} = {r:.2f} (target <= 1.25)", r <= 1.25)
+    zc = results.get("zeo_commit", {})
+    zdh, zraw = zc.get("durable_heap_zeo", {}), zc.get("raw_zodb_zeo", {})
+    for s in sizes:
+        if s in zdh and s in zraw:
+            r = zdh[s]["median_ms"] / zraw[s]["median_ms"]
+            line(f"one-entry commit over ZEO at {s:,}: {r:.2f}x raw ZEO (target <= 1.3x)", r <= 1.3)
     pk = c.get("pickle", {})
     if dh and pk and 1_000_000 in pk and 1_000_000 in dh:
         r = pk[1_000_000]["median_ms"] / dh[1_000_000]["median_ms"]
@@ -264,7 +386,7 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[str]:
 
 def machine() -> list[str]:
     versions = []
-    for pkg in ("durable-heap", "ZODB", "persistent", "BTrees", "transaction"):
+    for pkg in ("durable-heap", "ZODB", "persistent", "BTrees", "transaction", "ZEO"):
         try:
             versions.append(f"{pkg} {metadata.version(pkg)}")
         except metadata.PackageNotFoundError:

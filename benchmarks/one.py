@@ -1,6 +1,7 @@
 """Run one measurement in this process and print it as JSON (the runner spawns this).
 
     python -m benchmarks.one WORKLOAD SYSTEM SIZE DIR [REPS [SEED]]
+    python -m benchmarks.one zeo_clients SYSTEM SIZE DIR MILLISECONDS SEED WORKER CLIENTS
 """
 
 from __future__ import annotations
@@ -62,6 +63,31 @@ def commit(
     system.close()
     written = after if system.rewrites_all else (after - before) / reps
     return summarize({"samples_ms": [t * 1e3 for t in times], "bytes_per_commit": written})
+
+
+def throughput(system: System, n: int, folder: str, millis: int, worker: int, clients: int) -> dict[str, Any]:
+    """One of `clients` processes committing one-entry changes for `millis` ms.
+
+    Each worker changes only its own entries (``i % clients == worker``). It
+    prints ``ready`` once open and warm, and starts when a line arrives on stdin,
+    so that every worker of a run starts at once.
+    """
+    system.open(_store(folder))
+    rnd = random.Random(worker)
+    mine = range(worker, n, clients)
+    for _ in range(5):
+        system.change(rnd.choice(mine), rnd.randrange(10**9))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    count = 0
+    t0 = time.perf_counter()
+    end = t0 + millis / 1000
+    while time.perf_counter() < end:
+        system.change(rnd.choice(mine), rnd.randrange(10**9))
+        count += 1
+    elapsed = time.perf_counter() - t0
+    system.close()
+    return {"commits": count, "seconds": elapsed}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +165,10 @@ def main() -> None:
     system = SYSTEMS[system_name]()
     if system_name == "dict":
         system.build("", int(size))
-    if workload in ("commit", "commit_warm"):
+    if workload == "zeo_clients":
+        worker, clients = int(sys.argv[7]), int(sys.argv[8])
+        result = throughput(system, int(size), folder, reps, worker, clients)
+    elif workload in ("commit", "commit_warm", "zeo_commit"):
         result = commit(system, int(size), folder, reps, seed, warm=workload == "commit_warm")
     else:
         result = WORKLOADS[workload](system, int(size), folder, reps)

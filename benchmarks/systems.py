@@ -24,6 +24,7 @@ class System:
     durable = True
     max_size = 10**9  # sizes above this are skipped (too slow to be worth measuring)
     rewrites_all = False  # every commit writes the whole store
+    zeo = False  # opened through a ZEO server that the runner starts over the store
     modules: tuple[str, ...] = ()
 
     def prepare(self) -> None:
@@ -397,6 +398,76 @@ class FsyncFloor(System):
         self.f.close()
 
 
+def zeo_address() -> str:
+    """The ``zeo://`` address of the server the runner started for this store."""
+    return os.environ["BENCH_ZEO"]
+
+
+class DurableHeapZEO(DurableHeapDict):
+    """The durable_heap Dict through a ZEO server (``durable-heap zeo``), default options."""
+
+    name = "durable_heap Dict over ZEO"
+    max_size = 1_000_000
+    zeo = True
+
+    def open(self, path: str) -> None:
+        import durable_heap as dh
+
+        self.heap = dh.open(zeo_address())
+
+    def change(self, i: int, value: int) -> None:
+        self.heap.run(self._put, i, value)  # an action: retried if clients conflict
+
+    def _put(self, i: int, value: int) -> None:
+        self.heap.state.d[key(i)] = value
+
+
+class DurableHeapZEONoSync(DurableHeapZEO):
+    """As above, without the round trip that starts each transaction (``server_sync=0``)."""
+
+    name = "durable_heap Dict over ZEO, server_sync=0"
+    note = "relies on pushed invalidations"
+
+    def open(self, path: str) -> None:
+        import durable_heap as dh
+
+        self.heap = dh.open(zeo_address() + "?server_sync=0")
+
+
+class RawZODBZEO(RawZODB):
+    """Raw ZODB (Persistent items in an OOBTree) through the same kind of ZEO server."""
+
+    name = "raw ZEO (OOBTree of Persistent, ZEO's default client)"
+    max_size = 1_000_000
+    zeo = True
+    modules = (*RawZODB.modules, "ZEO.ClientStorage")
+
+    def open(self, path: str) -> None:
+        if "BENCH_ZEO" not in os.environ:  # building: on the file, before the server starts
+            super().open(path)
+            return
+        import transaction
+        import ZEO
+        import ZODB
+
+        host, port = zeo_address()[len("zeo://"):].rsplit(":", 1)
+        self.db = ZODB.DB(ZEO.client((host, int(port))), cache_size=50_000)
+        self.tm = transaction.TransactionManager()
+        self.conn = self.db.open(transaction_manager=self.tm)
+        self.tree = self.conn.root().get("d")
+
+    def change(self, i: int, value: int) -> None:
+        from ZODB.POSException import ConflictError
+
+        while True:
+            try:
+                self.tree[key(i)].value = value
+                self.tm.commit()
+                return
+            except ConflictError:  # never expected on distinct entries; retried like an action
+                self.tm.abort()
+
+
 class PlainDict(System):
     name = "plain dict (in memory)"
     durable = False
@@ -425,4 +496,7 @@ SYSTEMS: dict[str, type[System]] = {
     "diskcache": DiskCache,
     "fsync": FsyncFloor,
     "dict": PlainDict,
+    "durable_heap_zeo": DurableHeapZEO,
+    "durable_heap_zeo_nosync": DurableHeapZEONoSync,
+    "raw_zodb_zeo": RawZODBZEO,
 }

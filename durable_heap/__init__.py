@@ -17,6 +17,7 @@ is persisted, incrementally and atomically, at the end of each transaction.
 """
 
 from ._containers import Dict, List, Set, to_builtin
+from ._counter import Counter
 from ._errors import (
     ConflictError,
     DeployError,
@@ -30,6 +31,7 @@ from ._errors import (
     NoTransactionError,
     ProgramError,
     ProgramNotFoundError,
+    ServerUnavailableError,
     StaleReferenceError,
     StorageError,
     UnknownTargetError,
@@ -44,6 +46,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ConflictError",
+    "Counter",
     "DeployError",
     "Dict",
     "DurableHeapError",
@@ -61,6 +64,7 @@ __all__ = [
     "Program",
     "ProgramError",
     "ProgramNotFoundError",
+    "ServerUnavailableError",
     "Set",
     "StaleReferenceError",
     "State",

@@ -55,6 +55,7 @@ from BTrees.OLBTree import OLBTree
 from persistent import Persistent
 from ZODB.POSException import ConflictError as _ZConflictError
 
+from ._counter import Counter
 from ._values import (
     CONVERTERS,
     BadValue,
@@ -470,6 +471,8 @@ class _Hashed(Persistent):
     def _put(self, key: Any, value: Any) -> None:
         small = self._small
         if small is not None:
+            if isinstance(value, Persistent) and small.get(key, _MISSING) is value:
+                return  # the same record put back (``d[k] += 1`` on a Counter): no change
             small[key] = value
             _touch(self)
             if len(small) > SMALL_MAX:
@@ -1825,7 +1828,7 @@ CONVERTERS[set] = Set._from_plain
 
 def to_builtin(obj: Any) -> Any:
     """A deep copy of `obj` made of plain builtins: `Dict` -> dict, `List` -> list,
-    `Set` -> set, and `State`/`Object` -> dict of their attributes.
+    `Set` -> set, `Counter` -> int, and `State`/`Object` -> dict of their attributes.
 
     For JSON, exports and tests. Other values are returned as they are.
 
@@ -1840,6 +1843,8 @@ def to_builtin(obj: Any) -> Any:
         return {to_builtin(v) for v in obj}
     if type(obj) is tuple:
         return tuple(to_builtin(v) for v in obj)
+    if isinstance(obj, Counter):
+        return obj.value
     as_dict = getattr(type(obj), "_dh_as_dict", None)
     if as_dict is not None:
         return {k: to_builtin(v) for k, v in as_dict(obj).items()}

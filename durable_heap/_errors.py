@@ -12,7 +12,8 @@ Hierarchy::
      ├── StorageError                           the storage cannot be opened or used
      │    ├── HeapLockedError                   the FileStorage is held by a process
      │    ├── NotAHeapError                     the file is not a FileStorage
-     │    └── UnknownTargetError (also ValueError)  a target string we cannot parse
+     │    ├── UnknownTargetError (also ValueError)  a target string we cannot parse
+     │    └── ServerUnavailableError (also ConnectionError)  no ZEO server answers
      └── ProgramError                           a program cannot be loaded or run
           ├── ProgramNotFoundError (also FileNotFoundError)
           ├── FunctionNotFoundError (also AttributeError)
@@ -39,6 +40,7 @@ __all__ = [
     "NotPersistableError",
     "ProgramError",
     "ProgramNotFoundError",
+    "ServerUnavailableError",
     "StaleReferenceError",
     "StorageError",
     "UnknownTargetError",
@@ -105,7 +107,12 @@ class NotAHeapError(StorageError):
 
 
 class UnknownTargetError(StorageError, ValueError):
-    """A target string names a scheme durable_heap does not know."""
+    """A target string names a scheme durable_heap does not know, or bad options."""
+
+
+class ServerUnavailableError(StorageError, ConnectionError):
+    """The ZEO server of a ``zeo://`` heap did not answer in time, or went away
+    during a transaction (which was then aborted)."""
 
 
 class ProgramError(DurableHeapError):

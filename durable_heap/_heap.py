@@ -26,6 +26,7 @@ import functools
 import os
 import random
 import reprlib
+import sys
 import threading
 import time
 import weakref
@@ -44,6 +45,7 @@ from ._errors import (
     ConflictError,
     HeapClosedError,
     NoActiveHeapError,
+    ServerUnavailableError,
     StorageError,
 )
 from ._state import State
@@ -123,14 +125,7 @@ class Heap:
         self._renames_by_program: dict[str, dict[str, str]] = {}
         # Bumped when loaded classes change (a deploy): connections drop their caches.
         self._generation = 0
-        storage = open_storage(target, read_only=read_only)
-        try:
-            with private_files():
-                self.db = ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size,
-                                  class_factory=self._find_class)
-        except Exception:
-            storage.close()
-            raise
+        self.db = self._open_db(cache_size, pool_size)
         self._local = _Thread()
         self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -143,19 +138,53 @@ class Heap:
 
     # -- lifecycle -----------------------------------------------------------------
 
+    def _open_db(self, cache_size: int, pool_size: int) -> Any:
+        """ZODB's DB on a new storage; it creates ZODB's root record in an empty one.
+
+        Under ZEO several processes may do that at the same moment: all but one
+        conflict, and open again to find the root the winner made.
+        """
+        for attempt in range(1, self.max_attempts + 1):
+            storage = open_storage(self.target, read_only=self.read_only)
+            try:
+                with private_files():
+                    return ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size,
+                                   class_factory=self._find_class)
+            except transaction.interfaces.TransientError as exc:
+                storage.close()
+                if attempt == self.max_attempts:
+                    raise _conflict(attempt, "durable_heap: create the heap") from exc
+                _backoff(attempt)
+            except Exception:
+                storage.close()
+                raise
+        raise AssertionError("unreachable")
+
     def _ensure_root(self) -> None:
         local = self._thread()
-        root = local.conn.root()
-        if ROOT_KEY in root:
-            return
-        if self.read_only:
-            raise StorageError(f"{self.target} holds no durable_heap state yet, and is open read-only")
-        local.tm.begin()
-        local.tm.get().note("durable_heap: create the heap")
-        root[_FORMAT_KEY] = _FORMAT
-        root[ROOT_KEY] = State()
-        _values.ensure_registry(local.conn)  # empty: a new heap has no classes to scan for
-        local.tm.commit()
+        tm = local.tm
+        for attempt in range(1, self.max_attempts + 1):
+            tm.begin()
+            root = local.conn.root()
+            if ROOT_KEY in root:
+                tm.abort()
+                return
+            if self.read_only:
+                tm.abort()
+                raise StorageError(f"{self.target} holds no durable_heap state yet, and is open read-only")
+            tm.get().note("durable_heap: create the heap")
+            root[_FORMAT_KEY] = _FORMAT
+            root[ROOT_KEY] = State()
+            _values.ensure_registry(local.conn)  # empty: a new heap has no classes to scan for
+            try:
+                tm.commit()
+                return
+            except transaction.interfaces.TransientError:
+                # Under ZEO another process may create the heap at the same moment:
+                # then use the one it made.
+                tm.abort()
+                _backoff(attempt)
+        raise _conflict(self.max_attempts, "durable_heap: create the heap")
 
     def close(self) -> None:
         """Close every thread's connection and the storage. Idempotent."""
@@ -259,7 +288,12 @@ class Heap:
             try:
                 local.tm.get()
             except transaction.interfaces.NoTransaction:
-                local.conn.newTransaction(None)  # see the latest commits
+                try:
+                    local.conn.newTransaction(None)  # see the latest commits
+                except Exception as exc:
+                    if _disconnected(exc):
+                        raise self._server_lost(None, committing=False) from exc
+                    raise
                 forget_reads(local.conn)
         st = local.state
         if st is None:
@@ -316,22 +350,33 @@ class Heap:
     def _transaction(self, local: _Thread, note: str | None) -> Iterator[None]:
         """The outermost transaction; TransientError propagates (for retries)."""
         tm = local.tm
-        txn = tm.begin()
+        try:
+            txn = tm.begin()  # under ZEO, asks the server for the latest commits
+        except BaseException as exc:
+            with contextlib.suppress(transaction.interfaces.NoTransaction):
+                tm.abort()  # a begin that failed half-way leaves a transaction behind
+            if _disconnected(exc):
+                raise self._server_lost(note, committing=False) from exc
+            raise
         if note:
             txn.note(note)
         local.depth = 1
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
             local.depth = 0
             tm.abort()
+            if _disconnected(exc):
+                raise self._server_lost(note, committing=False) from exc
             raise
         local.depth = 0
         try:
             precheck(local.conn)
             tm.commit()
-        except transaction.interfaces.TransientError:
+        except transaction.interfaces.TransientError as exc:
             tm.abort()
+            if _disconnected(exc):  # transient to ZEO, but a retry could commit twice
+                raise self._server_lost(note, committing=True) from exc
             raise
         except BaseException as exc:
             err = _translate_commit_error(exc)
@@ -339,6 +384,19 @@ class Heap:
             if err is exc:
                 raise
             raise err from exc
+
+    def _server_lost(self, note: str | None, *, committing: bool) -> ServerUnavailableError:
+        what = f" during {note}" if note else ""
+        fate = (
+            "the transaction was aborted; if the server had already received its commit "
+            "the change is kept, so check before repeating it"
+            if committing
+            else "the transaction was aborted and nothing of it was committed"
+        )
+        return ServerUnavailableError(
+            f"lost the connection to the ZEO server at {self.target}{what}: {fate}. "
+            "Later transactions reconnect by themselves once the server is back."
+        )
 
     def attempts(self, attempts: int | None = None, note: str | None = None) -> Iterator[_Attempt]:
         """Retry a ``with`` block on conflicts::
@@ -534,6 +592,12 @@ def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(0.5, 0.002 * 2**attempt)))
 
 
+def _disconnected(exc: BaseException) -> bool:
+    """True for ZEO's ClientDisconnected (without importing ZEO for heaps that do not use it)."""
+    zeo_errors = sys.modules.get("ZEO.Exceptions")
+    return zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)
+
+
 def _conflict(attempts: int, note: str | None) -> ConflictError:
     what = f" in {note}" if note else ""
     tries = "once" if attempts == 1 else f"{attempts} times"
@@ -675,10 +739,12 @@ def open(  # noqa: A001 - durable_heap.open is the public name
 ) -> Heap:
     """Open (creating if needed) the heap at `target` and make it the active one.
 
-    `target` is a path (``data/app.fs``), ``file:///abs/app.fs`` or
-    ``memory://``; without one, ``$DURABLE_HEAP_STORAGE`` or
-    ``.durable-heap/heap.fs``. `attempts` is how often actions are tried when
-    they conflict; `cache_size` how many objects each thread keeps in memory.
+    `target` is a path (``data/app.fs``), ``file:///abs/app.fs``,
+    ``zeo://host:port`` or ``zeo:///path/to/socket`` (a heap served by
+    ``durable-heap zeo``, shared by processes) or ``memory://``; without one,
+    ``$DURABLE_HEAP_STORAGE`` or ``.durable-heap/heap.fs``. `attempts` is how
+    often actions are tried when they conflict; `cache_size` how many objects
+    each thread keeps in memory.
 
     >>> import durable_heap as dh
     >>> heap = dh.open("memory://")

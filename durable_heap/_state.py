@@ -72,6 +72,11 @@ class Object(Persistent):
             Persistent.__setattr__(self, name, value)
             return
         check_writable(self)
+        if isinstance(value, Persistent) and getattr(self, name, _MISSING) is value:
+            # ``state.hits += 1`` on a Counter assigns the same object back: the
+            # record is unchanged, and leaving it clean keeps concurrent increments
+            # from conflicting on it.
+            return
         try:
             value = adopt(value)
         except BadValue as err:

@@ -7,7 +7,12 @@ target                    storage
 ``path/to/app.fs``        FileStorage (the embedded default; one process)
 ``file:///abs/app.fs``    FileStorage
 ``memory://``             MappingStorage: in memory only, for unit tests
+``zeo://host:port``       ZEO ClientStorage: a heap shared by processes
+``zeo:///run/app.sock``   ZEO ClientStorage over a unix socket
 ========================  ==================================================
+
+``zeo://`` targets take query options (``?wait_timeout=5&cache=/var/app.zec``);
+`durable_heap._zeo` checks them and builds the client.
 
 FileStorage files are created private (umask 077: the data file, its index, its
 temporary and pack files are 0600); missing parent folders are created 0700.
@@ -33,15 +38,15 @@ ENV_STORAGE = "DURABLE_HEAP_STORAGE"
 DEFAULT_PATH = os.path.join(".durable-heap", "heap.fs")
 # FileStorage files start with FS30 (Python 3 pickles) or FS21 (written by Python 2).
 FILESTORAGE_MAGICS = (b"FS30", b"FS21")
-_SCHEMES = ("file://", "memory://")
+_SCHEMES = ("file://", "memory://", "zeo://")
 
 
 @dataclass(frozen=True)
 class Target:
     """A parsed target: its scheme, its location and its options."""
 
-    scheme: str  # "file" or "memory"
-    location: str  # absolute path for "file"; a name for "memory"
+    scheme: str  # "file", "memory" or "zeo"
+    location: str  # absolute path for "file"; a name for "memory"; host:port or /socket for "zeo"
     options: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -78,6 +83,10 @@ def parse_target(target: str | os.PathLike[str] | None) -> Target:
         return Target("file", os.path.abspath(os.path.expanduser(path)), options)
     if parts.scheme == "memory":
         return Target("memory", parts.netloc + parts.path, options)
+    if parts.scheme == "zeo":
+        from ._zeo import check_client_target
+
+        return check_client_target(Target("zeo", parts.netloc + unquote(parts.path), options), target)
     msg = (
         f"unknown heap target scheme {parts.scheme + '://'!r} in {target!r}: use a file "
         f"path, or one of {', '.join(_SCHEMES)}"
@@ -105,6 +114,10 @@ def open_storage(target: Target, *, read_only: bool = False) -> Any:
         from ZODB.MappingStorage import MappingStorage
 
         return MappingStorage(target.location or "memory")
+    if target.scheme == "zeo":
+        from ._zeo import open_client
+
+        return open_client(target, read_only=read_only)
     return _open_file_storage(target.location, read_only=read_only or _flag(target, "read_only"))
 
 

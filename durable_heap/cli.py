@@ -8,6 +8,7 @@
     durable-heap check PROGRAM                     list stored classes the code lost
     durable-heap watch PROGRAM                     deploy the file whenever it changes
     durable-heap types PROGRAM [--write|--check]   a typed State stub; check declared types
+    durable-heap zeo --storage FILE [--address A]  serve a heap to other processes
 
 PROGRAM is a ``.py`` file or a package folder. Options may come anywhere
 (``--storage TARGET``, ``--traceback``); arguments after ``--`` are never read
@@ -49,7 +50,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument(
             "--storage",
             metavar="TARGET",
-            help="the heap: a path, file:///abs/path.fs or memory:// (default: "
+            help="the heap: a path, file:///abs/path.fs, zeo://HOST:PORT or memory:// (default: "
             "$DURABLE_HEAP_STORAGE, else .durable-heap/<program>.fs beside the program)",
         )
         p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
@@ -90,6 +91,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     ty.add_argument("--force", action="store_true", help="with --write: overwrite a file it did not generate")
     for p in commands.values():
         common(p)
+
+    from ._zeo import add_command
+
+    commands["zeo"] = add_command(sub)
     return parser, commands
 
 
@@ -128,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
     run = {"call": _call, "deploy": _deploy, "versions": _versions, "rollback": _rollback,
-           "inspect": _inspect, "check": _check, "watch": _watch, "types": _types}[args.command]
+           "inspect": _inspect, "check": _check, "watch": _watch, "types": _types,
+           "zeo": _zeo}[args.command]
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -176,6 +182,12 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
 def _announce(version: Any) -> None:
     print(f"durable-heap: deployed {version.program} version {version.number} "
           f"(source {version.source_hash[:12]})", file=sys.stderr)
+
+
+def _zeo(args: argparse.Namespace) -> int:
+    from ._zeo import run_server
+
+    return run_server(args)
 
 
 def _check_program(args: argparse.Namespace, *, file_required: bool) -> None:

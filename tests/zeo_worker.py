@@ -1,0 +1,85 @@
+"""A client process of the ZEO tests: ``python -m tests.zeo_worker MODE URL N [ID]``.
+
+It opens the heap, prints ``ready`` and waits for a line on stdin, so that the test
+can start every worker at once; then runs N actions and prints a JSON summary
+(acknowledged actions, tries including conflict retries, errors).
+
+Modes: ``int`` (``state.count += 1``), ``counter`` (``state.hits += 1`` on a
+Counter), ``dict`` (a new key in ``state.big`` and an item appended to
+``state.log``), ``loop`` (``int``, paced, going on through ServerUnavailableError),
+``inflight`` (one action, then one killed mid-way by the test, then one more),
+``fresh`` (``int`` on a heap the workers all create at once).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import durable_heap as dh
+
+
+def main() -> None:
+    mode, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    wid = sys.argv[4] if len(sys.argv) > 4 else "0"
+    if mode == "fresh":  # every worker opens a heap nobody has created yet, at once
+        print("ready", flush=True)
+        sys.stdin.readline()
+    heap = dh.open(url, attempts=500)
+    tries = 0
+    if mode != "fresh":
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+    @heap.action
+    def step(i: int) -> None:
+        nonlocal tries
+        tries += 1
+        state: Any = heap.state
+        if mode in ("int", "loop", "inflight"):
+            state.count += 1
+        elif mode == "fresh":
+            state.count = state.get("count", 0) + 1
+        elif mode == "counter":
+            state.hits += 1
+        elif mode == "dict":
+            state.big[f"w{wid}-{i}"] = i
+            state.log.append(f"w{wid}-{i}")
+
+    acked, errors = 0, []
+    if mode == "inflight":
+        step(0)
+        acked += 1
+
+        @heap.action
+        def interrupted() -> None:
+            heap.state.count += 100
+            print("inside", flush=True)
+            sys.stdin.readline()  # the test kills the server, then lets us commit
+
+        try:
+            interrupted()
+            errors.append("committed without a server")
+        except dh.ServerUnavailableError as exc:
+            errors.append(str(exc))
+        step(1)  # waits for the server to be back
+        acked += 1
+    else:
+        for i in range(n):
+            try:
+                step(i)
+            except dh.ServerUnavailableError as exc:
+                errors.append(str(exc))
+                continue
+            acked += 1
+            if mode == "loop":
+                print("ack", flush=True)
+                time.sleep(0.01)
+    print(json.dumps({"acked": acked, "tries": tries, "errors": errors}), flush=True)
+    heap.close()
+
+
+if __name__ == "__main__":
+    main()
