@@ -188,7 +188,7 @@ def _class_name(tp: type, ctx: _Context) -> str:
         ctx.program_imports.add((module, qual.split(".")[0]))
         return qual
     if module.startswith("durable_heap"):
-        return f"durable_heap.{qual}" if qual in ("Object", "State") else "Any"
+        return f"durable_heap.{qual}" if qual in ("Counter", "Object", "State") else "Any"
     ctx.imports.add(module)
     return f"{module}.{qual}"
 

@@ -53,6 +53,7 @@ def add(name: str, email: str | None = None) -> int:
     state.pair = (1, "x")
     state.mixed = [1, "a", None]
     state.scores = {"a": 1.5, "b": 2}
+    state.setdefault("visits", dh.Counter()).increment()
     state.count += 1
     return state.count
 
@@ -61,7 +62,7 @@ def typed_use() -> str:
     total: int = state.count + len(state.users)
     first: User = state.users["ann"]
     kinds = [type(m).__name__ for m in state.mixed]
-    return f"{total} {first.name} {kinds} {state.pair[1].upper()} {sorted(state.tags)}"
+    return f"{total} {first.name} {kinds} {state.pair[1].upper()} {sorted(state.tags)} {state.visits.value}"
 '''
 
 
@@ -103,6 +104,7 @@ def test_stub_from_data_and_source_passes_mypy_strict(tmp_path: Path) -> None:
         "    scores: dict[str, float]",
         "    tags: set[Any]",
         "    users: dict[str, User]",
+        "    visits: durable_heap.Counter",
         "#     email: str | None",
         "#     notes: list[Note]",
         "#     when: datetime.date",

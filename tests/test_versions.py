@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import durable_heap as dh
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, ZeoServer, cli
 
 V1 = """
     from durable_heap import Object, state
@@ -701,3 +701,73 @@ def test_no_heap_file_for_a_missing_or_misnamed_program(tmp_path: Path) -> None:
         out = cli(*args)
         assert out.returncode in (1, 2) and out.stderr.count("\n") == 1, out.stderr
     assert not (tmp_path / ".durable-heap").exists()
+
+
+# --- several processes, over ZEO -------------------------------------------------------------
+
+
+def test_a_running_service_loads_a_version_another_process_deployed(zeo_server: ZeoServer,
+                                                                    tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", V1)
+    with dh.open(zeo_server.url) as heap:
+        prog = heap.load(app)
+        assert prog.call("add", "ann") == 1
+        assert prog.call("describe", "ann")["version"] == 1
+        write(app, V2)
+        out = cli("deploy", str(app), "--storage", zeo_server.url)
+        assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr
+        # The next call of the running service sees version 2 and its migrate's work.
+        expected = {"cls": "User", "email": None, "version": 2, "same_class": True}
+        assert prog.call("describe", "ann") == expected
+        assert prog.version.number == 2
+        assert cli("rollback", str(app), "--to", "1", "--storage", zeo_server.url).returncode == 0
+        assert prog.call("describe", "ann")["version"] == 1
+
+
+SLOW = """
+    import time
+    from durable_heap import state
+
+    state.setdefault("log", [])
+
+    def migrate(state, previous):
+        time.sleep(0.3)                  # both deploys are in their transaction at once
+        state.log.append([previous.number, NAME])
+
+    def show():
+        return list(state.log)
+"""
+
+
+def test_two_processes_deploying_at_once_never_half_deploy(zeo_server: ZeoServer, tmp_path: Path) -> None:
+    files = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        files.append(write(tmp_path / name / "app.py", textwrap.dedent(SLOW) + f"\nNAME = {name!r}\n"))
+    first = cli("deploy", str(files[0]), "--storage", zeo_server.url)
+    assert first.returncode == 0, first.stderr
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("DURABLE_HEAP_STORAGE", None)
+    outcomes = []
+    for round_ in range(3):
+        for f in files:  # a change per round, so each deploy is a new version
+            f.write_text(f.read_text() + f"# round {round_}\n")
+        procs = [subprocess.Popen([sys.executable, "-m", "durable_heap", "deploy", str(f), "--storage",
+                                   zeo_server.url], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for f in files]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            outcomes.append((p.returncode, out.strip(), err))
+    for code, out, err in outcomes:  # each deploy either landed or said clearly why not
+        assert code == 0 or ("conflict" in err and err.count("\n") == 1), err
+    landed = sorted(int(out) for code, out, _ in outcomes if code == 0)
+    with dh.open(zeo_server.url) as heap:
+        listed = heap.versions(files[0])
+        numbers = [v.number for v in listed]
+        assert numbers == list(range(1, len(numbers) + 1))
+        assert landed == numbers[1:]  # every new version is one a deploy reported
+        with heap.transaction() as st:
+            log = dh.to_builtin(st.log)
+        # Each recorded version's migrate ran exactly once, against the version before it.
+        assert [entry[0] for entry in log] == numbers[:-1]
+        assert listed[-1].current
