@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,12 @@ def reopen(heap_path: Path):  # type: ignore[no-untyped-def]
     yield _reopen
     for h in opened:
         h.close()
+
+
+def write(path: Path, source: str) -> Path:
+    """Write a program file (its text dedented)."""
+    path.write_text(textwrap.dedent(source))
+    return path
 
 
 def run(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,

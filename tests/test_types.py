@@ -11,7 +11,7 @@ from pathlib import Path
 
 import durable_heap as dh
 from durable_heap._types import infer_stub
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, write
 
 PROGRAM = '''
 from __future__ import annotations
@@ -64,11 +64,6 @@ def typed_use() -> str:
     kinds = [type(m).__name__ for m in state.mixed]
     return f"{total} {first.name} {kinds} {state.pair[1].upper()} {sorted(state.tags)} {state.visits.value}"
 '''
-
-
-def write(path: Path, source: str) -> Path:
-    path.write_text(textwrap.dedent(source))
-    return path
 
 
 def ok(*args: str) -> str:

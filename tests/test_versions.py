@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import durable_heap as dh
-from tests.conftest import ROOT, ZeoServer, cli
+from tests.conftest import ROOT, ZeoServer, cli, write
 
 V1 = """
     from durable_heap import Object, state
@@ -61,11 +61,6 @@ V2 = """
         return {"cls": type(u).__qualname__, "email": u.email, "version": 2,
                 "same_class": type(u) is User}
 """
-
-
-def write(path: Path, source: str) -> Path:
-    path.write_text(textwrap.dedent(source))
-    return path
 
 
 def ok(*args: str) -> str:
@@ -758,7 +753,7 @@ def test_two_processes_deploying_at_once_never_half_deploy(zeo_server: ZeoServer
         for p in procs:
             out, err = p.communicate(timeout=120)
             outcomes.append((p.returncode, out.strip(), err))
-    for code, out, err in outcomes:  # each deploy either landed or said clearly why not
+    for code, _, err in outcomes:  # each deploy either landed or said clearly why not
         assert code == 0 or ("conflict" in err and err.count("\n") == 1), err
     landed = sorted(int(out) for code, out, _ in outcomes if code == 0)
     with dh.open(zeo_server.url) as heap:
