@@ -239,8 +239,10 @@ class Heap:
                 module, _, name = new.rpartition(".")
         found = ZODB.broken.find_global(module, name)
         if name == "State" and isinstance(found, type) and issubclass(found, ZODB.broken.Broken):
-            if module.partition(".")[0] in _values.program_roots:
-                return State  # the program dropped its declared State: the root stays usable
+            # A root stored as a program's declared State, opened where that program
+            # is not loaded (a plain script, another program), or after the program
+            # dropped its State class: it loads as a plain State, attributes intact.
+            return State
         return found
 
     def set_renames(self, program: str, table: dict[str, str]) -> dict[str, str]:

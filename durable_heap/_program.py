@@ -177,7 +177,7 @@ def compile_source(source: Source, *, definitions_only: bool = False) -> Compile
             tree = ast.parse(text, filename)
             if definitions_only:
                 tree.body = [node for node in tree.body if _is_definition(node)]
-            compiled = compile(tree, filename, "exec")
+            compiled = compile(tree, filename, "exec", dont_inherit=True)  # not our __future__ imports
         except SyntaxError as exc:
             shown = os.path.basename(filename) if not source.is_package else f"{source.name}/{rel}"
             raise DeployError(f"{shown}, line {exc.lineno}: syntax error: {exc.msg}", exc) from exc

@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import ast
 import collections.abc
+import contextlib
 import copy
 import enum
+import keyword
+import os
+import re
+import sys
 import types
 import typing
 from collections.abc import Iterable, Iterator
@@ -31,6 +36,7 @@ from persistent import Persistent
 from ZODB.broken import Broken
 
 from ._containers import Dict, List, Set
+from ._errors import NotPersistableError
 from ._heap import active_heap, state
 from ._state import Object, State
 from ._values import CLASSES_KEY, ROOT_KEY, is_atomic, program_roots
@@ -77,9 +83,14 @@ def typed_state(cls: type[S]) -> S:
 
 
 def declared_state(module: types.ModuleType) -> type[State] | None:
-    """The program's own `State` subclass (a module-level ``State``), if it declares one."""
+    """The program's own `State` subclass (a module-level ``State``), if it declares one.
+
+    Only a class defined in the program counts: a ``State`` imported from
+    elsewhere (a generated stub, say) must not become the class of the root.
+    """
     cls = vars(module).get("State")
-    if isinstance(cls, type) and issubclass(cls, State) and cls is not State:
+    if (isinstance(cls, type) and issubclass(cls, State) and cls is not State
+            and cls.__module__.partition(".")[0] == module.__name__.partition(".")[0]):
         return cls
     return None
 
@@ -130,7 +141,12 @@ def apply_declared(conn: Any, cls: type[State] | None, program: str | None = Non
         root[ROOT_KEY] = st
     for name, default in _annotated_defaults(cls):
         if name not in st.__dict__:
-            setattr(st, name, copy.deepcopy(default))
+            try:
+                value = copy.deepcopy(default)
+            except Exception as exc:  # noqa: BLE001 - a lock, a socket...: not storable either
+                raise NotPersistableError(f"{cls.__qualname__}.{name} (the default of state.{name})",
+                                          default, f"it cannot even be copied: {exc}") from None
+            setattr(st, name, value)
 
 
 # --- inference ---------------------------------------------------------------------------
@@ -179,11 +195,11 @@ def _class_name(tp: type, ctx: _Context) -> str:
         ctx.uses_any = True
         return "Any"
     module, qual = tp.__module__, tp.__qualname__
+    if "<locals>" in qual or not _reachable(tp):
+        ctx.uses_any = True  # no name a stub could import it by
+        return "Any"
     if module == "builtins":
         return qual
-    if "<locals>" in qual:
-        ctx.uses_any = True
-        return "Any"
     if module.partition(".")[0] in ctx.programs:
         ctx.program_imports.add((module, qual.split(".")[0]))
         return qual
@@ -191,6 +207,14 @@ def _class_name(tp: type, ctx: _Context) -> str:
         return f"durable_heap.{qual}" if qual in ("Counter", "Object", "State") else "Any"
     ctx.imports.add(module)
     return f"{module}.{qual}"
+
+
+def _reachable(tp: type) -> bool:
+    """Whether ``module.qualname`` names `tp` (not so for ``builtin_function_or_method``)."""
+    found: Any = sys.modules.get(tp.__module__)
+    for part in tp.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is tp
 
 
 def _infer(value: Any, ctx: _Context, depth: int) -> str:
@@ -219,13 +243,13 @@ def _infer(value: Any, ctx: _Context, depth: int) -> str:
         if 0 < len(value) <= 6:
             return f"tuple[{', '.join(_infer(v, ctx, depth - 1) for v in value)}]"
         return _container("tuple", _sample(value), ctx, depth, suffix=", ...")
-    if isinstance(value, (types.FunctionType, type)):
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
         ctx.uses_any = True  # stored functions and classes: not worth a Callable stub
         return "Any"
     if isinstance(value, enum.Enum) or (is_atomic(value) and not isinstance(value, Persistent)):
         return _class_name(tp, ctx)
     name = _class_name(tp, ctx)
-    if name not in ("Any",) and not isinstance(value, State):
+    if name != "Any" and not isinstance(value, State) and not name.startswith("durable_heap."):
         found = ctx.instances.setdefault(tp, [])
         if len(found) < SAMPLE:
             found.append(value)
@@ -319,19 +343,50 @@ def infer_stub(root: Any, program: str, sources: Iterable[str], origin: str) -> 
     return _render(names, classes, ctx, origin)
 
 
+_TOKEN = re.compile(r"(?<![\w.])[A-Za-z_]\w*")
+
+
+def _attribute_name(name: str) -> bool:
+    """Whether `name` can be a plain annotated attribute of the stub's State class."""
+    return name.isidentifier() and not keyword.iskeyword(name) and not hasattr(State, name)
+
+
 def _render(names: dict[str, str], classes: dict[type, dict[str, str]], ctx: _Context, origin: str) -> str:
+    stem = os.path.splitext(os.path.basename(origin.rstrip(os.sep)))[0]
     lines = [
         f"{GENERATED_MARK}: do not edit; run `durable-heap types {origin} --write` again.",
         "# The names and types of the data stored in state (containers sampled), merged with",
-        "# the names the program's source assigns. Use it with:",
-        "#     from durable_heap import typed_state",
-        "#     state = typed_state(State)   # State imported from this module",
+        "# the names the program's source assigns. Use it in the program with:",
+        "#     from typing import TYPE_CHECKING",
+        "#     if TYPE_CHECKING:",
+        f"#         from {stem}_state import State",
+        "#     state: State = durable_heap.state",
         "from __future__ import annotations",
         "",
     ]
-    for module in sorted(ctx.imports):
-        lines.append(f"import {module}")
-    typing_names = ["TYPE_CHECKING"] if ctx.program_imports else []
+    attrs = {n: t for n, t in names.items() if _attribute_name(n)}
+    aside = {n: t for n, t in names.items() if n not in attrs}
+    # An attribute named like something its annotations use (`list`, `Any`, a
+    # class, a module) would shadow it inside the class body: use an alias there.
+    used = {tok for text in attrs.values() for tok in _TOKEN.findall(text)}
+    aliases = {tok: f"_{tok}" for tok in used & set(attrs)}
+    imports = [f"import {module}" for module in sorted(ctx.imports)]
+    typing_names: list[str] = []
+    roots = {m.partition(".")[0] for m in ctx.imports}
+    program_names = {name: module for module, name in ctx.program_imports}
+    for tok in sorted(aliases):
+        if tok == "Any":
+            typing_names.append("Any as _Any")
+        elif tok == "durable_heap" or tok in roots:
+            imports.append(f"import {tok} as _{tok}")
+        elif tok in program_names:
+            ctx.program_imports.add((program_names[tok], f"{tok} as _{tok}"))
+        else:
+            imports.append("import builtins as _builtins")
+            aliases[tok] = f"_builtins.{tok}"
+    lines += sorted(set(imports))
+    if ctx.program_imports:
+        typing_names.append("TYPE_CHECKING")
     if ctx.uses_any or any("Any" in t for t in names.values()):
         typing_names.append("Any")
     if typing_names:
@@ -347,13 +402,18 @@ def _render(names: dict[str, str], classes: dict[type, dict[str, str]], ctx: _Co
     if ctx.broken:
         lines.append("")
     lines += ["", "class State(durable_heap.State):"]
-    if not names:
+    if not attrs:
         lines.append("    pass")
-    for name, text in sorted(names.items()):
+    for name, text in sorted(attrs.items()):
+        if aliases:
+            text = _TOKEN.sub(lambda m: aliases.get(m.group(), m.group()), text)
         lines.append(f"    {name}: {text}")
-    for cls, attrs in classes.items():
+    if aside:
+        lines += ["", "", "# Stored under names that cannot be attributes here (reach them as state[name]):"]
+        lines += [f"#     state[{n!r}]: {t}" for n, t in sorted(aside.items())]
+    for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
         lines += ["", "", f"# {cls.__module__}.{cls.__qualname__} as stored (sampled):"]
-        lines += [f"#     {a}: {t}" for a, t in attrs.items()] or ["#     (no attributes)"]
+        lines += [f"#     {a}: {t}" for a, t in classes[cls].items()] or ["#     (no attributes)"]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -387,17 +447,31 @@ def check_declared(root: Any, cls: type[State], module: types.ModuleType) -> lis
     return out
 
 
-def _hints(cls: type, namespace: dict[str, Any]) -> dict[str, Any]:
-    try:
+def _hints(cls: type, namespace: dict[str, Any], path: str,
+           out: list[Mismatch]) -> dict[str, Any]:
+    """`cls`'s annotations resolved; each one that cannot be is a mismatch at `path`."""
+    with contextlib.suppress(Exception):  # else find which ones fail, below
         return typing.get_type_hints(cls, globalns=namespace)
-    except Exception:  # noqa: BLE001 - unresolvable annotations are not checked
-        return {}
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        module = sys.modules.get(klass.__module__)
+        globalns = {**vars(module), **namespace} if module is not None else namespace
+        for name, hint in vars(klass).get("__annotations__", {}).items():
+            one = type("_", (), {"__annotations__": {name: hint}})
+            try:
+                hints[name] = typing.get_type_hints(one, globalns=globalns, localns=dict(vars(klass)))[name]
+            except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
+                hints.pop(name, None)
+                text = hint if isinstance(hint, str) else _hint_text(hint)
+                why = f"not checked: the annotation does not resolve ({type(exc).__name__}: {exc})"
+                out.append(Mismatch(f"{path}.{name}", text, why))
+    return hints
 
 
 def _check_attributes(obj: Any, cls: type, path: str, out: list[Mismatch], depth: int,
                       namespace: dict[str, Any]) -> None:
     stored = _attributes(obj)
-    for name, hint in sorted(_hints(cls, namespace).items()):
+    for name, hint in sorted(_hints(cls, namespace, path, out).items()):
         if typing.get_origin(hint) is typing.ClassVar or (cls is not State and name in vars(State)):
             continue
         where = f"{path}.{name}"

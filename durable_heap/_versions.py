@@ -576,6 +576,11 @@ class Program:
             # Module globals are process-wide but bound to this thread's objects:
             # a program with durable globals runs one call at a time.
             lock = self._globals_lock if durable is not None and len(durable) else contextlib.nullcontext()
+            declared = declared_state(module)
+            root_class = type(conn.root()[ROOT_KEY])
+            if declared is not None and root_class is not declared and not self.heap.read_only:
+                # A plain script wrote the root as a plain State (see `Heap._find_class`).
+                apply_declared(conn, declared)
             with self.heap.activate(), lock:
                 if durable is not None:
                     module.__dict__.update(durable.items())

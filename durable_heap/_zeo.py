@@ -14,6 +14,7 @@ Client options (the query of a ``zeo://`` target)::
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any
@@ -171,7 +172,7 @@ def client_tls(options: dict[str, str], addr: Address) -> tuple[Any, str | None]
 # --- the client ----------------------------------------------------------------------
 
 
-def _number(target: Target, name: str, *, integer: bool = False) -> float | None:
+def _number(target: Target, name: str, *, integer: bool = False, positive: bool = False) -> float | None:
     text = target.options.get(name)
     if text is None:
         return None
@@ -179,9 +180,9 @@ def _number(target: Target, name: str, *, integer: bool = False) -> float | None
         value = int(text) if integer else float(text)
     except ValueError:
         value = -1
-    if value < 0:
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
         kind = "a whole number" if integer else "a number"
-        raise UnknownTargetError(f"{target}: {name}={text!r} must be {kind} >= 0")
+        raise UnknownTargetError(f"{target}: {name}={text!r} must be {kind} {'> 0' if positive else '>= 0'}")
     return value
 
 
@@ -204,6 +205,12 @@ def check_client_target(target: Target, text: str) -> Target:
         raise UnknownTargetError(
             f"{text!r} names no server: use zeo://HOST:PORT or zeo:///path/to/socket"
         )
+    host_and_path = "/" in location and not location.startswith("/")
+    if host_and_path:
+        raise UnknownTargetError(
+            f"{text!r} names both a host and a path: use zeo://HOST:PORT for TCP, or "
+            "zeo:///absolute/path.sock (three slashes) for a unix socket"
+        )
     target = Target("zeo", location, target.options)
     unknown = sorted(set(target.options) - set(CLIENT_OPTIONS))
     if unknown:
@@ -212,7 +219,7 @@ def check_client_target(target: Target, text: str) -> Target:
             f"{', '.join(unknown)}; a zeo:// target takes {', '.join(CLIENT_OPTIONS)}"
         )
     parse_address(location)
-    _number(target, "wait_timeout")
+    _number(target, "wait_timeout", positive=True)
     _number(target, "cache_size", integer=True)
     _bool(target, "read_only", False)
     _bool(target, "server_sync", True)
@@ -224,12 +231,16 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
     from ._storage import private_files
 
     addr = parse_address(target.location)
-    wait = _number(target, "wait_timeout")
+    read_only = read_only or _bool(target, "read_only", False)
+    wait = _number(target, "wait_timeout", positive=True)
     wait = DEFAULT_WAIT if wait is None else wait
     ssl_ctx, hostname = client_tls(target.options, addr)
     kwargs: dict[str, Any] = {
         "wait_timeout": wait,
-        "read_only": read_only or _bool(target, "read_only", False),
+        "read_only": read_only,
+        # A read-only server would refuse a read-write client over and over until
+        # the wait ran out; connect read-only, then say so (below).
+        "read_only_fallback": not read_only,
         "server_sync": _bool(target, "server_sync", True),
         "ssl": ssl_ctx,
         "ssl_server_hostname": hostname,
@@ -246,7 +257,7 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
 
     try:
         with private_files():  # the client cache file is private too
-            return ZEO.ClientStorage.ClientStorage(addr, **kwargs)
+            storage = ZEO.ClientStorage.ClientStorage(addr, **kwargs)
     except ClientDisconnected:
         tls = " over TLS (check the tls_* options and that the server uses TLS)" if ssl_ctx else ""
         raise ServerUnavailableError(
@@ -259,6 +270,14 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
             f"the ZEO client cache {kwargs.get('cache')} is in use by another process: "
             "give each process its own cache=PATH"
         ) from None
+    if not read_only and storage.isReadOnly():
+        storage.close()
+        raise StorageError(
+            f"the ZEO server at {target} serves its storage read-only (started with --read-only): "
+            "open the heap read-only (read_only=True, ?read_only=1, or `durable-heap inspect`), "
+            "or restart the server without --read-only"
+        )
+    return storage
 
 
 # --- the server: durable-heap zeo ---------------------------------------------------------

@@ -85,8 +85,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     w = command("watch", "deploy the program whenever its file changes (until interrupted)")
     w.add_argument("--interval", type=float, default=1.0, help="seconds between checks (default 1)")
     ty = command("types", "print a typed State stub inferred from the stored data and the source")
-    ty.add_argument("--write", action="store_true", help="write it beside the program as <name>_state.py")
-    ty.add_argument("--check", action="store_true",
+    mode = ty.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write it beside the program as <name>_state.py")
+    mode.add_argument("--check", action="store_true",
                     help="compare the stored data with the program's declared State; exit 1 on mismatches")
     ty.add_argument("--force", action="store_true", help="with --write: overwrite a file it did not generate")
     for p in commands.values():

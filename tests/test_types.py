@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import cast
 
 import durable_heap as dh
 from durable_heap._types import infer_stub
@@ -220,8 +221,7 @@ def test_declared_state_across_deploys(tmp_path: Path) -> None:
     write(app, DECLARED_V2)
     out = ok("call", str(app), "add", "ann")
     assert out.strip() == '["State", "shop", 5, ["ann"], "shop", {}]'  # the class default is untouched
-    with dh.open(tmp_path / ".durable-heap" / "shop.fs", read_only=True) as heap:
-        assert type(heap.state).__module__ == "shop"  # the root is an instance of shop.State
+    assert stored_root_class(tmp_path / ".durable-heap" / "shop.fs") == ("shop", "State")
     # A new annotation with a default is set by the next deploy; nothing stored is removed.
     write(app, DECLARED_V2.replace('title: str = "shop"', 'tags: list[str] = ["new"]'))
     out = ok("call", str(app), "add", "bob")
@@ -233,6 +233,162 @@ def test_declared_state_across_deploys(tmp_path: Path) -> None:
     assert ok("call", str(app), "users").strip() == '["ann", "bob"]'
     with dh.open(tmp_path / ".durable-heap" / "shop.fs", read_only=True) as heap:
         assert type(heap.state) is dh.State and heap.state.title == "shop"
+
+
+def stored_root_class(path: Path) -> tuple[str, str]:
+    """(module, class name) of the root State as its record names it."""
+    from ZODB.utils import get_pickle_metadata
+
+    with dh.open(path, read_only=True) as heap:
+        oid = heap.connection.root()["durable_heap.state"]._p_oid
+        data, _ = heap.connection._storage.load(oid)
+    return cast("tuple[str, str]", get_pickle_metadata(data))
+
+
+def test_a_declared_root_opens_where_the_program_is_not_loaded(tmp_path: Path) -> None:
+    app = write(tmp_path / "shop.py", DECLARED_V2)
+    ok("call", str(app), "add", "ann")
+    path = tmp_path / ".durable-heap" / "shop.fs"
+    assert stored_root_class(path) == ("shop", "State")
+    # A plain script (shop is not importable here) reads and writes the root as a plain State.
+    with dh.open(path) as heap:
+        assert type(heap.state) is dh.State
+        assert heap.state.title == "shop" and sorted(heap.state.users) == ["ann"]
+        with heap.transaction() as state:
+            state.count = 9
+    assert stored_root_class(path) == ("durable_heap._state", "State")
+    # The program still sees its own State (the root mapping's reference names it).
+    assert json.loads(ok("call", str(app), "add", "bob"))[:4] == ["State", "shop", 9, ["ann", "bob"]]
+
+
+def test_a_state_imported_from_the_stub_is_not_a_declaration(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", """
+        import durable_heap as dh
+        from app_state import State     # the generated stub, imported at run time
+
+        state = dh.typed_state(State)
+
+        def inc():
+            state.n = state.get("n", 0) + 1
+            return state.n
+    """)
+    write(tmp_path / "app_state.py", """
+        # durable-heap: generated stub: do not edit
+        import durable_heap
+
+        class State(durable_heap.State):
+            n: int
+    """)
+    assert ok("call", str(app), "inc").strip() == "1"
+    assert stored_root_class(tmp_path / ".durable-heap" / "app.fs") == ("durable_heap._state", "State")
+    (tmp_path / "app_state.py").unlink()  # the stub may go: nothing stored depends on it
+    write(app, "from durable_heap import state\ndef inc():\n    state.n += 1\n    return state.n\n")
+    assert ok("call", str(app), "inc").strip() == "2"
+
+
+AWKWARD = """
+    import datetime
+    import durable_heap as dh
+    from durable_heap import Object, state
+
+    class User(Object):
+        def __init__(self, name):
+            self.name = name
+
+    def fill():
+        state["my-key"] = 1
+        state["class"] = "x"
+        state["get"] = 3
+        state.list = [1, 2]
+        state.Any = {"a": [1]}
+        state.str = "s"
+        state.fn = len
+        state.datetime = datetime.date(2020, 1, 1)
+        state.when = datetime.datetime(2020, 1, 1, 12)
+        state.User = User("a")
+        state.users = {"a": User("b")}
+        state.durable_heap = dh.Counter()
+"""
+
+
+def test_stub_of_names_that_shadow_or_are_not_identifiers_passes_mypy(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", AWKWARD)
+    ok("call", str(app), "fill")
+    ok("types", str(app), "--write")
+    stub = (tmp_path / "app_state.py").read_text()
+    body = stub[stub.index("class State"):].splitlines()
+    for line in (
+        "    list: _builtins.list[int]",
+        "    Any: dict[_builtins.str, _builtins.list[int]]",
+        "    str: _builtins.str",
+        "    fn: _Any",
+        "    datetime: _datetime.date",
+        "    when: _datetime.datetime",
+        "    User: _User",
+        "    users: dict[_builtins.str, _User]",
+        "    durable_heap: _durable_heap.Counter",
+        "#     state['class']: str",
+        "#     state['get']: int",
+        "#     state['my-key']: int",
+    ):
+        assert line in body, (line, stub)
+    assert "(no attributes)" not in stub  # durable_heap's own classes get no comment block
+    assert "#         from app_state import State" in stub  # the header shows the safe use
+    write(tmp_path / "use.py", """
+        from typing import TYPE_CHECKING
+        import durable_heap
+        if TYPE_CHECKING:
+            from app_state import State
+        state: State = durable_heap.state
+        def total() -> int:
+            return sum(state.list) + state.durable_heap.value + state.when.year
+    """)
+    checked = mypy(tmp_path, "app_state.py", "use.py")
+    assert checked.returncode == 0, checked.stdout + stub
+
+
+def test_check_reports_annotations_that_do_not_resolve(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", """
+        import durable_heap as dh
+
+        class State(dh.State):
+            count: int = 0
+            later: "Nope" = None
+
+        state = dh.typed_state(State)
+
+        def f():
+            return state.count
+    """)
+    ok("call", str(app), "f")
+    out = cli("types", str(app), "--check")
+    assert out.returncode == 1, out.stdout
+    assert out.stdout.splitlines() == [
+        "state.later: declared Nope, stored not checked: the annotation does not resolve "
+        "(NameError: name 'Nope' is not defined)"
+    ]
+    both = cli("types", str(app), "--check", "--write")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_a_declared_default_that_cannot_be_stored_fails_the_deploy(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", "from durable_heap import state\ndef f():\n    return 1\n")
+    ok("call", str(app), "f")
+    write(app, """
+        import threading
+        import durable_heap as dh
+
+        class State(dh.State):
+            guard: object = threading.Lock()
+
+        def f():
+            return 2
+    """)
+    out = cli("deploy", str(app))
+    assert out.returncode == 1
+    assert "State.guard (the default of state.guard) cannot be stored" in out.stderr, out.stderr
+    assert len(ok("versions", str(app)).splitlines()) == 2  # the header and version 1: nothing recorded
+    assert cli("call", str(app), "f", "--no-deploy").stdout.strip() == "1"  # version 1 serves
 
 
 def test_check_finds_planted_mismatches(tmp_path: Path) -> None:

@@ -766,3 +766,15 @@ def test_two_processes_deploying_at_once_never_half_deploy(zeo_server: ZeoServer
         # Each recorded version's migrate ran exactly once, against the version before it.
         assert [entry[0] for entry in log] == numbers[:-1]
         assert listed[-1].current
+
+
+def test_program_compiles_with_its_own_future_imports_only(tmp_path: Path) -> None:
+    # durable_heap's own `from __future__ import annotations` must not leak into programs.
+    app = write(tmp_path / "app.py", """
+        class Point:
+            x: int
+
+        def kind():
+            return Point.__annotations__["x"].__name__
+    """)
+    assert ok("call", str(app), "kind").strip() == '"int"'

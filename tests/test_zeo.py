@@ -277,6 +277,10 @@ def test_no_server_fails_after_the_wait_timeout_naming_the_address() -> None:
         ("zeo://127.0.0.1:8100?read_only=maybe", "read_only='maybe' must be 1 or 0"),
         ("zeo://127.0.0.1:http", "bad ZEO address '127.0.0.1:http'"),
         ("zeo://", "names no server"),
+        ("zeo://127.0.0.1:8100/run/app.sock", "names both a host and a path"),
+        ("zeo://127.0.0.1:8100?wait_timeout=0", "wait_timeout='0' must be a number > 0"),
+        ("zeo://127.0.0.1:8100?wait_timeout=nan", "wait_timeout='nan' must be a number > 0"),
+        ("zeo://127.0.0.1:8100?cache_size=inf", "cache_size='inf' must be a whole number"),
         ("zeo://127.0.0.1:8100?tls_cert=c.pem", "needs tls_ca=PATH"),
     ],
 )
@@ -477,3 +481,24 @@ def test_client_options_cache_file_and_read_only(zeo_server: ZeoServer, tmp_path
                 state.greeting = "changed"
     with dh.open(zeo_server.url) as heap:
         assert heap.state.greeting == "hello"
+
+
+def test_a_read_only_server_refuses_writers_clearly_and_serves_readers(tmp_path: Path) -> None:
+    server = ZeoServer(tmp_path / "server" / "app.fs")
+    server.start()
+    try:
+        with dh.open(server.url) as heap, heap.transaction() as state:
+            state.greeting = "hello"
+    finally:
+        server.close()
+    server = ZeoServer(tmp_path / "server" / "app.fs", args=("--read-only",))
+    server.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(dh.StorageError, match="serves its storage read-only") as err:
+            dh.open(server.url)  # not a wait for the timeout, not "no server answered"
+        assert time.monotonic() - t0 < 10 and "?read_only=1" in str(err.value)
+        with dh.open(f"{server.url}?read_only=1") as heap:
+            assert heap.state.greeting == "hello"
+    finally:
+        server.close()
