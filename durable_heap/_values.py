@@ -213,6 +213,9 @@ def adopt(value: Any) -> Any:
     if conv is not None:
         return conv(value)
     if isinstance(value, Persistent):
+        why = _unnamed(tp)
+        if why is not None:
+            raise BadValue(value, why)
         note_class(tp)
         return value
     if isinstance(value, tuple):
@@ -239,23 +242,45 @@ def adopt(value: Any) -> Any:
     return value
 
 
+def _unnamed(obj: Any) -> str | None:
+    """Why the function or class `obj` cannot be stored by name (ZODB pickles
+    ``module.__name__``, so it must be a module-level name), or None."""
+    qual = getattr(obj, "__qualname__", "")
+    kind = "a class" if isinstance(obj, type) else "a function"
+    if "<lambda>" in qual:
+        return "a lambda has no name to be stored by; use a module-level function"
+    if "<locals>" in qual:
+        return f"{kind} defined inside a function cannot be stored by name"
+    if "." in qual:
+        return (f"{kind} nested in a class ({qual}) cannot be found again by ZODB, which stores "
+                f"module.name: define {qual.rpartition('.')[2]} at the top level of its module")
+    return None
+
+
 def _refuse_or_accept(value: Any) -> None:
     """Raise `BadValue` if `value` cannot be stored; plain objects are trial-pickled."""
     tp = type(value)
-    if tp is types.FunctionType or tp is types.BuiltinFunctionType:
-        qual = getattr(value, "__qualname__", "")
-        if "<lambda>" in qual:
-            raise BadValue(value, "a lambda has no name to be stored by; use a module-level function")
-        if "<locals>" in qual:
-            raise BadValue(value, "a function defined inside another function cannot be stored by name")
+    if tp is types.BuiltinFunctionType:
+        if not isinstance(value.__self__, (types.ModuleType, type(None))):
+            raise BadValue(value, _REFUSED[types.BuiltinMethodType])
+        note_class(value)  # stored by name
+        return
+    if tp is types.FunctionType:
+        why = _unnamed(value)
+        if why is not None:
+            raise BadValue(value, why)
         note_class(value)  # stored by name, like a class
         return
     if isinstance(value, type):
-        if "<locals>" in value.__qualname__:
-            raise BadValue(value, "a class defined inside a function cannot be stored by name")
+        why = _unnamed(value)
+        if why is not None:
+            raise BadValue(value, why)
         note_class(value)
         return
     if isinstance(value, enum.Enum):
+        why = _unnamed(tp)
+        if why is not None:
+            raise BadValue(value, f"its class: {why}")
         note_class(tp)
         return
     reason = _REFUSED.get(tp) or _REFUSED_BY_NAME.get(f"{tp.__module__}.{tp.__qualname__}")
@@ -268,6 +293,13 @@ def _refuse_or_accept(value: Any) -> None:
         raise BadValue(value, reason)
     if "<locals>" in tp.__qualname__:
         raise BadValue(value, f"its class {tp.__qualname__} is defined inside a function")
+    # Pickled with a reference to its class (not by a __reduce__ of its own):
+    # that class must be a module-level name.
+    default_reduce = (getattr(tp, "__reduce_ex__", None) is object.__reduce_ex__
+                      and getattr(tp, "__reduce__", None) is object.__reduce__)
+    why = _unnamed(tp) if default_reduce else None
+    if why is not None:
+        raise BadValue(value, f"its class: {why}")
     try:
         snapshot(value)
     except BadValue:

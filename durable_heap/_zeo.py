@@ -14,6 +14,7 @@ Client options (the query of a ``zeo://`` target)::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -390,6 +391,7 @@ def run_server(args: Any) -> int:
     _import_resolvers(args.imports)
     if isinstance(addr, str):
         _clear_stale_socket(addr)
+    existed = os.path.exists(target.location)
     storage = open_storage(target, read_only=args.read_only)
     try:
         from ZEO.StorageServer import StorageServer
@@ -397,6 +399,10 @@ def run_server(args: Any) -> int:
         server = StorageServer(addr, {"1": storage}, read_only=args.read_only, ssl=tls)
     except OSError as exc:
         storage.close()
+        if not existed:  # leave no empty heap behind a server that never ran
+            for suffix in ("", ".index", ".lock", ".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(target.location + suffix)
         raise StorageError(
             f"cannot listen on {format_address(addr)}: {exc.strerror or exc}. Is another server "
             "running there? Choose another --address (port 0 picks a free one)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import copy
+import enum
 import pickle
 
 import pytest
@@ -554,12 +555,11 @@ def test_concurrent_leaf_change_and_list_rebuild_conflict(heap: dh.Heap, tiny_tr
     assert [type(e) for e in errors] == [dh.ConflictError]
 
 
+class Color(str, enum.Enum):
+    RED = "red"
+
+
 def test_str_subclass_keys_hash_by_value() -> None:
-    import enum
-
-    class Color(str, enum.Enum):
-        RED = "red"
-
     d, ref = Dict({i: i for i in range(40)}), {i: i for i in range(40)}  # hashed index
     d["red"] = ref["red"] = 1
     assert Color.RED in d and d[Color.RED] == 1

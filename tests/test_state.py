@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import socket
 import threading
 from pathlib import Path
@@ -133,6 +134,22 @@ def test_changes_outside_a_transaction_are_refused(heap: dh.Heap) -> None:
     assert "count" not in st
 
 
+class Outer:
+    @dataclasses.dataclass
+    class Nested:
+        a: int
+
+    class Inner(dh.Object):
+        pass
+
+    class Color(enum.Enum):
+        RED = 1
+
+    @staticmethod
+    def helper() -> None:
+        pass
+
+
 @pytest.mark.parametrize(
     ("make", "type_name"),
     [
@@ -144,6 +161,13 @@ def test_changes_outside_a_transaction_are_refused(heap: dh.Heap) -> None:
         (lambda: threading, "module"),
         (lambda: dataclasses.make_dataclass("Local", ["a"])(1), "Local"),
         (lambda: Settings(tags=[threading.Lock()]), "lock"),
+        # ZODB stores classes and functions as module.name: nested ones would not load again.
+        (lambda: Outer.Nested(1), "nested in a class (Outer.Nested)"),
+        (lambda: Outer.Inner(), "nested in a class (Outer.Inner)"),
+        (lambda: Outer.Color.RED, "nested in a class (Outer.Color)"),
+        (lambda: Outer.helper, "nested in a class (Outer.helper)"),
+        (lambda: Outer.Nested, "nested in a class (Outer.Nested)"),
+        (lambda: [].append, "bound method"),
     ],
 )
 def test_unstorable_values_are_refused_at_assignment(heap: dh.Heap, make, type_name: str) -> None:  # type: ignore[no-untyped-def]

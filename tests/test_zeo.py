@@ -329,6 +329,7 @@ def test_server_reports_a_busy_port(zeo_server: ZeoServer) -> None:
     out = cli("zeo", "--storage", str(other), "--address", zeo_server.address)
     assert out.returncode == 2
     assert f"cannot listen on {zeo_server.url}" in out.stderr
+    assert sorted(p.name for p in other.parent.glob("other.fs*")) == []  # no empty heap left behind
 
 
 # --- unix socket, TLS, CLI ---------------------------------------------------------------------
