@@ -440,6 +440,7 @@ class RawZODBZEO(RawZODB):
     name = "raw ZEO (OOBTree of Persistent, ZEO's default client)"
     max_size = 1_000_000
     zeo = True
+    server_sync = False  # ZEO's default
     modules = (*RawZODB.modules, "ZEO.ClientStorage")
 
     def open(self, path: str) -> None:
@@ -451,7 +452,8 @@ class RawZODBZEO(RawZODB):
         import ZODB
 
         host, port = zeo_address()[len("zeo://"):].rsplit(":", 1)
-        self.db = ZODB.DB(ZEO.client((host, int(port))), cache_size=50_000)
+        client = ZEO.client((host, int(port)), server_sync=self.server_sync)
+        self.db = ZODB.DB(client, cache_size=50_000)
         self.tm = transaction.TransactionManager()
         self.conn = self.db.open(transaction_manager=self.tm)
         self.tree = self.conn.root().get("d")
@@ -466,6 +468,20 @@ class RawZODBZEO(RawZODB):
                 return
             except ConflictError:  # never expected on distinct entries; retried like an action
                 self.tm.abort()
+
+
+class RawZODBZEOSync(RawZODBZEO):
+    """Raw ZEO with ``server_sync=True``: the freshness durable_heap's default gives."""
+
+    name = "raw ZEO, server_sync=True, explicit begin"
+    note = "the same read-your-writes guarantee as durable_heap's default"
+    server_sync = True
+
+    def change(self, i: int, value: int) -> None:
+        # Only an explicit begin asks the server (ZODB starts implicit transactions
+        # without that round trip); durable_heap's actions begin explicitly.
+        self.tm.begin()
+        super().change(i, value)
 
 
 class PlainDict(System):
@@ -499,4 +515,5 @@ SYSTEMS: dict[str, type[System]] = {
     "durable_heap_zeo": DurableHeapZEO,
     "durable_heap_zeo_nosync": DurableHeapZEONoSync,
     "raw_zodb_zeo": RawZODBZEO,
+    "raw_zodb_zeo_sync": RawZODBZEOSync,
 }

@@ -31,3 +31,11 @@ def test_quick_deploy_benchmark() -> None:
         assert row["deploy_ms"] > 0 and row["deploy_migrate_ms"] > 0
         assert row["versions"] == 1 + 2 * (3 + 2)  # the first load, then every timed deploy
     assert set(data["ratios"]) == {"deploy_ms", "deploy_migrate_ms"}
+
+
+def test_zeo_loads_counts_the_messages_of_a_commit() -> None:
+    out = run(["-m", "benchmarks.zeo_loads", "--size", "2000", "--commits", "20"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    ours, raw = out.stdout.splitlines()
+    assert ours.startswith("durable_heap Dict over ZEO:") and "ping (round trip) 1" in ours
+    assert raw.startswith("raw ZEO") and "ping" not in raw and "vote (round trip) 1" in raw
