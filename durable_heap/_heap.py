@@ -123,6 +123,8 @@ class Heap:
         #: Class renames of the loaded program versions: old path -> new path.
         self.renames: dict[str, str] = {}
         self._renames_by_program: dict[str, dict[str, str]] = {}
+        self._programs_lock = threading.RLock()
+        self._installing: set[str] = set()
         # Bumped when loaded classes change (a deploy): connections drop their caches.
         self._generation = 0
         self.db = self._open_db(cache_size, pool_size)
@@ -237,6 +239,12 @@ class Heap:
             new = self.renames.get(f"{module}.{name}")
             if new is not None:
                 module, _, name = new.rpartition(".")
+        root = module.partition(".")[0]
+        if root not in sys.modules and root not in _values.program_roots:
+            if self._install_program(conn, root) is None and name == "State":
+                # The root mapping names a program's declared State, and nothing can
+                # be read before it is loaded: never import the program from disk.
+                return State
         found = ZODB.broken.find_global(module, name)
         if name == "State" and isinstance(found, type) and issubclass(found, ZODB.broken.Broken):
             # A root stored as a program's declared State, opened where that program
@@ -244,6 +252,28 @@ class Heap:
             # dropped its State class: it loads as a plain State, attributes intact.
             return State
         return found
+
+    def _install_program(self, conn: Any, root: str) -> bool | None:
+        """If `root` is a program deployed in this heap, install its stored definitions.
+
+        So that a process that never loaded the program (a plain script) gets its
+        classes from the deployed version, not from a file that ``sys.path``
+        happens to reach. True if installed (now or by another thread), False if
+        not a program, None if that cannot be read yet (see
+        `install_stored_definitions`).
+        """
+        with self._programs_lock:
+            if root in sys.modules or root in _values.program_roots:
+                return True
+            if root in self._installing:
+                return False
+            self._installing.add(root)
+            try:
+                from ._versions import install_stored_definitions
+
+                return install_stored_definitions(self, conn, root)
+            finally:
+                self._installing.discard(root)
 
     def set_renames(self, program: str, table: dict[str, str]) -> dict[str, str]:
         """Make `table` the rename table of `program` (replacing its last one); return that."""

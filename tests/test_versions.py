@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import durable_heap as dh
-from tests.conftest import ROOT, ZeoServer, cli, write
+from tests.conftest import ROOT, ZeoServer, cli, run, write
 
 V1 = """
     from durable_heap import Object, state
@@ -778,3 +778,49 @@ def test_program_compiles_with_its_own_future_imports_only(tmp_path: Path) -> No
             return Point.__annotations__["x"].__name__
     """)
     assert ok("call", str(app), "kind").strip() == '"int"'
+
+
+SCRIPT = """
+import json, sys
+import durable_heap as dh
+
+with dh.open(sys.argv[1]) as heap:
+    ann = heap.state.users["ann"]
+    with heap.transaction() as state:
+        state.users[sys.argv[2]] = type(ann)(sys.argv[2])
+    print(json.dumps([type(ann).__module__, ann.describe(), sorted(heap.state.users)]))
+"""
+
+
+def test_a_script_that_never_loaded_the_program_gets_the_deployed_classes(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", """
+        import durable_heap as dh
+
+        class User(dh.Object):
+            def __init__(self, name):
+                self.name = name
+
+            def describe(self):
+                return f"user {self.name}"
+
+        class State(dh.State):          # declared: the root mapping names app.State
+            users: dict = {}
+
+        state = dh.typed_state(State)
+
+        def add(name):
+            state.users[name] = User(name)
+    """)
+    ok("call", str(app), "add", "ann")
+    path = tmp_path / ".durable-heap" / "app.fs"
+    # The file on disk is no longer the deployed version, and must not run.
+    write(app, "raise SystemExit('the file on disk ran')\n")
+    # In the program's folder `import app` would find that file; elsewhere, nothing.
+    for cwd, name in ((tmp_path, "bob"), (tmp_path.parent, "cy")):
+        out = run(["-c", SCRIPT, str(path), name], cwd=cwd)
+        assert out.returncode == 0, out.stderr
+        module, described, names = json.loads(out.stdout)
+        assert (module, described) == ("app", "user ann") and name in names
+    assert ok("call", str(app), "add", "dan", "--no-deploy").strip() == "null"  # the stored version serves
+    out = run(["-c", SCRIPT, str(path), "eve"], cwd=tmp_path)
+    assert json.loads(out.stdout)[2] == ["ann", "bob", "cy", "dan", "eve"]
