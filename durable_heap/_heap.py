@@ -94,6 +94,15 @@ class _Slot:
     """Lives as long as the thread's local data; closes its connection after it."""
 
 
+def _broken_class(module: str, name: str) -> type:
+    """ZODB's broken class for ``module.name``, made without importing `module`."""
+    key = (module, name)
+    cls = ZODB.broken.broken_cache.get(key)
+    if cls is None:
+        cls = ZODB.broken.broken_cache[key] = type(name, (ZODB.broken.Broken,), {"__module__": module})
+    return cls  # type: ignore[no-any-return]
+
+
 class Heap:
     """A durable heap: open with `durable_heap.open`, use from any thread.
 
@@ -125,6 +134,7 @@ class Heap:
         self._renames_by_program: dict[str, dict[str, str]] = {}
         self._programs_lock = threading.RLock()
         self._installing: set[str] = set()
+        self._failed: set[str] = set()
         # Bumped when loaded classes change (a deploy): connections drop their caches.
         self._generation = 0
         self.db = self._open_db(cache_size, pool_size)
@@ -234,17 +244,24 @@ class Heap:
     # -- classes ------------------------------------------------------------------------
 
     def _find_class(self, conn: Any, module: str, name: str) -> Any:
-        """ZODB's class factory: ZODB's own lookup, after the programs' rename tables."""
-        if self.renames:
-            new = self.renames.get(f"{module}.{name}")
-            if new is not None:
-                module, _, name = new.rpartition(".")
+        """ZODB's class factory: ZODB's own lookup, after the programs' rename tables.
+
+        A program this process has not loaded is installed from the heap first
+        (`_install_program`), never imported from whatever file ``sys.path`` finds.
+        """
+        module, name = self._renamed(module, name)
         root = module.partition(".")[0]
-        if root not in sys.modules and root not in _values.program_roots:
-            if self._install_program(conn, root) is None and name == "State":
-                # The root mapping names a program's declared State, and nothing can
-                # be read before it is loaded: never import the program from disk.
-                return State
+        # While another thread installs a program, its module is in sys.modules
+        # half-built: wait for it (the lock) rather than read it.
+        if self._installing or (root not in sys.modules and root not in _values.program_roots):
+            outcome = self._install_program(conn, root)
+            if outcome == "installed":
+                module, name = self._renamed(module, name)  # its rename table is known now
+            elif outcome == "failed" or (outcome == "unknown" and name == "State"):
+                # A program's class, but its definitions could not be installed, or
+                # the root mapping's reference to a declared State before anything
+                # can be read: not from the file on disk either.
+                return State if name == "State" else _broken_class(module, name)
         found = ZODB.broken.find_global(module, name)
         if name == "State" and isinstance(found, type) and issubclass(found, ZODB.broken.Broken):
             # A root stored as a program's declared State, opened where that program
@@ -253,25 +270,40 @@ class Heap:
             return State
         return found
 
-    def _install_program(self, conn: Any, root: str) -> bool | None:
+    def _renamed(self, module: str, name: str) -> tuple[str, str]:
+        new = self.renames.get(f"{module}.{name}") if self.renames else None
+        if new is None:
+            return module, name
+        module, _, name = new.rpartition(".")
+        return module, name
+
+    def _install_program(self, conn: Any, root: str) -> str:
         """If `root` is a program deployed in this heap, install its stored definitions.
 
         So that a process that never loaded the program (a plain script) gets its
         classes from the deployed version, not from a file that ``sys.path``
-        happens to reach. True if installed (now or by another thread), False if
-        not a program, None if that cannot be read yet (see
-        `install_stored_definitions`).
+        happens to reach. Once per module name and process; see
+        `install_stored_definitions` for the outcomes.
         """
         with self._programs_lock:
             if root in sys.modules or root in _values.program_roots:
-                return True
+                return "installed"
             if root in self._installing:
-                return False
+                return "absent"
+            if root in self._failed:
+                return "failed"
             self._installing.add(root)
             try:
                 from ._versions import install_stored_definitions
 
-                return install_stored_definitions(self, conn, root)
+                if getattr(conn, "before", None) is not None:
+                    # A historical connection (`state_at`): the current version is
+                    # what the process installs, read through this thread's connection.
+                    conn = self.connection
+                outcome = install_stored_definitions(self, conn, root)
+                if outcome == "failed":
+                    self._failed.add(root)  # not tried again at every lookup
+                return outcome
             finally:
                 self._installing.discard(root)
 
@@ -782,4 +814,9 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     >>> heap = dh.open("memory://")
     >>> heap.close()
     """
-    return Heap(parse_target(target), attempts=attempts, cache_size=cache_size, read_only=read_only)
+    parsed = parse_target(target)
+    if parsed.scheme == "zeo" and not read_only:
+        from ._zeo import target_read_only
+
+        read_only = target_read_only(parsed)  # ?read_only=1
+    return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only)

@@ -165,9 +165,11 @@ class Compiled:
 def compile_source(source: Source, *, definitions_only: bool = False) -> Compiled:
     """Compile every file of `source`; a syntax error becomes a `DeployError`.
 
-    With `definitions_only`, only imports, functions, classes and literal
-    assignments are kept: enough to load stored objects for a view of the past,
-    without running today's top level against that older state.
+    With `definitions_only`, only imports, functions, classes and module-level
+    assignments that do not use the heap (`_HEAP_NAMES`) are kept: enough to
+    load stored objects (``Point = namedtuple(...)``, ``Color = Enum(...)``,
+    aliases included) for a view of the past or for a script that never loaded
+    the program, without running a top level against state it was not written for.
     """
     code: dict[str, tuple[types.CodeType, str, bool]] = {}
     renames: dict[str, str] = {}
@@ -186,15 +188,19 @@ def compile_source(source: Source, *, definitions_only: bool = False) -> Compile
     return Compiled(source, code, renames)
 
 
+#: Names whose use marks an assignment as work on the heap, left out of definitions.
+_HEAP_NAMES = frozenset({"state", "typed_state", "active_heap", "heap"})
+
+
 def _is_definition(node: ast.stmt) -> bool:
     if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return True
     if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
-        try:
-            ast.literal_eval(node.value)
-        except ValueError:
-            return False
-        return True
+        return not any(
+            (isinstance(n, ast.Name) and n.id in _HEAP_NAMES)
+            or (isinstance(n, ast.Attribute) and n.attr in _HEAP_NAMES)
+            for n in ast.walk(node.value)
+        )
     return False
 
 
@@ -292,11 +298,13 @@ def restore(name: str, swapped: Swapped) -> None:
     linecache.cache.update(swapped.lines)
 
 
-def install(compiled: Compiled) -> types.ModuleType:
+def install(compiled: Compiled, *, path_first: bool = True) -> types.ModuleType:
     """Import the program from `compiled`: its top level runs now, in the caller's transaction.
 
     The caller has taken the previous modules out with `swap_out` (and puts them
-    back with `restore` if this raises).
+    back with `restore` if this raises). The program's folder joins ``sys.path``
+    so that its neighbours import: first (as when the program runs as a script),
+    or with ``path_first=False`` last, behind the importing process's own.
     """
     source = compiled.source
     for rel, text in source.files.items():
@@ -306,7 +314,10 @@ def install(compiled: Compiled) -> types.ModuleType:
     sys.meta_path.insert(0, finder)
     folder = os.path.dirname(source.origin)
     if folder not in sys.path:
-        sys.path.insert(0, folder)  # the program's neighbours stay importable
+        if path_first:
+            sys.path.insert(0, folder)
+        else:
+            sys.path.append(folder)
     importlib.invalidate_caches()
     # Built here rather than by import_module, which would hand back whatever
     # module of that name is in sys.modules at the moment.

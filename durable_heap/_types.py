@@ -351,6 +351,14 @@ def _attribute_name(name: str) -> bool:
     return name.isidentifier() and not keyword.iskeyword(name) and not hasattr(State, name)
 
 
+def _free_name(name: str, taken: dict[str, str]) -> str:
+    """`name`, with trailing underscores while a stored name has it (leading ones
+    would be mangled inside the class body)."""
+    while name in taken:
+        name += "_"
+    return name
+
+
 def _render(names: dict[str, str], classes: dict[type, dict[str, str]], ctx: _Context, origin: str) -> str:
     stem = os.path.splitext(os.path.basename(origin.rstrip(os.sep)))[0]
     lines = [
@@ -369,21 +377,23 @@ def _render(names: dict[str, str], classes: dict[type, dict[str, str]], ctx: _Co
     # An attribute named like something its annotations use (`list`, `Any`, a
     # class, a module) would shadow it inside the class body: use an alias there.
     used = {tok for text in attrs.values() for tok in _TOKEN.findall(text)}
-    aliases = {tok: f"_{tok}" for tok in used & set(attrs)}
+    aliases = {tok: _free_name(f"_{tok}", attrs) for tok in used & set(attrs)}
     imports = [f"import {module}" for module in sorted(ctx.imports)]
     typing_names: list[str] = []
     roots = {m.partition(".")[0] for m in ctx.imports}
     program_names = {name: module for module, name in ctx.program_imports}
     for tok in sorted(aliases):
+        alias = aliases[tok]
         if tok == "Any":
-            typing_names.append("Any as _Any")
+            typing_names.append(f"Any as {alias}")
         elif tok == "durable_heap" or tok in roots:
-            imports.append(f"import {tok} as _{tok}")
+            imports.append(f"import {tok} as {alias}")
         elif tok in program_names:
-            ctx.program_imports.add((program_names[tok], f"{tok} as _{tok}"))
+            ctx.program_imports.add((program_names[tok], f"{tok} as {alias}"))
         else:
-            imports.append("import builtins as _builtins")
-            aliases[tok] = f"_builtins.{tok}"
+            builtins_alias = _free_name("_builtins", attrs)
+            imports.append(f"import builtins as {builtins_alias}")
+            aliases[tok] = f"{builtins_alias}.{tok}"
     lines += sorted(set(imports))
     if ctx.program_imports:
         typing_names.append("TYPE_CHECKING")
@@ -429,7 +439,12 @@ class Mismatch:
     stored: str
 
     def __str__(self) -> str:
+        if self.stored.startswith(_UNRESOLVED):
+            return f"{self.path}: declared {self.declared}, {self.stored}"
         return f"{self.path}: declared {self.declared}, stored {self.stored}"
+
+
+_UNRESOLVED = "not checked: the annotation does not resolve"
 
 
 def _hint_text(hint: Any) -> str:
@@ -447,9 +462,8 @@ def check_declared(root: Any, cls: type[State], module: types.ModuleType) -> lis
     return out
 
 
-def _hints(cls: type, namespace: dict[str, Any], path: str,
-           out: list[Mismatch]) -> dict[str, Any]:
-    """`cls`'s annotations resolved; each one that cannot be is a mismatch at `path`."""
+def _hints(cls: type, namespace: dict[str, Any], out: list[Mismatch]) -> dict[str, Any]:
+    """`cls`'s annotations resolved; each one that cannot be is a mismatch (``Class.name``)."""
     with contextlib.suppress(Exception):  # else find which ones fail, below
         return typing.get_type_hints(cls, globalns=namespace)
     hints: dict[str, Any] = {}
@@ -463,15 +477,17 @@ def _hints(cls: type, namespace: dict[str, Any], path: str,
             except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
                 hints.pop(name, None)
                 text = hint if isinstance(hint, str) else _hint_text(hint)
-                why = f"not checked: the annotation does not resolve ({type(exc).__name__}: {exc})"
-                out.append(Mismatch(f"{path}.{name}", text, why))
+                found = Mismatch(f"{klass.__qualname__}.{name}", text,
+                                 f"{_UNRESOLVED} ({type(exc).__name__}: {exc})")
+                if found not in out:  # once per class, not once per sampled object
+                    out.append(found)
     return hints
 
 
 def _check_attributes(obj: Any, cls: type, path: str, out: list[Mismatch], depth: int,
                       namespace: dict[str, Any]) -> None:
     stored = _attributes(obj)
-    for name, hint in sorted(_hints(cls, namespace, path, out).items()):
+    for name, hint in sorted(_hints(cls, namespace, out).items()):
         if typing.get_origin(hint) is typing.ClassVar or (cls is not State and name in vars(State)):
             continue
         where = f"{path}.{name}"

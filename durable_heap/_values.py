@@ -251,9 +251,10 @@ def _unnamed(obj: Any) -> str | None:
         return "a lambda has no name to be stored by; use a module-level function"
     if "<locals>" in qual:
         return f"{kind} defined inside a function cannot be stored by name"
-    if "." in qual:
+    if "." in qual and getattr(sys.modules.get(obj.__module__), obj.__name__, None) is not obj:
         return (f"{kind} nested in a class ({qual}) cannot be found again by ZODB, which stores "
-                f"module.name: define {qual.rpartition('.')[2]} at the top level of its module")
+                f"module.name: define {qual.rpartition('.')[2]} at the top level of its module "
+                f"(or export it there as {obj.__name__})")
     return None
 
 
@@ -261,7 +262,9 @@ def _refuse_or_accept(value: Any) -> None:
     """Raise `BadValue` if `value` cannot be stored; plain objects are trial-pickled."""
     tp = type(value)
     if tp is types.BuiltinFunctionType:
-        if not isinstance(value.__self__, (types.ModuleType, type(None))):
+        bound = not isinstance(value.__self__, (types.ModuleType, type(None)))
+        # Stored by name, found in a module as pickle does (random.random is; [].append is not).
+        if bound and not any(getattr(m, value.__name__, None) is value for m in list(sys.modules.values())):
             raise BadValue(value, _REFUSED[types.BuiltinMethodType])
         note_class(value)  # stored by name
         return

@@ -755,43 +755,42 @@ def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | No
     return module
 
 
-def install_stored_definitions(heap: Heap, conn: Any, name: str) -> bool | None:
-    """Install the definitions of program `name`'s current version; True if done.
-
-    None when it cannot tell yet: the root mapping itself is being loaded (its
-    references name the classes of the objects it holds).
+def install_stored_definitions(heap: Heap, conn: Any, name: str) -> str:
+    """Install the definitions of program `name`'s current version, read through `conn`.
 
     For a process that reads a program's objects without having loaded the
     program (a plain script): ZODB's own lookup would import the module from
     ``sys.path`` -- the file on disk, whatever version it holds, its top level
-    run -- or make broken objects. Only definitions run (imports, functions,
-    classes, literal constants), as for ``inspect --at``; `Program` replaces
-    them with the whole version at its first call. Called by `Heap._find_class`
-    while an object is being loaded, so it reads through `conn` and never
-    begins or ends a transaction.
+    run -- or make broken objects. What runs is the version's definitions
+    (`compile_source` with ``definitions_only``, as for ``inspect --at``);
+    `Program` replaces them with the whole version at its first call. Called by
+    `Heap._find_class` while an object is being loaded, so it never begins or
+    ends a transaction. Returns "installed"; "absent" (not a program of this
+    heap); "failed" (a program whose definitions need its top level); or
+    "unknown" (the root mapping itself is being loaded: nothing to read yet).
     """
     root = conn.root()
     if root._p_changed and "data" not in root.__dict__:
-        return None  # the root mapping itself is being loaded: nothing to read yet
+        return "unknown"
     try:
         programs = root.get(PROGRAMS_KEY)
         rec = programs.get(name) if programs is not None else None
         if rec is None or not rec.current:
-            return False
+            return "absent"
         compiled = compile_source(rec.versions[rec.current].source(name), definitions_only=True)
     except Exception:  # noqa: BLE001 - unreadable now: ZODB's own lookup decides
-        return False
+        return "absent"
     saved = swap_out(name)
     program_roots.add(name)
     heap.set_renames(name, compiled.renames)
     try:
-        install(compiled)
-    except Exception:  # noqa: BLE001 - a definition that needs its top level: ZODB's own lookup, then
+        install(compiled, path_first=False)
+    except Exception:  # noqa: BLE001 - a definition that needs the top level: broken objects
         restore(name, saved)
         program_roots.discard(name)
         heap.set_renames(name, {})
-        return False
-    return True
+        return "failed"
+    return "installed"
 
 
 def version_at(heap: Heap, program: str | os.PathLike[str], when: datetime.datetime) -> int | None:

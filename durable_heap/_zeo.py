@@ -197,6 +197,11 @@ def _bool(target: Target, name: str, default: bool) -> bool:
     return value
 
 
+def target_read_only(target: Target) -> bool:
+    """Whether a checked ``zeo://`` target asks for a read-only client (``?read_only=1``)."""
+    return _bool(target, "read_only", False)
+
+
 def check_client_target(target: Target, text: str) -> Target:
     """Check a parsed ``zeo://`` target (address and options) before anything connects."""
     location = target.location

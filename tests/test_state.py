@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import random
 import socket
 import threading
 from pathlib import Path
@@ -148,6 +149,28 @@ class Outer:
     @staticmethod
     def helper() -> None:
         pass
+
+
+class Holder:
+    @dataclasses.dataclass
+    class Exported:
+        a: int
+
+    class Kind(enum.Enum):
+        ONE = 1
+
+
+Exported = Holder.Exported  # exported under its __name__: ZODB finds it as tests.test_state.Exported
+Kind = Holder.Kind
+
+
+def test_nested_classes_exported_at_top_level_and_named_builtins_are_stored(tmp_path: Path) -> None:
+    with dh.open(tmp_path / "h.fs") as heap, heap.transaction() as state:
+        state.exported, state.kind = Holder.Exported(1), Holder.Kind.ONE
+        state.rand = random.random  # a bound builtin that its module names
+    with dh.open(tmp_path / "h.fs") as heap:
+        assert heap.state.exported == Exported(1) and heap.state.kind is Kind.ONE
+        assert heap.state.rand is random.random
 
 
 @pytest.mark.parametrize(

@@ -308,6 +308,8 @@ AWKWARD = """
         state.User = User("a")
         state.users = {"a": User("b")}
         state.durable_heap = dh.Counter()
+        state._builtins = 4             # the stub's own alias names are taken too
+        state._datetime = 5
 """
 
 
@@ -318,14 +320,15 @@ def test_stub_of_names_that_shadow_or_are_not_identifiers_passes_mypy(tmp_path: 
     stub = (tmp_path / "app_state.py").read_text()
     body = stub[stub.index("class State"):].splitlines()
     for line in (
-        "    list: _builtins.list[int]",
-        "    Any: dict[_builtins.str, _builtins.list[int]]",
-        "    str: _builtins.str",
+        "    list: _builtins_.list[int]",
+        "    Any: dict[_builtins_.str, _builtins_.list[int]]",
+        "    str: _builtins_.str",
         "    fn: _Any",
-        "    datetime: _datetime.date",
-        "    when: _datetime.datetime",
+        "    datetime: _datetime_.date",
+        "    when: _datetime_.datetime",
         "    User: _User",
-        "    users: dict[_builtins.str, _User]",
+        "    users: dict[_builtins_.str, _User]",
+        "    _builtins: int",
         "    durable_heap: _durable_heap.Counter",
         "#     state['class']: str",
         "#     state['get']: int",
@@ -364,7 +367,7 @@ def test_check_reports_annotations_that_do_not_resolve(tmp_path: Path) -> None:
     out = cli("types", str(app), "--check")
     assert out.returncode == 1, out.stdout
     assert out.stdout.splitlines() == [
-        "state.later: declared Nope, stored not checked: the annotation does not resolve "
+        "State.later: declared Nope, not checked: the annotation does not resolve "
         "(NameError: name 'Nope' is not defined)"
     ]
     both = cli("types", str(app), "--check", "--write")

@@ -788,13 +788,19 @@ with dh.open(sys.argv[1]) as heap:
     ann = heap.state.users["ann"]
     with heap.transaction() as state:
         state.users[sys.argv[2]] = type(ann)(sys.argv[2])
-    print(json.dumps([type(ann).__module__, ann.describe(), sorted(heap.state.users)]))
+    made = [repr(heap.state.point), repr(heap.state.color), type(heap.state.vip).__name__]
+    print(json.dumps([type(ann).__module__, ann.describe(), sorted(heap.state.users), made]))
 """
 
 
 def test_a_script_that_never_loaded_the_program_gets_the_deployed_classes(tmp_path: Path) -> None:
     app = write(tmp_path / "app.py", """
+        import collections
+        import enum
         import durable_heap as dh
+
+        Point = collections.namedtuple("Point", "x y")     # made by calls, not class statements
+        Color = enum.Enum("Color", "RED GREEN")
 
         class User(dh.Object):
             def __init__(self, name):
@@ -803,6 +809,8 @@ def test_a_script_that_never_loaded_the_program_gets_the_deployed_classes(tmp_pa
             def describe(self):
                 return f"user {self.name}"
 
+        Customer = User                                     # an alias
+
         class State(dh.State):          # declared: the root mapping names app.State
             users: dict = {}
 
@@ -810,6 +818,7 @@ def test_a_script_that_never_loaded_the_program_gets_the_deployed_classes(tmp_pa
 
         def add(name):
             state.users[name] = User(name)
+            state.point, state.color, state.vip = Point(1, 2), Color.RED, Customer("vip")
     """)
     ok("call", str(app), "add", "ann")
     path = tmp_path / ".durable-heap" / "app.fs"
@@ -819,8 +828,124 @@ def test_a_script_that_never_loaded_the_program_gets_the_deployed_classes(tmp_pa
     for cwd, name in ((tmp_path, "bob"), (tmp_path.parent, "cy")):
         out = run(["-c", SCRIPT, str(path), name], cwd=cwd)
         assert out.returncode == 0, out.stderr
-        module, described, names = json.loads(out.stdout)
+        module, described, names, made = json.loads(out.stdout)
         assert (module, described) == ("app", "user ann") and name in names
+        assert made == ["Point(x=1, y=2)", "<Color.RED: 1>", "User"]
     assert ok("call", str(app), "add", "dan", "--no-deploy").strip() == "null"  # the stored version serves
     out = run(["-c", SCRIPT, str(path), "eve"], cwd=tmp_path)
     assert json.loads(out.stdout)[2] == ["ann", "bob", "cy", "dan", "eve"]
+
+
+def test_a_script_gets_renamed_classes_and_never_runs_a_top_level(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", """
+        from durable_heap import Object, state
+
+        class OldUser(Object):
+            def __init__(self, name):
+                self.name = name
+
+        def add(name):
+            state.ann = OldUser(name)
+    """)
+    ok("call", str(app), "add", "ann")
+    write(app, """
+        from durable_heap import Object, state
+
+        __durable_renames__ = {"app.OldUser": "app.User"}
+        LIMIT = state.setdefault("limit", 5)     # needs the top level: not a definition
+
+        class User(Object):
+            def __init__(self, name):
+                self.name = name
+
+        class Capped(Object):
+            limit = LIMIT
+
+        def add(name):
+            state.capped = Capped()
+    """)
+    ok("call", str(app), "add", "bob")
+    path = tmp_path / ".durable-heap" / "app.fs"
+    script = """
+import json, sys
+import durable_heap as dh
+with dh.open(sys.argv[1]) as heap:
+    print(json.dumps([type(heap.state.ann).__name__, type(heap.state.capped).__name__,
+                      type(heap.state.capped).__mro__[1].__name__]))
+"""
+    write(app, "raise SystemExit('the file on disk ran')\n")
+    out = run(["-c", script, str(path)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    # Capped's class body needs LIMIT, which only the top level makes: the program's
+    # definitions cannot be installed, so its objects are broken (their data kept),
+    # and the file on disk is not imported instead. The renamed class comes first.
+    names = json.loads(out.stdout)
+    assert names[0] in ("User", "OldUser") and names[1:] == ["Capped", "PersistentBroken"], names
+
+
+def test_a_script_with_two_threads_waits_for_the_program_to_install(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", """
+        import time
+        from durable_heap import Object, state
+
+        class Slow:
+            time.sleep(0.5)                  # a class body that takes its time
+
+        class User(Object):
+            def __init__(self, name):
+                self.name = name
+
+        def add(name):
+            state[name] = User(name)
+    """)
+    ok("call", str(app), "add", "ann")
+    ok("call", str(app), "add", "bob")
+    script = """
+import json, sys, threading, time
+import durable_heap as dh
+heap = dh.open(sys.argv[1])
+found = {}
+def read(name):
+    with heap.transaction() as state:
+        found[name] = [c.__name__ for c in type(state[name]).__mro__[:2]]
+a = threading.Thread(target=read, args=("ann",)); a.start()
+time.sleep(0.2)
+b = threading.Thread(target=read, args=("bob",)); b.start()
+a.join(); b.join(); heap.close()
+print(json.dumps(found))
+"""
+    out = run(["-c", script, str(tmp_path / ".durable-heap" / "app.fs")], cwd=tmp_path.parent)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"ann": ["User", "Object"], "bob": ["User", "Object"]}
+
+
+def test_reading_history_does_not_install_an_old_version(tmp_path: Path) -> None:
+    v1 = """
+        from durable_heap import Object, state
+
+        class User(Object):
+            def __init__(self, name):
+                self.name = name
+
+            def describe(self):
+                return "VERSION " + self.name
+
+        def add(name):
+            state[name] = User(name)
+    """
+    app = write(tmp_path / "app.py", v1.replace("VERSION", "v1"))
+    ok("call", str(app), "add", "ann")
+    write(app, v1.replace("VERSION", "v2"))
+    ok("call", str(app), "add", "bob")
+    script = """
+import json, sys
+import durable_heap as dh
+with dh.open(sys.argv[1]) as heap:
+    with heap.state_at(1, sys.argv[2]) as then:   # version 1's data
+        past = then["ann"].describe()
+    print(json.dumps([past, heap.state["ann"].describe(), heap.state["bob"].describe()]))
+"""
+    out = run(["-c", script, str(tmp_path / ".durable-heap" / "app.fs"), str(app)], cwd=tmp_path.parent)
+    assert out.returncode == 0, out.stderr
+    # The process has the current version's classes, also for what history shows.
+    assert json.loads(out.stdout) == ["v2 ann", "v2 ann", "v2 bob"]

@@ -476,7 +476,7 @@ def test_client_options_cache_file_and_read_only(zeo_server: ZeoServer, tmp_path
     with dh.open(f"{zeo_server.url}?cache={cache}") as heap:  # kept across restarts
         assert heap.state.greeting == "hello"
     with dh.open(f"{zeo_server.url}?read_only=1") as heap:
-        assert heap.state.greeting == "hello"
+        assert heap.read_only and heap.state.greeting == "hello"
         with pytest.raises(dh.StorageError, match="read-only"):
             with heap.transaction() as state:
                 state.greeting = "changed"
