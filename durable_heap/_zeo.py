@@ -237,7 +237,7 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
     from ._storage import private_files
 
     addr = parse_address(target.location)
-    read_only = read_only or _bool(target, "read_only", False)
+    read_only = read_only or target_read_only(target)
     wait = _number(target, "wait_timeout", positive=True)
     wait = DEFAULT_WAIT if wait is None else wait
     ssl_ctx, hostname = client_tls(target.options, addr)
