@@ -19,7 +19,9 @@ is persisted, incrementally and atomically, at the end of each transaction.
 from ._containers import Dict, List, Set, to_builtin
 from ._counter import Counter
 from ._errors import (
+    ClassNotAllowedError,
     ConflictError,
+    CorruptHeapError,
     DeployError,
     DurableHeapError,
     FunctionNotFoundError,
@@ -45,7 +47,9 @@ from ._versions import Program, Version
 __version__ = "0.2.0"
 
 __all__ = [
+    "ClassNotAllowedError",
     "ConflictError",
+    "CorruptHeapError",
     "Counter",
     "DeployError",
     "Dict",

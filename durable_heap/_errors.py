@@ -13,7 +13,9 @@ Hierarchy::
      │    ├── HeapLockedError                   the FileStorage is held by a process
      │    ├── NotAHeapError                     the file is not a FileStorage
      │    ├── UnknownTargetError (also ValueError)  a target string we cannot parse
-     │    └── ServerUnavailableError (also ConnectionError)  no ZEO server answers
+     │    ├── ServerUnavailableError (also ConnectionError)  no ZEO server answers
+     │    ├── CorruptHeapError                  a damaged record or file (never read as whole)
+     │    └── ClassNotAllowedError              a stored record names a class outside the allowlist
      └── ProgramError                           a program cannot be loaded or run
           ├── ProgramNotFoundError (also FileNotFoundError)
           ├── FunctionNotFoundError (also AttributeError)
@@ -28,7 +30,9 @@ went wrong and what to do; ZODB, zc.lockfile and transaction errors are mapped i
 from __future__ import annotations
 
 __all__ = [
+    "ClassNotAllowedError",
     "ConflictError",
+    "CorruptHeapError",
     "DeployError",
     "DurableHeapError",
     "FunctionNotFoundError",
@@ -113,6 +117,33 @@ class UnknownTargetError(StorageError, ValueError):
 class ServerUnavailableError(StorageError, ConnectionError):
     """The ZEO server of a ``zeo://`` heap did not answer in time, or went away
     during a transaction (which was then aborted)."""
+
+
+class CorruptHeapError(StorageError):
+    """A record or the heap file is damaged: it is never opened or read as if whole.
+
+    The message names the place (file, offset, oid, class where known) and the way
+    to recover; `oid` (bytes or None) and `offset` (int or None) carry the same.
+    """
+
+    def __init__(self, message: str, *, oid: bytes | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.oid = oid
+        self.offset = offset
+
+
+class ClassNotAllowedError(StorageError):
+    """A stored record names a global (class or callable) outside the allowlist.
+
+    Loading it could run arbitrary code, so it is refused; `name` is the dotted
+    name and `oid` the record's oid where known. Allow trusted classes with
+    ``durable_heap.open(target, allow=["pkg.module.Class", "pkg.*"])``.
+    """
+
+    def __init__(self, message: str, *, name: str = "", oid: bytes | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.oid = oid
 
 
 class ProgramError(DurableHeapError):
