@@ -48,6 +48,7 @@ from ._errors import (
     ServerUnavailableError,
     StorageError,
 )
+from ._integrity import CheckedDB
 from ._state import State
 from ._storage import Target, open_storage, parse_target, private_files
 from ._values import ROOT_KEY, forget_reads, precheck, reset_watch
@@ -64,7 +65,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CACHE_SIZE = 50_000
 DEFAULT_ATTEMPTS = 10
 _FORMAT_KEY = "durable_heap.format"
-_FORMAT = 1
+#: The heap format this version writes, and the first durable_heap to write each
+#: format: 1 (0.2; heaps of 0.1 have no marker and count as 1); 2 (0.3: records
+#: carry checksums, see `_integrity`). A heap of a higher format is refused.
+_FORMAT = 2
+_FORMAT_SINCE = {1: "0.2", 2: "0.3"}
 
 _note_repr = reprlib.Repr()
 _note_repr.maxstring = 40
@@ -160,8 +165,8 @@ class Heap:
             storage = open_storage(self.target, read_only=self.read_only)
             try:
                 with private_files():
-                    return ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size,
-                                   class_factory=self._find_class)
+                    return CheckedDB(storage, cache_size=cache_size, pool_size=pool_size,
+                                     class_factory=self._find_class)
             except transaction.interfaces.TransientError as exc:
                 storage.close()
                 if attempt == self.max_attempts:
@@ -173,14 +178,36 @@ class Heap:
         raise AssertionError("unreachable")
 
     def _ensure_root(self) -> None:
+        """Create the heap in an empty storage; check (and raise) an existing heap's format.
+
+        A heap of an older format opened read-write gets the current marker here,
+        at open, in a transaction of its own: from its next commit on, this
+        version writes checksummed records (format 2) that durable_heap 0.2
+        cannot read, and the marker must say so before the first of them, also
+        when that commit comes from another process. Read-only opens change nothing.
+        """
         local = self._thread()
         tm = local.tm
         for attempt in range(1, self.max_attempts + 1):
             tm.begin()
             root = local.conn.root()
             if ROOT_KEY in root:
-                tm.abort()
-                return
+                found = root.get(_FORMAT_KEY, 1)
+                if not isinstance(found, int) or found > _FORMAT:
+                    tm.abort()
+                    raise StorageError(_newer_format(self.target, found))
+                if found == _FORMAT or self.read_only or local.conn.isReadOnly():
+                    tm.abort()
+                    return
+                tm.get().note(f"durable_heap: heap format {found} -> {_FORMAT}")
+                root[_FORMAT_KEY] = _FORMAT
+                try:
+                    tm.commit()
+                    return
+                except transaction.interfaces.TransientError:
+                    tm.abort()  # another process raised it at the same moment: look again
+                    _backoff(attempt)
+                    continue
             if self.read_only:
                 tm.abort()
                 raise StorageError(f"{self.target} holds no durable_heap state yet, and is open read-only")
@@ -660,6 +687,17 @@ def _disconnected(exc: BaseException) -> bool:
     """True for ZEO's ClientDisconnected (without importing ZEO for heaps that do not use it)."""
     zeo_errors = sys.modules.get("ZEO.Exceptions")
     return zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)
+
+
+def _newer_format(target: Target, found: object) -> str:
+    """The refusal of a heap written in a format this version does not know."""
+    known = f"durable_heap {_FORMAT_SINCE[_FORMAT]}"
+    return (
+        f"the heap {target} has heap format {found!r}, written by a newer durable_heap "
+        f"than this one ({known}, which reads heap formats 1 to {_FORMAT}): upgrade "
+        "durable_heap (pip install -U durable-heap) to open it. The heap was not changed. "
+        "Under ZEO, upgrade the server and every client together."
+    )
 
 
 def _conflict(attempts: int, note: str | None) -> ConflictError:

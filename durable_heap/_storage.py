@@ -17,7 +17,8 @@ target                    storage
 FileStorage files are created private (umask 077: the data file, its index, its
 temporary and pack files are 0600); missing parent folders are created 0700.
 Errors from zc.lockfile and FileStorage become `HeapLockedError` and
-`NotAHeapError` here.
+`NotAHeapError` here; a damaged file is refused with `CorruptHeapError` before
+FileStorage can cut it, and every record is checksummed (`_integrity`).
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ def _flag(target: Target, name: str) -> bool:
 
 def _open_file_storage(path: str, *, read_only: bool) -> Any:
     from zc.lockfile import LockError
-    from ZODB.FileStorage import FileStorage
     from ZODB.FileStorage.FileStorage import FileStorageFormatError
+
+    from ._integrity import CheckedFileStorage, ChecksumStorage
 
     exists = os.path.exists(path)
     if exists and os.path.isdir(path):
@@ -140,12 +142,17 @@ def _open_file_storage(path: str, *, read_only: bool) -> Any:
     else:
         parent = os.path.dirname(path)
         try:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
+            # os.makedirs(mode=) gives only the last folder that mode, so every
+            # missing folder is made under the private umask instead (0700).
+            with private_files():
+                os.makedirs(parent, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create the folder {parent} for the heap: {exc.strerror}") from exc
     try:
         with private_files():
-            return FileStorage(path, read_only=read_only)
+            # Checked before FileStorage's scan can cut the file (CorruptHeapError,
+            # the file untouched); records sealed and checked (see _integrity).
+            return ChecksumStorage(CheckedFileStorage(path, read_only=read_only))
     except LockError:
         raise HeapLockedError(_locked_message(path)) from None
     except FileStorageFormatError:

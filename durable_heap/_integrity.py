@@ -1,0 +1,767 @@
+"""Damage is never silent: checked opens, checksummed records, and one translation of read errors.
+
+Three guards, each where ZODB gives a hook:
+
+* `CheckedFileStorage` (a FileStorage) looks at the part of the file that
+  FileStorage is about to scan *before* it scans it. FileStorage cuts the file
+  at the first transaction it cannot read and moves the rest to ``NAME.trN``;
+  that is right for the one transaction a crash tears while it is written, and
+  a silent loss of every later commit anywhere else. So a cut that would drop
+  more than a torn last transaction is refused with `CorruptHeapError`, and the
+  file is left as it was.
+* `ChecksumStorage` (an ``IStorageWrapper`` on the storage that owns the
+  records, as zc.zlibstorage is) seals every record it writes with a CRC-32
+  over the oid and the data, and checks it at every read. A record written
+  before (no seal) is read as it is.
+* `CheckedConnection` (installed through ``DB.klass``, by `CheckedDB`) turns
+  ZODB's raw read errors (a missing record, a damaged header, a pickle that
+  does not load) into `CorruptHeapError` naming the object, its class and where.
+
+What the checksums cover, and what they do not, is in docs/operations.md
+("A damaged file or record").
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ZODB
+import ZODB.Connection
+import ZODB.interfaces
+import ZODB.POSException
+import zope.interface
+from ZODB.FileStorage import FileStorage
+from ZODB.FileStorage.FileStorage import packed_version  # the magic read_index checks
+from ZODB.FileStorage.format import (
+    DATA_HDR,
+    DATA_HDR_LEN,
+    TRANS_HDR,
+    TRANS_HDR_LEN,
+    CorruptedError,
+)
+from ZODB.TimeStamp import TimeStamp
+from ZODB.utils import oid_repr, tid_repr, u64, z64
+
+from ._errors import CorruptHeapError, DurableHeapError
+
+__all__ = [
+    "MARK",
+    "CheckedConnection",
+    "CheckedDB",
+    "CheckedFileStorage",
+    "ChecksumStorage",
+    "seal",
+    "unseal",
+]
+
+# --- the record seal -------------------------------------------------------------------
+#
+# A sealed record is   MARK + pickle + crc32(oid + MARK + pickle), the CRC as 4 bytes
+# little-endian. A pickle never starts with b"." (the STOP opcode: a pickle that
+# stops before it starts is invalid), so a record that starts with MARK is sealed,
+# and any other is a record written before seals (read as it is). zc.zlibstorage
+# marks its records b".z" the same way. CRC-32 finds every single-bit flip and
+# every burst of up to 32 bits; appending the CRC little-endian lets one crc32 call
+# over the whole record check it: the CRC of a message followed by its own CRC is
+# the constant RESIDUE. The oid is in the CRC (not in the record): a record whose
+# header names another oid (a flipped oid bit) fails the check when read as that oid.
+
+#: The first bytes of a sealed record.
+MARK = b".c"
+_RESIDUE = 0x2144DF1C  # crc32(m + crc32(m).to_bytes(4, "little")) for every m
+_crc = zlib.crc32
+
+
+def seal(oid: bytes, data: bytes) -> bytes:
+    """The record stored for `data` of `oid`: marked, with its CRC-32 over oid and data."""
+    body = MARK + data
+    return body + _crc(body, _crc(oid)).to_bytes(4, "little")
+
+
+def unseal(oid: bytes, data: bytes) -> bytes | None:
+    """The pickle in a sealed record of `oid`; None if the record fails its check.
+
+    A record without the seal (written before seals existed) comes back as it is.
+    """
+    if data[:2] == MARK:
+        if _crc(data, _crc(oid)) != _RESIDUE:
+            return None
+        return data[2:-4]
+    if data[:1] == b".":
+        return None  # a seal whose mark is damaged: no pickle starts with STOP
+    return data
+
+
+def _strip(data: bytes) -> bytes:
+    """The pickle in a record, unchecked (where the oid is not known)."""
+    return data[2:-4] if data[:2] == MARK else data
+
+
+# --- errors ------------------------------------------------------------------------------
+
+_RECOVER = (
+    'Restore the heap from a backup; see "A damaged file or record" in docs/operations.md.'
+)
+
+
+def record_error(
+    path: str,
+    oid: bytes,
+    reason: str,
+    *,
+    offset: int | None = None,
+    cls: str | None = None,
+    serial: bytes | None = None,
+) -> CorruptHeapError:
+    """A `CorruptHeapError` for one damaged record, in whole sentences.
+
+    `path`, `reason` and `serial` are kept on the error (``_dh_*``) so that the
+    connection that loaded it can say the same with the object's class added.
+    """
+    what = f"object {oid_repr(oid)}"
+    if cls:
+        what += f" (a {cls})"
+    where = f" at offset {offset}" if offset is not None else ""
+    rev = f", revision {tid_repr(serial)}," if serial else ""
+    msg = (
+        f"the heap {path} is damaged: the record of {what}{rev}{where} {reason}, so it was "
+        f"not read (nothing was changed). {_RECOVER}"
+    )
+    err = CorruptHeapError(msg, oid=oid, offset=offset)
+    err._dh_path, err._dh_reason, err._dh_serial = path, reason, serial  # type: ignore[attr-defined]
+    return err
+
+
+# --- the wrapper: seals on the way in, checks on the way out ----------------------------------
+
+
+@zope.interface.implementer(ZODB.interfaces.IStorageWrapper)
+class ChecksumStorage:
+    """Seal each record written and check each record read (zc.zlibstorage's pattern).
+
+    It wraps the storage that owns the records: the local FileStorage of a file
+    heap, and the served storage in ``durable-heap zeo`` (so ZEO clients receive
+    checked, plain pickles). Every path that hands out record data strips the
+    seal: ``load``, ``loadBefore``, ``loadSerial``, ``record_iternext``,
+    ``iterator``, pack's reference finder, and conflict resolution (through
+    ``untransform_record_data``).
+    """
+
+    # Bound once: no __getattr__ on the hot paths.
+    copied_methods = (
+        "close", "getName", "getSize", "history", "isReadOnly", "lastTransaction", "new_oid",
+        "sortKey", "tpc_abort", "tpc_begin", "tpc_finish", "tpc_vote", "supportsUndo", "undo",
+        "undoLog", "undoInfo", "checkCurrentSerialInTransaction", "tpc_transaction",
+    )
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self._path = str(getattr(base, "_file_name", None) or base.getName())
+        # The oid being stored by this thread: ZODB's conflict resolution (which runs
+        # inside base.store) calls transform_record_data without one.
+        self._storing = threading.local()
+        self._loadBefore = base.loadBefore
+        for name in self.copied_methods:
+            v = getattr(base, name, None)
+            if v is not None:
+                setattr(self, name, v)
+        zope.interface.directlyProvides(self, zope.interface.providedBy(base))
+        self.db: Any = None
+        # ZODB trap: a base that resolves conflicts (ConflictResolvingStorage) reads
+        # records for it through the transform functions of whatever it was
+        # registered with; register this wrapper so that they strip the seal.
+        base.registerDB(self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def loadBefore(self, oid: bytes, tid: bytes, _crc: Any = _crc, _mark: bytes = MARK,
+                   _residue: int = _RESIDUE) -> tuple[bytes, bytes, bytes | None] | None:
+        # Every load of a current object comes here (ZODB's MVCC adapter and ZEO's
+        # server call loadBefore): the sealed case is inline, its names bound as locals.
+        try:
+            r = self._loadBefore(oid, tid)
+        except (MemoryError, OverflowError):
+            raise self._too_long(oid) from None
+        if r is None:
+            self._check_absent(oid)
+            return None
+        data, serial, end = r
+        if end is not None and end > self.base.lastTransaction():
+            raise self._future(oid, end)
+        if data[:2] == _mark and _crc(data, _crc(oid)) == _residue:
+            return data[2:-4], serial, end
+        return self._checked(oid, serial, data), serial, end
+
+    def load(self, oid: bytes, version: str = "") -> tuple[bytes, bytes]:
+        try:
+            data, serial = self.base.load(oid, version)
+        except (MemoryError, OverflowError):
+            raise self._too_long(oid) from None
+        if serial > self.base.lastTransaction():
+            raise self._future(oid, serial)
+        return self._checked(oid, serial, data), serial
+
+    def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
+        try:
+            data = self.base.loadSerial(oid, serial)
+        except (MemoryError, OverflowError):
+            raise self._too_long(oid) from None
+        return self._checked(oid, serial, data)
+
+    def record_iternext(self, next: Any = None) -> tuple[bytes, bytes, bytes, Any]:  # noqa: A002 - ZODB's name
+        oid, tid, data, cursor = self.base.record_iternext(next)
+        return oid, tid, self._checked(oid, tid, data), cursor
+
+    def iterator(self, start: Any = None, stop: Any = None) -> _Iterator:
+        return _Iterator(self.base.iterator(start, stop), self)
+
+    def _checked(self, oid: bytes, serial: bytes | None, data: bytes) -> bytes:
+        if not data:
+            return data
+        out = unseal(oid, data)
+        if out is None:
+            reason = "fails its checksum" if data[:2] == MARK else "has a damaged checksum mark"
+            raise record_error(self._path, oid, reason, offset=self._offset(oid, serial), serial=serial)
+        return out
+
+    def _check_absent(self, oid: bytes) -> None:
+        # No revision before the snapshot: the object did not exist yet. Unless its
+        # current record claims a transaction later than the last one: a damaged
+        # header that would hide the record (and the object) from every reader.
+        try:
+            _, serial = self.base.load(oid)
+        except ZODB.POSException.POSKeyError:
+            return
+        if serial > self.base.lastTransaction():
+            raise self._future(oid, serial)
+
+    def _too_long(self, oid: bytes) -> BaseException:
+        """A record that claims more bytes than the file holds (a flipped length bit):
+        FileStorage tries to read them all. Anything else is re-raised as it was."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        assert exc is not None
+        base = self.base
+        try:
+            with base._lock:
+                pos = base._lookup_pos(oid)
+                plen = base._read_data_header(pos, oid).plen
+            if plen > base.getSize():
+                return record_error(self._path, oid, f"claims {plen} bytes, more than the file "
+                                    "holds: its header is damaged", offset=int(pos))
+        except Exception:  # noqa: BLE001,S110 - not a FileStorage record we can read: keep the error
+            pass
+        return exc
+
+    def _future(self, oid: bytes, serial: bytes) -> CorruptHeapError:
+        # FileStorage's loadBefore skips revisions at or after the snapshot, so a
+        # record whose transaction id was flipped upward would silently give the
+        # previous revision (or no object). No record can be later than the last
+        # committed transaction (FileStorage updates both under its write lock).
+        last = self.base.lastTransaction()
+        return record_error(
+            self._path, oid,
+            f"names transaction {tid_repr(serial)}, later than the heap's last one "
+            f"({tid_repr(last)}): its header is damaged",
+            offset=self._offset(oid, serial), serial=serial,
+        )
+
+    def _offset(self, oid: bytes, serial: bytes | None) -> int | None:
+        """The file offset of `oid`'s record of `serial` (FileStorage only; None if unknown)."""
+        base = self.base
+        try:
+            with base._lock:
+                pos = base._lookup_pos(oid)
+                first = pos
+                for _ in range(100_000):
+                    h = base._read_data_header(pos, oid)
+                    if serial is None or h.tid == serial or not h.prev:
+                        return int(pos) if serial is None or h.tid == serial else int(first)
+                    pos = h.prev
+        except Exception:  # noqa: BLE001 - only for the message: a damaged chain, another storage
+            return None
+        return None
+
+    # -- writes -------------------------------------------------------------------------
+
+    def store(self, oid: bytes, serial: bytes, data: bytes, version: str, transaction: Any) -> Any:
+        self._storing.oid = oid
+        try:
+            return self.base.store(oid, serial, self._sealed(oid, data), version, transaction)
+        finally:
+            self._storing.oid = None
+
+    def restore(self, oid: bytes, serial: bytes, data: bytes | None, version: str, prev_txn: Any,
+                transaction: Any) -> Any:
+        if data is not None:
+            data = self._sealed(oid, data)
+        self._storing.oid = oid
+        try:
+            return self.base.restore(oid, serial, data, version, prev_txn, transaction)
+        finally:
+            self._storing.oid = None
+
+    def _sealed(self, oid: bytes, data: bytes) -> bytes:
+        if data[:2] == MARK:  # already sealed (copied from a raw file): keep it if whole
+            self._checked(oid, None, data)
+            return data
+        return seal(oid, data)
+
+    def copyTransactionsFrom(self, other: Any) -> None:
+        import ZODB.blob
+
+        ZODB.blob.copyTransactionsFromTo(other, self)  # through restore: sealed here
+
+    def pack(self, pack_time: Any, referencesf: Callable[..., Any], gc: Any = None) -> Any:
+        def refs(p: bytes, oids: Any = None) -> Any:
+            return referencesf(_strip(p), oids)
+
+        if gc is None:
+            return self.base.pack(pack_time, refs)
+        return self.base.pack(pack_time, refs, gc)
+
+    # -- IStorageWrapper (what the base and ZODB call back) ------------------------------------
+
+    def registerDB(self, db: Any) -> None:
+        self.db = db
+
+    def invalidateCache(self) -> Any:
+        return self.db.invalidateCache()
+
+    def invalidate(self, transaction_id: bytes, oids: Any, version: str = "") -> Any:
+        return self.db.invalidate(transaction_id, oids)
+
+    def references(self, record: bytes, oids: Any = None) -> Any:
+        return self.db.references(_strip(record), oids)
+
+    def transform_record_data(self, data: bytes) -> bytes:
+        # Called by ZODB's conflict resolution for the merged record it stores.
+        data = self.db.transform_record_data(data) if self.db is not None else data
+        oid = getattr(self._storing, "oid", None)
+        # Outside a store (an undo's merge), the oid is unknown: the record is then
+        # stored unsealed, and read like a record from before seals.
+        return seal(oid, data) if oid is not None else data
+
+    def untransform_record_data(self, data: bytes) -> bytes:
+        # Kept thin: conflict resolution reads its three records through this.
+        oid = getattr(self._storing, "oid", None)
+        out = _strip(data) if oid is None else unseal(oid, data)
+        if out is None:
+            raise record_error(self._path, oid or z64, "fails its checksum")
+        return self.db.untransform_record_data(out) if self.db is not None else out
+
+
+class _Iterator:
+    """The base storage's transaction iterator, its records' data checked and unsealed."""
+
+    def __init__(self, base_it: Any, storage: ChecksumStorage) -> None:
+        self._base_it = base_it
+        self._storage = storage
+
+    def __iter__(self) -> _Iterator:
+        return self
+
+    def __next__(self) -> _Transaction:
+        return _Transaction(next(self._base_it), self._storage)
+
+    def close(self) -> None:
+        close = getattr(self._base_it, "close", None)
+        self._base_it = iter(())
+        if close is not None:
+            close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base_it, name)
+
+
+class _Transaction:
+    def __init__(self, trans: Any, storage: ChecksumStorage) -> None:
+        self._trans = trans
+        self._storage = storage
+
+    def __iter__(self) -> Iterator[Any]:
+        for r in self._trans:
+            if r.data:
+                r.data = self._storage._checked(r.oid, r.tid, r.data)
+            yield r
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trans, name)
+
+
+# --- the checked open ----------------------------------------------------------------------
+
+_TXN = struct.Struct(TRANS_HDR)
+_DATA = struct.Struct(DATA_HDR)
+_U64 = struct.Struct(">Q")
+#: How far a torn transaction's id may lie ahead of the clock and of the last one (1 day).
+_AHEAD = 1440 << 32  # the upper 32 bits of a tid count minutes
+
+
+class CheckedFileStorage(FileStorage):  # type: ignore[misc]
+    """A FileStorage that refuses, untouched, a file it would open as less than it holds.
+
+    ZODB trap: FileStorage's constructor reads its index (``_restore_index``) and
+    then scans the file from the index's position (from the start without a valid
+    index) with ``read_index``, which cuts the file at the first transaction it
+    cannot read and copies the rest to ``NAME.trN``, and files each data record
+    under the oid its header names, only logging a record whose back pointer
+    disagrees (a flipped oid bit files a record under another object and leaves
+    the real one at an older state). ``_restore_index`` is the one method called
+    in between. Here it makes that scan itself, over exactly the same range
+    (`scan`): it builds the same index, refuses damage with `CorruptHeapError`
+    before anything is cut, and returns the index and the position it reached,
+    so that ``read_index`` has nothing left to read but a torn last transaction,
+    which it drops as it always did. (tests/test_damage.py checks that the hook
+    is still called.)
+    """
+
+    def __init__(self, file_name: str, **kwargs: Any) -> None:
+        self._dh_name = file_name
+        try:
+            super().__init__(file_name, **kwargs)
+        except BaseException:
+            self._close_quietly()  # FileStorage leaves its lock and files open
+            raise
+
+    def _restore_index(self) -> Any:
+        try:
+            r = super()._restore_index()  # None without a valid .index
+        except (CorruptedError, ValueError, struct.error):
+            # ZODB trap: its check of the index (_check_sanity) reads the last
+            # transaction's records and lets a damaged header's error through,
+            # where it means "do not trust the index": scan the file instead.
+            r = None
+        index, start, ltid = (self._index, 4, z64) if r is None else r
+        reached = scan(self._file, self._dh_name, index, start, ltid)
+        if reached is None:
+            return r  # not a FileStorage file, or empty: FileStorage decides
+        pos, ltid = reached
+        if r is None and not self._is_read_only:
+            self._pos = pos  # what FileStorage does after its own scan: save the index
+            self._save_index()
+        return index, pos, ltid
+
+    def _close_quietly(self) -> None:
+        for name in ("_file", "_files", "_lock_file", "_tfile"):
+            f = getattr(self, name, None)
+            if f is not None:
+                try:
+                    f.close()
+                except Exception:  # noqa: BLE001,S110 - closing after a failed open
+                    pass
+
+
+def scan(file: Any, name: str, index: Any, start: int, ltid: bytes) -> tuple[int, bytes] | None:
+    """Read the transactions from `start` into `index` as FileStorage's ``read_index`` does.
+
+    Returns the position after the last whole transaction and its id (None for a
+    file FileStorage itself refuses or creates). Raises `CorruptHeapError`,
+    leaving the file as it is, wherever ``read_index`` would cut the file short
+    of a torn last transaction (`_torn`), stop with an error, or file a record
+    whose header does not continue its object's history (another oid, a back
+    pointer that is not the object's previous record, a transaction id that is
+    not its transaction's).
+    """
+    file.seek(0, 2)
+    size = file.tell()
+    if size < start or size < 4:
+        return None
+    file.seek(0)
+    if file.read(4) != packed_version:
+        return None
+    if size == 4:
+        return 4, ltid
+    with mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as m:
+        return _scan(m, name, index, start, ltid, size)
+
+
+def _scan(m: Any, name: str, index: Any, pos: int, prev: bytes, size: int) -> tuple[int, bytes]:
+    txn, data, u64_at = _TXN.unpack_from, _DATA.unpack_from, _U64.unpack_from
+    get = index.get
+    while pos < size:
+        if size - pos < TRANS_HDR_LEN:
+            return _tail(m, name, pos, size, prev)
+        tid, tl, status, ul, dl, el = txn(m, pos)
+        tend = pos + tl
+        if tend + 8 > size or status == b"c" or tl < TRANS_HDR_LEN + ul + dl + el:
+            return _tail(m, name, pos, size, prev)
+        if u64_at(m, tend)[0] != tl:
+            raise _bad(name, pos, "its two length fields disagree")
+        if status != b"u":  # an undone transaction's records are not indexed
+            new = {}
+            p = pos + TRANS_HDR_LEN + ul + dl + el
+            while p < tend:
+                if p + DATA_HDR_LEN > tend:
+                    raise _bad(name, p, "a data record runs past the end of its transaction")
+                oid, rtid, back, tloc, vlen, plen = data(m, p)
+                end = p + DATA_HDR_LEN + (plen or 8)
+                if vlen or end > tend or tloc != pos:
+                    raise _bad(name, p, "the header of a data record is damaged")
+                if rtid != tid:
+                    raise _bad(name, p, f"a data record of object {oid_repr(oid)} names another "
+                                        "transaction than its own")
+                if get(oid, 0) != back:
+                    raise _bad(name, p, f"a data record names object {oid_repr(oid)}, but does not "
+                                        "continue that object's history (a damaged oid or back "
+                                        "pointer), so the object could be read at an older state")
+                new[oid] = p
+                p = end
+            index.update(new)
+        prev, pos = tid, tend + 8
+    return pos, prev
+
+
+def _tail(m: Any, name: str, pos: int, size: int, prev: bytes) -> tuple[int, bytes]:
+    """Where FileStorage cuts: allowed for a torn last transaction only."""
+    if not _torn(m, pos, size, prev):
+        raise _cut_error(m, name, pos, size, prev)
+    return pos, prev
+
+
+def _torn(m: Any, pos: int, size: int, prev: bytes) -> bool:
+    """Whether the bytes from `pos` to the end are one transaction that a crash cut off.
+
+    FileStorage writes a commit as one transaction at the end of the file with the
+    status ``c`` and sets the status to `` `` only once all of it is written (then
+    fsyncs). A crash leaves a prefix of that transaction: its id follows the last
+    one, its lengths are consistent, and it reaches the end of the file. A
+    transaction marked finished but cut short can only come from a power loss
+    before that fsync; it counts as torn unless the file's last 8 bytes say it is
+    whole (then its length field is what is damaged). Nothing whole may follow.
+    """
+    head = m[pos:pos + TRANS_HDR_LEN]
+    if len(head) < TRANS_HDR_LEN:
+        return len(head) < 8 or _plausible(head[:8], prev)
+    tid, tl, status, ul, dl, el = _TXN.unpack(head)
+    if not _plausible(tid, prev) or tl < TRANS_HDR_LEN + ul + dl + el:
+        return False
+    end = pos + tl + 8
+    if status == b"c":
+        if end < size:
+            return False
+    elif status in (b" ", b"p"):
+        if end <= size or u64(m[size - 8:size]) == size - 8 - pos:
+            return False
+    else:
+        return False
+    return _count_back(m, pos, size, prev)[0] == 0
+
+
+def _plausible(tid: bytes, prev: bytes) -> bool:
+    """A transaction id after `prev`, and not far ahead of both the clock and `prev`."""
+    if tid <= prev:
+        return False
+    now = time.time() + 86400
+    clock = TimeStamp(*time.gmtime(now)[:5], now % 60).raw()
+    return bool(u64(tid) <= max(u64(clock), u64(prev) + _AHEAD))
+
+
+def _count_back(m: Any, pos: int, size: int, prev: bytes) -> tuple[int, bool]:
+    """(Whole transactions after `pos`, read back from the end; whether that led to `pos`)."""
+    count, q = 0, size
+    while q - 8 >= pos + TRANS_HDR_LEN:
+        tl = u64(m[q - 8:q])
+        t = q - 8 - tl
+        if t < pos or tl < TRANS_HDR_LEN:
+            return count, False
+        if t == pos:
+            return count, True
+        tid, htl, status, _, _, _ = _TXN.unpack_from(m, t)
+        if htl != tl or status not in (b" ", b"p", b"u") or not _plausible(tid, prev):
+            return count, False
+        count, q = count + 1, t
+    return count, q == pos
+
+
+def _cut_error(m: Any, name: str, pos: int, size: int, prev: bytes) -> CorruptHeapError:
+    after, reached = _count_back(m, pos, size, prev)
+    lost = after + 1  # the damaged transaction itself
+    txns = f"{lost} transaction{'s' if lost != 1 else ''}" if reached else f"at least {lost} transactions"
+    msg = (
+        f"the heap {name} is damaged at offset {pos}: the transaction there cannot be read, and "
+        f"more follows it. Opening the heap would cut the file there and drop {txns} "
+        f"({size - pos} bytes; FileStorage would move them to {name}.trN), so it was not "
+        "opened, and the file was not changed. " + _recovery(name, pos)
+    )
+    return CorruptHeapError(msg, offset=pos)
+
+
+def _bad(name: str, pos: int, what: str) -> CorruptHeapError:
+    msg = (
+        f"the heap {name} is damaged at offset {pos}: {what}. It was not opened, and the file "
+        "was not changed. " + _recovery(name, pos)
+    )
+    return CorruptHeapError(msg, offset=pos)
+
+
+_CUT_RECOVERY = (
+    "Restore the heap from a backup. To keep only what comes before the damage instead, stop "
+    "every process that uses the heap and, in its folder: mv {name} {name}.damaged; head -c "
+    "{pos} {name}.damaged > {name}; rm -f {name}.index (keep {name}.damaged, as FileStorage "
+    "keeps its .trN files). See \"A damaged file or record\" in docs/operations.md."
+)
+
+
+def _recovery(name: str, pos: int) -> str:
+    return _CUT_RECOVERY.format(name=os.path.basename(name), pos=pos)
+
+
+# --- the connection: one place where raw read errors become CorruptHeapError -------------------
+
+
+def _class_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class CheckedConnection(ZODB.Connection.Connection):  # type: ignore[misc]
+    """ZODB's Connection, with read errors of damaged records turned into `CorruptHeapError`.
+
+    ZODB trap: every object's state is loaded by ``Connection.setstate`` (persistent
+    calls ``jar.setstate(obj)`` to unghost an object) and every object fetched by
+    oid alone by ``Connection.get``; ``DB.klass`` names the class the DB makes its
+    connections from. There they fail raw: ``POSKeyError`` for a reference to a
+    record that is not there, ``CorruptedDataError`` for a header naming another
+    oid, ``ValueError("Non-zero version length...")`` for a damaged header, and
+    ``StateLoadError`` with an empty message for a pickle that does not load.
+    (tests/test_damage.py checks that ZODB still calls these.)
+    """
+
+    def setstate(self, obj: Any) -> None:
+        try:
+            ZODB.Connection.Connection.setstate(self, obj)
+        except CorruptHeapError as exc:
+            details = getattr(exc, "_dh_reason", None)
+            if details is None or exc.oid != obj._p_oid:
+                raise
+            path, serial = exc._dh_path, exc._dh_serial  # type: ignore[attr-defined]
+            raise record_error(path, obj._p_oid, details, offset=exc.offset, cls=_class_name(obj),
+                               serial=serial) from exc
+        except (DurableHeapError, ZODB.POSException.ConflictError):
+            raise
+        except _SERVER_ERRORS as exc:
+            err = _from_server(exc, _class_name(obj))
+            if err is None:
+                raise
+            raise err from None
+        except ZODB.POSException.StateLoadError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, DurableHeapError):
+                raise cause from None  # e.g. ClassNotAllowedError from the class factory
+            if not self._unpickles(obj._p_oid):
+                reason = f"cannot be unpickled ({_describe(cause) if cause else 'StateLoadError'})"
+                raise self._damaged(obj, reason) from exc
+            raise  # the record loads: the class's __setstate__ failed, not the heap
+        except ZODB.POSException.POSKeyError as exc:
+            if self.before is not None:
+                raise  # a historical connection: that revision was packed away, not damaged
+            raise self._damaged(obj, "is missing, although another record refers to it") from exc
+        except CorruptedError as exc:
+            raise self._damaged(obj, f"cannot be read ({_describe(exc)})") from exc
+        except ValueError as exc:
+            if not _damage_value_error(exc):
+                raise
+            raise self._damaged(obj, f"cannot be read ({_describe(exc)})") from exc
+
+    def get(self, oid: bytes) -> Any:
+        try:
+            return ZODB.Connection.Connection.get(self, oid)
+        except (DurableHeapError, ZODB.POSException.POSKeyError, ZODB.POSException.ConflictError):
+            raise  # a missing oid asked for by number is the caller's KeyError
+        except _SERVER_ERRORS as exc:
+            err = _from_server(exc, None)
+            if err is None:
+                raise
+            raise err from None
+        except (CorruptedError, pickle.UnpicklingError, EOFError) as exc:
+            raise record_error(self._heap_path(), oid, f"cannot be read ({_describe(exc)})") from exc
+        except ValueError as exc:
+            if not _damage_value_error(exc):
+                raise
+            raise record_error(self._heap_path(), oid, f"cannot be read ({_describe(exc)})") from exc
+
+    def _damaged(self, obj: Any, reason: str) -> CorruptHeapError:
+        return record_error(self._heap_path(), obj._p_oid, reason, cls=_class_name(obj))
+
+    def _unpickles(self, oid: bytes) -> bool:
+        """Whether `oid`'s record unpickles (so a StateLoadError came from ``__setstate__``)."""
+        try:
+            p, _ = self._storage.load(oid)
+            self._reader.getState(p)
+        except ZODB.POSException.StateLoadError:
+            return False
+        except Exception:  # noqa: BLE001 - anything else is not a pickle that fails to load
+            return True
+        return True
+
+    def _heap_path(self) -> str:
+        storage = self._db.storage
+        return str(getattr(storage, "_path", None) or storage.getName())
+
+
+class _NoServerError(Exception):
+    """Stands for ZEO's ServerException where ZEO is not imported."""
+
+
+try:  # ZEO is installed with durable_heap, but only zeo:// heaps import it
+    from ZEO.Exceptions import ServerException as _ServerException
+except ImportError:  # pragma: no cover
+    _ServerException = _NoServerError
+_SERVER_ERRORS: tuple[type[BaseException], ...] = (_ServerException,)
+
+
+def _from_server(exc: BaseException, cls: str | None) -> CorruptHeapError | None:
+    """The `CorruptHeapError` a ZEO server raised, rebuilt on the client (None: another error).
+
+    ZEO trap: ZEO 5 sends an exception as its class name and ``__dict__``, and a
+    client rebuilds only the ZODB errors it knows; any other arrives as
+    ``ServerException(class_name, dict)``, the message lost. The server's
+    checksum wrapper keeps the details in the dict (`record_error`).
+    """
+    args = exc.args
+    if len(args) != 2 or args[0] != f"{CorruptHeapError.__module__}.{CorruptHeapError.__name__}":
+        return None
+    info = args[1] if isinstance(args[1], dict) else {}
+    oid, reason = info.get("oid"), info.get("_dh_reason")
+    if isinstance(oid, bytes) and isinstance(reason, str):
+        return record_error(f"{info.get('_dh_path')} (on the ZEO server)", oid, reason,
+                            offset=info.get("offset"), cls=cls, serial=info.get("_dh_serial"))
+    return CorruptHeapError(
+        f"the ZEO server reports that its heap is damaged ({info}). {_RECOVER}",
+        oid=oid if isinstance(oid, bytes) else None,
+    )
+
+
+def _damage_value_error(exc: ValueError) -> bool:
+    return "version length" in str(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class CheckedDB(ZODB.DB):  # type: ignore[misc]
+    """ZODB's DB, making `CheckedConnection` connections.
+
+    ``klass`` is set on the class, not the instance: DB's constructor already opens
+    a connection (to create the root), and the pool would hand that one out later.
+    """
+
+    klass = CheckedConnection
