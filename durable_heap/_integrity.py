@@ -2,13 +2,14 @@
 
 Three guards, each where ZODB gives a hook:
 
-* `CheckedFileStorage` (a FileStorage) looks at the part of the file that
-  FileStorage is about to scan *before* it scans it. FileStorage cuts the file
-  at the first transaction it cannot read and moves the rest to ``NAME.trN``;
-  that is right for the one transaction a crash tears while it is written, and
-  a silent loss of every later commit anywhere else. So a cut that would drop
-  more than a torn last transaction is refused with `CorruptHeapError`, and the
-  file is left as it was.
+* `CheckedFileStorage` (a FileStorage) makes the scan FileStorage's constructor
+  would make, over the same part of the file, before anything is changed.
+  FileStorage cuts the file at the first transaction it cannot read and moves
+  the rest to ``NAME.trN``: right for the one transaction a crash tears while it
+  is written, a silent loss of every later commit anywhere else. So a cut that
+  would drop more than a torn last transaction is refused with
+  `CorruptHeapError`, the file left as it was; so is a record header that would
+  file a record under the wrong object.
 * `ChecksumStorage` (an ``IStorageWrapper`` on the storage that owns the
   records, as zc.zlibstorage is) seals every record it writes with a CRC-32
   over the oid and the data, and checks it at every read. A record written
@@ -23,7 +24,6 @@ What the checksums cover, and what they do not, is in docs/operations.md
 
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 import struct
@@ -50,7 +50,7 @@ from ZODB.FileStorage.format import (
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import oid_repr, tid_repr, u64, z64
 
-from ._errors import CorruptHeapError, DurableHeapError
+from ._errors import CorruptHeapError, DurableHeapError, StorageError
 
 __all__ = [
     "MARK",
@@ -58,51 +58,41 @@ __all__ = [
     "CheckedDB",
     "CheckedFileStorage",
     "ChecksumStorage",
+    "intact",
     "seal",
-    "unseal",
 ]
 
 # --- the record seal -------------------------------------------------------------------
 #
-# A sealed record is   MARK + pickle + crc32(oid + MARK + pickle), the CRC as 4 bytes
-# little-endian. A pickle never starts with b"." (the STOP opcode: a pickle that
-# stops before it starts is invalid), so a record that starts with MARK is sealed,
-# and any other is a record written before seals (read as it is). zc.zlibstorage
-# marks its records b".z" the same way. CRC-32 finds every single-bit flip and
-# every burst of up to 32 bits; appending the CRC little-endian lets one crc32 call
-# over the whole record check it: the CRC of a message followed by its own CRC is
-# the constant RESIDUE. The oid is in the CRC (not in the record): a record whose
-# header names another oid (a flipped oid bit) fails the check when read as that oid.
+# A sealed record is   pickles + crc32(oid + pickles) + MARK,   the CRC as 4 bytes
+# little-endian. A ZODB record is two pickles (class, then state) and every pickle
+# ends with the STOP opcode b".", so a record that ends with MARK (whose last byte is
+# not b".") is sealed and one that ends with b"." was written before seals (read as it
+# is). ZODB's readers stop at the second STOP, so a sealed record is also a valid
+# record as it stands: loads return it without a copy, and durable_heap 0.2, raw ZODB
+# and its tools (pack, fsdump, conflict resolution, zodbconvert) read it unchanged.
+# CRC-32 finds every single-bit flip and every burst of up to 32 bits. The CRC of a
+# message followed by its own CRC is a constant, so one crc32 call over the whole
+# record checks it (`_SEALED`). The oid is in the CRC, not in the record: a record
+# whose header names another oid (a flipped oid bit) fails when read as that oid.
 
-#: The first bytes of a sealed record.
-MARK = b".c"
+#: The last bytes of a sealed record.
+MARK = b"dh"
 _RESIDUE = 0x2144DF1C  # crc32(m + crc32(m).to_bytes(4, "little")) for every m
+_SEALED = zlib.crc32(MARK, _RESIDUE)  # crc32 of any sealed record, seeded with its oid's
 _crc = zlib.crc32
 
 
 def seal(oid: bytes, data: bytes) -> bytes:
-    """The record stored for `data` of `oid`: marked, with its CRC-32 over oid and data."""
-    body = MARK + data
-    return body + _crc(body, _crc(oid)).to_bytes(4, "little")
+    """The record stored for `data` (a ZODB record) of `oid`: its CRC-32 over oid and data appended."""
+    return data + _crc(data, _crc(oid)).to_bytes(4, "little") + MARK
 
 
-def unseal(oid: bytes, data: bytes) -> bytes | None:
-    """The pickle in a sealed record of `oid`; None if the record fails its check.
-
-    A record without the seal (written before seals existed) comes back as it is.
-    """
-    if data[:2] == MARK:
-        if _crc(data, _crc(oid)) != _RESIDUE:
-            return None
-        return data[2:-4]
-    if data[:1] == b".":
-        return None  # a seal whose mark is damaged: no pickle starts with STOP
-    return data
-
-
-def _strip(data: bytes) -> bytes:
-    """The pickle in a record, unchecked (where the oid is not known)."""
-    return data[2:-4] if data[:2] == MARK else data
+def intact(oid: bytes, data: bytes) -> bool:
+    """Whether `oid`'s record passes its check (a record from before seals always does)."""
+    if data[-2:] == MARK:
+        return bool(_crc(data, _crc(oid)) == _SEALED)
+    return not data or data[-1:] == b"."  # else a seal whose mark is damaged
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -149,10 +139,9 @@ class ChecksumStorage:
 
     It wraps the storage that owns the records: the local FileStorage of a file
     heap, and the served storage in ``durable-heap zeo`` (so ZEO clients receive
-    checked, plain pickles). Every path that hands out record data strips the
-    seal: ``load``, ``loadBefore``, ``loadSerial``, ``record_iternext``,
-    ``iterator``, pack's reference finder, and conflict resolution (through
-    ``untransform_record_data``).
+    checked records). Every path that hands out record data checks it: ``load``,
+    ``loadBefore``, ``loadSerial``, ``record_iternext``, ``iterator``, and
+    conflict resolution (through ``untransform_record_data``).
     """
 
     # Bound once: no __getattr__ on the hot paths.
@@ -165,10 +154,10 @@ class ChecksumStorage:
     def __init__(self, base: Any) -> None:
         self.base = base
         self._path = str(getattr(base, "_file_name", None) or base.getName())
-        # The oid being stored by this thread: ZODB's conflict resolution (which runs
-        # inside base.store) calls transform_record_data without one.
+        # The oid this thread is storing: ZODB's conflict resolution runs inside
+        # base.store and calls transform_record_data without it.
         self._storing = threading.local()
-        self._loadBefore = base.loadBefore
+        self.loadBefore = self._load_before()
         for name in self.copied_methods:
             v = getattr(base, name, None)
             if v is not None:
@@ -176,8 +165,9 @@ class ChecksumStorage:
         zope.interface.directlyProvides(self, zope.interface.providedBy(base))
         self.db: Any = None
         # ZODB trap: a base that resolves conflicts (ConflictResolvingStorage) reads
-        # records for it through the transform functions of whatever it was
-        # registered with; register this wrapper so that they strip the seal.
+        # and writes the records of a merge through the transform functions of
+        # whatever it was registered with: register this wrapper, so that the
+        # records it reads are checked and the merged record it writes is sealed.
         base.registerDB(self)
 
     def __getattr__(self, name: str) -> Any:
@@ -187,24 +177,42 @@ class ChecksumStorage:
         return len(self.base)
 
     # -- reads ----------------------------------------------------------------------------
+    # A record is checked and returned as it is stored (see MARK): nothing to strip.
 
-    def loadBefore(self, oid: bytes, tid: bytes, _crc: Any = _crc, _mark: bytes = MARK,
-                   _residue: int = _RESIDUE) -> tuple[bytes, bytes, bytes | None] | None:
-        # Every load of a current object comes here (ZODB's MVCC adapter and ZEO's
-        # server call loadBefore): the sealed case is inline, its names bound as locals.
-        try:
-            r = self._loadBefore(oid, tid)
-        except (MemoryError, OverflowError):
-            raise self._too_long(oid) from None
+    def _load_before(self) -> Callable[[bytes, bytes], Any]:
+        """``loadBefore``, made once per wrapper: every load of an object comes here.
+
+        ZODB's MVCC adapter and ZEO's server call ``storage.loadBefore``; as a
+        closure in the instance's ``__dict__`` it costs one plain call on top of
+        the base's, and the common case (a current, sealed, intact record) is inline.
+        """
+        base_load, last, slow = self.base.loadBefore, self.base.lastTransaction, self._loaded
+        crc, sealed = _crc, _SEALED
+
+        def loadBefore(oid: bytes, tid: bytes) -> Any:
+            try:
+                r = base_load(oid, tid)
+            except (MemoryError, OverflowError):
+                raise self._too_long(oid) from None
+            # A sealed, intact record (no need to look at MARK first: any record
+            # whose sum comes out right is returned as it is, which is what the
+            # slow path would do with a record from before seals too).
+            if r is not None and r[2] is None and crc(r[0], crc(oid)) == sealed:
+                return r
+            return slow(oid, r, last)
+
+        return loadBefore
+
+    def _loaded(self, oid: bytes, r: Any, last: Callable[[], bytes]) -> Any:
+        """The rest of ``loadBefore``: no revision, a newer one exists, unsealed, or damaged."""
         if r is None:
             self._check_absent(oid)
             return None
         data, serial, end = r
-        if end is not None and end > self.base.lastTransaction():
+        if end is not None and end > last():
             raise self._future(oid, end)
-        if data[:2] == _mark and _crc(data, _crc(oid)) == _residue:
-            return data[2:-4], serial, end
-        return self._checked(oid, serial, data), serial, end
+        self._check(oid, serial, data)
+        return r
 
     def load(self, oid: bytes, version: str = "") -> tuple[bytes, bytes]:
         try:
@@ -213,30 +221,29 @@ class ChecksumStorage:
             raise self._too_long(oid) from None
         if serial > self.base.lastTransaction():
             raise self._future(oid, serial)
-        return self._checked(oid, serial, data), serial
+        self._check(oid, serial, data)
+        return data, serial
 
     def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
         try:
             data = self.base.loadSerial(oid, serial)
         except (MemoryError, OverflowError):
             raise self._too_long(oid) from None
-        return self._checked(oid, serial, data)
+        self._check(oid, serial, data)
+        return data  # type: ignore[no-any-return]
 
     def record_iternext(self, next: Any = None) -> tuple[bytes, bytes, bytes, Any]:  # noqa: A002 - ZODB's name
         oid, tid, data, cursor = self.base.record_iternext(next)
-        return oid, tid, self._checked(oid, tid, data), cursor
+        self._check(oid, tid, data)
+        return oid, tid, data, cursor
 
     def iterator(self, start: Any = None, stop: Any = None) -> _Iterator:
         return _Iterator(self.base.iterator(start, stop), self)
 
-    def _checked(self, oid: bytes, serial: bytes | None, data: bytes) -> bytes:
-        if not data:
-            return data
-        out = unseal(oid, data)
-        if out is None:
-            reason = "fails its checksum" if data[:2] == MARK else "has a damaged checksum mark"
+    def _check(self, oid: bytes, serial: bytes | None, data: bytes | None) -> None:
+        if data and not intact(oid, data):
+            reason = "fails its checksum" if data[-2:] == MARK else "has a damaged checksum mark"
             raise record_error(self._path, oid, reason, offset=self._offset(oid, serial), serial=serial)
-        return out
 
     def _check_absent(self, oid: bytes) -> None:
         # No revision before the snapshot: the object did not exist yet. Unless its
@@ -308,7 +315,7 @@ class ChecksumStorage:
 
     def restore(self, oid: bytes, serial: bytes, data: bytes | None, version: str, prev_txn: Any,
                 transaction: Any) -> Any:
-        if data is not None:
+        if data:
             data = self._sealed(oid, data)
         self._storing.oid = oid
         try:
@@ -317,8 +324,8 @@ class ChecksumStorage:
             self._storing.oid = None
 
     def _sealed(self, oid: bytes, data: bytes) -> bytes:
-        if data[:2] == MARK:  # already sealed (copied from a raw file): keep it if whole
-            self._checked(oid, None, data)
+        if data[-2:] == MARK:  # already sealed (a copy of a sealed record): keep it if whole
+            self._check(oid, None, data)
             return data
         return seal(oid, data)
 
@@ -327,15 +334,10 @@ class ChecksumStorage:
 
         ZODB.blob.copyTransactionsFromTo(other, self)  # through restore: sealed here
 
-    def pack(self, pack_time: Any, referencesf: Callable[..., Any], gc: Any = None) -> Any:
-        def refs(p: bytes, oids: Any = None) -> Any:
-            return referencesf(_strip(p), oids)
-
-        if gc is None:
-            return self.base.pack(pack_time, refs)
-        return self.base.pack(pack_time, refs, gc)
-
     # -- IStorageWrapper (what the base and ZODB call back) ------------------------------------
+    # pack's reference finder, DB.references and blob detection read sealed records
+    # as they are (the trailer is never reached); only conflict resolution's output,
+    # a new record, needs sealing.
 
     def registerDB(self, db: Any) -> None:
         self.db = db
@@ -347,27 +349,26 @@ class ChecksumStorage:
         return self.db.invalidate(transaction_id, oids)
 
     def references(self, record: bytes, oids: Any = None) -> Any:
-        return self.db.references(_strip(record), oids)
+        return self.db.references(record, oids)
 
     def transform_record_data(self, data: bytes) -> bytes:
-        # Called by ZODB's conflict resolution for the merged record it stores.
+        # ZODB's conflict resolution, for the merged record it stores (inside store).
         data = self.db.transform_record_data(data) if self.db is not None else data
         oid = getattr(self._storing, "oid", None)
-        # Outside a store (an undo's merge), the oid is unknown: the record is then
+        # Outside a store (an undo's merge) the oid is unknown: the record is then
         # stored unsealed, and read like a record from before seals.
         return seal(oid, data) if oid is not None else data
 
     def untransform_record_data(self, data: bytes) -> bytes:
         # Kept thin: conflict resolution reads its three records through this.
         oid = getattr(self._storing, "oid", None)
-        out = _strip(data) if oid is None else unseal(oid, data)
-        if out is None:
-            raise record_error(self._path, oid or z64, "fails its checksum")
-        return self.db.untransform_record_data(out) if self.db is not None else out
+        if oid is not None:
+            self._check(oid, None, data)
+        return self.db.untransform_record_data(data) if self.db is not None else data
 
 
 class _Iterator:
-    """The base storage's transaction iterator, its records' data checked and unsealed."""
+    """The base storage's transaction iterator, each record checked."""
 
     def __init__(self, base_it: Any, storage: ChecksumStorage) -> None:
         self._base_it = base_it
@@ -396,8 +397,7 @@ class _Transaction:
 
     def __iter__(self) -> Iterator[Any]:
         for r in self._trans:
-            if r.data:
-                r.data = self._storage._checked(r.oid, r.tid, r.data)
+            self._storage._check(r.oid, r.tid, r.data)
             yield r
 
     def __getattr__(self, name: str) -> Any:
@@ -487,21 +487,50 @@ def scan(file: Any, name: str, index: Any, start: int, ltid: bytes) -> tuple[int
         return None
     if size == 4:
         return 4, ltid
-    with mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as m:
-        return _scan(m, name, index, start, ltid, size)
+    return _scan(_Window(file, size), name, index, start, ltid, size)
 
 
-def _scan(m: Any, name: str, index: Any, pos: int, prev: bytes, size: int) -> tuple[int, bytes]:
-    txn, data, u64_at = _TXN.unpack_from, _DATA.unpack_from, _U64.unpack_from
+class _Window:
+    """Reads at file offsets through a buffer of a megabyte (the scan reads forward).
+
+    Not an mmap: a read-only open may scan a file that its writer truncates (an
+    aborted commit), and touching an mmap past the end of its file kills the
+    process with SIGBUS.
+    """
+
+    def __init__(self, file: Any, size: int) -> None:
+        self.file, self.size = file, size
+        self.start, self.buf = 0, b""
+
+    def at(self, pos: int, n: int) -> tuple[bytes, int]:
+        """A buffer holding the `n` bytes at `pos`, and where they start in it."""
+        off = pos - self.start
+        if off < 0 or off + n > len(self.buf):
+            self.file.seek(pos)
+            self.buf, self.start, off = self.file.read(max(n, 1 << 20)), pos, 0
+            if len(self.buf) < min(n, self.size - pos):
+                raise StorageError(
+                    f"the heap {self.file.name} became shorter while it was being opened (another "
+                    "process is changing it): open it again"
+                )
+        return self.buf, off
+
+    def __getitem__(self, s: slice) -> bytes:
+        buf, off = self.at(s.start, s.stop - s.start)
+        return buf[off:off + s.stop - s.start]
+
+
+def _scan(m: _Window, name: str, index: Any, pos: int, prev: bytes, size: int) -> tuple[int, bytes]:
+    txn, data, u64_at, at = _TXN.unpack_from, _DATA.unpack_from, _U64.unpack_from, m.at
     get = index.get
     while pos < size:
         if size - pos < TRANS_HDR_LEN:
             return _tail(m, name, pos, size, prev)
-        tid, tl, status, ul, dl, el = txn(m, pos)
+        tid, tl, status, ul, dl, el = txn(*at(pos, TRANS_HDR_LEN))
         tend = pos + tl
         if tend + 8 > size or status == b"c" or tl < TRANS_HDR_LEN + ul + dl + el:
             return _tail(m, name, pos, size, prev)
-        if u64_at(m, tend)[0] != tl:
+        if u64_at(*at(tend, 8))[0] != tl:
             raise _bad(name, pos, "its two length fields disagree")
         if status != b"u":  # an undone transaction's records are not indexed
             new = {}
@@ -509,7 +538,7 @@ def _scan(m: Any, name: str, index: Any, pos: int, prev: bytes, size: int) -> tu
             while p < tend:
                 if p + DATA_HDR_LEN > tend:
                     raise _bad(name, p, "a data record runs past the end of its transaction")
-                oid, rtid, back, tloc, vlen, plen = data(m, p)
+                oid, rtid, back, tloc, vlen, plen = data(*at(p, DATA_HDR_LEN))
                 end = p + DATA_HDR_LEN + (plen or 8)
                 if vlen or end > tend or tloc != pos:
                     raise _bad(name, p, "the header of a data record is damaged")
@@ -527,14 +556,14 @@ def _scan(m: Any, name: str, index: Any, pos: int, prev: bytes, size: int) -> tu
     return pos, prev
 
 
-def _tail(m: Any, name: str, pos: int, size: int, prev: bytes) -> tuple[int, bytes]:
+def _tail(m: _Window, name: str, pos: int, size: int, prev: bytes) -> tuple[int, bytes]:
     """Where FileStorage cuts: allowed for a torn last transaction only."""
     if not _torn(m, pos, size, prev):
         raise _cut_error(m, name, pos, size, prev)
     return pos, prev
 
 
-def _torn(m: Any, pos: int, size: int, prev: bytes) -> bool:
+def _torn(m: _Window, pos: int, size: int, prev: bytes) -> bool:
     """Whether the bytes from `pos` to the end are one transaction that a crash cut off.
 
     FileStorage writes a commit as one transaction at the end of the file with the
@@ -572,7 +601,7 @@ def _plausible(tid: bytes, prev: bytes) -> bool:
     return bool(u64(tid) <= max(u64(clock), u64(prev) + _AHEAD))
 
 
-def _count_back(m: Any, pos: int, size: int, prev: bytes) -> tuple[int, bool]:
+def _count_back(m: _Window, pos: int, size: int, prev: bytes) -> tuple[int, bool]:
     """(Whole transactions after `pos`, read back from the end; whether that led to `pos`)."""
     count, q = 0, size
     while q - 8 >= pos + TRANS_HDR_LEN:
@@ -582,14 +611,14 @@ def _count_back(m: Any, pos: int, size: int, prev: bytes) -> tuple[int, bool]:
             return count, False
         if t == pos:
             return count, True
-        tid, htl, status, _, _, _ = _TXN.unpack_from(m, t)
+        tid, htl, status, _, _, _ = _TXN.unpack(m[t:t + TRANS_HDR_LEN])
         if htl != tl or status not in (b" ", b"p", b"u") or not _plausible(tid, prev):
             return count, False
         count, q = count + 1, t
     return count, q == pos
 
 
-def _cut_error(m: Any, name: str, pos: int, size: int, prev: bytes) -> CorruptHeapError:
+def _cut_error(m: _Window, name: str, pos: int, size: int, prev: bytes) -> CorruptHeapError:
     after, reached = _count_back(m, pos, size, prev)
     lost = after + 1  # the damaged transaction itself
     txns = f"{lost} transaction{'s' if lost != 1 else ''}" if reached else f"at least {lost} transactions"
@@ -625,6 +654,9 @@ def _recovery(name: str, pos: int) -> str:
 # --- the connection: one place where raw read errors become CorruptHeapError -------------------
 
 
+_setstate, _get = ZODB.Connection.Connection.setstate, ZODB.Connection.Connection.get
+
+
 def _class_name(obj: Any) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -645,7 +677,7 @@ class CheckedConnection(ZODB.Connection.Connection):  # type: ignore[misc]
 
     def setstate(self, obj: Any) -> None:
         try:
-            ZODB.Connection.Connection.setstate(self, obj)
+            _setstate(self, obj)
         except CorruptHeapError as exc:
             details = getattr(exc, "_dh_reason", None)
             if details is None or exc.oid != obj._p_oid:
@@ -681,7 +713,7 @@ class CheckedConnection(ZODB.Connection.Connection):  # type: ignore[misc]
 
     def get(self, oid: bytes) -> Any:
         try:
-            return ZODB.Connection.Connection.get(self, oid)
+            return _get(self, oid)
         except (DurableHeapError, ZODB.POSException.POSKeyError, ZODB.POSException.ConflictError):
             raise  # a missing oid asked for by number is the caller's KeyError
         except _SERVER_ERRORS as exc:

@@ -397,6 +397,8 @@ def run_server(args: Any) -> int:
     if isinstance(addr, str):
         _clear_stale_socket(addr)
     existed = os.path.exists(target.location)
+    # The served storage is the checksum wrapper over the (checked) FileStorage: the
+    # server seals what clients write, checks what they read and sends it plain.
     storage = open_storage(target, read_only=args.read_only)
     try:
         from ZEO.StorageServer import StorageServer

@@ -39,3 +39,12 @@ def test_zeo_loads_counts_the_messages_of_a_commit() -> None:
     ours, raw = out.stdout.splitlines()
     assert ours.startswith("durable_heap Dict over ZEO:") and "ping (round trip) 1" in ours
     assert raw.startswith("raw ZEO") and "ping" not in raw and "vote (round trip) 1" in raw
+
+
+def test_quick_checksum_benchmark() -> None:
+    out = run(["-m", "benchmarks.checksum", "--quick", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    for row in ("hot_load_us", "commit_ms", "open_index_ms", "open_scan_ms"):
+        assert data[row]["zodb"] > 0 and data[row]["durable_heap"] > 0, row
+        assert "overhead_pct" in data[row]

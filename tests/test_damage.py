@@ -262,12 +262,13 @@ def test_a_flipped_record_names_object_class_and_offset(tmp_path: Path) -> None:
 
 def test_a_record_filed_under_another_oid_fails(tmp_path: Path) -> None:
     """The checksum covers the oid: a record read as another object's is refused."""
-    from durable_heap._integrity import seal, unseal
+    from durable_heap._integrity import intact, seal
 
     record = seal(b"\0" * 7 + b"\1", b"\x80\x03K\x01.")
-    assert unseal(b"\0" * 7 + b"\1", record) == b"\x80\x03K\x01."
-    assert unseal(b"\0" * 7 + b"\3", record) is None
-    assert unseal(b"\0" * 8, b"\x80\x03K\x01.") == b"\x80\x03K\x01."  # unsealed: as it is
+    assert record.startswith(b"\x80\x03K\x01.") and intact(b"\0" * 7 + b"\1", record)
+    assert not intact(b"\0" * 7 + b"\3", record)
+    assert intact(b"\0" * 8, b"\x80\x03K\x01.")  # written before seals: read as it is
+    assert not intact(b"\0" * 7 + b"\1", record[:-1] + b"i")  # a damaged mark
 
 
 @pytest.mark.parametrize("with_index", [False, True])
@@ -377,7 +378,7 @@ def test_zeo_server_checks_records_and_serves_plain_ones(tmp_path: Path) -> None
         server.close()
     raw = storage.read_bytes()
     pos, _, plen = record_holding(raw, b"a client")
-    assert raw[pos + DATA.size:pos + DATA.size + 2] == b".c"
+    assert raw[pos + DATA.size + plen - 2:pos + DATA.size + plen] == b"dh"
 
 
 # --- the heap format marker ---------------------------------------------------------------
@@ -411,8 +412,8 @@ def test_an_older_heap_gets_the_new_format_when_opened_read_write(tmp_path: Path
     with dh.open(path) as heap:  # old (unsealed) and new (sealed) records side by side
         assert dict(heap.state.added) == {"new": "record"} and len(heap.state.users) > 0
     raw = path.read_bytes()
-    pos, _, _ = record_holding(raw, b"record")
-    assert raw[pos + DATA.size:pos + DATA.size + 2] == b".c"
+    pos, _, plen = record_holding(raw, b"record")
+    assert raw[pos + DATA.size + plen - 2:pos + DATA.size + plen] == b"dh"
 
 
 # --- what reads raw records: conflict resolution, pack, iterators, copies -------------------------
@@ -447,17 +448,17 @@ def test_conflict_resolution_pack_iterators_and_copies_see_plain_records(tmp_pat
         storage = heap.db.storage
         heap.pack()  # the pack's reference finder reads through the seals
         assert int(heap.state.hits) == 10
-        assert all(r.data[:1] == b"\x80" for t in storage.iterator() for r in t if r.data)
+        assert all(r.data[-2:] == b"dh" for t in storage.iterator() for r in t if r.data)
         oid, _, data, _ = storage.record_iternext()
-        assert data[:1] == b"\x80"
+        assert data[-2:] == b"dh"
         copy = ChecksumStorage(CheckedFileStorage(str(tmp_path / "copy.fs")))
         copy.copyTransactionsFrom(storage)
         copy.close()
-        assert storage.load(z64)[0][:1] == b"\x80"
+        assert storage.load(z64)[0][-2:] == b"dh"
     assert int(read_all(tmp_path / "copy.fs")["hits"]) == 10
     for name in ("app.fs", "copy.fs"):  # the merged record too: every record is sealed
         raw = (tmp_path / name).read_bytes()
-        assert all(raw[p + DATA.size:p + DATA.size + 2] == b".c"
+        assert all(raw[p + DATA.size + plen - 2:p + DATA.size + plen] == b"dh"
                    for t in transactions(raw) for p, _, plen in records(raw, t) if plen)
 
 
