@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -97,6 +98,11 @@ def intact(oid: bytes, data: bytes) -> bool:
 
 # --- errors ------------------------------------------------------------------------------
 
+_TXN = struct.Struct(TRANS_HDR)
+_DATA = struct.Struct(DATA_HDR)
+#: What FileStorage raises for a record whose header is damaged (see `_unreadable`).
+_READ_ERRORS = (CorruptedError, ValueError, OverflowError, MemoryError, struct.error)
+
 _RECOVER = (
     'Restore the heap from a backup; see "A damaged file or record" in docs/operations.md.'
 )
@@ -117,7 +123,9 @@ def record_error(
     connection that loaded it can say the same with the object's class added.
     """
     what = f"object {oid_repr(oid)}"
-    if cls:
+    if oid == z64:
+        what += " (the heap's root)"
+    elif cls:
         what += f" (a {cls})"
     where = f" at offset {offset}" if offset is not None else ""
     rev = f", revision {tid_repr(serial)}," if serial else ""
@@ -192,8 +200,10 @@ class ChecksumStorage:
         def loadBefore(oid: bytes, tid: bytes) -> Any:
             try:
                 r = base_load(oid, tid)
-            except (MemoryError, OverflowError):
-                raise self._too_long(oid) from None
+            except ZODB.POSException.POSKeyError:
+                raise self._no_root(oid) from None
+            except _READ_ERRORS:
+                raise self._unreadable(oid) from None
             # A sealed, intact record (no need to look at MARK first: any record
             # whose sum comes out right is returned as it is, which is what the
             # slow path would do with a record from before seals too).
@@ -217,8 +227,10 @@ class ChecksumStorage:
     def load(self, oid: bytes, version: str = "") -> tuple[bytes, bytes]:
         try:
             data, serial = self.base.load(oid, version)
-        except (MemoryError, OverflowError):
-            raise self._too_long(oid) from None
+        except ZODB.POSException.POSKeyError:
+            raise self._no_root(oid) from None
+        except _READ_ERRORS:
+            raise self._unreadable(oid) from None
         if serial > self.base.lastTransaction():
             raise self._future(oid, serial)
         self._check(oid, serial, data)
@@ -227,13 +239,19 @@ class ChecksumStorage:
     def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
         try:
             data = self.base.loadSerial(oid, serial)
-        except (MemoryError, OverflowError):
-            raise self._too_long(oid) from None
+        except _READ_ERRORS:
+            raise self._unreadable(oid) from None
         self._check(oid, serial, data)
         return data  # type: ignore[no-any-return]
 
     def record_iternext(self, next: Any = None) -> tuple[bytes, bytes, bytes, Any]:  # noqa: A002 - ZODB's name
-        oid, tid, data, cursor = self.base.record_iternext(next)
+        try:
+            oid, tid, data, cursor = self.base.record_iternext(next)
+        except _READ_ERRORS as exc:
+            oid = exc.args[0] if exc.args else None  # CorruptedDataError(oid, data, pos)
+            if isinstance(oid, bytes) and isinstance(exc, CorruptedError):
+                raise self._unreadable(oid) from None
+            raise
         self._check(oid, tid, data)
         return oid, tid, data, cursor
 
@@ -256,24 +274,64 @@ class ChecksumStorage:
         if serial > self.base.lastTransaction():
             raise self._future(oid, serial)
 
-    def _too_long(self, oid: bytes) -> BaseException:
-        """A record that claims more bytes than the file holds (a flipped length bit):
-        FileStorage tries to read them all. Anything else is re-raised as it was."""
-        import sys
+    def _unreadable(self, oid: bytes) -> BaseException:
+        """The error of a load that failed inside FileStorage, as a `CorruptHeapError` when
+        the record's header is damaged (called in an ``except``; else the error as it was).
 
+        A damaged header fails in many ways: ``CorruptedDataError`` (another oid),
+        ``ValueError`` (a version length; a back pointer past any offset),
+        ``MemoryError`` or ``OverflowError`` (a data length of terabytes).
+        """
         exc = sys.exc_info()[1]
         assert exc is not None
+        problem = self._header_problem(oid)
+        if problem is None and not isinstance(exc, CorruptedError):
+            return exc
+        offset = problem[1] if problem else None
+        reason = problem[0] if problem else "cannot be read"
+        return record_error(self._path, oid, f"{reason} ({_describe(exc)})", offset=offset)
+
+    def _header_problem(self, oid: bytes) -> tuple[str, int] | None:
+        """What is wrong with the header of `oid`'s current record, and its offset
+        (FileStorage only: None for a sound header or another storage)."""
         base = self.base
         try:
             with base._lock:
                 pos = base._lookup_pos(oid)
-                plen = base._read_data_header(pos, oid).plen
-            if plen > base.getSize():
-                return record_error(self._path, oid, f"claims {plen} bytes, more than the file "
-                                    "holds: its header is damaged", offset=int(pos))
-        except Exception:  # noqa: BLE001,S110 - not a FileStorage record we can read: keep the error
-            pass
-        return exc
+                base._file.seek(pos)
+                head = base._file.read(DATA_HDR_LEN + 8)
+                size = base.getSize()
+                last = base._ltid
+        except Exception:  # noqa: BLE001 - not a FileStorage, or not in its index
+            return None
+        if len(head) < DATA_HDR_LEN:
+            return "is cut short", pos
+        hoid, htid, prev, tloc, vlen, plen = _DATA.unpack_from(head)
+        back = u64(head[DATA_HDR_LEN:]) if len(head) == DATA_HDR_LEN + 8 else 0
+        for bad, what in (
+            (hoid != oid, f"has a header that names object {oid_repr(hoid)}"),
+            (vlen != 0, "has a damaged header (a version length)"),
+            (plen > size - pos, f"claims {plen} bytes, more than the file holds"),
+            (tloc >= pos or prev >= pos or htid > last, "has a damaged header"),
+            (not plen and back >= pos, "has a damaged header (its back pointer)"),
+        ):
+            if bad:
+                return what, pos
+        return None
+
+    def _no_root(self, oid: bytes) -> BaseException:
+        """A storage with records but no root record is damaged (called in an ``except``).
+
+        ZODB trap: ``DB()`` takes a POSKeyError for the root (oid 0) as "a new
+        database" and writes an empty root: a root record whose header was zeroed
+        (it then names oid 0 with no data) would silently open as an empty heap.
+        """
+        exc = sys.exc_info()[1]
+        assert exc is not None
+        if oid != z64 or not len(self.base):
+            return exc
+        return record_error(self._path, oid, "cannot be found: its header is damaged",
+                            offset=self._offset(oid, None))
 
     def _future(self, oid: bytes, serial: bytes) -> CorruptHeapError:
         # FileStorage's loadBefore skips revisions at or after the snapshot, so a
@@ -406,8 +464,7 @@ class _Transaction:
 
 # --- the checked open ----------------------------------------------------------------------
 
-_TXN = struct.Struct(TRANS_HDR)
-_DATA = struct.Struct(DATA_HDR)
+
 _U64 = struct.Struct(">Q")
 #: How far a torn transaction's id may lie ahead of the clock and of the last one (1 day).
 _AHEAD = 1440 << 32  # the upper 32 bits of a tid count minutes
@@ -533,8 +590,15 @@ def _scan(m: _Window, name: str, index: Any, pos: int, prev: bytes, size: int) -
         if u64_at(*at(tend, 8))[0] != tl:
             raise _bad(name, pos, "its two length fields disagree")
         if status != b"u":  # an undone transaction's records are not indexed
+            meta = ul + dl + el
+            if meta >= DATA_HDR_LEN and _hides_records(*at(pos + TRANS_HDR_LEN, meta), meta, tid, pos):
+                # A flipped length of the user, description or extension lands the
+                # first record on a later record's start: the ones before would
+                # silently not be indexed.
+                raise _bad(name, pos, "the lengths in the header of a transaction hide some of "
+                                      "its data records")
             new = {}
-            p = pos + TRANS_HDR_LEN + ul + dl + el
+            p = pos + TRANS_HDR_LEN + meta
             while p < tend:
                 if p + DATA_HDR_LEN > tend:
                     raise _bad(name, p, "a data record runs past the end of its transaction")
@@ -549,11 +613,31 @@ def _scan(m: _Window, name: str, index: Any, pos: int, prev: bytes, size: int) -
                     raise _bad(name, p, f"a data record names object {oid_repr(oid)}, but does not "
                                         "continue that object's history (a damaged oid or back "
                                         "pointer), so the object could be read at an older state")
+                if plen >= DATA_HDR_LEN and _hides_records(*at(p + DATA_HDR_LEN, plen), plen, tid, pos):
+                    # A flipped data length that lands on a later record's start
+                    # swallows the records in between: they would not be indexed.
+                    raise _bad(name, p, f"the data length of a record of object {oid_repr(oid)} "
+                                        "covers other data records")
                 new[oid] = p
                 p = end
             index.update(new)
         prev, pos = tid, tend + 8
     return pos, prev
+
+
+def _hides_records(buf: bytes, off: int, length: int, tid: bytes, pos: int) -> bool:
+    """Whether `length` bytes (metadata, or a record's data) hold a data record header of
+    the transaction at `pos`: each names the transaction's id (at 8) and position (at 24).
+
+    Pickles and notes do not hold a transaction's raw id followed by its position.
+    """
+    where = struct.pack(">Q", pos)
+    i = buf.find(tid, off + 8, off + length)
+    while i != -1:
+        if buf[i + 16:i + 24] == where:
+            return True
+        i = buf.find(tid, i + 1, off + length)
+    return False
 
 
 def _tail(m: _Window, name: str, pos: int, size: int, prev: bytes) -> tuple[int, bytes]:
@@ -687,11 +771,6 @@ class CheckedConnection(ZODB.Connection.Connection):  # type: ignore[misc]
                                serial=serial) from exc
         except (DurableHeapError, ZODB.POSException.ConflictError):
             raise
-        except _SERVER_ERRORS as exc:
-            err = _from_server(exc, _class_name(obj))
-            if err is None:
-                raise
-            raise err from None
         except ZODB.POSException.StateLoadError as exc:
             cause = exc.__cause__
             if isinstance(cause, DurableHeapError):
@@ -710,23 +789,28 @@ class CheckedConnection(ZODB.Connection.Connection):  # type: ignore[misc]
             if not _damage_value_error(exc):
                 raise
             raise self._damaged(obj, f"cannot be read ({_describe(exc)})") from exc
+        except Exception as exc:
+            err = _from_server(exc, _class_name(obj))
+            if err is None:
+                raise
+            raise err from None
 
     def get(self, oid: bytes) -> Any:
         try:
             return _get(self, oid)
         except (DurableHeapError, ZODB.POSException.POSKeyError, ZODB.POSException.ConflictError):
             raise  # a missing oid asked for by number is the caller's KeyError
-        except _SERVER_ERRORS as exc:
-            err = _from_server(exc, None)
-            if err is None:
-                raise
-            raise err from None
         except (CorruptedError, pickle.UnpicklingError, EOFError) as exc:
             raise record_error(self._heap_path(), oid, f"cannot be read ({_describe(exc)})") from exc
         except ValueError as exc:
             if not _damage_value_error(exc):
                 raise
             raise record_error(self._heap_path(), oid, f"cannot be read ({_describe(exc)})") from exc
+        except Exception as exc:
+            err = _from_server(exc, None)
+            if err is None:
+                raise
+            raise err from None
 
     def _damaged(self, obj: Any, reason: str) -> CorruptHeapError:
         return record_error(self._heap_path(), obj._p_oid, reason, cls=_class_name(obj))
@@ -747,17 +831,6 @@ class CheckedConnection(ZODB.Connection.Connection):  # type: ignore[misc]
         return str(getattr(storage, "_path", None) or storage.getName())
 
 
-class _NoServerError(Exception):
-    """Stands for ZEO's ServerException where ZEO is not imported."""
-
-
-try:  # ZEO is installed with durable_heap, but only zeo:// heaps import it
-    from ZEO.Exceptions import ServerException as _ServerException
-except ImportError:  # pragma: no cover
-    _ServerException = _NoServerError
-_SERVER_ERRORS: tuple[type[BaseException], ...] = (_ServerException,)
-
-
 def _from_server(exc: BaseException, cls: str | None) -> CorruptHeapError | None:
     """The `CorruptHeapError` a ZEO server raised, rebuilt on the client (None: another error).
 
@@ -766,6 +839,9 @@ def _from_server(exc: BaseException, cls: str | None) -> CorruptHeapError | None
     ``ServerException(class_name, dict)``, the message lost. The server's
     checksum wrapper keeps the details in the dict (`record_error`).
     """
+    zeo_errors = sys.modules.get("ZEO.Exceptions")  # only zeo:// heaps import ZEO
+    if zeo_errors is None or not isinstance(exc, zeo_errors.ServerException):
+        return None
     args = exc.args
     if len(args) != 2 or args[0] != f"{CorruptHeapError.__module__}.{CorruptHeapError.__name__}":
         return None
