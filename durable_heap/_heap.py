@@ -181,10 +181,11 @@ class Heap:
         """Create the heap in an empty storage; check (and raise) an existing heap's format.
 
         A heap of an older format opened read-write gets the current marker here,
-        at open, in a transaction of its own: from its next commit on, this
-        version writes checksummed records (format 2) that durable_heap 0.2
-        cannot read, and the marker must say so before the first of them, also
-        when that commit comes from another process. Read-only opens change nothing.
+        at open, in a transaction of its own, rather than at the first commit that
+        writes checksummed records (format 2): that needs no hook in the commit
+        path, and the marker is then never behind the records, whichever process
+        commits first. Read-only opens change nothing. (0.2 reads format 2 as it
+        stands, see `_integrity.MARK`; the refusal is for formats to come.)
         """
         local = self._thread()
         tm = local.tm

@@ -599,10 +599,15 @@ def _scan(m: _Window, name: str, index: Any, pos: int, prev: bytes, size: int) -
                                       "its data records")
             new = {}
             p = pos + TRANS_HDR_LEN + meta
+            buf, base = m.buf, m.start  # the window, read through directly: the hot loop
             while p < tend:
                 if p + DATA_HDR_LEN > tend:
                     raise _bad(name, p, "a data record runs past the end of its transaction")
-                oid, rtid, back, tloc, vlen, plen = data(*at(p, DATA_HDR_LEN))
+                o = p - base
+                if o < 0 or o + DATA_HDR_LEN > len(buf):
+                    buf, o = at(p, DATA_HDR_LEN)
+                    base = p - o
+                oid, rtid, back, tloc, vlen, plen = data(buf, o)
                 end = p + DATA_HDR_LEN + (plen or 8)
                 if vlen or end > tend or tloc != pos:
                     raise _bad(name, p, "the header of a data record is damaged")
@@ -613,11 +618,16 @@ def _scan(m: _Window, name: str, index: Any, pos: int, prev: bytes, size: int) -
                     raise _bad(name, p, f"a data record names object {oid_repr(oid)}, but does not "
                                         "continue that object's history (a damaged oid or back "
                                         "pointer), so the object could be read at an older state")
-                if plen >= DATA_HDR_LEN and _hides_records(*at(p + DATA_HDR_LEN, plen), plen, tid, pos):
+                if plen >= DATA_HDR_LEN:
                     # A flipped data length that lands on a later record's start
                     # swallows the records in between: they would not be indexed.
-                    raise _bad(name, p, f"the data length of a record of object {oid_repr(oid)} "
-                                        "covers other data records")
+                    if o + DATA_HDR_LEN + plen > len(buf):
+                        buf, o = at(p, DATA_HDR_LEN + plen)
+                        base = p - o
+                    o += DATA_HDR_LEN
+                    if buf.find(tid, o + 8, o + plen) != -1 and _hides_records(buf, o, plen, tid, pos):
+                        raise _bad(name, p, f"the data length of a record of object {oid_repr(oid)} "
+                                            "covers other data records")
                 new[oid] = p
                 p = end
             index.update(new)

@@ -398,7 +398,7 @@ def run_server(args: Any) -> int:
         _clear_stale_socket(addr)
     existed = os.path.exists(target.location)
     # The served storage is the checksum wrapper over the (checked) FileStorage: the
-    # server seals what clients write, checks what they read and sends it plain.
+    # server seals the records clients write and checks every record it sends.
     storage = open_storage(target, read_only=args.read_only)
     try:
         from ZEO.StorageServer import StorageServer
