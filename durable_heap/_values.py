@@ -111,8 +111,10 @@ _ATOMIC: frozenset[type] = frozenset(
     }
 )
 
-#: Filled by `_containers`: exact builtin type -> function making the durable twin.
-CONVERTERS: dict[type, Callable[[Any], Any]] = {}
+#: Filled by `_containers`: exact builtin type -> (make an empty durable twin,
+#: fill the twin from the plain value). Two steps, so that a value met again
+#: while its twin is being filled (a list that contains itself) becomes that twin.
+CONVERTERS: dict[type, tuple[Callable[[], Any], Callable[[Any, Any], None]]] = {}
 
 # Types that can never be stored, with the reason shown to the user.
 _REFUSED: dict[type, str] = {
@@ -205,13 +207,48 @@ def adopt(value: Any) -> Any:
 
     Raises `BadValue` for values that cannot be stored. Plain objects are
     trial-pickled here so that the error names the place it was assigned.
+
+    Within one call, a plain container met twice becomes one twin: a list that
+    contains itself becomes a `List` that contains itself (a persistent
+    reference to its own record, which ZODB stores like any other), and a list
+    held twice stays one shared `List`, as pickle would keep it.
     """
     tp = type(value)
+    if tp in _ATOMIC or (tp is tuple and set(map(type, value)) <= _ATOMIC):
+        return value  # the common cases, decided at C speed
+    memo: dict[int, tuple[Any, Any]] | None = getattr(_adopting, "memo", None)
+    if memo is not None:
+        return _adopt(value, tp, memo)
+    memo = _adopting.memo = {}
+    try:
+        return _adopt(value, tp, memo)
+    except RecursionError:
+        # Not a cycle (those end at the memo): nesting deeper than the stack.
+        # Unwound to here, the stack is free again to build the error.
+        raise BadValue(value, "it is nested too deeply to be stored; flatten it, or store "
+                       "the inner levels as durable_heap.Object attributes") from None
+    finally:
+        _adopting.memo = None
+
+
+#: Per thread, during one outermost `adopt`: id(plain value) -> (value, what
+#: it became). The value is kept so that its id cannot be reused meanwhile.
+_adopting = threading.local()
+
+
+def _adopt(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
     if tp in _ATOMIC:
         return value
+    seen = memo.get(id(value))
+    if seen is not None:
+        return seen[1]
     conv = CONVERTERS.get(tp)
     if conv is not None:
-        return conv(value)
+        blank, fill = conv
+        twin = blank()
+        memo[id(value)] = (value, twin)  # before filling: the value may contain itself
+        fill(twin, value)
+        return twin
     if isinstance(value, Persistent):
         why = _unnamed(tp)
         if why is not None:
@@ -223,20 +260,28 @@ def adopt(value: Any) -> Any:
         changed = False
         for i, v in enumerate(value):
             try:
-                a = adopt(v)
+                a = _adopt(v, type(v), memo)
             except BadValue as e:
                 raise e.prefixed(f"[{i}]") from None
             changed = changed or a is not v
             items.append(a)
         if not changed:
             return value
+        # A tuple can be met again only through a list or dict inside it, whose
+        # filling then built this tuple's twin already (see below): reuse it.
+        seen = memo.get(id(value))
+        if seen is not None:
+            return seen[1]
         if tp is tuple:
-            return tuple(items)
-        make = getattr(tp, "_make", None)  # a namedtuple
-        return make(items) if make is not None else tp(items)
+            twin = tuple(items)
+        else:
+            make = getattr(tp, "_make", None)  # a namedtuple
+            twin = make(items) if make is not None else tp(items)
+        memo[id(value)] = (value, twin)
+        return twin
     if isinstance(value, frozenset):
         for v in value:
-            adopt(v)
+            _adopt(v, type(v), memo)
         return value
     _refuse_or_accept(value)
     return value
@@ -258,8 +303,12 @@ def _unnamed(obj: Any) -> str | None:
     return None
 
 
-def _refuse_or_accept(value: Any) -> None:
-    """Raise `BadValue` if `value` cannot be stored; plain objects are trial-pickled."""
+def _refuse_or_accept(value: Any, seen: set[int] | None = None) -> None:
+    """Raise `BadValue` if `value` cannot be stored; plain objects are trial-pickled.
+
+    `seen` holds the ids of the plain objects whose failing part is being looked
+    for (see `_locate`), so that a cycle among them ends the search.
+    """
     tp = type(value)
     if tp is types.BuiltinFunctionType:
         bound = not isinstance(value.__self__, (types.ModuleType, type(None)))
@@ -308,24 +357,53 @@ def _refuse_or_accept(value: Any) -> None:
     except BadValue:
         raise
     except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's value
-        raise _locate(value, exc) from None
+        raise _locate(value, exc, seen) from None
 
 
 def _first_bad(children: Iterable[tuple[str, Any]]) -> BadValue | None:
     """The first of (accessor, value) pairs that cannot be stored, as a BadValue."""
+    return _search(children, set())[0]
+
+
+class _ThroughCycle(Exception):
+    """Internal: a plain object fails to pickle only through an object around it in a cycle."""
+
+
+def _search(children: Iterable[tuple[str, Any]], seen: set[int]) -> tuple[BadValue | None, bool]:
+    """`_first_bad`, and whether a child was skipped as part of a cycle."""
+    cyclic = False
     for accessor, child in children:
         if type(child) in _ATOMIC:
             continue
+        if id(child) in seen:
+            cyclic = True  # an object around us in a cycle: being searched already
+            continue
         try:
-            _refuse_or_accept(child)
+            _refuse_or_accept(child, seen)
+        except _ThroughCycle:
+            cyclic = True
         except BadValue as e:
-            return e.prefixed(accessor)
-    return None
+            return e.prefixed(accessor), cyclic
+    return None, cyclic
 
 
-def _locate(value: Any, exc: BaseException) -> BadValue:
-    """Find the part of `value` that does not pickle, for a precise path."""
-    return _first_bad(_plain_children(value)) or BadValue(value, f"pickling failed: {exc}")
+def _locate(value: Any, exc: BaseException, seen: set[int] | None = None) -> BadValue:
+    """Find the part of `value` that does not pickle, for a precise path.
+
+    Pickle copes with cycles among plain objects (a dataclass that holds
+    itself) but this search walks them: `seen` ends it at the first repeat,
+    and a part that fails only through the cycle is passed over for the
+    sibling that really fails (``state.box.lock``, not ``state.box.inner``).
+    """
+    outermost = not seen
+    seen = set() if seen is None else seen
+    seen.add(id(value))
+    bad, cyclic = _search(_plain_children(value), seen)
+    if bad is not None:
+        return bad
+    if cyclic and not outermost:
+        raise _ThroughCycle
+    return BadValue(value, f"pickling failed: {exc}")
 
 
 def _plain_children(value: Any) -> Iterator[tuple[str, Any]]:
