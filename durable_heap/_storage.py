@@ -130,6 +130,8 @@ def _open_file_storage(path: str, *, read_only: bool) -> Any:
     from ZODB.FileStorage import FileStorage
     from ZODB.FileStorage.FileStorage import FileStorageFormatError
 
+    from ._follow import FollowingFileStorage
+
     exists = os.path.exists(path)
     if exists and os.path.isdir(path):
         raise NotAHeapError(f"{path} is a folder: a heap target names a file such as {path}/app.fs")
@@ -145,6 +147,8 @@ def _open_file_storage(path: str, *, read_only: bool) -> Any:
             raise StorageError(f"cannot create the folder {parent} for the heap: {exc.strerror}") from exc
     try:
         with private_files():
+            if read_only:  # one that follows the writer's commits (see _follow)
+                return FollowingFileStorage(path)
             return FileStorage(path, read_only=read_only)
     except LockError:
         raise HeapLockedError(_locked_message(path)) from None
