@@ -49,7 +49,7 @@ from typing import Any
 import transaction.interfaces
 from persistent import Persistent
 
-from ._errors import NotPersistableError, NoTransactionError, StaleReferenceError
+from ._errors import NotPersistableError, NoTransactionError, StaleReferenceError, StorageError
 
 __all__ = [
     "CLASSES_KEY",
@@ -76,6 +76,7 @@ __all__ = [
     "reset_watch",
     "snapshot",
     "stored_classes",
+    "view_changes",
     "watch",
     "watched_plain_ids",
 ]
@@ -902,6 +903,16 @@ def check_writable(obj: Any) -> None:
     jar = obj._p_jar
     if jar is None:
         return
+    if getattr(jar, "before", None) is not None:
+        # A historical connection (heap.state_at): ZODB itself refuses only at
+        # commit, which a view never does, so a change would be silently dropped.
+        view = jar.__dict__.get("_dh_view")
+        when = f" at {view}" if view else ""
+        msg = (
+            f"{path_of(obj)} belongs to the read-only view of the state{when} (heap.state_at) "
+            "and cannot be changed. Make changes through heap.state, in a transaction."
+        )
+        raise StorageError(msg)
     tm = jar.transaction_manager
     if tm is None or not tm.explicit:
         return
@@ -914,6 +925,29 @@ def check_writable(obj: Any) -> None:
             "(programs run by `durable-heap call` are inside one already)."
         )
         raise NoTransactionError(msg) from None
+
+
+def view_changes(jar: Any) -> str | None:
+    """The path of a record changed through the read-only connection `jar`, or None.
+
+    Durable objects refuse changes there (`check_writable`); a plain object held
+    in a record (a dataclass) cannot, so its record's snapshot is compared, as the
+    watch does before a commit.
+    """
+    changed = list(getattr(jar, "_registered_objects", ()))
+    if changed:
+        return path_of(changed[0])
+    w = jar.__dict__.get("_dh_watch")
+    for obj, base in list(w.items.values()) if w is not None else ():
+        if obj._p_changed is False:
+            try:
+                same = snapshot(obj.__getstate__()) == base
+            except Exception:  # noqa: BLE001 - changed into something unpicklable
+                same = False
+            if not same:
+                plain = _plain_values(obj)
+                return path_of(obj) + (plain[0][0] if len(plain) == 1 else "")
+    return None
 
 
 # --- paths -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -665,6 +666,41 @@ def test_state_at_lets_the_callers_errors_through(tmp_path: Path) -> None:
         heap.load(app).call("add", "ann")
         with pytest.raises(KeyError, match="nobody"), heap.state_at(1, app) as old:
             old.users["nobody"]
+
+
+def test_state_at_is_read_only_at_every_time(tmp_path: Path) -> None:
+    """The current version, a time after the last commit and a time far in the future
+    all read the newest state, and like any historical state they refuse changes
+    (ZODB would accept them and drop them at the end of the view)."""
+    from tests.strategies import Point
+
+    app = write(tmp_path / "app.py", V1)
+    with dh.open(tmp_path / "h.fs") as heap:
+        heap.load(app).call("add", "ann")
+        with heap.transaction() as state:
+            state.point = Point(1)
+        past = datetime.datetime.now(datetime.timezone.utc)
+        time.sleep(0.01)
+        with heap.transaction() as state:
+            state.after = 1  # so that `past` is before the last commit
+        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+        views = [(1, app), (later,), ("9999-01-01",), (past,)]
+        for args in views:
+            with heap.state_at(*args) as old:
+                assert sorted(old.users) == ["ann"]
+                with pytest.raises(dh.StorageError, match=r"state\.users belongs to the read-only view"):
+                    old.users["bob"] = 1
+                with pytest.raises(dh.StorageError, match="read-only view"):
+                    old.extra = 1
+            with pytest.raises(dh.StorageError, match=r"state\.point was changed in place in the read-only"):
+                with heap.state_at(*args) as old:
+                    old.point.x = 5  # a plain object: caught when the view ends
+        assert heap.state.point == Point(1) and "extra" not in heap.state
+        assert sorted(heap.state.users) == ["ann"]
+        with heap.state_at("9999-01-01") as newest:
+            assert newest.after == 1  # the newest state, not "did not exist yet"
+        with heap.state_at(past) as old:
+            assert "after" not in old
 
 
 def test_inspect_at_an_old_version_does_not_run_its_top_level_on_todays_state(tmp_path: Path) -> None:
