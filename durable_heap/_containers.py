@@ -892,8 +892,9 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         except TypeError:
             raise TypeError(f"unhashable type: {type(key).__name__!r}") from None
         try:
-            adopt(key)
-            return adopt(value)
+            jar = self._p_jar
+            adopt(key, jar)
+            return adopt(value, jar)
         except BadValue as err:
             raise err.prefixed(f"[{key!r}]") from None
 
@@ -1055,7 +1056,7 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
         except TypeError:
             raise TypeError(f"unhashable type: {type(member).__name__!r}") from None
         try:
-            adopt(member)
+            adopt(member, self._p_jar)
         except BadValue as err:
             raise err.prefixed("{" + repr(member) + "}") from None
 
@@ -1484,7 +1485,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def _adopt_at(self, where: str, value: Any) -> Any:
         try:
-            return adopt(value)
+            return adopt(value, self._p_jar)
         except BadValue as err:
             raise err.prefixed(where) from None
 

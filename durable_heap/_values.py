@@ -48,6 +48,7 @@ from typing import Any
 
 import transaction.interfaces
 from persistent import Persistent
+from transaction._transaction import Status  # the one place it is defined; not re-exported
 
 from ._errors import NotPersistableError, NoTransactionError, StaleReferenceError, StorageError
 
@@ -203,11 +204,14 @@ def public_error(err: BadValue, holder: Any, base: str | None = None) -> NotPers
     return NotPersistableError(base + "".join(err.parts), err.value, err.reason)
 
 
-def adopt(value: Any) -> Any:
+def adopt(value: Any, jar: Any = None) -> Any:
     """Return what `value` becomes when stored: a durable twin, or itself.
 
     Raises `BadValue` for values that cannot be stored. Plain objects are
     trial-pickled here so that the error names the place it was assigned.
+    `jar` is the connection of the object it is stored into (None while that
+    object is in no heap yet): the program classes found are noted for the
+    transaction in progress there (see `note_class`).
 
     Within one call, a plain container met twice becomes one twin: a list that
     contains itself becomes a `List` that contains itself (a persistent
@@ -217,10 +221,13 @@ def adopt(value: Any) -> Any:
     tp = type(value)
     if tp in _ATOMIC or (tp is tuple and set(map(type, value)) <= _ATOMIC):
         return value  # the common cases, decided at C speed
-    memo: dict[int, tuple[Any, Any]] | None = getattr(_adopting, "memo", None)
+    local = _local
+    memo = local.memo
     if memo is not None:
         return _adopt(value, tp, memo)
-    memo = _adopting.memo = {}
+    memo = local.memo = {}
+    sink = local.sink
+    local.sink = _notes_of(jar) if jar is not None and program_roots else None
     try:
         return _adopt(value, tp, memo)
     except RecursionError:
@@ -229,12 +236,27 @@ def adopt(value: Any) -> Any:
         raise BadValue(value, "it is nested too deeply to be stored; flatten it, or store "
                        "the inner levels as durable_heap.Object attributes") from None
     finally:
-        _adopting.memo = None
+        local.memo = None
+        local.sink = sink
 
 
-#: Per thread, during one outermost `adopt`: id(plain value) -> (value, what
-#: it became). The value is kept so that its id cannot be reused meanwhile.
-_adopting = threading.local()
+class _Local(threading.local):
+    """Per thread: the state of the outermost `adopt`, and where class notes go."""
+
+    #: During one outermost `adopt`: id(plain value) -> (value, what it became).
+    #: The value is kept so that its id cannot be reused meanwhile.
+    memo: dict[int, tuple[Any, Any]] | None = None
+    #: Where `note_class` adds paths: the notes of the connection whose records
+    #: are being built or pickled (see `_notes_of`), or None for `loose`.
+    sink: set[str] | None = None
+
+    def __init__(self) -> None:
+        #: Paths noted for objects in no heap yet (built before they were
+        #: stored): registered by every commit of this thread that lacks them.
+        self.loose: set[str] = set()
+
+
+_local = _Local()
 
 
 def _adopt(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
@@ -540,7 +562,16 @@ CLASSES_KEY = "durable_heap.classes"
 #: Top-level module names of the programs loaded in this process: only their
 #: classes are registered (the library's and the standard library's never go away).
 program_roots: set[str] = set()
-_pending: set[str] = set()
+#
+# The notes belong to one transaction: each connection's `_Watch` holds those of
+# the transaction in progress on it (`_Watch.noted`), filled while that
+# connection's objects take values (`adopt` with their jar) or are pickled (the
+# watch's snapshots, `precheck`). The commit registers them in that transaction;
+# an abort drops them, and storing the class again notes it again. A note made
+# for an object in no heap yet goes to its thread's `_Local.loose`, which every
+# commit of the thread registers where it is missing: at worst a class is
+# registered in a heap that never stored it (a deploy removing it then needs
+# ``force``), never left out of one that did.
 
 
 def note_class(cls: Any) -> None:
@@ -548,7 +579,39 @@ def note_class(cls: Any) -> None:
     if program_roots:
         module = getattr(cls, "__module__", None) or ""
         if module.partition(".")[0] in program_roots:
-            _pending.add(f"{module}.{cls.__qualname__}")
+            sink = _local.sink
+            (sink if sink is not None else _local.loose).add(f"{module}.{cls.__qualname__}")
+
+
+def _paths(classes: Iterable[type]) -> set[str]:
+    """The paths of the program classes among `classes` (as `note_class` notes them)."""
+    found = set()
+    for cls in classes:
+        module = getattr(cls, "__module__", None) or ""
+        if module.partition(".")[0] in program_roots:
+            found.add(f"{module}.{cls.__qualname__}")
+    return found
+
+
+def _notes_of(jar: Any) -> set[str] | None:
+    """The class notes of the transaction in progress on connection `jar`."""
+    w = _watch_of(jar)
+    return w.noted if w is not None else None
+
+
+def _snapshot_for(jar: Any, obj: Any) -> bytes:
+    """`snapshot`, noting the program classes it meets for `jar`'s transaction
+    (with `jar` None: nowhere, for a snapshot only compared, never stored)."""
+    if not program_roots:
+        return snapshot(obj)
+    local = _local
+    sink = local.sink
+    notes = _notes_of(jar) if jar is not None else None
+    local.sink = notes if notes is not None else set()
+    try:
+        return snapshot(obj)
+    finally:
+        local.sink = sink
 
 
 def stored_classes(conn: Any) -> set[str]:
@@ -614,14 +677,19 @@ def _scan_classes(storage: Any) -> set[str]:
 
 
 def _register_pending(conn: Any) -> None:
-    """Add the noted class paths that the registry lacks (a before-commit hook)."""
-    if not _pending or conn.isReadOnly():
+    """Add the class paths noted for this transaction that the registry lacks
+    (a before-commit hook; see `note_class`)."""
+    w = _watch_of(conn)
+    loose = _local.loose
+    if w is None or not (w.noted or loose) or conn.isReadOnly():
         return
     known: set[str] | None = conn.__dict__.get("_dh_classes")
     if known is None:
         known = conn._dh_classes = stored_classes(conn)
-    new = _pending - known
-    _pending.clear()
+    new = (w.noted | loose) - known
+    # Notes made from here on (ZODB pickling new objects at commit) are kept for
+    # the next transaction if this one commits, and dropped with it otherwise.
+    w.noted = set()
     if not new:
         return
     registry = ensure_registry(conn)
@@ -646,7 +714,7 @@ class _Watch:
     ``transaction.commit()``.
     """
 
-    __slots__ = ("jar", "tm", "items", "hooked", "hot", "orphans", "__weakref__")
+    __slots__ = ("jar", "tm", "items", "hooked", "hot", "orphans", "noted", "__weakref__")
 
     def __init__(self, jar: Any) -> None:
         self.jar = weakref.ref(jar)
@@ -659,6 +727,8 @@ class _Watch:
         # plain objects of records ghosted after a transaction that someone still
         # holds: changed later, the change would be lost (see `_check_orphans`)
         self.orphans: list[_Orphan] = []
+        # program class paths noted for the transaction in progress (`note_class`)
+        self.noted: set[str] = set()
 
     def forget_reads(self) -> None:
         hot, self.hot = self.hot, []
@@ -676,6 +746,8 @@ class _Watch:
         pass
 
     def afterCompletion(self, txn: Any) -> None:  # noqa: N802
+        if txn is None or txn.status != Status.COMMITTED:
+            self.noted = set()  # aborted: nothing was stored (see `_register_pending`)
         self.forget_reads()
         items, self.items, self.hooked = self.items, {}, None
         values: list[tuple[Any, bytes, str]] = []
@@ -699,7 +771,7 @@ class _Watch:
             value = entry[0]
             if sys.getrefcount(value) > 3:
                 try:
-                    self.orphans.append(_Orphan(value, snapshot(value), entry[1], entry[2]))
+                    self.orphans.append(_Orphan(value, _snapshot_for(None, value), entry[1], entry[2]))
                 except Exception:  # noqa: BLE001,S112 - unpicklable now: nothing to compare
                     continue
         del values
@@ -717,7 +789,7 @@ class _Watch:
             if obj._p_changed is not False:
                 continue  # saved anyway, or a ghost again
             try:
-                now = snapshot(obj.__getstate__())
+                now = _snapshot_for(obj._p_jar, obj.__getstate__())
             except Exception as exc:  # noqa: BLE001 - report which value it is
                 raise culprit(obj, exc) from None
             if now != base:
@@ -737,7 +809,7 @@ class _Watch:
             if sys.getrefcount(value) <= 3:  # the orphan, `value` and the argument: ours only
                 continue
             try:
-                unchanged = snapshot(value) == orphan.snapshot
+                unchanged = _snapshot_for(None, value) == orphan.snapshot
             except Exception:  # noqa: BLE001 - changed into something unpicklable
                 unchanged = False
             if unchanged:
@@ -799,8 +871,9 @@ def precheck(conn: Any) -> None:
     changed = list(getattr(conn, "_registered_objects", ()))
     changed += list(getattr(conn, "_added", {}).values())
     if program_roots:
-        for obj in changed:
-            note_class(type(obj))
+        noted = _notes_of(conn)
+        if noted is not None:
+            noted.update(_paths(type(obj) for obj in changed))
         # After the watch's own hook, which may snapshot (and note) more values.
         conn.transaction_manager.get().addBeforeCommitHook(_register_pending, (conn,))
     for obj in changed:
@@ -808,7 +881,7 @@ def precheck(conn: Any) -> None:
         if watched is None or obj._p_changed is None or not watched(obj):
             continue
         try:
-            snapshot(obj.__getstate__())
+            _snapshot_for(conn, obj.__getstate__())
         except Exception as exc:  # noqa: BLE001 - name the value that fails
             raise culprit(obj, exc) from None
 
@@ -883,7 +956,7 @@ def watch(obj: Any, state: Any) -> None:
     if w is None:
         return
     tm = w.tm
-    w.items[id(obj)] = (obj, snapshot(state))
+    w.items[id(obj)] = (obj, _snapshot_for(jar, state))
     try:
         txn = tm.get()
     except transaction.interfaces.NoTransaction:
