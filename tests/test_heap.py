@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -49,6 +50,40 @@ def test_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(info.value, ValueError)
     with pytest.raises(dh.UnknownTargetError):
         dh.open("")
+
+
+def test_target_options_are_read_by_one_parser(tmp_path: Path) -> None:
+    """file://, memory:// and zeo:// read their options alike: the same booleans, an
+    unreadable value or an unknown option refused (naming what is allowed) before
+    anything is opened or created, and ?read_only=1 making heap.read_only true."""
+    path = tmp_path / "app.fs"
+    with dh.open(path) as heap, heap.transaction() as state:
+        state.x = 1
+    for word in ("1", "true", "Yes", "on"):
+        with dh.open(f"file://{path}?read_only={word}") as ro:
+            assert ro.read_only and ro.state.x == 1
+            with pytest.raises(dh.StorageError, match="read-only"), ro.transaction() as state:
+                state.x = 2
+    for word in ("0", "false", "no", "off"):
+        with dh.open(f"file://{path}?read_only={word}") as rw:
+            assert not rw.read_only
+    fresh = tmp_path / "fresh.fs"
+    refused = [
+        (f"file://{fresh}?read_only=maybe", "read_only='maybe' must be 1 or 0"),
+        (f"file://{fresh}?read_only=", "read_only='' must be 1 or 0"),
+        (f"file://{fresh}?bogus=1", "unknown option bogus; a file:// target takes read_only"),
+        (f"file://{fresh}?read_only=1&read_only=0", "gives read_only more than once"),
+        ("memory://?read_only=1", "unknown option read_only; a memory:// target takes no options"),
+        ("zeo://127.0.0.1:8100?server_sync=maybe", "server_sync='maybe' must be 1 or 0"),
+        ("zeo://127.0.0.1:8100?cache=", "cache= needs a value"),
+    ]
+    for target, message in refused:
+        with pytest.raises(dh.UnknownTargetError, match=re.escape(message)):
+            dh.open(target)
+    assert not fresh.exists()
+    # The same words for zeo:// (read, then no server answers).
+    with pytest.raises(dh.ServerUnavailableError):
+        dh.open("zeo://127.0.0.1:9?read_only=on&server_sync=off&wait_timeout=0.2")
 
 
 def test_transaction_commits_and_aborts(heap: dh.Heap) -> None:
