@@ -27,6 +27,7 @@ Errors from zc.lockfile and FileStorage become `HeapLockedError` and
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ __all__ = [
     "option",
     "parse_target",
     "private_files",
+    "quiet_benign_logs",
     "target_read_only",
 ]
 
@@ -233,7 +235,35 @@ def open_storage(target: Target, *, read_only: bool = False) -> Any:
         from ._zeo import open_client
 
         return open_client(target, read_only=read_only)
+    quiet_benign_logs()
     return _open_file_storage(target.location, read_only=read_only or target_read_only(target))
+
+
+class _BenignLogs(logging.Filter):
+    """Drops the log lines of FileStorage's routine recovery, which say nothing
+    the user must act on, so that they do not reach the stderr of scripts and of
+    `durable-heap inspect` (Python's last-resort handler prints warnings).
+
+    Exactly these format strings, at WARNING or below; every other line of
+    ZODB.FileStorage (truncations, damaged records, clock trouble) passes.
+    """
+
+    BENIGN = frozenset({
+        # ZODB.FileStorage._sane: the .index does not match the file (written when
+        # the heap was created, before a crash, or before a pack); the file is
+        # scanned instead, which is the normal way to open it without an index.
+        "Ignoring index for %s",
+    })
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.WARNING and record.msg in self.BENIGN)
+
+
+def quiet_benign_logs() -> None:
+    """Install `_BenignLogs` on ZODB.FileStorage's logger (once per process)."""
+    logger = logging.getLogger("ZODB.FileStorage")
+    if not any(isinstance(f, _BenignLogs) for f in logger.filters):
+        logger.addFilter(_BenignLogs())
 
 
 def _open_file_storage(path: str, *, read_only: bool) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import durable_heap as dh
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, cli, run, write
 
 
 def test_open_creates_private_files_and_folders(tmp_path: Path) -> None:
@@ -403,6 +403,39 @@ def test_a_read_only_heap_sees_only_whole_committed_transactions(tmp_path: Path)
         assert ro.state.n == 2
         with ro.transaction() as state:
             assert state.n == 2
+
+
+def test_benign_filestorage_log_lines_stay_off_stderr(tmp_path: Path) -> None:
+    """FileStorage logs "Ignoring index for ..." whenever its .index does not match the
+    file (the one written when the heap was created, while its writer still runs or
+    after it crashed): routine, and kept off stderr; its other warnings still pass."""
+    app = write(tmp_path / "app.py", "from durable_heap import state\nstate.setdefault('n', 1)\n")
+    path = tmp_path / ".durable-heap" / "app.fs"
+    code = (
+        "import sys, durable_heap as dh; h = dh.open(sys.argv[1]); h.load(sys.argv[2]); "
+        "print('ready', flush=True); sys.stdin.read()"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path), str(app)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        out = cli("inspect", str(app), cwd=tmp_path)
+        assert out.returncode == 0 and "n: 1" in out.stdout
+        assert out.stderr == ""
+        reader = run(["-c", (
+            "import logging, sys, durable_heap as dh\n"
+            "print(dh.open(sys.argv[1], read_only=True).state.n)\n"
+            "logging.getLogger('ZODB.FileStorage').warning('%s truncated at %s', sys.argv[1], 4)\n"
+        ), str(path)])
+        assert reader.stdout == "1\n" and reader.stderr == f"{path} truncated at 4\n"
+    finally:
+        holder.communicate("", timeout=30)
+    crashed = tmp_path / "crashed.fs"
+    run(["-c", "import os, sys, durable_heap as dh\nh = dh.open(sys.argv[1])\n"
+         "with h.transaction() as s:\n    s.n = 2\nos._exit(0)\n", str(crashed)])
+    after = run(["-c", "import sys, durable_heap as dh\nprint(dh.open(sys.argv[1]).state.n)\n", str(crashed)])
+    assert after.stdout == "2\n" and after.stderr == ""
 
 
 def test_persistence_across_processes_through_the_api(heap_path: Path) -> None:
