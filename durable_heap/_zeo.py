@@ -15,6 +15,7 @@ Client options (the query of a ``zeo://`` target)::
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from typing import Any
@@ -312,6 +313,25 @@ def _clear_stale_socket(path: str) -> None:
     raise StorageError(f"a server already listens on {path}: stop it, or choose another --address")
 
 
+def _listen_error(addr: Address, exc: OSError) -> str:
+    """Why the server cannot listen at `addr`, and what to do, for `exc` from binding."""
+    where = f"cannot listen on {format_address(addr)}"
+    folder = os.path.dirname(addr) if isinstance(addr, str) else ""
+    if folder and not os.path.isdir(folder):
+        return (
+            f"{where}: the folder {folder} does not exist. Create it (mkdir -m 700 -p {folder}) "
+            "or choose another --address"
+        )
+    reason = exc.strerror or str(exc)
+    other = "(port 0 picks a free one)" if isinstance(addr, tuple) else "(another socket path)"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: {reason}. Is another server running there? Choose another --address {other}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"{where}: {reason}. Choose an --address this user may listen on (a port above "
+                "1023, or a socket in a folder it can write)")
+    return f"{where}: {reason}. Choose another --address {other}"
+
+
 def run_server(args: Any) -> int:
     """``durable-heap zeo``: serve ``args.storage`` until SIGTERM or SIGINT.
 
@@ -354,10 +374,7 @@ def run_server(args: Any) -> int:
             for suffix in ("", ".index", ".lock", ".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(target.location + suffix)
-        raise StorageError(
-            f"cannot listen on {format_address(addr)}: {exc.strerror or exc}. Is another server "
-            "running there? Choose another --address (port 0 picks a free one)"
-        ) from None
+        raise StorageError(_listen_error(addr, exc)) from None
     except BaseException:
         storage.close()
         raise
