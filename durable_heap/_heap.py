@@ -814,9 +814,8 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     >>> heap = dh.open("memory://")
     >>> heap.close()
     """
-    parsed = parse_target(target)
-    if parsed.scheme == "zeo" and not read_only:
-        from ._zeo import target_read_only
+    from ._storage import target_read_only
 
-        read_only = target_read_only(parsed)  # ?read_only=1
+    parsed = parse_target(target)
+    read_only = read_only or target_read_only(parsed)  # ?read_only=1, for every scheme
     return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only)

@@ -39,3 +39,11 @@ def test_zeo_loads_counts_the_messages_of_a_commit() -> None:
     ours, raw = out.stdout.splitlines()
     assert ours.startswith("durable_heap Dict over ZEO:") and "ping (round trip) 1" in ours
     assert raw.startswith("raw ZEO") and "ping" not in raw and "vote (round trip) 1" in raw
+
+
+def test_quick_follow_benchmark() -> None:
+    out = run(["-m", "benchmarks.follow", "--quick", "--json"], timeout=300)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    data = json.loads(out.stdout)
+    assert data["plain_read_only_us"] > 0 and data["following_idle_us"] > 0
+    assert data["catch_up_per_commit_us"] > 0 and data["batch"] == 100
