@@ -209,10 +209,11 @@ class Heap:
         cache_size: int = DEFAULT_CACHE_SIZE,
         read_only: bool = False,
         pool_size: int = 64,
+        max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
-        self.max_async_transactions = DEFAULT_MAX_ASYNC_TRANSACTIONS
+        self.max_async_transactions = max_async_transactions
         self.target = target
         self.max_attempts = attempts
         self.read_only = read_only
@@ -1125,6 +1126,7 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     attempts: int = DEFAULT_ATTEMPTS,
     cache_size: int = DEFAULT_CACHE_SIZE,
     read_only: bool = False,
+    max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
 ) -> Heap:
     """Open (creating if needed) the heap at `target` and make it the active one.
 
@@ -1133,7 +1135,8 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     ``durable-heap zeo``, shared by processes) or ``memory://``; without one,
     ``$DURABLE_HEAP_STORAGE`` or ``.durable-heap/heap.fs``. `attempts` is how
     often actions are tried when they conflict; `cache_size` how many objects
-    each thread keeps in memory.
+    each thread keeps in memory; `max_async_transactions` how many asyncio
+    transactions may be open at once per event loop (more wait for a place).
 
     >>> import durable_heap as dh
     >>> heap = dh.open("memory://")
@@ -1144,4 +1147,5 @@ def open(  # noqa: A001 - durable_heap.open is the public name
         from ._zeo import target_read_only
 
         read_only = target_read_only(parsed)  # ?read_only=1
-    return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only)
+    return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
+                max_async_transactions=max_async_transactions)

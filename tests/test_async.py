@@ -311,8 +311,7 @@ def test_nested_async_actions_and_blocks_join_the_outer_transaction(heap: dh.Hea
 
 
 def test_at_most_max_async_transactions_are_open_at_once(heap_path: Any) -> None:
-    heap = dh.open(heap_path)
-    heap.max_async_transactions = 3
+    heap = dh.open(heap_path, max_async_transactions=3)
     assert heap.max_async_transactions == 3
     with pytest.raises(ValueError):
         heap.max_async_transactions = 0
