@@ -107,6 +107,55 @@ def test_100_concurrent_tasks_increment_one_int_exactly(heap: dh.Heap) -> None:
     assert heap.state.n == 100
 
 
+def test_event_loops_in_two_threads_share_a_heap(heap: dh.Heap) -> None:
+    with heap.transaction() as s:
+        s.n = 0
+
+    @heap.action(attempts=1000)
+    async def bump() -> None:
+        n = heap.state.n
+        await asyncio.sleep(0)
+        heap.state.n = n + 1
+
+    async def main() -> None:
+        await asyncio.gather(*(bump() for _ in range(20)))
+
+    errors: list[BaseException] = []
+
+    def loop_thread() -> None:
+        try:
+            _run(main, timeout=120)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop_thread) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and heap.state.n == 40
+
+
+def test_heap_attempts_in_a_coroutine_is_the_tasks_own(heap: dh.Heap) -> None:
+    with heap.transaction() as s:
+        s.a, s.b = {}, {}
+
+    async def block(name: str) -> int:
+        tries = 0
+        for attempt in heap.attempts():
+            with attempt as s:
+                tries += 1
+                s[name]["v"] = tries
+                await asyncio.sleep(0.01)
+        return tries
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(block("a"), block("b")))
+
+    assert _run(main) == [1, 1]  # separate transactions on separate records: no conflict
+    assert heap.state.a["v"] == 1 and heap.state.b["v"] == 1
+
+
 def test_an_async_action_retries_a_conflict_with_asyncio_sleep(
         heap: dh.Heap, monkeypatch: pytest.MonkeyPatch) -> None:
     with heap.transaction() as s:
@@ -165,7 +214,8 @@ def test_an_async_action_gives_up_after_its_attempts(heap: dh.Heap) -> None:
     assert heap.state.n == -3
 
 
-def test_a_cancelled_task_rolls_back_and_its_connection_goes_back_clean(heap: dh.Heap) -> None:
+@pytest.mark.parametrize("form", ["async with", "sync with"])
+def test_a_cancelled_task_rolls_back_and_its_connection_goes_back_clean(heap: dh.Heap, form: str) -> None:
     with heap.transaction() as s:
         s.items = ["kept"]
         s.n = 0
@@ -175,12 +225,20 @@ def test_a_cancelled_task_rolls_back_and_its_connection_goes_back_clean(heap: dh
         inside = asyncio.Event()
 
         async def stuck() -> None:
-            async with heap.transaction() as s:
-                s.items.append("lost")
-                s.n = 99
-                used.append(heap.connection)
-                inside.set()
-                await asyncio.Event().wait()  # cancelled here
+            if form == "async with":
+                async with heap.transaction() as s:
+                    s.items.append("lost")
+                    s.n = 99
+                    used.append(heap.connection)
+                    inside.set()
+                    await asyncio.Event().wait()  # cancelled here
+            else:
+                with heap.transaction() as s:
+                    s.items.append("lost")
+                    s.n = 99
+                    used.append(heap.connection)
+                    inside.set()
+                    await asyncio.Event().wait()  # cancelled here
 
         t = asyncio.create_task(stuck())
         await inside.wait()
@@ -234,16 +292,26 @@ def test_a_task_created_inside_a_transaction_is_refused_it(heap: dh.Heap) -> Non
     async def append(item: str) -> None:
         heap.state.log.append(item)
 
+    def callback(fut: asyncio.Future[str]) -> None:
+        try:
+            heap.state.log.append("callback")
+            fut.set_result("shared")
+        except dh.TransactionOwnerError:
+            fut.set_result("refused")
+
     async def main() -> list[str]:
         done = asyncio.Event()
         async with heap.transaction() as s:
             s.log.append("parent")
             results = await asyncio.gather(*(child(how, None) for how in ("async", "sync", "action", "read")))
             later = asyncio.create_task(child("later", done))
+            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(callback, fut)
+            results.append(await fut)
         done.set()
         return [*results, await later]
 
-    assert _run(main) == ["refused"] * 4 + ["own"]
+    assert _run(main) == ["refused"] * 5 + ["own"]
     assert list(heap.state.log) == ["parent", "child"]
     assert "create_task" in str(errors[0]) and "start the task after" in str(errors[0])
 
