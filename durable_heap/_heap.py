@@ -915,20 +915,39 @@ class _Block:
         self._async: Any = None
 
     def __enter__(self) -> State:
+        if self._sync is not None or self._async is not None:
+            raise self._in_use()
         self._sync = self.heap._sync_block(self.note)
-        return self._sync.__enter__()  # type: ignore[no-any-return]
+        try:
+            return self._sync.__enter__()  # type: ignore[no-any-return]
+        except BaseException:
+            self._sync = None
+            raise
 
     def __exit__(self, tp: Any, value: Any, tb: Any) -> bool | None:
         cm, self._sync = self._sync, None
         return cm.__exit__(tp, value, tb)  # type: ignore[no-any-return]
 
     async def __aenter__(self) -> State:
+        if self._sync is not None or self._async is not None:
+            raise self._in_use()
         self._async = self.heap._async_block(self.note)
-        return await self._async.__aenter__()  # type: ignore[no-any-return]
+        try:
+            return await self._async.__aenter__()  # type: ignore[no-any-return]
+        except BaseException:
+            self._async = None  # never entered (cancelled while waiting for a place)
+            raise
 
     async def __aexit__(self, tp: Any, value: Any, tb: Any) -> bool | None:
         cm, self._async = self._async, None
         return await cm.__aexit__(tp, value, tb)  # type: ignore[no-any-return]
+
+    def _in_use(self) -> TransactionOwnerError:
+        return TransactionOwnerError(
+            "this heap.transaction() block is open already (in another task?): a block is one "
+            "transaction of one task, so write `with heap.transaction()` for each block, "
+            "not one object shared by several"
+        )
 
 
 class _Activation:

@@ -489,3 +489,30 @@ def test_tasks_over_zeo(zeo_server: ZeoServer) -> None:
         assert heap.state.n == 40
     finally:
         heap.close()
+
+
+def test_one_block_object_shared_by_two_tasks_is_refused(heap: dh.Heap) -> None:
+    with heap.transaction() as s:
+        s.a = {}
+    block = heap.transaction()
+
+    async def use(name: str, started: asyncio.Event) -> str:
+        try:
+            async with block as s:
+                started.set()
+                await asyncio.sleep(0.01)
+                s.a[name] = 1
+        except dh.TransactionOwnerError:
+            return "refused"
+        return "ran"
+
+    async def main() -> list[str]:
+        started = asyncio.Event()
+        first = asyncio.create_task(use("first", started))
+        await started.wait()
+        return [await use("second", asyncio.Event()), await first]
+
+    assert _run(main) == ["refused", "ran"]
+    with block as s:  # one after another, the same object is fine
+        s.a["again"] = 1
+    assert sorted(heap.state.a) == ["again", "first"]
