@@ -536,22 +536,6 @@ class Heap:
         """
         return _Block(self, note)
 
-    @contextlib.contextmanager
-    def _sync_block(self, note: str | None) -> Iterator[State]:
-        local = self._thread()
-        if local.depth:
-            local.depth += 1
-            try:
-                yield self.state
-            finally:
-                local.depth -= 1
-            return
-        try:
-            with self._outermost(local, _running_task(), note):
-                yield self.state
-        except transaction.interfaces.TransientError as exc:
-            raise _conflict(1, note) from exc
-
     @contextlib.asynccontextmanager
     async def _async_block(self, note: str | None) -> AsyncIterator[State]:
         local = self._thread()
@@ -905,31 +889,56 @@ class _Attempt:
 
 
 class _Block:
-    """What `Heap.transaction` returns: a ``with`` block, or an ``async with`` one."""
+    """What `Heap.transaction` returns: a ``with`` block, or an ``async with`` one.
 
-    __slots__ = ("_async", "_sync", "heap", "note")
+    The sync form runs here rather than in a generator: it is the hot path of
+    every thread, and one generator fewer keeps it as cheap as before asyncio.
+    """
+
+    __slots__ = ("_async", "_joined", "_sync", "heap", "note")
 
     def __init__(self, heap: Heap, note: str | None) -> None:
         self.heap, self.note = heap, note
-        self._sync: Any = None
+        self._sync: Any = None  # the outermost transaction's context manager
+        self._joined: _Local | None = None  # or the slot of the outer transaction joined
         self._async: Any = None
 
     def __enter__(self) -> State:
-        if self._sync is not None or self._async is not None:
+        if self._sync is not None or self._joined is not None or self._async is not None:
             raise self._in_use()
-        self._sync = self.heap._sync_block(self.note)
+        heap = self.heap
+        local = heap._thread()
+        if local.depth:  # nested: joins the outer transaction
+            local.depth += 1
+            self._joined = local
+        else:
+            cm = heap._outermost(local, _running_task(), self.note)
+            try:
+                cm.__enter__()
+            except transaction.interfaces.TransientError as exc:
+                raise _conflict(1, self.note) from exc
+            self._sync = cm
         try:
-            return self._sync.__enter__()  # type: ignore[no-any-return]
-        except BaseException:
-            self._sync = None
+            return heap.state
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
             raise
 
-    def __exit__(self, tp: Any, value: Any, tb: Any) -> bool | None:
-        cm, self._sync = self._sync, None
-        return cm.__exit__(tp, value, tb)  # type: ignore[no-any-return]
+    def __exit__(self, tp: Any, value: Any, tb: Any) -> None:
+        joined, cm = self._joined, self._sync
+        self._joined = self._sync = None
+        if joined is not None:
+            joined.depth -= 1
+            return
+        try:
+            cm.__exit__(tp, value, tb)  # aborts on an exception, which it never swallows
+        except transaction.interfaces.TransientError as exc:
+            raise _conflict(1, self.note) from exc  # a conflict at commit
+        if isinstance(value, transaction.interfaces.TransientError):
+            raise _conflict(1, self.note) from value  # a conflict inside the block
 
     async def __aenter__(self) -> State:
-        if self._sync is not None or self._async is not None:
+        if self._sync is not None or self._joined is not None or self._async is not None:
             raise self._in_use()
         self._async = self.heap._async_block(self.note)
         try:
