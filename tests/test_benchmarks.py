@@ -47,3 +47,14 @@ def test_quick_follow_benchmark() -> None:
     data = json.loads(out.stdout)
     assert data["plain_read_only_us"] > 0 and data["following_idle_us"] > 0
     assert data["catch_up_per_commit_us"] > 0 and data["batch"] == 100
+
+
+def test_quick_async_tasks_benchmark() -> None:
+    out = run(["-m", "benchmarks.async_tasks", "--quick", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["rows"]
+    assert [(r["workers"], r["mode"]) for r in rows] == [
+        (n, mode) for n in (1, 4) for mode in ("tasks", "to_thread", "threads")]
+    for row in rows:
+        assert row["verified"] and row["commits"] == 80 and row["commits_per_s"] > 0, row
+        assert row["ticks"] > 0 and 0 <= row["lag_median_ms"] <= row["lag_worst_ms"], row
