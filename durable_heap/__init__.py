@@ -36,6 +36,7 @@ from ._errors import (
     ServerUnavailableError,
     StaleReferenceError,
     StorageError,
+    TransactionOwnerError,
     UnknownTargetError,
     VersionNotFoundError,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "StaleReferenceError",
     "State",
     "StorageError",
+    "TransactionOwnerError",
     "UnknownTargetError",
     "Version",
     "VersionNotFoundError",

@@ -787,12 +787,14 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
                 raise public_error(err, None, base="Dict(...)") from None
 
     @classmethod
-    def _from_plain(cls, value: dict[Any, Any]) -> Dict:
-        """The converter used by `adopt`: errors stay internal, to gain a path."""
+    def _blank(cls) -> Dict:
+        """An empty twin for `adopt`, filled by `_fill` (errors stay internal, to gain a path)."""
         self = cls.__new__(cls)
         self._init_empty()
-        self._update((value,), {})
         return self
+
+    def _fill(self, value: dict[Any, Any]) -> None:
+        self._update((value,), {})
 
     @classmethod
     def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Dict:  # type: ignore[override,misc]
@@ -890,8 +892,9 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         except TypeError:
             raise TypeError(f"unhashable type: {type(key).__name__!r}") from None
         try:
-            adopt(key)
-            return adopt(value)
+            jar = self._p_jar
+            adopt(key, jar)
+            return adopt(value, jar)
         except BadValue as err:
             raise err.prefixed(f"[{key!r}]") from None
 
@@ -1035,11 +1038,13 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
             raise public_error(err, None, base="Set(...)") from None
 
     @classmethod
-    def _from_plain(cls, value: set[Any]) -> Set:
+    def _blank(cls) -> Set:
         self = cls.__new__(cls)
         self._init_empty()
-        self._add_all(value)
         return self
+
+    def _fill(self, value: set[Any]) -> None:
+        self._add_all(value)
 
     @classmethod
     def _from_iterable(cls, it: Iterable[Any]) -> set[Any]:
@@ -1051,7 +1056,7 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
         except TypeError:
             raise TypeError(f"unhashable type: {type(member).__name__!r}") from None
         try:
-            adopt(member)
+            adopt(member, self._p_jar)
         except BadValue as err:
             raise err.prefixed("{" + repr(member) + "}") from None
 
@@ -1301,11 +1306,13 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
                 raise public_error(err, None, base="List(...)") from None
 
     @classmethod
-    def _from_plain(cls, value: list[Any]) -> List:
+    def _blank(cls) -> List:
         self = cls.__new__(cls)
         self._tail, self._root, self._size = [], None, 0
-        self._extend(value)
         return self
+
+    def _fill(self, value: list[Any]) -> None:
+        self._extend(value)
 
     # -- record format: format 1 is (tail,) when small, (tail, root, size) otherwise --
 
@@ -1478,7 +1485,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def _adopt_at(self, where: str, value: Any) -> Any:
         try:
-            return adopt(value)
+            return adopt(value, self._p_jar)
         except BadValue as err:
             raise err.prefixed(where) from None
 
@@ -1821,31 +1828,51 @@ def _loaded_nodes(node: Any, offset: int) -> Iterator[tuple[str, Any]]:
 
 # --- conversions --------------------------------------------------------------------------
 
-CONVERTERS[dict] = Dict._from_plain
-CONVERTERS[list] = List._from_plain
-CONVERTERS[set] = Set._from_plain
+CONVERTERS[dict] = (Dict._blank, Dict._fill)
+CONVERTERS[list] = (List._blank, List._fill)
+CONVERTERS[set] = (Set._blank, Set._fill)
 
 
 def to_builtin(obj: Any) -> Any:
     """A deep copy of `obj` made of plain builtins: `Dict` -> dict, `List` -> list,
     `Set` -> set, `Counter` -> int, and `State`/`Object` -> dict of their attributes.
 
-    For JSON, exports and tests. Other values are returned as they are.
+    For JSON, exports and tests. Other values are returned as they are. A
+    container met twice is copied once, so a `List` that contains itself
+    becomes a list that contains itself (as ``copy.deepcopy`` does).
 
     >>> to_builtin(Dict({"a": List([1, Set({2})])}))
     {'a': [1, {2}]}
     """
+    return _to_builtin(obj, {})
+
+
+def _to_builtin(obj: Any, memo: dict[int, tuple[Any, Any]]) -> Any:
+    # id -> (original, copy): the original is kept so that its id is not reused
+    # meanwhile (a List walk ghosts the leaves it has passed).
+    done = memo.get(id(obj))
+    if done is not None:
+        return done[1]
     if isinstance(obj, (Dict, dict)):
-        return {k: to_builtin(v) for k, v in obj.items()}
+        as_dict: dict[Any, Any] = {}
+        memo[id(obj)] = (obj, as_dict)
+        as_dict.update((k, _to_builtin(v, memo)) for k, v in obj.items())
+        return as_dict
     if isinstance(obj, (List, list)):
-        return [to_builtin(v) for v in obj]
+        as_list: list[Any] = []
+        memo[id(obj)] = (obj, as_list)
+        as_list.extend(_to_builtin(v, memo) for v in obj)
+        return as_list
     if isinstance(obj, (Set, set)):
-        return {to_builtin(v) for v in obj}
+        return {_to_builtin(v, memo) for v in obj}  # members are hashable: never itself
     if type(obj) is tuple:
-        return tuple(to_builtin(v) for v in obj)
+        return tuple(_to_builtin(v, memo) for v in obj)
     if isinstance(obj, Counter):
         return obj.value
-    as_dict = getattr(type(obj), "_dh_as_dict", None)
-    if as_dict is not None:
-        return {k: to_builtin(v) for k, v in as_dict(obj).items()}
+    attrs = getattr(type(obj), "_dh_as_dict", None)
+    if attrs is not None:
+        as_attrs: dict[str, Any] = {}
+        memo[id(obj)] = (obj, as_attrs)
+        as_attrs.update((k, _to_builtin(v, memo)) for k, v in attrs(obj).items())
+        return as_attrs
     return obj

@@ -6,6 +6,7 @@ Hierarchy::
      ├── NotPersistableError (also TypeError)   a value that cannot be stored
      ├── NoTransactionError (also RuntimeError) a change made outside a transaction
  ├── StaleReferenceError (also RuntimeError) a plain object changed after it left state
+     ├── TransactionOwnerError (also RuntimeError)  an asyncio task used another's transaction
      ├── ConflictError                          concurrent changes, retries used up
      ├── NoActiveHeapError (also RuntimeError)  `state` used with no heap open
      ├── HeapClosedError (also RuntimeError)    a closed heap was used
@@ -47,6 +48,7 @@ __all__ = [
     "ServerUnavailableError",
     "StaleReferenceError",
     "StorageError",
+    "TransactionOwnerError",
     "UnknownTargetError",
     "VersionNotFoundError",
 ]
@@ -84,6 +86,16 @@ class NoTransactionError(DurableHeapError, RuntimeError):
 class StaleReferenceError(DurableHeapError, RuntimeError):
     """A plain object kept from an earlier transaction was changed: the change
     would not reach state, so the transaction is aborted instead."""
+
+
+class TransactionOwnerError(DurableHeapError, RuntimeError):
+    """A transaction was used by code that does not own it, so it was not shared.
+
+    A transaction belongs to one thread or one asyncio task. An asyncio task (or
+    callback) created inside another task's transaction inherits its context, and
+    is refused that transaction; an async transaction outside an asyncio task has
+    no owner at all.
+    """
 
 
 class ConflictError(DurableHeapError):

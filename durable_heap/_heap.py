@@ -14,6 +14,11 @@ What a `Heap` promises:
   another transaction, up to ``attempts`` times; then `ConflictError`.
 * The transaction note names the action and its arguments, so the storage's
   history (``heap.db.undoLog()``) reads as a log of calls.
+* In asyncio, each task is what a thread is above: its outermost transaction
+  (``async with heap.transaction()``, an ``async def`` action, or a sync
+  ``with`` inside a coroutine) runs on a connection of its own from ZODB's
+  pool, found through a context variable that records its owner (see `_Task`).
+  Another task, or a thread the context was copied into, never shares it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextvars
 import datetime
 import enum
 import functools
+import inspect
 import os
 import random
 import reprlib
@@ -30,7 +36,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import transaction
@@ -47,6 +54,7 @@ from ._errors import (
     NoActiveHeapError,
     ServerUnavailableError,
     StorageError,
+    TransactionOwnerError,
 )
 from ._integrity import CheckedDB
 from ._state import State
@@ -54,6 +62,8 @@ from ._storage import Target, open_storage, parse_target, private_files
 from ._values import ROOT_KEY, forget_reads, precheck, reset_watch
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ._versions import Program, Version
 
 __all__ = ["Heap", "HeapStatus", "active_heap", "open", "state"]
@@ -64,6 +74,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: nodes of big containers on every transaction).
 DEFAULT_CACHE_SIZE = 50_000
 DEFAULT_ATTEMPTS = 10
+#: Async transactions open at once per heap and event loop (each holds a
+#: connection and its cache); half of ZODB's pool, leaving room for threads.
+DEFAULT_MAX_ASYNC_TRANSACTIONS = 32
 _FORMAT_KEY = "durable_heap.format"
 #: The heap format this version writes, and the first durable_heap to write each
 #: format: 1 (0.2; heaps of 0.1 have no marker and count as 1); 2 (0.3: records
@@ -99,6 +112,80 @@ class _Slot:
     """Lives as long as the thread's local data; closes its connection after it."""
 
 
+class _Task:
+    """One asyncio task's connection to one heap, for one outermost transaction.
+
+    The same attributes as `_Thread`, so `Heap._transaction` runs on either. It
+    sits in the heap's context variable while the transaction runs. A context
+    is copied into every task created meanwhile (``asyncio.create_task``,
+    ``gather``), every callback, and every thread a framework runs sync code in
+    (``asyncio.to_thread``, Starlette's ``run_in_threadpool``, asgiref's
+    ``sync_to_async``): so the slot names its owner, and only the owner task in
+    the owner thread uses it. Another thread ignores it (it has its own
+    connection); another task of the same thread is refused.
+    """
+
+    __slots__ = ("conn", "depth", "generation", "slot", "state", "task", "thread", "tm")
+
+    def __init__(self, conn: Any, tm: Any, task: Any, generation: int) -> None:
+        self.conn: Any = conn  # None once the transaction ended: the slot is then inert
+        self.tm: Any = tm
+        self.state: State | None = None
+        self.depth = 0
+        self.slot: Any = None
+        self.generation = generation
+        self.thread = threading.get_ident()
+        self.task: Any = task
+
+
+_Local = _Thread | _Task
+
+
+class _Gate:
+    """At most ``heap.max_async_transactions`` task transactions open at once in one event loop.
+
+    Like ``asyncio.Semaphore`` (first come first served, safe against
+    cancellation), except that a sync ``with heap.transaction()`` in a task
+    takes a place without waiting (`take`), past the bound if need be: it
+    cannot wait without blocking the loop, and with it the tasks that hold the
+    places and would free them. Used only from its loop's thread.
+    """
+
+    __slots__ = ("heap", "open", "waiters")
+
+    def __init__(self, heap: Heap) -> None:
+        self.heap = heap
+        self.open = 0  # places taken: transactions open, or handed to a waiter about to run
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.open < self.heap.max_async_transactions and not self.waiters:
+            self.open += 1
+            return
+        fut: asyncio.Future[None] = _asyncio().get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a place just as the task was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(fut)
+            raise
+
+    def take(self) -> None:
+        self.open += 1
+
+    def release(self) -> None:
+        self.open -= 1
+        while self.waiters and self.open < self.heap.max_async_transactions:
+            fut = self.waiters.popleft()
+            if not fut.done():  # a cancelled waiter is skipped
+                self.open += 1
+                fut.set_result(None)
+
+
 def _broken_class(module: str, name: str) -> type:
     """ZODB's broken class for ``module.name``, made without importing `module`."""
     key = (module, name)
@@ -109,7 +196,7 @@ def _broken_class(module: str, name: str) -> type:
 
 
 class Heap:
-    """A durable heap: open with `durable_heap.open`, use from any thread.
+    """A durable heap: open with `durable_heap.open`, use from any thread or asyncio task.
 
     >>> import durable_heap as dh
     >>> with dh.open("memory://") as heap:
@@ -127,9 +214,11 @@ class Heap:
         cache_size: int = DEFAULT_CACHE_SIZE,
         read_only: bool = False,
         pool_size: int = 64,
+        max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
+        self.max_async_transactions = max_async_transactions
         self.target = target
         self.max_attempts = attempts
         self.read_only = read_only
@@ -144,6 +233,10 @@ class Heap:
         self._generation = 0
         self.db = self._open_db(cache_size, pool_size)
         self._local = _Thread()
+        # The transaction of the asyncio task running here, if it opened one (`_Task`).
+        self._task: contextvars.ContextVar[_Task | None] = contextvars.ContextVar(
+            "durable_heap_task", default=None)
+        self._gates: weakref.WeakKeyDictionary[Any, _Gate] = weakref.WeakKeyDictionary()
         self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
         try:
@@ -247,9 +340,17 @@ class Heap:
     def __repr__(self) -> str:
         return f"<durable_heap.Heap {str(self.target)!r} {self.status.value}>"
 
-    # -- per-thread connections ------------------------------------------------------
+    # -- per-thread (and per-task) connections ----------------------------------------
 
-    def _thread(self) -> _Thread:
+    def _thread(self) -> _Local:
+        """The slot transactions run on here: this task's while it has one open, else this thread's."""
+        task = self._task.get()
+        if task is not None and task.conn is not None and task.thread == threading.get_ident():
+            if task.task is not _running_task():
+                raise self._foreign()
+            if self.status is HeapStatus.CLOSED:
+                raise self._closed()
+            return task
         local = self._local
         if local.conn is None:
             if self.status is HeapStatus.CLOSED:
@@ -353,16 +454,34 @@ class Heap:
         threads' connections do so at their next transaction.
         """
         self._generation += 1
-        ZODB.Connection.resetCaches()  # connections resting in ZODB's pool
-        local = self._local
+        ZODB.Connection.resetCaches()  # connections resting in ZODB's pool (tasks' too)
+        local: _Local = self._own_task() or self._local
         if local.conn is not None:
             self._drop_cache(local)
 
-    def _drop_cache(self, local: _Thread) -> None:
+    def _drop_cache(self, local: _Local) -> None:
         reset_watch(local.conn)
         local.conn._resetCache()
         local.state = None
         local.generation = self._generation
+
+    def _own_task(self) -> _Task | None:
+        """This task's open transaction slot, or None (no side effects, never raises)."""
+        task = self._task.get()
+        if (task is not None and task.conn is not None and task.thread == threading.get_ident()
+                and task.task is _running_task()):
+            return task
+        return None
+
+    def _foreign(self) -> TransactionOwnerError:
+        return TransactionOwnerError(
+            f"this code runs in an asyncio task (or callback) that did not open the transaction "
+            f"in progress on the heap {self.target}: it was created inside that transaction "
+            "(asyncio.create_task, gather and call_soon copy the context), and a transaction "
+            "belongs to one task, so it is not shared. Await the work directly in the task "
+            "that opened the transaction to make it part of it, or start the task after that "
+            "transaction ends, so that it opens its own."
+        )
 
     def _closed(self) -> HeapClosedError:
         return HeapClosedError(f"the heap {self.target} is closed: open it again with durable_heap.open()")
@@ -394,18 +513,36 @@ class Heap:
 
     @property
     def connection(self) -> Any:
-        """This thread's ZODB connection (for advanced use)."""
+        """This thread's ZODB connection, or this task's inside its transaction (for advanced use)."""
         return self._thread().conn
 
     @property
     def transaction_manager(self) -> Any:
-        """This thread's (explicit) transaction manager."""
+        """This thread's (explicit) transaction manager, or this task's inside its transaction."""
         return self._thread().tm
 
     @property
     def in_transaction(self) -> bool:
-        """True inside `transaction()` or an action in this thread."""
+        """True inside `transaction()` or an action, in this thread or asyncio task."""
+        task = self._task.get()
+        if task is not None and task.conn is not None and task.thread == threading.get_ident():
+            return task.task is _running_task() and task.depth > 0  # another task's: not ours
         return self._thread().depth > 0
+
+    @property
+    def max_async_transactions(self) -> int:
+        """How many async transactions may be open at once per event loop (default 32).
+
+        ``async with heap.transaction()`` and async actions beyond it wait
+        (``await``) for a place; each open one holds a connection and its cache.
+        """
+        return self._max_async
+
+    @max_async_transactions.setter
+    def max_async_transactions(self, n: int) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_async_transactions must be an int of at least 1, not {n!r}")
+        self._max_async = n
 
     def activate(self) -> _Activation:
         """Make this heap what ``durable_heap.state`` refers to in this context.
@@ -416,14 +553,19 @@ class Heap:
 
     # -- transactions -------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def transaction(self, note: str | None = None) -> Iterator[State]:
+    def transaction(self, note: str | None = None) -> _Block:
         """One atomic transaction: commit on normal exit, abort on an exception.
 
-        A conflict with a concurrent transaction raises `ConflictError` (a
-        ``with`` block cannot be re-run): use `action` or `attempts` to retry.
-        Inside another transaction of this heap and thread, it joins that one.
+        ``with heap.transaction() as state:``, or in a coroutine ``async with``
+        (which waits for a place under `max_async_transactions`). A conflict
+        with a concurrent transaction raises `ConflictError` (a ``with`` block
+        cannot be re-run): use `action` or `attempts` to retry. Inside another
+        transaction of this heap and thread (or asyncio task), it joins that one.
         """
+        return _Block(self, note)
+
+    @contextlib.asynccontextmanager
+    async def _async_block(self, note: str | None) -> AsyncIterator[State]:
         local = self._thread()
         if local.depth:
             local.depth += 1
@@ -432,14 +574,77 @@ class Heap:
             finally:
                 local.depth -= 1
             return
+        task = _require_task("async with heap.transaction()")
+        gate = self._gate()
+        await gate.acquire()
         try:
-            with self._transaction(local, note):
+            with self._task_transaction(task, note, gate):
                 yield self.state
         except transaction.interfaces.TransientError as exc:
             raise _conflict(1, note) from exc
 
+    def _outermost(self, local: _Local, task: Any,
+                   note: str | None) -> contextlib.AbstractContextManager[None]:
+        """The outermost transaction here: on this thread's connection, or a task's own."""
+        if task is None:
+            return self._transaction(local, note)
+        return self._task_transaction(task, note, None)
+
     @contextlib.contextmanager
-    def _transaction(self, local: _Thread, note: str | None) -> Iterator[None]:
+    def _task_transaction(self, task: Any, note: str | None, gate: _Gate | None) -> Iterator[None]:
+        """`task`'s outermost transaction, on a connection of its own from ZODB's pool.
+
+        `gate` holds the place the caller awaited; without one (a sync ``with``
+        in a coroutine) a place is taken without waiting (see `_Gate`).
+        """
+        if gate is None:
+            gate = self._gate()
+            gate.take()
+        try:
+            slot = self._open_task(task)
+            try:
+                with self._transaction(slot, note):
+                    yield
+            finally:
+                self._close_task(slot)
+        finally:
+            gate.release()
+
+    def _open_task(self, task: Any) -> _Task:
+        if self.status is HeapStatus.CLOSED:
+            raise self._closed()
+        tm = transaction.TransactionManager(explicit=True)
+        # A pooled connection's cache was reset by ZODB at this open if classes
+        # changed since it was last used (`ZODB.Connection.resetCaches`, called by
+        # `classes_changed`): the generation starts current.
+        conn = self.db.open(transaction_manager=tm)
+        reset_watch(conn)  # from ZODB's pool: what its watch holds belongs to its last user
+        slot = _Task(conn, tm, task, self._generation)
+        with self._lock:
+            self._conns.add(conn)
+        self._task.set(slot)
+        return slot
+
+    def _close_task(self, slot: _Task) -> None:
+        """The task's transaction ended: its connection goes back to ZODB's pool."""
+        self._task.set(None)
+        conn, slot.conn, slot.task, slot.state = slot.conn, None, None, None
+        if conn is None:  # already discarded (a fault)
+            return
+        with self._lock:
+            self._conns.discard(conn)
+        _close_quietly(conn)  # nothing is open any more; resets the watch, then back to the pool
+
+    def _gate(self) -> _Gate:
+        loop = _asyncio().get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            with self._lock:
+                gate = self._gates.setdefault(loop, _Gate(self))
+        return gate
+
+    @contextlib.contextmanager
+    def _transaction(self, local: _Local, note: str | None) -> Iterator[None]:
         """The outermost transaction; TransientError propagates (for retries)."""
         tm = local.tm
         try:
@@ -506,7 +711,12 @@ class Heap:
             _backoff(n)
 
     def run(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Call ``func(*args, **kwargs)`` as one transaction, retrying on conflicts."""
+        """Call ``func(*args, **kwargs)`` as one transaction, retrying on conflicts.
+
+        For an ``async def`` function it returns the coroutine to await.
+        """
+        if inspect.iscoroutinefunction(func):
+            return self._arun(func, args, kwargs, None, self.max_attempts)
         return self._run(func, args, kwargs, None, self.max_attempts)
 
     def _run(
@@ -522,15 +732,44 @@ class Heap:
             return func(*args, **kwargs)  # nested: joins the outer transaction
         if note is None:
             note = call_note(getattr(func, "__qualname__", repr(func)), args, kwargs)
+        task = _running_task()  # a sync action called from a coroutine: on the task's own connection
         for n in range(1, attempts + 1):
             try:
-                with self._transaction(local, note):
+                with self._outermost(local, task, note):
                     result = func(*args, **kwargs)
                 return result
             except transaction.interfaces.TransientError as exc:
                 if n == attempts:
                     raise _conflict(n, note) from exc
-            _backoff(n)
+            _backoff(n)  # a sync function cannot await: in a coroutine, this blocks the loop
+        raise AssertionError("unreachable")
+
+    async def _arun(
+        self,
+        func: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        note: str | None,
+        attempts: int,
+    ) -> Any:
+        """`_run` for an ``async def`` function: in this task, backing off with ``asyncio.sleep``."""
+        local = self._thread()
+        if local.depth:
+            return await func(*args, **kwargs)  # nested: joins the outer transaction
+        task = _require_task(f"the async action {getattr(func, '__qualname__', func)!s}")
+        if note is None:
+            note = call_note(getattr(func, "__qualname__", repr(func)), args, kwargs)
+        gate = self._gate()
+        for n in range(1, attempts + 1):
+            await gate.acquire()
+            try:
+                with self._task_transaction(task, note, gate):
+                    result = await func(*args, **kwargs)
+                return result
+            except transaction.interfaces.TransientError as exc:
+                if n == attempts:
+                    raise _conflict(n, note) from exc
+            await _asyncio().sleep(_backoff_delay(n))  # the place is free meanwhile
         raise AssertionError("unreachable")
 
     @overload
@@ -551,6 +790,9 @@ class Heap:
     ) -> Any:
         """Decorator: every call of the function is one transaction, retried on conflicts.
 
+        On an ``async def`` function the wrapper is ``async def`` too: each call
+        is a transaction of the calling asyncio task (see `transaction`).
+
         >>> import durable_heap as dh
         >>> heap = dh.open("memory://")
         >>> @heap.action
@@ -563,6 +805,14 @@ class Heap:
         """
 
         def decorate(f: F) -> F:
+            if inspect.iscoroutinefunction(f):
+
+                @functools.wraps(f)
+                async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                    return await self._arun(f, args, kwargs, note, attempts or self.max_attempts)
+
+                return awrapper  # type: ignore[return-value]
+
             @functools.wraps(f)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 return self._run(f, args, kwargs, note, attempts or self.max_attempts)
@@ -644,7 +894,7 @@ class _Attempt:
         local = self.heap._thread()
         if local.depth:
             raise RuntimeError("heap.attempts() cannot run inside another transaction")
-        self._cm = self.heap._transaction(local, self.note)
+        self._cm = self.heap._outermost(local, _running_task(), self.note)
         self._cm.__enter__()
         return self.heap.state
 
@@ -666,6 +916,77 @@ class _Attempt:
         return False
 
 
+class _Block:
+    """What `Heap.transaction` returns: a ``with`` block, or an ``async with`` one.
+
+    The sync form runs here rather than in a generator: it is the hot path of
+    every thread, and one generator fewer keeps it as cheap as before asyncio.
+    """
+
+    __slots__ = ("_async", "_joined", "_sync", "heap", "note")
+
+    def __init__(self, heap: Heap, note: str | None) -> None:
+        self.heap, self.note = heap, note
+        self._sync: Any = None  # the outermost transaction's context manager
+        self._joined: _Local | None = None  # or the slot of the outer transaction joined
+        self._async: Any = None
+
+    def __enter__(self) -> State:
+        if self._sync is not None or self._joined is not None or self._async is not None:
+            raise self._in_use()
+        heap = self.heap
+        local = heap._thread()
+        if local.depth:  # nested: joins the outer transaction
+            local.depth += 1
+            self._joined = local
+        else:
+            cm = heap._outermost(local, _running_task(), self.note)
+            try:
+                cm.__enter__()
+            except transaction.interfaces.TransientError as exc:
+                raise _conflict(1, self.note) from exc
+            self._sync = cm
+        try:
+            return heap.state
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    def __exit__(self, tp: Any, value: Any, tb: Any) -> None:
+        joined, cm = self._joined, self._sync
+        self._joined = self._sync = None
+        if joined is not None:
+            joined.depth -= 1
+            return
+        try:
+            cm.__exit__(tp, value, tb)  # aborts on an exception, which it never swallows
+        except transaction.interfaces.TransientError as exc:
+            raise _conflict(1, self.note) from exc  # a conflict at commit
+        if isinstance(value, transaction.interfaces.TransientError):
+            raise _conflict(1, self.note) from value  # a conflict inside the block
+
+    async def __aenter__(self) -> State:
+        if self._sync is not None or self._joined is not None or self._async is not None:
+            raise self._in_use()
+        self._async = self.heap._async_block(self.note)
+        try:
+            return await self._async.__aenter__()  # type: ignore[no-any-return]
+        except BaseException:
+            self._async = None  # never entered (cancelled while waiting for a place)
+            raise
+
+    async def __aexit__(self, tp: Any, value: Any, tb: Any) -> bool | None:
+        cm, self._async = self._async, None
+        return await cm.__aexit__(tp, value, tb)  # type: ignore[no-any-return]
+
+    def _in_use(self) -> TransactionOwnerError:
+        return TransactionOwnerError(
+            "this heap.transaction() block is open already (in another task?): a block is one "
+            "transaction of one task, so write `with heap.transaction()` for each block, "
+            "not one object shared by several"
+        )
+
+
 class _Activation:
     def __init__(self, heap: Heap) -> None:
         self._token = _active.set(heap)
@@ -679,9 +1000,42 @@ class _Activation:
         _active.reset(self._token)
 
 
+def _backoff_delay(attempt: int) -> float:
+    """A random time that grows with the attempt: conflicting processes spread out."""
+    return random.uniform(0, min(0.5, 0.002 * 2**attempt))
+
+
 def _backoff(attempt: int) -> None:
-    """Sleep a random time that grows with the attempt: conflicting processes spread out."""
-    time.sleep(random.uniform(0, min(0.5, 0.002 * 2**attempt)))
+    time.sleep(_backoff_delay(attempt))
+
+
+def _asyncio() -> Any:
+    """The asyncio module, imported only where a coroutine runs (``import durable_heap`` stays light)."""
+    import asyncio
+
+    return asyncio
+
+
+def _running_task() -> Any:
+    """The asyncio task running in this thread, or None (no loop, or a callback)."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:  # never imported: no event loop can be running
+        return None
+    loop = aio._get_running_loop()  # public as asyncio._get_running_loop: None, never raises
+    if loop is None:
+        return None
+    return aio.current_task(loop)
+
+
+def _require_task(what: str) -> Any:
+    task = _running_task()
+    if task is None:
+        raise TransactionOwnerError(
+            f"{what} must run inside an asyncio task (a coroutine run by asyncio.run, a task, "
+            "or an asyncio-based framework), which owns the transaction; outside one, use "
+            "`with heap.transaction()` or a sync action"
+        )
+    return task
 
 
 def _disconnected(exc: BaseException) -> bool:
@@ -839,6 +1193,7 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     attempts: int = DEFAULT_ATTEMPTS,
     cache_size: int = DEFAULT_CACHE_SIZE,
     read_only: bool = False,
+    max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
 ) -> Heap:
     """Open (creating if needed) the heap at `target` and make it the active one.
 
@@ -847,15 +1202,16 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     ``durable-heap zeo``, shared by processes) or ``memory://``; without one,
     ``$DURABLE_HEAP_STORAGE`` or ``.durable-heap/heap.fs``. `attempts` is how
     often actions are tried when they conflict; `cache_size` how many objects
-    each thread keeps in memory.
+    each thread keeps in memory; `max_async_transactions` how many asyncio
+    transactions may be open at once per event loop (more wait for a place).
 
     >>> import durable_heap as dh
     >>> heap = dh.open("memory://")
     >>> heap.close()
     """
-    parsed = parse_target(target)
-    if parsed.scheme == "zeo" and not read_only:
-        from ._zeo import target_read_only
+    from ._storage import target_read_only
 
-        read_only = target_read_only(parsed)  # ?read_only=1
-    return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only)
+    parsed = parse_target(target)
+    read_only = read_only or target_read_only(parsed)  # ?read_only=1, for every scheme
+    return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
+                max_async_transactions=max_async_transactions)

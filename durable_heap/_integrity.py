@@ -60,6 +60,7 @@ __all__ = [
     "CheckedFileStorage",
     "ChecksumStorage",
     "intact",
+    "scan",
     "seal",
 ]
 
@@ -401,10 +402,11 @@ class ChecksumStorage:
         self.db = db
 
     def invalidateCache(self) -> Any:
-        return self.db.invalidateCache()
+        return self.db.invalidateCache() if self.db is not None else None
 
     def invalidate(self, transaction_id: bytes, oids: Any, version: str = "") -> Any:
-        return self.db.invalidate(transaction_id, oids)
+        # A base that follows another process's commits (FollowingFileStorage) reports them.
+        return self.db.invalidate(transaction_id, oids) if self.db is not None else None
 
     def references(self, record: bytes, oids: Any = None) -> Any:
         return self.db.references(record, oids)
@@ -504,7 +506,10 @@ class CheckedFileStorage(FileStorage):  # type: ignore[misc]
             # transaction's records and lets a damaged header's error through,
             # where it means "do not trust the index": scan the file instead.
             r = None
-        index, start, ltid = (self._index, 4, z64) if r is None else r
+        # A fresh index without a valid .index: FileStorage's constructor installs the
+        # one returned (and FollowingFileStorage's reload calls this again, its live
+        # index still in place).
+        index, start, ltid = (self._newIndexes()[0], 4, z64) if r is None else r
         reached = scan(self._file, self._dh_name, index, start, ltid)
         if reached is None:
             return r  # not a FileStorage file, or empty: FileStorage decides

@@ -78,7 +78,7 @@ class Object(Persistent):
             # from conflicting on it.
             return
         try:
-            value = adopt(value)
+            value = adopt(value, self._p_jar)
         except BadValue as err:
             raise public_error(err.prefixed(f".{name}"), self) from None
         Persistent.__setattr__(self, name, value)

@@ -11,8 +11,12 @@ target                    storage
 ``zeo:///run/app.sock``   ZEO ClientStorage over a unix socket
 ========================  ==================================================
 
-``zeo://`` targets take query options (``?wait_timeout=5&cache=/var/app.zec``);
-`durable_heap._zeo` checks them and builds the client.
+URL targets take query options (``file:///abs/app.fs?read_only=1``,
+``zeo://host:port?wait_timeout=5``),
+read by one parser from a small table per scheme (`OPTIONS`): booleans are
+1/0, true/false, yes/no or on/off; numbers are finite; an unknown option is
+refused with the list of those the scheme takes. `durable_heap._zeo` builds the
+ZEO client from a checked ``zeo://`` target.
 
 FileStorage files are created private (umask 077: the data file, its index, its
 temporary and pack files are 0600); missing parent folders are created 0700.
@@ -24,6 +28,8 @@ FileStorage can cut it, and every record is checksummed (`_integrity`).
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +38,18 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._errors import HeapLockedError, NotAHeapError, StorageError, UnknownTargetError
 
-__all__ = ["ENV_STORAGE", "Target", "open_storage", "parse_target", "private_files"]
+__all__ = [
+    "ENV_STORAGE",
+    "OPTIONS",
+    "Option",
+    "Target",
+    "open_storage",
+    "option",
+    "parse_target",
+    "private_files",
+    "quiet_benign_logs",
+    "target_read_only",
+]
 
 #: Environment variable naming the default target.
 ENV_STORAGE = "DURABLE_HEAP_STORAGE"
@@ -56,6 +73,102 @@ class Target:
         return f"{self.scheme}://{self.location}"
 
 
+# --- options --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One query option of a target: how its text reads, its default, what it means."""
+
+    kind: str  # "bool", "number" (finite), "whole" (a whole number) or "text"
+    help: str
+    default: Any = None
+    positive: bool = False  # a number must be > 0 (else >= 0)
+
+
+_READ_ONLY = Option("bool", "1: open read-only (as read_only=True)", False)
+
+#: The query options each target scheme takes (a new scheme adds its table).
+OPTIONS: dict[str, dict[str, Option]] = {
+    "file": {"read_only": _READ_ONLY},
+    "memory": {},
+    "zeo": {
+        "wait_timeout": Option("number", "seconds to wait for the server to answer (default 30)",
+                               positive=True),
+        "cache": Option("text", "path of a persistent client cache file, kept across restarts "
+                        "(default: none)"),
+        "cache_size": Option("whole", "client cache size in bytes (default 20 MB, ZEO's)"),
+        "read_only": _READ_ONLY,
+        "server_sync": Option("bool", "1 (default): each transaction first asks the server for "
+                              "the latest commits; 0: rely on the invalidations the server "
+                              "pushes (saves a round trip)", True),
+        "tls_ca": Option("text", "CA certificate (PEM) that signed the server's certificate: "
+                         "turns TLS on"),
+        "tls_cert": Option("text", "this client's certificate (PEM), for servers that require one"),
+        "tls_key": Option("text", "the key of tls_cert (PEM), unless the certificate file holds it"),
+        "tls_hostname": Option("text", "the name to check the server's certificate against "
+                               "(default: the host of the address; not checked over a unix socket)"),
+    },
+}
+
+_BOOLS = {
+    "1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False
+}
+
+
+def check_options(target: Target) -> Target:
+    """Refuse unknown options and unreadable values of `target` (before anything opens)."""
+    table = OPTIONS[target.scheme]
+    unknown = sorted(set(target.options) - set(table))
+    if unknown:
+        takes = f"takes {', '.join(table)}" if table else "takes no options"
+        raise UnknownTargetError(
+            f"{target}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"a {target.scheme}:// target {takes}"
+        )
+    for name in target.options:
+        option(target, name)
+    return target
+
+
+def option(target: Target, name: str) -> Any:
+    """The value of option `name` of `target`, read as its scheme's table says
+    (its default when the target does not give it); `UnknownTargetError` if unreadable."""
+    spec = OPTIONS[target.scheme][name]
+    text = target.options.get(name)
+    if text is None:
+        return spec.default
+    if spec.kind == "bool":
+        value = _BOOLS.get(text.strip().lower())
+        if value is None:
+            raise UnknownTargetError(
+                f"{target}: {name}={text!r} must be 1 or 0 (or true/false, yes/no, on/off)"
+            )
+        return value
+    if spec.kind in ("number", "whole"):
+        try:
+            number: float = int(text) if spec.kind == "whole" else float(text)
+        except ValueError:
+            number = -1
+        if not math.isfinite(number) or number < 0 or (spec.positive and number == 0):
+            kind = "a whole number" if spec.kind == "whole" else "a number"
+            raise UnknownTargetError(
+                f"{target}: {name}={text!r} must be {kind} {'> 0' if spec.positive else '>= 0'}"
+            )
+        return number
+    if not text:
+        raise UnknownTargetError(f"{target}: {name}= needs a value")
+    return text
+
+
+def target_read_only(target: Target) -> bool:
+    """Whether `target` asks to be opened read-only (``?read_only=1``)."""
+    return "read_only" in OPTIONS[target.scheme] and bool(option(target, "read_only"))
+
+
+# --- targets --------------------------------------------------------------------------
+
+
 def parse_target(target: str | os.PathLike[str] | None) -> Target:
     """Parse `target` (see the module docstring); raise `UnknownTargetError`.
 
@@ -74,16 +187,20 @@ def parse_target(target: str | os.PathLike[str] | None) -> Target:
     if "://" not in target:
         return Target("file", os.path.abspath(os.path.expanduser(target)))
     parts = urlsplit(target)
-    options = dict(parse_qsl(parts.query))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    options = dict(pairs)
+    if len(options) < len(pairs):
+        twice = sorted({k for k, _ in pairs if [n for n, _ in pairs].count(k) > 1})
+        raise UnknownTargetError(f"{target!r} gives {', '.join(twice)} more than once: give each option once")
     if parts.scheme == "file":
         path = unquote(parts.path)
         if parts.netloc not in ("", "localhost"):
             path = parts.netloc + path  # file://data/app.fs: a relative path
         if not path:
             raise UnknownTargetError(f"{target!r} names no file: use file:///abs/path/app.fs")
-        return Target("file", os.path.abspath(os.path.expanduser(path)), options)
+        return check_options(Target("file", os.path.abspath(os.path.expanduser(path)), options))
     if parts.scheme == "memory":
-        return Target("memory", parts.netloc + parts.path, options)
+        return check_options(Target("memory", parts.netloc + parts.path, options))
     if parts.scheme == "zeo":
         from ._zeo import check_client_target
 
@@ -119,17 +236,42 @@ def open_storage(target: Target, *, read_only: bool = False) -> Any:
         from ._zeo import open_client
 
         return open_client(target, read_only=read_only)
-    return _open_file_storage(target.location, read_only=read_only or _flag(target, "read_only"))
+    quiet_benign_logs()
+    return _open_file_storage(target.location, read_only=read_only or target_read_only(target))
 
 
-def _flag(target: Target, name: str) -> bool:
-    return target.options.get(name, "").lower() in ("1", "true", "yes", "on")
+class _BenignLogs(logging.Filter):
+    """Drops the log lines of FileStorage's routine recovery, which say nothing
+    the user must act on, so that they do not reach the stderr of scripts and of
+    `durable-heap inspect` (Python's last-resort handler prints warnings).
+
+    Exactly these format strings, at WARNING or below; every other line of
+    ZODB.FileStorage (truncations, damaged records, clock trouble) passes.
+    """
+
+    BENIGN = frozenset({
+        # ZODB.FileStorage._sane: the .index does not match the file (written when
+        # the heap was created, before a crash, or before a pack); the file is
+        # scanned instead, which is the normal way to open it without an index.
+        "Ignoring index for %s",
+    })
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.WARNING and record.msg in self.BENIGN)
+
+
+def quiet_benign_logs() -> None:
+    """Install `_BenignLogs` on ZODB.FileStorage's logger (once per process)."""
+    logger = logging.getLogger("ZODB.FileStorage")
+    if not any(isinstance(f, _BenignLogs) for f in logger.filters):
+        logger.addFilter(_BenignLogs())
 
 
 def _open_file_storage(path: str, *, read_only: bool) -> Any:
     from zc.lockfile import LockError
     from ZODB.FileStorage.FileStorage import FileStorageFormatError
 
+    from ._follow import FollowingFileStorage
     from ._integrity import CheckedFileStorage, ChecksumStorage
 
     exists = os.path.exists(path)
@@ -152,6 +294,8 @@ def _open_file_storage(path: str, *, read_only: bool) -> Any:
         with private_files():
             # Checked before FileStorage's scan can cut the file (CorruptHeapError,
             # the file untouched); records sealed and checked (see _integrity).
+            if read_only:  # one that follows the writer's commits (see _follow)
+                return ChecksumStorage(FollowingFileStorage(path))
             return ChecksumStorage(CheckedFileStorage(path, read_only=read_only))
     except LockError:
         raise HeapLockedError(_locked_message(path)) from None

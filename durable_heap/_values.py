@@ -48,8 +48,9 @@ from typing import Any
 
 import transaction.interfaces
 from persistent import Persistent
+from transaction._transaction import Status  # the one place it is defined; not re-exported
 
-from ._errors import NotPersistableError, NoTransactionError, StaleReferenceError
+from ._errors import NotPersistableError, NoTransactionError, StaleReferenceError, StorageError
 
 __all__ = [
     "CLASSES_KEY",
@@ -76,6 +77,7 @@ __all__ = [
     "reset_watch",
     "snapshot",
     "stored_classes",
+    "view_changes",
     "watch",
     "watched_plain_ids",
 ]
@@ -111,8 +113,10 @@ _ATOMIC: frozenset[type] = frozenset(
     }
 )
 
-#: Filled by `_containers`: exact builtin type -> function making the durable twin.
-CONVERTERS: dict[type, Callable[[Any], Any]] = {}
+#: Filled by `_containers`: exact builtin type -> (make an empty durable twin,
+#: fill the twin from the plain value). Two steps, so that a value met again
+#: while its twin is being filled (a list that contains itself) becomes that twin.
+CONVERTERS: dict[type, tuple[Callable[[], Any], Callable[[Any, Any], None]]] = {}
 
 # Types that can never be stored, with the reason shown to the user.
 _REFUSED: dict[type, str] = {
@@ -200,18 +204,74 @@ def public_error(err: BadValue, holder: Any, base: str | None = None) -> NotPers
     return NotPersistableError(base + "".join(err.parts), err.value, err.reason)
 
 
-def adopt(value: Any) -> Any:
+def adopt(value: Any, jar: Any = None) -> Any:
     """Return what `value` becomes when stored: a durable twin, or itself.
 
     Raises `BadValue` for values that cannot be stored. Plain objects are
     trial-pickled here so that the error names the place it was assigned.
+    `jar` is the connection of the object it is stored into (None while that
+    object is in no heap yet): the program classes found are noted for the
+    transaction in progress there (see `note_class`).
+
+    Within one call, a plain container met twice becomes one twin: a list that
+    contains itself becomes a `List` that contains itself (a persistent
+    reference to its own record, which ZODB stores like any other), and a list
+    held twice stays one shared `List`, as pickle would keep it.
     """
     tp = type(value)
+    if tp in _ATOMIC or (tp is tuple and set(map(type, value)) <= _ATOMIC):
+        return value  # the common cases, decided at C speed
+    local = _local
+    memo = local.memo
+    if memo is not None:
+        return _adopt(value, tp, memo)
+    memo = local.memo = {}
+    sink = local.sink
+    local.sink = _notes_of(jar) if jar is not None and program_roots else None
+    try:
+        return _adopt(value, tp, memo)
+    except RecursionError:
+        # Not a cycle (those end at the memo): nesting deeper than the stack.
+        # Unwound to here, the stack is free again to build the error.
+        raise BadValue(value, "it is nested too deeply to be stored; flatten it, or store "
+                       "the inner levels as durable_heap.Object attributes") from None
+    finally:
+        local.memo = None
+        local.sink = sink
+
+
+class _Local(threading.local):
+    """Per thread: the state of the outermost `adopt`, and where class notes go."""
+
+    #: During one outermost `adopt`: id(plain value) -> (value, what it became).
+    #: The value is kept so that its id cannot be reused meanwhile.
+    memo: dict[int, tuple[Any, Any]] | None = None
+    #: Where `note_class` adds paths: the notes of the connection whose records
+    #: are being built or pickled (see `_notes_of`), or None for `loose`.
+    sink: set[str] | None = None
+
+    def __init__(self) -> None:
+        #: Paths noted for objects in no heap yet (built before they were
+        #: stored): registered by every commit of this thread that lacks them.
+        self.loose: set[str] = set()
+
+
+_local = _Local()
+
+
+def _adopt(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
     if tp in _ATOMIC:
         return value
+    seen = memo.get(id(value))
+    if seen is not None:
+        return seen[1]
     conv = CONVERTERS.get(tp)
     if conv is not None:
-        return conv(value)
+        blank, fill = conv
+        twin = blank()
+        memo[id(value)] = (value, twin)  # before filling: the value may contain itself
+        fill(twin, value)
+        return twin
     if isinstance(value, Persistent):
         why = _unnamed(tp)
         if why is not None:
@@ -223,20 +283,28 @@ def adopt(value: Any) -> Any:
         changed = False
         for i, v in enumerate(value):
             try:
-                a = adopt(v)
+                a = _adopt(v, type(v), memo)
             except BadValue as e:
                 raise e.prefixed(f"[{i}]") from None
             changed = changed or a is not v
             items.append(a)
         if not changed:
             return value
+        # A tuple can be met again only through a list or dict inside it, whose
+        # filling then built this tuple's twin already (see below): reuse it.
+        seen = memo.get(id(value))
+        if seen is not None:
+            return seen[1]
         if tp is tuple:
-            return tuple(items)
-        make = getattr(tp, "_make", None)  # a namedtuple
-        return make(items) if make is not None else tp(items)
+            twin = tuple(items)
+        else:
+            make = getattr(tp, "_make", None)  # a namedtuple
+            twin = make(items) if make is not None else tp(items)
+        memo[id(value)] = (value, twin)
+        return twin
     if isinstance(value, frozenset):
         for v in value:
-            adopt(v)
+            _adopt(v, type(v), memo)
         return value
     _refuse_or_accept(value)
     return value
@@ -258,8 +326,12 @@ def _unnamed(obj: Any) -> str | None:
     return None
 
 
-def _refuse_or_accept(value: Any) -> None:
-    """Raise `BadValue` if `value` cannot be stored; plain objects are trial-pickled."""
+def _refuse_or_accept(value: Any, seen: set[int] | None = None) -> None:
+    """Raise `BadValue` if `value` cannot be stored; plain objects are trial-pickled.
+
+    `seen` holds the ids of the plain objects whose failing part is being looked
+    for (see `_locate`), so that a cycle among them ends the search.
+    """
     tp = type(value)
     if tp is types.BuiltinFunctionType:
         bound = not isinstance(value.__self__, (types.ModuleType, type(None)))
@@ -308,24 +380,53 @@ def _refuse_or_accept(value: Any) -> None:
     except BadValue:
         raise
     except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's value
-        raise _locate(value, exc) from None
+        raise _locate(value, exc, seen) from None
 
 
 def _first_bad(children: Iterable[tuple[str, Any]]) -> BadValue | None:
     """The first of (accessor, value) pairs that cannot be stored, as a BadValue."""
+    return _search(children, set())[0]
+
+
+class _ThroughCycle(Exception):
+    """Internal: a plain object fails to pickle only through an object around it in a cycle."""
+
+
+def _search(children: Iterable[tuple[str, Any]], seen: set[int]) -> tuple[BadValue | None, bool]:
+    """`_first_bad`, and whether a child was skipped as part of a cycle."""
+    cyclic = False
     for accessor, child in children:
         if type(child) in _ATOMIC:
             continue
+        if id(child) in seen:
+            cyclic = True  # an object around us in a cycle: being searched already
+            continue
         try:
-            _refuse_or_accept(child)
+            _refuse_or_accept(child, seen)
+        except _ThroughCycle:
+            cyclic = True
         except BadValue as e:
-            return e.prefixed(accessor)
-    return None
+            return e.prefixed(accessor), cyclic
+    return None, cyclic
 
 
-def _locate(value: Any, exc: BaseException) -> BadValue:
-    """Find the part of `value` that does not pickle, for a precise path."""
-    return _first_bad(_plain_children(value)) or BadValue(value, f"pickling failed: {exc}")
+def _locate(value: Any, exc: BaseException, seen: set[int] | None = None) -> BadValue:
+    """Find the part of `value` that does not pickle, for a precise path.
+
+    Pickle copes with cycles among plain objects (a dataclass that holds
+    itself) but this search walks them: `seen` ends it at the first repeat,
+    and a part that fails only through the cycle is passed over for the
+    sibling that really fails (``state.box.lock``, not ``state.box.inner``).
+    """
+    outermost = not seen
+    seen = set() if seen is None else seen
+    seen.add(id(value))
+    bad, cyclic = _search(_plain_children(value), seen)
+    if bad is not None:
+        return bad
+    if cyclic and not outermost:
+        raise _ThroughCycle
+    return BadValue(value, f"pickling failed: {exc}")
 
 
 def _plain_children(value: Any) -> Iterator[tuple[str, Any]]:
@@ -461,7 +562,16 @@ CLASSES_KEY = "durable_heap.classes"
 #: Top-level module names of the programs loaded in this process: only their
 #: classes are registered (the library's and the standard library's never go away).
 program_roots: set[str] = set()
-_pending: set[str] = set()
+#
+# The notes belong to one transaction: each connection's `_Watch` holds those of
+# the transaction in progress on it (`_Watch.noted`), filled while that
+# connection's objects take values (`adopt` with their jar) or are pickled (the
+# watch's snapshots, `precheck`). The commit registers them in that transaction;
+# an abort drops them, and storing the class again notes it again. A note made
+# for an object in no heap yet goes to its thread's `_Local.loose`, which every
+# commit of the thread registers where it is missing: at worst a class is
+# registered in a heap that never stored it (a deploy removing it then needs
+# ``force``), never left out of one that did.
 
 
 def note_class(cls: Any) -> None:
@@ -469,7 +579,39 @@ def note_class(cls: Any) -> None:
     if program_roots:
         module = getattr(cls, "__module__", None) or ""
         if module.partition(".")[0] in program_roots:
-            _pending.add(f"{module}.{cls.__qualname__}")
+            sink = _local.sink
+            (sink if sink is not None else _local.loose).add(f"{module}.{cls.__qualname__}")
+
+
+def _paths(classes: Iterable[type]) -> set[str]:
+    """The paths of the program classes among `classes` (as `note_class` notes them)."""
+    found = set()
+    for cls in classes:
+        module = getattr(cls, "__module__", None) or ""
+        if module.partition(".")[0] in program_roots:
+            found.add(f"{module}.{cls.__qualname__}")
+    return found
+
+
+def _notes_of(jar: Any) -> set[str] | None:
+    """The class notes of the transaction in progress on connection `jar`."""
+    w = _watch_of(jar)
+    return w.noted if w is not None else None
+
+
+def _snapshot_for(jar: Any, obj: Any) -> bytes:
+    """`snapshot`, noting the program classes it meets for `jar`'s transaction
+    (with `jar` None: nowhere, for a snapshot only compared, never stored)."""
+    if not program_roots:
+        return snapshot(obj)
+    local = _local
+    sink = local.sink
+    notes = _notes_of(jar) if jar is not None else None
+    local.sink = notes if notes is not None else set()
+    try:
+        return snapshot(obj)
+    finally:
+        local.sink = sink
 
 
 def stored_classes(conn: Any) -> set[str]:
@@ -535,14 +677,19 @@ def _scan_classes(storage: Any) -> set[str]:
 
 
 def _register_pending(conn: Any) -> None:
-    """Add the noted class paths that the registry lacks (a before-commit hook)."""
-    if not _pending or conn.isReadOnly():
+    """Add the class paths noted for this transaction that the registry lacks
+    (a before-commit hook; see `note_class`)."""
+    w = _watch_of(conn)
+    loose = _local.loose
+    if w is None or not (w.noted or loose) or conn.isReadOnly():
         return
     known: set[str] | None = conn.__dict__.get("_dh_classes")
     if known is None:
         known = conn._dh_classes = stored_classes(conn)
-    new = _pending - known
-    _pending.clear()
+    new = (w.noted | loose) - known
+    # Notes made from here on (ZODB pickling new objects at commit) are kept for
+    # the next transaction if this one commits, and dropped with it otherwise.
+    w.noted = set()
     if not new:
         return
     registry = ensure_registry(conn)
@@ -567,7 +714,7 @@ class _Watch:
     ``transaction.commit()``.
     """
 
-    __slots__ = ("jar", "tm", "items", "hooked", "hot", "orphans", "__weakref__")
+    __slots__ = ("jar", "tm", "items", "hooked", "hot", "orphans", "noted", "__weakref__")
 
     def __init__(self, jar: Any) -> None:
         self.jar = weakref.ref(jar)
@@ -580,6 +727,8 @@ class _Watch:
         # plain objects of records ghosted after a transaction that someone still
         # holds: changed later, the change would be lost (see `_check_orphans`)
         self.orphans: list[_Orphan] = []
+        # program class paths noted for the transaction in progress (`note_class`)
+        self.noted: set[str] = set()
 
     def forget_reads(self) -> None:
         hot, self.hot = self.hot, []
@@ -597,6 +746,8 @@ class _Watch:
         pass
 
     def afterCompletion(self, txn: Any) -> None:  # noqa: N802
+        if txn is None or txn.status != Status.COMMITTED:
+            self.noted = set()  # aborted: nothing was stored (see `_register_pending`)
         self.forget_reads()
         items, self.items, self.hooked = self.items, {}, None
         values: list[tuple[Any, bytes, str]] = []
@@ -620,7 +771,7 @@ class _Watch:
             value = entry[0]
             if sys.getrefcount(value) > 3:
                 try:
-                    self.orphans.append(_Orphan(value, snapshot(value), entry[1], entry[2]))
+                    self.orphans.append(_Orphan(value, _snapshot_for(None, value), entry[1], entry[2]))
                 except Exception:  # noqa: BLE001,S112 - unpicklable now: nothing to compare
                     continue
         del values
@@ -638,7 +789,7 @@ class _Watch:
             if obj._p_changed is not False:
                 continue  # saved anyway, or a ghost again
             try:
-                now = snapshot(obj.__getstate__())
+                now = _snapshot_for(obj._p_jar, obj.__getstate__())
             except Exception as exc:  # noqa: BLE001 - report which value it is
                 raise culprit(obj, exc) from None
             if now != base:
@@ -658,7 +809,7 @@ class _Watch:
             if sys.getrefcount(value) <= 3:  # the orphan, `value` and the argument: ours only
                 continue
             try:
-                unchanged = snapshot(value) == orphan.snapshot
+                unchanged = _snapshot_for(None, value) == orphan.snapshot
             except Exception:  # noqa: BLE001 - changed into something unpicklable
                 unchanged = False
             if unchanged:
@@ -720,8 +871,9 @@ def precheck(conn: Any) -> None:
     changed = list(getattr(conn, "_registered_objects", ()))
     changed += list(getattr(conn, "_added", {}).values())
     if program_roots:
-        for obj in changed:
-            note_class(type(obj))
+        noted = _notes_of(conn)
+        if noted is not None:
+            noted.update(_paths(type(obj) for obj in changed))
         # After the watch's own hook, which may snapshot (and note) more values.
         conn.transaction_manager.get().addBeforeCommitHook(_register_pending, (conn,))
     for obj in changed:
@@ -729,7 +881,7 @@ def precheck(conn: Any) -> None:
         if watched is None or obj._p_changed is None or not watched(obj):
             continue
         try:
-            snapshot(obj.__getstate__())
+            _snapshot_for(conn, obj.__getstate__())
         except Exception as exc:  # noqa: BLE001 - name the value that fails
             raise culprit(obj, exc) from None
 
@@ -804,7 +956,7 @@ def watch(obj: Any, state: Any) -> None:
     if w is None:
         return
     tm = w.tm
-    w.items[id(obj)] = (obj, snapshot(state))
+    w.items[id(obj)] = (obj, _snapshot_for(jar, state))
     try:
         txn = tm.get()
     except transaction.interfaces.NoTransaction:
@@ -824,6 +976,16 @@ def check_writable(obj: Any) -> None:
     jar = obj._p_jar
     if jar is None:
         return
+    if getattr(jar, "before", None) is not None:
+        # A historical connection (heap.state_at): ZODB itself refuses only at
+        # commit, which a view never does, so a change would be silently dropped.
+        view = jar.__dict__.get("_dh_view")
+        when = f" at {view}" if view else ""
+        msg = (
+            f"{path_of(obj)} belongs to the read-only view of the state{when} (heap.state_at) "
+            "and cannot be changed. Make changes through heap.state, in a transaction."
+        )
+        raise StorageError(msg)
     tm = jar.transaction_manager
     if tm is None or not tm.explicit:
         return
@@ -836,6 +998,29 @@ def check_writable(obj: Any) -> None:
             "(programs run by `durable-heap call` are inside one already)."
         )
         raise NoTransactionError(msg) from None
+
+
+def view_changes(jar: Any) -> str | None:
+    """The path of a record changed through the read-only connection `jar`, or None.
+
+    Durable objects refuse changes there (`check_writable`); a plain object held
+    in a record (a dataclass) cannot, so its record's snapshot is compared, as the
+    watch does before a commit.
+    """
+    changed = list(getattr(jar, "_registered_objects", ()))
+    if changed:
+        return path_of(changed[0])
+    w = jar.__dict__.get("_dh_watch")
+    for obj, base in list(w.items.values()) if w is not None else ():
+        if obj._p_changed is False:
+            try:
+                same = snapshot(obj.__getstate__()) == base
+            except Exception:  # noqa: BLE001 - changed into something unpicklable
+                same = False
+            if not same:
+                plain = _plain_values(obj)
+                return path_of(obj) + (plain[0][0] if len(plain) == 1 else "")
+    return None
 
 
 # --- paths -------------------------------------------------------------------

@@ -51,6 +51,7 @@ import ZODB.POSException
 from BTrees.IOBTree import IOBTree
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
+from ZODB.DB import getTID
 
 from . import _values
 from ._containers import Dict
@@ -845,21 +846,54 @@ def state_at(heap: Heap, when: int | datetime.datetime | str,
 
 @contextlib.contextmanager
 def _historical(heap: Heap, kwargs: dict[str, Any], label: str) -> Iterator[Any]:
+    """A read-only connection to the state at `kwargs` (``at``/``before`` of ZODB's
+    ``DB.open``), always historical: writes are refused (`check_writable`), and a
+    plain object changed in place is reported when the view ends (`view_changes`)."""
     tm = transaction.TransactionManager()
-    try:
-        conn = heap.db.open(transaction_manager=tm, **kwargs)
-    except ValueError:
-        # After the last commit: the state then is the latest one.
-        conn = heap.db.open(transaction_manager=tm)
+    conn = heap.db.open(transaction_manager=tm, **_in_the_past(heap, kwargs))
+    conn._dh_view = label  # for the wording of a refused write (a pooled connection: reset each time)
     try:
         try:
             conn.root()
         except (ZODB.POSException.POSKeyError, KeyError) as exc:
             raise _gone(label) from exc
         yield conn
+        changed = _values.view_changes(conn)  # not reached when the block raised
+        if changed is not None:
+            raise StorageError(
+                f"{changed} was changed in place in the read-only view of the state at {label} "
+                "(heap.state_at); nothing was saved. Make changes through heap.state, in a "
+                "transaction."
+            )
     finally:
         tm.abort()
         conn.close()
+
+
+def _in_the_past(heap: Heap, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``DB.open`` arguments for a historical connection, never the current one.
+
+    ZODB opens the current, writable connection when neither ``at`` nor
+    ``before`` is given (the current version has no next deploy to end it), and
+    refuses a time after its last commit ("cannot open an historical connection
+    in the future"): both mean the newest state, read at the last commit. A time
+    after now is now: ZODB's TimeStamp wraps for far years (9999 reads as a time
+    before the heap existed).
+    """
+    at = kwargs.get("at")
+    before: bytes | None = kwargs.get("before")
+    if isinstance(at, datetime.datetime):
+        at = min(at, datetime.datetime.now(datetime.timezone.utc))
+        before = getTID(at, None)
+    # The last commit as known after a sync: a read-only FileStorage reads the
+    # writer's new transactions there, a ZEO client with server_sync asks its server.
+    sync = getattr(heap.db.storage, "sync", None)
+    if sync is not None:
+        sync()
+    last: bytes = heap.db.lastTransaction()
+    if before is None or before > last:
+        return {"at": last}
+    return {"before": before}
 
 
 def _gone(label: str) -> StorageError:

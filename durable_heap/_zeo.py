@@ -15,13 +15,13 @@ Client options (the query of a ``zeo://`` target)::
 from __future__ import annotations
 
 import contextlib
-import math
+import errno
 import os
 import sys
 from typing import Any
 
 from ._errors import ProgramError, ServerUnavailableError, StorageError, UnknownTargetError
-from ._storage import Target
+from ._storage import OPTIONS, Target, check_options, option
 
 __all__ = [
     "CLIENT_OPTIONS",
@@ -39,23 +39,9 @@ DEFAULT_ADDRESS = "127.0.0.1:8100"
 #: Seconds a client waits for its server (to connect, or to reconnect) unless told.
 DEFAULT_WAIT = 30.0
 
-#: The options a ``zeo://`` target accepts, each with what it means.
-CLIENT_OPTIONS = {
-    "wait_timeout": "seconds to wait for the server to answer (default 30)",
-    "cache": "path of a persistent client cache file, kept across restarts (default: none)",
-    "cache_size": "client cache size in bytes (default 20 MB, ZEO's)",
-    "read_only": "1: open read-only",
-    "server_sync": "1 (default): each transaction first asks the server for the latest "
-    "commits; 0: rely on the invalidations the server pushes (saves a round trip)",
-    "tls_ca": "CA certificate (PEM) that signed the server's certificate: turns TLS on",
-    "tls_cert": "this client's certificate (PEM), for servers that require one",
-    "tls_key": "the key of tls_cert (PEM), unless the certificate file holds it",
-    "tls_hostname": "the name to check the server's certificate against "
-    "(default: the host of the address; not checked over a unix socket)",
-}
-_BOOLS = {
-    "1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False
-}
+#: The options a ``zeo://`` target accepts, each with what it means (read by
+#: the one option parser, from its table in `durable_heap._storage.OPTIONS`).
+CLIENT_OPTIONS = {name: spec.help for name, spec in OPTIONS["zeo"].items()}
 
 Address = tuple[str, int] | str
 
@@ -173,35 +159,6 @@ def client_tls(options: dict[str, str], addr: Address) -> tuple[Any, str | None]
 # --- the client ----------------------------------------------------------------------
 
 
-def _number(target: Target, name: str, *, integer: bool = False, positive: bool = False) -> float | None:
-    text = target.options.get(name)
-    if text is None:
-        return None
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        value = -1
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        kind = "a whole number" if integer else "a number"
-        raise UnknownTargetError(f"{target}: {name}={text!r} must be {kind} {'> 0' if positive else '>= 0'}")
-    return value
-
-
-def _bool(target: Target, name: str, default: bool) -> bool:
-    text = target.options.get(name)
-    if text is None:
-        return default
-    value = _BOOLS.get(text.lower())
-    if value is None:
-        raise UnknownTargetError(f"{target}: {name}={text!r} must be 1 or 0")
-    return value
-
-
-def target_read_only(target: Target) -> bool:
-    """Whether a checked ``zeo://`` target asks for a read-only client (``?read_only=1``)."""
-    return _bool(target, "read_only", False)
-
-
 def check_client_target(target: Target, text: str) -> Target:
     """Check a parsed ``zeo://`` target (address and options) before anything connects."""
     location = target.location
@@ -217,18 +174,8 @@ def check_client_target(target: Target, text: str) -> Target:
             f"{text!r} names both a host and a path: use zeo://HOST:PORT for TCP, or "
             "zeo:///absolute/path.sock (three slashes) for a unix socket"
         )
-    target = Target("zeo", location, target.options)
-    unknown = sorted(set(target.options) - set(CLIENT_OPTIONS))
-    if unknown:
-        raise UnknownTargetError(
-            f"{target}: unknown option{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(unknown)}; a zeo:// target takes {', '.join(CLIENT_OPTIONS)}"
-        )
+    target = check_options(Target("zeo", location, target.options))
     parse_address(location)
-    _number(target, "wait_timeout", positive=True)
-    _number(target, "cache_size", integer=True)
-    _bool(target, "read_only", False)
-    _bool(target, "server_sync", True)
     return target
 
 
@@ -237,8 +184,8 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
     from ._storage import private_files
 
     addr = parse_address(target.location)
-    read_only = read_only or target_read_only(target)
-    wait = _number(target, "wait_timeout", positive=True)
+    read_only = read_only or option(target, "read_only")
+    wait = option(target, "wait_timeout")
     wait = DEFAULT_WAIT if wait is None else wait
     ssl_ctx, hostname = client_tls(target.options, addr)
     kwargs: dict[str, Any] = {
@@ -247,13 +194,13 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
         # A read-only server would refuse a read-write client over and over until
         # the wait ran out; connect read-only, then say so (below).
         "read_only_fallback": not read_only,
-        "server_sync": _bool(target, "server_sync", True),
+        "server_sync": option(target, "server_sync"),
         "ssl": ssl_ctx,
         "ssl_server_hostname": hostname,
     }
     if "cache" in target.options:
         kwargs["cache"] = os.path.abspath(os.path.expanduser(target.options["cache"]))
-    size = _number(target, "cache_size", integer=True)
+    size = option(target, "cache_size")
     if size is not None:
         kwargs["cache_size"] = int(size)
 
@@ -366,6 +313,25 @@ def _clear_stale_socket(path: str) -> None:
     raise StorageError(f"a server already listens on {path}: stop it, or choose another --address")
 
 
+def _listen_error(addr: Address, exc: OSError) -> str:
+    """Why the server cannot listen at `addr`, and what to do, for `exc` from binding."""
+    where = f"cannot listen on {format_address(addr)}"
+    folder = os.path.dirname(addr) if isinstance(addr, str) else ""
+    if folder and not os.path.isdir(folder):
+        return (
+            f"{where}: the folder {folder} does not exist. Create it (mkdir -m 700 -p {folder}) "
+            "or choose another --address"
+        )
+    reason = exc.strerror or str(exc)
+    other = "(port 0 picks a free one)" if isinstance(addr, tuple) else "(another socket path)"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: {reason}. Is another server running there? Choose another --address {other}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"{where}: {reason}. Choose an --address this user may listen on (a port above "
+                "1023, or a socket in a folder it can write)")
+    return f"{where}: {reason}. Choose another --address {other}"
+
+
 def run_server(args: Any) -> int:
     """``durable-heap zeo``: serve ``args.storage`` until SIGTERM or SIGINT.
 
@@ -410,10 +376,7 @@ def run_server(args: Any) -> int:
             for suffix in ("", ".index", ".lock", ".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(target.location + suffix)
-        raise StorageError(
-            f"cannot listen on {format_address(addr)}: {exc.strerror or exc}. Is another server "
-            "running there? Choose another --address (port 0 picks a free one)"
-        ) from None
+        raise StorageError(_listen_error(addr, exc)) from None
     except BaseException:
         storage.close()
         raise

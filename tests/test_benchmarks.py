@@ -41,6 +41,25 @@ def test_zeo_loads_counts_the_messages_of_a_commit() -> None:
     assert raw.startswith("raw ZEO") and "ping" not in raw and "vote (round trip) 1" in raw
 
 
+def test_quick_follow_benchmark() -> None:
+    out = run(["-m", "benchmarks.follow", "--quick", "--json"], timeout=300)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    data = json.loads(out.stdout)
+    assert data["plain_read_only_us"] > 0 and data["following_idle_us"] > 0
+    assert data["catch_up_per_commit_us"] > 0 and data["batch"] == 100
+
+
+def test_quick_async_tasks_benchmark() -> None:
+    out = run(["-m", "benchmarks.async_tasks", "--quick", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["rows"]
+    assert [(r["workers"], r["mode"]) for r in rows] == [
+        (n, mode) for n in (1, 4) for mode in ("tasks", "to_thread", "threads")]
+    for row in rows:
+        assert row["verified"] and row["commits"] == 80 and row["commits_per_s"] > 0, row
+        assert row["ticks"] > 0 and 0 <= row["lag_median_ms"] <= row["lag_worst_ms"], row
+
+
 def test_quick_checksum_benchmark() -> None:
     out = run(["-m", "benchmarks.checksum", "--quick", "--json"], timeout=300)
     assert out.returncode == 0, out.stderr

@@ -21,6 +21,11 @@ class Settings:
     tags: list[str] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass(eq=False)
+class Box:
+    inner: object = None
+
+
 class User(dh.Object):
     email = None  # class default: serves instances stored before it existed
 
@@ -355,3 +360,88 @@ def test_values_nobody_keeps_are_not_tracked(heap: dh.Heap) -> None:
     watch = heap.connection._dh_watch
     assert watch.orphans == []  # every Settings loaded was let go after its transaction
     assert heap.state.d["k3"].retries == 6
+
+
+# --- values that contain themselves -------------------------------------------------------
+
+
+def test_values_that_contain_themselves_are_stored(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
+    """Pickle and ZODB handle cycles: a plain list or dict that contains itself
+    becomes a durable container that contains itself (a reference to its own
+    record), through a tuple as well; a dataclass cycle is pickled as one."""
+    with heap.transaction() as state:
+        x: list[object] = []
+        x.append(x)
+        state.lst = x
+        d: dict[str, object] = {}
+        d["me"] = d
+        state.dct = d
+        t_list: list[object] = []
+        t = (1, t_list)
+        t_list.append(t)
+        state.tup = t
+        b = Box()
+        b.inner = b
+        state.box = b
+        ring: list[object] = []
+        ring.append(Box(ring))  # a list and a dataclass around each other
+        state.ring = ring
+        shared = [1]
+        state.pair = [shared, shared]
+        assert type(state.lst) is dh.List and state.lst[0] is state.lst
+        assert state.tup[1][0] is state.tup  # one twin for the tuple met twice
+    heap = reopen(heap)
+    with heap.transaction() as state:
+        assert type(state.lst) is dh.List and state.lst[0] is state.lst
+        assert type(state.dct) is dh.Dict and state.dct["me"] is state.dct
+        assert state.tup[0] == 1 and state.tup[1][0][1] is state.tup[1]
+        assert state.box.inner is state.box
+        assert state.ring[0].inner[0] is state.ring[0]
+        assert state.pair[0] is state.pair[1]  # held twice in one value: one List
+        assert repr(state.lst) == "[[...]]" and repr(state.dct) == "{'me': {...}}"
+        state.lst[0].append(2)  # through the cycle: the same List
+        state.dct["me"]["n"] = 3
+    heap = reopen(heap)
+    assert heap.state.lst[1] == 2 and heap.state.lst[0][0] is heap.state.lst
+    assert heap.state.dct["n"] == 3
+    plain = dh.to_builtin(heap.state.lst)
+    assert type(plain) is list and plain[0] is plain and plain[1] == 2
+    plain_d = dh.to_builtin(heap.state.dct)
+    assert type(plain_d) is dict and plain_d["me"] is plain_d
+
+
+def test_a_cycle_holding_an_unstorable_value_is_refused_with_its_path(heap: dh.Heap) -> None:
+    """The search for the failing part walks the cycle once, then names the value."""
+    b = Box()
+    b.inner = b
+    b.lock = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.raises(dh.NotPersistableError, match=r"state\.bad\.lock cannot be stored"):
+        with heap.transaction() as state:
+            state.bad = b
+    ring: list[object] = []
+    box = Box(ring)
+    ring.append(box)
+    box.lock = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.raises(dh.NotPersistableError, match=r"state\.bad\[0\]\.lock cannot be stored"):
+        with heap.transaction() as state:
+            state.bad = ring
+    with heap.transaction() as state:
+        cyclic = Box()
+        cyclic.inner = cyclic
+        state.box = cyclic
+    with pytest.raises(dh.NotPersistableError, match=r"state\.box\.lock cannot be stored"):
+        with heap.transaction() as state:
+            state.box.lock = threading.Lock()  # found at commit, by the watch
+    assert "bad" not in heap.state and not hasattr(heap.state.box, "lock")
+
+
+def test_values_nested_too_deeply_are_refused_not_a_recursion_error(heap: dh.Heap) -> None:
+    nested: list[object] = []
+    for _ in range(100_000):
+        nested = [nested]
+    with pytest.raises(dh.NotPersistableError, match=r"state\.deep cannot be stored.*nested too deeply"):
+        with heap.transaction() as state:
+            state.deep = nested
+    with heap.transaction() as state:
+        state.after = [1]  # the heap carries on
+    assert heap.state.after == [1] and "deep" not in heap.state

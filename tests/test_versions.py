@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -536,6 +538,79 @@ def test_class_registry_sees_plain_nested_and_enum_values(tmp_path: Path) -> Non
     assert out.returncode == 1 and "reg.Color, reg.Inner, reg.Note" in out.stderr
 
 
+def test_class_registry_notes_belong_to_their_transaction(tmp_path: Path) -> None:
+    """A class noted in one heap's transaction (one thread) is registered by that
+    transaction's commit only: never by another heap's or thread's commit, never
+    lost when another transaction commits or aborts first, and noted again when
+    its own transaction aborted and the value is stored once more."""
+    source = """
+        from durable_heap import Object, state
+
+        class {0}(Object):
+            pass
+
+        class {1}(Object):
+            pass
+
+        state.setdefault("items", [])
+    """
+    app_a = write(tmp_path / "rega.py", source.format("A", "C"))
+    app_b = write(tmp_path / "regb.py", source.format("B", "D"))
+    with dh.open(tmp_path / "a.fs") as ha, dh.open(tmp_path / "b.fs") as hb:
+        mod_a, mod_b = ha.load(app_a).module, hb.load(app_b).module
+
+        def registry(heap: dh.Heap) -> list[str]:
+            with heap.transaction():
+                return sorted(heap.connection.root()["durable_heap.classes"].keys())
+
+        def together(first: Any, second: Any) -> None:
+            """Run `first` and `second` in two threads, each up to the moment it has
+            stored its value; then let `second` finish (commit or abort), then `first`."""
+            stored = threading.Barrier(2, timeout=30)
+            second_done = threading.Event()
+            errors: list[BaseException] = []
+
+            def run(step: Any, wait_for: threading.Event | None) -> None:
+                try:
+                    step(stored, wait_for)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                finally:
+                    if wait_for is None:
+                        second_done.set()
+
+            threads = [threading.Thread(target=run, args=(first, second_done)),
+                       threading.Thread(target=run, args=(second, None))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert [type(e).__name__ for e in errors] == ["KeyError"] * len(errors)
+
+        def store(heap: dh.Heap, cls: type, fail: bool) -> Any:
+            def step(stored: threading.Barrier, wait_for: threading.Event | None) -> None:
+                with heap.transaction() as state:
+                    state.items.append(cls())
+                    stored.wait()
+                    if wait_for is not None:
+                        wait_for.wait(30)
+                    if fail:
+                        raise KeyError("abort")
+            return step
+
+        # B is noted in b's transaction, which aborts while a's is open: a registers A only.
+        together(store(ha, mod_a.A, False), store(hb, mod_b.B, True))
+        assert registry(ha) == ["rega.A"] and registry(hb) == []
+        # Stored again, B is noted again.
+        with hb.transaction() as state:
+            state.items.append(mod_b.B())
+        assert registry(hb) == ["regb.B"]
+        # D's transaction commits while C's is open: C is not taken by it, nor lost.
+        together(store(ha, mod_a.C, False), store(hb, mod_b.D, False))
+        assert registry(ha) == ["rega.A", "rega.C"] and registry(hb) == ["regb.B", "regb.D"]
+        assert [type(x).__name__ for x in ha.state.items] == ["A", "C"]
+
+
 def test_history_after_pack(tmp_path: Path) -> None:
     app = write(tmp_path / "app.py", V1)
     assert call(app, "add", "ann") == 1
@@ -665,6 +740,41 @@ def test_state_at_lets_the_callers_errors_through(tmp_path: Path) -> None:
         heap.load(app).call("add", "ann")
         with pytest.raises(KeyError, match="nobody"), heap.state_at(1, app) as old:
             old.users["nobody"]
+
+
+def test_state_at_is_read_only_at_every_time(tmp_path: Path) -> None:
+    """The current version, a time after the last commit and a time far in the future
+    all read the newest state, and like any historical state they refuse changes
+    (ZODB would accept them and drop them at the end of the view)."""
+    from tests.strategies import Point
+
+    app = write(tmp_path / "app.py", V1)
+    with dh.open(tmp_path / "h.fs") as heap:
+        heap.load(app).call("add", "ann")
+        with heap.transaction() as state:
+            state.point = Point(1)
+        past = datetime.datetime.now(datetime.timezone.utc)
+        time.sleep(0.01)
+        with heap.transaction() as state:
+            state.after = 1  # so that `past` is before the last commit
+        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+        views = [(1, app), (later,), ("9999-01-01",), (past,)]
+        for args in views:
+            with heap.state_at(*args) as old:
+                assert sorted(old.users) == ["ann"]
+                with pytest.raises(dh.StorageError, match=r"state\.users belongs to the read-only view"):
+                    old.users["bob"] = 1
+                with pytest.raises(dh.StorageError, match="read-only view"):
+                    old.extra = 1
+            with pytest.raises(dh.StorageError, match=r"state\.point was changed in place in the read-only"):
+                with heap.state_at(*args) as old:
+                    old.point.x = 5  # a plain object: caught when the view ends
+        assert heap.state.point == Point(1) and "extra" not in heap.state
+        assert sorted(heap.state.users) == ["ann"]
+        with heap.state_at("9999-01-01") as newest:
+            assert newest.after == 1  # the newest state, not "did not exist yet"
+        with heap.state_at(past) as old:
+            assert "after" not in old
 
 
 def test_inspect_at_an_old_version_does_not_run_its_top_level_on_todays_state(tmp_path: Path) -> None:

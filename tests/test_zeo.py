@@ -329,7 +329,17 @@ def test_server_reports_a_busy_port(zeo_server: ZeoServer) -> None:
     out = cli("zeo", "--storage", str(other), "--address", zeo_server.address)
     assert out.returncode == 2
     assert f"cannot listen on {zeo_server.url}" in out.stderr
+    assert "Is another server running there?" in out.stderr
     assert sorted(p.name for p in other.parent.glob("other.fs*")) == []  # no empty heap left behind
+
+
+def test_server_reports_a_missing_socket_folder(tmp_path: Path) -> None:
+    sock = tmp_path / "no" / "such" / "app.sock"
+    out = cli("zeo", "--storage", str(tmp_path / "app.fs"), "--address", str(sock))
+    assert out.returncode == 2
+    assert f"cannot listen on zeo://{sock}: the folder {sock.parent} does not exist" in out.stderr
+    assert "Create it" in out.stderr and "another server" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no empty heap left behind
 
 
 # --- unix socket, TLS, CLI ---------------------------------------------------------------------
