@@ -286,14 +286,15 @@ class Heap:
             tm.begin()
             root = local.conn.root()
             if ROOT_KEY in root:
-                found = root.get(_FORMAT_KEY, 1)
-                if not isinstance(found, int) or found > _FORMAT:
+                try:
+                    stale = _stale_format(self.target, root)
+                except StorageError:
                     tm.abort()
-                    raise StorageError(_newer_format(self.target, found))
-                if found == _FORMAT or self.read_only or local.conn.isReadOnly():
+                    raise
+                if not stale or self.read_only or local.conn.isReadOnly():
                     tm.abort()
                     return
-                tm.get().note(f"durable_heap: heap format {found} -> {_FORMAT}")
+                tm.get().note(f"durable_heap: heap format {root.get(_FORMAT_KEY, 1)} -> {_FORMAT}")
                 root[_FORMAT_KEY] = _FORMAT
                 try:
                     tm.commit()
@@ -1044,15 +1045,22 @@ def _disconnected(exc: BaseException) -> bool:
     return zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)
 
 
-def _newer_format(target: Target, found: object) -> str:
-    """The refusal of a heap written in a format this version does not know."""
-    known = f"durable_heap {_FORMAT_SINCE[_FORMAT]}"
-    return (
-        f"the heap {target} has heap format {found!r}, written by a newer durable_heap "
-        f"than this one ({known}, which reads heap formats 1 to {_FORMAT}): upgrade "
-        "durable_heap (pip install -U durable-heap) to open it. The heap was not changed. "
-        "Under ZEO, upgrade the server and every client together."
-    )
+def _stale_format(target: Target, root: Any) -> bool:
+    """Whether an existing heap's format marker is older than this version's.
+
+    A newer one (or one that is not a number) is refused: this version cannot
+    know what such a heap holds.
+    """
+    found = root.get(_FORMAT_KEY, 1)  # 0.1 wrote none
+    if not isinstance(found, int) or found > _FORMAT:
+        known = f"durable_heap {_FORMAT_SINCE[_FORMAT]}"
+        raise StorageError(
+            f"the heap {target} has heap format {found!r}, written by a newer durable_heap "
+            f"than this one ({known}, which reads heap formats 1 to {_FORMAT}): upgrade "
+            "durable_heap (pip install -U durable-heap) to open it. The heap was not changed. "
+            "Under ZEO, upgrade the server and every client together."
+        )
+    return found < _FORMAT
 
 
 def _conflict(attempts: int, note: str | None) -> ConflictError:
