@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import transaction
@@ -41,6 +41,7 @@ import ZODB.Connection
 import ZODB.POSException
 
 from . import _values
+from ._allow import DB, Allowlist, env_patterns, guard_conflicts
 from ._errors import (
     ConflictError,
     HeapClosedError,
@@ -122,9 +123,12 @@ class Heap:
         cache_size: int = DEFAULT_CACHE_SIZE,
         read_only: bool = False,
         pool_size: int = 64,
+        allow: Iterable[str] = (),
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
+        #: The globals this heap's records may name (see `durable_heap._allow`).
+        self.allowlist = Allowlist(allow, programs=_values.program_roots, registered=_values.registered)
         self.target = target
         self.max_attempts = attempts
         self.read_only = read_only
@@ -158,10 +162,11 @@ class Heap:
         """
         for attempt in range(1, self.max_attempts + 1):
             storage = open_storage(self.target, read_only=self.read_only)
+            guard_conflicts(storage, self.allowlist)
             try:
                 with private_files():
-                    return ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size,
-                                   class_factory=self._find_class)
+                    return DB(storage, cache_size=cache_size, pool_size=pool_size,
+                              class_factory=self._find_class)
             except transaction.interfaces.TransientError as exc:
                 storage.close()
                 if attempt == self.max_attempts:
@@ -244,7 +249,8 @@ class Heap:
     # -- classes ------------------------------------------------------------------------
 
     def _find_class(self, conn: Any, module: str, name: str) -> Any:
-        """ZODB's class factory: ZODB's own lookup, after the programs' rename tables.
+        """ZODB's class factory: ZODB's own lookup, after the programs' rename tables,
+        of the globals the allowlist admits (`ClassNotAllowedError` for the others).
 
         A program this process has not loaded is installed from the heap first
         (`_install_program`), never imported from whatever file ``sys.path`` finds.
@@ -262,6 +268,7 @@ class Heap:
                 # the root mapping's reference to a declared State before anything
                 # can be read: not from the file on disk either.
                 return State if name == "State" else _broken_class(module, name)
+        self.allowlist.check(conn, module, name)  # raises before anything is imported
         found = ZODB.broken.find_global(module, name)
         if name == "State" and isinstance(found, type) and issubclass(found, ZODB.broken.Broken):
             # A root stored as a program's declared State, opened where that program
@@ -800,6 +807,7 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     attempts: int = DEFAULT_ATTEMPTS,
     cache_size: int = DEFAULT_CACHE_SIZE,
     read_only: bool = False,
+    allow: Iterable[str] = (),
 ) -> Heap:
     """Open (creating if needed) the heap at `target` and make it the active one.
 
@@ -808,7 +816,9 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     ``durable-heap zeo``, shared by processes) or ``memory://``; without one,
     ``$DURABLE_HEAP_STORAGE`` or ``.durable-heap/heap.fs``. `attempts` is how
     often actions are tried when they conflict; `cache_size` how many objects
-    each thread keeps in memory.
+    each thread keeps in memory. `allow` names more classes its records may load
+    (``"pkg.module.Class"``, or ``"pkg.*"`` for your own module ``pkg``), as does
+    ``$DURABLE_HEAP_ALLOW``; see docs/api.md.
 
     >>> import durable_heap as dh
     >>> heap = dh.open("memory://")
@@ -819,4 +829,5 @@ def open(  # noqa: A001 - durable_heap.open is the public name
         from ._zeo import target_read_only
 
         read_only = target_read_only(parsed)  # ?read_only=1
-    return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only)
+    return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
+                allow=[*allow, *env_patterns()])

@@ -379,7 +379,7 @@ def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
             if from_file:
                 rec.file_hash = source.hash
             durable = rec.globals[number] = Dict()
-            _save_globals(module, durable, conn)
+            _save_globals(module, durable, conn, heap)
             result = _public(rec, number)
         ok = True
         return result, True
@@ -459,12 +459,13 @@ def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
         yield name, value
 
 
-def _save_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
+def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: Heap) -> None:
     """Store the data globals that differ from `durable`, binding the module to the
     stored twins: after a deploy's top level (all of them), after a call (those it
     rebound: ``global n; n += 1``).
 
-    Values that cannot be stored (a lock, a socket) stay process-local, as the
+    Values that cannot be stored (a lock, a socket), or that would not load again
+    (they name a class outside the heap's allowlist), stay process-local, as the
     top level makes them; plain objects read from state are state's, not globals.
     """
     held: set[int] | None = None
@@ -481,6 +482,8 @@ def _save_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
         if id(value) in held:
             continue
         try:
+            if not heap.allowlist.loads_again(conn, value):
+                raise NotPersistableError(name, value)
             durable[name] = value
         except NotPersistableError:
             if name in durable:  # now holds something unstorable: process-local from here on
@@ -586,7 +589,7 @@ class Program:
                     module.__dict__.update(durable.items())
                 result = func(*args, **kwargs)
                 if durable is not None:
-                    _save_globals(module, durable, conn)
+                    _save_globals(module, durable, conn, self.heap)
                 return then(result) if then is not None else result
         except BaseException:
             if loaded_here:
