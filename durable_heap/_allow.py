@@ -59,11 +59,14 @@ __all__ = [
     "LIBRARY_ROOTS",
     "NEVER",
     "Allowlist",
+    "StoredRegistry",
     "Connection",
+    "defined_classes",
     "env_patterns",
     "guard_conflicts",
     "record_globals",
     "refused",
+    "resolution_globals",
     "registrable",
 ]
 
@@ -197,6 +200,15 @@ def env_patterns() -> list[str]:
     return [p for p in re.split(r"[\s,]+", os.environ.get(ENV_ALLOW, "")) if p]
 
 
+def defined_classes(module: types.ModuleType) -> list[str]:
+    """The exact names of the classes `module` defines itself (not those it imports)."""
+    here = module.__name__
+    return sorted(
+        f"{here}.{name}" for name, obj in vars(module).items()
+        if isinstance(obj, type) and _defined_in(obj, here, name) and not _never(here, name)
+    )
+
+
 def _defined_in(obj: Any, module: str, name: str, *, package: str | None = None) -> bool:
     """True when `obj` is a class or function that `module` itself defines as `name`
     (under `package` when given), not one it imported from elsewhere."""
@@ -320,6 +332,12 @@ class Allowlist:
     def __repr__(self) -> str:
         return f"<durable_heap allowlist: defaults + {list(self.patterns)!r}>"
 
+    def read_registry_from(self, storage: Any) -> None:
+        """For a ZEO server, which has no connection: answer the registry question
+        from `storage`'s records (`StoredRegistry`)."""
+        reader = StoredRegistry(storage)
+        self._registered = lambda _conn, path: reader(path)
+
     def check(self, conn: Any, module: str, name: str) -> None:
         """Return if a record may name ``module.name``; raise `ClassNotAllowedError` if not.
 
@@ -379,7 +397,7 @@ class Allowlist:
             found = self._lookup(module, name)
             if found is None or (isinstance(found, type) and _defined_in(found, module, name, package=root)):
                 return sys.modules.get(module)
-        if self._registered is not None and conn is not None and registrable(module):
+        if self._registered is not None and registrable(module):
             try:
                 listed = self._registered(conn, path)
             except ClassNotAllowedError:
@@ -445,6 +463,121 @@ def record_globals(data: bytes) -> list[str]:
     return found
 
 
+_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def resolution_globals(data: bytes) -> tuple[list[str], list[str]]:
+    """The globals of a record split by use: (used, referenced).
+
+    *referenced* are those only ever used as the class of a persistent
+    reference (ZODB writes ``oid, GLOBAL cls, TUPLE2, BINPERSID``, and fetches
+    the class from the memo for the next reference): conflict resolution wraps
+    such a class in a ``PersistentReference`` and never calls it or makes an
+    instance. Every other use (called by REDUCE, made by NEWOBJ, the record's
+    own class, kept in a container) is *used*. Read from the opcodes, with a
+    one-slot stack model (the top item, and the memo slots that hold a class or
+    a reference tuple): anything it cannot follow counts as used, and opcodes of
+    protocol 4 or copyreg's extension codes give ``"?"``.
+    """
+    used: list[str] = []
+    referenced: list[str] = []
+    memo: dict[Any, tuple[str, str]] = {}  # one unpickler reads both pickles: one memo
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        top: tuple[str, str] | None = None  # ("class" | "ref", name) on top of the stack
+        for op, arg, _ in pickletools.genops(stream):
+            name = op.name
+            if op.proto > 3 or name in _UNCHECKABLE_OPS:
+                used.append("?")
+                continue
+            if name in _PUTS:  # copies the top into the memo, leaves it on the stack
+                if top is None:
+                    memo.pop(arg, None)
+                else:
+                    memo[arg] = top
+                continue
+            if top is not None:
+                kind, cls = top
+                if kind == "class" and name == "TUPLE2":
+                    top = ("ref", cls)
+                    continue
+                if kind == "ref" and name == "BINPERSID":
+                    referenced.append(cls)
+                    top = None
+                    continue
+                used.append(cls)  # any other use of a class we follow
+                top = None
+            if name == "GLOBAL":
+                top = ("class", str(arg).replace(" ", "."))
+            elif name == "INST":
+                used.append(str(arg).replace(" ", "."))
+            elif name in _GETS:
+                top = memo.get(arg)
+    return used, referenced
+
+
+# --- the class registry, read by a server from raw records ---------------------------------
+
+#: The root mapping's key of the class registry (`durable_heap._values.CLASSES_KEY`).
+_CLASSES_KEY = "durable_heap.classes"
+_MAX_REGISTRY_RECORDS = 10_000
+
+
+class StoredRegistry:
+    """The heap's class registry (an OOBTree of class paths in the root mapping), read
+    from the storage's raw records: what a ZEO server's conflict resolution consults.
+
+    The records are unpickled with every global replaced by its dotted name (a
+    string: nothing is imported, and a crafted REDUCE of one fails), and
+    persistent references kept as they are; the paths are the strings found in
+    the tree's records. Read again when a path is not found (the registry grows).
+    """
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.paths: frozenset[str] = frozenset()
+
+    def __call__(self, path: str) -> bool:
+        if path not in self.paths:
+            try:
+                self.paths = self._read()
+            except Exception:  # noqa: BLE001 - unreadable: the registry admits nothing
+                return False
+        return path in self.paths
+
+    def _load(self, oid: bytes) -> Any:
+        from ZODB._compat import PersistentUnpickler
+        from ZODB.utils import z64
+
+        data, _ = self.storage.load(oid or z64)
+        unpickler = PersistentUnpickler(lambda module, name: f"{module}.{name}", lambda ref: ref,
+                                        io.BytesIO(data))
+        unpickler.load()  # the record's class
+        return unpickler.load()
+
+    def _read(self) -> frozenset[str]:
+        root = self._load(b"")
+        data = root.get("data") if isinstance(root, dict) else None
+        ref = data.get(_CLASSES_KEY) if isinstance(data, dict) else None
+        found: set[str] = set()
+        todo: list[Any] = [ref]
+        seen: set[bytes] = set()
+        while todo and len(seen) < _MAX_REGISTRY_RECORDS:
+            item = todo.pop()
+            if isinstance(item, str):
+                found.add(item)
+            elif isinstance(item, (tuple, list)):
+                if len(item) == 2 and isinstance(item[0], bytes) and isinstance(item[1], str):
+                    oid = item[0]  # a persistent reference (oid, class path): a bucket
+                    if oid not in seen:
+                        seen.add(oid)
+                        todo.append(self._load(oid))
+                else:
+                    todo.extend(item)
+        return frozenset(found - {"BTrees.OOBTree.OOBucket", "BTrees.OOBTree.OOBTree"})
+
+
 # --- conflict resolution inside the storage -----------------------------------------------
 
 _log = logging.getLogger("durable_heap.allow")
@@ -494,7 +627,8 @@ class _GuardedResolver:
             committed_data or storage.loadSerial(oid, committed_serial),
         ]
         for record in records:
-            for path in record_globals(untransform(record)):
+            used, referenced = resolution_globals(untransform(record))
+            for path in used:
                 if path == "?":
                     raise ClassNotAllowedError(
                         "its state names a global through opcodes the check cannot read "
@@ -505,6 +639,33 @@ class _GuardedResolver:
                     self.allowlist.check(None, module, name)
                 except ClassNotAllowedError as exc:
                     raise refused(path, oid) from exc
+            for path in referenced:
+                # A reference's class is looked up (ZODB's find_global) but never
+                # called: harmless if its module is loaded already, or cannot be
+                # imported at all (a program's class on a server: ZODB's BadClass,
+                # and the merge still works). A module that would be imported (its
+                # top level run) for a record needs allowing.
+                module, _, name = path.rpartition(".")
+                if _never(module, name) or (module not in sys.modules and _importable(module)):
+                    if not self.allowlist.allows(None, module, name):
+                        raise refused(path, oid)
+
+
+def _importable(module: str) -> bool:
+    """Whether importing `module` would find a module to run, found without running any:
+    only the first missing package of the path is looked for, under loaded parents."""
+    import importlib.util
+
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name in sys.modules:
+            continue
+        try:
+            return importlib.util.find_spec(name) is not None  # its parent is loaded
+        except (ImportError, ValueError):
+            return False
+    return True
 
 
 def guard_conflicts(storage: Any, allowlist: Allowlist) -> None:

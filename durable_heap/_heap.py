@@ -830,4 +830,4 @@ def open(  # noqa: A001 - durable_heap.open is the public name
 
         read_only = target_read_only(parsed)  # ?read_only=1
     return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
-                allow=[*allow, *env_patterns()])
+                allow=[*([allow] if isinstance(allow, str) else allow), *env_patterns()])

@@ -554,8 +554,11 @@ def registered(conn: Any, path: str) -> bool:
 
     The allowlist's question, asked while a record loads: answered from the
     registry, or on a heap from before 0.3 also from the one-time scan. While
-    the root mapping itself loads, nothing can be read yet: no.
+    the root mapping itself loads, nothing can be read yet: no. Without a
+    connection (conflict resolution inside the storage): no.
     """
+    if conn is None:
+        return False
     root = conn.root()
     if root._p_changed and "data" not in root.__dict__:
         return False

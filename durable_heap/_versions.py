@@ -55,6 +55,7 @@ from persistent import Persistent
 from . import _values
 from ._containers import Dict
 from ._errors import (
+    ClassNotAllowedError,
     DeployError,
     DurableHeapError,
     FunctionNotFoundError,
@@ -628,6 +629,9 @@ class Program:
         try:
             with heap.activate():
                 self._module = install(compiled)
+        except ClassNotAllowedError:
+            restore(self.name, saved)
+            raise  # the heap's content, not the program, is at fault
         except Exception as exc:
             restore(self.name, saved)
             files = [compiled.source.filename(rel) for rel in compiled.source.files]
@@ -750,6 +754,8 @@ def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | No
     try:
         with heap.activate():
             module = install(compiled)
+    except ClassNotAllowedError:
+        raise  # the heap's content, not the program, is at fault
     except Exception as exc:
         files = [source.filename(rel) for rel in source.files]
         raise ProgramError(f"{name} raised at load: {where(exc, files)}") from exc
