@@ -3,11 +3,13 @@
 A ZODB record is a pickle, and unpickling imports and calls the globals it
 names: a record whose ``__reduce__`` names ``os.system`` runs a command the
 moment it is loaded, read-only or not. So every global a record names goes
-through `Allowlist.check` before it is imported: in the heap's class factory
-(`Heap._find_class`), in conflict resolution inside the storage (`guard_conflicts`,
-in this process for FileStorage, in the server under ZEO), and nowhere else
-(the stub inference of `_types` reads objects through the same connections;
-the legacy class scan of `_values` reads opcodes, it never unpickles).
+through `Allowlist.check` before it is imported, wherever records are
+unpickled: in the heap's class factory (`Heap._find_class`; `Connection` adds
+the record's oid to a refusal), and in conflict resolution inside the storage
+(`guard_conflicts`: in this process for FileStorage, in the server under ZEO).
+Nothing else unpickles records: the stub inference of `_types` reads objects
+through the heap's connections, and the legacy class scan of `_values` reads
+opcodes (`record_globals`), like the checks here.
 
 A global is allowed when it is
 
@@ -15,7 +17,8 @@ A global is allowed when it is
    ZODB would admit ``ZODB.FileStorage.FileStorage``, which a reduce could call
    with ``create=True`` to empty a file): the persistent classes of
    durable_heap, persistent and BTrees that records use, a short list of
-   plain-data types of the standard library, and copyreg's reconstructors;
+   plain-data types and value-only functions of the standard library, and
+   copyreg's reconstructors;
 2. matched by the user's patterns (``allow=["pkg.module.Class", "pkg.*"]``;
    ``pkg.*`` admits the classes and functions *defined* in ``pkg`` and its
    submodules, for your own trusted data modules);
@@ -23,6 +26,7 @@ A global is allowed when it is
 4. a class or function the heap's class registry recorded when an object of it
    was stored through durable_heap's API, outside the standard library and
    ZODB's family (so no registry entry can admit ``os.system`` or a storage).
+   A ZEO server reads the registry from its records (`StoredRegistry`).
 
 Whatever is in `NEVER` (``builtins.eval``, ``os.*``, ``subprocess.*``, ...)
 is refused even when a pattern or the registry names it.
@@ -273,9 +277,10 @@ class Allowlist:
     """The globals one heap (or one ZEO server) lets its records name; see the module doc.
 
     `programs` is the live set of the deployed programs' module roots, and
-    `registered(conn, path)` answers from the heap's class registry; a server,
-    which has neither, passes neither. Answers are cached: the hot path of a
-    load is one dict lookup.
+    `registered(conn, path)` answers from the heap's class registry; a server
+    has no programs, and reads the registry from its storage
+    (`read_registry_from`). Allowed answers are cached: the hot path of a load
+    is one dict lookup.
     """
 
     def __init__(

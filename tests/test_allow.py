@@ -718,3 +718,27 @@ def test_the_check_is_one_lookup_once_a_name_is_known(tmp_path: Path) -> None:
         with pytest.raises(dh.ClassNotAllowedError):
             allow.check(None, "posix", "system")
     assert calls == ["posix.system"] * 3  # defaults never reach the slow path; refusals do
+
+
+def test_the_documented_recovery_deletes_a_crafted_root_entry(fs: Path, tmp_path: Path) -> None:
+    """docs/operations.md, 'A crafted record': the snippet, as written there."""
+    import ZODB.broken
+    from ZODB.FileStorage import FileStorage
+
+    marker = tmp_path / "marker"
+    _craft_root(fs, Shell(marker))
+
+    def inert(conn: Any, module: str, name: str) -> Any:
+        """Every class a stand-in that runs nothing, but the root mapping itself."""
+        if (module, name) == ("persistent.mapping", "PersistentMapping"):
+            return ZODB.broken.find_global(module, name)
+        return type(name, (ZODB.broken.Broken,), {"__module__": module})
+
+    db = ZODB.DB(FileStorage(str(fs)), class_factory=inert)
+    with db.transaction() as conn:
+        del conn.root()["evil"]
+    db.close()
+    with dh.open(fs) as heap:
+        assert dh.to_builtin(heap.state.d) == {"a": 1, "b": [1, 2]} and heap.state.obj.name == "kept"
+    assert not marker.exists()
+    assert "def inert(conn, module, name):" in (ROOT / "docs" / "operations.md").read_text()
