@@ -299,11 +299,14 @@ class Allowlist:
             self._add(pattern)
         self._programs = programs
         self._registered = registered
-        # (module, name) -> None (allowed) or the program module it was found in
-        # (allowed while that module is the loaded one: a deploy replaces it).
-        self._cache: dict[tuple[str, str], Any] = {
-            (n.rpartition(".")[0], n.rpartition(".")[2]): None for n in DEFAULT_ALLOWED
+        #: (module, name) pairs known to be allowed: the class factory's fast path
+        #: is ``pair in allowed`` (only grows: the registry never forgets a class).
+        self.allowed: set[tuple[str, str]] = {
+            (n.rpartition(".")[0], n.rpartition(".")[2]) for n in DEFAULT_ALLOWED
         }
+        # A program's classes, with the module they were found in: allowed while that
+        # module is the loaded one (a deploy replaces it).
+        self._program_classes: dict[tuple[str, str], Any] = {}
 
     def _add(self, pattern: str) -> None:
         if not isinstance(pattern, str) or not (
@@ -349,14 +352,20 @@ class Allowlist:
         `conn` (or None) is the connection loading the record, for the registry.
         Only allowed modules are imported, never one that is refused.
         """
-        hit = self._cache.get((module, name), _MISS)
-        if hit is None or (hit is not _MISS and sys.modules.get(module) is hit):
+        key = (module, name)
+        if key in self.allowed:
+            return
+        found = self._program_classes.get(key, _MISS)
+        if found is not _MISS and sys.modules.get(module) is found:
             return
         path = f"{module}.{name}"
         token = self._decide(conn, module, name, path)
         if token is _MISS:
             raise refused(path)
-        self._cache[(module, name)] = token
+        if token is None:
+            self.allowed.add(key)
+        else:
+            self._program_classes[key] = token
 
     def allows(self, conn: Any, module: str, name: str) -> bool:
         """`check` as a question."""

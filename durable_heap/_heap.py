@@ -268,7 +268,8 @@ class Heap:
                 # the root mapping's reference to a declared State before anything
                 # can be read: not from the file on disk either.
                 return State if name == "State" else _broken_class(module, name)
-        self.allowlist.check(conn, module, name)  # raises before anything is imported
+        if (module, name) not in self.allowlist.allowed:  # a set lookup, once known
+            self.allowlist.check(conn, module, name)  # raises before anything is imported
         found = ZODB.broken.find_global(module, name)
         if name == "State" and isinstance(found, type) and issubclass(found, ZODB.broken.Broken):
             # A root stored as a program's declared State, opened where that program

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -742,3 +743,10 @@ def test_the_documented_recovery_deletes_a_crafted_root_entry(fs: Path, tmp_path
         assert dh.to_builtin(heap.state.d) == {"a": 1, "b": [1, 2]} and heap.state.obj.name == "kept"
     assert not marker.exists()
     assert "def inert(conn, module, name):" in (ROOT / "docs" / "operations.md").read_text()
+
+
+def test_the_allowlist_benchmark_runs() -> None:
+    out = run(["-m", "benchmarks.allow", "--records", "300", "--reps", "2", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["lookups_per_record"] >= 1 and set(data["median_ms"]) == {"checked", "unchecked", "raw_zodb"}
