@@ -750,3 +750,18 @@ def test_the_allowlist_benchmark_runs() -> None:
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["lookups_per_record"] >= 1 and set(data["median_ms"]) == {"checked", "unchecked", "raw_zodb"}
+
+
+def test_the_legacy_scan_reads_opcodes_so_string_data_names_no_class(tmp_path: Path, usermod: Any) -> None:
+    """The one-time scan of an older heap admits what records name, never what a
+    string inside them looks like (``"cuserdata\\nEvil\\n"`` is a GLOBAL opcode's text)."""
+    path = tmp_path / "h.fs"
+    with dh.open(path) as heap, heap.transaction() as state:
+        state.text = "cuserdata\nEvil\n"
+        state.point = usermod.Point(1)
+    storage = ZODB.FileStorage.FileStorage(str(path), read_only=True)
+    try:
+        found = _values._scan_classes(storage)
+    finally:
+        storage.close()
+    assert "userdata.Point" in found and "userdata.Evil" not in found
