@@ -190,6 +190,8 @@ def registrable(module: str) -> bool:
     """Whether the class registry may admit globals of `module`: not the standard
     library's, not durable_heap's or the ZODB family's (only exact names load there)."""
     root = module.partition(".")[0]
+    if not root:
+        return False  # no module (a bound builtin): nothing a record could name
     found = _REGISTRABLE.get(root)
     if found is None:
         found = _REGISTRABLE[root] = not (root in sys.stdlib_module_names or _in_never(root))

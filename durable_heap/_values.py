@@ -503,8 +503,9 @@ def snapshot(obj: Any, *, note: bool = False) -> bytes:
 CLASSES_KEY = "durable_heap.classes"
 #: Key of the marker (True) that the registry lists users' classes too (since 0.3).
 COMPLETE_KEY = "durable_heap.classes.complete"
-#: Top-level module names of the programs loaded in this process: only their
-#: classes are registered (the library's and the standard library's never go away).
+#: Top-level module names of the programs loaded in this process: their classes
+#: are registered, as are those of users' modules (the library's and the standard
+#: library's never go away, and load by the allowlist's exact names).
 program_roots: set[str] = set()
 _pending: set[str] = set()
 
