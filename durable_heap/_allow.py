@@ -182,6 +182,9 @@ _SAFE_BUILTIN_OBJECTS: dict[int, Any] = {
     id(getattr(builtins, n)): getattr(builtins, n) for n in _SAFE_BUILTINS
 }
 
+#: Types whose pickles name no global at all.
+_NO_GLOBALS = frozenset({type(None), bool, int, float, str, bytes})
+
 _NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
 _MISS: Any = object()
 
@@ -380,6 +383,8 @@ class Allowlist:
     def loads_again(self, conn: Any, value: Any) -> bool:
         """Whether `value`, once stored, would load again: each global its pickle names
         is allowed, or is a class of a user's module, which storing registers."""
+        if type(value) in _NO_GLOBALS:
+            return True
         from ZODB._compat import PersistentPickler
 
         buf = io.BytesIO()
@@ -688,9 +693,14 @@ def guard_conflicts(storage: Any, allowlist: Allowlist) -> None:
     """Make `storage`, and the storages it wraps (``.base``), resolve conflicts only on
     records whose globals `allowlist` admits.
 
-    The hook is an instance attribute over the storage's ``tryToResolveConflict``,
-    the method FileStorage (and ZEO's ClientStorage) call on themselves; ZEO's
-    own server replaces it the same way for ``client_conflict_resolution``.
+    The hook is an instance attribute over the storage's ``tryToResolveConflict``
+    (``ZODB.ConflictResolution.ConflictResolvingStorage``), the method storages
+    call on themselves: in ZODB 6.4, ``FileStorage.store`` and its undo
+    (FileStorage.py lines 610 and 1005), ``DemoStorage.store``, and in ZEO 6.2
+    ``ClientStorage.tpc_vote`` for client-side resolution (ClientStorage.py line
+    848). ZEO's own server replaces it the same way for
+    ``client_conflict_resolution`` (StorageServer.py line 771). A test
+    (tests/test_allow.py) fails if these calls move.
     """
     seen: set[int] = set()
     current = storage

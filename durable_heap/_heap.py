@@ -162,8 +162,8 @@ class Heap:
         """
         for attempt in range(1, self.max_attempts + 1):
             storage = open_storage(self.target, read_only=self.read_only)
-            guard_conflicts(storage, self.allowlist)
             try:
+                guard_conflicts(storage, self.allowlist)
                 with private_files():
                     return DB(storage, cache_size=cache_size, pool_size=pool_size,
                               class_factory=self._find_class)

@@ -612,7 +612,10 @@ def test_the_zodb_internals_the_guard_relies_on_are_there() -> None:
     of these moves, the allowlist would be bypassed or its errors garbled."""
     assert "class_factory" in inspect.signature(ZODB.DB.__init__).parameters
     assert ZODB.DB.klass is ZODB.Connection.Connection
+    import ZEO.ClientStorage
+
     assert "self.tryToResolveConflict(" in inspect.getsource(ZODB.FileStorage.FileStorage.store)
+    assert "self.tryToResolveConflict(" in inspect.getsource(ZEO.ClientStorage.ClientStorage.tpc_vote)
     resolver = ZODB.ConflictResolution.tryToResolveConflict
     assert "self._crs_untransform_record_data" in inspect.getsource(resolver)
     assert inspect.signature(ZODB.ConflictResolution.tryToResolveConflict).parameters.keys() == {
