@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import transaction
@@ -48,6 +48,7 @@ import ZODB.Connection
 import ZODB.POSException
 
 from . import _values
+from ._allow import DB, Allowlist, env_patterns, guard_conflicts
 from ._errors import (
     ConflictError,
     HeapClosedError,
@@ -210,10 +211,13 @@ class Heap:
         read_only: bool = False,
         pool_size: int = 64,
         max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
+        allow: Iterable[str] = (),
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.max_async_transactions = max_async_transactions
+        #: The globals this heap's records may name (see `durable_heap._allow`).
+        self.allowlist = Allowlist(allow, programs=_values.program_roots, registered=_values.registered)
         self.target = target
         self.max_attempts = attempts
         self.read_only = read_only
@@ -252,9 +256,10 @@ class Heap:
         for attempt in range(1, self.max_attempts + 1):
             storage = open_storage(self.target, read_only=self.read_only)
             try:
+                guard_conflicts(storage, self.allowlist)
                 with private_files():
-                    return ZODB.DB(storage, cache_size=cache_size, pool_size=pool_size,
-                                   class_factory=self._find_class)
+                    return DB(storage, cache_size=cache_size, pool_size=pool_size,
+                              class_factory=self._find_class)
             except transaction.interfaces.TransientError as exc:
                 storage.close()
                 if attempt == self.max_attempts:
@@ -345,7 +350,8 @@ class Heap:
     # -- classes ------------------------------------------------------------------------
 
     def _find_class(self, conn: Any, module: str, name: str) -> Any:
-        """ZODB's class factory: ZODB's own lookup, after the programs' rename tables.
+        """ZODB's class factory: ZODB's own lookup, after the programs' rename tables,
+        of the globals the allowlist admits (`ClassNotAllowedError` for the others).
 
         A program this process has not loaded is installed from the heap first
         (`_install_program`), never imported from whatever file ``sys.path`` finds.
@@ -363,6 +369,8 @@ class Heap:
                 # the root mapping's reference to a declared State before anything
                 # can be read: not from the file on disk either.
                 return State if name == "State" else _broken_class(module, name)
+        if (module, name) not in self.allowlist.allowed:  # a set lookup, once known
+            self.allowlist.check(conn, module, name)  # raises before anything is imported
         found = ZODB.broken.find_global(module, name)
         if name == "State" and isinstance(found, type) and issubclass(found, ZODB.broken.Broken):
             # A root stored as a program's declared State, opened where that program
@@ -1155,6 +1163,7 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     cache_size: int = DEFAULT_CACHE_SIZE,
     read_only: bool = False,
     max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
+    allow: Iterable[str] = (),
 ) -> Heap:
     """Open (creating if needed) the heap at `target` and make it the active one.
 
@@ -1165,6 +1174,9 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     often actions are tried when they conflict; `cache_size` how many objects
     each thread keeps in memory; `max_async_transactions` how many asyncio
     transactions may be open at once per event loop (more wait for a place).
+    `allow` names more classes its records may load (``"pkg.module.Class"``, or
+    ``"pkg.*"`` for your own module ``pkg``), as does ``$DURABLE_HEAP_ALLOW``;
+    see docs/api.md.
 
     >>> import durable_heap as dh
     >>> heap = dh.open("memory://")
@@ -1175,4 +1187,5 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     parsed = parse_target(target)
     read_only = read_only or target_read_only(parsed)  # ?read_only=1, for every scheme
     return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
-                max_async_transactions=max_async_transactions)
+                max_async_transactions=max_async_transactions,
+                allow=[*([allow] if isinstance(allow, str) else allow), *env_patterns()])

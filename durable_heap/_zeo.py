@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Any
 
+from ._allow import Allowlist, defined_classes, env_patterns, guard_conflicts
 from ._errors import ProgramError, ServerUnavailableError, StorageError, UnknownTargetError
 from ._storage import OPTIONS, Target, check_options, option
 
@@ -265,7 +266,16 @@ def add_command(sub: Any) -> Any:
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE at start: classes with their own _p_resolveConflict (repeatable)",
+        help="import MODULE at start: classes with their own _p_resolveConflict; the "
+        "classes it defines may be named by records it resolves (repeatable)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="let conflict resolution load this class too: pkg.module.Class, or pkg.* for "
+        "your own module pkg (repeatable; also $DURABLE_HEAP_ALLOW)",
     )
     p.add_argument("--read-only", action="store_true", help="serve the heap read-only")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
@@ -291,6 +301,13 @@ def _import_resolvers(names: list[str]) -> None:
                 f"--import {name}: cannot import it ({type(exc).__name__}: {exc}); "
                 "the module must be importable from the server's folder or PYTHONPATH"
             ) from exc
+
+
+def _server_allowlist(args: Any) -> Allowlist:
+    """What the server's conflict resolution may load: the defaults, ``--allow``,
+    ``$DURABLE_HEAP_ALLOW``, and the classes the ``--import`` modules define."""
+    imported = [name for module in args.imports for name in defined_classes(sys.modules[module])]
+    return Allowlist([*args.allow, *env_patterns(), *imported])
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -360,10 +377,13 @@ def run_server(args: Any) -> int:
     if target.scheme != "file":
         raise StorageError(f"--storage {args.storage}: the server serves a heap file, such as data/app.fs")
     _import_resolvers(args.imports)
+    allowlist = _server_allowlist(args)
     if isinstance(addr, str):
         _clear_stale_socket(addr)
     existed = os.path.exists(target.location)
     storage = open_storage(target, read_only=args.read_only)
+    allowlist.read_registry_from(storage)  # the classes stored through durable_heap
+    guard_conflicts(storage, allowlist)  # the server resolves conflicts: only allowed classes
     try:
         from ZEO.StorageServer import StorageServer
 
