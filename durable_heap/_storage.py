@@ -127,8 +127,9 @@ def _flag(target: Target, name: str) -> bool:
 
 def _open_file_storage(path: str, *, read_only: bool) -> Any:
     from zc.lockfile import LockError
-    from ZODB.FileStorage import FileStorage
     from ZODB.FileStorage.FileStorage import FileStorageFormatError
+
+    from ._filestorage import FileStorage  # ZODB's, recovering from a failed write
 
     exists = os.path.exists(path)
     if exists and os.path.isdir(path):
