@@ -496,9 +496,12 @@ class Heap:
 
         After a fault, above all one that cut off two-phase commit, the
         connection's cache may hold objects of a transaction that did or did not
-        commit, and ZODB's own clean-up may have stopped half-way (its
-        ``tpc_abort`` can raise in turn). Reusing it gave "A different object
-        already has the same oid", POSKeyError and BTrees assertions. ZODB trap:
+        commit: ZODB's clean-up (``Transaction._cleanup``: ``abort`` and
+        ``tpc_abort`` of each resource) is meant to undo them, but it logs and
+        skips whatever raises in turn, and ``Connection.tpc_abort`` invalidates
+        its objects only after its storage's ``tpc_abort`` returned. (The
+        errors of issue #12 came from reused oids, see `_zeo._client_class`;
+        this makes sure no other leftover can surface.) ZODB trap:
         ``Connection.close()`` returns a connection to the DB's pool *with its
         cache*, for the next ``db.open()`` to hand out. So instead its objects are
         ghosted (one the program kept cannot show the failed transaction's

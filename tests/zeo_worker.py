@@ -17,6 +17,7 @@ other error by kind).
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 import threading
@@ -28,6 +29,7 @@ import durable_heap as dh
 
 def faults(url: str, wid: str) -> None:
     """The ``faults`` mode: mixed actions through server kills, every outcome recorded."""
+    faulthandler.enable()  # a crash in C code leaves its traceback in the log
     heap = dh.open(url, attempts=500)
     print("ready", flush=True)
     sys.stdin.readline()
@@ -49,8 +51,12 @@ def faults(url: str, wid: str) -> None:
     errors: dict[str, int] = {}
     examples: dict[str, str] = {}
     last = ""
-    i = 0
-    while not stop.is_set():
+    i = after_stop = 0
+    while True:
+        if stop.is_set():  # go on until an action succeeds: the test checks each worker recovered
+            if last == "acked" or after_stop == 50:
+                break
+            after_stop += 1
         try:
             mixed(i)
             acked.append(i)
