@@ -117,6 +117,9 @@ def test_workers_survive_server_kills_mid_commit_and_count_every_acknowledged_ac
     # Each committed action appended one item, bumped both counts and wrote one key.
     assert len(items) == len(set(items)), "an action was committed twice"
     assert count == hits == len(items) - PREFILL == len(table) - PREFILL - 4
+    committed = {x for x in items if not x.startswith("pre-")}
+    doubtful = {f"{k}-{i}" for k, r in enumerate(results) for i in r["in_doubt"]}
+    print(f"of the {in_doubt} in doubt, {len(committed & doubtful)} had been committed")
     for k, r in enumerate(results):
         mine = {int(x.split("-")[1]) for x in items if x.startswith(f"{k}-")}
         assert set(r["acked"]) <= mine, f"worker {k}: acknowledged actions are missing"
