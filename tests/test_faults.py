@@ -53,6 +53,7 @@ def test_workers_survive_server_kills_mid_commit_and_count_every_acknowledged_ac
     rounds = int(os.environ.get("DURABLE_HEAP_SOAK_ROUNDS", "150")) if SOAK else 20
     server = ZeoServer(tmp_path / "server" / "app.fs")
     server.start()
+    procs: list[subprocess.Popen[str]] = []
     try:
         url = server.url + "?wait_timeout=60"
         with dh.open(url) as heap, heap.transaction() as state:
@@ -62,7 +63,6 @@ def test_workers_survive_server_kills_mid_commit_and_count_every_acknowledged_ac
             state.items = [f"pre-{i}" for i in range(PREFILL)]
             state.table = {f"pre-{i}": i for i in range(PREFILL)}
         logs = [tmp_path / f"worker-{k}.log" for k in range(4)]  # files: a full pipe would block
-        procs = []
         for k, log in enumerate(logs):
             with open(log, "w") as err:
                 procs.append(subprocess.Popen(
@@ -98,6 +98,10 @@ def test_workers_survive_server_kills_mid_commit_and_count_every_acknowledged_ac
             items = list(st.items)
             table = dict(st.table)
     finally:
+        for p in procs:  # after a failure: no worker is left waiting for a server
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         server.close()
 
     errors: dict[str, int] = {}
