@@ -268,9 +268,9 @@ def quiet_benign_logs() -> None:
 
 def _open_file_storage(path: str, *, read_only: bool) -> Any:
     from zc.lockfile import LockError
-    from ZODB.FileStorage import FileStorage
     from ZODB.FileStorage.FileStorage import FileStorageFormatError
 
+    from ._filestorage import FileStorage  # ZODB's, recovering from a failed write
     from ._follow import FollowingFileStorage
 
     exists = os.path.exists(path)

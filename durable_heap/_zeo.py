@@ -205,13 +205,12 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
     if size is not None:
         kwargs["cache_size"] = int(size)
 
-    import ZEO.ClientStorage
     from zc.lockfile import LockError
     from ZEO.Exceptions import ClientDisconnected
 
     try:
         with private_files():  # the client cache file is private too
-            storage = ZEO.ClientStorage.ClientStorage(addr, **kwargs)
+            storage = _client_class()(addr, **kwargs)
     except ClientDisconnected:
         tls = " over TLS (check the tls_* options and that the server uses TLS)" if ssl_ctx else ""
         raise ServerUnavailableError(
@@ -232,6 +231,53 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
             "or restart the server without --read-only"
         )
     return storage
+
+
+_client: type | None = None
+
+
+def _client_class() -> type:
+    """ZEO's ClientStorage, with two traps of a lost server taken out (ZEO 6.2).
+
+    * ``new_oid``: a client asks the server for new oids 100 at a time and keeps
+      those it has not used across a reconnect. A server that was killed (no clean
+      close, so no ``.index`` recording its last oid) restarts knowing only the oids
+      of committed records and hands the others out again: two clients then give
+      one oid to two different new objects, which ends in "A different object
+      already has the same oid", POSKeyError, StateLoadError or a BTrees assertion
+      in a client (issue #12). Here the oids of an earlier connection are dropped.
+    * ``tpc_abort`` of a transaction cut off by the lost connection waits up to
+      ``wait_timeout`` for a server to send the abort to, though the server has
+      dropped that transaction with the connection: the failed action would
+      report its fault only after that wait. Here it is not sent then.
+    """
+    global _client
+    if _client is None:
+        import ZEO.ClientStorage
+
+        class ClientStorage(ZEO.ClientStorage.ClientStorage):  # type: ignore[misc]
+            def notify_connected(self, conn: Any, info: Any) -> None:
+                # Called in ZEO's IO thread before the connection is usable, so no
+                # new_oid can fetch from the new server first. A transaction begun
+                # on the old connection fails anyway (ZEO checks its generation).
+                del self._oids[:]
+                super().notify_connected(conn, info)
+
+            def tpc_abort(self, txn: Any, timeout: Any = None) -> None:
+                try:
+                    tbuf = txn.data(self)
+                except KeyError:
+                    return
+                # tpc_begin records the connection generation (bumped at every
+                # connect and disconnect); tpc_finish ends its buffer (None) also
+                # when it fails. Either way no server holds this transaction now.
+                if tbuf is None or tbuf.connection_generation != self._connection_generation:
+                    self.tpc_end(txn)  # releases the client's commit lock
+                    return
+                super().tpc_abort(txn, timeout)
+
+        _client = ClientStorage
+    return _client
 
 
 # --- the server: durable-heap zeo ---------------------------------------------------------

@@ -21,7 +21,6 @@ from typing import Any
 
 import persistent
 import pytest
-from persistent import Persistent
 import transaction
 import ZODB
 import ZODB.ConflictResolution
@@ -29,6 +28,7 @@ import ZODB.FileStorage
 import ZODB.POSException
 import ZODB.serialize
 from BTrees.OOBTree import OOBucket
+from persistent import Persistent
 
 import durable_heap as dh
 from durable_heap import _allow, _values
