@@ -256,6 +256,24 @@ class _Entries(LOBTree):
             yield "", node
 
 
+#: Above every sequence number an entries tree holds (LOBTree keys are signed 64-bit).
+_SEQ_MAX = 2**63 - 1
+
+
+def _last_seq(entries: Any) -> int:
+    """``entries.maxKey()``, by the path that survives a failed load; ValueError if empty.
+
+    BTrees trap (BTrees 6.5, ``BTree_maxminKey`` without a key): it uses what
+    ``BTree_lastBucket`` returns without checking it, so when loading an inner
+    node on the way to the last bucket fails (a lost ZEO server, a missing
+    record), the process dies of a segfault (an assertion in debug builds)
+    instead of raising. With a bound the search goes through
+    ``BTree_findRangeEnd``, which checks. Trees of more than about 2,500 entries
+    (64 buckets of 40) have such inner nodes.
+    """
+    return entries.maxKey(_SEQ_MAX)  # type: ignore[no-any-return]
+
+
 def _bucket_values(state: Any) -> list[Any]:
     """Keys and values of a bucket state ``((seq, (key, value), ...), [next])``."""
     return list(chain.from_iterable(state[0][1::2]))
@@ -510,7 +528,7 @@ class _Hashed(Persistent):
             ikey = stable_hash(key)
         entries = self._entries
         try:
-            last = entries.maxKey()
+            last = _last_seq(entries)
         except ValueError:
             last = 0
         # A small random gap: two processes appending at once rarely pick the
@@ -608,7 +626,7 @@ class _Hashed(Persistent):
             return item
         self._guard()
         entries = self._entries
-        seq = entries.maxKey()
+        seq = _last_seq(entries)
         key, value = entries[seq]
         del entries[seq]
         self._unlink(key if type(self._index) is _KeyIndex else stable_hash(key), seq)
@@ -642,7 +660,7 @@ class _Hashed(Persistent):
         """
         entries = self._entries
         try:
-            seq = entries.maxKey()
+            seq = _last_seq(entries)
         except ValueError:
             seq = 0
         it = iter(items)
@@ -693,7 +711,7 @@ class _Hashed(Persistent):
         entries = self._entries
         if not entries:
             return
-        seq = entries.maxKey()
+        seq = _last_seq(entries)
         while True:
             yield entries[seq][0]
             try:

@@ -111,7 +111,17 @@ class HeapClosedError(DurableHeapError, RuntimeError):
 
 
 class StorageError(DurableHeapError):
-    """The storage behind a heap cannot be opened or used."""
+    """The storage behind a heap cannot be opened or used.
+
+    Raised for a transaction that a fault cut off (a lost ZEO server, a failed
+    write), `outcome_unknown` says whether it may have been committed: False when
+    nothing of it was (it can simply run again), True when the fault came after
+    the storage had accepted it (check before repeating it). The message says the same.
+    """
+
+    def __init__(self, *args: object, outcome_unknown: bool = False) -> None:
+        super().__init__(*args)
+        self.outcome_unknown = outcome_unknown
 
 
 class HeapLockedError(StorageError):

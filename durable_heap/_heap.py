@@ -19,6 +19,11 @@ What a `Heap` promises:
   ``with`` inside a coroutine) runs on a connection of its own from ZODB's
   pool, found through a context variable that records its owner (see `_Task`).
   Another task, or a thread the context was copied into, never shares it.
+* A fault during a transaction (a lost ZEO server, a failed write) raises
+  `ServerUnavailableError` or `StorageError` saying whether the transaction may
+  have been committed (``outcome_unknown``); it is never retried, and the
+  connection it used is thrown away, so the next transaction starts clean. A
+  local storage whose fsync failed is closed (`HeapStatus.FAILED`): reopen it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import contextvars
 import datetime
 import enum
+import errno
 import functools
 import inspect
 import os
@@ -37,7 +43,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import transaction
@@ -48,8 +54,10 @@ import ZODB.Connection
 import ZODB.POSException
 
 from . import _values
+from ._allow import Allowlist, env_patterns, guard_conflicts
 from ._errors import (
     ConflictError,
+    DurableHeapError,
     HeapClosedError,
     NoActiveHeapError,
     ServerUnavailableError,
@@ -59,7 +67,7 @@ from ._errors import (
 from ._integrity import CheckedDB
 from ._state import State
 from ._storage import Target, open_storage, parse_target, private_files
-from ._values import ROOT_KEY, forget_reads, precheck, reset_watch
+from ._values import ROOT_KEY, forget_reads, path_of, precheck, reset_watch
 
 if TYPE_CHECKING:
     import asyncio
@@ -95,6 +103,9 @@ class HeapStatus(enum.Enum):
 
     OPEN = "open"
     CLOSED = "closed"
+    #: A write failed in a way that leaves the file's durable state unknown (a
+    #: failed fsync): the storage was closed, and the heap must be opened again.
+    FAILED = "failed"
 
 
 class _Thread(threading.local):
@@ -215,14 +226,18 @@ class Heap:
         read_only: bool = False,
         pool_size: int = 64,
         max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
+        allow: Iterable[str] = (),
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.max_async_transactions = max_async_transactions
+        #: The globals this heap's records may name (see `durable_heap._allow`).
+        self.allowlist = Allowlist(allow, programs=_values.program_roots, registered=_values.registered)
         self.target = target
         self.max_attempts = attempts
         self.read_only = read_only
         self.status = HeapStatus.OPEN
+        self._failure = ""  # why the heap is FAILED: part of every later error
         #: Class renames of the loaded program versions: old path -> new path.
         self.renames: dict[str, str] = {}
         self._renames_by_program: dict[str, dict[str, str]] = {}
@@ -257,6 +272,7 @@ class Heap:
         for attempt in range(1, self.max_attempts + 1):
             storage = open_storage(self.target, read_only=self.read_only)
             try:
+                guard_conflicts(storage, self.allowlist)
                 with private_files():
                     return CheckedDB(storage, cache_size=cache_size, pool_size=pool_size,
                                      class_factory=self._find_class)
@@ -324,9 +340,12 @@ class Heap:
         """Close every thread's connection and the storage. Idempotent."""
         if self.status is HeapStatus.CLOSED:
             return
+        failed = self.status is HeapStatus.FAILED
         self.status = HeapStatus.CLOSED
         if self in _open_heaps:
             _open_heaps.remove(self)
+        if failed:
+            return  # its storage was closed when it failed
         for conn in list(self._conns):
             _close_quietly(conn)
         with private_files():
@@ -349,12 +368,12 @@ class Heap:
         if task is not None and task.conn is not None and task.thread == threading.get_ident():
             if task.task is not _running_task():
                 raise self._foreign()
-            if self.status is HeapStatus.CLOSED:
+            if self.status is not HeapStatus.OPEN:
                 raise self._closed()
             return task
         local = self._local
         if local.conn is None:
-            if self.status is HeapStatus.CLOSED:
+            if self.status is not HeapStatus.OPEN:
                 raise self._closed()
             tm = transaction.TransactionManager(explicit=True)
             conn = self.db.open(transaction_manager=tm)
@@ -365,7 +384,7 @@ class Heap:
             weakref.finalize(local.slot, _close_quietly, conn)
             with self._lock:
                 self._conns.add(conn)
-        elif self.status is HeapStatus.CLOSED:
+        elif self.status is not HeapStatus.OPEN:
             raise self._closed()
         elif local.generation != self._generation and not local.depth:
             self._drop_cache(local)
@@ -374,7 +393,8 @@ class Heap:
     # -- classes ------------------------------------------------------------------------
 
     def _find_class(self, conn: Any, module: str, name: str) -> Any:
-        """ZODB's class factory: ZODB's own lookup, after the programs' rename tables.
+        """ZODB's class factory: ZODB's own lookup, after the programs' rename tables,
+        of the globals the allowlist admits (`ClassNotAllowedError` for the others).
 
         A program this process has not loaded is installed from the heap first
         (`_install_program`), never imported from whatever file ``sys.path`` finds.
@@ -392,6 +412,8 @@ class Heap:
                 # the root mapping's reference to a declared State before anything
                 # can be read: not from the file on disk either.
                 return State if name == "State" else _broken_class(module, name)
+        if (module, name) not in self.allowlist.allowed:  # a set lookup, once known
+            self.allowlist.check(conn, module, name)  # raises before anything is imported
         found = ZODB.broken.find_global(module, name)
         if name == "State" and isinstance(found, type) and issubclass(found, ZODB.broken.Broken):
             # A root stored as a program's declared State, opened where that program
@@ -484,7 +506,14 @@ class Heap:
             "transaction ends, so that it opens its own."
         )
 
-    def _closed(self) -> HeapClosedError:
+    def _closed(self) -> DurableHeapError:
+        if self.status is HeapStatus.FAILED:
+            return StorageError(
+                f"the heap {self.target} was closed after {self._failure}, which left the "
+                "file's durable state unknown: open it again with durable_heap.open() (it "
+                "opens with every acknowledged commit; the transaction that failed may or "
+                "may not be in it)."
+            )
         return HeapClosedError(f"the heap {self.target} is closed: open it again with durable_heap.open()")
 
     @property
@@ -503,8 +532,10 @@ class Heap:
                 try:
                     local.conn.newTransaction(None)  # see the latest commits
                 except Exception as exc:
+                    if _is_fault(exc):
+                        self._discard(local)  # it may have lost invalidations half-way
                     if _disconnected(exc):
-                        raise self._server_lost(None, committing=False) from exc
+                        raise self._server_lost(None, unknown=False) from exc
                     raise
                 forget_reads(local.conn)
         st = local.state
@@ -582,7 +613,7 @@ class Heap:
             with self._task_transaction(task, note, gate):
                 yield self.state
         except transaction.interfaces.TransientError as exc:
-            raise _conflict(1, note) from exc
+            raise _conflict(1, note, exc, local.conn, retried=False) from exc
 
     def _outermost(self, local: _Local, task: Any,
                    note: str | None) -> contextlib.AbstractContextManager[None]:
@@ -612,7 +643,7 @@ class Heap:
             gate.release()
 
     def _open_task(self, task: Any) -> _Task:
-        if self.status is HeapStatus.CLOSED:
+        if self.status is not HeapStatus.OPEN:
             raise self._closed()
         tm = transaction.TransactionManager(explicit=True)
         # A pooled connection's cache was reset by ZODB at this open if classes
@@ -646,15 +677,21 @@ class Heap:
 
     @contextlib.contextmanager
     def _transaction(self, local: _Local, note: str | None) -> Iterator[None]:
-        """The outermost transaction; TransientError propagates (for retries)."""
+        """The outermost transaction; TransientError propagates (for retries).
+
+        A fault (`_is_fault`: the storage or the link to it failed) in any phase
+        throws the connection away (`_discard`) and raises our error (`_fault`),
+        which says whether the transaction may have been committed. Conflicts and
+        the program's own errors abort as ZODB intends, on the same connection.
+        """
         tm = local.tm
         try:
             txn = tm.begin()  # under ZEO, asks the server for the latest commits
         except BaseException as exc:
-            with contextlib.suppress(transaction.interfaces.NoTransaction):
-                tm.abort()  # a begin that failed half-way leaves a transaction behind
-            if _disconnected(exc):
-                raise self._server_lost(note, committing=False) from exc
+            # A begin that failed half-way may have dropped invalidations on the floor.
+            self._discard(local)
+            if _disconnected(exc) or self.status is not HeapStatus.OPEN:
+                raise self._fault(exc, note, unknown=False) from exc
             raise
         if note:
             txn.note(note)
@@ -663,37 +700,149 @@ class Heap:
             yield
         except BaseException as exc:
             local.depth = 0
-            tm.abort()
-            if _disconnected(exc):
-                raise self._server_lost(note, committing=False) from exc
+            if _is_fault(exc, in_program=True) or self.status is not HeapStatus.OPEN:
+                self._discard(local)  # a load failed: nothing was sent to be committed
+                if _disconnected(exc) or self.status is not HeapStatus.OPEN:
+                    raise self._fault(exc, note, unknown=False) from exc
+                raise
+            try:
+                tm.abort()
+            except BaseException:
+                self._discard(local)
+                raise
             raise
         local.depth = 0
         try:
             precheck(local.conn)
             tm.commit()
         except transaction.interfaces.TransientError as exc:
-            tm.abort()
             if _disconnected(exc):  # transient to ZEO, but a retry could commit twice
-                raise self._server_lost(note, committing=True) from exc
+                unknown = _voted(txn)
+                self._discard(local)
+                raise self._fault(exc, note, unknown=unknown) from exc
+            tm.abort()
             raise
         except BaseException as exc:
+            if _is_fault(exc) or self.status is not HeapStatus.OPEN:
+                unknown = _voted(txn)
+                self._discard(local)
+                raise self._fault(exc, note, unknown=unknown) from exc
             err = _translate_commit_error(exc)
             tm.abort()
             if err is exc:
                 raise
             raise err from exc
 
-    def _server_lost(self, note: str | None, *, committing: bool) -> ServerUnavailableError:
+    def _discard(self, local: _Local) -> None:
+        """Throw this thread's connection away after a fault: it is never used again.
+
+        After a fault, above all one that cut off two-phase commit, the
+        connection's cache may hold objects of a transaction that did or did not
+        commit: ZODB's clean-up (``Transaction._cleanup``: ``abort`` and
+        ``tpc_abort`` of each resource) is meant to undo them, but it logs and
+        skips whatever raises in turn, and ``Connection.tpc_abort`` invalidates
+        its objects only after its storage's ``tpc_abort`` returned. (The
+        errors of issue #12 came from reused oids, see `_zeo._client_class`;
+        this makes sure no other leftover can surface.) ZODB trap:
+        ``Connection.close()`` returns a connection to the DB's pool *with its
+        cache*, for the next ``db.open()`` to hand out. So instead its objects are
+        ghosted (one the program kept cannot show the failed transaction's
+        state), it is taken out of the pool (``DB.pool.all``, under the DB's
+        lock), and its storage instance and cache are released, as the pool does
+        with connections it evicts (``Connection._release_resources``). The
+        thread's next transaction opens a new connection and transaction manager.
+
+        ZEO's own client cache needs nothing: it takes a commit's records only
+        once the server has answered ``tpc_finish``, and when that call fails ZEO
+        drops the server connection and, on reconnecting, invalidates whatever
+        the server committed meanwhile (``ClientStorage.tpc_finish``, ``verify``).
+        """
+        conn = local.conn
+        local.conn = local.tm = local.state = None
+        local.depth = 0
+        if conn is None:
+            return
+        with self._lock:
+            self._conns.discard(conn)
+        tm = conn.transaction_manager
+        if tm is not None:
+            with contextlib.suppress(Exception):
+                tm.abort()  # its clean-up may fail again: the connection goes anyway
+        with contextlib.suppress(Exception):
+            reset_watch(conn)
+        db = self.db
+        with db._lock:
+            db.pool.all.discard(conn)  # open connections are in `all` only, not `available`
+        with contextlib.suppress(Exception):
+            cache = conn._cache
+            cache.invalidate(list(cache.cache_data))  # ghosts even changed objects
+        with contextlib.suppress(Exception):
+            conn._release_resources()
+        # A later close() (the thread's finalizer below) neither returns it to
+        # the pool nor loads: ZODB checks `opened` for both.
+        conn.opened = None
+        local.slot = None
+
+    def _fault(self, exc: BaseException, note: str | None, *, unknown: bool) -> DurableHeapError:
+        """Our error for a fault that cut a transaction off (see `_transaction`).
+
+        `unknown`: the fault came after every vote, so the storage may have
+        committed it. A local storage is then closed for good (`_fail`).
+        """
+        if self.status is not HeapStatus.OPEN:
+            return self._closed()  # failed (or closed) by another thread meanwhile
+        if _disconnected(exc):
+            return self._server_lost(note, unknown=unknown)
+        what = f" during {note}" if note else ""
+        reason = _reason(exc)
+        if not unknown:
+            return StorageError(
+                f"writing to the heap {self.target}{what} failed: {reason}. Nothing of the "
+                "transaction was committed, and the heap is as it was after its last commit: "
+                f"{_remedy(exc)}",
+                outcome_unknown=False,
+            )
+        if self.target.scheme == "zeo":
+            return StorageError(
+                f"the ZEO server at {self.target} failed{what} after it had accepted the "
+                f"transaction: {reason}. The transaction may or may not have been committed; "
+                "check before repeating it.",
+                outcome_unknown=True,
+            )
+        self._fail(f"a failed write ({reason})")
+        return StorageError(
+            f"writing to the heap {self.target}{what} failed while the transaction was being "
+            f"made durable: {reason}. The transaction may or may not have been committed; "
+            "check before repeating it. The heap was closed, because the file's durable "
+            "state is unknown: open it again with durable_heap.open() (it opens with every "
+            "acknowledged commit).",
+            outcome_unknown=True,
+        )
+
+    def _fail(self, why: str) -> None:
+        """Close the storage for good: its file's durable state is unknown.
+
+        ZODB's FileStorage has already closed its files (``FileStorage._finish``);
+        closing the DB also releases the lock file, so that the heap can be
+        opened again in this process. Every later use raises (`_closed`).
+        """
+        self.status = HeapStatus.FAILED
+        self._failure = why
+        with private_files(), contextlib.suppress(Exception):
+            self.db.close()
+
+    def _server_lost(self, note: str | None, *, unknown: bool) -> ServerUnavailableError:
         what = f" during {note}" if note else ""
         fate = (
-            "the transaction was aborted; if the server had already received its commit "
-            "the change is kept, so check before repeating it"
-            if committing
+            "the transaction may or may not have been committed (the connection was lost "
+            "after the server had accepted it): check before repeating it"
+            if unknown
             else "the transaction was aborted and nothing of it was committed"
         )
         return ServerUnavailableError(
             f"lost the connection to the ZEO server at {self.target}{what}: {fate}. "
-            "Later transactions reconnect by themselves once the server is back."
+            "Later transactions reconnect by themselves once the server is back.",
+            outcome_unknown=unknown,
         )
 
     def attempts(self, attempts: int | None = None, note: str | None = None) -> Iterator[_Attempt]:
@@ -741,7 +890,7 @@ class Heap:
                 return result
             except transaction.interfaces.TransientError as exc:
                 if n == attempts:
-                    raise _conflict(n, note) from exc
+                    raise _conflict(n, note, exc, local.conn, how=_ACTION_ATTEMPTS) from exc
             _backoff(n)  # a sync function cannot await: in a coroutine, this blocks the loop
         raise AssertionError("unreachable")
 
@@ -769,7 +918,7 @@ class Heap:
                 return result
             except transaction.interfaces.TransientError as exc:
                 if n == attempts:
-                    raise _conflict(n, note) from exc
+                    raise _conflict(n, note, exc, None, how=_ACTION_ATTEMPTS) from exc
             await _asyncio().sleep(_backoff_delay(n))  # the place is free meanwhile
         raise AssertionError("unreachable")
 
@@ -890,6 +1039,7 @@ class _Attempt:
         self.heap, self.number, self.total, self.note = heap, number, total, note
         self.done = False
         self._cm: Any = None
+        self._conn: Any = None
 
     def __enter__(self) -> State:
         local = self.heap._thread()
@@ -897,6 +1047,7 @@ class _Attempt:
             raise RuntimeError("heap.attempts() cannot run inside another transaction")
         self._cm = self.heap._outermost(local, _running_task(), self.note)
         self._cm.__enter__()
+        self._conn = self.heap._thread().conn  # a task's own, once its transaction is open
         return self.heap.state
 
     def __exit__(self, tp: Any, value: Any, tb: Any) -> bool:
@@ -904,14 +1055,14 @@ class _Attempt:
             self._cm.__exit__(tp, value, tb)
         except transaction.interfaces.TransientError as exc:
             if self.number == self.total:
-                raise _conflict(self.number, self.note) from exc
+                raise _conflict(self.number, self.note, exc, self._conn, how=_LOOP_ATTEMPTS) from exc
             return True  # swallowed: the loop tries again
         if tp is None:
             self.done = True
             return False
         if isinstance(value, transaction.interfaces.TransientError):
             if self.number == self.total:
-                raise _conflict(self.number, self.note) from value
+                raise _conflict(self.number, self.note, value, self._conn, how=_LOOP_ATTEMPTS) from value
             return True
         self.done = True
         return False
@@ -945,7 +1096,7 @@ class _Block:
             try:
                 cm.__enter__()
             except transaction.interfaces.TransientError as exc:
-                raise _conflict(1, self.note) from exc
+                raise _conflict(1, self.note, exc, None, retried=False) from exc
             self._sync = cm
         try:
             return heap.state
@@ -962,9 +1113,9 @@ class _Block:
         try:
             cm.__exit__(tp, value, tb)  # aborts on an exception, which it never swallows
         except transaction.interfaces.TransientError as exc:
-            raise _conflict(1, self.note) from exc  # a conflict at commit
+            raise _conflict(1, self.note, exc, None, retried=False) from exc  # a conflict at commit
         if isinstance(value, transaction.interfaces.TransientError):
-            raise _conflict(1, self.note) from value  # a conflict inside the block
+            raise _conflict(1, self.note, value, None, retried=False) from value  # inside the block
 
     async def __aenter__(self) -> State:
         if self._sync is not None or self._joined is not None or self._async is not None:
@@ -1063,14 +1214,121 @@ def _stale_format(target: Target, root: Any) -> bool:
     return found < _FORMAT
 
 
-def _conflict(attempts: int, note: str | None) -> ConflictError:
+def _is_fault(exc: BaseException, *, in_program: bool = False) -> bool:
+    """True when the storage, or the link to it, failed (as opposed to a conflict, a
+    read-only refusal or the program's own error, which ZODB aborts cleanly).
+
+    `in_program`: raised while the program's code ran, where an OSError is its own.
+    """
+    if isinstance(exc, DurableHeapError):
+        return False
+    if isinstance(exc, OSError):
+        return not in_program
+    if isinstance(exc, ZODB.POSException.POSKeyError):
+        return True  # a reference to a record the storage does not have
+    return isinstance(exc, ZODB.POSException.StorageError) and not isinstance(
+        exc, ZODB.POSException.ReadOnlyError
+    )
+
+
+def _voted(txn: Any) -> bool:
+    """Whether every resource of a failed commit had voted: then its outcome is unknown.
+
+    A storage commits only in ``tpc_finish``, so a fault before every vote is in
+    leaves nothing committed (ZEO's server aborts a transaction whose client went
+    away before ``tpc_finish``; FileStorage truncates a failed vote's write). Reads
+    transaction's private ``Transaction._voted`` (id(resource) -> True, set as each
+    ``tpc_vote`` returns; transaction 5.1) and ``_resources``, both kept until the
+    failed transaction is aborted. Without them, assume the worst.
+    """
+    voted = getattr(txn, "_voted", None)
+    resources = getattr(txn, "_resources", None)
+    if not isinstance(voted, dict) or not isinstance(resources, list):
+        return True
+    return bool(resources) and all(id(rm) in voted for rm in resources)
+
+
+_ERRNO_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is too large: it would grow past the size limit for files (ulimit -f)",
+    errno.EIO: "an input/output error",
+}
+
+
+def _reason(exc: BaseException) -> str:
+    """What failed, for a message: "the disk is full (ENOSPC)"."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        what = _ERRNO_REASONS.get(exc.errno) or exc.strerror or str(exc)
+        return f"{what} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _remedy(exc: BaseException) -> str:
+    """The sentence that ends a "nothing was committed" message."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space (or pack the heap) and run it again."
+    if code == errno.EFBIG:
+        return "raise the limit (ulimit -f), or pack the heap, and run it again."
+    return "run it again once the cause is fixed."
+
+
+_MORE_ATTEMPTS = "durable_heap.open(target, attempts=N)"
+_ACTION_ATTEMPTS = "@heap.action(attempts=N), or durable_heap.open(target, attempts=N) for every action"
+_LOOP_ATTEMPTS = "a larger N in heap.attempts(N)"
+
+
+def _conflict(attempts: int, note: str | None, cause: BaseException | None = None,
+              conn: Any = None, *, retried: bool = True, how: str = _MORE_ATTEMPTS) -> ConflictError:
+    """The error for a transaction that kept conflicting.
+
+    `cause` (ZODB's ConflictError) names the contended record; `retried`: False
+    for a single ``heap.transaction()``, which is advised to retry; `how` says
+    where to allow more attempts.
+    """
     what = f" in {note}" if note else ""
     tries = "once" if attempts == 1 else f"{attempts} times"
+    if not retried:
+        advice = ("Run it through @heap.action or heap.attempts(n) to retry, with more "
+                  "attempts if this keeps happening.")
+    else:
+        advice = (
+            "If it is a counter that every call increments, make it a durable_heap.Counter, "
+            "whose concurrent increments merge instead of conflicting; otherwise let "
+            "concurrent transactions change different objects, or allow more attempts "
+            f"({how})."
+        )
     return ConflictError(
-        f"a concurrent transaction changed the same objects{what}, and the "
-        f"transaction was tried {tries}. Run it through @heap.action or "
-        "heap.attempts(n) to retry, with more attempts if this keeps happening."
+        f"a concurrent transaction changed the same object{_contended(cause, conn)}{what}, "
+        f"and the transaction was tried {tries}. {advice}"
     )
+
+
+def _contended(cause: BaseException | None, conn: Any) -> str:
+    """`` (state: durable_heap._state.State, oid 0x1)``, as far as cheaply known, or ''.
+
+    ZODB's ConflictError carries the record's oid and class; the path is found
+    only among objects in memory (`path_of` loads nothing).
+    """
+    oid = getattr(cause, "oid", None)
+    class_name = getattr(cause, "class_name", None)
+    path = ""
+    if isinstance(oid, bytes) and conn is not None:
+        with contextlib.suppress(Exception):
+            obj = conn._cache.get(oid)
+            found = path_of(obj) if obj is not None else "<"
+            path = "" if found.startswith("<") else found
+    if isinstance(class_name, str) and class_name.startswith("durable_heap._"):
+        class_name = "durable_heap." + class_name.rpartition(".")[2]  # its public name
+    record = [str(class_name)] if class_name else []
+    if isinstance(oid, bytes):
+        record.append(f"oid 0x{oid.hex().lstrip('0') or '0'}")
+    inner = ", ".join(record)
+    if path:
+        inner = f"{path}: {inner}" if inner else path
+    return f" ({inner})" if inner else ""
 
 
 def call_note(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -1202,6 +1460,7 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     cache_size: int = DEFAULT_CACHE_SIZE,
     read_only: bool = False,
     max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
+    allow: Iterable[str] = (),
 ) -> Heap:
     """Open (creating if needed) the heap at `target` and make it the active one.
 
@@ -1212,6 +1471,9 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     often actions are tried when they conflict; `cache_size` how many objects
     each thread keeps in memory; `max_async_transactions` how many asyncio
     transactions may be open at once per event loop (more wait for a place).
+    `allow` names more classes its records may load (``"pkg.module.Class"``, or
+    ``"pkg.*"`` for your own module ``pkg``), as does ``$DURABLE_HEAP_ALLOW``;
+    see docs/api.md.
 
     >>> import durable_heap as dh
     >>> heap = dh.open("memory://")
@@ -1222,4 +1484,5 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     parsed = parse_target(target)
     read_only = read_only or target_read_only(parsed)  # ?read_only=1, for every scheme
     return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
-                max_async_transactions=max_async_transactions)
+                max_async_transactions=max_async_transactions,
+                allow=[*([allow] if isinstance(allow, str) else allow), *env_patterns()])

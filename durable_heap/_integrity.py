@@ -39,7 +39,6 @@ import ZODB.Connection
 import ZODB.interfaces
 import ZODB.POSException
 import zope.interface
-from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage.FileStorage import packed_version  # the magic read_index checks
 from ZODB.FileStorage.format import (
     DATA_HDR,
@@ -51,7 +50,9 @@ from ZODB.FileStorage.format import (
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import oid_repr, tid_repr, u64, z64
 
+from . import _allow
 from ._errors import CorruptHeapError, DurableHeapError, StorageError
+from ._filestorage import FileStorage  # ZODB's, recovering from a failed write
 
 __all__ = [
     "MARK",
@@ -62,6 +63,7 @@ __all__ = [
     "intact",
     "scan",
     "seal",
+    "strip",
 ]
 
 # --- the record seal -------------------------------------------------------------------
@@ -70,9 +72,13 @@ __all__ = [
 # little-endian. A ZODB record is two pickles (class, then state) and every pickle
 # ends with the STOP opcode b".", so a record that ends with MARK (whose last byte is
 # not b".") is sealed and one that ends with b"." was written before seals (read as it
-# is). ZODB's readers stop at the second STOP, so a sealed record is also a valid
-# record as it stands: loads return it without a copy, and durable_heap 0.2, raw ZODB
-# and its tools (pack, fsdump, conflict resolution, zodbconvert) read it unchanged.
+# is). ZODB's unpicklers stop at the second STOP, so a sealed record is also a valid
+# record as it stands: loads of objects (``loadBefore``, the hot path) return it as
+# stored, without a copy, and durable_heap 0.2, raw ZODB and its tools (pack, fsdump,
+# zodbconvert) read it unchanged. Every other path that hands out records (``load``,
+# ``loadSerial``, iterators, conflict resolution) returns the record without its seal:
+# what ZODB wrote, for readers that parse a record to its end (the allowlist's
+# conflict guard reads every opcode with pickletools).
 # CRC-32 finds every single-bit flip and every burst of up to 32 bits. The CRC of a
 # message followed by its own CRC is a constant, so one crc32 call over the whole
 # record checks it (`_SEALED`). The oid is in the CRC, not in the record: a record
@@ -83,11 +89,17 @@ MARK = b"dh"
 _RESIDUE = 0x2144DF1C  # crc32(m + crc32(m).to_bytes(4, "little")) for every m
 _SEALED = zlib.crc32(MARK, _RESIDUE)  # crc32 of any sealed record, seeded with its oid's
 _crc = zlib.crc32
+_SEAL_LEN = 4 + len(MARK)
 
 
 def seal(oid: bytes, data: bytes) -> bytes:
     """The record stored for `data` (a ZODB record) of `oid`: its CRC-32 over oid and data appended."""
     return data + _crc(data, _crc(oid)).to_bytes(4, "little") + MARK
+
+
+def strip(data: bytes) -> bytes:
+    """A record without its seal (one from before seals as it is)."""
+    return data[:-_SEAL_LEN] if data[-2:] == MARK else data
 
 
 def intact(oid: bytes, data: bytes) -> bool:
@@ -186,7 +198,8 @@ class ChecksumStorage:
         return len(self.base)
 
     # -- reads ----------------------------------------------------------------------------
-    # A record is checked and returned as it is stored (see MARK): nothing to strip.
+    # Every record is checked; loadBefore returns it as stored, the others without
+    # its seal (see MARK).
 
     def _load_before(self) -> Callable[[bytes, bytes], Any]:
         """``loadBefore``, made once per wrapper: every load of an object comes here.
@@ -235,7 +248,7 @@ class ChecksumStorage:
         if serial > self.base.lastTransaction():
             raise self._future(oid, serial)
         self._check(oid, serial, data)
-        return data, serial
+        return strip(data), serial
 
     def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
         try:
@@ -243,7 +256,7 @@ class ChecksumStorage:
         except _READ_ERRORS:
             raise self._unreadable(oid) from None
         self._check(oid, serial, data)
-        return data  # type: ignore[no-any-return]
+        return strip(data)
 
     def record_iternext(self, next: Any = None) -> tuple[bytes, bytes, bytes, Any]:  # noqa: A002 - ZODB's name
         try:
@@ -254,7 +267,7 @@ class ChecksumStorage:
                 raise self._unreadable(oid) from None
             raise
         self._check(oid, tid, data)
-        return oid, tid, data, cursor
+        return oid, tid, strip(data) if data else data, cursor
 
     def iterator(self, start: Any = None, stop: Any = None) -> _Iterator:
         return _Iterator(self.base.iterator(start, stop), self)
@@ -395,8 +408,9 @@ class ChecksumStorage:
 
     # -- IStorageWrapper (what the base and ZODB call back) ------------------------------------
     # pack's reference finder, DB.references and blob detection read sealed records
-    # as they are (the trailer is never reached); only conflict resolution's output,
-    # a new record, needs sealing.
+    # as they are (their unpicklers never reach the seal); conflict resolution reads
+    # its records through untransform_record_data (checked, unsealed) and its
+    # merged record is sealed by transform_record_data.
 
     def registerDB(self, db: Any) -> None:
         self.db = db
@@ -424,6 +438,7 @@ class ChecksumStorage:
         oid = getattr(self._storing, "oid", None)
         if oid is not None:
             self._check(oid, None, data)
+        data = strip(data)
         return self.db.untransform_record_data(data) if self.db is not None else data
 
 
@@ -457,7 +472,9 @@ class _Transaction:
 
     def __iter__(self) -> Iterator[Any]:
         for r in self._trans:
-            self._storage._check(r.oid, r.tid, r.data)
+            if r.data:
+                self._storage._check(r.oid, r.tid, r.data)
+                r.data = strip(r.data)
             yield r
 
     def __getattr__(self, name: str) -> Any:
@@ -472,8 +489,11 @@ _U64 = struct.Struct(">Q")
 _AHEAD = 1440 << 32  # the upper 32 bits of a tid count minutes
 
 
-class CheckedFileStorage(FileStorage):  # type: ignore[misc]
+class CheckedFileStorage(FileStorage):
     """A FileStorage that refuses, untouched, a file it would open as less than it holds.
+
+    It is durable_heap's FileStorage (`durable_heap._filestorage`: a failed write
+    leaves nothing behind), opened with a checked scan.
 
     ZODB trap: FileStorage's constructor reads its index (``_restore_index``) and
     then scans the file from the index's position (from the start without a valid
@@ -753,16 +773,16 @@ def _recovery(name: str, pos: int) -> str:
 # --- the connection: one place where raw read errors become CorruptHeapError -------------------
 
 
-_setstate, _get = ZODB.Connection.Connection.setstate, ZODB.Connection.Connection.get
-
-
 def _class_name(obj: Any) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class CheckedConnection(ZODB.Connection.Connection):  # type: ignore[misc]
+class CheckedConnection(_allow.Connection):
     """ZODB's Connection, with read errors of damaged records turned into `CorruptHeapError`.
+
+    It extends the allowlist's connection (`durable_heap._allow.Connection`, which
+    names the record a refused class came from): a refusal passes through as it is.
 
     ZODB trap: every object's state is loaded by ``Connection.setstate`` (persistent
     calls ``jar.setstate(obj)`` to unghost an object) and every object fetched by
@@ -776,7 +796,7 @@ class CheckedConnection(ZODB.Connection.Connection):  # type: ignore[misc]
 
     def setstate(self, obj: Any) -> None:
         try:
-            _setstate(self, obj)
+            super().setstate(obj)
         except CorruptHeapError as exc:
             details = getattr(exc, "_dh_reason", None)
             if details is None or exc.oid != obj._p_oid:
@@ -812,7 +832,7 @@ class CheckedConnection(ZODB.Connection.Connection):  # type: ignore[misc]
 
     def get(self, oid: bytes) -> Any:
         try:
-            return _get(self, oid)
+            return super().get(oid)
         except (DurableHeapError, ZODB.POSException.POSKeyError, ZODB.POSException.ConflictError):
             raise  # a missing oid asked for by number is the caller's KeyError
         except (CorruptedError, pickle.UnpicklingError, EOFError) as exc:
@@ -880,8 +900,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class CheckedDB(ZODB.DB):  # type: ignore[misc]
-    """ZODB's DB, making `CheckedConnection` connections.
+class CheckedDB(_allow.DB):
+    """ZODB's DB (the allowlist's), making `CheckedConnection` connections.
 
     ``klass`` is set on the class, not the instance: DB's constructor already opens
     a connection (to create the root), and the pool would hand that one out later.

@@ -50,10 +50,12 @@ import transaction.interfaces
 from persistent import Persistent
 from transaction._transaction import Status  # the one place it is defined; not re-exported
 
+from ._allow import record_globals, registrable
 from ._errors import NotPersistableError, NoTransactionError, StaleReferenceError, StorageError
 
 __all__ = [
     "CLASSES_KEY",
+    "COMPLETE_KEY",
     "CONVERTERS",
     "ROOT_KEY",
     "BadValue",
@@ -73,6 +75,7 @@ __all__ = [
     "path_of",
     "precheck",
     "public_error",
+    "registered",
     "remember_reads",
     "reset_watch",
     "snapshot",
@@ -227,7 +230,7 @@ def adopt(value: Any, jar: Any = None) -> Any:
         return _adopt(value, tp, memo)
     memo = local.memo = {}
     sink = local.sink
-    local.sink = _notes_of(jar) if jar is not None and program_roots else None
+    local.sink = _notes_of(jar) if jar is not None else None
     try:
         return _adopt(value, tp, memo)
     except RecursionError:
@@ -288,6 +291,8 @@ def _adopt(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
                 raise e.prefixed(f"[{i}]") from None
             changed = changed or a is not v
             items.append(a)
+        if tp is not tuple:
+            note_class(tp)  # a namedtuple's class is named in the record
         if not changed:
             return value
         # A tuple can be met again only through a list or dict inside it, whose
@@ -305,6 +310,8 @@ def _adopt(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
     if isinstance(value, frozenset):
         for v in value:
             _adopt(v, type(v), memo)
+        if tp is not frozenset:
+            note_class(tp)
         return value
     _refuse_or_accept(value)
     return value
@@ -376,7 +383,7 @@ def _refuse_or_accept(value: Any, seen: set[int] | None = None) -> None:
     if why is not None:
         raise BadValue(value, f"its class: {why}")
     try:
-        snapshot(value)
+        snapshot(value, note=True)  # also notes the classes it holds, for the registry
     except BadValue:
         raise
     except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's value
@@ -535,32 +542,71 @@ class _NotingPickler(_SnapshotPickler):
             if obj.__module__.partition(".")[0] in program_roots:
                 return _class_path, (obj.__module__, obj.__qualname__)
             return NotImplemented
-        note_class(type(obj))
+        tp = type(obj)
+        if tp is types.FunctionType or tp is types.BuiltinFunctionType:
+            note_class(obj)  # stored by name
+            return NotImplemented
+        note_class(tp)
+        if tp not in _ATOMIC and _reduces_itself(tp):
+            _note_reduce(obj)
         return NotImplemented
 
 
-def snapshot(obj: Any) -> bytes:
-    """Bytes that change whenever the stored form of `obj` would change."""
+def _reduces_itself(tp: type) -> bool:
+    """Whether `tp` pickles through a ``__reduce__`` of its own (cached per class)."""
+    found = _OWN_REDUCE.get(tp)
+    if found is None:
+        found = _OWN_REDUCE[tp] = (getattr(tp, "__reduce_ex__", None) is not object.__reduce_ex__
+                                   or getattr(tp, "__reduce__", None) is not object.__reduce__)
+    return found
+
+
+_OWN_REDUCE: dict[type, bool] = {}
+
+
+def _note_reduce(obj: Any) -> None:
+    """Note the function a ``__reduce__`` names: the record names it (``myapp.rebuild``)."""
+    try:
+        rv = obj.__reduce_ex__(3)
+    except Exception:  # noqa: BLE001 - pickling reports it
+        return
+    if isinstance(rv, tuple) and rv and isinstance(rv[0], (type, types.FunctionType)):
+        note_class(rv[0])
+
+
+def snapshot(obj: Any, *, note: bool = False) -> bytes:
+    """Bytes that change whenever the stored form of `obj` would change.
+
+    With `note` (a value about to be stored), the classes it holds are noted
+    for the registry; with programs loaded they always are.
+    """
     buf = io.BytesIO()
-    (_NotingPickler if program_roots else _SnapshotPickler)(buf, protocol=3).dump(obj)
+    (_NotingPickler if program_roots or note else _SnapshotPickler)(buf, protocol=3).dump(obj)
     return buf.getvalue()
 
 
 # --- the class registry ----------------------------------------------------------
 #
 # A deploy must know whether stored objects use a class that the new version
-# removes, without scanning the heap. So the classes of programs' modules are
+# removes, without scanning the heap; and the allowlist (`_allow`) lets records
+# load the classes that were stored through this API. So the classes of
+# programs' and users' modules (not the standard library's or ZODB's) are
 # noted as values are stored: at assignment (`adopt`), in the snapshots the
 # watch takes of records holding plain objects, and for `Object` records when
 # they are saved. Before each commit the paths not yet registered are added to
 # one small record (`CLASSES_KEY` in the ZODB root). The registry only grows:
 # a path stays listed after its last object is gone (a deploy then needs
-# ``force``).
+# ``force``). Heaps written before 0.3 registered program classes only:
+# `COMPLETE_KEY` marks a registry that lists every class stored through the
+# API, and until it is set a one-time scan of the records stands in for it.
 
 #: Key of the registry of stored program class paths in the ZODB root.
 CLASSES_KEY = "durable_heap.classes"
-#: Top-level module names of the programs loaded in this process: only their
-#: classes are registered (the library's and the standard library's never go away).
+#: Key of the marker (True) that the registry lists users' classes too (since 0.3).
+COMPLETE_KEY = "durable_heap.classes.complete"
+#: Top-level module names of the programs loaded in this process: their classes
+#: are registered, as are those of users' modules (the library's and the standard
+#: library's never go away, and load by the allowlist's exact names).
 program_roots: set[str] = set()
 #
 # The notes belong to one transaction: each connection's `_Watch` holds those of
@@ -575,22 +621,27 @@ program_roots: set[str] = set()
 
 
 def note_class(cls: Any) -> None:
-    """Remember that an instance of `cls` is being stored (program classes only)."""
-    if program_roots:
-        module = getattr(cls, "__module__", None) or ""
-        if module.partition(".")[0] in program_roots:
-            sink = _local.sink
-            (sink if sink is not None else _local.loose).add(f"{module}.{cls.__qualname__}")
+    """Remember that an instance of `cls` (or the function `cls`) is being stored:
+    classes of programs and of users' modules, not the standard library's or ZODB's."""
+    paths = _class_paths(cls)
+    if paths:
+        sink = _local.sink
+        (sink if sink is not None else _local.loose).update(paths)
+
+
+def _class_paths(cls: Any) -> tuple[str, ...]:
+    """The registry paths of `cls` if the registry lists it (see `note_class`), else ()."""
+    module = getattr(cls, "__module__", None) or ""
+    if not (registrable(module) or module.partition(".")[0] in program_roots):
+        return ()
+    if cls.__name__ != cls.__qualname__:  # a nested class exported as module.name:
+        return (f"{module}.{cls.__qualname__}", f"{module}.{cls.__name__}")  # the path ZODB's pickles name
+    return (f"{module}.{cls.__qualname__}",)
 
 
 def _paths(classes: Iterable[type]) -> set[str]:
-    """The paths of the program classes among `classes` (as `note_class` notes them)."""
-    found = set()
-    for cls in classes:
-        module = getattr(cls, "__module__", None) or ""
-        if module.partition(".")[0] in program_roots:
-            found.add(f"{module}.{cls.__qualname__}")
-    return found
+    """The registry paths of `classes` (as `note_class` notes them)."""
+    return {path for cls in classes for path in _class_paths(cls)}
 
 
 def _notes_of(jar: Any) -> set[str] | None:
@@ -600,16 +651,14 @@ def _notes_of(jar: Any) -> set[str] | None:
 
 
 def _snapshot_for(jar: Any, obj: Any) -> bytes:
-    """`snapshot`, noting the program classes it meets for `jar`'s transaction
-    (with `jar` None: nowhere, for a snapshot only compared, never stored)."""
-    if not program_roots:
-        return snapshot(obj)
+    """`snapshot`, noting the classes it meets for `jar`'s transaction (with `jar`
+    None: nowhere, for a snapshot only compared, never stored)."""
     local = _local
     sink = local.sink
     notes = _notes_of(jar) if jar is not None else None
     local.sink = notes if notes is not None else set()
     try:
-        return snapshot(obj)
+        return snapshot(obj, note=notes is not None)
     finally:
         local.sink = sink
 
@@ -623,14 +672,12 @@ def stored_classes(conn: Any) -> set[str]:
     registry = conn.root().get(CLASSES_KEY)
     if registry is not None:
         return set(registry.keys())
-    scanned: set[str] | None = conn.__dict__.get("_dh_scanned")
-    if scanned is None:
-        scanned = conn._dh_scanned = _scan_classes(conn.db().storage)
-    return set(scanned)
+    return set(_scanned(conn))
 
 
 def ensure_registry(conn: Any) -> Any:
-    """The registry record, created (seeded by a scan on an older heap) if missing."""
+    """The registry record, created (seeded by a scan on an older heap) if missing,
+    and completed by that scan once on a heap from before 0.3 (`COMPLETE_KEY`)."""
     root = conn.root()
     registry = root.get(CLASSES_KEY)
     if registry is None:
@@ -639,7 +686,41 @@ def ensure_registry(conn: Any) -> Any:
         registry = OOBTree()
         registry.update(dict.fromkeys(stored_classes(conn), True))
         root[CLASSES_KEY] = registry
+    elif not root.get(COMPLETE_KEY):
+        registry.update(dict.fromkeys(_scanned(conn) - set(registry.keys()), True))
+    if not root.get(COMPLETE_KEY):
+        root[COMPLETE_KEY] = True
     return registry
+
+
+def registered(conn: Any, path: str) -> bool:
+    """Whether a class or function `path` was stored through the API in `conn`'s heap.
+
+    The allowlist's question, asked while a record loads: answered from the
+    registry, or on a heap from before 0.3 also from the one-time scan. While
+    the root mapping itself loads, nothing can be read yet: no. Without a
+    connection (conflict resolution inside the storage): no.
+    """
+    if conn is None:
+        return False
+    root = conn.root()
+    if root._p_changed and "data" not in root.__dict__:
+        return False
+    registry = root.get(CLASSES_KEY)
+    if registry is not None and path in registry:
+        return True
+    if root.get(COMPLETE_KEY):
+        return False
+    return path in _scanned(conn)
+
+
+def _scanned(conn: Any) -> set[str]:
+    """The class paths the current records name, scanned once per database."""
+    db = conn.db()
+    found: set[str] | None = db.__dict__.get("_dh_scanned")
+    if found is None:
+        found = db._dh_scanned = _scan_classes(db.storage)
+    return found
 
 
 # GLOBAL opcodes of protocol-3 pickles: ``c<module>\n<name>\n``.
@@ -656,11 +737,16 @@ def _scan_classes(storage: Any) -> set[str]:
     found: set[str] = set()
 
     def scan(data: bytes | None) -> None:
-        if data:
-            for m in _GLOBAL.finditer(data):
-                module = m.group(1).decode("ascii", "replace")
-                if module.partition(".")[0] not in _LIBRARY_ROOTS:
-                    found.add(f"{module}.{m.group(2).decode('ascii', 'replace')}")
+        # The regular expression finds candidates fast, but also in string data;
+        # a record with one is read opcode by opcode (never unpickled) for the
+        # globals it really names: the allowlist trusts what this finds.
+        if data and any(m.group(1).partition(b".")[0].decode("ascii", "replace") not in _LIBRARY_ROOTS
+                        for m in _GLOBAL.finditer(data)):
+            try:
+                names = record_globals(data)
+            except Exception:  # noqa: BLE001,S112 - a record that does not parse names nothing
+                return
+            found.update(n for n in names if n != "?" and n.partition(".")[0] not in _LIBRARY_ROOTS)
 
     if hasattr(storage, "record_iternext"):
         cursor = None
@@ -739,7 +825,9 @@ class _Watch:
     # ISynchronizer
     def newTransaction(self, txn: Any, sync: bool = True) -> None:  # noqa: N802
         self.forget_reads()
-        if self.items or self.orphans:
+        if txn is not None:
+            # Always: its hook also registers the classes noted in the transaction,
+            # however it is committed (heap.transaction(), or the transaction manager).
             self._hook(txn)
 
     def beforeCompletion(self, txn: Any) -> None:  # noqa: N802
@@ -794,6 +882,9 @@ class _Watch:
                 raise culprit(obj, exc) from None
             if now != base:
                 obj._p_changed = True
+        jar = self.jar()
+        if jar is not None:
+            _register_pending(jar)  # last: the snapshots above may note classes
 
 
     def _check_orphans(self) -> None:
@@ -870,12 +961,11 @@ def precheck(conn: Any) -> None:
     """
     changed = list(getattr(conn, "_registered_objects", ()))
     changed += list(getattr(conn, "_added", {}).values())
-    if program_roots:
-        noted = _notes_of(conn)
-        if noted is not None:
-            noted.update(_paths(type(obj) for obj in changed))
-        # After the watch's own hook, which may snapshot (and note) more values.
-        conn.transaction_manager.get().addBeforeCommitHook(_register_pending, (conn,))
+    noted = _notes_of(conn)
+    if noted is not None:
+        noted.update(_paths(type(obj) for obj in changed))
+    # After the watch's own hook, which may snapshot (and note) more values.
+    conn.transaction_manager.get().addBeforeCommitHook(_register_pending, (conn,))
     for obj in changed:
         watched = getattr(type(obj), "_dh_watched", None)
         if watched is None or obj._p_changed is None or not watched(obj):

@@ -56,6 +56,7 @@ from ZODB.DB import getTID
 from . import _values
 from ._containers import Dict
 from ._errors import (
+    ClassNotAllowedError,
     DeployError,
     DurableHeapError,
     FunctionNotFoundError,
@@ -380,7 +381,7 @@ def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
             if from_file:
                 rec.file_hash = source.hash
             durable = rec.globals[number] = Dict()
-            _save_globals(module, durable, conn)
+            _save_globals(module, durable, conn, heap)
             result = _public(rec, number)
         ok = True
         return result, True
@@ -460,12 +461,13 @@ def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
         yield name, value
 
 
-def _save_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
+def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: Heap) -> None:
     """Store the data globals that differ from `durable`, binding the module to the
     stored twins: after a deploy's top level (all of them), after a call (those it
     rebound: ``global n; n += 1``).
 
-    Values that cannot be stored (a lock, a socket) stay process-local, as the
+    Values that cannot be stored (a lock, a socket), or that would not load again
+    (they name a class outside the heap's allowlist), stay process-local, as the
     top level makes them; plain objects read from state are state's, not globals.
     """
     held: set[int] | None = None
@@ -482,6 +484,8 @@ def _save_globals(module: types.ModuleType, durable: Dict, conn: Any) -> None:
         if id(value) in held:
             continue
         try:
+            if not heap.allowlist.loads_again(conn, value):
+                raise NotPersistableError(name, value)
             durable[name] = value
         except NotPersistableError:
             if name in durable:  # now holds something unstorable: process-local from here on
@@ -587,7 +591,7 @@ class Program:
                     module.__dict__.update(durable.items())
                 result = func(*args, **kwargs)
                 if durable is not None:
-                    _save_globals(module, durable, conn)
+                    _save_globals(module, durable, conn, self.heap)
                 return then(result) if then is not None else result
         except BaseException:
             if loaded_here:
@@ -626,6 +630,9 @@ class Program:
         try:
             with heap.activate():
                 self._module = install(compiled)
+        except ClassNotAllowedError:
+            restore(self.name, saved)
+            raise  # the heap's content, not the program, is at fault
         except Exception as exc:
             restore(self.name, saved)
             files = [compiled.source.filename(rel) for rel in compiled.source.files]
@@ -748,6 +755,8 @@ def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | No
     try:
         with heap.activate():
             module = install(compiled)
+    except ClassNotAllowedError:
+        raise  # the heap's content, not the program, is at fault
     except Exception as exc:
         files = [source.filename(rel) for rel in source.files]
         raise ProgramError(f"{name} raised at load: {where(exc, files)}") from exc

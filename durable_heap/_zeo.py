@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Any
 
+from ._allow import Allowlist, defined_classes, env_patterns, guard_conflicts
 from ._errors import ProgramError, ServerUnavailableError, StorageError, UnknownTargetError
 from ._storage import OPTIONS, Target, check_options, option
 
@@ -204,13 +205,12 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
     if size is not None:
         kwargs["cache_size"] = int(size)
 
-    import ZEO.ClientStorage
     from zc.lockfile import LockError
     from ZEO.Exceptions import ClientDisconnected
 
     try:
         with private_files():  # the client cache file is private too
-            storage = ZEO.ClientStorage.ClientStorage(addr, **kwargs)
+            storage = _client_class()(addr, **kwargs)
     except ClientDisconnected:
         tls = " over TLS (check the tls_* options and that the server uses TLS)" if ssl_ctx else ""
         raise ServerUnavailableError(
@@ -231,6 +231,53 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
             "or restart the server without --read-only"
         )
     return storage
+
+
+_client: type | None = None
+
+
+def _client_class() -> type:
+    """ZEO's ClientStorage, with two traps of a lost server taken out (ZEO 6.2).
+
+    * ``new_oid``: a client asks the server for new oids 100 at a time and keeps
+      those it has not used across a reconnect. A server that was killed (no clean
+      close, so no ``.index`` recording its last oid) restarts knowing only the oids
+      of committed records and hands the others out again: two clients then give
+      one oid to two different new objects, which ends in "A different object
+      already has the same oid", POSKeyError, StateLoadError or a BTrees assertion
+      in a client (issue #12). Here the oids of an earlier connection are dropped.
+    * ``tpc_abort`` of a transaction cut off by the lost connection waits up to
+      ``wait_timeout`` for a server to send the abort to, though the server has
+      dropped that transaction with the connection: the failed action would
+      report its fault only after that wait. Here it is not sent then.
+    """
+    global _client
+    if _client is None:
+        import ZEO.ClientStorage
+
+        class ClientStorage(ZEO.ClientStorage.ClientStorage):  # type: ignore[misc]
+            def notify_connected(self, conn: Any, info: Any) -> None:
+                # Called in ZEO's IO thread before the connection is usable, so no
+                # new_oid can fetch from the new server first. A transaction begun
+                # on the old connection fails anyway (ZEO checks its generation).
+                del self._oids[:]
+                super().notify_connected(conn, info)
+
+            def tpc_abort(self, txn: Any, timeout: Any = None) -> None:
+                try:
+                    tbuf = txn.data(self)
+                except KeyError:
+                    return
+                # tpc_begin records the connection generation (bumped at every
+                # connect and disconnect); tpc_finish ends its buffer (None) also
+                # when it fails. Either way no server holds this transaction now.
+                if tbuf is None or tbuf.connection_generation != self._connection_generation:
+                    self.tpc_end(txn)  # releases the client's commit lock
+                    return
+                super().tpc_abort(txn, timeout)
+
+        _client = ClientStorage
+    return _client
 
 
 # --- the server: durable-heap zeo ---------------------------------------------------------
@@ -265,7 +312,16 @@ def add_command(sub: Any) -> Any:
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE at start: classes with their own _p_resolveConflict (repeatable)",
+        help="import MODULE at start: classes with their own _p_resolveConflict; the "
+        "classes it defines may be named by records it resolves (repeatable)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="let conflict resolution load this class too: pkg.module.Class, or pkg.* for "
+        "your own module pkg (repeatable; also $DURABLE_HEAP_ALLOW)",
     )
     p.add_argument("--read-only", action="store_true", help="serve the heap read-only")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
@@ -291,6 +347,13 @@ def _import_resolvers(names: list[str]) -> None:
                 f"--import {name}: cannot import it ({type(exc).__name__}: {exc}); "
                 "the module must be importable from the server's folder or PYTHONPATH"
             ) from exc
+
+
+def _server_allowlist(args: Any) -> Allowlist:
+    """What the server's conflict resolution may load: the defaults, ``--allow``,
+    ``$DURABLE_HEAP_ALLOW``, and the classes the ``--import`` modules define."""
+    imported = [name for module in args.imports for name in defined_classes(sys.modules[module])]
+    return Allowlist([*args.allow, *env_patterns(), *imported])
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -360,12 +423,15 @@ def run_server(args: Any) -> int:
     if target.scheme != "file":
         raise StorageError(f"--storage {args.storage}: the server serves a heap file, such as data/app.fs")
     _import_resolvers(args.imports)
+    allowlist = _server_allowlist(args)
     if isinstance(addr, str):
         _clear_stale_socket(addr)
     existed = os.path.exists(target.location)
     # The served storage is the checksum wrapper over the (checked) FileStorage: the
     # server seals the records clients write and checks every record it sends.
     storage = open_storage(target, read_only=args.read_only)
+    allowlist.read_registry_from(storage)  # the classes stored through durable_heap
+    guard_conflicts(storage, allowlist)  # the server resolves conflicts: only allowed classes
     try:
         from ZEO.StorageServer import StorageServer
 

@@ -11,7 +11,8 @@
     durable-heap zeo --storage FILE [--address A]  serve a heap to other processes
 
 PROGRAM is a ``.py`` file or a package folder. Options may come anywhere
-(``--storage TARGET``, ``--traceback``); arguments after ``--`` are never read
+(``--storage TARGET``, ``--traceback``, ``--allow PATTERN``: a class the heap's
+records may load, beyond the defaults); arguments after ``--`` are never read
 as options. Each argument is parsed as JSON where it parses (``3``, ``"x"``,
 ``[1, 2]``, ``true``), else passed as a string. The result is printed as JSON,
 or as its ``repr`` when it is not JSON data. Errors print one line on stderr
@@ -54,6 +55,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             "$DURABLE_HEAP_STORAGE, else .durable-heap/<program>.fs beside the program)",
         )
         p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+        p.add_argument(
+            "--allow", action="append", default=[], metavar="PATTERN",
+            help="let the heap's records load this class too: pkg.module.Class, or pkg.* for "
+            "your own module pkg (repeatable; also $DURABLE_HEAP_ALLOW)",
+        )
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
@@ -155,6 +161,7 @@ class _FunctionFailed(Exception):
 
 def _report(exc: BaseException, args: argparse.Namespace) -> int:
     from ._errors import (
+        ClassNotAllowedError,
         DurableHeapError,
         FunctionNotFoundError,
         ProgramError,
@@ -177,6 +184,8 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
         message = f"internal error: {type(exc).__name__}: {exc}{hint}"
     print(f"durable-heap: error: {message}", file=sys.stderr)
     usage = (ProgramNotFoundError, FunctionNotFoundError, VersionNotFoundError, StorageError)
+    if isinstance(shown, ClassNotAllowedError):
+        return EXIT_FAILED  # the heap's content, not how the command was used
     return EXIT_USAGE if isinstance(shown, usage) else EXIT_FAILED
 
 
@@ -212,7 +221,7 @@ def _call(args: argparse.Namespace) -> int:
 
     values = [parse_arg(a) for a in args.args]
     _check_program(args, file_required=False)
-    with durable_heap.open(_target(args)) as heap:
+    with durable_heap.open(_target(args), allow=args.allow) as heap:
         program = load(heap, args.program, deploy=not args.no_deploy, on_deploy=_announce)
         try:
             # One transaction: the program's top level (when loaded), the function,
@@ -232,7 +241,7 @@ def _deploy(args: argparse.Namespace) -> int:
     from ._versions import deploy
 
     _check_program(args, file_required=True)
-    with durable_heap.open(_target(args)) as heap:
+    with durable_heap.open(_target(args), allow=args.allow) as heap:
         version, new = deploy(heap, args.program, note=args.note, force=args.force)
     if new:
         _announce(version)
@@ -285,7 +294,7 @@ def _open_existing(args: argparse.Namespace, read_only: bool = True) -> Any:
     target = _target(args)
     if "://" not in target and not os.path.exists(target):
         raise StorageError(f"{args.program} has no heap yet at {target}: `durable-heap call` creates it")
-    return durable_heap.open(target, read_only=read_only)
+    return durable_heap.open(target, read_only=read_only, allow=args.allow)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -347,7 +356,7 @@ def _watch(args: argparse.Namespace) -> int:
     from ._versions import _stamp, auto_deploy
 
     _check_program(args, file_required=True)
-    with durable_heap.open(_target(args)) as heap:
+    with durable_heap.open(_target(args), allow=args.allow) as heap:
         print(f"durable-heap: watching {args.program} (Ctrl-C stops)", file=sys.stderr, flush=True)
         stamp: Any = object()
         try:
@@ -382,7 +391,7 @@ def _types(args: argparse.Namespace) -> int:
     exists = "://" in target or os.path.exists(target)
     # The file on disk is what the editor and the next deploy see; without a heap
     # yet, the stub comes from the source alone (a fresh in-memory heap).
-    with durable_heap.open(target if exists else "memory://", read_only=exists) as heap:
+    with durable_heap.open(target if exists else "memory://", read_only=exists, allow=args.allow) as heap:
         module = load_discarded(heap, args.program, from_file=on_disk)
         texts = list(read_source(args.program).files.values()) if on_disk else []
         tm = heap.transaction_manager

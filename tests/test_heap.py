@@ -215,9 +215,37 @@ def test_action_gives_up_after_its_attempts(heap: dh.Heap) -> None:
         th.start()
         th.join()
 
-    with pytest.raises(dh.ConflictError, match="tried 3 times"):
+    with pytest.raises(dh.ConflictError, match="tried 3 times") as info:
         always_conflicts()
     assert tries == 3 and heap.state.count == -3
+    # It was an action: the advice is not to make it one, but a Counter or more
+    # attempts; and the message names the contended record (the root State here).
+    msg = str(info.value)
+    assert "Run it through" not in msg and ".always_conflicts()" in msg
+    assert "(state: durable_heap.State, oid 0x" in msg
+    assert "durable_heap.Counter" in msg and "@heap.action(attempts=N)" in msg
+
+    with heap.transaction() as state:
+        state.table = {"a": 1}
+
+    @heap.action(attempts=2)
+    def same_entry() -> None:
+        heap.state.table["a"] += 1
+        th = threading.Thread(target=lambda: heap.run(lambda: heap.state.table.update(a=100)))
+        th.start()
+        th.join()
+
+    with pytest.raises(dh.ConflictError, match=r"\(state\.table: durable_heap\.Dict, oid 0x"):
+        same_entry()
+
+    # The heap.attempts() loop says so in its own terms.
+    with pytest.raises(dh.ConflictError, match=r"larger N in heap\.attempts\(N\)"):
+        for attempt in heap.attempts(2):
+            with attempt as st:
+                st.count += 1
+                th = threading.Thread(target=lambda: heap.run(lambda: setattr(heap.state, "count", 7)))
+                th.start()
+                th.join()
 
 
 def test_closed_heap(heap_path: Path) -> None:

@@ -8,22 +8,84 @@ Modes: ``int`` (``state.count += 1``), ``counter`` (``state.hits += 1`` on a
 Counter), ``dict`` (a new key in ``state.big`` and an item appended to
 ``state.log``), ``loop`` (``int``, paced, going on through ServerUnavailableError),
 ``inflight`` (one action, then one killed mid-way by the test, then one more),
-``fresh`` (``int`` on a heap the workers all create at once).
+``fresh`` (``int`` on a heap the workers all create at once), ``faults`` (actions
+until a line ``stop`` on stdin, each bumping a plain int and a Counter, appending to
+a List and writing a Dict, while the test kills and restarts the server; the summary
+lists which actions were acknowledged, in doubt, or not committed, and counts every
+other error by kind).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
+import threading
 import time
 from typing import Any
 
 import durable_heap as dh
 
 
+def faults(url: str, wid: str) -> None:
+    """The ``faults`` mode: mixed actions through server kills, every outcome recorded."""
+    faulthandler.enable()  # a crash in C code leaves its traceback in the log
+    heap = dh.open(url, attempts=500)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+
+    @heap.action
+    def mixed(i: int) -> None:
+        state: Any = heap.state
+        state.count += 1
+        state.hits += 1
+        state.items.append(f"{wid}-{i}")
+        state.table[f"{wid}-{i}"] = {"worker": wid, "i": i}  # a new Dict: new oids
+        state.table[f"last-{wid}"] = i
+
+    acked: list[int] = []
+    in_doubt: list[int] = []
+    not_committed: list[int] = []
+    errors: dict[str, int] = {}
+    examples: dict[str, str] = {}
+    last = ""
+    i = after_stop = 0
+    while True:
+        if stop.is_set():  # go on until an action succeeds: the test checks each worker recovered
+            if last == "acked" or after_stop == 50:
+                break
+            after_stop += 1
+        try:
+            mixed(i)
+            acked.append(i)
+            last = "acked"
+        except dh.ServerUnavailableError as exc:
+            unknown = getattr(exc, "outcome_unknown", True)  # before the fix: no such attribute
+            (in_doubt if unknown else not_committed).append(i)
+            kind = f"ServerUnavailableError({'unknown' if unknown else 'none'})"
+            errors[kind] = errors.get(kind, 0) + 1
+            examples.setdefault(kind, str(exc))
+            last = kind
+        except Exception as exc:  # noqa: BLE001 - every other error is what the test looks for
+            in_doubt.append(i)  # whatever it was, it may have committed
+            kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            errors[kind] = errors.get(kind, 0) + 1
+            examples.setdefault(kind, str(exc)[:300])
+            last = kind
+        i += 1
+    print(json.dumps({"acked": acked, "in_doubt": in_doubt, "not_committed": not_committed,
+                      "errors": errors, "examples": examples, "last": last}), flush=True)
+    heap.close()
+
+
 def main() -> None:
     mode, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     wid = sys.argv[4] if len(sys.argv) > 4 else "0"
+    if mode == "faults":
+        faults(url, wid)
+        return
     if mode == "fresh":  # every worker opens a heap nobody has created yet, at once
         print("ready", flush=True)
         sys.stdin.readline()
