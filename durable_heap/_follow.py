@@ -194,6 +194,6 @@ def _damaged(path: str, offset: int, exc: BaseException) -> CorruptHeapError:
     return CorruptHeapError(
         f"the heap {path} changed in a way a read-only reader cannot follow at offset "
         f"{offset} ({exc}). Nothing was read from the changed part; open the heap again, "
-        "and if that fails too, check it with `durable-heap verify`.",
+        "and if that fails too, restore it from a backup (docs/operations.md, When things go wrong).",
         offset=offset,
     )
