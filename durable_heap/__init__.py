@@ -45,7 +45,7 @@ from ._state import Object, State
 from ._types import typed_state
 from ._versions import Program, Version
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ClassNotAllowedError",
