@@ -27,6 +27,24 @@ def _run(main: Callable[[], Coroutine[Any, Any, Any]], timeout: float = 60) -> A
     return asyncio.run(bounded())
 
 
+def _racing_increments(heap: dh.Heap, tasks: int) -> Callable[[], Coroutine[Any, Any, Any]]:
+    """Set ``state.n = 0``; return a coroutine function that runs `tasks` async actions
+    at once, each reading n, yielding to the others (so they all conflict), then writing n + 1."""
+    with heap.transaction() as s:
+        s.n = 0
+
+    @heap.action(attempts=1000)
+    async def bump() -> None:
+        n = heap.state.n
+        await asyncio.sleep(0)  # every other task runs here: they all conflict
+        heap.state.n = n + 1
+
+    async def main() -> None:
+        await asyncio.gather(*(bump() for _ in range(tasks)))
+
+    return main
+
+
 def _gather_example(heap: dh.Heap, *, use_async: bool) -> list[Any]:
     """The example of issue #12: B fails after both tasks started; A must not commit B's half."""
     with heap.transaction() as s:
@@ -91,34 +109,12 @@ def test_each_task_sees_its_own_state_connection_and_transaction(heap: dh.Heap) 
 
 
 def test_100_concurrent_tasks_increment_one_int_exactly(heap: dh.Heap) -> None:
-    with heap.transaction() as s:
-        s.n = 0
-
-    @heap.action(attempts=1000)
-    async def bump() -> None:
-        n = heap.state.n
-        await asyncio.sleep(0)  # every other task runs here: they all conflict
-        heap.state.n = n + 1
-
-    async def main() -> None:
-        await asyncio.gather(*(bump() for _ in range(100)))
-
-    _run(main, timeout=120)
+    _run(_racing_increments(heap, 100), timeout=120)
     assert heap.state.n == 100
 
 
 def test_event_loops_in_two_threads_share_a_heap(heap: dh.Heap) -> None:
-    with heap.transaction() as s:
-        s.n = 0
-
-    @heap.action(attempts=1000)
-    async def bump() -> None:
-        n = heap.state.n
-        await asyncio.sleep(0)
-        heap.state.n = n + 1
-
-    async def main() -> None:
-        await asyncio.gather(*(bump() for _ in range(20)))
+    main = _racing_increments(heap, 20)  # run by two loops: 40 in all
 
     errors: list[BaseException] = []
 
@@ -473,19 +469,7 @@ def test_tasks_over_zeo(zeo_server: ZeoServer) -> None:
     heap = dh.open(zeo_server.url)
     try:
         assert _gather_example(heap, use_async=True) == ["A start", "A end"]
-        with heap.transaction() as s:
-            s.n = 0
-
-        @heap.action(attempts=1000)
-        async def bump() -> None:
-            n = heap.state.n
-            await asyncio.sleep(0)
-            heap.state.n = n + 1
-
-        async def main() -> None:
-            await asyncio.gather(*(bump() for _ in range(40)))
-
-        _run(main, timeout=120)
+        _run(_racing_increments(heap, 40), timeout=120)
         assert heap.state.n == 40
     finally:
         heap.close()
