@@ -85,6 +85,8 @@ DEFAULT_ATTEMPTS = 10
 #: Async transactions open at once per heap and event loop (each holds a
 #: connection and its cache); half of ZODB's pool, leaving room for threads.
 DEFAULT_MAX_ASYNC_TRANSACTIONS = 32
+#: History `heap.pack()` keeps, in days: the reach of ``inspect --at`` and `state_at` after it.
+DEFAULT_PACK_DAYS = 7.0
 _FORMAT_KEY = "durable_heap.format"
 #: The heap format this version writes, and the first durable_heap to write each
 #: format: 1 (0.2; heaps of 0.1 have no marker and count as 1); 2 (0.3: records
@@ -1025,8 +1027,8 @@ class Heap:
 
     # -- maintenance -----------------------------------------------------------------------
 
-    def pack(self, days: float = 0) -> None:
-        """Drop revisions older than `days` that nothing current refers to."""
+    def pack(self, days: float = DEFAULT_PACK_DAYS) -> None:
+        """Drop revisions older than `days` (default a week) that nothing current refers to."""
         self._thread()
         with private_files():
             self.db.pack(days=days)

@@ -9,13 +9,15 @@
     durable-heap watch PROGRAM                     deploy the file whenever it changes
     durable-heap types PROGRAM [--write|--check]   a typed State stub; check declared types
     durable-heap zeo --storage FILE [--address A]  serve a heap to other processes
+    durable-heap pack|backup|restore|verify|log|stats ...  operations (docs/operations.md)
 
 PROGRAM is a ``.py`` file or a package folder. Options may come anywhere
 (``--storage TARGET``, ``--traceback``, ``--allow PATTERN``: a class the heap's
 records may load, beyond the defaults); arguments after ``--`` are never read
 as options. Each argument is parsed as JSON where it parses (``3``, ``"x"``,
-``[1, 2]``, ``true``), else passed as a string. The result is printed as JSON,
-or as its ``repr`` when it is not JSON data. Errors print one line on stderr
+``[1, 2]``, ``true``), else passed as a string; ``-k NAME=VALUE`` passes a
+keyword argument. The result is printed as JSON, or as its ``repr`` when it is
+not JSON data, alone on stdout: what the program prints goes to stderr. Errors print one line on stderr
 and exit non-zero (1: the program, its function or a deploy failed, 2: bad
 usage or a missing program, function, version or heap).
 """
@@ -62,15 +64,21 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         )
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("program", help="the program: a .py file or a package folder")
         commands[name] = p
         return p
 
     commands: dict[str, argparse.ArgumentParser] = {}
     call = command("call", "run a function of a program as one transaction")
-    call.add_argument("function", help="the function to call")
+    # Optional to argparse, checked in _call: else a missing function is reported as
+    # "the following arguments are required: function, args", though args are optional.
+    call.add_argument("function", nargs="?", help="the function to call")
     call.add_argument("args", nargs="*", help="arguments: JSON where it parses, else strings")
+    call.add_argument("-k", "--kwarg", action="append", default=[], metavar="NAME=VALUE",
+                      help="a keyword argument, VALUE read as the arguments are (repeatable); "
+                      "a positional argument containing '=' stays positional")
     call.add_argument("--no-deploy", action="store_true",
                       help="run the current version even if the file changed")
     dep = command("deploy", "deploy the program file as its next version")
@@ -83,8 +91,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     rb.add_argument("--note", help="a note recorded with the version")
     rb.add_argument("--force", action="store_true", help="as for deploy")
     insp = command("inspect", "print a program's state as a tree")
-    insp.add_argument("--depth", type=int, default=3, help="levels to show (default 3)")
-    insp.add_argument("--limit", type=int, default=20, help="entries shown per container (default 20)")
+    insp.add_argument("--depth", type=_count, default=3, help="levels to show (default 3)")
+    insp.add_argument("--limit", type=_count, default=20, help="entries shown per container (default 20)")
     insp.add_argument("--at", metavar="N|TIME",
                       help="the state while version N was current, or at an ISO time (UTC by default)")
     command("check", "list stored classes that the current version no longer defines")
@@ -101,8 +109,42 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     from ._zeo import add_command
 
-    commands["zeo"] = add_command(sub)
+    commands["zeo"] = zeo = add_command(sub)
+    zeo.epilog = EXAMPLES["zeo"]
+    zeo.formatter_class = argparse.RawDescriptionHelpFormatter
+
+    # --- operations: pack, backup, restore, verify, log, stats (durable_heap._ops) ------------
+    from ._ops import add_commands as add_operations
+
+    commands.update(add_operations(sub, common))
     return parser, commands
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (``--depth``, ``--limit``): a negative one is refused, not ignored."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative: give 0 or more")
+    return n
+
+
+#: The example at the end of each command's --help.
+EXAMPLES = {
+    "call": "example:\n  durable-heap call tracker.py add_task web 'fix login' -k assignee=ann\n"
+            "  durable-heap call counter.py count --storage zeo://127.0.0.1:8100",
+    "deploy": "example:\n  durable-heap deploy tracker.py --note 'owner field'",
+    "versions": "example:\n  durable-heap versions tracker.py",
+    "rollback": "example:\n  durable-heap rollback tracker.py --to 3",
+    "inspect": "example:\n  durable-heap inspect tracker.py --depth 2 --limit 5\n"
+               "  durable-heap inspect tracker.py --at 2026-11-30T12:00",
+    "check": "example:\n  durable-heap check tracker.py",
+    "watch": "example:\n  durable-heap watch tracker.py --interval 0.5",
+    "types": "example:\n  durable-heap types tracker.py --write\n  durable-heap types tracker.py --check",
+    "zeo": "example:\n  durable-heap zeo --storage data/app.fs --address 127.0.0.1:8100",
+}
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -141,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = argv[0]
     run = {"call": _call, "deploy": _deploy, "versions": _versions, "rollback": _rollback,
            "inspect": _inspect, "check": _check, "watch": _watch, "types": _types,
-           "zeo": _zeo}[args.command]
+           "zeo": _zeo}.get(args.command) or args.run  # operations set theirs (_ops)
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -183,6 +225,9 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
     else:
         message = f"internal error: {type(exc).__name__}: {exc}{hint}"
     print(f"durable-heap: error: {message}", file=sys.stderr)
+    code = getattr(shown, "exit_code", None)  # the operations' own (_ops.CommandError)
+    if isinstance(code, int):
+        return code
     usage = (ProgramNotFoundError, FunctionNotFoundError, VersionNotFoundError, StorageError)
     if isinstance(shown, ClassNotAllowedError):
         return EXIT_FAILED  # the heap's content, not how the command was used
@@ -214,19 +259,28 @@ def _check_program(args: argparse.Namespace, *, file_required: bool) -> None:
 
 
 def _call(args: argparse.Namespace) -> int:
-    import durable_heap
+    import contextlib
 
     from ._errors import DurableHeapError
+    from ._ops import UsageError
     from ._versions import load
 
+    if args.function is None:
+        raise UsageError(
+            f"which function of {args.program}? give its name after the program: "
+            f"durable-heap call {args.program} FUNCTION [ARGS...] [-k NAME=VALUE ...]"
+        )
     values = [parse_arg(a) for a in args.args]
+    kwargs = parse_kwargs(args.kwarg)
     _check_program(args, file_required=False)
-    with durable_heap.open(_target(args), allow=args.allow) as heap:
+    # The result alone on stdout: what the program prints (its top level, migrate,
+    # the function) goes to stderr, so that scripts can parse the result.
+    with _open(args) as heap, contextlib.redirect_stdout(sys.stderr):
         program = load(heap, args.program, deploy=not args.no_deploy, on_deploy=_announce)
         try:
             # One transaction: the program's top level (when loaded), the function,
             # and the result's rendering (it may read durable objects).
-            text = program._call(args.function, tuple(values), {}, format_result)
+            text = program._call(args.function, tuple(values), kwargs, format_result)
         except DurableHeapError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's function failed
@@ -235,13 +289,39 @@ def _call(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deploy(args: argparse.Namespace) -> int:
+def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """``-k NAME=VALUE`` options as keyword arguments (VALUE read as `parse_arg` reads)."""
+    from ._ops import UsageError
+
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq or not name.isidentifier():
+            raise UsageError(f"-k {item!r}: a keyword argument is NAME=VALUE, NAME a Python name")
+        if name in kwargs:
+            raise UsageError(f"-k {name}= is given twice: give each keyword argument once")
+        kwargs[name] = parse_arg(text)
+    return kwargs
+
+
+def _open(args: argparse.Namespace, **options: Any) -> Any:
+    """`durable_heap.open` on the command's target, saying on stderr when a server keeps it waiting."""
     import durable_heap
+
+    from ._ops import waiting_notice
+
+    target = _target(args)
+    with waiting_notice(target):
+        return durable_heap.open(target, allow=args.allow, **options)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import contextlib
 
     from ._versions import deploy
 
     _check_program(args, file_required=True)
-    with durable_heap.open(_target(args), allow=args.allow) as heap:
+    with _open(args) as heap, contextlib.redirect_stdout(sys.stderr):  # the program's prints
         version, new = deploy(heap, args.program, note=args.note, force=args.force)
     if new:
         _announce(version)
@@ -253,10 +333,11 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    import contextlib
 
     from ._versions import rollback
 
-    with _open_existing(args, read_only=False) as heap:
+    with _open_existing(args, read_only=False) as heap, contextlib.redirect_stdout(sys.stderr):
         version, new = rollback(heap, args.program, args.to, note=args.note, force=args.force)
     if new:
         print(f"durable-heap: rolled {version.program} back to version {args.to}'s source, "
@@ -287,14 +368,12 @@ def _versions(args: argparse.Namespace) -> int:
 
 def _open_existing(args: argparse.Namespace, read_only: bool = True) -> Any:
     """Open the program's heap read-only; a missing heap file is a usage error."""
-    import durable_heap
-
     from ._errors import StorageError
 
     target = _target(args)
     if "://" not in target and not os.path.exists(target):
         raise StorageError(f"{args.program} has no heap yet at {target}: `durable-heap call` creates it")
-    return durable_heap.open(target, read_only=read_only, allow=args.allow)
+    return _open(args, read_only=read_only)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -348,15 +427,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    import contextlib
     import time
-
-    import durable_heap
 
     from ._errors import DurableHeapError
     from ._versions import _stamp, auto_deploy
 
     _check_program(args, file_required=True)
-    with durable_heap.open(_target(args), allow=args.allow) as heap:
+    with _open(args) as heap, contextlib.redirect_stdout(sys.stderr):
         print(f"durable-heap: watching {args.program} (Ctrl-C stops)", file=sys.stderr, flush=True)
         stamp: Any = object()
         try:

@@ -529,7 +529,7 @@ def test_conflict_resolution_pack_iterators_and_copies_see_plain_records(tmp_pat
         with heap.transaction() as s:
             del s.gone
         storage = heap.db.storage
-        heap.pack()  # the pack's reference finder reads sealed records as they are
+        heap.pack(days=0)  # the pack's reference finder reads sealed records as they are
         assert int(heap.state.hits) == 10  # what is referenced was kept...
         with pytest.raises(KeyError):
             storage.load(gone)  # ...and what is not was removed

@@ -624,7 +624,7 @@ def test_history_after_pack(tmp_path: Path) -> None:
     assert ok("deploy", str(app)) == "2"
     assert "users: Dict (1 entry)" in ok("inspect", str(app), "--at", "1")
     with dh.open(tmp_path / ".durable-heap" / "app.fs") as heap:
-        heap.pack()
+        heap.pack(days=0)
     out = cli("inspect", str(app), "--at", "1")
     assert out.returncode == 2 and "removed by a pack" in out.stderr
     assert [v.number for v in versions(app)] == [1, 2]  # version records survive packing

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("durable execution", {"_execution"}),
     ("programs", {"_program", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server",
-               "asgi", "wsgi"}),
+               "asgi", "wsgi", "_ops"}),
 ]
 
 
