@@ -41,6 +41,7 @@ from ._errors import (
     VersionNotFoundError,
 )
 from ._heap import Heap, HeapStatus, active_heap, open, state  # noqa: A004 - dh.open is the API
+from ._notes import redact
 from ._state import Object, State
 from ._types import typed_state
 from ._versions import Program, Version
@@ -80,6 +81,7 @@ __all__ = [
     "VersionNotFoundError",
     "active_heap",
     "open",
+    "redact",
     "state",
     "to_builtin",
     "typed_state",

@@ -37,7 +37,6 @@ import functools
 import inspect
 import os
 import random
-import reprlib
 import sys
 import threading
 import time
@@ -53,7 +52,7 @@ import ZODB.broken
 import ZODB.Connection
 import ZODB.POSException
 
-from . import _values
+from . import _notes, _values
 from ._allow import Allowlist, env_patterns, guard_conflicts
 from ._errors import (
     ConflictError,
@@ -94,10 +93,6 @@ _FORMAT_KEY = "durable_heap.format"
 _FORMAT = 2
 _FORMAT_SINCE = {1: "0.2", 2: "0.3"}
 
-_note_repr = reprlib.Repr()
-_note_repr.maxstring = 40
-_note_repr.maxother = 40
-_note_repr.maxlist = _note_repr.maxdict = _note_repr.maxtuple = _note_repr.maxset = 4
 
 
 class HeapStatus(enum.Enum):
@@ -595,7 +590,12 @@ class Heap:
         with a concurrent transaction raises `ConflictError` (a ``with`` block
         cannot be re-run): use `action` or `attempts` to retry. Inside another
         transaction of this heap and thread (or asyncio task), it joins that one.
+        Without a `note`, its note names where it was written (``transaction in
+        add_user (app.py:12)``), so the heap's history has no blank entries.
         """
+        if note is None:  # the caller's code and line only: formatted if it is the outermost
+            caller = sys._getframe(1)
+            return _Block(self, None, caller.f_code, caller.f_lineno)
         return _Block(self, note)
 
     @contextlib.asynccontextmanager
@@ -883,7 +883,7 @@ class Heap:
         if local.depth:
             return func(*args, **kwargs)  # nested: joins the outer transaction
         if note is None:
-            note = call_note(getattr(func, "__qualname__", repr(func)), args, kwargs)
+            note = call_note(getattr(func, "__qualname__", repr(func)), args, kwargs, func)
         task = _running_task()  # a sync action called from a coroutine: on the task's own connection
         for n in range(1, attempts + 1):
             try:
@@ -910,7 +910,7 @@ class Heap:
             return await func(*args, **kwargs)  # nested: joins the outer transaction
         task = _require_task(f"the async action {getattr(func, '__qualname__', func)!s}")
         if note is None:
-            note = call_note(getattr(func, "__qualname__", repr(func)), args, kwargs)
+            note = call_note(getattr(func, "__qualname__", repr(func)), args, kwargs, func)
         gate = self._gate()
         for n in range(1, attempts + 1):
             await gate.acquire()
@@ -1077,10 +1077,11 @@ class _Block:
     every thread, and one generator fewer keeps it as cheap as before asyncio.
     """
 
-    __slots__ = ("_async", "_joined", "_sync", "heap", "note")
+    __slots__ = ("_async", "_joined", "_sync", "heap", "line", "note", "where")
 
-    def __init__(self, heap: Heap, note: str | None) -> None:
+    def __init__(self, heap: Heap, note: str | None, where: Any = None, line: int = 0) -> None:
         self.heap, self.note = heap, note
+        self.where, self.line = where, line  # the caller's code object: a default note (`_notes`)
         self._sync: Any = None  # the outermost transaction's context manager
         self._joined: _Local | None = None  # or the slot of the outer transaction joined
         self._async: Any = None
@@ -1094,6 +1095,8 @@ class _Block:
             local.depth += 1
             self._joined = local
         else:
+            if self.note is None:
+                self.note = _notes.block_note(self.where, self.line)
             cm = heap._outermost(local, _running_task(), self.note)
             try:
                 cm.__enter__()
@@ -1122,6 +1125,8 @@ class _Block:
     async def __aenter__(self) -> State:
         if self._sync is not None or self._joined is not None or self._async is not None:
             raise self._in_use()
+        if self.note is None:
+            self.note = _notes.block_note(self.where, self.line)
         self._async = self.heap._async_block(self.note)
         try:
             return await self._async.__aenter__()  # type: ignore[no-any-return]
@@ -1333,11 +1338,10 @@ def _contended(cause: BaseException | None, conn: Any) -> str:
     return f" ({inner})" if inner else ""
 
 
-def call_note(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """``name('arg', n=2)``, arguments shortened: the note of an action's transaction."""
-    parts = [_note_repr.repr(a) for a in args]
-    parts += [f"{k}={_note_repr.repr(v)}" for k, v in kwargs.items()]
-    return f"{name}({', '.join(parts)})"
+def call_note(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], func: Any = None) -> str:
+    """``name('arg', n=2)``, arguments shortened (and hidden where `func` is marked with
+    `durable_heap.redact`): the note of an action's transaction (see `_notes`)."""
+    return _notes.call_note(name, args, kwargs, func)
 
 
 def _translate_commit_error(exc: BaseException) -> BaseException:

@@ -67,6 +67,7 @@ from ._errors import (
     VersionNotFoundError,
 )
 from ._heap import Heap, _backoff, _conflict, _StateProxy, call_note
+from ._notes import hidden_note
 from ._program import (
     Compiled,
     Source,
@@ -551,7 +552,11 @@ class Program:
               then: Callable[[Any], Any] | None) -> Any:
         if self.watch:
             self.deploy_if_changed()
-        note = call_note(function, args, kwargs)
+        # Before its version is loaded, a function's redact marks are unknown: the note
+        # hides every argument until the transaction names the function (_in_transaction).
+        module = self._module
+        note = (call_note(function, args, kwargs, getattr(module, function, None)) if module is not None
+                else hidden_note(function, args, kwargs))
         run = self.heap._run
         with _gate.shared():
             try:
@@ -576,6 +581,8 @@ class Program:
             module = self._module
             assert module is not None
             func = _function(module, function)
+            # The note as the function's `redact` marks say, now that it is known.
+            self.heap.transaction_manager.get().description = call_note(function, args, kwargs, func)
             conn = self.heap.connection
             durable = self._globals(conn)
             # Module globals are process-wide but bound to this thread's objects:

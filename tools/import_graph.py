@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths"}),
     ("containers and state", {"_containers", "_counter", "_state"}),
-    ("heap engine", {"_retry", "_heap", "_engine"}),
+    ("heap engine", {"_retry", "_notes", "_heap", "_engine"}),
     ("durable execution", {"_execution"}),
     ("programs", {"_program", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server",
