@@ -155,7 +155,8 @@ def test_log_lists_calls_newest_first(app: Path, tmp_path: Path) -> None:
     entry = r"^[0-9a-f]{16}  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  add\('cy'\)  \[3 records, \d+ bytes\]$"
     assert re.match(entry, lines[1]), lines[1]
     assert len(ok("log", str(app), "-n", "2").splitlines()) == 2
-    assert [line.split("  ")[2] for line in ok("log", str(app), "--grep", "BOB").splitlines()] == ["add('bob')"]
+    grepped = ok("log", str(app), "--grep", "BOB").splitlines()
+    assert [line.split("  ")[2] for line in grepped] == ["add('bob')"]
     assert ok("log", str(app), "--since", "2999-01-01") == ""
     tid = lines[1].split()[0]
     shown = ok("log", str(app), "--show", tid).splitlines()
