@@ -50,6 +50,7 @@ __all__ = [
     "log_entries",
     "pack",
     "progress",
+    "quiet_interrupted_calls",
     "restore",
     "stats",
     "verify",
@@ -142,6 +143,30 @@ def waiting_notice(target: str, delay: float = 1.0) -> Iterator[None]:
         timer.cancel()
 
 
+class _InterruptedCalls:
+    """Drops asyncio's report of a ZEO call whose answer nobody waits for any more.
+
+    ZEO trap (ZEO 6.2): Ctrl-C interrupts a thread waiting for the server's answer; when
+    the client closes, that call's future fails with ``ClientDisconnected``, and since
+    no one retrieves it, its ``__del__`` has asyncio's handler log "ConcurrentTask
+    exception was never retrieved" with a traceback, after the command said it stopped.
+    """
+
+    def filter(self, record: Any) -> bool:
+        text = str(record.msg)
+        return not ("exception was never retrieved" in text and "ClientDisconnected" in
+                    repr(getattr(record, "exc_info", None)))
+
+
+def quiet_interrupted_calls() -> None:
+    """After Ctrl-C: leave out asyncio's report of the ZEO call it cut off (`_InterruptedCalls`)."""
+    import logging
+
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _InterruptedCalls) for f in logger.filters):
+        logger.addFilter(_InterruptedCalls())  # type: ignore[arg-type]
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -171,6 +196,8 @@ def _oid_text(oid: bytes) -> str:
 
 def _class_of(data: bytes | None) -> str:
     """The class a record names (its first pickle), or "?"."""
+    if data is None:
+        return "class unknown"
     if not data:
         return "(deleted)"
     from ZODB.utils import get_pickle_metadata
@@ -243,7 +270,7 @@ def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
     from ZODB.serialize import referencesf
     from ZODB.utils import z64
 
-    from ._integrity import strip
+    from ._integrity import _from_server, strip  # a ZEO server's CorruptHeapError, rebuilt
 
     found = _Walk()
     parents = found.parents
@@ -255,13 +282,19 @@ def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
             data, _ = storage.load(oid)
         except POSKeyError:
             parent = parents.get(oid)
-            found.problems.append(Problem(oid, "?", "is referred to but missing (a dangling reference)"
+            found.problems.append(Problem(oid, _class_named_by(storage, parent, oid),
+                                          "is referred to but missing (a dangling reference)"
                                           + (f" from object {_oid_text(parent)}" if parent else ""),
                                           parent))
             continue
-        except DurableHeapError as exc:  # CorruptHeapError: its seal or header failed
-            found.problems.append(Problem(oid, _class_of(_raw_record(storage, oid)), _reason(exc),
-                                          parents.get(oid)))
+        except Exception as exc:  # noqa: BLE001 - CorruptHeapError: its seal or header failed
+            err = exc if isinstance(exc, DurableHeapError) else _from_server(exc, None)
+            if err is None:
+                raise
+            cls = _class_of(_raw_record(storage, oid))
+            if cls == "class unknown":
+                cls = _class_named_by(storage, parents.get(oid), oid)
+            found.problems.append(Problem(oid, cls, _reason(err), parents.get(oid)))
             continue
         bar.update(1)
         data = strip(data)
@@ -291,6 +324,25 @@ def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
     return found
 
 
+def _class_named_by(storage: Any, parent: bytes | None, oid: bytes) -> str:
+    """The class that `parent`'s record names for its reference to `oid` (ZODB's persistent
+    references carry the class), when the record of `oid` itself cannot tell."""
+    from ZODB.serialize import get_refs
+
+    if parent is None:
+        return "class unknown"
+    try:
+        data, _ = storage.load(parent)
+        for ref, klass in get_refs(data):
+            if ref == oid and klass is not None:
+                module, name = klass if isinstance(klass, tuple) else (getattr(klass, "__module__", "?"),
+                                                                       getattr(klass, "__name__", "?"))
+                return f"{module}.{name}"
+    except Exception:  # noqa: BLE001, S110 - only a hint
+        pass
+    return "class unknown"
+
+
 def _raw_record(storage: Any, oid: bytes) -> bytes | None:
     try:
         return _raw(storage).load(oid)[0]  # type: ignore[no-any-return]
@@ -307,9 +359,11 @@ def _reason(exc: BaseException) -> str:
     return f"is damaged: {text}"
 
 
-def _paths(heap: Any, wanted: set[bytes], budget: int = PATH_BUDGET) -> dict[bytes, str]:
+def _paths(heap: Any, wanted: set[bytes], budget: int = PATH_BUDGET,
+           skip: frozenset[bytes] = frozenset()) -> dict[bytes, str]:
     """Paths from ``state`` to the objects `wanted` (by oid), found by loading objects
-    breadth first from ``state`` (at most `budget` of them): a help for messages."""
+    breadth first from ``state`` (at most `budget` of them, never those in `skip`: known
+    to be damaged, and ZODB logs a traceback for each load that fails): a help for messages."""
     from persistent import Persistent
 
     from ._values import ROOT_KEY, _durable_children, is_atomic  # the accessors error messages use
@@ -349,7 +403,7 @@ def _paths(heap: Any, wanted: set[bytes], budget: int = PATH_BUDGET) -> dict[byt
                     continue
                 else:
                     key = id(child)  # a plain container or object inside a record
-                if key in seen:
+                if key in seen or key in skip:
                     continue
                 seen.add(key)
                 queue.append((child, path + accessor))
@@ -371,7 +425,7 @@ def _name_problems(heap: Any, walk: _Walk) -> None:
         chains[p.oid] = chain
         wanted.update(chain)
     try:
-        paths = _paths(heap, wanted)
+        paths = _paths(heap, wanted, skip=frozenset(p.oid for p in walk.problems))
     except Exception:  # noqa: BLE001 - the root itself is damaged: no paths
         return
     for p in walk.problems[:50]:
@@ -470,16 +524,47 @@ def _transactions(storage: Any, start: bytes | None = None, stop: bytes | None =
 
 def log_entries(heap: Any, *, since: datetime.datetime | None = None, grep: str | None = None,
                 count: int = DEFAULT_LOG_COUNT) -> list[LogEntry]:
-    """The last `count` transactions (newest first) since `since`, whose note contains `grep`."""
-    from ZODB.TimeStamp import TimeStamp
+    """The last `count` transactions (newest first; 0: all) since `since`, whose note contains
+    `grep` (case-insensitive).
 
-    start = None
+    Without `since`, it reads a window at the end of the history and doubles it until it
+    holds `count` entries or reaches the first transaction: ZODB's iterators seek to a
+    start time cheaply (FileStorage scans transaction headers from the nearer end), so
+    ``log -n 20`` of a big file reads its end, not all of it.
+    """
+    from ZODB.TimeStamp import TimeStamp
+    from ZODB.utils import z64
+
+    storage = heap.db.storage
     if since is not None:
         t = since.astimezone(datetime.timezone.utc)
         start = TimeStamp(t.year, t.month, t.day, t.hour, t.minute, t.second + t.microsecond / 1e6).raw()
-    kept: collections.deque[LogEntry] = collections.deque(maxlen=max(count, 0) or None)
+        return _log_from(storage, start, grep, count)
+    last = storage.lastTransaction()
+    if count <= 0 or last == z64:
+        return _log_from(storage, None, grep, count)
+    first = next((t.tid for t in _transactions(storage)), last)
+    end = TimeStamp(last).timeTime()
+    window = 3600.0
+    while True:
+        start = _tid_at(end - window)
+        entries = _log_from(storage, start, grep, count)
+        if len(entries) >= count or start <= first:
+            return entries
+        window *= 4
+
+
+def _tid_at(seconds: float) -> bytes:
+    from ZODB.TimeStamp import TimeStamp
+
+    t = datetime.datetime.fromtimestamp(max(seconds, 0.0), datetime.timezone.utc)
+    return TimeStamp(t.year, t.month, t.day, t.hour, t.minute, t.second + t.microsecond / 1e6).raw()  # type: ignore[no-any-return]
+
+
+def _log_from(storage: Any, start: bytes | None, grep: str | None, count: int) -> list[LogEntry]:
+    kept: collections.deque[LogEntry] = collections.deque(maxlen=count if count > 0 else None)
     needle = grep.lower() if grep else None
-    for txn in _transactions(heap.db.storage, start):
+    for txn in _transactions(storage, start):
         note = _text(txn.description)
         if needle is not None and needle not in note.lower():
             continue
@@ -522,7 +607,8 @@ def show_transaction(heap: Any, tid_text: str) -> tuple[LogEntry, list[ChangedRe
         raise UsageError(f"the heap has no transaction {tid_text}: `durable-heap log` lists them "
                          "(a pack may have removed it)")
     paths = _paths(heap, {oid for oid, _ in records}, budget=20_000)
-    changed = [ChangedRecord(oid, _class_of(data), len(data or b""), paths.get(oid, ""))
+    changed = [ChangedRecord(oid, _class_of(data if data is not None else b""), len(data or b""),
+                             paths.get(oid, ""))
                for oid, data in records]
     entry = LogEntry(tid, _tid_time(tid), found[0], found[1], len(changed),
                      sum(c.bytes for c in changed))

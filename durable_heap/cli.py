@@ -187,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
+        from ._ops import quiet_interrupted_calls
+
+        quiet_interrupted_calls()
         print("durable-heap: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - every error becomes one clear line

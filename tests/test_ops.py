@@ -471,3 +471,89 @@ def test_ctrl_c_while_waiting_for_a_server(app: Path) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_verify_reports_a_dangling_reference(app: Path) -> None:
+    import transaction
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.FileStorage import FileStorage
+    from ZODB.utils import oid_repr
+
+    ok("call", str(app), "add", "ann")
+    ok("call", str(app), "add", "bob")
+    path = heap_file(app)
+    with dh.open(path, read_only=True) as heap:
+        oid = heap.state.users["bob"]._p_oid
+    fs = FileStorage(str(path))  # raw ZODB: a deletion record that leaves the reference behind
+    try:
+        txn = TransactionMetaData()
+        fs.tpc_begin(txn)
+        fs.deleteObject(oid, fs.load(oid)[1], txn)
+        fs.tpc_vote(txn)
+        fs.tpc_finish(txn)
+    finally:
+        fs.close()
+        transaction.abort()
+    out = cli("verify", str(app))
+    assert out.returncode == 1, out.stdout
+    line = next(x for x in out.stdout.splitlines() if oid_repr(oid) in x)
+    assert "referred to but missing" in line and "at state.users['bob']" in line, line
+
+
+@pytest.mark.slow
+def test_verify_over_zeo_reports_damage_in_the_servers_file(app: Path, tmp_path: Path) -> None:
+    from ZODB.utils import oid_repr
+
+    server = ZeoServer(tmp_path / "server" / "app.fs")
+    url = server.start()
+    try:
+        ok("call", str(app), "add", "ann", "--storage", url)
+        with dh.open(url) as heap:
+            oid = heap.state.users["ann"]._p_oid
+        server.stop()
+        _flip(server.storage, _record_offset(server.storage, oid))
+        url = server.start()
+        out = cli("verify", str(app), "--storage", url)
+    finally:
+        server.close()
+    assert out.returncode == 1, out.stdout + out.stderr
+    line = next(x for x in out.stdout.splitlines() if oid_repr(oid) in x)
+    assert "at state.users['ann']" in line and "fails its checksum" in line
+    assert "Traceback" not in out.stderr  # no load of the damaged object was logged
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_zeo_backup_leaves_no_backup_behind(tmp_path: Path) -> None:
+    from ZODB.scripts.repozo import is_data_file
+
+    app = write(tmp_path / "app.py", "from durable_heap import state\n")
+    served = tmp_path / "server" / "app.fs"
+    with dh.open(served) as heap, heap.transaction() as state:
+        # One transaction of many records: ZEO's iterator sends them one by one, so the
+        # copy takes long enough to be interrupted in the middle of it.
+        state.items = [dh.Object() for _ in range(12_000)]
+    server = ZeoServer(served)
+    url = server.start()
+    dest = tmp_path / "backups"
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "durable_heap", "backup", str(app), str(dest),
+                                 "--storage", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=subprocess_env(), text=True)
+        mirror = dest / "zeo-mirror" / "heap.fs"
+        deadline = time.monotonic() + 60
+        while not mirror.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out + err
+        assert "interrupted" in err and "Traceback" not in err
+        assert not [n for n in os.listdir(dest) if is_data_file(n)]  # no backup was made
+        done = ok("backup", str(app), str(dest), "--storage", url)  # the next one completes
+        assert "full backup" in done
+    finally:
+        server.close()
+    restored = tmp_path / "restored.fs"
+    ok("restore", str(dest), str(app), "--storage", str(restored))
+    with dh.open(restored, read_only=True) as heap:
+        assert len(heap.state.items) == 12_000
