@@ -854,6 +854,9 @@ class Heap:
                 with attempt as state:
                     state.count += 1
         """
+        if note is None:  # as for `transaction`: where the loop was written
+            caller = sys._getframe(1)
+            note = _notes.block_note(caller.f_code, caller.f_lineno)
         total = attempts or self.max_attempts
         for n in range(1, total + 1):
             attempt = _Attempt(self, n, total, note)

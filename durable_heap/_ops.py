@@ -104,8 +104,9 @@ def progress(total: int | None, what: str, unit: str = "records") -> Iterator[An
         except ImportError:
             pass
         else:
-            bar = tqdm(total=total, desc=what, unit=f" {unit}", file=sys.stderr, leave=False,
-                       dynamic_ncols=True, mininterval=0.2)
+            bar = tqdm(total=total, desc=what, unit=unit if unit == "B" else f" {unit}",
+                       unit_scale=unit == "B", file=sys.stderr, leave=False, dynamic_ncols=True,
+                       mininterval=0.2)
     try:
         yield bar
     finally:
@@ -739,6 +740,33 @@ class _Ticker:
         self._thread.join()
 
 
+class _Growth:
+    """Moves a byte-counting progress bar as files grow (repozo reports no progress, but
+    writes each file under a name of its own first: ``tmp.tmp`` in the repository, or
+    ``OUTPUT.part`` when it recovers)."""
+
+    def __init__(self, bar: Any, files: Callable[[], list[str]]) -> None:
+        self._stop = threading.Event()
+        self._bar, self._files = bar, files
+        self._shown = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            size = 0
+            for path in self._files():
+                with contextlib.suppress(OSError):
+                    size += os.path.getsize(path)
+            if size > self._shown:
+                self._bar.update(size - self._shown)
+                self._shown = size
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _undo_interrupted_pack(path: str | None) -> None:
     """After Ctrl-C in FileStorage's pack: the file is as it was; drop the scratch copy.
 
@@ -853,14 +881,17 @@ def backup(heap_target: Any, source: str, dest: str) -> BackupReport:
         os.makedirs(dest, exist_ok=True)
     before = _repo_files(dest)
     _next_second(dest)
+    def being_written() -> list[str]:
+        return [os.path.join(dest, n) for n in _repo_files(dest) - before]
+
     try:
-        with progress(None, "backup", "s") as bar:
-            ticker = _Ticker(bar)
+        with progress(None, "backup", "B") as bar:
+            growth = _Growth(bar, being_written)
             try:
                 with _private():
                     _repozo(["-B", "-Q", "-r", dest, "-f", source])
             finally:
-                ticker.stop()
+                growth.stop()
     except BaseException:
         for name in _repo_files(dest) - before:  # a half-written backup: as if never started
             with contextlib.suppress(OSError):
@@ -963,13 +994,13 @@ def restore(dest: str, path: str, *, force: bool, date: str | None = None) -> st
             with contextlib.suppress(FileNotFoundError):
                 os.remove(work + suffix)
         try:
-            with progress(None, "restore", "s") as bar:
-                ticker = _Ticker(bar)
+            with progress(None, "restore", "B") as bar:
+                growth = _Growth(bar, lambda: [work + ".part", work])
                 try:
                     with _private():
                         _repozo(["-R", "-w", "-r", dest, "-o", work, *(["-D", date] if date else [])])
                 finally:
-                    ticker.stop()
+                    growth.stop()
             _check_restored(work)
         except BaseException:
             for suffix in ("", ".index", ".part"):

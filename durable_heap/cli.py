@@ -472,7 +472,11 @@ def _types(args: argparse.Namespace) -> int:
     exists = "://" in target or os.path.exists(target)
     # The file on disk is what the editor and the next deploy see; without a heap
     # yet, the stub comes from the source alone (a fresh in-memory heap).
-    with durable_heap.open(target if exists else "memory://", read_only=exists, allow=args.allow) as heap:
+    from ._ops import waiting_notice
+
+    with waiting_notice(target):
+        opened = durable_heap.open(target if exists else "memory://", read_only=exists, allow=args.allow)
+    with opened as heap:
         module = load_discarded(heap, args.program, from_file=on_disk)
         texts = list(read_source(args.program).files.values()) if on_disk else []
         tm = heap.transaction_manager
