@@ -223,7 +223,26 @@ def _heap_size(heap: Any) -> int:
     path = _file_path(heap)
     if path is not None:
         return os.path.getsize(path)
-    return int(heap.db.storage.getSize())  # ZEO: the server's figure at its last report
+    return _figures(heap.db.storage)[1]
+
+
+def _objects(storage: Any) -> int:
+    return _figures(storage)[0]
+
+
+def _figures(storage: Any) -> tuple[int, int]:
+    """(objects, bytes) of a storage. ZEO trap: a ClientStorage's ``len`` and ``getSize``
+    are the figures the server last pushed (after this client's commits, and some time
+    after a pack), so they are asked for: ``get_size_info`` is the server method that
+    pushes them (ZEO.StorageServer), called as ClientStorage calls its server."""
+    call = getattr(storage, "_call", None)
+    if call is not None:
+        try:
+            info = call("get_size_info")
+            return int(info["length"]), int(info["size"])
+        except Exception:  # noqa: BLE001, S110 - an older server: the pushed figures then
+            pass
+    return len(storage), int(storage.getSize())
 
 
 # --- walking the current records ----------------------------------------------------------
@@ -703,7 +722,7 @@ def pack(heap: Any, days: float) -> PackReport:
     classes the remaining records still name."""
     path = _file_path(heap)
     storage = heap.db.storage
-    before, objects_before = _heap_size(heap), len(storage)
+    before, objects_before = _heap_size(heap), _objects(storage)
     revisions_before = _count_revisions(storage) if path else None
     with progress(None, f"pack (keeping {days:g} days)", "s") as bar:
         ticker = _Ticker(bar)
@@ -715,10 +734,7 @@ def pack(heap: Any, days: float) -> PackReport:
         finally:
             ticker.stop()
     dropped = _prune_registry(heap) if path else []
-    if heap.target.scheme == "zeo":
-        with contextlib.suppress(Exception):
-            heap.db.storage.sync()
-    return PackReport(before, _heap_size(heap), objects_before, len(storage), revisions_before,
+    return PackReport(before, _heap_size(heap), objects_before, _objects(storage), revisions_before,
                       _count_revisions(storage) if path else None, dropped)
 
 
