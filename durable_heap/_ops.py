@@ -1161,9 +1161,7 @@ def _backup(args: argparse.Namespace) -> int:
     if target.scheme == "file":
         if not os.path.exists(target.location):
             raise StorageError(f"{args.program} has no heap yet at {target}: nothing to back up")
-        from ._storage import _check_magic
-
-        _check_magic(target.location)
+        _check_whole(target.location)
         r = backup(None, target.location, dest)
     elif target.scheme == "zeo":
         with _open(args, read_only=True) as heap:
@@ -1178,6 +1176,20 @@ def _backup(args: argparse.Namespace) -> int:
         print(f"{target}: {r.kind} backup of {_size(r.written)} in {dest}: {', '.join(r.files)}{extra}; "
               "verified")
     return 0
+
+
+def _check_whole(path: str) -> None:
+    """Refuse to back up a file that would not open whole (a damaged one): the backups
+    already made stay the good ones. Opening it read-only checks its structure (where
+    an open scans it) without taking the writer's lock."""
+    import durable_heap
+
+    from ._errors import CorruptHeapError
+
+    try:
+        durable_heap.open(path, read_only=True).close()
+    except CorruptHeapError as exc:
+        raise CommandError(f"not backed up: {exc} The backups made before are untouched.") from None
 
 
 def _restore(args: argparse.Namespace) -> int:

@@ -559,3 +559,16 @@ def test_ctrl_c_during_a_zeo_backup_leaves_no_backup_behind(tmp_path: Path) -> N
     ok("restore", str(dest), str(app), "--storage", str(restored))
     with dh.open(restored, read_only=True) as heap:
         assert len(heap.state.items) == 12_000
+
+
+def test_backup_refuses_a_damaged_heap(app: Path, tmp_path: Path) -> None:
+    ok("call", str(app), "add", "ann")
+    dest = tmp_path / "backups"
+    ok("backup", str(app), str(dest))
+    made = sorted(os.listdir(dest))
+    path = heap_file(app)
+    (path.parent / (path.name + ".index")).unlink()
+    _flip(path, path.stat().st_size // 3)
+    out = cli("backup", str(app), str(dest))
+    assert out.returncode == 1 and "not backed up" in out.stderr and "damaged" in out.stderr
+    assert sorted(os.listdir(dest)) == made
