@@ -11,6 +11,7 @@ arguments (all, or by name) as not logged; they show as ``<redacted>``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import reprlib
@@ -126,6 +127,7 @@ def _var_keyword(func: Any) -> str:
     return next((p.name for p in params if p.kind is p.VAR_KEYWORD), "")
 
 
+@functools.lru_cache(maxsize=4096)  # one per place in the code: formatted once, not per transaction
 def block_note(code: CodeType | None, line: int) -> str | None:
     """The default note of a ``with heap.transaction()`` block written at `code`, `line`."""
     if code is None:
