@@ -1025,6 +1025,8 @@ def restore(dest: str, path: str, *, force: bool, date: str | None = None) -> st
             raise
         if exists:
             kept = path + ".before-restore"
+            if os.path.exists(kept):  # an earlier restore's: keep that one too
+                kept += time.strftime("-%Y%m%d-%H%M%S", time.gmtime())
             os.replace(path, kept)
             if os.path.exists(path + ".index"):
                 os.replace(path + ".index", kept + ".index")

@@ -419,6 +419,9 @@ def test_restore_refuses_an_open_heap_and_an_existing_one(app: Path, tmp_path: P
     assert (path.parent / "app.fs.before-restore").read_bytes() == before
     with dh.open(path, read_only=True) as heap:
         assert sorted(heap.state.users) == ["ann"]  # as at the backup
+    again = ok("restore", str(dest), str(app), "--force")  # the first kept file is kept too
+    assert (path.parent / "app.fs.before-restore").read_bytes() == before
+    assert re.search(r"kept as .*app\.fs\.before-restore-\d{8}-\d{6}", again), again
     out = cli("restore", str(tmp_path / "nothing-here"), str(app), "--force")
     assert out.returncode == 2 and "holds no backup" in out.stderr
 
