@@ -37,6 +37,7 @@ from typing import Any
 from ZODB.FileStorage.FileStorage import FilePool, read_index
 from ZODB.utils import u64, z64
 
+from ._errormap import translate_storage_error
 from ._errors import CorruptHeapError
 from ._integrity import CheckedFileStorage, scan
 
@@ -103,7 +104,8 @@ class FollowingFileStorage(CheckedFileStorage):
             try:
                 reached = scan(self._file, self._file_name, changes, self._pos, self._ltid)
             except CorruptHeapError as exc:
-                raise _damaged(self._file_name, exc.offset or self._pos, exc) from exc
+                raise translate_storage_error(exc, self._file_name, action="follow",
+                                              offset=exc.offset or self._pos) from exc
             pos = self._pos if reached is None else reached[0]
             if pos == self._pos:
                 return  # only a transaction still being written
@@ -136,7 +138,7 @@ class FollowingFileStorage(CheckedFileStorage):
             except Exception as exc:
                 self._file = old
                 new.close()
-                raise _damaged(self._file_name, 0, exc) from exc
+                raise translate_storage_error(exc, self._file_name, action="follow", offset=0) from exc
             with self._files.write_lock():
                 self._files.empty()
                 self._files.name = _same_file(new, self._file_name)
@@ -188,12 +190,3 @@ def _last_tid(f: Any, pos: int) -> bytes:
     length = u64(f.read(8))
     f.seek(pos - 8 - length)
     return bytes(f.read(8))
-
-
-def _damaged(path: str, offset: int, exc: BaseException) -> CorruptHeapError:
-    return CorruptHeapError(
-        f"the heap {path} changed in a way a read-only reader cannot follow at offset "
-        f"{offset} ({exc}). Nothing was read from the changed part; open the heap again, "
-        "and if that fails too, restore it from a backup (docs/operations.md, When things go wrong).",
-        offset=offset,
-    )
