@@ -44,6 +44,13 @@ from ._integrity import CheckedFileStorage, scan
 __all__ = ["FollowingFileStorage"]
 
 
+# -- PROTECTED: ZODB.FileStorage.FileStorage internals (ZODB 6.4) --
+# Catching up moves FileStorage's own state forward (declared below: ``_file``,
+# ``_files`` (FilePool: ``write_lock``, ``empty``, ``name``, ``close``), ``_index``,
+# ``_pos``, ``_oid``, ``_ltid``, ``_lock``, ``_file_name``) and rebuilds it with
+# its own ``_newIndexes``, ``_restore_index``, ``_initIndex`` and the module's
+# ``read_index`` and ``FilePool``: ZODB has no public way to re-read a file
+# another process appends to. tests/test_zodb_internals.py pins every one.
 class FollowingFileStorage(CheckedFileStorage):
     """A FileStorage opened read-only that sees the writer's later commits (see the module).
 
@@ -148,6 +155,9 @@ class FollowingFileStorage(CheckedFileStorage):
                 self._dh_db.invalidateCache()
             self._dh_identity = _identity(os.fstat(new.fileno()))
             self._pos, self._oid, self._ltid = pos, maxoid, _last_tid(new, pos)
+
+
+# -- end PROTECTED --
 
 
 class _Changes:

@@ -125,6 +125,14 @@ _DATA = struct.Struct(DATA_HDR)
 # --- the wrapper: seals on the way in, checks on the way out ----------------------------------
 
 
+# -- PROTECTED: ZODB.FileStorage.FileStorage internals, read for messages (ZODB 6.4) --
+# ChecksumStorage names the file of its base by ``_file_name``, and finds where a
+# damaged record lies (`_header_problem`, `_offset`) through the base's ``_lock``,
+# ``_lookup_pos``, ``_read_data_header``, ``_file`` and ``_ltid``: each read in a
+# ``try``, for the wording only (another storage, or a changed FileStorage, gives a
+# message without an offset). It also calls ``registerDB`` on its base itself (see
+# the trap in __init__). tests/test_zodb_internals.py pins them.
+# -- end PROTECTED --
 @zope.interface.implementer(ZODB.interfaces.IStorageWrapper)
 class ChecksumStorage:
     """Seal each record written and check each record read (zc.zlibstorage's pattern).
@@ -460,6 +468,13 @@ _U64 = struct.Struct(">Q")
 _AHEAD = 1440 << 32  # the upper 32 bits of a tid count minutes
 
 
+# -- PROTECTED: FileStorage._restore_index and the state around it (ZODB 6.4) --
+# The checked scan is hooked into ``_restore_index``, the one method FileStorage's
+# constructor calls between opening the file and ``read_index`` (see the class's
+# docstring), and uses ``_newIndexes``, ``_save_index``, ``_is_read_only``,
+# ``_pos`` and ``_file``; `_close_quietly` closes ``_file``, ``_files``,
+# ``_lock_file`` and ``_tfile`` after a failed constructor. tests/test_damage.py
+# and tests/test_zodb_internals.py pin them.
 class CheckedFileStorage(FileStorage):
     """A FileStorage that refuses, untouched, a file it would open as less than it holds.
 
@@ -518,6 +533,9 @@ class CheckedFileStorage(FileStorage):
                     f.close()
                 except Exception:  # noqa: BLE001,S110 - closing after a failed open
                     pass
+
+
+# -- end PROTECTED --
 
 
 def scan(file: Any, name: str, index: Any, start: int, ltid: bytes) -> tuple[int, bytes] | None:
@@ -749,6 +767,11 @@ def _class_name(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# -- PROTECTED: ZODB.Connection.Connection internals (ZODB 6.4) --
+# Overrides ``setstate`` and ``get`` (where every load passes), and reads the
+# connection's ``_storage``, ``_reader`` (an ObjectReader: ``getState``), ``_db``
+# and ``before`` (None unless historical): ZODB offers no hook for load errors.
+# tests/test_zodb_internals.py pins them.
 class CheckedConnection(_allow.Connection):
     """ZODB's Connection, with read errors of damaged records turned into `CorruptHeapError`.
 
@@ -836,6 +859,9 @@ class CheckedConnection(_allow.Connection):
     def _heap_path(self) -> str:
         storage = self._db.storage
         return str(getattr(storage, "_path", None) or storage.getName())
+
+
+# -- end PROTECTED --
 
 
 class CheckedDB(_allow.DB):

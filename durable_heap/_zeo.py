@@ -115,6 +115,15 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
 _client: type | None = None
 
 
+# -- PROTECTED: ZEO.ClientStorage.ClientStorage internals (ZEO 6.2) --
+# The subclass below overrides ``notify_connected(conn, info)`` and
+# ``tpc_abort(txn, timeout)``, and reads ``_oids`` (the prefetched oids, a list),
+# ``_connection_generation``, ``txn.data(self)`` (the TransactionBuffer, or None
+# after tpc_finish) with its ``connection_generation``, and calls ``tpc_end``:
+# ZEO has no public way to drop prefetched oids or to skip a doomed abort (see
+# the docstring). tests/test_zodb_internals.py fails when any of them changes.
+
+
 def _client_class() -> type:
     """ZEO's ClientStorage, with two traps of a lost server taken out (ZEO 6.2).
 
@@ -157,3 +166,4 @@ def _client_class() -> type:
 
         _client = ClientStorage
     return _client
+# -- end PROTECTED --

@@ -204,8 +204,13 @@ def run_server(args: Any) -> int:
     except BaseException:
         storage.close()
         raise
+    # -- PROTECTED: ZEO.StorageServer.StorageServer.acceptor (ZEO 6.2) --
+    # ``acceptor.addr`` is the address actually bound (port 0: the one picked),
+    # ``acceptor.event_loop`` the asyncio loop to install the signal handlers in;
+    # ZEO offers neither otherwise. Pinned by tests/test_zodb_internals.py.
     bound: Address = addr if isinstance(addr, str) else tuple(server.acceptor.addr[:2])  # type: ignore[assignment]
     loop = server.acceptor.event_loop
+    # -- end PROTECTED --
 
     def stop(name: str) -> None:
         # Runs in the event loop between two messages, so never in the middle of
