@@ -22,11 +22,14 @@ action           ``where`` is                           maps
 ``read``         the heap file's path                   OSError
 ``connect``      the ``zeo://`` target                  ClientDisconnected, LockError
 ``tls``          the TLS files, comma-separated         OSError (ssl.SSLError among them)
-``listen``       the server's ``--address``             OSError
+``listen``       the server's address (a zeo:// URL)    OSError
 ``follow``       the heap file's path                   anything (a reader cannot follow)
 ``load``         (not used: the record names its heap)  ZEO's ServerException of ours
 ``commit``       the target                             ReadOnlyError
 ===============  =====================================  ==================================
+
+(``commit`` is for the heap's commit, whose own mapping,
+``_heap._translate_commit_error``, is still to be moved here.)
 
 Below the map, the classifiers the heap's transaction runner uses to tell a
 fault of the storage from a conflict or the program's own error (`is_fault`,
@@ -75,6 +78,7 @@ __all__ = [
     "disconnected",
     "is_damage_value_error",
     "is_fault",
+    "not_a_heap",
     "outcome_unknown",
     "reason",
     "record_error",

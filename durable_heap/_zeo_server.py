@@ -20,7 +20,7 @@ from ._allow import Allowlist, defined_classes, env_patterns, guard_conflicts
 from ._errormap import translate_storage_error
 from ._errors import ProgramError, StorageError
 from ._storage import open_storage
-from ._targets import Address, format_address, parse_address, parse_target
+from ._targets import Address, Target, format_address, parse_address, parse_target
 from ._zeo import tls_context
 
 __all__ = ["DEFAULT_ADDRESS", "add_command", "is_loopback", "run_server", "server_tls"]
@@ -155,6 +155,34 @@ def _clear_stale_socket(path: str) -> None:
     raise StorageError(f"a server already listens on {path}: stop it, or choose another --address")
 
 
+def _start_server(target: Target, addr: Address, tls: Any, read_only: bool,
+                  allowlist: Allowlist) -> Any:
+    """ZEO's StorageServer listening at `addr` on the heap file of `target`.
+
+    The served storage is the checksum wrapper over the (checked) FileStorage: the
+    server seals the records clients write and checks every record it sends. If
+    it cannot listen, the storage is closed (and a heap file it created removed).
+    """
+    existed = os.path.exists(target.location)
+    storage = open_storage(target, read_only=read_only)
+    allowlist.read_registry_from(storage)  # the classes stored through durable_heap
+    guard_conflicts(storage, allowlist)  # the server resolves conflicts: only allowed classes
+    try:
+        from ZEO.StorageServer import StorageServer
+
+        return StorageServer(addr, {"1": storage}, read_only=read_only, ssl=tls)
+    except OSError as exc:
+        storage.close()
+        if not existed:  # leave no empty heap behind a server that never ran
+            for suffix in ("", ".index", ".lock", ".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(target.location + suffix)
+        raise translate_storage_error(exc, format_address(addr), action="listen", address=addr) from None
+    except BaseException:
+        storage.close()
+        raise
+
+
 def run_server(args: Any) -> int:
     """``durable-heap zeo``: serve ``args.storage`` until SIGTERM or SIGINT.
 
@@ -184,26 +212,7 @@ def run_server(args: Any) -> int:
     allowlist = _server_allowlist(args)
     if isinstance(addr, str):
         _clear_stale_socket(addr)
-    existed = os.path.exists(target.location)
-    # The served storage is the checksum wrapper over the (checked) FileStorage: the
-    # server seals the records clients write and checks every record it sends.
-    storage = open_storage(target, read_only=args.read_only)
-    allowlist.read_registry_from(storage)  # the classes stored through durable_heap
-    guard_conflicts(storage, allowlist)  # the server resolves conflicts: only allowed classes
-    try:
-        from ZEO.StorageServer import StorageServer
-
-        server = StorageServer(addr, {"1": storage}, read_only=args.read_only, ssl=tls)
-    except OSError as exc:
-        storage.close()
-        if not existed:  # leave no empty heap behind a server that never ran
-            for suffix in ("", ".index", ".lock", ".tmp"):
-                with contextlib.suppress(OSError):
-                    os.unlink(target.location + suffix)
-        raise translate_storage_error(exc, args.address, action="listen", address=addr) from None
-    except BaseException:
-        storage.close()
-        raise
+    server = _start_server(target, addr, tls, args.read_only, allowlist)
     # -- PROTECTED: ZEO.StorageServer.StorageServer.acceptor (ZEO 6.2) --
     # ``acceptor.addr`` is the address actually bound (port 0: the one picked),
     # ``acceptor.event_loop`` the asyncio loop to install the signal handlers in;
