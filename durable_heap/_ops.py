@@ -120,7 +120,7 @@ def waiting_notice(target: str, delay: float = 1.0) -> Iterator[None]:
     if not target.startswith("zeo://"):
         yield
         return
-    from ._storage import option, parse_target
+    from ._targets import option, parse_target
     from ._zeo import DEFAULT_WAIT
 
     try:
@@ -290,7 +290,8 @@ def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
     from ZODB.serialize import referencesf
     from ZODB.utils import z64
 
-    from ._integrity import _from_server, strip  # a ZEO server's CorruptHeapError, rebuilt
+    from ._errormap import translate_storage_error
+    from ._integrity import strip
 
     found = _Walk()
     parents = found.parents
@@ -308,8 +309,8 @@ def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
                                           parent))
             continue
         except Exception as exc:  # noqa: BLE001 - CorruptHeapError: its seal or header failed
-            err = exc if isinstance(exc, DurableHeapError) else _from_server(exc, None)
-            if err is None:
+            err = translate_storage_error(exc, action="load")  # a ZEO server's, rebuilt
+            if not isinstance(err, DurableHeapError):
                 raise
             cls = _class_of(_raw_record(storage, oid))
             if cls == "class unknown":
@@ -926,7 +927,8 @@ def backup_zeo(heap: Any, dest: str) -> BackupReport:
     """Over ZEO: copy the server's new transactions into the mirror in `dest`, then `backup` it."""
     from ZODB.utils import p64, u64, z64
 
-    from ._storage import open_storage, parse_target
+    from ._storage import open_storage
+    from ._targets import parse_target
 
     mirror_path = os.path.join(dest, MIRROR)
     with _private():
@@ -969,7 +971,7 @@ def backup_zeo(heap: Any, dest: str) -> BackupReport:
 
 @contextlib.contextmanager
 def _private() -> Iterator[None]:
-    from ._storage import private_files
+    from ._targets import private_files
 
     with private_files():
         yield
@@ -998,10 +1000,11 @@ def restore(dest: str, path: str, *, force: bool, date: str | None = None) -> st
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
             lock = zc.lockfile.LockFile(path + ".lock")
-        except zc.lockfile.LockError:
-            from ._storage import _locked_message
+        except zc.lockfile.LockError as exc:
+            from ._errormap import translate_storage_error
 
-            raise HeapLockedError(_locked_message(path).split(". A FileStorage")[0]
+            held = translate_storage_error(exc, path, action="open")  # names the process
+            raise HeapLockedError(str(held).split(". A FileStorage")[0]
                                   + ": stop it before restoring its heap.") from None
     work = path + ".restoring"
     kept = None
@@ -1156,7 +1159,7 @@ def _is_file(target: str) -> bool:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    from ._storage import parse_target
+    from ._targets import parse_target
 
     target = parse_target(_target(args))
     dest = os.path.abspath(args.dest)
@@ -1195,7 +1198,7 @@ def _check_whole(path: str) -> None:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from ._storage import parse_target
+    from ._targets import parse_target
 
     target = parse_target(_target(args))
     if target.scheme != "file":

@@ -349,14 +349,14 @@ def test_operations_over_zeo(app: Path, tmp_path: Path, zeo_server: ZeoServer) -
 # --- backup and restore -------------------------------------------------------------------------
 
 WRITER = """
-import sys, time
+import os, sys, time
 import durable_heap as dh
 heap = dh.open(sys.argv[1])
 with heap.transaction() as s:
     s.setdefault("count", 0)
 print("ready", flush=True)
-deadline = time.monotonic() + float(sys.argv[2])
-while time.monotonic() < deadline:
+deadline = time.monotonic() + 300
+while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:  # until told to stop
     with heap.transaction() as s:
         s.count += 1
         s.setdefault("log", []).append(s.count)
@@ -371,7 +371,8 @@ def test_backup_while_a_writer_commits_then_restore(tmp_path: Path) -> None:
     app = write(tmp_path / "app.py", "from durable_heap import state\n")
     path = heap_file(app)
     writer = write(tmp_path / "writer.py", WRITER)
-    proc = subprocess.Popen([sys.executable, str(writer), str(path), "6"], stdout=subprocess.PIPE,
+    stop = tmp_path / "stop"
+    proc = subprocess.Popen([sys.executable, str(writer), str(path), str(stop)], stdout=subprocess.PIPE,
                             text=True, env=subprocess_env())
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
@@ -385,6 +386,7 @@ def test_backup_while_a_writer_commits_then_restore(tmp_path: Path) -> None:
         assert "incremental backup" in second and "verified" in second
         assert proc.poll() is None  # the writer was committing all along
     finally:
+        stop.touch()
         acked = [int(x) for x in proc.stdout.read().split()]
         proc.wait(30)
     assert proc.returncode == 0 and acked
