@@ -276,6 +276,22 @@ class _Walk:
     largest: list[tuple[int, bytes, str]] = field(default_factory=list)
     parents: dict[bytes, bytes | None] = field(default_factory=dict)
 
+    def count(self, oid: bytes, cls: str, size: int, keep_largest: int) -> None:
+        """Add one intact record to the figures (and to the `keep_largest` biggest)."""
+        import heapq
+
+        self.records += 1
+        self.size += size
+        entry = self.by_class.setdefault(cls, [0, 0])
+        entry[0] += 1
+        entry[1] += size
+        if keep_largest:
+            item = (size, oid, cls)
+            if len(self.largest) < keep_largest:
+                heapq.heappush(self.largest, item)
+            else:
+                heapq.heappushpop(self.largest, item)
+
 
 def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
     """Read every record reachable from ZODB's root, once: check it (the storage checks
@@ -284,13 +300,9 @@ def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
     The walk follows references in the records themselves (ZODB's `referencesf`),
     not objects, so it loads no classes and needs no program.
     """
-    import heapq
-
-    from ZODB.POSException import POSKeyError
     from ZODB.serialize import referencesf
     from ZODB.utils import z64
 
-    from ._errormap import translate_storage_error
     from ._integrity import strip
 
     found = _Walk()
@@ -299,38 +311,13 @@ def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
     queue = collections.deque([z64])
     while queue:
         oid = queue.popleft()
-        try:
-            data, _ = storage.load(oid)
-        except POSKeyError:
-            parent = parents.get(oid)
-            found.problems.append(Problem(oid, _class_named_by(storage, parent, oid),
-                                          "is referred to but missing (a dangling reference)"
-                                          + (f" from object {_oid_text(parent)}" if parent else ""),
-                                          parent))
-            continue
-        except Exception as exc:  # noqa: BLE001 - CorruptHeapError: its seal or header failed
-            err = translate_storage_error(exc, action="load")  # a ZEO server's, rebuilt
-            if not isinstance(err, DurableHeapError):
-                raise
-            cls = _class_of(_raw_record(storage, oid))
-            if cls == "class unknown":
-                cls = _class_named_by(storage, parents.get(oid), oid)
-            found.problems.append(Problem(oid, cls, _reason(err), parents.get(oid)))
+        data = _load_checked(storage, oid, found)
+        if data is None:
             continue
         bar.update(1)
         data = strip(data)
         cls = _class_of(data)
-        found.records += 1
-        found.size += len(data)
-        entry = found.by_class.setdefault(cls, [0, 0])
-        entry[0] += 1
-        entry[1] += len(data)
-        if keep_largest:
-            item = (len(data), oid, cls)
-            if len(found.largest) < keep_largest:
-                heapq.heappush(found.largest, item)
-            else:
-                heapq.heappushpop(found.largest, item)
+        found.count(oid, cls, len(data), keep_largest)
         try:
             refs = referencesf(data)
         except Exception as exc:  # noqa: BLE001 - a record that does not unpickle
@@ -343,6 +330,31 @@ def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
                 queue.append(ref)
     found.largest.sort(reverse=True)
     return found
+
+
+def _load_checked(storage: Any, oid: bytes, found: _Walk) -> bytes | None:
+    """The record of `oid` (its seal checked by the storage), or None with the problem noted."""
+    from ZODB.POSException import POSKeyError
+
+    from ._errormap import translate_storage_error
+
+    parent = found.parents.get(oid)
+    try:
+        return storage.load(oid)[0]  # type: ignore[no-any-return]
+    except POSKeyError:
+        found.problems.append(Problem(oid, _class_named_by(storage, parent, oid),
+                                      "is referred to but missing (a dangling reference)"
+                                      + (f" from object {_oid_text(parent)}" if parent else ""),
+                                      parent))
+    except Exception as exc:  # noqa: BLE001 - CorruptHeapError: its seal or header failed
+        err = translate_storage_error(exc, action="load")  # a ZEO server's, rebuilt
+        if not isinstance(err, DurableHeapError):
+            raise
+        cls = _class_of(_raw_record(storage, oid))
+        if cls == "class unknown":
+            cls = _class_named_by(storage, parent, oid)
+        found.problems.append(Problem(oid, cls, _reason(err), parent))
+    return None
 
 
 def _class_named_by(storage: Any, parent: bytes | None, oid: bytes) -> str:
@@ -985,7 +997,6 @@ def restore(dest: str, path: str, *, force: bool, date: str | None = None) -> st
     ``PATH.before-restore``). Writes beside it, checks the result opens and reads, then
     moves it into place. Returns the name the old file was kept under, if any.
     """
-    import zc.lockfile
     from ZODB.scripts.repozo import is_data_file
 
     if not os.path.isdir(dest) or not any(is_data_file(n) for n in os.listdir(dest)):
@@ -996,22 +1007,10 @@ def restore(dest: str, path: str, *, force: bool, date: str | None = None) -> st
             f"{path} exists: restore replaces a heap only with --force (the current file is then "
             f"kept as {os.path.basename(path)}.before-restore)"
         )
-    with _private():
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        try:
-            lock = zc.lockfile.LockFile(path + ".lock")
-        except zc.lockfile.LockError as exc:
-            from ._errormap import translate_storage_error
-
-            held = translate_storage_error(exc, path, action="open")  # names the process
-            raise HeapLockedError(str(held).split(". A FileStorage")[0]
-                                  + ": stop it before restoring its heap.") from None
+    lock = _lock_heap(path)
     work = path + ".restoring"
-    kept = None
     try:
-        for suffix in ("", ".index", ".part"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(work + suffix)
+        _remove_work(work)
         try:
             with progress(None, "restore", "B") as bar:
                 growth = _Growth(bar, lambda: [work + ".part", work])
@@ -1022,25 +1021,51 @@ def restore(dest: str, path: str, *, force: bool, date: str | None = None) -> st
                     growth.stop()
             _check_restored(work)
         except BaseException:
-            for suffix in ("", ".index", ".part"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(work + suffix)
+            _remove_work(work)  # interrupted or refused: the heap as it was
             raise
-        if exists:
-            kept = path + ".before-restore"
-            if os.path.exists(kept):  # an earlier restore's: keep that one too
-                kept += time.strftime("-%Y%m%d-%H%M%S", time.gmtime())
-            os.replace(path, kept)
-            if os.path.exists(path + ".index"):
-                os.replace(path + ".index", kept + ".index")
-        os.replace(work, path)
-        if os.path.exists(work + ".index"):
-            os.replace(work + ".index", path + ".index")
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path + ".index")
+        return _move_into_place(work, path, exists)
     finally:
         lock.close()
+
+
+def _lock_heap(path: str) -> Any:
+    """Take the heap file's lock (FileStorage's, ``PATH.lock``): `HeapLockedError` if a process holds it."""
+    import zc.lockfile
+
+    with _private():
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            return zc.lockfile.LockFile(path + ".lock")
+        except zc.lockfile.LockError as exc:
+            from ._errormap import translate_storage_error
+
+            held = translate_storage_error(exc, path, action="open")  # names the process
+            raise HeapLockedError(str(held).split(". A FileStorage")[0]
+                                  + ": stop it before restoring its heap.") from None
+
+
+def _remove_work(work: str) -> None:
+    for suffix in ("", ".index", ".part"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(work + suffix)
+
+
+def _move_into_place(work: str, path: str, exists: bool) -> str | None:
+    """The restored file (and its index) in place of the heap, which is kept; its name."""
+    kept = None
+    if exists:
+        kept = path + ".before-restore"
+        if os.path.exists(kept):  # an earlier restore's: keep that one too
+            kept += time.strftime("-%Y%m%d-%H%M%S", time.gmtime())
+        os.replace(path, kept)
+        if os.path.exists(path + ".index"):
+            os.replace(path + ".index", kept + ".index")
+    os.replace(work, path)
+    if os.path.exists(work + ".index"):
+        os.replace(work + ".index", path + ".index")
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".index")  # it would describe the file replaced
     return kept
 
 
