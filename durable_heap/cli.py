@@ -18,8 +18,9 @@ as options. Each argument is parsed as JSON where it parses (``3``, ``"x"``,
 ``[1, 2]``, ``true``), else passed as a string; ``-k NAME=VALUE`` passes a
 keyword argument. The result is printed as JSON, or as its ``repr`` when it is
 not JSON data, alone on stdout: what the program prints goes to stderr.
-Errors print one line on stderr and exit non-zero (1: the program, its function or a deploy failed, 2: bad
-usage or a missing program, function, version or heap).
+Errors print one line on stderr and exit non-zero (1: the program, its
+function or a deploy failed, 2: bad usage or a missing program, function,
+version or heap).
 """
 
 from __future__ import annotations
