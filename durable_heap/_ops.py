@@ -740,7 +740,8 @@ def pack(heap: Any, days: float) -> PackReport:
     with progress(None, f"pack (keeping {days:g} days)", "s") as bar:
         ticker = _Ticker(bar)
         try:
-            heap.pack(days=days)
+            with _unlogged_interrupt("ZODB.DB"):  # DB.pack logs what ends it, Ctrl-C included
+                heap.pack(days=days)
         except KeyboardInterrupt:
             _undo_interrupted_pack(path)
             raise
@@ -749,6 +750,27 @@ def pack(heap: Any, days: float) -> PackReport:
     dropped = _prune_registry(heap) if path else []
     return PackReport(before, _heap_size(heap), objects_before, _objects(storage), revisions_before,
                       _count_revisions(storage) if path else None, dropped)
+
+
+class _DropInterrupt:
+    """A logging filter: drops records of a KeyboardInterrupt (the command reports it)."""
+
+    def filter(self, record: Any) -> bool:
+        info = getattr(record, "exc_info", None)
+        return not (info and isinstance(info[1], KeyboardInterrupt))
+
+
+@contextlib.contextmanager
+def _unlogged_interrupt(name: str) -> Iterator[None]:
+    """While the block runs, logger `name` does not log a Ctrl-C with its traceback."""
+    import logging
+
+    logger, drop = logging.getLogger(name), _DropInterrupt()
+    logger.addFilter(drop)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)  # type: ignore[arg-type]
 
 
 class _Ticker:

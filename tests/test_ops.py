@@ -577,3 +577,31 @@ def test_backup_refuses_a_damaged_heap(app: Path, tmp_path: Path) -> None:
     out = cli("backup", str(app), str(dest))
     assert out.returncode == 1 and "not backed up" in out.stderr and "damaged" in out.stderr
     assert sorted(os.listdir(dest)) == made
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_pack_leaves_the_heap_as_it_was(tmp_path: Path) -> None:
+    import hashlib
+
+    app = write(tmp_path / "app.py", "from durable_heap import state\n")
+    path = heap_file(app)
+    with dh.open(path) as heap:
+        for batch in range(6):
+            with heap.transaction() as state:
+                users = state.setdefault("users", {})
+                for i in range(10_000):
+                    users[f"u{batch}-{i}"] = {"n": i}
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    proc = subprocess.Popen([sys.executable, "-m", "durable_heap", "pack", str(app), "--days", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), text=True)
+    scratch = Path(str(path) + ".pack")
+    deadline = time.monotonic() + 120
+    while not scratch.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err  # interrupted while ZODB packed
+    assert "interrupted" in err and "Traceback" not in err
+    assert not scratch.exists()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert ": ok:" in ok("verify", str(app))
