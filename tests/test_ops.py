@@ -605,3 +605,25 @@ def test_ctrl_c_during_a_pack_leaves_the_heap_as_it_was(tmp_path: Path) -> None:
     assert not scratch.exists()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert ": ok:" in ok("verify", str(app))
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_backup_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", "from durable_heap import state\n")
+    with dh.open(heap_file(app)) as heap, heap.transaction() as state:
+        state.blobs = [dh.Object() for _ in range(30)]
+        for blob in state.blobs:
+            blob.data = os.urandom(5_000_000)  # 150 MB: repozo copies it for a while
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "durable_heap", "backup", str(app), str(dest)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), text=True)
+    deadline = time.monotonic() + 120
+    while not (dest / "tmp.tmp").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # repozo writes its copy as tmp.tmp, then renames it
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err and "Traceback" not in err
+    assert os.listdir(dest) == []  # no half-written backup left to be mistaken for one
+    assert "full backup" in ok("backup", str(app), str(dest))
