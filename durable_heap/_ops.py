@@ -1307,7 +1307,8 @@ def _log(args: argparse.Namespace) -> int:
 
 def _print_entry(e: LogEntry) -> None:
     when = e.time.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"{_tid_text(e.tid)}  {when}  {e.note or '(no note)'}  "
+    note = " / ".join(e.note.splitlines()) or "(no note)"  # notes of several parts, one line
+    print(f"{_tid_text(e.tid)}  {when}  {note}  "
           f"[{e.records} record{'s' if e.records != 1 else ''}, {_size(e.bytes)}]")
 
 
