@@ -69,3 +69,11 @@ def test_quick_checksum_benchmark() -> None:
     for row in rows:
         assert data[row]["zodb"] > 0 and data[row]["durable_heap"] > 0, row
         assert "overhead_pct" in data[row]
+
+
+def test_quick_ops_benchmark() -> None:
+    out = run(["-m", "benchmarks.ops", "--quick", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert all(data["seconds"][k] > 0 for k in ("verify", "fsrefs", "backup", "repozo"))
+    assert data["verify_over_fsrefs"] > 0 and data["backup_over_repozo"] > 0
