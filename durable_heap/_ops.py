@@ -130,6 +130,9 @@ def waiting_notice(target: str, delay: float = 1.0) -> Iterator[None]:
     except DurableHeapError:  # the open reports it
         yield
         return
+    if wait <= delay:  # it gives up before the notice would say anything
+        yield
+        return
 
     def notice() -> None:
         print(f"durable-heap: waiting for the ZEO server at {shown} to answer (up to {wait:g} s; "
