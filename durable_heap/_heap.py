@@ -1,4 +1,5 @@
-"""`Heap`: one ZODB database, a connection per thread, and transactions that retry.
+"""The heap engine under the public `Heap`: one ZODB database, a connection per thread,
+and transactions that retry (`HeapEngine`).
 
 What a `Heap` promises:
 
@@ -30,21 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import datetime
 import enum
 import errno
 import functools
 import inspect
-import os
-import random
-import reprlib
 import sys
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import transaction
 import transaction.interfaces
@@ -54,9 +50,8 @@ import ZODB.Connection
 import ZODB.POSException
 
 from . import _values
-from ._allow import Allowlist, env_patterns, guard_conflicts
+from ._allow import Allowlist, guard_conflicts
 from ._errors import (
-    ConflictError,
     DurableHeapError,
     HeapClosedError,
     NoActiveHeapError,
@@ -64,38 +59,39 @@ from ._errors import (
     StorageError,
     TransactionOwnerError,
 )
+from ._format import FORMAT, FORMAT_KEY, FORMAT_SINCE, ROOT_KEY
 from ._integrity import CheckedDB
+from ._retry import (
+    ACTION_ATTEMPTS,
+    DEFAULT_ATTEMPTS,
+    LOOP_ATTEMPTS,
+    aretry,
+    call_note,
+    conflict,
+    pause,
+    retry,
+)
 from ._state import State
-from ._storage import Target, open_storage, parse_target, private_files
-from ._values import ROOT_KEY, forget_reads, path_of, precheck, reset_watch
+from ._storage import Target, open_storage, private_files
+from ._values import forget_reads, precheck, reset_watch
 
 if TYPE_CHECKING:
     import asyncio
 
-    from ._versions import Program, Version
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
-__all__ = ["Heap", "HeapStatus", "active_heap", "open", "state"]
+    from ._facade import Heap  # what every heap opened by durable_heap.open is
+
+__all__ = ["HeapStatus", "active_heap", "state"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Objects a connection keeps in memory (ZODB's default of 400 reloads tree
 #: nodes of big containers on every transaction).
 DEFAULT_CACHE_SIZE = 50_000
-DEFAULT_ATTEMPTS = 10
 #: Async transactions open at once per heap and event loop (each holds a
 #: connection and its cache); half of ZODB's pool, leaving room for threads.
 DEFAULT_MAX_ASYNC_TRANSACTIONS = 32
-_FORMAT_KEY = "durable_heap.format"
-#: The heap format this version writes, and the first durable_heap to write each
-#: format: 1 (0.2; heaps of 0.1 have no marker and count as 1); 2 (0.3: records
-#: carry checksums, see `_integrity`). A heap of a higher format is refused.
-_FORMAT = 2
-_FORMAT_SINCE = {1: "0.2", 2: "0.3"}
-
-_note_repr = reprlib.Repr()
-_note_repr.maxstring = 40
-_note_repr.maxother = 40
-_note_repr.maxlist = _note_repr.maxdict = _note_repr.maxtuple = _note_repr.maxset = 4
 
 
 class HeapStatus(enum.Enum):
@@ -164,7 +160,7 @@ class _Gate:
 
     __slots__ = ("heap", "open", "waiters")
 
-    def __init__(self, heap: Heap) -> None:
+    def __init__(self, heap: HeapEngine) -> None:
         self.heap = heap
         self.open = 0  # places taken: transactions open, or handed to a waiter about to run
         self.waiters: deque[asyncio.Future[None]] = deque()
@@ -206,15 +202,13 @@ def _broken_class(module: str, name: str) -> type:
     return cls  # type: ignore[no-any-return]
 
 
-class Heap:
-    """A durable heap: open with `durable_heap.open`, use from any thread or asyncio task.
+class HeapEngine:
+    """The engine under `durable_heap.Heap`: a database, connections, transactions, retries.
 
-    >>> import durable_heap as dh
-    >>> with dh.open("memory://") as heap:
-    ...     with heap.transaction() as state:
-    ...         state.count = 1
-    ...     heap.state.count
-    1
+    It knows nothing of the layers above it (programs, versions, durable
+    execution): the public `Heap` (`_facade`) adds their methods as mixins. Where
+    the engine needs an upper layer's policy, it offers a hook method that a
+    mixin overrides (`install_definitions`, as ZODB's ``class_factory``).
     """
 
     def __init__(
@@ -269,22 +263,18 @@ class Heap:
         Under ZEO several processes may do that at the same moment: all but one
         conflict, and open again to find the root the winner made.
         """
-        for attempt in range(1, self.max_attempts + 1):
+        def attempt() -> Any:
             storage = open_storage(self.target, read_only=self.read_only)
             try:
                 guard_conflicts(storage, self.allowlist)
                 with private_files():
                     return CheckedDB(storage, cache_size=cache_size, pool_size=pool_size,
                                      class_factory=self._find_class)
-            except transaction.interfaces.TransientError as exc:
-                storage.close()
-                if attempt == self.max_attempts:
-                    raise _conflict(attempt, "durable_heap: create the heap") from exc
-                _backoff(attempt)
             except Exception:
                 storage.close()
                 raise
-        raise AssertionError("unreachable")
+
+        return retry(attempt, attempts=self.max_attempts, note="durable_heap: create the heap")
 
     def _ensure_root(self) -> None:
         """Create the heap in an empty storage; check (and raise) an existing heap's format.
@@ -298,7 +288,8 @@ class Heap:
         """
         local = self._thread()
         tm = local.tm
-        for attempt in range(1, self.max_attempts + 1):
+
+        def attempt() -> None:
             tm.begin()
             root = local.conn.root()
             if ROOT_KEY in root:
@@ -310,31 +301,27 @@ class Heap:
                 if not stale or self.read_only or local.conn.isReadOnly():
                     tm.abort()
                     return
-                tm.get().note(f"durable_heap: heap format {root.get(_FORMAT_KEY, 1)} -> {_FORMAT}")
-                root[_FORMAT_KEY] = _FORMAT
-                try:
-                    tm.commit()
-                    return
-                except transaction.interfaces.TransientError:
-                    tm.abort()  # another process raised it at the same moment: look again
-                    _backoff(attempt)
-                    continue
-            if self.read_only:
-                tm.abort()
-                raise StorageError(f"{self.target} holds no durable_heap state yet, and is open read-only")
-            tm.get().note("durable_heap: create the heap")
-            root[_FORMAT_KEY] = _FORMAT
-            root[ROOT_KEY] = State()
-            _values.ensure_registry(local.conn)  # empty: a new heap has no classes to scan for
-            try:
-                tm.commit()
-                return
-            except transaction.interfaces.TransientError:
+                # Another process may raise it at the same moment: then look again.
+                tm.get().note(f"durable_heap: heap format {root.get(FORMAT_KEY, 1)} -> {FORMAT}")
+                root[FORMAT_KEY] = FORMAT
+            else:
+                if self.read_only:
+                    tm.abort()
+                    raise StorageError(
+                        f"{self.target} holds no durable_heap state yet, and is open read-only")
                 # Under ZEO another process may create the heap at the same moment:
                 # then use the one it made.
+                tm.get().note("durable_heap: create the heap")
+                root[FORMAT_KEY] = FORMAT
+                root[ROOT_KEY] = State()
+                _values.ensure_registry(local.conn)  # empty: a new heap has no classes to scan for
+            try:
+                tm.commit()
+            except transaction.interfaces.TransientError:
                 tm.abort()
-                _backoff(attempt)
-        raise _conflict(self.max_attempts, "durable_heap: create the heap")
+                raise
+
+        retry(attempt, attempts=self.max_attempts, note="durable_heap: create the heap")
 
     def close(self) -> None:
         """Close every thread's connection and the storage. Idempotent."""
@@ -351,7 +338,7 @@ class Heap:
         with private_files():
             self.db.close()
 
-    def __enter__(self) -> Heap:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -446,18 +433,28 @@ class Heap:
                 return "failed"
             self._installing.add(root)
             try:
-                from ._versions import install_stored_definitions
-
                 if getattr(conn, "before", None) is not None:
                     # A historical connection (`state_at`): the current version is
                     # what the process installs, read through this thread's connection.
                     conn = self.connection
-                outcome = install_stored_definitions(self, conn, root)
+                outcome = self.install_definitions(conn, root)
                 if outcome == "failed":
                     self._failed.add(root)  # not tried again at every lookup
                 return outcome
             finally:
                 self._installing.discard(root)
+
+    def install_definitions(self, conn: Any, root: str) -> str:
+        """Hook of the class lookup: install program `root`'s stored definitions, read through `conn`.
+
+        The engine stores no programs, so here: "absent" (ZODB's own lookup
+        decides). The version layer overrides it (`_versions.Versions`) to install
+        a deployed program's current definitions; it returns "installed",
+        "absent", "failed" (they need the program's top level: broken objects) or
+        "unknown" (the root mapping itself is loading: nothing can be read yet).
+        Called while an object loads, so it never begins or ends a transaction.
+        """
+        return "absent"
 
     def set_renames(self, program: str, table: dict[str, str]) -> dict[str, str]:
         """Make `table` the rename table of `program` (replacing its last one); return that."""
@@ -613,7 +610,7 @@ class Heap:
             with self._task_transaction(task, note, gate):
                 yield self.state
         except transaction.interfaces.TransientError as exc:
-            raise _conflict(1, note, exc, local.conn, retried=False) from exc
+            raise conflict(1, note, exc, local.conn, retried=False) from exc
 
     def _outermost(self, local: _Local, task: Any,
                    note: str | None) -> contextlib.AbstractContextManager[None]:
@@ -858,7 +855,7 @@ class Heap:
             yield attempt
             if attempt.done:
                 return
-            _backoff(n)
+            pause(n)
 
     def run(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Call ``func(*args, **kwargs)`` as one transaction, retrying on conflicts.
@@ -883,16 +880,13 @@ class Heap:
         if note is None:
             note = call_note(getattr(func, "__qualname__", repr(func)), args, kwargs)
         task = _running_task()  # a sync action called from a coroutine: on the task's own connection
-        for n in range(1, attempts + 1):
-            try:
-                with self._outermost(local, task, note):
-                    result = func(*args, **kwargs)
-                return result
-            except transaction.interfaces.TransientError as exc:
-                if n == attempts:
-                    raise _conflict(n, note, exc, local.conn, how=_ACTION_ATTEMPTS) from exc
-            _backoff(n)  # a sync function cannot await: in a coroutine, this blocks the loop
-        raise AssertionError("unreachable")
+
+        def attempt() -> Any:
+            with self._outermost(local, task, note):
+                return func(*args, **kwargs)
+
+        return retry(attempt, attempts=attempts, note=note, how=ACTION_ATTEMPTS, name_record=True,
+                     conn=lambda: local.conn)
 
     async def _arun(
         self,
@@ -910,17 +904,15 @@ class Heap:
         if note is None:
             note = call_note(getattr(func, "__qualname__", repr(func)), args, kwargs)
         gate = self._gate()
-        for n in range(1, attempts + 1):
+
+        async def attempt() -> Any:
             await gate.acquire()
-            try:
-                with self._task_transaction(task, note, gate):
-                    result = await func(*args, **kwargs)
-                return result
-            except transaction.interfaces.TransientError as exc:
-                if n == attempts:
-                    raise _conflict(n, note, exc, None, how=_ACTION_ATTEMPTS) from exc
-            await _asyncio().sleep(_backoff_delay(n))  # the place is free meanwhile
-        raise AssertionError("unreachable")
+            with self._task_transaction(task, note, gate):
+                return await func(*args, **kwargs)
+
+        # Backing off with asyncio.sleep: the place in the gate is free meanwhile.
+        return await aretry(attempt, attempts=attempts, note=note, how=ACTION_ATTEMPTS,
+                            name_record=True, sleep=_asyncio().sleep)
 
     @overload
     def action(self, func: F, /) -> F: ...
@@ -973,56 +965,6 @@ class Heap:
             return decorate(func)  # type: ignore[arg-type]
         return decorate
 
-    # -- programs and versions (see `_versions`) -------------------------------------------
-
-    def deploy(self, program: str | os.PathLike[str], *, note: str | None = None,
-               force: bool = False) -> Version:
-        """Deploy a program file or package as its next version, in one transaction.
-
-        Runs the new top level and its ``migrate(state, previous)``; raises
-        `DeployError` (and commits nothing) when anything fails. Source equal to
-        the current version's deploys nothing and returns the current version.
-        `force` deploys although stored objects use classes the code dropped.
-        """
-        from ._versions import deploy
-
-        return deploy(self, program, note=note, force=force)[0]
-
-    def rollback(self, program: str | os.PathLike[str], to: int, *, note: str | None = None,
-                 force: bool = False) -> Version:
-        """Deploy version `to`'s stored source again, as a new version (state is kept)."""
-        from ._versions import rollback
-
-        return rollback(self, program, to, note=note, force=force)[0]
-
-    def versions(self, program: str | os.PathLike[str]) -> list[Version]:
-        """Every deployed version of a program (a path or module name), oldest first."""
-        from ._versions import versions
-
-        return versions(self, program)
-
-    def load(self, program: str | os.PathLike[str], *, deploy: bool = True,
-             watch: bool = False) -> Program:
-        """The program, ready to call: ``heap.load("app.py").call("add", "ann")``.
-
-        With `deploy`, its file is deployed first when it differs from the source
-        last deployed from it; with `watch`, again before any call once it changes.
-        """
-        from ._versions import load
-
-        return load(self, program, deploy=deploy, watch=watch)
-
-    def state_at(self, when: int | datetime.datetime | str,
-                 program: str | os.PathLike[str] | None = None) -> contextlib.AbstractContextManager[State]:
-        """Read-only state as it was: ``with heap.state_at(1, "app.py") as old: ...``.
-
-        `when` is a version number of `program` (its last moment as the current
-        version) or a time (datetime or ISO text; UTC without a zone).
-        """
-        from ._versions import state_at
-
-        return state_at(self, when, program)
-
     # -- maintenance -----------------------------------------------------------------------
 
     def pack(self, days: float = 0) -> None:
@@ -1035,7 +977,7 @@ class Heap:
 class _Attempt:
     """One try of `Heap.attempts`: a context manager around one transaction."""
 
-    def __init__(self, heap: Heap, number: int, total: int, note: str | None) -> None:
+    def __init__(self, heap: HeapEngine, number: int, total: int, note: str | None) -> None:
         self.heap, self.number, self.total, self.note = heap, number, total, note
         self.done = False
         self._cm: Any = None
@@ -1055,14 +997,14 @@ class _Attempt:
             self._cm.__exit__(tp, value, tb)
         except transaction.interfaces.TransientError as exc:
             if self.number == self.total:
-                raise _conflict(self.number, self.note, exc, self._conn, how=_LOOP_ATTEMPTS) from exc
+                raise conflict(self.number, self.note, exc, self._conn, how=LOOP_ATTEMPTS) from exc
             return True  # swallowed: the loop tries again
         if tp is None:
             self.done = True
             return False
         if isinstance(value, transaction.interfaces.TransientError):
             if self.number == self.total:
-                raise _conflict(self.number, self.note, value, self._conn, how=_LOOP_ATTEMPTS) from value
+                raise conflict(self.number, self.note, value, self._conn, how=LOOP_ATTEMPTS) from value
             return True
         self.done = True
         return False
@@ -1077,7 +1019,7 @@ class _Block:
 
     __slots__ = ("_async", "_joined", "_sync", "heap", "note")
 
-    def __init__(self, heap: Heap, note: str | None) -> None:
+    def __init__(self, heap: HeapEngine, note: str | None) -> None:
         self.heap, self.note = heap, note
         self._sync: Any = None  # the outermost transaction's context manager
         self._joined: _Local | None = None  # or the slot of the outer transaction joined
@@ -1096,7 +1038,7 @@ class _Block:
             try:
                 cm.__enter__()
             except transaction.interfaces.TransientError as exc:
-                raise _conflict(1, self.note, exc, None, retried=False) from exc
+                raise conflict(1, self.note, exc, None, retried=False) from exc
             self._sync = cm
         try:
             return heap.state
@@ -1113,9 +1055,9 @@ class _Block:
         try:
             cm.__exit__(tp, value, tb)  # aborts on an exception, which it never swallows
         except transaction.interfaces.TransientError as exc:
-            raise _conflict(1, self.note, exc, None, retried=False) from exc  # a conflict at commit
+            raise conflict(1, self.note, exc, None, retried=False) from exc  # a conflict at commit
         if isinstance(value, transaction.interfaces.TransientError):
-            raise _conflict(1, self.note, value, None, retried=False) from value  # inside the block
+            raise conflict(1, self.note, value, None, retried=False) from value  # inside the block
 
     async def __aenter__(self) -> State:
         if self._sync is not None or self._joined is not None or self._async is not None:
@@ -1140,25 +1082,16 @@ class _Block:
 
 
 class _Activation:
-    def __init__(self, heap: Heap) -> None:
+    def __init__(self, heap: HeapEngine) -> None:
         self._token = _active.set(heap)
 
     def __enter__(self) -> Heap:
         heap = _active.get()
         assert heap is not None
-        return heap
+        return cast("Heap", heap)
 
     def __exit__(self, *exc: object) -> None:
         _active.reset(self._token)
-
-
-def _backoff_delay(attempt: int) -> float:
-    """A random time that grows with the attempt: conflicting processes spread out."""
-    return random.uniform(0, min(0.5, 0.002 * 2**attempt))
-
-
-def _backoff(attempt: int) -> None:
-    time.sleep(_backoff_delay(attempt))
 
 
 def _asyncio() -> Any:
@@ -1202,16 +1135,16 @@ def _stale_format(target: Target, root: Any) -> bool:
     A newer one (or one that is not a number) is refused: this version cannot
     know what such a heap holds.
     """
-    found = root.get(_FORMAT_KEY, 1)  # 0.1 wrote none
-    if not isinstance(found, int) or found > _FORMAT:
-        known = f"durable_heap {_FORMAT_SINCE[_FORMAT]}"
+    found = root.get(FORMAT_KEY, 1)  # 0.1 wrote none
+    if not isinstance(found, int) or found > FORMAT:
+        known = f"durable_heap {FORMAT_SINCE[FORMAT]}"
         raise StorageError(
             f"the heap {target} has heap format {found!r}, written by a newer durable_heap "
-            f"than this one ({known}, which reads heap formats 1 to {_FORMAT}): upgrade "
+            f"than this one ({known}, which reads heap formats 1 to {FORMAT}): upgrade "
             "durable_heap (pip install -U durable-heap) to open it. The heap was not changed. "
             "Under ZEO, upgrade the server and every client together."
         )
-    return found < _FORMAT
+    return found < FORMAT
 
 
 def _is_fault(exc: BaseException, *, in_program: bool = False) -> bool:
@@ -1275,69 +1208,6 @@ def _remedy(exc: BaseException) -> str:
     return "run it again once the cause is fixed."
 
 
-_MORE_ATTEMPTS = "durable_heap.open(target, attempts=N)"
-_ACTION_ATTEMPTS = "@heap.action(attempts=N), or durable_heap.open(target, attempts=N) for every action"
-_LOOP_ATTEMPTS = "a larger N in heap.attempts(N)"
-
-
-def _conflict(attempts: int, note: str | None, cause: BaseException | None = None,
-              conn: Any = None, *, retried: bool = True, how: str = _MORE_ATTEMPTS) -> ConflictError:
-    """The error for a transaction that kept conflicting.
-
-    `cause` (ZODB's ConflictError) names the contended record; `retried`: False
-    for a single ``heap.transaction()``, which is advised to retry; `how` says
-    where to allow more attempts.
-    """
-    what = f" in {note}" if note else ""
-    tries = "once" if attempts == 1 else f"{attempts} times"
-    if not retried:
-        advice = ("Run it through @heap.action or heap.attempts(n) to retry, with more "
-                  "attempts if this keeps happening.")
-    else:
-        advice = (
-            "If it is a counter that every call increments, make it a durable_heap.Counter, "
-            "whose concurrent increments merge instead of conflicting; otherwise let "
-            "concurrent transactions change different objects, or allow more attempts "
-            f"({how})."
-        )
-    return ConflictError(
-        f"a concurrent transaction changed the same object{_contended(cause, conn)}{what}, "
-        f"and the transaction was tried {tries}. {advice}"
-    )
-
-
-def _contended(cause: BaseException | None, conn: Any) -> str:
-    """`` (state: durable_heap._state.State, oid 0x1)``, as far as cheaply known, or ''.
-
-    ZODB's ConflictError carries the record's oid and class; the path is found
-    only among objects in memory (`path_of` loads nothing).
-    """
-    oid = getattr(cause, "oid", None)
-    class_name = getattr(cause, "class_name", None)
-    path = ""
-    if isinstance(oid, bytes) and conn is not None:
-        with contextlib.suppress(Exception):
-            obj = conn._cache.get(oid)
-            found = path_of(obj) if obj is not None else "<"
-            path = "" if found.startswith("<") else found
-    if isinstance(class_name, str) and class_name.startswith("durable_heap._"):
-        class_name = "durable_heap." + class_name.rpartition(".")[2]  # its public name
-    record = [str(class_name)] if class_name else []
-    if isinstance(oid, bytes):
-        record.append(f"oid 0x{oid.hex().lstrip('0') or '0'}")
-    inner = ", ".join(record)
-    if path:
-        inner = f"{path}: {inner}" if inner else path
-    return f" ({inner})" if inner else ""
-
-
-def call_note(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """``name('arg', n=2)``, arguments shortened: the note of an action's transaction."""
-    parts = [_note_repr.repr(a) for a in args]
-    parts += [f"{k}={_note_repr.repr(v)}" for k, v in kwargs.items()]
-    return f"{name}({', '.join(parts)})"
-
-
 def _translate_commit_error(exc: BaseException) -> BaseException:
     """Map storage errors at commit to ours (unstorable values: see `precheck`)."""
     if isinstance(exc, ZODB.POSException.ReadOnlyError):
@@ -1361,13 +1231,18 @@ def _close_quietly(conn: Any) -> None:
 
 # --- the active heap and the `state` proxy ------------------------------------------------
 
-_active: contextvars.ContextVar[Heap | None] = contextvars.ContextVar("durable_heap_active", default=None)
+_active: contextvars.ContextVar[HeapEngine | None] = contextvars.ContextVar(
+    "durable_heap_active", default=None)
 #: Heaps open in this process, oldest first: `state` falls back to the newest.
-_open_heaps: list[Heap] = []
+_open_heaps: list[HeapEngine] = []
 
 
 def active_heap() -> Heap:
-    """The heap `state` refers to here: the activated one, else the newest still open."""
+    """The heap `state` refers to here: the activated one, else the newest still open.
+
+    Typed as the public `Heap`: every heap is one (`durable_heap.open` makes them);
+    the engine itself uses only the engine's part of it.
+    """
     heap = _active.get()
     if heap is not None:
         if heap.status is HeapStatus.CLOSED:
@@ -1375,9 +1250,9 @@ def active_heap() -> Heap:
                 f"state refers to the heap {heap.target}, which is closed: open it again "
                 "with durable_heap.open() or activate another heap"
             )
-        return heap
+        return cast("Heap", heap)
     if _open_heaps:
-        return _open_heaps[-1]
+        return cast("Heap", _open_heaps[-1])
     raise NoActiveHeapError(
         "no heap is open, so `state` has nothing to refer to: call "
         "durable_heap.open('data/app.fs') first, or run your program with "
@@ -1451,38 +1326,3 @@ class _StateProxy:
 
 #: The state of the active heap; see `active_heap`.
 state: Any = _StateProxy()
-
-
-def open(  # noqa: A001 - durable_heap.open is the public name
-    target: str | Any = None,
-    *,
-    attempts: int = DEFAULT_ATTEMPTS,
-    cache_size: int = DEFAULT_CACHE_SIZE,
-    read_only: bool = False,
-    max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
-    allow: Iterable[str] = (),
-) -> Heap:
-    """Open (creating if needed) the heap at `target` and make it the active one.
-
-    `target` is a path (``data/app.fs``), ``file:///abs/app.fs``,
-    ``zeo://host:port`` or ``zeo:///path/to/socket`` (a heap served by
-    ``durable-heap zeo``, shared by processes) or ``memory://``; without one,
-    ``$DURABLE_HEAP_STORAGE`` or ``.durable-heap/heap.fs``. `attempts` is how
-    often actions are tried when they conflict; `cache_size` how many objects
-    each thread keeps in memory; `max_async_transactions` how many asyncio
-    transactions may be open at once per event loop (more wait for a place).
-    `allow` names more classes its records may load (``"pkg.module.Class"``, or
-    ``"pkg.*"`` for your own module ``pkg``), as does ``$DURABLE_HEAP_ALLOW``;
-    see docs/api.md.
-
-    >>> import durable_heap as dh
-    >>> heap = dh.open("memory://")
-    >>> heap.close()
-    """
-    from ._storage import target_read_only
-
-    parsed = parse_target(target)
-    read_only = read_only or target_read_only(parsed)  # ?read_only=1, for every scheme
-    return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
-                max_async_transactions=max_async_transactions,
-                allow=[*([allow] if isinstance(allow, str) else allow), *env_patterns()])

@@ -66,7 +66,8 @@ from ._errors import (
     StorageError,
     VersionNotFoundError,
 )
-from ._heap import Heap, _backoff, _conflict, _StateProxy, call_note
+from ._format import PROGRAMS_KEY, ROOT_KEY
+from ._heap import HeapEngine, state
 from ._program import (
     Compiled,
     Source,
@@ -78,13 +79,16 @@ from ._program import (
     swap_out,
     where,
 )
+from ._retry import call_note, retry
+from ._state import State
 from ._types import apply_declared, declared_state
-from ._values import ROOT_KEY, ensure_registry, program_roots, stored_classes, watched_plain_ids
+from ._values import ensure_registry, program_roots, stored_classes, watched_plain_ids
 
 __all__ = [
     "PROGRAMS_KEY",
     "Program",
     "Version",
+    "Versions",
     "auto_deploy",
     "broken_classes",
     "deploy",
@@ -95,8 +99,6 @@ __all__ = [
     "versions",
 ]
 
-#: Key of the programs' version records in the ZODB root.
-PROGRAMS_KEY = "durable_heap.programs"
 
 class _Gate:
     """Program calls share it; a deploy or a module reload has it alone.
@@ -227,7 +229,7 @@ def _record(conn: Any, name: str) -> _ProgramRecord | None:
     return programs.get(name) if programs is not None else None
 
 
-def _read(heap: Heap, func: Callable[[Any], Any]) -> Any:
+def _read(heap: HeapEngine, func: Callable[[Any], Any]) -> Any:
     """Run ``func(connection)`` in a transaction of its own (reads only)."""
     local = heap._thread()
     if local.depth:
@@ -240,7 +242,7 @@ def _read(heap: Heap, func: Callable[[Any], Any]) -> Any:
         tm.abort()
 
 
-def _outside_transactions(heap: Heap, what: str) -> Any:
+def _outside_transactions(heap: HeapEngine, what: str) -> Any:
     local = heap._thread()
     if local.depth:
         raise ProgramError(
@@ -252,7 +254,7 @@ def _outside_transactions(heap: Heap, what: str) -> Any:
 # --- deploy ----------------------------------------------------------------------------
 
 
-def deploy(heap: Heap, program: str | os.PathLike[str], *, note: str | None = None,
+def deploy(heap: HeapEngine, program: str | os.PathLike[str], *, note: str | None = None,
            force: bool = False) -> tuple[Version, bool]:
     """Deploy the program file or package at `program`; return (version, whether new).
 
@@ -263,7 +265,7 @@ def deploy(heap: Heap, program: str | os.PathLike[str], *, note: str | None = No
     return _deploy(heap, source, note=text, force=force, from_file=True)
 
 
-def auto_deploy(heap: Heap, program: str | os.PathLike[str], *, force: bool = False) -> Version | None:
+def auto_deploy(heap: HeapEngine, program: str | os.PathLike[str], *, force: bool = False) -> Version | None:
     """Deploy `program` when its file differs from the source last deployed from it."""
     source = read_source(program)
 
@@ -278,7 +280,7 @@ def auto_deploy(heap: Heap, program: str | os.PathLike[str], *, force: bool = Fa
     return version if new else None
 
 
-def rollback(heap: Heap, program: str | os.PathLike[str], to: int, *, note: str | None = None,
+def rollback(heap: HeapEngine, program: str | os.PathLike[str], to: int, *, note: str | None = None,
              force: bool = False) -> tuple[Version, bool]:
     """Deploy version `to`'s stored source again, as a new version; state is kept."""
     name = module_name(program)
@@ -297,7 +299,7 @@ def rollback(heap: Heap, program: str | os.PathLike[str], to: int, *, note: str 
     return _deploy(heap, source, note=note or f"rollback to version {to}", force=force, from_file=False)
 
 
-def _existing(conn: Any, name: str, heap: Heap) -> _ProgramRecord:
+def _existing(conn: Any, name: str, heap: HeapEngine) -> _ProgramRecord:
     rec = _record(conn, name)
     if rec is None or not rec.current:
         raise ProgramNotFoundError(f"{name} has never been deployed to the heap {heap.target}")
@@ -309,7 +311,8 @@ def _span(rec: _ProgramRecord) -> str:
     return f"{numbers[0]} to {numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
 
 
-def _deploy(heap: Heap, source: Source, *, note: str, force: bool, from_file: bool) -> tuple[Version, bool]:
+def _deploy(heap: HeapEngine, source: Source, *, note: str, force: bool,
+            from_file: bool) -> tuple[Version, bool]:
     _outside_transactions(heap, "a deploy")
     try:
         compiled = compile_source(source)
@@ -318,17 +321,11 @@ def _deploy(heap: Heap, source: Source, *, note: str, force: bool, from_file: bo
         current = rec.current if rec is not None else 0
         raise DeployError(f"{exc}; {_kept(source.name, current)}", exc.cause) from exc.cause
     with _gate.alone():
-        for attempt in range(1, heap.max_attempts + 1):
-            try:
-                return _deploy_once(heap, compiled, note, force, from_file)
-            except transaction.interfaces.TransientError as exc:
-                if attempt == heap.max_attempts:
-                    raise _conflict(attempt, f"deploy {source.name}") from exc
-            _backoff(attempt)
-    raise AssertionError("unreachable")
+        return retry(lambda: _deploy_once(heap, compiled, note, force, from_file),
+                     attempts=heap.max_attempts, note=f"deploy {source.name}")
 
 
-def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
+def _deploy_once(heap: HeapEngine, compiled: Compiled, note: str, force: bool,
                  from_file: bool) -> tuple[Version, bool]:
     source = compiled.source
     name = source.name
@@ -450,7 +447,7 @@ def _resolves(path: str) -> bool:
 
 # --- durable globals ---------------------------------------------------------------------
 
-_NOT_DATA = (types.ModuleType, type, _StateProxy, Heap)
+_NOT_DATA = (types.ModuleType, type, type(state), HeapEngine)
 
 
 def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
@@ -461,7 +458,7 @@ def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
         yield name, value
 
 
-def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: Heap) -> None:
+def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: HeapEngine) -> None:
     """Store the data globals that differ from `durable`, binding the module to the
     stored twins: after a deploy's top level (all of them), after a call (those it
     rebound: ``global n; n += 1``).
@@ -510,7 +507,7 @@ class Program:
     without a restart.
     """
 
-    def __init__(self, heap: Heap, program: str | os.PathLike[str], *, watch: bool = False) -> None:
+    def __init__(self, heap: HeapEngine, program: str | os.PathLike[str], *, watch: bool = False) -> None:
         self.heap = heap
         self.path = os.path.abspath(program)
         self.name = module_name(program)
@@ -687,7 +684,7 @@ def _function(module: types.ModuleType, function: str) -> Callable[..., Any]:
     return func  # type: ignore[no-any-return]
 
 
-def load(heap: Heap, program: str | os.PathLike[str], *, deploy: bool = True, watch: bool = False,
+def load(heap: HeapEngine, program: str | os.PathLike[str], *, deploy: bool = True, watch: bool = False,
          on_deploy: Callable[[Version], None] | None = None) -> Program:
     """A `Program` for `program`, deploying its file first when it changed (``deploy``)."""
     path = os.path.abspath(program)
@@ -710,7 +707,7 @@ def load(heap: Heap, program: str | os.PathLike[str], *, deploy: bool = True, wa
     return prog
 
 
-def versions(heap: Heap, program: str | os.PathLike[str]) -> list[Version]:
+def versions(heap: HeapEngine, program: str | os.PathLike[str]) -> list[Version]:
     """Every deployed version of `program`, oldest first."""
     name = module_name(program)
 
@@ -724,7 +721,7 @@ def versions(heap: Heap, program: str | os.PathLike[str]) -> list[Version]:
 # --- read-only views ----------------------------------------------------------------------
 
 
-def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | None = None,
+def load_discarded(heap: HeapEngine, program: str | os.PathLike[str], number: int | None = None,
                    *, from_file: bool = False, definitions_only: bool = False) -> types.ModuleType:
     """Load version `number` (default: current; the file if never deployed, or
     with `from_file`) for a read-only view: its top level runs in a transaction
@@ -765,7 +762,7 @@ def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | No
     return module
 
 
-def install_stored_definitions(heap: Heap, conn: Any, name: str) -> str:
+def install_stored_definitions(heap: HeapEngine, conn: Any, name: str) -> str:
     """Install the definitions of program `name`'s current version, read through `conn`.
 
     For a process that reads a program's objects without having loaded the
@@ -803,7 +800,7 @@ def install_stored_definitions(heap: Heap, conn: Any, name: str) -> str:
     return "installed"
 
 
-def version_at(heap: Heap, program: str | os.PathLike[str], when: datetime.datetime) -> int | None:
+def version_at(heap: HeapEngine, program: str | os.PathLike[str], when: datetime.datetime) -> int | None:
     """The version of `program` that was current at `when` (None: none yet)."""
     name = module_name(program)
     with _historical(heap, {"at": when}, when.isoformat()) as conn:
@@ -812,7 +809,7 @@ def version_at(heap: Heap, program: str | os.PathLike[str], when: datetime.datet
 
 
 @contextlib.contextmanager
-def state_at(heap: Heap, when: int | datetime.datetime | str,
+def state_at(heap: HeapEngine, when: int | datetime.datetime | str,
              program: str | os.PathLike[str] | None = None) -> Iterator[Any]:
     """The state as it was: while version `when` of `program` was current (its
     last moment before the next deploy), or at a time (a datetime, or ISO text;
@@ -854,7 +851,7 @@ def state_at(heap: Heap, when: int | datetime.datetime | str,
 
 
 @contextlib.contextmanager
-def _historical(heap: Heap, kwargs: dict[str, Any], label: str) -> Iterator[Any]:
+def _historical(heap: HeapEngine, kwargs: dict[str, Any], label: str) -> Iterator[Any]:
     """A read-only connection to the state at `kwargs` (``at``/``before`` of ZODB's
     ``DB.open``), always historical: writes are refused (`check_writable`), and a
     plain object changed in place is reported when the view ends (`view_changes`)."""
@@ -879,7 +876,7 @@ def _historical(heap: Heap, kwargs: dict[str, Any], label: str) -> Iterator[Any]
         conn.close()
 
 
-def _in_the_past(heap: Heap, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _in_the_past(heap: HeapEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``DB.open`` arguments for a historical connection, never the current one.
 
     ZODB opens the current, writable connection when neither ``at`` nor
@@ -921,3 +918,58 @@ def parse_time(text: str) -> datetime.datetime:
             f"{text!r} is neither a version number nor an ISO time such as 2026-11-28T10:00"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+
+
+# --- the version layer's part of `durable_heap.Heap` ---------------------------------------
+
+
+class Versions(HeapEngine):
+    """The methods the version layer adds to `durable_heap.Heap` (a mixin of `_facade.Heap`).
+
+    It also registers the layer's policy with the engine's class lookup: a
+    program this process has not loaded is installed from its deployed version
+    (`install_stored_definitions`), never imported from whatever file
+    ``sys.path`` finds.
+    """
+
+    def install_definitions(self, conn: Any, root: str) -> str:
+        """The engine's hook (`HeapEngine.install_definitions`): from the heap's stored versions."""
+        return install_stored_definitions(self, conn, root)
+
+    def deploy(self, program: str | os.PathLike[str], *, note: str | None = None,
+               force: bool = False) -> Version:
+        """Deploy a program file or package as its next version, in one transaction.
+
+        Runs the new top level and its ``migrate(state, previous)``; raises
+        `DeployError` (and commits nothing) when anything fails. Source equal to
+        the current version's deploys nothing and returns the current version.
+        `force` deploys although stored objects use classes the code dropped.
+        """
+        return deploy(self, program, note=note, force=force)[0]
+
+    def rollback(self, program: str | os.PathLike[str], to: int, *, note: str | None = None,
+                 force: bool = False) -> Version:
+        """Deploy version `to`'s stored source again, as a new version (state is kept)."""
+        return rollback(self, program, to, note=note, force=force)[0]
+
+    def versions(self, program: str | os.PathLike[str]) -> list[Version]:
+        """Every deployed version of a program (a path or module name), oldest first."""
+        return versions(self, program)
+
+    def load(self, program: str | os.PathLike[str], *, deploy: bool = True,
+             watch: bool = False) -> Program:
+        """The program, ready to call: ``heap.load("app.py").call("add", "ann")``.
+
+        With `deploy`, its file is deployed first when it differs from the source
+        last deployed from it; with `watch`, again before any call once it changes.
+        """
+        return load(self, program, deploy=deploy, watch=watch)
+
+    def state_at(self, when: int | datetime.datetime | str,
+                 program: str | os.PathLike[str] | None = None) -> contextlib.AbstractContextManager[State]:
+        """Read-only state as it was: ``with heap.state_at(1, "app.py") as old: ...``.
+
+        `when` is a version number of `program` (its last moment as the current
+        version) or a time (datetime or ISO text; UTC without a zone).
+        """
+        return state_at(self, when, program)
