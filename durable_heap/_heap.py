@@ -82,7 +82,7 @@ if TYPE_CHECKING:
 
     from ._facade import Heap  # what every heap opened by durable_heap.open is
 
-__all__ = ["HeapStatus", "active_heap", "state"]
+__all__ = ["HeapStatus", "active_heap", "state"]  # and, inside the package: HeapEngine, read_transaction
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -972,6 +972,26 @@ class HeapEngine:
         self._thread()
         with private_files():
             self.db.pack(days=days)
+
+
+@contextlib.contextmanager
+def read_transaction(heap: HeapEngine) -> Iterator[Any]:
+    """A transaction that only reads, on this thread's (or task's) connection, which it yields.
+
+    Begun here and always aborted, so nothing changed in it is kept; inside a
+    transaction in progress here, it joins that one and ends nothing. For the
+    layers above (reading version records, rendering state in the CLI).
+    """
+    local = heap._thread()
+    if local.depth:
+        yield local.conn
+        return
+    tm = local.tm
+    tm.begin()
+    try:
+        yield local.conn
+    finally:
+        tm.abort()
 
 
 class _Attempt:

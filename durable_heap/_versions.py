@@ -67,7 +67,7 @@ from ._errors import (
     VersionNotFoundError,
 )
 from ._format import PROGRAMS_KEY, ROOT_KEY
-from ._heap import HeapEngine, state
+from ._heap import HeapEngine, read_transaction, state
 from ._program import (
     Compiled,
     Source,
@@ -231,15 +231,43 @@ def _record(conn: Any, name: str) -> _ProgramRecord | None:
 
 def _read(heap: HeapEngine, func: Callable[[Any], Any]) -> Any:
     """Run ``func(connection)`` in a transaction of its own (reads only)."""
-    local = heap._thread()
-    if local.depth:
-        return func(local.conn)
-    tm = local.tm
-    tm.begin()
+    with read_transaction(heap) as conn:
+        return func(conn)
+
+
+@contextlib.contextmanager
+def _swapped_in(heap: HeapEngine, name: str, renames: dict[str, str], *,
+                reset_caches: bool = True) -> Iterator[None]:
+    """Make room for a version of program `name` that the block installs; on an
+    exception, put everything back as it was.
+
+    Takes the program's modules out of ``sys.modules`` (`swap_out`), sets its
+    rename table, lists it in `program_roots` (its classes are registered and
+    allowed), and with `reset_caches` has every connection drop its cached
+    objects (`HeapEngine.classes_changed`), so that stored objects load as
+    instances of the new classes. Undone on an exception: the old modules, the
+    old rename table, `program_roots` as it was, and the caches dropped again
+    once no transaction is open here (inside one, the transaction is aborted
+    and this thread's cache must not be reset under it). A block that succeeds
+    keeps the new version installed. Without `reset_caches`: called while an
+    object loads (`install_stored_definitions`), where no cache may be touched.
+    """
+    saved = swap_out(name)
+    old_renames = heap.set_renames(name, renames)
+    listed = name in program_roots
+    program_roots.add(name)
+    if reset_caches:
+        heap.classes_changed()
     try:
-        return func(local.conn)
-    finally:
-        tm.abort()
+        yield
+    except BaseException:
+        restore(name, saved)
+        heap.set_renames(name, old_renames)
+        if not listed:
+            program_roots.discard(name)
+        if reset_caches and not heap.in_transaction:
+            heap.classes_changed()
+        raise
 
 
 def _outside_transactions(heap: HeapEngine, what: str) -> Any:
@@ -330,67 +358,72 @@ def _deploy_once(heap: HeapEngine, compiled: Compiled, note: str, force: bool,
     source = compiled.source
     name = source.name
     local = heap._thread()
-
-    def unchanged(conn: Any) -> Version | None:
-        rec = _record(conn, name)
-        if rec is None or not rec.current or rec.versions[rec.current].source_hash != source.hash:
-            return None
-        if from_file and rec.file_hash != source.hash:
-            rec.file_hash = source.hash  # the file was seen: a call will not deploy it again
-        return _public(rec, rec.current)
-
     with heap._transaction(local, f"deploy {name}: unchanged"):
-        same = unchanged(local.conn)
+        same = _unchanged(local.conn, source, from_file)
     if same is not None:
         return same, False
-
-    saved = swap_out(name)
-    old_renames = heap.set_renames(name, compiled.renames)
-    program_roots.add(name)
-    heap.classes_changed()
-    stage, current, ok = "its top level", 0, False
+    progress = _Progress()
     try:
-        txn_note = f"deploy {name}: {note}" if note else f"deploy {name}"
-        with heap._transaction(local, txn_note), heap.activate():
-            conn = local.conn
-            rec = _record(conn, name)
-            current = rec.current if rec is not None else 0
-            module = install(compiled)
-            previous = _public(rec, current) if rec is not None and current else None
-            migrate = module.__dict__.get("migrate")
-            if callable(migrate) and previous is not None:  # a first deploy has nothing to migrate
-                stage = "migrate()"
-                migrate(heap.state, previous)
-            stage = ""
-            apply_declared(conn, declared_state(module), name)
-            ensure_registry(conn)  # a heap from before the registry: scanned once, here
-            removed = broken_classes(conn, name, heap.renames)
-            if removed and not force:
-                raise DeployError(_removed_message(name, removed, current), removed=removed)
-            if rec is None:
-                programs = conn.root().get(PROGRAMS_KEY)
-                if programs is None:
-                    programs = conn.root()[PROGRAMS_KEY] = OOBTree()
-                rec = programs[name] = _ProgramRecord(name)
-            number = rec.versions.maxKey() + 1 if len(rec.versions) else 1
-            rec.versions[number] = _VersionRecord(number, source, note)
-            rec.current = number
-            if from_file:
-                rec.file_hash = source.hash
-            durable = rec.globals[number] = Dict()
-            _save_globals(module, durable, conn, heap)
-            result = _public(rec, number)
-        ok = True
-        return result, True
+        with _swapped_in(heap, name, compiled.renames):
+            txn_note = f"deploy {name}: {note}" if note else f"deploy {name}"
+            with heap._transaction(local, txn_note), heap.activate():
+                return _deploy_in_transaction(heap, local.conn, compiled, note, force, from_file,
+                                              progress), True
     except (transaction.interfaces.TransientError, DeployError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever failed, the deploy did
-        raise _deploy_error(name, stage, exc, source, current) from exc
-    finally:
-        if not ok:
-            restore(name, saved)
-            heap.set_renames(name, old_renames)
-            heap.classes_changed()
+        raise _deploy_error(name, progress.stage, exc, source, progress.current) from exc
+
+
+def _unchanged(conn: Any, source: Source, from_file: bool) -> Version | None:
+    """The current version if its source is `source` (then nothing is deployed), else None."""
+    rec = _record(conn, source.name)
+    if rec is None or not rec.current or rec.versions[rec.current].source_hash != source.hash:
+        return None
+    if from_file and rec.file_hash != source.hash:
+        rec.file_hash = source.hash  # the file was seen: a call will not deploy it again
+    return _public(rec, rec.current)
+
+
+class _Progress:
+    """How far a deploy got, for its error: the stage running, the version it replaces."""
+
+    stage = "its top level"
+    current = 0
+
+
+def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note: str,
+                           force: bool, from_file: bool, progress: _Progress) -> Version:
+    """Steps 3-6 of a deploy (see the module's docstring), in its transaction."""
+    source = compiled.source
+    name = source.name
+    rec = _record(conn, name)
+    current = progress.current = rec.current if rec is not None else 0
+    module = install(compiled)
+    previous = _public(rec, current) if rec is not None and current else None
+    migrate = module.__dict__.get("migrate")
+    if callable(migrate) and previous is not None:  # a first deploy has nothing to migrate
+        progress.stage = "migrate()"
+        migrate(heap.state, previous)
+    progress.stage = ""
+    apply_declared(conn, declared_state(module), name)
+    ensure_registry(conn)  # a heap from before the registry: scanned once, here
+    removed = broken_classes(conn, name, heap.renames)
+    if removed and not force:
+        raise DeployError(_removed_message(name, removed, current), removed=removed)
+    if rec is None:
+        programs = conn.root().get(PROGRAMS_KEY)
+        if programs is None:
+            programs = conn.root()[PROGRAMS_KEY] = OOBTree()
+        rec = programs[name] = _ProgramRecord(name)
+    number = rec.versions.maxKey() + 1 if len(rec.versions) else 1
+    rec.versions[number] = _VersionRecord(number, source, note)
+    rec.current = number
+    if from_file:
+        rec.file_hash = source.hash
+    durable = rec.globals[number] = Dict()
+    _save_globals(module, durable, conn, heap)
+    return _public(rec, number)
 
 
 def _kept(name: str, current: int) -> str:
@@ -544,8 +577,11 @@ class Program:
         """Call ``function(*args, **kwargs)`` of the current version as one action."""
         return self._call(function, args, kwargs, None)
 
+    # -- PROTECTED: for the CLI (`durable-heap call`); not public API ----------------------
+
     def _call(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
               then: Callable[[Any], Any] | None) -> Any:
+        """`call`, and ``then(result)`` in the same transaction (it may read durable objects)."""
         if self.watch:
             self.deploy_if_changed()
         note = call_note(function, args, kwargs)
@@ -565,6 +601,8 @@ class Program:
         with _gate.alone():
             return run(self._in_transaction, (function, args, kwargs, then, True), {}, note,
                        self.heap.max_attempts)
+
+    # -- running the current version ------------------------------------------------------
 
     def _in_transaction(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                         then: Callable[[Any], Any] | None, alone: bool) -> Any:
@@ -620,18 +658,13 @@ class Program:
         if not alone:
             raise _Reload
         compiled = compile_source(version.source(self.name))
-        saved = swap_out(self.name)
-        program_roots.add(self.name)
-        heap.set_renames(self.name, compiled.renames)
-        heap.classes_changed()  # at the start of the transaction: nothing changed yet
         try:
-            with heap.activate():
+            # At the start of the transaction: nothing changed yet, caches may go.
+            with _swapped_in(heap, self.name, compiled.renames), heap.activate():
                 self._module = install(compiled)
         except ClassNotAllowedError:
-            restore(self.name, saved)
             raise  # the heap's content, not the program, is at fault
         except Exception as exc:
-            restore(self.name, saved)
             files = [compiled.source.filename(rel) for rel in compiled.source.files]
             raise ProgramError(
                 f"{self.name} version {number} raised at load: {where(exc, files)}"
@@ -645,7 +678,7 @@ class Program:
         if now - self._checked < 1.0 and self._stamp is not None:
             return None
         self._checked = now
-        stamp = _stamp(self.path)
+        stamp = file_stamp(self.path)
         if stamp == self._stamp or stamp is None:  # unchanged, or gone: the current version serves
             return None
         self._stamp = stamp  # after a failed deploy the same file is not tried again
@@ -655,7 +688,7 @@ class Program:
         return version
 
 
-def _stamp(path: str) -> Any:
+def file_stamp(path: str) -> Any:
     """Sizes and modification times of a program's files: cheap change detection."""
     if os.path.isdir(path):
         return tuple(
@@ -703,7 +736,7 @@ def load(heap: HeapEngine, program: str | os.PathLike[str], *, deploy: bool = Tr
             )
     prog = Program(heap, path, watch=watch)
     prog.on_deploy = on_deploy
-    prog._stamp = _stamp(path)
+    prog._stamp = file_stamp(path)
     return prog
 
 
@@ -743,22 +776,15 @@ def load_discarded(heap: HeapEngine, program: str | os.PathLike[str], number: in
             raise ProgramNotFoundError(f"{name} has never been deployed to the heap {heap.target}")
         source = read_source(program)
     compiled = compile_source(source, definitions_only=definitions_only)
-    swap_out(name)
-    program_roots.add(name)
-    heap.set_renames(name, compiled.renames)
-    heap.classes_changed()
-    tm = heap.transaction_manager
-    tm.begin()
     try:
-        with heap.activate():
+        # Kept installed after the view: the caller reads stored objects of its classes.
+        with _swapped_in(heap, name, compiled.renames), read_transaction(heap), heap.activate():
             module = install(compiled)
     except ClassNotAllowedError:
         raise  # the heap's content, not the program, is at fault
     except Exception as exc:
         files = [source.filename(rel) for rel in source.files]
         raise ProgramError(f"{name} raised at load: {where(exc, files)}") from exc
-    finally:
-        tm.abort()
     return module
 
 
@@ -787,15 +813,10 @@ def install_stored_definitions(heap: HeapEngine, conn: Any, name: str) -> str:
         compiled = compile_source(rec.versions[rec.current].source(name), definitions_only=True)
     except Exception:  # noqa: BLE001 - unreadable now: ZODB's own lookup decides
         return "absent"
-    saved = swap_out(name)
-    program_roots.add(name)
-    heap.set_renames(name, compiled.renames)
     try:
-        install(compiled, path_first=False)
+        with _swapped_in(heap, name, compiled.renames, reset_caches=False):
+            install(compiled, path_first=False)
     except Exception:  # noqa: BLE001 - a definition that needs the top level: broken objects
-        restore(name, saved)
-        program_roots.discard(name)
-        heap.set_renames(name, {})
         return "failed"
     return "installed"
 
