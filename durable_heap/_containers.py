@@ -56,16 +56,10 @@ from persistent import Persistent
 from ZODB.POSException import ConflictError as _ZConflictError
 
 from ._counter import Counter
-from ._values import (
-    CONVERTERS,
-    BadValue,
-    adopt,
-    check_writable,
-    holds_watched,
-    public_error,
-    remember_reads,
-    watch,
-)
+from ._kinds import CONVERTERS, BadValue, holds_watched
+from ._storable import public_error
+from ._values import adopt
+from ._watch import check_writable, remember_reads, watch
 
 __all__ = ["Dict", "List", "Set", "stable_hash", "to_builtin"]
 
@@ -1268,6 +1262,9 @@ class _RefPickler(pickle.Pickler):
     """Pickles states met in conflict resolution, references by their oid."""
 
     def persistent_id(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
+        # Trap: matched by class name (ZODB.ConflictResolution.PersistentReference,
+        # what conflict resolution unpickles references as), not by isinstance: were
+        # ZODB to rename it, references would silently stop pickling as their oids.
         oid = getattr(obj, "oid", None) if type(obj).__name__ == "PersistentReference" else None
         return oid
 

@@ -49,7 +49,7 @@ import ZODB.broken
 import ZODB.Connection
 import ZODB.POSException
 
-from . import _values
+from . import _paths
 from ._allow import Allowlist, guard_conflicts
 from ._errors import (
     DurableHeapError,
@@ -61,6 +61,7 @@ from ._errors import (
 )
 from ._format import FORMAT, FORMAT_KEY, FORMAT_SINCE, ROOT_KEY
 from ._integrity import CheckedDB
+from ._registry import ensure_registry, program_roots, registered
 from ._retry import (
     ACTION_ATTEMPTS,
     DEFAULT_ATTEMPTS,
@@ -73,7 +74,7 @@ from ._retry import (
 )
 from ._state import State
 from ._storage import Target, open_storage, private_files
-from ._values import forget_reads, precheck, reset_watch
+from ._watch import forget_reads, precheck, reset_watch
 
 if TYPE_CHECKING:
     import asyncio
@@ -226,7 +227,7 @@ class HeapEngine:
             raise ValueError("attempts must be at least 1")
         self.max_async_transactions = max_async_transactions
         #: The globals this heap's records may name (see `durable_heap._allow`).
-        self.allowlist = Allowlist(allow, programs=_values.program_roots, registered=_values.registered)
+        self.allowlist = Allowlist(allow, programs=program_roots, registered=registered)
         self.target = target
         self.max_attempts = attempts
         self.read_only = read_only
@@ -314,7 +315,7 @@ class HeapEngine:
                 tm.get().note("durable_heap: create the heap")
                 root[FORMAT_KEY] = FORMAT
                 root[ROOT_KEY] = State()
-                _values.ensure_registry(local.conn)  # empty: a new heap has no classes to scan for
+                ensure_registry(local.conn)  # empty: a new heap has no classes to scan for
             try:
                 tm.commit()
             except transaction.interfaces.TransientError:
@@ -333,6 +334,11 @@ class HeapEngine:
             _open_heaps.remove(self)
         if failed:
             return  # its storage was closed when it failed
+        # Trap: this aborts the transaction manager of every thread's (and task's)
+        # connection, from this thread, although a manager is otherwise used by its
+        # own thread only. Each of ours is an explicit manager of one connection,
+        # so nothing else is aborted; a thread still inside a transaction of this
+        # heap finds its connection closed, and its next use raises HeapClosedError.
         for conn in list(self._conns):
             _close_quietly(conn)
         with private_files():
@@ -390,7 +396,7 @@ class HeapEngine:
         root = module.partition(".")[0]
         # While another thread installs a program, its module is in sys.modules
         # half-built: wait for it (the lock) rather than read it.
-        if self._installing or (root not in sys.modules and root not in _values.program_roots):
+        if self._installing or (root not in sys.modules and root not in program_roots):
             outcome = self._install_program(conn, root)
             if outcome == "installed":
                 module, name = self._renamed(module, name)  # its rename table is known now
@@ -425,7 +431,7 @@ class HeapEngine:
         `install_stored_definitions` for the outcomes.
         """
         with self._programs_lock:
-            if root in sys.modules or root in _values.program_roots:
+            if root in sys.modules or root in program_roots:
                 return "installed"
             if root in self._installing:
                 return "absent"
@@ -526,6 +532,13 @@ class HeapEngine:
             try:
                 local.tm.get()
             except transaction.interfaces.NoTransaction:
+                # ZODB trap: ``conn.sync()`` would be the documented call, but it is
+                # ``transaction_manager.begin()``, and with our explicit managers that
+                # opens a transaction nobody ends (later changes would then be taken
+                # in instead of refused). ``newTransaction(None)`` is what begin() asks
+                # of the connection (a storage sync and the invalidations since),
+                # without a transaction; the managers' synchronizers (our `_Watch`) are
+                # not told, so their read caches are dropped by hand below.
                 try:
                     local.conn.newTransaction(None)  # see the latest commits
                 except Exception as exc:
@@ -1289,7 +1302,7 @@ def _active_root() -> Any:
     return local.state if local.state is not None else local.conn.root()[ROOT_KEY]
 
 
-_values.current_root = _active_root
+_paths.current_root = _active_root
 
 
 class _StateProxy:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import transaction.interfaces
 
 from ._errors import ConflictError
-from ._values import path_of
+from ._paths import path_of
 
 __all__ = [
     "ACTION_ATTEMPTS",

@@ -20,16 +20,11 @@ from typing import Any
 
 from persistent import Persistent
 
-from ._values import (
-    BadValue,
-    adopt,
-    check_writable,
-    dataclass_defaults,
-    fill_defaults,
-    holds_watched,
-    public_error,
-    watch,
-)
+from ._defaults import dataclass_defaults, fill_defaults
+from ._kinds import BadValue, holds_watched
+from ._storable import public_error
+from ._values import adopt
+from ._watch import check_writable, watch
 
 __all__ = ["Object", "State"]
 

@@ -37,9 +37,11 @@ from ZODB.broken import Broken
 
 from ._containers import Dict, List, Set
 from ._errors import NotPersistableError
+from ._format import CLASSES_KEY, ROOT_KEY
 from ._heap import active_heap, state
+from ._kinds import is_atomic
+from ._registry import program_roots
 from ._state import Object, State
-from ._values import CLASSES_KEY, ROOT_KEY, is_atomic, program_roots
 
 __all__ = [
     "GENERATED_MARK",

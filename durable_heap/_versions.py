@@ -53,7 +53,6 @@ from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.DB import getTID
 
-from . import _values
 from ._containers import Dict
 from ._errors import (
     ClassNotAllowedError,
@@ -68,6 +67,7 @@ from ._errors import (
 )
 from ._format import PROGRAMS_KEY, ROOT_KEY
 from ._heap import HeapEngine, read_transaction, state
+from ._kinds import is_atomic
 from ._program import (
     Compiled,
     Source,
@@ -79,10 +79,11 @@ from ._program import (
     swap_out,
     where,
 )
+from ._registry import ensure_registry, program_roots, stored_classes
 from ._retry import call_note, retry
 from ._state import State
 from ._types import apply_declared, declared_state
-from ._values import ensure_registry, program_roots, stored_classes, watched_plain_ids
+from ._watch import view_changes, watched_plain_ids
 
 __all__ = [
     "PROGRAMS_KEY",
@@ -481,6 +482,7 @@ def _resolves(path: str) -> bool:
 # --- durable globals ---------------------------------------------------------------------
 
 _NOT_DATA = (types.ModuleType, type, type(state), HeapEngine)
+_MISSING = object()  # a marker nothing stores
 
 
 def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
@@ -504,9 +506,9 @@ def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: Heap
     names = set()
     for name, value in _data_globals(module):
         names.add(name)
-        stored = durable.get(name, _values)  # `_values`: a marker nothing stores
+        stored = durable.get(name, _MISSING)
         if stored is value or (
-            _values.is_atomic(value) and type(stored) is type(value) and stored == value
+            is_atomic(value) and type(stored) is type(value) and stored == value
         ):
             continue
         if held is None:
@@ -885,7 +887,7 @@ def _historical(heap: HeapEngine, kwargs: dict[str, Any], label: str) -> Iterato
         except (ZODB.POSException.POSKeyError, KeyError) as exc:
             raise _gone(label) from exc
         yield conn
-        changed = _values.view_changes(conn)  # not reached when the block raised
+        changed = view_changes(conn)  # not reached when the block raised
         if changed is not None:
             raise StorageError(
                 f"{changed} was changed in place in the read-only view of the state at {label} "
