@@ -17,7 +17,11 @@ A new layer adds one base (and its import) here: the durable-execution layer
     class Heap(Versions, Workflows, HeapEngine):
 
 and the layer below never imports this module (it receives the heap as
-``self``; for type hints only, under ``if TYPE_CHECKING:``).
+``self``; for type hints only, under ``if TYPE_CHECKING:``). A mixin may
+subclass `HeapEngine` (as `Versions` does, so that type checkers know what
+``self`` has) or not; one with options of its own takes them in its
+``__init__`` and passes the rest on (``super().__init__(target, **rest)``),
+and adds ``**options`` to `open`, which passes them to `Heap` (the engine takes none).
 """
 
 from __future__ import annotations

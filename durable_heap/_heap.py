@@ -18,7 +18,7 @@ What a `Heap` promises:
 * In asyncio, each task is what a thread is above: its outermost transaction
   (``async with heap.transaction()``, an ``async def`` action, or a sync
   ``with`` inside a coroutine) runs on a connection of its own from ZODB's
-  pool, found through a context variable that records its owner (see `_Task`).
+  pool, found through a context variable that records its owner (see `_TaskSlot`).
   Another task, or a thread the context was copied into, never shares it.
 * A fault during a transaction (a lost ZEO server, a failed write) raises
   `ServerUnavailableError` or `StorageError` saying whether the transaction may
@@ -74,7 +74,7 @@ from ._retry import (
 )
 from ._state import State
 from ._storage import Target, open_storage, private_files
-from ._watch import forget_reads, precheck, reset_watch
+from ._watch import check_before_commit, forget_reads, reset_watch
 
 if TYPE_CHECKING:
     import asyncio
@@ -105,25 +105,29 @@ class HeapStatus(enum.Enum):
     FAILED = "failed"
 
 
-class _Thread(threading.local):
-    """This thread's connection to one heap."""
+class _ThreadSlot(threading.local):
+    """This thread's connection to one heap, and where its transactions stand.
 
-    conn: Any = None
-    tm: Any = None
-    state: State | None = None
-    depth = 0
-    slot: Any = None
-    generation = 0
+    A slot is what transactions run on: this one, or an asyncio task's own
+    (`_TaskSlot`, the same attributes).
+    """
+
+    conn: Any = None  # this thread's ZODB connection; None until first use, or after `_discard`
+    tm: Any = None  # its explicit transaction manager (one per connection)
+    state: State | None = None  # the root State as loaded on `conn`, None once its cache was dropped
+    depth = 0  # 0 outside a transaction; 1 in the outermost, +1 per nested one joined
+    closer: Any = None  # the thread's `_Closer` (None after `_discard`)
+    generation = 0  # `HeapEngine._generation` when `conn`'s cache was last current
 
 
-class _Slot:
-    """Lives as long as the thread's local data; closes its connection after it."""
+class _Closer:
+    """Dies with the thread's local data; a finalizer on it closes the thread's connection."""
 
 
-class _Task:
+class _TaskSlot:
     """One asyncio task's connection to one heap, for one outermost transaction.
 
-    The same attributes as `_Thread`, so `Heap._transaction` runs on either. It
+    The same attributes as `_ThreadSlot`, so `Heap._transaction` runs on either. It
     sits in the heap's context variable while the transaction runs. A context
     is copied into every task created meanwhile (``asyncio.create_task``,
     ``gather``), every callback, and every thread a framework runs sync code in
@@ -133,23 +137,23 @@ class _Task:
     connection); another task of the same thread is refused.
     """
 
-    __slots__ = ("conn", "depth", "generation", "slot", "state", "task", "thread", "tm")
+    __slots__ = ("closer", "conn", "depth", "generation", "state", "task", "thread", "tm")
 
     def __init__(self, conn: Any, tm: Any, task: Any, generation: int) -> None:
         self.conn: Any = conn  # None once the transaction ended: the slot is then inert
         self.tm: Any = tm
         self.state: State | None = None
         self.depth = 0
-        self.slot: Any = None
+        self.closer: Any = None  # unused: the task's connection is closed by `_close_task`
         self.generation = generation
         self.thread = threading.get_ident()
         self.task: Any = task
 
 
-_Local = _Thread | _Task
+_Slot = _ThreadSlot | _TaskSlot
 
 
-class _Gate:
+class _AsyncGate:
     """At most ``heap.max_async_transactions`` task transactions open at once in one event loop.
 
     Like ``asyncio.Semaphore`` (first come first served, safe against
@@ -210,6 +214,12 @@ class HeapEngine:
     execution): the public `Heap` (`_facade`) adds their methods as mixins. Where
     the engine needs an upper layer's policy, it offers a hook method that a
     mixin overrides (`install_definitions`, as ZODB's ``class_factory``).
+
+    PROTECTED (ZODB's habit: private API that other modules of the package use,
+    labelled where it is defined): `_thread` (the slot transactions run on here),
+    `_transaction` (one outermost transaction on a slot, conflicts propagated),
+    `_run` (a function as a retried transaction), used by the layers above
+    (`_versions`, and the durable-execution layer). Each carries the label.
     """
 
     def __init__(
@@ -242,11 +252,11 @@ class HeapEngine:
         # Bumped when loaded classes change (a deploy): connections drop their caches.
         self._generation = 0
         self.db = self._open_db(cache_size, pool_size)
-        self._local = _Thread()
-        # The transaction of the asyncio task running here, if it opened one (`_Task`).
-        self._task: contextvars.ContextVar[_Task | None] = contextvars.ContextVar(
+        self._local = _ThreadSlot()
+        # The transaction of the asyncio task running here, if it opened one (`_TaskSlot`).
+        self._task: contextvars.ContextVar[_TaskSlot | None] = contextvars.ContextVar(
             "durable_heap_task", default=None)
-        self._gates: weakref.WeakKeyDictionary[Any, _Gate] = weakref.WeakKeyDictionary()
+        self._gates: weakref.WeakKeyDictionary[Any, _AsyncGate] = weakref.WeakKeyDictionary()
         self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
         try:
@@ -355,7 +365,8 @@ class HeapEngine:
 
     # -- per-thread (and per-task) connections ----------------------------------------
 
-    def _thread(self) -> _Local:
+    # -- PROTECTED: used by the layers above (_versions, _workflows) ------------------------
+    def _thread(self) -> _Slot:
         """The slot transactions run on here: this task's while it has one open, else this thread's."""
         task = self._task.get()
         if task is not None and task.conn is not None and task.thread == threading.get_ident():
@@ -372,9 +383,9 @@ class HeapEngine:
             conn = self.db.open(transaction_manager=tm)
             reset_watch(conn)  # it may come from ZODB's pool, used by a finished thread
             local.tm, local.conn = tm, conn
-            local.slot = _Slot()
+            local.closer = _Closer()
             local.generation = self._generation
-            weakref.finalize(local.slot, _close_quietly, conn)
+            weakref.finalize(local.closer, _close_quietly, conn)
             with self._lock:
                 self._conns.add(conn)
         elif self.status is not HeapStatus.OPEN:
@@ -481,17 +492,17 @@ class HeapEngine:
         """
         self._generation += 1
         ZODB.Connection.resetCaches()  # connections resting in ZODB's pool (tasks' too)
-        local: _Local = self._own_task() or self._local
+        local: _Slot = self._own_task() or self._local
         if local.conn is not None:
             self._drop_cache(local)
 
-    def _drop_cache(self, local: _Local) -> None:
+    def _drop_cache(self, local: _Slot) -> None:
         reset_watch(local.conn)
         local.conn._resetCache()
         local.state = None
         local.generation = self._generation
 
-    def _own_task(self) -> _Task | None:
+    def _own_task(self) -> _TaskSlot | None:
         """This task's open transaction slot, or None (no side effects, never raises)."""
         task = self._task.get()
         if (task is not None and task.conn is not None and task.thread == threading.get_ident()
@@ -625,7 +636,7 @@ class HeapEngine:
         except transaction.interfaces.TransientError as exc:
             raise conflict(1, note, exc, local.conn, retried=False) from exc
 
-    def _outermost(self, local: _Local, task: Any,
+    def _outermost(self, local: _Slot, task: Any,
                    note: str | None) -> contextlib.AbstractContextManager[None]:
         """The outermost transaction here: on this thread's connection, or a task's own."""
         if task is None:
@@ -633,11 +644,11 @@ class HeapEngine:
         return self._task_transaction(task, note, None)
 
     @contextlib.contextmanager
-    def _task_transaction(self, task: Any, note: str | None, gate: _Gate | None) -> Iterator[None]:
+    def _task_transaction(self, task: Any, note: str | None, gate: _AsyncGate | None) -> Iterator[None]:
         """`task`'s outermost transaction, on a connection of its own from ZODB's pool.
 
         `gate` holds the place the caller awaited; without one (a sync ``with``
-        in a coroutine) a place is taken without waiting (see `_Gate`).
+        in a coroutine) a place is taken without waiting (see `_AsyncGate`).
         """
         if gate is None:
             gate = self._gate()
@@ -652,7 +663,7 @@ class HeapEngine:
         finally:
             gate.release()
 
-    def _open_task(self, task: Any) -> _Task:
+    def _open_task(self, task: Any) -> _TaskSlot:
         if self.status is not HeapStatus.OPEN:
             raise self._closed()
         tm = transaction.TransactionManager(explicit=True)
@@ -661,13 +672,13 @@ class HeapEngine:
         # `classes_changed`): the generation starts current.
         conn = self.db.open(transaction_manager=tm)
         reset_watch(conn)  # from ZODB's pool: what its watch holds belongs to its last user
-        slot = _Task(conn, tm, task, self._generation)
+        slot = _TaskSlot(conn, tm, task, self._generation)
         with self._lock:
             self._conns.add(conn)
         self._task.set(slot)
         return slot
 
-    def _close_task(self, slot: _Task) -> None:
+    def _close_task(self, slot: _TaskSlot) -> None:
         """The task's transaction ended: its connection goes back to ZODB's pool."""
         self._task.set(None)
         conn, slot.conn, slot.task, slot.state = slot.conn, None, None, None
@@ -677,16 +688,17 @@ class HeapEngine:
             self._conns.discard(conn)
         _close_quietly(conn)  # nothing is open any more; resets the watch, then back to the pool
 
-    def _gate(self) -> _Gate:
+    def _gate(self) -> _AsyncGate:
         loop = _asyncio().get_running_loop()
         gate = self._gates.get(loop)
         if gate is None:
             with self._lock:
-                gate = self._gates.setdefault(loop, _Gate(self))
+                gate = self._gates.setdefault(loop, _AsyncGate(self))
         return gate
 
+    # -- PROTECTED: used by the layers above (_versions: a deploy's transactions) -------------
     @contextlib.contextmanager
-    def _transaction(self, local: _Local, note: str | None) -> Iterator[None]:
+    def _transaction(self, local: _Slot, note: str | None) -> Iterator[None]:
         """The outermost transaction; TransientError propagates (for retries).
 
         A fault (`_is_fault`: the storage or the link to it failed) in any phase
@@ -723,7 +735,7 @@ class HeapEngine:
             raise
         local.depth = 0
         try:
-            precheck(local.conn)
+            check_before_commit(local.conn)
             tm.commit()
         except transaction.interfaces.TransientError as exc:
             if _disconnected(exc):  # transient to ZEO, but a retry could commit twice
@@ -743,7 +755,7 @@ class HeapEngine:
                 raise
             raise err from exc
 
-    def _discard(self, local: _Local) -> None:
+    def _discard(self, local: _Slot) -> None:
         """Throw this thread's connection away after a fault: it is never used again.
 
         After a fault, above all one that cut off two-phase commit, the
@@ -791,7 +803,7 @@ class HeapEngine:
         # A later close() (the thread's finalizer below) neither returns it to
         # the pool nor loads: ZODB checks `opened` for both.
         conn.opened = None
-        local.slot = None
+        local.closer = None
 
     def _fault(self, exc: BaseException, note: str | None, *, unknown: bool) -> DurableHeapError:
         """Our error for a fault that cut a transaction off (see `_transaction`).
@@ -879,6 +891,7 @@ class HeapEngine:
             return self._arun(func, args, kwargs, None, self.max_attempts)
         return self._run(func, args, kwargs, None, self.max_attempts)
 
+    # -- PROTECTED: used by the layers above (_versions: program calls) ----------------------
     def _run(
         self,
         func: Callable[..., Any],
@@ -1055,7 +1068,7 @@ class _Block:
     def __init__(self, heap: HeapEngine, note: str | None) -> None:
         self.heap, self.note = heap, note
         self._sync: Any = None  # the outermost transaction's context manager
-        self._joined: _Local | None = None  # or the slot of the outer transaction joined
+        self._joined: _Slot | None = None  # or the slot of the outer transaction joined
         self._async: Any = None
 
     def __enter__(self) -> State:
@@ -1242,7 +1255,7 @@ def _remedy(exc: BaseException) -> str:
 
 
 def _translate_commit_error(exc: BaseException) -> BaseException:
-    """Map storage errors at commit to ours (unstorable values: see `precheck`)."""
+    """Map storage errors at commit to ours (unstorable values: see `check_before_commit`)."""
     if isinstance(exc, ZODB.POSException.ReadOnlyError):
         return StorageError("the heap is open read-only: changes cannot be committed")
     return exc

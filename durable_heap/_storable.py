@@ -2,7 +2,7 @@
 
 `refuse_or_accept` refuses what can never be stored (generators, locks,
 sockets, lambdas, local classes...) and trial-pickles plain objects, so that
-`NotPersistableError` names the place a value was assigned; `culprit` names the
+`NotPersistableError` names the place a value was assigned; `unpicklable_error` names the
 value of a record that fails to pickle at commit.
 """
 
@@ -20,7 +20,7 @@ from ._paths import durable_children, holder_path, path_of
 from ._registry import note_class
 from ._snapshot import snapshot
 
-__all__ = ["culprit", "public_error", "refuse_or_accept"]
+__all__ = ["unpicklable_error", "public_error", "refuse_or_accept"]
 
 
 def public_error(err: BadValue, holder: Any, base: str | None = None) -> NotPersistableError:
@@ -149,7 +149,7 @@ def _locate(value: Any, exc: BaseException, seen: set[int] | None = None) -> Bad
     return BadValue(value, f"pickling failed: {exc}")
 
 
-def culprit(holder: Any, exc: BaseException) -> NotPersistableError:
+def unpicklable_error(holder: Any, exc: BaseException) -> NotPersistableError:
     """The error naming the value of `holder` that does not pickle."""
     base = path_of(holder)  # first: walking the path also teaches List leaves their offsets
     bad = _first_bad(durable_children(holder))

@@ -33,12 +33,13 @@ from ._registry import (
 from ._registry import per_thread as _local  # the name tests and older code know
 from ._registry import scan_classes as _scan_classes  # noqa: F401 - likewise (tests)
 from ._snapshot import snapshot
-from ._storable import culprit, public_error, refuse_or_accept, unnamed
+from ._storable import public_error, refuse_or_accept, unnamed
+from ._storable import unpicklable_error as culprit  # its name before the split
+from ._watch import check_before_commit as precheck  # its name before the split
 from ._watch import (
     check_writable,
     forget_reads,
     notes_of,
-    precheck,
     remember_reads,
     reset_watch,
     view_changes,

@@ -101,8 +101,9 @@ __all__ = [
 ]
 
 
-class _Gate:
-    """Program calls share it; a deploy or a module reload has it alone.
+class _ModuleLock:
+    """A readers-writer lock over the programs' modules: calls share it (`calling`), a
+    deploy or a module reload holds it alone (`swapping`).
 
     Modules are process-wide: a call still running the old version's code when
     another thread swaps the modules would fail to commit (its objects' classes
@@ -119,7 +120,8 @@ class _Gate:
         self._local = threading.local()
 
     @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
+    def calling(self) -> Iterator[None]:
+        """Held while a program call runs: waits while modules are being swapped."""
         depth = getattr(self._local, "depth", 0)
         me = threading.get_ident()
         if depth == 0 and self._owner != me:
@@ -138,7 +140,8 @@ class _Gate:
                     self._cond.notify_all()
 
     @contextlib.contextmanager
-    def alone(self) -> Iterator[None]:
+    def swapping(self) -> Iterator[None]:
+        """Held while modules are swapped: waits for the calls in flight; refused inside one."""
         me = threading.get_ident()
         if self._owner == me:
             self._owner_depth += 1
@@ -165,11 +168,11 @@ class _Gate:
                 self._cond.notify_all()
 
 
-_gate = _Gate()
+_modules = _ModuleLock()
 
 
-class _Reload(Exception):
-    """Internal: the current version must be loaded, which needs the gate alone."""
+class _MustReload(Exception):
+    """Internal: the current version must be loaded, which needs `_modules.swapping()`."""
 
 
 class _VersionRecord(Persistent):
@@ -219,7 +222,8 @@ class Version:
         return f"{self.program} version {self.number}"
 
 
-def _public(rec: _ProgramRecord, number: int) -> Version:
+def _version_of(rec: _ProgramRecord, number: int) -> Version:
+    """The `Version` (what users see) of version `number` of the program record `rec`."""
     v = rec.versions[number]
     return Version(rec.name, v.number, v.deployed_at, v.source_hash, v.note, v.origin,
                    tuple(sorted(v.files)), number == rec.current)
@@ -324,7 +328,7 @@ def rollback(heap: HeapEngine, program: str | os.PathLike[str], to: int, *, note
 
     source, current = _read(heap, source_of)
     if current:
-        return _read(heap, lambda conn: (_public(_existing(conn, name, heap), to), False))  # type: ignore[no-any-return]
+        return _read(heap, lambda conn: (_version_of(_existing(conn, name, heap), to), False))  # type: ignore[no-any-return]
     return _deploy(heap, source, note=note or f"rollback to version {to}", force=force, from_file=False)
 
 
@@ -349,7 +353,7 @@ def _deploy(heap: HeapEngine, source: Source, *, note: str, force: bool,
         rec = _read(heap, lambda conn: _record(conn, source.name))
         current = rec.current if rec is not None else 0
         raise DeployError(f"{exc}; {_kept(source.name, current)}", exc.cause) from exc.cause
-    with _gate.alone():
+    with _modules.swapping():
         return retry(lambda: _deploy_once(heap, compiled, note, force, from_file),
                      attempts=heap.max_attempts, note=f"deploy {source.name}")
 
@@ -383,7 +387,7 @@ def _unchanged(conn: Any, source: Source, from_file: bool) -> Version | None:
         return None
     if from_file and rec.file_hash != source.hash:
         rec.file_hash = source.hash  # the file was seen: a call will not deploy it again
-    return _public(rec, rec.current)
+    return _version_of(rec, rec.current)
 
 
 class _Progress:
@@ -401,7 +405,7 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
     rec = _record(conn, name)
     current = progress.current = rec.current if rec is not None else 0
     module = install(compiled)
-    previous = _public(rec, current) if rec is not None and current else None
+    previous = _version_of(rec, current) if rec is not None and current else None
     migrate = module.__dict__.get("migrate")
     if callable(migrate) and previous is not None:  # a first deploy has nothing to migrate
         progress.stage = "migrate()"
@@ -424,7 +428,7 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
         rec.file_hash = source.hash
     durable = rec.globals[number] = Dict()
     _save_globals(module, durable, conn, heap)
-    return _public(rec, number)
+    return _version_of(rec, number)
 
 
 def _kept(name: str, current: int) -> str:
@@ -561,7 +565,7 @@ class Program:
     @property
     def module(self) -> types.ModuleType:
         """The loaded module of the current version."""
-        with _gate.alone():
+        with _modules.swapping():
             self.heap._run(self._ensure, (True,), {}, f"load {self.name}", self.heap.max_attempts)
         assert self._module is not None
         return self._module
@@ -571,7 +575,7 @@ class Program:
         """The heap's current version of this program."""
         def current(conn: Any) -> Version:
             rec = _existing(conn, self.name, self.heap)
-            return _public(rec, rec.current)
+            return _version_of(rec, rec.current)
 
         return _read(self.heap, current)  # type: ignore[no-any-return]
 
@@ -588,11 +592,11 @@ class Program:
             self.deploy_if_changed()
         note = call_note(function, args, kwargs)
         run = self.heap._run
-        with _gate.shared():
+        with _modules.calling():
             try:
                 return run(self._in_transaction, (function, args, kwargs, then, False), {}, note,
                            self.heap.max_attempts)
-            except _Reload:
+            except _MustReload:
                 if self.heap.in_transaction:
                     raise ProgramError(
                         f"{self.name}: the program's current version is not loaded yet, and loading "
@@ -600,15 +604,15 @@ class Program:
                         "version outside transactions and actions"
                     ) from None
         # A new version to load (or the first call): with no other call in flight.
-        with _gate.alone():
+        with _modules.swapping():
             return run(self._in_transaction, (function, args, kwargs, then, True), {}, note,
                        self.heap.max_attempts)
 
     # -- running the current version ------------------------------------------------------
 
     def _in_transaction(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                        then: Callable[[Any], Any] | None, alone: bool) -> Any:
-        loaded_here = self._ensure(alone)
+                        then: Callable[[Any], Any] | None, may_swap: bool) -> Any:
+        loaded_here = self._ensure(may_swap)
         try:
             module = self._module
             assert module is not None
@@ -646,10 +650,11 @@ class Program:
             and sys.modules.get(self.name) is self._module
         )
 
-    def _ensure(self, alone: bool) -> bool:
+    def _ensure(self, may_swap: bool) -> bool:
         """Load the current version unless it is loaded; True when it was loaded now.
 
-        Loading needs the gate alone: without it, raise `_Reload`.
+        Loading swaps modules: without `may_swap` (the caller holds
+        `_modules.swapping()`), raise `_MustReload`.
         """
         heap = self.heap
         rec = _existing(heap.connection, self.name, heap)
@@ -657,8 +662,8 @@ class Program:
         version = rec.versions[number]
         if self._loaded_is(number, version.source_hash):
             return False
-        if not alone:
-            raise _Reload
+        if not may_swap:
+            raise _MustReload
         compiled = compile_source(version.source(self.name))
         try:
             # At the start of the transaction: nothing changed yet, caches may go.
@@ -748,7 +753,7 @@ def versions(heap: HeapEngine, program: str | os.PathLike[str]) -> list[Version]
 
     def listing(conn: Any) -> list[Version]:
         rec = _record(conn, name)
-        return [] if rec is None else [_public(rec, n) for n in rec.versions.keys()]
+        return [] if rec is None else [_version_of(rec, n) for n in rec.versions.keys()]
 
     return _read(heap, listing)  # type: ignore[no-any-return]
 

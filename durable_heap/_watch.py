@@ -16,7 +16,7 @@ The cost is therefore paid only by records that hold watched values: one
 snapshot pickle when loaded, one when committing, one reload per transaction.
 
 Also here, as they run on the same per-connection bookkeeping: the class notes
-of the transaction in progress (registered before its commit), `precheck`
+of the transaction in progress (registered before its commit), `check_before_commit`
 (name an unstorable value before ZODB's commit swallows which one it was),
 `check_writable` and `view_changes` (writes outside a transaction, or into a
 read-only view).
@@ -37,14 +37,14 @@ from ._kinds import is_atomic
 from ._paths import durable_children, path_of
 from ._registry import class_paths, ensure_registry, per_thread, stored_classes
 from ._snapshot import snapshot
-from ._storable import culprit
+from ._storable import unpicklable_error
 
 __all__ = [
     "ORPHANS_MAX",
     "check_writable",
     "forget_reads",
     "notes_of",
-    "precheck",
+    "check_before_commit",
     "remember_reads",
     "reset_watch",
     "snapshot_for",
@@ -193,7 +193,7 @@ class _Watch:
             try:
                 now = snapshot_for(obj._p_jar, obj.__getstate__())
             except Exception as exc:  # noqa: BLE001 - report which value it is
-                raise culprit(obj, exc) from None
+                raise unpicklable_error(obj, exc) from None
             if now != base:
                 obj._p_changed = True
         jar = self.jar()
@@ -258,7 +258,7 @@ def _stale(orphan: _Orphan, value: Any, jar: Any) -> Exception:
     )
 
 
-def precheck(conn: Any) -> None:
+def check_before_commit(conn: Any) -> None:
     """Before a commit: name any value that will not pickle, while it still can be.
 
     Only records holding watched values can fail (everything else was checked
@@ -280,7 +280,7 @@ def precheck(conn: Any) -> None:
         try:
             snapshot_for(conn, obj.__getstate__())
         except Exception as exc:  # noqa: BLE001 - name the value that fails
-            raise culprit(obj, exc) from None
+            raise unpicklable_error(obj, exc) from None
 
 
 def _watch_of(jar: Any) -> _Watch | None:
@@ -422,7 +422,7 @@ def view_changes(jar: Any) -> str | None:
 # -- PROTECTED: ZODB's private Connection attributes we read ----------------------------------
 # (ZODB 6: ``ZODB.Connection.Connection.__init__``; tests/test_zodb_internals.py pins them.)
 # Read directly, never through ``getattr`` defaults: were ZODB to rename them, a
-# default would silently switch the checks off (`precheck` would name no value,
+# default would silently switch the checks off (`check_before_commit` would name no value,
 # `watched_plain_ids` would miss records); an AttributeError fails loudly instead.
 
 

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("containers and state", {"_containers", "_counter", "_state"}),
     ("heap engine", {"_retry", "_heap", "_engine"}),
     ("durable execution", {"_execution", "_workflows"}),
-    ("programs", {"_program", "_types", "_versions"}),
+    ("programs", {"_program", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server",
                "asgi", "wsgi"}),
 ]
