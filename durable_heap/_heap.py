@@ -66,6 +66,7 @@ from ._retry import (
     ACTION_ATTEMPTS,
     DEFAULT_ATTEMPTS,
     LOOP_ATTEMPTS,
+    RETRIED,
     aretry,
     call_note,
     conflict,
@@ -328,7 +329,7 @@ class HeapEngine:
                 ensure_registry(local.conn)  # empty: a new heap has no classes to scan for
             try:
                 tm.commit()
-            except transaction.interfaces.TransientError:
+            except RETRIED:
                 tm.abort()
                 raise
 
@@ -633,7 +634,7 @@ class HeapEngine:
         try:
             with self._task_transaction(task, note, gate):
                 yield self.state
-        except transaction.interfaces.TransientError as exc:
+        except RETRIED as exc:
             raise conflict(1, note, exc, local.conn, retried=False) from exc
 
     def _outermost(self, local: _Slot, task: Any,
@@ -737,7 +738,7 @@ class HeapEngine:
         try:
             check_before_commit(local.conn)
             tm.commit()
-        except transaction.interfaces.TransientError as exc:
+        except RETRIED as exc:
             if _disconnected(exc):  # transient to ZEO, but a retry could commit twice
                 unknown = _voted(txn)
                 self._discard(local)
@@ -1041,14 +1042,14 @@ class _Attempt:
     def __exit__(self, tp: Any, value: Any, tb: Any) -> bool:
         try:
             self._cm.__exit__(tp, value, tb)
-        except transaction.interfaces.TransientError as exc:
+        except RETRIED as exc:
             if self.number == self.total:
                 raise conflict(self.number, self.note, exc, self._conn, how=LOOP_ATTEMPTS) from exc
             return True  # swallowed: the loop tries again
         if tp is None:
             self.done = True
             return False
-        if isinstance(value, transaction.interfaces.TransientError):
+        if isinstance(value, RETRIED):
             if self.number == self.total:
                 raise conflict(self.number, self.note, value, self._conn, how=LOOP_ATTEMPTS) from value
             return True
@@ -1083,7 +1084,7 @@ class _Block:
             cm = heap._outermost(local, _running_task(), self.note)
             try:
                 cm.__enter__()
-            except transaction.interfaces.TransientError as exc:
+            except RETRIED as exc:
                 raise conflict(1, self.note, exc, None, retried=False) from exc
             self._sync = cm
         try:
@@ -1100,9 +1101,9 @@ class _Block:
             return
         try:
             cm.__exit__(tp, value, tb)  # aborts on an exception, which it never swallows
-        except transaction.interfaces.TransientError as exc:
+        except RETRIED as exc:
             raise conflict(1, self.note, exc, None, retried=False) from exc  # a conflict at commit
-        if isinstance(value, transaction.interfaces.TransientError):
+        if isinstance(value, RETRIED):
             raise conflict(1, self.note, value, None, retried=False) from value  # inside the block
 
     async def __aenter__(self) -> State:

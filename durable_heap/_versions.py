@@ -80,7 +80,7 @@ from ._program import (
     where,
 )
 from ._registry import ensure_registry, program_roots, stored_classes
-from ._retry import call_note, retry
+from ._retry import RETRIED, call_note, retry
 from ._state import State
 from ._types import apply_declared, declared_state
 from ._watch import view_changes, watched_plain_ids
@@ -374,7 +374,7 @@ def _deploy_once(heap: HeapEngine, compiled: Compiled, note: str, force: bool,
             with heap._transaction(local, txn_note), heap.activate():
                 return _deploy_in_transaction(heap, local.conn, compiled, note, force, from_file,
                                               progress), True
-    except (transaction.interfaces.TransientError, DeployError):
+    except (RETRIED, DeployError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever failed, the deploy did
         raise _deploy_error(name, progress.stage, exc, source, progress.current) from exc
