@@ -32,7 +32,7 @@ from typing import Any
 from ._allow import env_patterns
 from ._heap import DEFAULT_CACHE_SIZE, DEFAULT_MAX_ASYNC_TRANSACTIONS, HeapEngine
 from ._retry import DEFAULT_ATTEMPTS
-from ._storage import parse_target, target_read_only
+from ._targets import parse_target, target_read_only
 from ._versions import Versions
 
 __all__ = ["Heap", "open"]

@@ -51,6 +51,11 @@ import ZODB.POSException
 
 from . import _paths
 from ._allow import Allowlist, guard_conflicts
+from ._errormap import disconnected as _disconnected
+from ._errormap import is_fault as _is_fault
+from ._errormap import outcome_unknown as _voted
+from ._errormap import reason as _reason
+from ._errormap import translate_storage_error
 from ._errors import (
     DurableHeapError,
     HeapClosedError,
@@ -74,7 +79,8 @@ from ._retry import (
     retry,
 )
 from ._state import State
-from ._storage import Target, open_storage, private_files
+from ._storage import open_storage
+from ._targets import Target, private_files
 from ._watch import check_before_commit, forget_reads, reset_watch
 
 if TYPE_CHECKING:
@@ -750,7 +756,7 @@ class HeapEngine:
                 unknown = _voted(txn)
                 self._discard(local)
                 raise self._fault(exc, note, unknown=unknown) from exc
-            err = _translate_commit_error(exc)
+            err = translate_storage_error(exc, str(self.target), action="commit")
             tm.abort()
             if err is exc:
                 raise
@@ -1170,12 +1176,6 @@ def _require_task(what: str) -> Any:
     return task
 
 
-def _disconnected(exc: BaseException) -> bool:
-    """True for ZEO's ClientDisconnected (without importing ZEO for heaps that do not use it)."""
-    zeo_errors = sys.modules.get("ZEO.Exceptions")
-    return zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)
-
-
 def _stale_format(target: Target, root: Any) -> bool:
     """Whether an existing heap's format marker is older than this version's.
 
@@ -1194,57 +1194,6 @@ def _stale_format(target: Target, root: Any) -> bool:
     return found < FORMAT
 
 
-def _is_fault(exc: BaseException, *, in_program: bool = False) -> bool:
-    """True when the storage, or the link to it, failed (as opposed to a conflict, a
-    read-only refusal or the program's own error, which ZODB aborts cleanly).
-
-    `in_program`: raised while the program's code ran, where an OSError is its own.
-    """
-    if isinstance(exc, DurableHeapError):
-        return False
-    if isinstance(exc, OSError):
-        return not in_program
-    if isinstance(exc, ZODB.POSException.POSKeyError):
-        return True  # a reference to a record the storage does not have
-    return isinstance(exc, ZODB.POSException.StorageError) and not isinstance(
-        exc, ZODB.POSException.ReadOnlyError
-    )
-
-
-def _voted(txn: Any) -> bool:
-    """Whether every resource of a failed commit had voted: then its outcome is unknown.
-
-    A storage commits only in ``tpc_finish``, so a fault before every vote is in
-    leaves nothing committed (ZEO's server aborts a transaction whose client went
-    away before ``tpc_finish``; FileStorage truncates a failed vote's write). Reads
-    transaction's private ``Transaction._voted`` (id(resource) -> True, set as each
-    ``tpc_vote`` returns; transaction 5.1) and ``_resources``, both kept until the
-    failed transaction is aborted. Without them, assume the worst.
-    """
-    voted = getattr(txn, "_voted", None)
-    resources = getattr(txn, "_resources", None)
-    if not isinstance(voted, dict) or not isinstance(resources, list):
-        return True
-    return bool(resources) and all(id(rm) in voted for rm in resources)
-
-
-_ERRNO_REASONS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is used up",
-    errno.EFBIG: "the file is too large: it would grow past the size limit for files (ulimit -f)",
-    errno.EIO: "an input/output error",
-}
-
-
-def _reason(exc: BaseException) -> str:
-    """What failed, for a message: "the disk is full (ENOSPC)"."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        what = _ERRNO_REASONS.get(exc.errno) or exc.strerror or str(exc)
-        return f"{what} ({errno.errorcode.get(exc.errno, exc.errno)})"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _remedy(exc: BaseException) -> str:
     """The sentence that ends a "nothing was committed" message."""
     code = exc.errno if isinstance(exc, OSError) else None
@@ -1253,13 +1202,6 @@ def _remedy(exc: BaseException) -> str:
     if code == errno.EFBIG:
         return "raise the limit (ulimit -f), or pack the heap, and run it again."
     return "run it again once the cause is fixed."
-
-
-def _translate_commit_error(exc: BaseException) -> BaseException:
-    """Map storage errors at commit to ours (unstorable values: see `check_before_commit`)."""
-    if isinstance(exc, ZODB.POSException.ReadOnlyError):
-        return StorageError("the heap is open read-only: changes cannot be committed")
-    return exc
 
 
 def _close_quietly(conn: Any) -> None:

@@ -11,7 +11,7 @@ from ZODB.POSException import ConflictError as ZODBConflictError
 
 import durable_heap as dh
 from durable_heap import _facade, _heap, _registry, _retry, _versions
-from durable_heap._storage import parse_target  # _targets once the storage half lands
+from durable_heap._targets import parse_target
 from tests.conftest import write
 
 
