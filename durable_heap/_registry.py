@@ -72,7 +72,7 @@ program_roots: set[str] = set()
 # The notes belong to one transaction: each connection's `_Watch` holds those of
 # the transaction in progress on it (`_Watch.noted`), filled while that
 # connection's objects take values (`adopt` with their jar) or are pickled (the
-# watch's snapshots, `precheck`). The commit registers them in that transaction;
+# watch's snapshots, `check_before_commit`). The commit registers them in that transaction;
 # an abort drops them, and storing the class again notes it again. A note made
 # for an object in no heap yet goes to its thread's `_Local.loose`, which every
 # commit of the thread registers where it is missing: at worst a class is
