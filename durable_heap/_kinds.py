@@ -114,7 +114,7 @@ def is_atomic(value: Any) -> bool:
     if isinstance(value, (Persistent, enum.Enum)):
         return True
     if tp is types.FunctionType or tp is types.BuiltinFunctionType or isinstance(value, type):
-        return True  # pickled by name; adopt() has refused the local ones
+        return True  # pickled by name; stored_form() has refused the local ones
     return False
 
 

@@ -30,9 +30,9 @@ __all__ = [
 
 
 class _Local(threading.local):
-    """Per thread: where class notes go (`note_class`), and the memo of the outermost `adopt`."""
+    """Per thread: where class notes go (`note_class`), and the memo of the outermost `stored_form`."""
 
-    #: During one outermost `adopt`: id(plain value) -> (value, what it became).
+    #: During one outermost `stored_form`: id(plain value) -> (value, what it became).
     #: The value is kept so that its id cannot be reused meanwhile.
     memo: dict[int, tuple[Any, Any]] | None = None
     #: Where `note_class` adds paths: the notes of the connection whose records
@@ -54,7 +54,7 @@ per_thread = _Local()
 # removes, without scanning the heap; and the allowlist (`_allow`) lets records
 # load the classes that were stored through this API. So the classes of
 # programs' and users' modules (not the standard library's or ZODB's) are
-# noted as values are stored: at assignment (`adopt`), in the snapshots the
+# noted as values are stored: at assignment (`stored_form`), in the snapshots the
 # watch takes of records holding plain objects, and for `Object` records when
 # they are saved. Before each commit the paths not yet registered are added to
 # one small record (`CLASSES_KEY` in the ZODB root). The registry only grows:
@@ -71,7 +71,7 @@ program_roots: set[str] = set()
 #
 # The notes belong to one transaction: each connection's `_Watch` holds those of
 # the transaction in progress on it (`_Watch.noted`), filled while that
-# connection's objects take values (`adopt` with their jar) or are pickled (the
+# connection's objects take values (`stored_form` with their jar) or are pickled (the
 # watch's snapshots, `check_before_commit`). The commit registers them in that transaction;
 # an abort drops them, and storing the class again notes it again. A note made
 # for an object in no heap yet goes to its thread's `_Local.loose`, which every

@@ -1,6 +1,6 @@
-"""Adoption: what a value becomes when it is stored (a durable twin, or itself).
+"""A value's stored form: what it becomes when it is stored (a durable twin, or itself).
 
-`adopt` is called by every durable object as a value is assigned into it: plain
+`stored_form` is called by every durable object as a value is assigned into it: plain
 ``dict``/``list``/``set`` become `Dict`/`List`/`Set` (`_kinds.CONVERTERS`),
 atomic values and durable objects stay as they are, plain objects are checked
 (`_storable`) and then watched in their holder's record (`_watch`). The classes
@@ -53,7 +53,7 @@ __all__ = [
     "CONVERTERS",
     "ROOT_KEY",
     "BadValue",
-    "adopt",
+    "stored_form",
     "check_writable",
     "culprit",
     "dataclass_defaults",
@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 
-def adopt(value: Any, jar: Any = None) -> Any:
+def stored_form(value: Any, jar: Any = None) -> Any:
     """Return what `value` becomes when stored: a durable twin, or itself.
 
     Raises `BadValue` for values that cannot be stored. Plain objects are
@@ -100,12 +100,12 @@ def adopt(value: Any, jar: Any = None) -> Any:
     local = _local
     memo = local.memo
     if memo is not None:
-        return _adopt(value, tp, memo)
+        return _stored_form(value, tp, memo)
     memo = local.memo = {}
     sink = local.sink
     local.sink = notes_of(jar) if jar is not None else None
     try:
-        return _adopt(value, tp, memo)
+        return _stored_form(value, tp, memo)
     except RecursionError:
         # Not a cycle (those end at the memo): nesting deeper than the stack.
         # Unwound to here, the stack is free again to build the error.
@@ -116,7 +116,7 @@ def adopt(value: Any, jar: Any = None) -> Any:
         local.sink = sink
 
 
-def _adopt(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
+def _stored_form(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
     if tp in ATOMIC:
         return value
     seen = memo.get(id(value))
@@ -140,7 +140,7 @@ def _adopt(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
         changed = False
         for i, v in enumerate(value):
             try:
-                a = _adopt(v, type(v), memo)
+                a = _stored_form(v, type(v), memo)
             except BadValue as e:
                 raise e.prefixed(f"[{i}]") from None
             changed = changed or a is not v
@@ -163,7 +163,7 @@ def _adopt(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
         return twin
     if isinstance(value, frozenset):
         for v in value:
-            _adopt(v, type(v), memo)
+            _stored_form(v, type(v), memo)
         if tp is not frozenset:
             note_class(tp)
         return value
