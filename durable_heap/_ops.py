@@ -402,7 +402,9 @@ def _paths(heap: Any, wanted: set[bytes], budget: int = PATH_BUDGET,
     to be damaged, and ZODB logs a traceback for each load that fails): a help for messages."""
     from persistent import Persistent
 
-    from ._values import ROOT_KEY, _durable_children, is_atomic  # the accessors error messages use
+    from ._format import ROOT_KEY
+    from ._kinds import is_atomic
+    from ._paths import durable_children  # the accessors error messages use
 
     found: dict[bytes, str] = {}
     if not wanted:
@@ -424,8 +426,8 @@ def _paths(heap: Any, wanted: set[bytes], budget: int = PATH_BUDGET,
             loaded += 1
             try:
                 if isinstance(obj, Persistent):
-                    obj._p_activate()  # _durable_children lists only what is in memory
-                children = list(_durable_children(obj))
+                    obj._p_activate()  # durable_children lists only what is in memory
+                children = list(durable_children(obj))
             except Exception:  # noqa: BLE001, S112 - a damaged object: its children stay unknown
                 continue
             for accessor, child in children:
@@ -847,9 +849,10 @@ def _prune_registry(heap: Any) -> list[str]:
     Only for a file heap, which this process holds alone: over ZEO other clients keep
     their own note of what is registered and would not register a class again.
     """
-    from ._values import CLASSES_KEY, _scan_classes  # the registry's own scanner
+    from ._format import CLASSES_KEY
+    from ._registry import scan_classes  # the registry's own scanner
 
-    found = _scan_classes(_Records(heap.db.storage))
+    found = scan_classes(_Records(heap.db.storage))
     tm = heap.transaction_manager
     tm.begin()
     try:
@@ -873,7 +876,7 @@ def _prune_registry(heap: Any) -> list[str]:
 
 
 class _Records:
-    """Every revision of a storage, for `_values._scan_classes` (which scans only the
+    """Every revision of a storage, for `_registry.scan_classes` (which scans only the
     current ones of a storage with ``record_iternext``)."""
 
     def __init__(self, storage: Any) -> None:
