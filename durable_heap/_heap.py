@@ -839,8 +839,9 @@ class Heap:
             if unknown
             else "the transaction was aborted and nothing of it was committed"
         )
+        server = "PostgreSQL server" if self.target.scheme == "postgresql" else "ZEO server"
         return ServerUnavailableError(
-            f"lost the connection to the ZEO server at {self.target}{what}: {fate}. "
+            f"lost the connection to the {server} at {self.target}{what}: {fate}. "
             "Later transactions reconnect by themselves once the server is back.",
             outcome_unknown=unknown,
         )
@@ -1191,9 +1192,12 @@ def _require_task(what: str) -> Any:
 
 
 def _disconnected(exc: BaseException) -> bool:
-    """True for ZEO's ClientDisconnected (without importing ZEO for heaps that do not use it)."""
+    """True for ZEO's ClientDisconnected, and for a lost PostgreSQL connection (see
+    `_relstorage.is_disconnect`), without importing ZEO or psycopg2 for other heaps."""
+    from ._relstorage import is_disconnect
+
     zeo_errors = sys.modules.get("ZEO.Exceptions")
-    return zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)
+    return (zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)) or is_disconnect(exc)
 
 
 def _stale_format(target: Target, root: Any) -> bool:
@@ -1222,6 +1226,8 @@ def _is_fault(exc: BaseException, *, in_program: bool = False) -> bool:
     """
     if isinstance(exc, DurableHeapError):
         return False
+    if _disconnected(exc):
+        return True
     if isinstance(exc, OSError):
         return not in_program
     if isinstance(exc, ZODB.POSException.POSKeyError):

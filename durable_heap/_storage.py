@@ -9,6 +9,7 @@ target                    storage
 ``memory://``             MappingStorage: in memory only, for unit tests
 ``zeo://host:port``       ZEO ClientStorage: a heap shared by processes
 ``zeo:///run/app.sock``   ZEO ClientStorage over a unix socket
+``postgresql://u@h/db``   RelStorage on PostgreSQL (see `durable_heap._relstorage`)
 ========================  ==================================================
 
 URL targets take query options (``file:///abs/app.fs?read_only=1``,
@@ -56,16 +57,19 @@ ENV_STORAGE = "DURABLE_HEAP_STORAGE"
 DEFAULT_PATH = os.path.join(".durable-heap", "heap.fs")
 # FileStorage files start with FS30 (Python 3 pickles) or FS21 (written by Python 2).
 FILESTORAGE_MAGICS = (b"FS30", b"FS21")
-_SCHEMES = ("file://", "memory://", "zeo://")
+_SCHEMES = ("file://", "memory://", "zeo://", "postgresql://")
 
 
 @dataclass(frozen=True)
 class Target:
     """A parsed target: its scheme, its location and its options."""
 
-    scheme: str  # "file", "memory" or "zeo"
-    location: str  # absolute path for "file"; a name for "memory"; host:port or /socket for "zeo"
+    scheme: str  # "file", "memory", "zeo" or "postgresql"
+    location: str  # absolute path for "file"; a name for "memory"; host:port or /socket for "zeo";
+    # user@host:port/dbname for "postgresql" (never its password)
     options: dict[str, str] = field(default_factory=dict)
+    #: A postgresql:// target's password: in no text of the target (str, repr, notes, errors).
+    password: str = field(default="", repr=False, compare=False)
 
     def __str__(self) -> str:
         if self.scheme == "file":
@@ -108,6 +112,22 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "tls_key": Option("text", "the key of tls_cert (PEM), unless the certificate file holds it"),
         "tls_hostname": Option("text", "the name to check the server's certificate against "
                                "(default: the host of the address; not checked over a unix socket)"),
+    },
+    "postgresql": {
+        "keep_history": Option("bool", "1 (default): keep every revision (state_at, inspect --at, "
+                               "rollback by time); 0: a history-free database (smaller)", True),
+        "read_only": _READ_ONLY,
+        "wait_timeout": Option("number", "seconds to wait for the server to answer (default 30)",
+                               positive=True),
+        "host": Option("text", "the folder of the server's unix socket (or a host name), for "
+                       "postgresql:///dbname?host=/run/postgresql"),
+        "sslmode": Option("text", "libpq's sslmode: disable, prefer (libpq's default), require, "
+                          "verify-ca or verify-full"),
+        "cache_local_mb": Option("whole", "RelStorage's in-memory pickle cache, in MB (default 10)"),
+        "cache_dir": Option("text", "a folder for RelStorage's persistent cache files, kept "
+                            "across restarts (default: none)"),
+        "commit_lock_timeout": Option("whole", "seconds to wait for the commit lock (default 30)",
+                                      positive=True),
     },
 }
 
@@ -191,7 +211,8 @@ def parse_target(target: str | os.PathLike[str] | None) -> Target:
     options = dict(pairs)
     if len(options) < len(pairs):
         twice = sorted({k for k, _ in pairs if [n for n, _ in pairs].count(k) > 1})
-        raise UnknownTargetError(f"{target!r} gives {', '.join(twice)} more than once: give each option once")
+        shown = target if parts.password is None else target.replace(f":{parts.password}@", ":***@", 1)
+        raise UnknownTargetError(f"{shown!r} gives {', '.join(twice)} more than once: give each option once")
     if parts.scheme == "file":
         path = unquote(parts.path)
         if parts.netloc not in ("", "localhost"):
@@ -201,6 +222,10 @@ def parse_target(target: str | os.PathLike[str] | None) -> Target:
         return check_options(Target("file", os.path.abspath(os.path.expanduser(path)), options))
     if parts.scheme == "memory":
         return check_options(Target("memory", parts.netloc + parts.path, options))
+    if parts.scheme in ("postgresql", "postgres"):
+        from ._relstorage import check_target
+
+        return check_target(target, options)
     if parts.scheme == "zeo":
         from ._zeo import check_client_target
 
@@ -236,6 +261,10 @@ def open_storage(target: Target, *, read_only: bool = False) -> Any:
         from ._zeo import open_client
 
         return open_client(target, read_only=read_only)
+    if target.scheme == "postgresql":
+        from ._relstorage import open_relstorage
+
+        return open_relstorage(target, read_only=read_only)
     quiet_benign_logs()
     return _open_file_storage(target.location, read_only=read_only or target_read_only(target))
 

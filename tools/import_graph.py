@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[tuple[str, set[str]]] = [
     ("errors", {"_errors"}),
     ("format", {"_format", "_options"}),
-    ("storage backends", {"_allow", "_integrity", "_filestorage", "_follow", "_zeo_client", "_zeo"}),
+    ("storage backends", {"_allow", "_integrity", "_filestorage", "_follow", "_zeo_client", "_zeo",
+                          "_relstorage", "_copy"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths"}),
     ("containers and state", {"_containers", "_counter", "_state"}),

@@ -1,0 +1,370 @@
+"""PostgreSQL: ``postgresql://`` heaps on RelStorage (the extra ``durable-heap[postgresql]``).
+
+A heap in a PostgreSQL database, shared by processes on any number of machines,
+through RelStorage 4.x and the psycopg2 driver (``psycopg2-binary``: RelStorage 4
+does not speak psycopg 3). Both are imported only when such a heap is opened, so
+``import durable_heap`` stays light; without them the error names the extra.
+
+Targets::
+
+    postgresql://user[:password]@host[:port]/dbname?options
+    postgresql:///dbname?host=/path/to/socket-folder        (a unix socket)
+
+The password may also come from ``$PGPASSWORD`` or ``~/.pgpass``, as libpq reads
+them; it is never shown (the target's text, errors and transaction notes leave it
+out). The options are in `durable_heap._storage.OPTIONS` ("postgresql"), read by
+the one parser every target shares. Errors: no server within ``wait_timeout``
+(`ServerUnavailableError` naming host and port), a refused login, a database that
+does not exist, and a database whose RelStorage schema keeps history when the
+target does not (or the reverse) each get a sentence saying what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ._errors import ServerUnavailableError, StorageError, UnknownTargetError
+from ._storage import Target, check_options, option
+
+__all__ = [
+    "DEFAULT_WAIT",
+    "check_target",
+    "describe",
+    "dsn",
+    "is_disconnect",
+    "open_relstorage",
+]
+
+#: Seconds to wait for the database server unless the target says (as ZEO's client does).
+DEFAULT_WAIT = 30.0
+_EXTRA = (
+    "postgresql:// heaps need RelStorage and psycopg2: pip install 'durable-heap[postgresql]'"
+)
+
+
+# --- targets ---------------------------------------------------------------------------
+
+
+def check_target(text: str, options: dict[str, str]) -> Target:
+    """Parse a ``postgresql://`` (or ``postgres://``) target and check its options.
+
+    The location is the URL without its password and query; the password, if
+    given, goes to `Target.password`, which no text of the target shows.
+
+    >>> t = check_target("postgresql://ann:s3cret@db.example:6543/app?keep_history=0", {"keep_history": "0"})
+    >>> str(t), t.password
+    ('postgresql://ann@db.example:6543/app', 's3cret')
+    """
+    parts = urlsplit(text)
+    shown = _without_password(text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise UnknownTargetError(f"{shown!r}: the port must be a number from 1 to 65535") from None
+    dbname = unquote(parts.path.lstrip("/"))
+    if not dbname or "/" in dbname:
+        raise UnknownTargetError(
+            f"{shown!r} names no database: use postgresql://USER@HOST[:PORT]/DBNAME, or "
+            "postgresql:///DBNAME?host=/path/to/socket-folder for a unix socket"
+        )
+    host = unquote(parts.hostname or "")
+    if host and options.get("host"):
+        raise UnknownTargetError(
+            f"{shown!r} names a host twice (in the address and in ?host=): give one"
+        )
+    user = unquote(parts.username or "")
+    netloc = (f"{user}@" if user else "") + (f"[{host}]" if ":" in host else host)
+    if port is not None:
+        netloc += f":{port}"
+    target = Target("postgresql", f"{netloc}/{dbname}", options,
+                    password=unquote(parts.password) if parts.password is not None else "")
+    return check_options(target)
+
+
+def _without_password(text: str) -> str:
+    """`text` with the password of its URL (if any) replaced by ``***``."""
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    netloc = parts.netloc
+    at = netloc.rfind("@")
+    user = netloc[:at].split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[at + 1:]}").geturl()
+
+
+def _pieces(target: Target) -> dict[str, str]:
+    """libpq's connection keywords for `target` (user, host, port, dbname; no password)."""
+    parts = urlsplit("postgresql://" + target.location)
+    out: dict[str, str] = {"dbname": unquote(parts.path.lstrip("/"))}
+    if parts.username:
+        out["user"] = unquote(parts.username)
+    host = parts.hostname or target.options.get("host", "")
+    if host:
+        out["host"] = os.path.expanduser(host) if host.startswith(("/", "~")) else host
+    if parts.port is not None:
+        out["port"] = str(parts.port)
+    if "sslmode" in target.options:
+        out["sslmode"] = target.options["sslmode"]
+    return out
+
+
+def describe(target: Target) -> str:
+    """Where a target's server is, for messages: ``host:port`` or the socket folder."""
+    pieces = _pieces(target)
+    host = pieces.get("host") or os.environ.get("PGHOST") or "the default socket folder"
+    port = pieces.get("port") or os.environ.get("PGPORT") or "5432"
+    if host.startswith("/"):
+        return f"the unix socket {host}/.s.PGSQL.{port}"
+    return f"{host}:{port}"
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def dsn(target: Target, *, password: bool = True) -> str:
+    """The libpq connection string of `target` (with its password only when asked).
+
+    Without a password in the URL, libpq takes one from ``$PGPASSWORD`` or ``~/.pgpass``.
+    """
+    pieces = _pieces(target)
+    if password and target.password:
+        pieces["password"] = target.password
+    return " ".join(f"{k}={_quote(v)}" for k, v in pieces.items())
+
+
+# --- opening -----------------------------------------------------------------------------
+
+
+def _import() -> tuple[Any, Any, Any, Any]:
+    """(psycopg2, PostgreSQLAdapter, RelStorage, Options), or the error naming the extra."""
+    try:
+        import psycopg2
+        from relstorage.adapters.postgresql import PostgreSQLAdapter
+        from relstorage.options import Options
+        from relstorage.storage import RelStorage
+    except ImportError as exc:
+        raise StorageError(f"{_EXTRA} ({exc.name} is missing)") from None
+    return psycopg2, PostgreSQLAdapter, RelStorage, Options
+
+
+def _hide(text: str, target: Target) -> str:
+    """`text` without `target`'s password (libpq does not echo it; nothing else may either)."""
+    return text.replace(target.password, "***") if target.password else text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _login_problem(target: Target, message: str) -> StorageError | None:
+    """Our error for a connection attempt the server answered with a refusal, or None."""
+    pieces = _pieces(target)
+    where = describe(target)
+    user = pieces.get("user") or os.environ.get("PGUSER") or "(the login name)"
+    low = message.lower()
+    if "password authentication failed" in low or "no password supplied" in low or (
+        "authentication failed" in low
+    ) or ("role" in low and "does not exist" in low):
+        return StorageError(
+            f"PostgreSQL at {where} refused the login of user {user!r} to {target} "
+            f"({_hide(_first_line(Exception(message)), target)}). Check the user and the password: "
+            "in the URL (postgresql://USER:PASSWORD@HOST/DB), in $PGPASSWORD, or in ~/.pgpass."
+        )
+    if "database" in low and "does not exist" in low:
+        return StorageError(
+            f"the database {pieces['dbname']!r} does not exist on the PostgreSQL server at {where}: "
+            f"create it (createdb {pieces['dbname']}, or CREATE DATABASE in psql); durable_heap "
+            "creates the tables in it at the first open."
+        )
+    if "permission denied" in low or "not permitted" in low:
+        return StorageError(
+            f"PostgreSQL at {where} refused user {user!r} the database of {target} "
+            f"({_hide(_first_line(Exception(message)), target)}): grant it CONNECT and CREATE there."
+        )
+    return None
+
+
+def _wait_for_server(target: Target, wait: float) -> bool | None:
+    """Connect once with psycopg2 (retrying for up to `wait` seconds while nobody answers),
+    so that a refusal or an absent server is told apart, in our words, before RelStorage.
+
+    Returns the history mode of the RelStorage tables in the database (True: they keep
+    history), or None when it has none yet.
+    """
+    psycopg2, *_ = _import()
+    deadline = time.monotonic() + wait
+    pause = 0.05
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            conn = psycopg2.connect(dsn(target), connect_timeout=max(2, min(10, int(left) + 1)))
+        except psycopg2.OperationalError as exc:
+            message = str(exc)
+            problem = _login_problem(target, message)
+            if problem is not None:
+                raise problem from None
+            if time.monotonic() >= deadline:
+                raise ServerUnavailableError(
+                    f"no PostgreSQL server answered at {describe(target)} for {target} within "
+                    f"{wait:g} s ({_hide(_first_line(exc), target)}): start it, or fix the address "
+                    "(a longer wait: ?wait_timeout=SECONDS)"
+                ) from None
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 2, 1.0)
+            continue
+        try:
+            with conn.cursor() as cur:
+                # RelStorage trap (4.3): with create_schema on, it adds the tables of
+                # its mode beside those of the other mode (failing half-way) instead
+                # of refusing; so the mode is read here first. Only a
+                # history-preserving schema has a "transaction" table.
+                cur.execute("SELECT table_name FROM information_schema.tables "
+                            "WHERE table_schema = current_schema()")
+                tables = {row[0] for row in cur.fetchall()}
+        finally:
+            conn.close()
+        if "object_state" not in tables:
+            return None
+        return "transaction" in tables
+
+
+def open_relstorage(target: Target, *, read_only: bool = False) -> Any:
+    """RelStorage on the PostgreSQL database of a checked ``postgresql://`` target.
+
+    Creates RelStorage's tables in an empty database (unless read-only). The
+    history mode is the target's ``keep_history`` (default on: ``state_at``,
+    ``inspect --at`` and rollback by time need it).
+    """
+    _, adapter_class, storage_class, options_class = _import()
+    wait = option(target, "wait_timeout")
+    found = _wait_for_server(target, DEFAULT_WAIT if wait is None else wait)
+    keep_history = bool(option(target, "keep_history"))
+    if found is not None and found != keep_history:
+        raise _schema_problem(target, Exception("Schema mismatch: history"), keep_history)
+    settings: dict[str, Any] = {
+        "keep_history": keep_history,
+        "read_only": read_only or bool(option(target, "read_only")),
+        "create_schema": not (read_only or option(target, "read_only")),
+    }
+    if option(target, "cache_local_mb") is not None:
+        settings["cache_local_mb"] = int(option(target, "cache_local_mb"))
+    if option(target, "cache_dir") is not None:
+        folder = os.path.abspath(os.path.expanduser(option(target, "cache_dir")))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        settings["cache_local_dir"] = folder
+    if option(target, "commit_lock_timeout") is not None:
+        settings["commit_lock_timeout"] = int(option(target, "commit_lock_timeout"))
+    options = options_class(**settings)
+    import ZODB.POSException
+
+    lock = None
+    try:
+        if found is None and settings["create_schema"]:
+            lock = _schema_lock(target)  # several processes creating the tables at once
+        adapter = adapter_class(dsn=dsn(target), options=options)
+        pool = None if options.read_only else _pool_class()(adapter.connmanager)
+        storage = storage_class(adapter, options=options, name=str(target), store_connection_pool=pool)
+    except ZODB.POSException.StorageError as exc:
+        raise _schema_problem(target, exc, keep_history) from None
+    except Exception as exc:
+        if is_disconnect(exc):
+            raise ServerUnavailableError(
+                f"lost the PostgreSQL server at {describe(target)} while opening {target} "
+                f"({_hide(_first_line(exc), target)}): open it again once the server is back"
+            ) from None
+        raise
+    finally:
+        if lock is not None:
+            lock.close()  # ends the session: releases the advisory lock
+    return storage
+
+
+#: The key of the advisory lock held while RelStorage creates its tables (any constant).
+_SCHEMA_LOCK = 0x64685F736368656D  # "dh_schem"
+
+
+def _schema_lock(target: Target) -> Any:
+    """A connection holding a session advisory lock, so that one process at a time creates
+    RelStorage's tables. RelStorage trap (4.3): two processes opening an empty database at
+    once both create them, and one fails ("duplicate key value violates unique constraint
+    pg_type_typname_nsp_index"); the second one finds them made once it gets the lock."""
+    psycopg2, *_ = _import()
+    conn = psycopg2.connect(dsn(target))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+    return conn
+
+
+_pool: type | None = None
+
+
+def _pool_class() -> type:
+    """RelStorage's pool of store connections, which drops them all when one is found dead.
+
+    RelStorage trap (4.3): after the database server restarted, every idle store
+    connection in the pool is dead, and ``StoreConnectionPool.borrow`` raises for
+    each in turn (psycopg2's ``DatabaseError``, "server closed the connection
+    unexpectedly", which RelStorage does not count among its reconnectable errors):
+    one failed transaction per pooled connection. Borrowing comes before anything
+    of the transaction is sent, so here the dead ones are dropped and one fresh
+    connection is tried; a server still down still fails (and the heap reports it).
+    """
+    global _pool
+    if _pool is None:
+        from relstorage.adapters.connections import StoreConnectionPool
+
+        class Pool(StoreConnectionPool):  # type: ignore[misc]
+            def borrow(self) -> Any:
+                try:
+                    return super().borrow()
+                except Exception as exc:
+                    if not is_disconnect(exc):
+                        raise
+                    self.drop_all()
+                    return super().borrow()
+
+        _pool = Pool
+        logging.getLogger("relstorage.adapters.connections").addFilter(_quiet_dead_borrow)
+    return _pool
+
+
+def _quiet_dead_borrow(record: logging.LogRecord) -> bool:
+    """Drop RelStorage's traceback for a dead pooled connection: `Pool.borrow` handles it."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith("Failed to borrow") and exc is not None and is_disconnect(exc))
+
+
+def _schema_problem(target: Target, exc: BaseException, keep_history: bool) -> StorageError:
+    text = str(exc)
+    if "Schema mismatch" in text and "history" in text:
+        has, wants = ("history-free", "keep_history=0") if keep_history else ("history-preserving",
+                                                                               "keep_history=1")
+        return StorageError(
+            f"the database of {target} holds a {has} RelStorage heap, and the target asks for the "
+            f"other kind: open it with ?{wants}, or move it into a new database with "
+            "`durable-heap copy SOURCE TARGET`"
+        )
+    return StorageError(f"cannot open the heap {target}: {_hide(_first_line(exc), target)}")
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True for the driver's errors of a lost or refused database connection
+    (without importing psycopg2 for heaps that do not use it)."""
+    import sys
+
+    driver = sys.modules.get("psycopg2")
+    if driver is None:
+        return False
+    if isinstance(exc, (driver.OperationalError, driver.InterfaceError)):
+        return True
+    if isinstance(exc, driver.DatabaseError) and exc.pgcode is None:
+        return True  # "server closed the connection unexpectedly": an error of the server has a SQLSTATE
+    closed = sys.modules.get("relstorage.adapters.interfaces")
+    return closed is not None and isinstance(exc, closed.ReplicaClosedException)

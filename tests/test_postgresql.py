@@ -1,0 +1,329 @@
+"""postgresql:// heaps on RelStorage, against a real PostgreSQL cluster the tests start.
+
+The cluster (`durable_heap.testing.PostgresCluster`) runs once for the session
+(the ``postgres_cluster`` fixture); each test gets its own database
+(``postgresql_url``). Where PostgreSQL cannot run, these tests are skipped with
+the reason; under CI=true they fail instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import durable_heap as dh
+from durable_heap.testing import PostgresCluster
+from tests.conftest import ROOT, cli, run, write
+from tests.test_zeo import _results, _start_workers
+
+# --- targets (no server needed) -----------------------------------------------------------
+
+
+def test_targets_parse_with_the_password_kept_out_of_every_text() -> None:
+    t = dh._storage.parse_target("postgresql://ann:s%3Acret@db.example:6543/app?keep_history=0")
+    assert (t.scheme, t.location, t.password) == ("postgresql", "ann@db.example:6543/app", "s:cret")
+    assert "s:cret" not in str(t) and "s:cret" not in repr(t) and "s%3Acret" not in repr(t)
+    sock = dh._storage.parse_target("postgresql:///app?host=/run/postgresql")
+    assert sock.location == "/app" and sock.options == {"host": "/run/postgresql"}
+    assert dh._storage.parse_target("postgres://u@h/db").scheme == "postgresql"
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("postgresql://ann:pw@host/", "names no database"),
+        ("postgresql://ann:pw@host:99999/db", "the port must be a number"),
+        ("postgresql://ann:pw@host/db?keep_history=maybe", "keep_history='maybe' must be 1 or 0"),
+        ("postgresql://ann:pw@host/db?colour=red", "unknown option colour; a postgresql:// target takes"),
+        ("postgresql://ann:pw@host/db?wait_timeout=0", "wait_timeout='0' must be a number > 0"),
+        ("postgresql://ann:pw@host/db?host=/x", "names a host twice"),
+        ("postgresql://ann:pw@host/db?read_only=1&read_only=0", "more than once"),
+    ],
+)
+def test_bad_postgresql_targets_are_refused_before_connecting_without_the_password(
+    target: str, message: str
+) -> None:
+    with pytest.raises(dh.UnknownTargetError, match=message) as info:
+        dh.open(target)
+    assert "pw" not in str(info.value).replace("postgresql", "")
+
+
+def test_without_the_extra_the_error_names_it(tmp_path: Path) -> None:
+    script = write(tmp_path / "no_extra.py", """
+        import sys
+        sys.modules["relstorage"] = None  # as if RelStorage were not installed
+        import durable_heap as dh
+        assert "relstorage" not in sys.modules or sys.modules["relstorage"] is None
+        try:
+            dh.open("postgresql://ann@127.0.0.1:1/db?wait_timeout=1")
+        except dh.StorageError as exc:
+            print(exc)
+    """)
+    out = run([str(script)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'durable-heap[postgresql]'" in out.stdout
+
+
+def test_import_durable_heap_does_not_import_relstorage_or_psycopg2() -> None:
+    out = run(["-c", "import sys, durable_heap; print(sorted(m for m in ('relstorage', 'psycopg2') "
+                     "if m in sys.modules))"])
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+# --- one process ------------------------------------------------------------------------------
+
+
+def test_containers_actions_and_counter_survive_a_reopen(postgresql_url: str) -> None:
+    with dh.open(postgresql_url) as heap:
+        with heap.transaction() as state:
+            state.users = {"ann": {"age": 3}}
+            state.log = [1, 2]
+            state.hits = dh.Counter()
+
+        @heap.action
+        def visit(name: str) -> None:
+            heap.state.hits += 1
+            heap.state.log.append(name)
+            heap.state.users.setdefault(name, {"age": 0})
+
+        visit("bob")
+        visit("ann")
+    with dh.open(postgresql_url) as heap:
+        assert heap.state.users == {"ann": {"age": 3}, "bob": {"age": 0}}
+        assert heap.state.log == [1, 2, "bob", "ann"]
+        assert heap.state.hits == 2
+        assert isinstance(heap.state.users, dh.Dict)
+        notes = [d["description"] for d in heap.db.undoLog(0, 5)]
+        assert any("visit('ann')" in str(n) for n in notes)
+
+
+def test_state_at_a_past_time_reads_that_time_not_the_current_value(postgresql_url: str) -> None:
+    """The bug of issue 16: RelStorage's stale lastTransaction() made state_at(t) show x=2."""
+    with dh.open(postgresql_url) as heap:
+        with heap.transaction() as state:
+            state.x = 1
+        time.sleep(0.05)
+        then = datetime.datetime.now(datetime.timezone.utc)
+        time.sleep(0.05)
+        with heap.transaction() as state:
+            state.x = 2
+        with heap.state_at(then) as old:
+            assert old.x == 1
+        # A time after the last commit (as seen by a fresh view) is the newest state.
+        with heap.state_at(datetime.datetime.now(datetime.timezone.utc)) as now:
+            assert now.x == 2
+    # Another process commits; this heap's own storage has not polled since.
+    with dh.open(postgresql_url) as heap:
+        assert heap.state.x == 2
+        with dh.open(postgresql_url) as other, other.transaction() as state:
+            state.x = 3
+        with heap.state_at(datetime.datetime.now(datetime.timezone.utc)) as now:
+            assert now.x == 3
+
+
+def test_history_free_database_refuses_state_at_and_inspect_at_clearly(
+    postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    url = postgres_cluster.create_database(f"free_{os.getpid()}", keep_history="0")
+    app = write(tmp_path / "app.py", """
+        from durable_heap import state
+        state.setdefault("n", 0)
+        def bump():
+            state.n += 1
+            return state.n
+    """)
+    try:
+        assert cli("call", str(app), "bump", "--storage", url, cwd=tmp_path).stdout.strip() == "1"
+        with dh.open(url) as heap:
+            assert heap.state.n == 1
+            with pytest.raises(dh.StorageError, match="keeps no history") as info:
+                with heap.state_at(datetime.datetime.now(datetime.timezone.utc)):
+                    pass
+            assert "keep_history=0" in str(info.value)
+        out = cli("inspect", str(app), "--at", "1", "--storage", url, cwd=tmp_path)
+        assert out.returncode != 0 and "keeps no history" in out.stderr, out.stderr
+        # The other mode's target is refused, naming the option that opens it.
+        with pytest.raises(dh.StorageError, match=r"history-free RelStorage heap.*\?keep_history=0"):
+            dh.open(url.replace("&keep_history=0", ""))
+    finally:
+        postgres_cluster.drop_database(f"free_{os.getpid()}")
+
+
+def test_cli_deploy_call_versions_and_inspect_at_a_version(postgresql_url: str, tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", """
+        from durable_heap import state
+        state.setdefault("n", 0)
+        def bump():
+            state.n += 1
+            return state.n
+    """)
+    env = {"DURABLE_HEAP_STORAGE": postgresql_url}
+    assert cli("call", str(app), "bump", cwd=tmp_path, env=env).stdout.strip() == "1"
+    assert cli("call", str(app), "bump", cwd=tmp_path, env=env).stdout.strip() == "2"
+    write(tmp_path / "app.py", app.read_text().replace("state.n += 1", "state.n += 10"))
+    assert cli("call", str(app), "bump", cwd=tmp_path, env=env).stdout.strip() == "12"
+    versions = cli("versions", str(app), cwd=tmp_path, env=env)
+    assert versions.returncode == 0 and "2" in versions.stdout, versions.stderr
+    old = cli("inspect", str(app), "--at", "1", cwd=tmp_path, env=env)
+    assert old.returncode == 0, old.stderr
+    assert "2" in old.stdout and "12" not in old.stdout
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_no_server_fails_after_the_wait_timeout_naming_host_and_port() -> None:
+    start = time.monotonic()
+    with pytest.raises(dh.ServerUnavailableError, match=r"127\.0\.0\.1:1 .*within 1 s") as info:
+        dh.open("postgresql://ann:secret@127.0.0.1:1/db?wait_timeout=1")
+    assert 0.9 <= time.monotonic() - start < 15
+    assert "secret" not in str(info.value)
+
+
+def test_a_server_started_late_is_waited_for(tmp_path: Path) -> None:
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        url = cluster.create_database("late")
+        cluster.stop()
+        script = write(tmp_path / "late.py", f"""
+            import durable_heap as dh
+            with dh.open({url + "&wait_timeout=60"!r}) as heap, heap.transaction() as state:
+                state.n = 1
+            print("opened")
+        """)
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        time.sleep(1.5)
+        assert proc.poll() is None  # still waiting
+        cluster.start()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and out.strip() == "opened", err
+    finally:
+        cluster.close()
+
+
+def test_refused_login_missing_database_and_the_password_sources(
+    postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    role, db = f"ann_{os.getpid()}", f"owned_{os.getpid()}"
+    postgres_cluster.create_role(role, "right pass")
+    postgres_cluster.execute(f'CREATE DATABASE "{db}" OWNER "{role}"')
+    try:
+        with pytest.raises(dh.StorageError, match="refused the login") as info:
+            dh.open(postgres_cluster.tcp_url(db, role, "wrong-pass"))
+        assert "wrong-pass" not in str(info.value) and "PGPASSWORD" in str(info.value)
+        with pytest.raises(dh.StorageError, match="does not exist") as missing:
+            dh.open(postgres_cluster.tcp_url("nowhere", role, "right pass"))
+        assert "createdb nowhere" in str(missing.value)
+        # The password in the URL; then from PGPASSWORD; then from a pgpass file.
+        with dh.open(postgres_cluster.tcp_url(db, role, "right pass")) as heap:
+            with heap.transaction() as state:
+                state.n = 1
+            assert "right pass" not in repr(heap.target) + str(heap.target)
+        script = write(tmp_path / "pw.py", f"""
+            import durable_heap as dh
+            with dh.open({postgres_cluster.tcp_url(db, role)!r}) as heap:
+                print(heap.state.n)
+        """)
+        assert run([str(script)], env={"PGPASSWORD": "right pass"}).stdout.strip() == "1"
+        pgpass = tmp_path / "pgpass"
+        pgpass.write_text(f"127.0.0.1:{postgres_cluster.port}:{db}:{role}:right pass\n")
+        pgpass.chmod(0o600)
+        out = run([str(script)], env={"PGPASSFILE": str(pgpass)})
+        assert out.stdout.strip() == "1", out.stderr
+        nopass = run([str(script)], env={"PGPASSFILE": str(tmp_path / "none")})
+        assert nopass.returncode != 0 and "refused the login" in nopass.stderr
+    finally:
+        postgres_cluster.drop_database(db)
+        postgres_cluster.execute(f'DROP ROLE "{role}"')
+
+
+# --- many processes, one heap (the ZEO tests' workers, on PostgreSQL) ---------------------------
+
+
+@pytest.mark.slow
+def test_four_processes_int_counter_and_containers_lose_nothing(postgresql_url: str) -> None:
+    with dh.open(postgresql_url) as heap:
+        with heap.transaction() as state:
+            state.count = 0
+            state.hits = dh.Counter()
+            state.big = {f"seed-{i}": i for i in range(100)}
+            state.log = [f"seed-{i}" for i in range(100)]
+        ints = _results(_start_workers("int", postgresql_url, 20, 4))
+        assert sum(r["acked"] for r in ints) == 80
+        counters = _results(_start_workers("counter", postgresql_url, 20, 4))
+        # Counter merges in the client process (RelStorage resolves conflicts there): no retries.
+        assert sum(r["tries"] for r in counters) == sum(r["acked"] for r in counters) == 80
+        _results(_start_workers("dict", postgresql_url, 20, 4))
+        with heap.transaction() as state:
+            assert state.count == 80 and state.hits == 80
+            added = {f"w{k}-{i}" for k in range(4) for i in range(20)}
+            assert set(state.big) == {f"seed-{i}" for i in range(100)} | added
+            log = list(state.log)
+        for k in range(4):
+            assert [x for x in log if x.startswith(f"w{k}-")] == [f"w{k}-{i}" for i in range(20)]
+
+
+@pytest.mark.slow
+def test_four_processes_creating_one_heap_at_once(postgresql_url: str) -> None:
+    results = _results(_start_workers("fresh", postgresql_url, 5, 4))
+    assert sum(r["acked"] for r in results) == 20
+    with dh.open(postgresql_url) as heap:
+        assert heap.state.count == 20
+
+
+@pytest.mark.slow
+def test_database_restarted_mid_run_loses_no_acknowledged_commit(tmp_path: Path) -> None:
+    """Two processes commit mixed actions while the server is killed (as a crash) and
+    restarted twice: every acknowledged action is there, none reported as not committed
+    is, every error is a clear ServerUnavailableError, and each worker commits again after."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        url = cluster.create_database("faults") + "&wait_timeout=60"
+        with dh.open(url) as heap, heap.transaction() as state:
+            state.count = 0
+            state.hits = dh.Counter()
+            state.items = []
+            state.table = {}
+        procs = _start_workers("faults", url, 0, 2)
+        for mode in ("immediate", "fast"):
+            time.sleep(1.5)
+            cluster.restart(mode)
+        time.sleep(1.0)
+        for p in procs:
+            p.stdin.write("stop\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        summaries: list[dict[str, Any]] = []
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            summaries.append(json.loads(out.strip().splitlines()[-1]))
+        with dh.open(url) as heap:
+            table = dict(heap.state.table)
+            items = list(heap.state.items)
+            count, hits = heap.state.count, int(heap.state.hits)
+        for wid, summary in enumerate(summaries):
+            assert summary["last"] == "acked", summary  # it recovered
+            clear = {"ServerUnavailableError(none)", "ServerUnavailableError(unknown)"}
+            assert set(summary["errors"]) <= clear, summary["examples"]
+            assert summary["errors"], "no action met the restarts: the test did not test them"
+            for i in summary["acked"]:
+                assert f"{wid}-{i}" in table and f"{wid}-{i}" in items
+            for i in summary["not_committed"]:
+                assert f"{wid}-{i}" not in table
+        acked = sum(len(s["acked"]) for s in summaries)
+        doubt = sum(len(s["in_doubt"]) for s in summaries)
+        assert acked <= count <= acked + doubt and count == hits == len(items)
+    finally:
+        cluster.close()
