@@ -327,3 +327,66 @@ def test_database_restarted_mid_run_loses_no_acknowledged_commit(tmp_path: Path)
         assert acked <= count <= acked + doubt and count == hits == len(items)
     finally:
         cluster.close()
+
+
+# --- durable-heap copy --------------------------------------------------------------------------
+
+
+def _history(storage_target: str) -> list[tuple[bytes, str, list[tuple[bytes, bytes]]]]:
+    """Every transaction of a heap: (tid, note, [(oid, record without seal)])."""
+    from durable_heap._integrity import strip
+    from durable_heap._storage import open_storage, parse_target
+
+    storage = open_storage(parse_target(storage_target), read_only=True)
+    try:
+        out = []
+        for txn in storage.iterator():
+            note = txn.description.decode() if isinstance(txn.description, bytes) else txn.description
+            out.append((txn.tid, note, sorted((r.oid, strip(r.data)) for r in txn)))
+        return out
+    finally:
+        storage.close()
+
+
+@pytest.mark.slow
+def test_copy_file_to_postgresql_and_back_keeps_every_record_and_the_history(
+    postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "app.fs"
+    with dh.open(source) as heap:
+        with heap.transaction() as state:
+            state.x = 1
+            state.big = {f"k{i}": i for i in range(200)}
+        then = datetime.datetime.now(datetime.timezone.utc)
+        time.sleep(0.05)
+
+        @heap.action
+        def change(i: int) -> None:
+            heap.state.x = i
+            heap.state.big[f"k{i}"] = -i
+
+        for i in range(2, 7):
+            change(i)
+    pg = postgres_cluster.create_database(f"copy_{os.getpid()}")
+    back = tmp_path / "back.fs"
+    try:
+        out = cli("copy", str(source), pg, "--no-progress")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("copied 8 transactions"), out.stdout
+        original = _history(str(source))
+        assert _history(pg) == original  # same ids, notes and records, in order
+        with dh.open(pg) as heap:
+            assert heap.state.x == 6 and heap.state.big["k3"] == -3
+            with heap.state_at(then) as old:  # the history came along
+                assert old.x == 1 and old.big["k3"] == 3
+        again = cli("copy", str(source), pg)
+        assert again.returncode != 0 and "already holds a heap" in again.stderr
+        out = cli("copy", pg, str(back), "--no-progress")
+        assert out.returncode == 0, out.stderr
+        assert _history(str(back)) == original
+        with dh.open(back) as heap:  # a checked, sealed FileStorage again
+            assert heap.state.x == 6
+            with heap.state_at(then) as old:
+                assert old.x == 1
+    finally:
+        postgres_cluster.drop_database(f"copy_{os.getpid()}")

@@ -23,14 +23,14 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("errors", {"_errors"}),
     ("format", {"_format", "_options"}),
     ("storage backends", {"_allow", "_integrity", "_filestorage", "_follow", "_zeo_client", "_zeo",
-                          "_relstorage", "_copy"}),
+                          "_relstorage"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths"}),
     ("containers and state", {"_containers", "_counter", "_state"}),
     ("heap engine", {"_retry", "_heap", "_engine"}),
     ("durable execution", {"_execution"}),
     ("programs", {"_program", "_types", "_versions"}),
-    ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server",
+    ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
                "asgi", "wsgi"}),
 ]
 
