@@ -241,7 +241,8 @@ def open_relstorage(target: Target, *, read_only: bool = False) -> Any:
     history mode is the target's ``keep_history`` (default on: ``state_at``,
     ``inspect --at`` and rollback by time need it).
     """
-    _, adapter_class, storage_class, options_class = _import()
+    _, adapter_class, _, options_class = _import()
+    storage_class = _storage_class()
     wait = option(target, "wait_timeout")
     found = _wait_for_server(target, DEFAULT_WAIT if wait is None else wait)
     keep_history = bool(option(target, "keep_history"))
@@ -300,6 +301,73 @@ def _schema_lock(target: Target) -> Any:
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
     return conn
+
+
+_storage: type | None = None
+
+
+def _storage_class() -> type:
+    """RelStorage, with the allowlist in its conflict resolution.
+
+    RelStorage trap (4.3): it resolves conflicts in the committing process, but not
+    through the storage's ``tryToResolveConflict`` that `durable_heap._allow.guard_conflicts`
+    guards: ``tpc_vote`` makes a resolver object of its own (``_CachedConflictResolver``,
+    ZODB's ``tryToResolveConflict`` over cached states), which takes the storage's
+    ``_crs_untransform_record_data`` and calls it on each record (the new state, the old
+    and the committed one) just before unpickling it. So that hook checks each record
+    against the guard's allowlist first (`_GuardedResolver.check_record`) and leaves the
+    conflict unresolved (a ConflictError, as ZODB's own resolver does for records it
+    cannot resolve) on a refusal. Each connection's storage instance (``new_instance``)
+    gets the guard of the DB's one. tests/test_postgresql.py has the crafted record.
+    """
+    global _storage
+    if _storage is None:
+        from relstorage.storage import RelStorage
+        from ZODB.POSException import ConflictError
+
+        log = logging.getLogger("durable_heap.allow")
+
+        class Storage(RelStorage):  # type: ignore[misc]
+            _dh_untransform: Any = None  # what registerDB installed (the DB's hook)
+
+            def _dh_guard(self) -> Any:
+                guard = self.__dict__.get("tryToResolveConflict") or self.__dict__.get("_dh_guard_of")
+                return guard if hasattr(guard, "check_record") else None
+
+            @property
+            def _crs_untransform_record_data(self) -> Any:
+                untransform = self._dh_untransform or (lambda data: data)
+                guard = self._dh_guard()
+                if guard is None:
+                    return untransform
+
+                def checked(data: bytes) -> bytes:
+                    record = untransform(data)
+                    try:
+                        guard.check_record(record)
+                    except Exception as exc:  # noqa: BLE001 - any doubt: leave it unresolved
+                        log.warning("conflict not resolved: %s", exc)
+                        raise ConflictError from None
+                    return record  # type: ignore[no-any-return]
+
+                return checked
+
+            @_crs_untransform_record_data.setter
+            def _crs_untransform_record_data(self, hook: Any) -> None:
+                # registerDB (the DB's hook); RelStorage's new_instance copies the parent's
+                # checked one too, which new_instance below replaces with the plain one.
+                self._dh_untransform = hook
+
+            def new_instance(self, before: Any = None) -> Any:
+                other = super().new_instance(before)
+                guard = self._dh_guard()
+                if guard is not None:
+                    other.__dict__["_dh_guard_of"] = guard
+                other._dh_untransform = self._dh_untransform
+                return other
+
+        _storage = Storage
+    return _storage
 
 
 _pool: type | None = None

@@ -390,3 +390,36 @@ def test_copy_file_to_postgresql_and_back_keeps_every_record_and_the_history(
                 assert old.x == 1
     finally:
         postgres_cluster.drop_database(f"copy_{os.getpid()}")
+
+
+# --- the allowlist in RelStorage's conflict resolution --------------------------------------------
+
+
+def test_a_crafted_record_in_relstorage_conflict_resolution_runs_nothing(
+    postgresql_url: str, tmp_path: Path
+) -> None:
+    """RelStorage resolves conflicts in the committing process, through its own resolver
+    object (not the storage's tryToResolveConflict): the allowlist guards it too."""
+    import transaction
+    import ZODB.POSException
+    from BTrees.OOBTree import OOBucket
+
+    from tests.test_allow import Shell
+
+    marker = tmp_path / "marker"
+    with dh.open(postgresql_url) as heap:
+        with heap.transaction() as state:
+            state.bucket = OOBucket({"x": 1})  # resolves its own conflicts
+        tm1, tm2 = transaction.TransactionManager(), transaction.TransactionManager()
+        one, two = heap.db.open(transaction_manager=tm1), heap.db.open(transaction_manager=tm2)
+        try:
+            b1, b2 = one.root()["durable_heap.state"].bucket, two.root()["durable_heap.state"].bucket
+            b1["a"], b2["b"] = Shell(marker), 2
+            tm1.commit()  # the crafted state is committed ...
+            with pytest.raises(ZODB.POSException.ConflictError):
+                tm2.commit()  # ... and never unpickled to merge
+            tm2.abort()
+        finally:
+            one.close()
+            two.close()
+    assert not marker.exists()
