@@ -241,7 +241,7 @@ def open_relstorage(target: Target, *, read_only: bool = False) -> Any:
     history mode is the target's ``keep_history`` (default on: ``state_at``,
     ``inspect --at`` and rollback by time need it).
     """
-    _, adapter_class, _, options_class = _import()
+    psycopg2, adapter_class, _, options_class = _import()
     storage_class = _storage_class()
     wait = option(target, "wait_timeout")
     found = _wait_for_server(target, DEFAULT_WAIT if wait is None else wait)
@@ -269,6 +269,14 @@ def open_relstorage(target: Target, *, read_only: bool = False) -> Any:
         if found is None and settings["create_schema"]:
             lock = _schema_lock(target)  # several processes creating the tables at once
         adapter = adapter_class(dsn=dsn(target), options=options)
+        # RelStorage trap (4.3, psycopg2 2.9): a connection the server dropped (a
+        # restart) fails with psycopg2's DatabaseError "server closed the connection
+        # unexpectedly", which is not among the errors after which RelStorage opens a
+        # new connection and runs a read again (LoadConnection.call, outside commits),
+        # so the first transaction after a restart failed. Added here (every connection
+        # of this storage shares its connmanager), before any connection is made.
+        manager = adapter.connmanager
+        manager._ignored_exceptions = (*manager._ignored_exceptions, psycopg2.DatabaseError)
         pool = None if options.read_only else _pool_class()(adapter.connmanager)
         storage = storage_class(adapter, options=options, name=str(target), store_connection_pool=pool)
     except ZODB.POSException.StorageError as exc:
@@ -404,9 +412,16 @@ def _pool_class() -> type:
 
 
 def _quiet_dead_borrow(record: logging.LogRecord) -> bool:
-    """Drop RelStorage's traceback for a dead pooled connection: `Pool.borrow` handles it."""
+    """Drop RelStorage's traceback for a dead pooled connection (`Pool.borrow` handles
+    it), and the traceback of its "attempting reconnect" line (the line says it all)."""
     exc = record.exc_info[1] if record.exc_info else None
-    return not (str(record.msg).startswith("Failed to borrow") and exc is not None and is_disconnect(exc))
+    if exc is None or not is_disconnect(exc):
+        return True
+    if str(record.msg).startswith("Disconnected"):
+        record.exc_info = None
+        record.exc_text = None
+        return True
+    return not str(record.msg).startswith("Failed to borrow")
 
 
 def _schema_problem(target: Target, exc: BaseException, keep_history: bool) -> StorageError:

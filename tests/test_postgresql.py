@@ -22,7 +22,7 @@ import pytest
 import durable_heap as dh
 from durable_heap.testing import PostgresCluster
 from tests.conftest import ROOT, cli, run, write
-from tests.test_zeo import _results, _start_workers
+from tests.test_zeo import _results, _start_workers, merge_or_conflict
 
 # --- targets (no server needed) -----------------------------------------------------------
 
@@ -272,6 +272,37 @@ def test_four_processes_int_counter_and_containers_lose_nothing(postgresql_url: 
             log = list(state.log)
         for k in range(4):
             assert [x for x in log if x.startswith(f"w{k}-")] == [f"w{k}-{i}" for i in range(20)]
+
+
+def test_concurrent_changes_merge_in_the_client_or_conflict_clearly(postgresql_url: str) -> None:
+    merge_or_conflict(postgresql_url)
+
+
+def test_while_the_server_is_down_actions_fail_clearly_then_work_once_it_is_back() -> None:
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        url = cluster.create_database("down")
+        with dh.open(url + "&wait_timeout=1") as heap:
+
+            @heap.action
+            def bump() -> int:
+                heap.state.n = heap.state.get("n", 0) + 1
+                return int(heap.state.n)
+
+            assert bump() == 1
+            cluster.restart("immediate")  # while the heap is idle: as a crash and recovery
+            assert bump() == 2  # its dead connections are replaced, no error
+            cluster.stop()
+            with pytest.raises(dh.ServerUnavailableError, match="lost the connection to the PostgreSQL"):
+                bump()  # not retried as a conflict: one clear error
+            with pytest.raises(dh.ServerUnavailableError):
+                bump()  # still down: still clear
+            cluster.start()
+            assert bump() == 3  # the next action connects again: nothing counted twice
+            assert heap.state.n == 3
+    finally:
+        cluster.close()
 
 
 @pytest.mark.slow
