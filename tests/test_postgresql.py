@@ -175,6 +175,11 @@ def test_cli_deploy_call_versions_and_inspect_at_a_version(postgresql_url: str, 
     old = cli("inspect", str(app), "--at", "1", cwd=tmp_path, env=env)
     assert old.returncode == 0, old.stderr
     assert "2" in old.stdout and "12" not in old.stdout
+    now = cli("inspect", str(app), cwd=tmp_path, env=env)
+    assert now.returncode == 0 and "12" in now.stdout, now.stderr
+    types = cli("types", str(app), cwd=tmp_path, env=env)
+    assert types.returncode == 0 and "n: int" in types.stdout, types.stdout + types.stderr
+    assert postgresql_url.split("?")[0] not in types.stderr  # no noise from RelStorage
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -454,3 +459,22 @@ def test_a_crafted_record_in_relstorage_conflict_resolution_runs_nothing(
             one.close()
             two.close()
     assert not marker.exists()
+
+
+# --- the benchmark runs (no timing asserted) ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_postgresql_benchmark_produces_every_row(postgres_cluster: PostgresCluster) -> None:
+    systems = "dh_pg,raw_pg,dh_pg_free,raw_pg_rpc4,dh_zeo,raw_zeo,dh_file,raw_file"
+    out = run(["-m", "benchmarks.postgresql", "--sizes", "300", "--commits", "3", "--rounds", "1",
+               "--systems", systems], timeout=600)
+    assert out.returncode == 0, out.stderr
+    table = json.loads(out.stdout)["300"]
+    assert set(table) == set(systems.split(","))
+    assert table["raw_pg"]["ratio_to_raw_pg"] == 1.0 and all(r["median_ms"] > 0 for r in table.values())
+    out = run(["-m", "benchmarks.postgresql", "--clients", "1,2", "--seconds", "1", "--sizes", "200"],
+              timeout=600)
+    assert out.returncode == 0, out.stderr
+    rates = json.loads(out.stdout)
+    assert set(rates) == {"dh_pg", "dh_zeo"} and all(v > 0 for r in rates.values() for v in r.values())
