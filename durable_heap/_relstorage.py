@@ -246,6 +246,11 @@ def open_relstorage(target: Target, *, read_only: bool = False) -> Any:
     wait = option(target, "wait_timeout")
     found = _wait_for_server(target, DEFAULT_WAIT if wait is None else wait)
     keep_history = bool(option(target, "keep_history"))
+    if found is None and (read_only or option(target, "read_only")):
+        raise StorageError(
+            f"there is no heap in the database of {target} yet (it has no RelStorage tables): "
+            "it cannot be opened read-only before it exists"
+        )
     if found is not None and found != keep_history:
         raise _schema_problem(target, Exception("Schema mismatch: history"), keep_history)
     settings: dict[str, Any] = {

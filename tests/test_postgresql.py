@@ -105,6 +105,21 @@ def test_containers_actions_and_counter_survive_a_reopen(postgresql_url: str) ->
         assert any("visit('ann')" in str(n) for n in notes)
 
 
+def test_read_only_reads_and_refuses_writes_and_an_empty_database_clearly(postgresql_url: str) -> None:
+    with pytest.raises(dh.StorageError, match="no heap in the database .* cannot be opened read-only"):
+        dh.open(postgresql_url + "&read_only=1")
+    with dh.open(postgresql_url) as heap, heap.transaction() as state:
+        state.x = 1
+    for heap in (dh.open(postgresql_url + "&read_only=1"), dh.open(postgresql_url, read_only=True)):
+        with heap:
+            assert heap.state.x == 1
+            with pytest.raises(dh.StorageError, match="read-only"):
+                with heap.transaction() as state:
+                    state.x = 2
+    with dh.open(postgresql_url) as heap:
+        assert heap.state.x == 1
+
+
 def test_state_at_a_past_time_reads_that_time_not_the_current_value(postgresql_url: str) -> None:
     """The bug of issue 16: RelStorage's stale lastTransaction() made state_at(t) show x=2."""
     with dh.open(postgresql_url) as heap:
