@@ -24,6 +24,9 @@ from durable_heap.testing import PostgresCluster
 from tests.conftest import ROOT, cli, run, write
 from tests.test_zeo import _results, _start_workers, merge_or_conflict
 
+#: DURABLE_HEAP_SOAK=1: the restart test restarts the server 20 times instead of twice.
+SOAK = os.environ.get("DURABLE_HEAP_SOAK", "") not in ("", "0")
+
 # --- targets (no server needed) -----------------------------------------------------------
 
 
@@ -348,7 +351,7 @@ def test_database_restarted_mid_run_loses_no_acknowledged_commit(tmp_path: Path)
             state.items = []
             state.table = {}
         procs = _start_workers("faults", url, 0, 2)
-        for mode in ("immediate", "fast"):
+        for mode in ("immediate", "fast") * (10 if SOAK else 1):
             time.sleep(1.5)
             cluster.restart(mode)
         time.sleep(1.0)
@@ -493,3 +496,29 @@ def test_postgresql_benchmark_produces_every_row(postgres_cluster: PostgresClust
     assert out.returncode == 0, out.stderr
     rates = json.loads(out.stdout)
     assert set(rates) == {"dh_pg", "dh_zeo"} and all(v > 0 for r in rates.values() for v in r.values())
+
+
+def test_copy_into_a_history_free_database_keeps_the_current_state(
+    postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    source = tmp_path / "app.fs"
+    with dh.open(source) as heap:
+        for i in range(5):
+            with heap.transaction() as state:
+                state.x = i
+                state.setdefault("items", []).append(i)
+    name = f"free_copy_{os.getpid()}"
+    free = postgres_cluster.create_database(name, keep_history="0")
+    try:
+        out = cli("copy", str(source), free)
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == ""  # no progress bar when stderr is not a terminal
+        with dh.open(free) as heap:
+            assert heap.state.x == 4 and heap.state.items == [0, 1, 2, 3, 4]
+            with pytest.raises(dh.StorageError, match="keeps no history"):
+                with heap.state_at(datetime.datetime.now(datetime.timezone.utc)):
+                    pass
+        same = cli("copy", str(source), str(source))
+        assert same.returncode != 0 and "onto itself" in same.stderr
+    finally:
+        postgres_cluster.drop_database(name)
