@@ -301,12 +301,17 @@ def test_concurrent_changes_merge_in_the_client_or_conflict_clearly(postgresql_u
     merge_or_conflict(postgresql_url)
 
 
-def test_while_the_server_is_down_actions_fail_clearly_then_work_once_it_is_back() -> None:
+def test_while_the_server_is_down_actions_fail_clearly_then_work_once_it_is_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     cluster = PostgresCluster()
+    errors: list[str] = []
     try:
         cluster.start()
-        url = cluster.create_database("down")
-        with dh.open(url + "&wait_timeout=1") as heap:
+        cluster.create_role("ann", "pw-9f3k")
+        cluster.execute('CREATE DATABASE down OWNER ann')
+        url = cluster.tcp_url("down", "ann", "pw-9f3k", wait_timeout="1")
+        with dh.open(url) as heap:
 
             @heap.action
             def bump() -> int:
@@ -317,15 +322,20 @@ def test_while_the_server_is_down_actions_fail_clearly_then_work_once_it_is_back
             cluster.restart("immediate")  # while the heap is idle: as a crash and recovery
             assert bump() == 2  # its dead connections are replaced, no error
             cluster.stop()
-            with pytest.raises(dh.ServerUnavailableError, match="lost the connection to the PostgreSQL"):
+            with pytest.raises(dh.ServerUnavailableError, match="lost the connection to the PostgreSQL") as a:
                 bump()  # not retried as a conflict: one clear error
-            with pytest.raises(dh.ServerUnavailableError):
+            with pytest.raises(dh.ServerUnavailableError) as b:
                 bump()  # still down: still clear
+            errors += [str(a.value), str(b.value), repr(heap), str(heap.target)]
             cluster.start()
             assert bump() == 3  # the next action connects again: nothing counted twice
             assert heap.state.n == 3
+            errors += [str(d["description"]) for d in heap.db.undoLog(0, 10)]
     finally:
         cluster.close()
+    assert "127.0.0.1" in errors[0]
+    shown = errors + [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    assert not [line for line in shown if "pw-9f3k" in line]
 
 
 @pytest.mark.slow
