@@ -70,7 +70,8 @@ def _commit_times(kind: str, target: str, size: int, commits: int) -> list[float
         return times
     import ZODB
 
-    from durable_heap._storage import open_storage, parse_target
+    from durable_heap._storage import open_storage
+    from durable_heap._targets import parse_target
 
     db = ZODB.DB(open_storage(parse_target(target)), cache_size=50_000)
     try:

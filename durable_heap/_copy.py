@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import StorageError
-from ._storage import open_storage, parse_target
+from ._storage import open_storage
+from ._targets import parse_target
 
 __all__ = ["CopyResult", "add_command", "copy", "run_copy"]
 

@@ -12,11 +12,13 @@ Targets::
 
 The password may also come from ``$PGPASSWORD`` or ``~/.pgpass``, as libpq reads
 them; it is never shown (the target's text, errors and transaction notes leave it
-out). The options are in `durable_heap._storage.OPTIONS` ("postgresql"), read by
-the one parser every target shares. Errors: no server within ``wait_timeout``
-(`ServerUnavailableError` naming host and port), a refused login, a database that
-does not exist, and a database whose RelStorage schema keeps history when the
-target does not (or the reverse) each get a sentence saying what to do.
+out). The target is parsed, and its options checked, in `durable_heap._targets`
+(``OPTIONS["postgresql"]``, read by the one parser every target shares). Errors
+are worded in `durable_heap._errormap` (action ``connect``: no server within
+``wait_timeout``, a `ServerUnavailableError` naming host and port; a refused login;
+a database that does not exist; action ``open``: a database whose RelStorage schema
+keeps history when the target does not, or the reverse), each a sentence saying
+what to do.
 """
 
 from __future__ import annotations
@@ -27,15 +29,14 @@ import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ._errors import ServerUnavailableError, StorageError, UnknownTargetError
-from ._storage import Target, check_options, option
+from ._errormap import pg_disconnected, translate_storage_error, wrong_history_mode
+from ._errors import ServerUnavailableError, StorageError
+from ._targets import Target, option
 
 __all__ = [
     "DEFAULT_WAIT",
-    "check_target",
     "describe",
     "dsn",
-    "is_disconnect",
     "open_relstorage",
 ]
 
@@ -46,54 +47,7 @@ _EXTRA = (
 )
 
 
-# --- targets ---------------------------------------------------------------------------
-
-
-def check_target(text: str, options: dict[str, str]) -> Target:
-    """Parse a ``postgresql://`` (or ``postgres://``) target and check its options.
-
-    The location is the URL without its password and query; the password, if
-    given, goes to `Target.password`, which no text of the target shows.
-
-    >>> t = check_target("postgresql://ann:s3cret@db.example:6543/app?keep_history=0", {"keep_history": "0"})
-    >>> str(t), t.password
-    ('postgresql://ann@db.example:6543/app', 's3cret')
-    """
-    parts = urlsplit(text)
-    shown = _without_password(text)
-    try:
-        port = parts.port
-    except ValueError:
-        raise UnknownTargetError(f"{shown!r}: the port must be a number from 1 to 65535") from None
-    dbname = unquote(parts.path.lstrip("/"))
-    if not dbname or "/" in dbname:
-        raise UnknownTargetError(
-            f"{shown!r} names no database: use postgresql://USER@HOST[:PORT]/DBNAME, or "
-            "postgresql:///DBNAME?host=/path/to/socket-folder for a unix socket"
-        )
-    host = unquote(parts.hostname or "")
-    if host and options.get("host"):
-        raise UnknownTargetError(
-            f"{shown!r} names a host twice (in the address and in ?host=): give one"
-        )
-    user = unquote(parts.username or "")
-    netloc = (f"{user}@" if user else "") + (f"[{host}]" if ":" in host else host)
-    if port is not None:
-        netloc += f":{port}"
-    target = Target("postgresql", f"{netloc}/{dbname}", options,
-                    password=unquote(parts.password) if parts.password is not None else "")
-    return check_options(target)
-
-
-def _without_password(text: str) -> str:
-    """`text` with the password of its URL (if any) replaced by ``***``."""
-    parts = urlsplit(text)
-    if parts.password is None:
-        return text
-    netloc = parts.netloc
-    at = netloc.rfind("@")
-    user = netloc[:at].split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{netloc[at + 1:]}").geturl()
+# --- targets (parsed in durable_heap._targets) ---------------------------------------------
 
 
 def _pieces(target: Target) -> dict[str, str]:
@@ -152,42 +106,11 @@ def _import() -> tuple[Any, Any, Any, Any]:
     return psycopg2, PostgreSQLAdapter, RelStorage, Options
 
 
-def _hide(text: str, target: Target) -> str:
-    """`text` without `target`'s password (libpq does not echo it; nothing else may either)."""
-    return text.replace(target.password, "***") if target.password else text
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
-def _login_problem(target: Target, message: str) -> StorageError | None:
-    """Our error for a connection attempt the server answered with a refusal, or None."""
-    pieces = _pieces(target)
-    where = describe(target)
-    user = pieces.get("user") or os.environ.get("PGUSER") or "(the login name)"
-    low = message.lower()
-    if "password authentication failed" in low or "no password supplied" in low or (
-        "authentication failed" in low
-    ) or ("role" in low and "does not exist" in low):
-        return StorageError(
-            f"PostgreSQL at {where} refused the login of user {user!r} to {target} "
-            f"({_hide(_first_line(Exception(message)), target)}). Check the user and the password: "
-            "in the URL (postgresql://USER:PASSWORD@HOST/DB), in $PGPASSWORD, or in ~/.pgpass."
-        )
-    if "database" in low and "does not exist" in low:
-        return StorageError(
-            f"the database {pieces['dbname']!r} does not exist on the PostgreSQL server at {where}: "
-            f"create it (createdb {pieces['dbname']}, or CREATE DATABASE in psql); durable_heap "
-            "creates the tables in it at the first open."
-        )
-    if "permission denied" in low or "not permitted" in low:
-        return StorageError(
-            f"PostgreSQL at {where} refused user {user!r} the database of {target} "
-            f"({_hide(_first_line(Exception(message)), target)}): grant it CONNECT and CREATE there."
-        )
-    return None
+def _translated(exc: BaseException, target: Target, *, wait: float | None = None,
+                keep_history: bool = True, action: Any = "connect") -> BaseException:
+    """Our error for a driver's or RelStorage's error, from the one error map."""
+    return translate_storage_error(exc, str(target), action=action, location=describe(target),
+                                   wait=wait, secret=target.password, keep_history=keep_history)
 
 
 def _wait_for_server(target: Target, wait: float) -> bool | None:
@@ -204,17 +127,10 @@ def _wait_for_server(target: Target, wait: float) -> bool | None:
         left = deadline - time.monotonic()
         try:
             conn = psycopg2.connect(dsn(target), connect_timeout=max(2, min(10, int(left) + 1)))
-        except psycopg2.OperationalError as exc:
-            message = str(exc)
-            problem = _login_problem(target, message)
-            if problem is not None:
-                raise problem from None
-            if time.monotonic() >= deadline:
-                raise ServerUnavailableError(
-                    f"no PostgreSQL server answered at {describe(target)} for {target} within "
-                    f"{wait:g} s ({_hide(_first_line(exc), target)}): start it, or fix the address "
-                    "(a longer wait: ?wait_timeout=SECONDS)"
-                ) from None
+        except psycopg2.Error as exc:
+            err = _translated(exc, target, wait=wait)
+            if not isinstance(err, ServerUnavailableError) or time.monotonic() >= deadline:
+                raise err from err.__cause__  # a refusal at once; no server after the wait
             time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
             pause = min(pause * 2, 1.0)
             continue
@@ -252,7 +168,7 @@ def open_relstorage(target: Target, *, read_only: bool = False) -> Any:
             "it cannot be opened read-only before it exists"
         )
     if found is not None and found != keep_history:
-        raise _schema_problem(target, Exception("Schema mismatch: history"), keep_history)
+        raise StorageError(wrong_history_mode(str(target), keep_history))
     settings: dict[str, Any] = {
         "keep_history": keep_history,
         "read_only": read_only or bool(option(target, "read_only")),
@@ -284,15 +200,13 @@ def open_relstorage(target: Target, *, read_only: bool = False) -> Any:
         manager._ignored_exceptions = (*manager._ignored_exceptions, psycopg2.DatabaseError)
         pool = None if options.read_only else _pool_class()(adapter.connmanager)
         storage = storage_class(adapter, options=options, name=str(target), store_connection_pool=pool)
-    except ZODB.POSException.StorageError as exc:
-        raise _schema_problem(target, exc, keep_history) from None
     except Exception as exc:
-        if is_disconnect(exc):
-            raise ServerUnavailableError(
-                f"lost the PostgreSQL server at {describe(target)} while opening {target} "
-                f"({_hide(_first_line(exc), target)}): open it again once the server is back"
-            ) from None
-        raise
+        # A schema of the other history mode (made meanwhile); the server lost while opening.
+        err = _translated(exc, target, keep_history=keep_history,
+                          action="open" if isinstance(exc, ZODB.POSException.StorageError) else "connect")
+        if err is exc:
+            raise
+        raise err from err.__cause__
     finally:
         if lock is not None:
             lock.close()  # ends the session: releases the advisory lock
@@ -406,7 +320,7 @@ def _pool_class() -> type:
                 try:
                     return super().borrow()
                 except Exception as exc:
-                    if not is_disconnect(exc):
+                    if not pg_disconnected(exc):
                         raise
                     self.drop_all()
                     return super().borrow()
@@ -420,39 +334,10 @@ def _quiet_dead_borrow(record: logging.LogRecord) -> bool:
     """Drop RelStorage's traceback for a dead pooled connection (`Pool.borrow` handles
     it), and the traceback of its "attempting reconnect" line (the line says it all)."""
     exc = record.exc_info[1] if record.exc_info else None
-    if exc is None or not is_disconnect(exc):
+    if exc is None or not pg_disconnected(exc):
         return True
     if str(record.msg).startswith("Disconnected"):
         record.exc_info = None
         record.exc_text = None
         return True
     return not str(record.msg).startswith("Failed to borrow")
-
-
-def _schema_problem(target: Target, exc: BaseException, keep_history: bool) -> StorageError:
-    text = str(exc)
-    if "Schema mismatch" in text and "history" in text:
-        has, wants = ("history-free", "keep_history=0") if keep_history else ("history-preserving",
-                                                                               "keep_history=1")
-        return StorageError(
-            f"the database of {target} holds a {has} RelStorage heap, and the target asks for the "
-            f"other kind: open it with ?{wants}, or move it into a new database with "
-            "`durable-heap copy SOURCE TARGET`"
-        )
-    return StorageError(f"cannot open the heap {target}: {_hide(_first_line(exc), target)}")
-
-
-def is_disconnect(exc: BaseException) -> bool:
-    """True for the driver's errors of a lost or refused database connection
-    (without importing psycopg2 for heaps that do not use it)."""
-    import sys
-
-    driver = sys.modules.get("psycopg2")
-    if driver is None:
-        return False
-    if isinstance(exc, (driver.OperationalError, driver.InterfaceError)):
-        return True
-    if isinstance(exc, driver.DatabaseError) and exc.pgcode is None:
-        return True  # "server closed the connection unexpectedly": an error of the server has a SQLSTATE
-    closed = sys.modules.get("relstorage.adapters.interfaces")
-    return closed is not None and isinstance(exc, closed.ReplicaClosedException)

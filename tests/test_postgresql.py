@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import durable_heap as dh
+from durable_heap._targets import parse_target
 from durable_heap.testing import PostgresCluster
 from tests.conftest import ROOT, cli, run, write
 from tests.test_zeo import _results, _start_workers, merge_or_conflict
@@ -31,12 +32,12 @@ SOAK = os.environ.get("DURABLE_HEAP_SOAK", "") not in ("", "0")
 
 
 def test_targets_parse_with_the_password_kept_out_of_every_text() -> None:
-    t = dh._storage.parse_target("postgresql://ann:s%3Acret@db.example:6543/app?keep_history=0")
+    t = parse_target("postgresql://ann:s%3Acret@db.example:6543/app?keep_history=0")
     assert (t.scheme, t.location, t.password) == ("postgresql", "ann@db.example:6543/app", "s:cret")
     assert "s:cret" not in str(t) and "s:cret" not in repr(t) and "s%3Acret" not in repr(t)
-    sock = dh._storage.parse_target("postgresql:///app?host=/run/postgresql")
+    sock = parse_target("postgresql:///app?host=/run/postgresql")
     assert sock.location == "/app" and sock.options == {"host": "/run/postgresql"}
-    assert dh._storage.parse_target("postgres://u@h/db").scheme == "postgresql"
+    assert parse_target("postgres://u@h/db").scheme == "postgresql"
 
 
 @pytest.mark.parametrize(
@@ -399,7 +400,8 @@ def test_database_restarted_mid_run_loses_no_acknowledged_commit(tmp_path: Path)
 def _history(storage_target: str) -> list[tuple[bytes, str, list[tuple[bytes, bytes]]]]:
     """Every transaction of a heap: (tid, note, [(oid, record without seal)])."""
     from durable_heap._integrity import strip
-    from durable_heap._storage import open_storage, parse_target
+    from durable_heap._storage import open_storage
+    from durable_heap._targets import parse_target
 
     storage = open_storage(parse_target(storage_target), read_only=True)
     try:
