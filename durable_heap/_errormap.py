@@ -483,15 +483,18 @@ def pg_disconnected(exc: BaseException) -> bool:
     psycopg2 trap (2.9): a connection the server dropped (a restart) fails with a bare
     ``DatabaseError`` ("server closed the connection unexpectedly"), not an
     OperationalError; an error the server itself reports always has a SQLSTATE
-    (``pgcode``), so one without it is the connection's.
+    (``pgcode``), so one without it is the connection's. Of the server's own, class
+    08 (connection exception) and 57P01-57P03 (shut down, crashed, starting) are a
+    lost server; others (a full disk, 53100) are faults of the storage (`is_fault`).
     """
     driver = sys.modules.get("psycopg2")
     if driver is None:
         return False
-    if isinstance(exc, (driver.OperationalError, driver.InterfaceError)):
+    if isinstance(exc, driver.InterfaceError):
         return True
-    if isinstance(exc, driver.DatabaseError) and exc.pgcode is None:
-        return True
+    if isinstance(exc, driver.DatabaseError):
+        code = exc.pgcode
+        return code is None or code.startswith("08") or code in ("57P01", "57P02", "57P03")
     closed = sys.modules.get("relstorage.adapters.interfaces")
     return closed is not None and isinstance(exc, closed.ReplicaClosedException)
 
@@ -505,7 +508,10 @@ def is_fault(exc: BaseException, *, in_program: bool = False) -> bool:
     if isinstance(exc, DurableHeapError):
         return False
     if disconnected(exc):
-        return True  # psycopg2's errors are neither OSErrors nor ZODB's
+        return True
+    driver = sys.modules.get("psycopg2")
+    if driver is not None and isinstance(exc, driver.Error):
+        return True  # PostgreSQL failed (its errors are neither OSErrors nor ZODB's)
     if isinstance(exc, OSError):
         return not in_program
     if isinstance(exc, ZODB.POSException.POSKeyError):

@@ -807,9 +807,10 @@ class Heap:
                 f"{_remedy(exc)}",
                 outcome_unknown=False,
             )
-        if self.target.scheme == "zeo":
+        if self.target.scheme in ("zeo", "postgresql"):
+            server = "PostgreSQL server" if self.target.scheme == "postgresql" else "ZEO server"
             return StorageError(
-                f"the ZEO server at {self.target} failed{what} after it had accepted the "
+                f"the {server} at {self.target} failed{what} after it had accepted the "
                 f"transaction: {reason}. The transaction may or may not have been committed; "
                 "check before repeating it.",
                 outcome_unknown=True,

@@ -534,3 +534,25 @@ def test_copy_into_a_history_free_database_keeps_the_current_state(
         assert same.returncode != 0 and "onto itself" in same.stderr
     finally:
         postgres_cluster.drop_database(name)
+
+
+def test_lost_connections_are_told_from_the_servers_own_errors(postgres_cluster: PostgresCluster) -> None:
+    """The error map's rule on real psycopg2 errors: a dropped connection is a lost server
+    (ServerUnavailableError), an error the server reports is a storage fault."""
+    import psycopg2
+
+    from durable_heap._errormap import disconnected, is_fault
+
+    conn = postgres_cluster.connect()
+    try:
+        with conn.cursor() as cur:
+            with pytest.raises(psycopg2.Error) as bad_sql:
+                cur.execute("SELECT * FROM no_such_table")
+            assert is_fault(bad_sql.value) and not disconnected(bad_sql.value)
+            pid = conn.get_backend_pid()
+            postgres_cluster.execute("SELECT pg_terminate_backend(%s)", pid)
+            with pytest.raises(psycopg2.Error) as dropped:
+                cur.execute("SELECT 1")
+            assert disconnected(dropped.value) and is_fault(dropped.value)
+    finally:
+        conn.close()
