@@ -44,14 +44,23 @@ def _empty(storage: Any) -> bool:
     return bool(storage.lastTransaction() == z64)
 
 
-def _transactions(source: Any) -> Iterator[Any]:
+def _count(source: Any) -> int:
+    """How many transactions `source` holds (one scan, for an honest progress bar).
+
+    RelStorage trap (4.3): delegating to its transaction iterator with ``yield from``
+    crashed the interpreter (a segmentation fault, reproduced every time); a plain
+    loop over it does not, so only plain loops iterate a source here.
+    """
     it = source.iterator()
+    n = 0
     try:
-        yield from it
+        for _ in it:
+            n += 1
     finally:
         close = getattr(it, "close", None)
         if close is not None:
             close()
+    return n
 
 
 def copy(source: str, target: str, *, progress: bool | None = None) -> CopyResult:
@@ -89,7 +98,7 @@ def _copy(src: Any, dst: Any, label: Any, progress: bool | None) -> CopyResult:
         except ImportError:
             bar = None
         else:
-            total = sum(1 for _ in _transactions(src))  # one scan more, for an honest bar
+            total = _count(src)
             bar = tqdm(total=total, unit="txn", desc=f"copy {label}", file=sys.stderr)
     start = time.monotonic()
     counting = _Counting(src, bar)
