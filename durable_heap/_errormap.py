@@ -296,6 +296,11 @@ def _pg_connect(exc: BaseException, s: _Site) -> BaseException:
             f"PostgreSQL at {s.location} refused user {user!r} the database of {s.where} ({why}): "
             "grant it CONNECT and CREATE there."
         ), None)
+    if not any(sign in low for sign in _NO_SERVER):
+        return _caused(StorageError(
+            f"PostgreSQL at {s.location} refused the connection to {s.where} ({why}): check the "
+            "target's options (sslmode) and the server's settings (pg_hba.conf, ssl)"
+        ), None)
     if s.wait is None:  # lost while RelStorage opened the heap
         return _caused(ServerUnavailableError(
             f"lost the PostgreSQL server at {s.location} while opening {s.where} ({why}): "
@@ -305,6 +310,14 @@ def _pg_connect(exc: BaseException, s: _Site) -> BaseException:
         f"no PostgreSQL server answered at {s.location} for {s.where} within {s.wait:g} s "
         f"({why}): start it, or fix the address (a longer wait: ?wait_timeout=SECONDS)"
     ), None)
+
+
+#: libpq's words for a server that is not there (yet): waited for, up to wait_timeout.
+_NO_SERVER = (
+    "connection refused", "no such file or directory", "could not connect", "timeout expired",
+    "could not translate host name", "the database system is", "server closed the connection",
+    "terminating connection", "network is unreachable", "no route to host", "connection reset",
+)
 
 
 def wrong_history_mode(where: str, keep_history: bool) -> str:

@@ -359,5 +359,12 @@ def check_postgresql_target(text: str, options: dict[str, str]) -> Target:
     netloc = (f"{user}@" if user else "") + (f"[{host}]" if ":" in host else host)
     if port is not None:
         netloc += f":{port}"
+    sslmode = options.get("sslmode")
+    if sslmode is not None and sslmode not in _SSLMODES:
+        raise UnknownTargetError(f"{shown!r}: sslmode={sslmode!r} must be one of {', '.join(_SSLMODES)}")
     password = unquote(parts.password) if parts.password is not None else ""
     return check_options(Target("postgresql", f"{netloc}/{dbname}", options, password=password))
+
+
+#: libpq's values of sslmode.
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")

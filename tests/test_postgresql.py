@@ -49,6 +49,7 @@ def test_targets_parse_with_the_password_kept_out_of_every_text() -> None:
         ("postgresql://ann:pw@host/db?colour=red", "unknown option colour; a postgresql:// target takes"),
         ("postgresql://ann:pw@host/db?wait_timeout=0", "wait_timeout='0' must be a number > 0"),
         ("postgresql://ann:pw@host/db?host=/x", "names a host twice"),
+        ("postgresql://ann:pw@host/db?sslmode=always", "sslmode='always' must be one of disable"),
         ("postgresql://ann:pw@host/db?read_only=1&read_only=0", "more than once"),
     ],
 )
@@ -246,6 +247,11 @@ def test_refused_login_missing_database_and_the_password_sources(
         with pytest.raises(dh.StorageError, match="refused the login") as info:
             dh.open(postgres_cluster.tcp_url(db, role, "wrong-pass"))
         assert "wrong-pass" not in str(info.value) and "PGPASSWORD" in str(info.value)
+        start = time.monotonic()
+        with pytest.raises(dh.StorageError, match="refused the connection") as no_tls:
+            dh.open(postgres_cluster.tcp_url(db, role, "right pass", sslmode="require"))
+        assert not isinstance(no_tls.value, dh.ServerUnavailableError)
+        assert time.monotonic() - start < 15  # refused at once, not waited on as a missing server
         with pytest.raises(dh.StorageError, match="does not exist") as missing:
             dh.open(postgres_cluster.tcp_url("nowhere", role, "right pass"))
         assert "createdb nowhere" in str(missing.value)
