@@ -31,7 +31,8 @@ import durable_heap as dh
 
 from .testing import PostgresCluster, ZeoServer, postgres_unavailable
 
-__all__ = ["heap", "heap_path", "postgres_cluster", "postgresql_url", "reopen", "zeo_server"]
+__all__ = ["heap", "heap_path", "postgres_cluster", "postgresql_url", "reopen", "require_postgres",
+           "zeo_server"]
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 
 import durable_heap as dh
 from durable_heap._targets import parse_target
+from durable_heap.pytest_plugin import require_postgres
 from durable_heap.testing import PostgresCluster
 from tests.conftest import ROOT, cli, run, write
 from tests.test_zeo import _results, _start_workers, merge_or_conflict
@@ -206,6 +207,7 @@ def test_cli_deploy_call_versions_and_inspect_at_a_version(postgresql_url: str, 
 
 
 def test_no_server_fails_after_the_wait_timeout_naming_host_and_port() -> None:
+    require_postgres()
     start = time.monotonic()
     with pytest.raises(dh.ServerUnavailableError, match=r"127\.0\.0\.1:1 .*within 1 s") as info:
         dh.open("postgresql://ann:secret@127.0.0.1:1/db?wait_timeout=1")
@@ -214,6 +216,7 @@ def test_no_server_fails_after_the_wait_timeout_naming_host_and_port() -> None:
 
 
 def test_a_server_started_late_is_waited_for(tmp_path: Path) -> None:
+    require_postgres()
     cluster = PostgresCluster()
     try:
         cluster.start()
@@ -311,6 +314,7 @@ def test_concurrent_changes_merge_in_the_client_or_conflict_clearly(postgresql_u
 def test_while_the_server_is_down_actions_fail_clearly_then_work_once_it_is_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    require_postgres()
     cluster = PostgresCluster()
     errors: list[str] = []
     try:
@@ -358,6 +362,7 @@ def test_database_restarted_mid_run_loses_no_acknowledged_commit(tmp_path: Path)
     """Two processes commit mixed actions while the server is killed (as a crash) and
     restarted twice: every acknowledged action is there, none reported as not committed
     is, every error is a clear ServerUnavailableError, and each worker commits again after."""
+    require_postgres()
     cluster = PostgresCluster()
     try:
         cluster.start()
