@@ -569,3 +569,44 @@ def test_lost_connections_are_told_from_the_servers_own_errors(postgres_cluster:
             assert disconnected(dropped.value) and is_fault(dropped.value)
     finally:
         conn.close()
+
+
+# --- durable execution's scheduler (issue 14) over PostgreSQL --------------------------------------
+
+PG_TIMERS = """
+import sys, os
+import durable_heap as dh
+heap = dh.open(sys.argv[1])
+
+@heap.action
+def fire(n):
+    heap.state.fired[n] = heap.state.fired.get(n, 0) + 1
+    heap.state.by[os.getpid()] = heap.state.by.get(os.getpid(), 0) + 1
+"""
+
+
+@pytest.mark.slow
+def test_two_schedulers_over_postgresql_fire_each_timer_once(postgresql_url: str, tmp_path: Path) -> None:
+    """As the ZEO test of the workflows suite: 200 timers, two processes running what is due."""
+    if not hasattr(dh.Heap, "run_due"):
+        pytest.skip("durable execution (issue 14) is not in this build yet")
+    from durable_heap.testing import subprocess_env
+
+    (tmp_path / "pt.py").write_text(PG_TIMERS)
+    env = subprocess_env({"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    setup = ("import sys\nfrom pt import *\nwith heap.transaction() as s:\n"
+             "    s.fired = {}\n    s.by = {}\n"
+             "with heap.transaction():\n    [fire.invoke_in(1.5, n) for n in range(200)]\n")
+    subprocess.run([sys.executable, "-c", setup, postgresql_url], cwd=tmp_path, env=env, check=True,
+                   timeout=60)
+    loop = ("import sys, time\nfrom pt import *\nt = time.time() + 1.6\n"
+            "while time.time() < t: time.sleep(0.01)\n"
+            "n = 0\nwhile True:\n    k = heap.run_due()\n    n += k\n    if not k: break\nprint(n)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", loop, postgresql_url], cwd=tmp_path, env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert sum(int(o.strip() or 0) for o, _ in outs) == 200, outs
+    with dh.open(postgresql_url) as heap:
+        fired = dict(heap.state.fired)
+        assert sorted(fired) == list(range(200)) and set(fired.values()) == {1}
+        assert heap.timers() == []
