@@ -154,40 +154,27 @@ def open_relstorage(target: Target, *, read_only: bool = False) -> Any:
     """RelStorage on the PostgreSQL database of a checked ``postgresql://`` target.
 
     Creates RelStorage's tables in an empty database (unless read-only). The
-    history mode is the target's ``keep_history`` (default on: ``state_at``,
-    ``inspect --at`` and rollback by time need it).
+    history mode is the target's ``keep_history`` (default on: ``state_at`` and
+    ``inspect --at`` need it).
     """
     psycopg2, adapter_class, _, options_class = _import()
-    storage_class = _storage_class()
     wait = option(target, "wait_timeout")
     found = _wait_for_server(target, DEFAULT_WAIT if wait is None else wait)
-    keep_history = bool(option(target, "keep_history"))
-    if found is None and (read_only or option(target, "read_only")):
+    settings = _settings(target, read_only)
+    keep_history = settings["keep_history"]
+    if found is None and settings["read_only"]:
         raise StorageError(
             f"there is no heap in the database of {target} yet (it has no RelStorage tables): "
             "it cannot be opened read-only before it exists"
         )
     if found is not None and found != keep_history:
         raise StorageError(wrong_history_mode(str(target), keep_history))
-    settings: dict[str, Any] = {
-        "keep_history": keep_history,
-        "read_only": read_only or bool(option(target, "read_only")),
-        "create_schema": not (read_only or option(target, "read_only")),
-    }
-    if option(target, "cache_local_mb") is not None:
-        settings["cache_local_mb"] = int(option(target, "cache_local_mb"))
-    if option(target, "cache_dir") is not None:
-        folder = os.path.abspath(os.path.expanduser(option(target, "cache_dir")))
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        settings["cache_local_dir"] = folder
-    if option(target, "commit_lock_timeout") is not None:
-        settings["commit_lock_timeout"] = int(option(target, "commit_lock_timeout"))
     options = options_class(**settings)
     import ZODB.POSException
 
     lock = None
     try:
-        if found is None and settings["create_schema"]:
+        if found is None:
             lock = _schema_lock(target)  # several processes creating the tables at once
         adapter = adapter_class(dsn=dsn(target), options=options)
         # RelStorage trap (4.3, psycopg2 2.9): a connection the server dropped (a
@@ -199,18 +186,36 @@ def open_relstorage(target: Target, *, read_only: bool = False) -> Any:
         manager = adapter.connmanager
         manager._ignored_exceptions = (*manager._ignored_exceptions, psycopg2.DatabaseError)
         pool = None if options.read_only else _pool_class()(adapter.connmanager)
-        storage = storage_class(adapter, options=options, name=str(target), store_connection_pool=pool)
+        return _storage_class()(adapter, options=options, name=str(target), store_connection_pool=pool)
     except Exception as exc:
         # A schema of the other history mode (made meanwhile); the server lost while opening.
-        err = _translated(exc, target, keep_history=keep_history,
-                          action="open" if isinstance(exc, ZODB.POSException.StorageError) else "connect")
+        action = "open" if isinstance(exc, ZODB.POSException.StorageError) else "connect"
+        err = _translated(exc, target, keep_history=keep_history, action=action)
         if err is exc:
             raise
         raise err from err.__cause__
     finally:
         if lock is not None:
             lock.close()  # ends the session: releases the advisory lock
-    return storage
+
+
+def _settings(target: Target, read_only: bool) -> dict[str, Any]:
+    """RelStorage's options (`relstorage.options.Options`) for `target`'s query options."""
+    read_only = read_only or bool(option(target, "read_only"))
+    settings: dict[str, Any] = {
+        "keep_history": bool(option(target, "keep_history")),
+        "read_only": read_only,
+        "create_schema": not read_only,
+    }
+    if option(target, "cache_local_mb") is not None:
+        settings["cache_local_mb"] = int(option(target, "cache_local_mb"))
+    if option(target, "cache_dir") is not None:
+        folder = os.path.abspath(os.path.expanduser(option(target, "cache_dir")))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        settings["cache_local_dir"] = folder
+    if option(target, "commit_lock_timeout") is not None:
+        settings["commit_lock_timeout"] = int(option(target, "commit_lock_timeout"))
+    return settings
 
 
 #: The key of the advisory lock held while RelStorage creates its tables (any constant).

@@ -126,6 +126,22 @@ def test_read_only_reads_and_refuses_writes_and_an_empty_database_clearly(postgr
         assert heap.state.x == 1
 
 
+def test_cache_and_lock_options_reach_relstorage(postgresql_url: str, tmp_path: Path) -> None:
+    cache = tmp_path / "rs-cache"
+    url = f"{postgresql_url}&cache_local_mb=5&cache_dir={cache}&commit_lock_timeout=7"
+    for _ in range(2):  # the second open reads the persistent cache files the first wrote
+        with dh.open(url) as heap:
+            with heap.transaction() as state:
+                state.n = state.get("n", 0) + 1
+            opts = heap.db.storage._options  # RelStorage's Options
+            assert (opts.cache_local_mb, opts.cache_local_dir, opts.commit_lock_timeout) == (
+                5, str(cache), 7)
+            assert opts.keep_history is True
+    assert cache.is_dir() and (cache.stat().st_mode & 0o777) == 0o700
+    with dh.open(postgresql_url) as heap:
+        assert heap.state.n == 2
+
+
 def test_state_at_a_past_time_reads_that_time_not_the_current_value(postgresql_url: str) -> None:
     """The bug of issue 16: RelStorage's stale lastTransaction() made state_at(t) show x=2."""
     with dh.open(postgresql_url) as heap:
