@@ -126,6 +126,27 @@ def test_read_only_reads_and_refuses_writes_and_an_empty_database_clearly(postgr
         assert heap.state.x == 1
 
 
+def test_pack_keeps_the_current_state_and_drops_old_revisions(postgresql_url: str) -> None:
+    with dh.open(postgresql_url) as heap:
+        for i in range(5):
+            with heap.transaction() as state:
+                state.x = i
+                state.setdefault("items", []).append(i)
+        then = datetime.datetime.now(datetime.timezone.utc)
+        time.sleep(0.05)
+        with heap.transaction() as state:
+            state.x = 99
+        assert len(heap.db.undoLog(0, 100)) >= 7
+        heap.pack()
+        assert heap.state.x == 99 and heap.state.items == [0, 1, 2, 3, 4]
+        assert heap.db.undoLog(0, 100) == []
+        with pytest.raises(dh.StorageError, match="removed by a pack"):
+            with heap.state_at(then):
+                pass
+    with dh.open(postgresql_url) as heap:
+        assert heap.state.x == 99
+
+
 def test_cache_and_lock_options_reach_relstorage(postgresql_url: str, tmp_path: Path) -> None:
     cache = tmp_path / "rs-cache"
     url = f"{postgresql_url}&cache_local_mb=5&cache_dir={cache}&commit_lock_timeout=7"
