@@ -126,6 +126,16 @@ def test_read_only_reads_and_refuses_writes_and_an_empty_database_clearly(postgr
         assert heap.state.x == 1
 
 
+def test_asyncio_tasks_over_postgresql(postgresql_url: str) -> None:
+    """As over ZEO (tests/test_async.py): each task its own transaction, conflicts retried."""
+    from tests.test_async import _gather_example, _racing_increments, _run
+
+    with dh.open(postgresql_url) as heap:
+        assert _gather_example(heap, use_async=True) == ["A start", "A end"]
+        _run(_racing_increments(heap, 20), timeout=180)
+        assert heap.state.n == 20
+
+
 def test_pack_keeps_the_current_state_and_drops_old_revisions(postgresql_url: str) -> None:
     with dh.open(postgresql_url) as heap:
         for i in range(5):
