@@ -657,3 +657,21 @@ def test_two_schedulers_over_postgresql_fire_each_timer_once(postgresql_url: str
         fired = dict(heap.state.fired)
         assert sorted(fired) == list(range(200)) and set(fired.values()) == {1}
         assert heap.timers() == []
+
+
+@pytest.mark.slow
+def test_copy_from_a_zeo_server_into_postgresql(zeo_server: Any, postgres_cluster: PostgresCluster) -> None:
+    with dh.open(zeo_server.url) as heap:
+        for i in range(3):
+            with heap.transaction() as state:
+                state.x = i
+    name = f"from_zeo_{os.getpid()}"
+    pg = postgres_cluster.create_database(name)
+    try:
+        out = cli("copy", zeo_server.url, pg)
+        assert out.returncode == 0, out.stderr
+        assert _history(pg) == _history(zeo_server.url)
+        with dh.open(pg) as heap:
+            assert heap.state.x == 2
+    finally:
+        postgres_cluster.drop_database(name)
