@@ -9,6 +9,7 @@
     durable-heap watch PROGRAM                     deploy the file whenever it changes
     durable-heap types PROGRAM [--write|--check]   a typed State stub; check declared types
     durable-heap zeo --storage FILE [--address A]  serve a heap to other processes
+    durable-heap copy SOURCE TARGET                copy a heap into a new, empty target
     durable-heap pack|backup|restore|verify|log|stats ...  operations (docs/operations.md)
 
 PROGRAM is a ``.py`` file or a package folder. Options may come anywhere
@@ -54,7 +55,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument(
             "--storage",
             metavar="TARGET",
-            help="the heap: a path, file:///abs/path.fs, zeo://HOST:PORT or memory:// (default: "
+            help="the heap: a path, file:///abs/path.fs, zeo://HOST:PORT, postgresql://USER@HOST/DB or "
+            "memory:// (default: "
             "$DURABLE_HEAP_STORAGE, else .durable-heap/<program>.fs beside the program)",
         )
         p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
@@ -113,6 +115,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     commands["zeo"] = zeo = add_command(sub)
     zeo.epilog = EXAMPLES["zeo"]
     zeo.formatter_class = argparse.RawDescriptionHelpFormatter
+    # durable-heap copy (issue 16): its parser and its run in durable_heap._copy
+    from ._copy import add_command as add_copy
+
+    commands["copy"] = copy = add_copy(sub)
+    copy.epilog = EXAMPLES["copy"]
+    copy.formatter_class = argparse.RawDescriptionHelpFormatter
 
     # --- operations: pack, backup, restore, verify, log, stats (durable_heap._ops) ------------
     from ._ops import add_commands as add_operations
@@ -145,7 +153,14 @@ EXAMPLES = {
     "watch": "example:\n  durable-heap watch tracker.py --interval 0.5",
     "types": "example:\n  durable-heap types tracker.py --write\n  durable-heap types tracker.py --check",
     "zeo": "example:\n  durable-heap zeo --storage data/app.fs --address 127.0.0.1:8100",
+    "copy": "example:\n  durable-heap copy data/app.fs postgresql://app@db.internal/app",
 }
+
+
+def _copy(args: argparse.Namespace) -> int:
+    from ._copy import run_copy
+
+    return run_copy(args)
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -184,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = argv[0]
     run = {"call": _call, "deploy": _deploy, "versions": _versions, "rollback": _rollback,
            "inspect": _inspect, "check": _check, "watch": _watch, "types": _types,
-           "zeo": _zeo}.get(args.command) or args.run  # operations set theirs (_ops)
+           "zeo": _zeo, "copy": _copy}.get(args.command) or args.run  # operations set theirs (_ops)
     try:
         return run(args)
     except KeyboardInterrupt:
