@@ -554,7 +554,10 @@ class LogEntry:
 def _transactions(storage: Any, start: bytes | None = None, stop: bytes | None = None) -> Iterator[Any]:
     it = _raw(storage).iterator(start, stop)
     try:
-        yield from it
+        # RelStorage trap (RelStorage 4.3 on psycopg2, measured here): `yield from` over its
+        # transaction iterator crashes the interpreter (SIGSEGV); a plain loop does not.
+        for txn in it:  # noqa: UP028 - see above
+            yield txn
     finally:
         with contextlib.suppress(Exception):
             it.close()
@@ -1224,6 +1227,12 @@ def _backup(args: argparse.Namespace) -> int:
     elif target.scheme == "zeo":
         with _open(args, read_only=True) as heap:
             r = backup_zeo(heap, dest)
+    elif target.scheme == "postgresql":
+        raise UsageError(
+            f"{target} is a PostgreSQL database: back it up with PostgreSQL's own tools (pg_dump, "
+            "or base backups with WAL archiving), or copy it into a heap file with "
+            f"`durable-heap copy {target} FILE.fs` (see docs/operations.md)"
+        )
     else:
         raise UsageError(f"{target} cannot be backed up: backups are of file and zeo:// heaps")
     if r.kind == "unchanged":
@@ -1254,6 +1263,11 @@ def _restore(args: argparse.Namespace) -> int:
     from ._targets import parse_target
 
     target = parse_target(_target(args))
+    if target.scheme == "postgresql":
+        raise UsageError(
+            f"{target} is a PostgreSQL database: restore writes a heap file. Restore the file, "
+            f"then `durable-heap copy FILE.fs {target}` into an empty database (or use pg_restore)"
+        )
     if target.scheme != "file":
         raise UsageError(
             f"{target} is not a file: restore writes a heap file. For a ZEO server, stop it, restore "

@@ -627,3 +627,20 @@ def test_ctrl_c_during_a_backup_leaves_the_folder_as_it_was(tmp_path: Path) -> N
     assert "interrupted" in err and "Traceback" not in err
     assert os.listdir(dest) == []  # no half-written backup left to be mistaken for one
     assert "full backup" in ok("backup", str(app), str(dest))
+
+
+@pytest.mark.slow
+def test_operations_on_postgresql(app: Path, postgresql_url: str) -> None:
+    url = postgresql_url
+    for name in ("ann", "bob"):
+        ok("call", str(app), "add", name, "--storage", url)
+    ok("call", str(app), "login", "cy", "s3cret", "--storage", url)
+    log = ok("log", str(app), "--storage", url, "-n", "3")
+    assert "login('cy', <redacted>)" in log and "add('bob')" in log and "s3cret" not in log
+    tid = log.splitlines()[1].split()[0]
+    assert "state.users['bob']" in ok("log", str(app), "--storage", url, "--show", tid)
+    assert ": ok:" in ok("verify", str(app), "--storage", url)
+    assert "durable_heap._containers.Dict" in ok("stats", str(app), "--storage", url)
+    assert "objects:" in ok("pack", str(app), "--storage", url, "--days", "0")
+    out = cli("backup", str(app), "/tmp/never", "--storage", url)
+    assert out.returncode == 2 and "pg_dump" in out.stderr and "durable-heap copy" in out.stderr
