@@ -8,6 +8,7 @@ Hierarchy::
  ├── StaleReferenceError (also RuntimeError) a plain object changed after it left state
      ├── TransactionOwnerError (also RuntimeError)  an asyncio task used another's transaction
      ├── ConflictError                          concurrent changes, retries used up
+     ├── JSONFormError (also ValueError)        a value that tagged JSON cannot carry, or bad tagged JSON
      ├── NoActiveHeapError (also RuntimeError)  `state` used with no heap open
      ├── HeapClosedError (also RuntimeError)    a closed heap was used
      ├── StorageError                           the storage cannot be opened or used
@@ -39,6 +40,7 @@ __all__ = [
     "FunctionNotFoundError",
     "HeapClosedError",
     "HeapLockedError",
+    "JSONFormError",
     "NoActiveHeapError",
     "NoTransactionError",
     "NotAHeapError",
@@ -100,6 +102,14 @@ class TransactionOwnerError(DurableHeapError, RuntimeError):
 
 class ConflictError(DurableHeapError):
     """Concurrent transactions kept conflicting and the retries were used up."""
+
+
+class JSONFormError(DurableHeapError, ValueError):
+    """A value cannot be written as tagged JSON (a function, an unknown kind of
+    object), or a text is not valid tagged JSON (a malformed or unknown tag).
+
+    The message names the place (``value['users'][2]``); see `durable_heap._jsonform`.
+    """
 
 
 class NoActiveHeapError(DurableHeapError, RuntimeError):
