@@ -27,6 +27,7 @@ from ._errors import (
     FunctionNotFoundError,
     HeapClosedError,
     HeapLockedError,
+    JSONFormError,
     NoActiveHeapError,
     NotAHeapError,
     NotPersistableError,
@@ -41,6 +42,7 @@ from ._errors import (
     VersionNotFoundError,
 )
 from ._heap import Heap, HeapStatus, active_heap, open, state  # noqa: A004 - dh.open is the API
+from ._http import Request, Response
 from ._state import Object, State
 from ._types import typed_state
 from ._versions import Program, Version
@@ -60,6 +62,7 @@ __all__ = [
     "HeapClosedError",
     "HeapLockedError",
     "HeapStatus",
+    "JSONFormError",
     "List",
     "NoActiveHeapError",
     "NoTransactionError",
@@ -69,6 +72,8 @@ __all__ = [
     "Program",
     "ProgramError",
     "ProgramNotFoundError",
+    "Request",
+    "Response",
     "ServerUnavailableError",
     "Set",
     "StaleReferenceError",

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -91,6 +92,7 @@ class ServeConfig:
     port: int = 8000
     workers: int = 1
     threads: int = 16
+    attempts: int | None = None
     debug: bool = False
     inspect: bool = False
     watch: bool = True
@@ -181,7 +183,8 @@ class Service:
         #: The last deploy that failed (the file is broken): its message, else None.
         self.deploy_error: str | None = None
         self.deploy_error_at: float | None = None
-        self.heap = durable_heap.open(config.target, allow=config.allow)
+        options: dict[str, Any] = {"attempts": config.attempts} if config.attempts else {}
+        self.heap = durable_heap.open(config.target, allow=config.allow, **options)
         try:
             self.program = load(self.heap, config.program, deploy=True, on_deploy=self._deployed)
             self.program.module  # noqa: B018 - loads the current version now, not at the first call
@@ -558,11 +561,23 @@ def run(config: ServeConfig) -> int:
                                  ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
         server = uvicorn.Server(uconfig)
         sock = uconfig.bind_socket()
+        sock.listen(uconfig.backlog)  # clients queue until uvicorn accepts: none is refused
         _announce(config, sock, service)
+        _quiet_sigterm()
         server.run(sockets=[sock])
     finally:
         service.close()
     return 0
+
+
+def _quiet_sigterm() -> None:
+    """After its graceful shutdown uvicorn raises the signal it caught again, under the
+    handler that was there before it: a no-op one lets SIGTERM end in exit status 0,
+    as a service manager expects of a clean stop (``durable-heap zeo`` does the same)."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda sig, frame: None)
 
 
 def _announce(config: ServeConfig, sock: Any, service: Service | None) -> None:
@@ -613,10 +628,11 @@ def _run_workers(config: ServeConfig) -> int:
                                  port=config.port, workers=config.workers, lifespan="on", access_log=False,
                                  log_level="warning", timeout_graceful_shutdown=None,
                                  ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
-        server = uvicorn.Server(uconfig)
         sock = uconfig.bind_socket()
+        sock.listen(uconfig.backlog)  # clients queue until the workers accept: none is refused
         _announce(config, sock, None)
-        Multiprocess(uconfig, target=server.run, sockets=[sock]).run()
+        _quiet_sigterm()
+        Multiprocess(uconfig, sockets=[sock]).run()
     finally:
         if zeo.poll() is None:
             zeo.send_signal(signal.SIGTERM)
@@ -624,6 +640,6 @@ def _run_workers(config: ServeConfig) -> int:
                 zeo.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 zeo.kill()
-        with __import__("contextlib").suppress(OSError):
+        with contextlib.suppress(OSError):
             os.rmdir(folder)
     return 0

@@ -105,6 +105,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                      help="N processes on a ZEO server started for the heap file (default 1)")
     srv.add_argument("--threads", type=int, default=16, metavar="N",
                      help="calls run at once per process (default 16)")
+    srv.add_argument("--attempts", type=int, metavar="N",
+                     help="tries of a call that meets conflicts before it answers 409 (default 10)")
     srv.add_argument("--debug", action="store_true", help="tracebacks in error answers")
     srv.add_argument("--inspect", action="store_true", help="serve the state inspector at /_inspect (loopback only)")
     srv.add_argument("--no-watch", action="store_true", help="do not deploy the file when it changes")
@@ -228,15 +230,15 @@ def _serve(args: argparse.Namespace) -> int:
     from ._serve import ServeConfig, check_host, run
 
     _check_program(args, file_required=True)
-    if args.workers < 1 or args.threads < 1:
-        print("durable-heap: error: --workers and --threads must be at least 1", file=sys.stderr)
+    if args.workers < 1 or args.threads < 1 or (args.attempts is not None and args.attempts < 1):
+        print("durable-heap: error: --workers, --threads and --attempts must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     if bool(args.tls_cert) != bool(args.tls_key):
         print("durable-heap: error: --tls-cert and --tls-key go together", file=sys.stderr)
         return EXIT_USAGE
     config = ServeConfig(
         program=os.path.abspath(args.program), target=_target(args), host=args.host, port=args.port,
-        workers=args.workers, threads=args.threads, debug=args.debug, inspect=args.inspect,
+        workers=args.workers, threads=args.threads, attempts=args.attempts, debug=args.debug, inspect=args.inspect,
         watch=not args.no_watch, allow=list(args.allow), tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
     check_host(config, args.insecure)
