@@ -7,6 +7,7 @@ Hierarchy::
      ├── NoTransactionError (also RuntimeError) a change made outside a transaction
  ├── StaleReferenceError (also RuntimeError) a plain object changed after it left state
      ├── TransactionOwnerError (also RuntimeError)  an asyncio task used another's transaction
+     ├── ReadOnlyRequestError (also RuntimeError)   a GET (or other read-only request) changed state
      ├── ConflictError                          concurrent changes, retries used up
      ├── JSONFormError (also ValueError)        a value that tagged JSON cannot carry, or bad tagged JSON
      ├── NoActiveHeapError (also RuntimeError)  `state` used with no heap open
@@ -47,6 +48,7 @@ __all__ = [
     "NotPersistableError",
     "ProgramError",
     "ProgramNotFoundError",
+    "ReadOnlyRequestError",
     "ServerUnavailableError",
     "StaleReferenceError",
     "StorageError",
@@ -97,6 +99,14 @@ class TransactionOwnerError(DurableHeapError, RuntimeError):
     callback) created inside another task's transaction inherits its context, and
     is refused that transaction; an async transaction outside an asyncio task has
     no owner at all.
+    """
+
+
+class ReadOnlyRequestError(DurableHeapError, RuntimeError):
+    """A request of a read-only method (GET, HEAD, OPTIONS by default) changed state.
+
+    The transaction middlewares (`durable_heap.asgi`, `durable_heap.wsgi`) never
+    commit such a request: its changes were dropped, and it is answered 500.
     """
 
 

@@ -11,11 +11,27 @@ defines ``endpoint``, and turns what the endpoint returns into the answer (see
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Request", "Response", "render"]
+from ._errors import (
+    ClassNotAllowedError,
+    ConflictError,
+    CorruptHeapError,
+    DurableHeapError,
+    FunctionNotFoundError,
+    HeapClosedError,
+    JSONFormError,
+    NotPersistableError,
+    StorageError,
+)
+
+__all__ = ["Answer", "Request", "Response", "error_answer", "render"]
+
+#: (status, headers, body): an answer ready to send.
+Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,60 @@ class Response:
     body: Any = b""
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Answer(Exception):
+    """Internal: abort the transaction and send this answer (an endpoint's 5xx, a bad request)."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(answer[0])
+        self.answer = answer
+
+
+def _json_answer(status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> Answer:
+    body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    return status, [("content-type", "application/json"), *(headers or [])], body
+
+
+def _error(status: int, kind: str, message: str, **extra: Any) -> Answer:
+    return _json_answer(status, {"error": {"type": kind, "message": message, **extra}})
+
+
+def error_answer(exc: BaseException, *, debug: bool = False) -> Answer:
+    """The answer for an exception of a call: its status says what the client may do.
+
+    Most specific first: the storage errors that are not about availability
+    (damage, the allowlist) before `StorageError`.
+    """
+    kind = type(exc).__name__
+    message = str(exc)
+    if isinstance(exc, _Answer):
+        return exc.answer
+    if isinstance(exc, FunctionNotFoundError):
+        return _error(404, kind, message)
+    if isinstance(exc, NotPersistableError):
+        return _error(422, kind, message)
+    if isinstance(exc, ConflictError):
+        return _error(409, kind, message)
+    if isinstance(exc, (CorruptHeapError, ClassNotAllowedError)):
+        return _error(500, kind, message)
+    if isinstance(exc, StorageError) and exc.outcome_unknown:
+        # The commit may have happened: never a 503, which would invite a blind retry.
+        return _error(500, kind, message, outcome="unknown")
+    if isinstance(exc, (StorageError, HeapClosedError)):
+        return _status_headers(_error(503, kind, message, outcome="not committed"), [("retry-after", "1")])
+    if isinstance(exc, JSONFormError):  # the result cannot be written: the call was rolled back
+        return _error(500, kind, f"the result cannot be sent: {message}; nothing was committed")
+    if isinstance(exc, DurableHeapError):
+        return _error(500, kind, message)
+    extra: dict[str, Any] = {}
+    if debug:
+        extra["traceback"] = "".join(traceback.format_exception(exc))
+    return _error(500, kind, message, **extra)
+
+
+def _status_headers(answer: Answer, more: list[tuple[str, str]]) -> Answer:
+    return answer[0], [*answer[1], *more], answer[2]
 
 
 def render(value: Any) -> tuple[int, list[tuple[str, str]], bytes]:

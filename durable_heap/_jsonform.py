@@ -393,7 +393,7 @@ class _Reader:
         return value
 
     def _object(self, v: Any, path: str, shared: int | None) -> Any:
-        if not isinstance(v, dict) or not isinstance(v.get("class"), str) or not isinstance(v.get("attrs"), dict):
+        if not (isinstance(v, dict) and isinstance(v.get("class"), str) and isinstance(v.get("attrs"), dict)):
             raise ValueError('expected {"class": "module.Class", "attrs": {...}}')
         cls = self._class(v["class"], path)
         is_object = isinstance(cls, type) and issubclass(cls, Object)

@@ -45,29 +45,15 @@ import os
 import sys
 import threading
 import time
-import traceback
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._errors import (
-    ClassNotAllowedError,
-    ConflictError,
-    CorruptHeapError,
-    DeployError,
-    DurableHeapError,
-    FunctionNotFoundError,
-    HeapClosedError,
-    JSONFormError,
-    NotPersistableError,
-    ProgramError,
-    ServerUnavailableError,
-    StorageError,
-)
-from ._http import Request, render
+from ._errors import DurableHeapError, FunctionNotFoundError, JSONFormError, StorageError
+from ._http import Answer, Request, _Answer, _error, _json_answer, _status_headers, error_answer, render
 from ._jsonform import decode, dumps, resolve_loaded
 
-__all__ = ["ServeConfig", "Service", "error_answer", "run"]
+__all__ = ["ServeConfig", "Service", "public_functions", "run"]
 
 log = logging.getLogger("durable_heap.serve")
 
@@ -79,7 +65,6 @@ _CONFIG_ENV = "DURABLE_HEAP_SERVE_CONFIG"
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
 @dataclasses.dataclass
@@ -100,60 +85,6 @@ class ServeConfig:
     allow: list[str] = dataclasses.field(default_factory=list)
     tls_cert: str | None = None
     tls_key: str | None = None
-
-
-class _Answer(Exception):
-    """Internal: abort the transaction and send this answer (an endpoint's 5xx, a bad request)."""
-
-    def __init__(self, answer: Answer) -> None:
-        super().__init__(answer[0])
-        self.answer = answer
-
-
-def _json_answer(status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> Answer:
-    body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-    return status, [("content-type", "application/json"), *(headers or [])], body
-
-
-def _error(status: int, kind: str, message: str, **extra: Any) -> Answer:
-    return _json_answer(status, {"error": {"type": kind, "message": message, **extra}})
-
-
-def error_answer(exc: BaseException, *, debug: bool = False) -> Answer:
-    """The answer for an exception of a call: its status says what the client may do.
-
-    Most specific first: the storage errors that are not about availability
-    (damage, the allowlist) before `StorageError`.
-    """
-    kind = type(exc).__name__
-    message = str(exc)
-    if isinstance(exc, _Answer):
-        return exc.answer
-    if isinstance(exc, FunctionNotFoundError):
-        return _error(404, kind, message)
-    if isinstance(exc, NotPersistableError):
-        return _error(422, kind, message)
-    if isinstance(exc, ConflictError):
-        return _error(409, kind, message)
-    if isinstance(exc, (CorruptHeapError, ClassNotAllowedError)):
-        return _error(500, kind, message)
-    if isinstance(exc, StorageError) and exc.outcome_unknown:
-        # The commit may have happened: never a 503, which would invite a blind retry.
-        return _error(500, kind, message, outcome="unknown")
-    if isinstance(exc, (StorageError, HeapClosedError)):
-        return _status_headers(_error(503, kind, message, outcome="not committed"), [("retry-after", "1")])
-    if isinstance(exc, JSONFormError):  # the result cannot be written: the call was rolled back
-        return _error(500, kind, f"the function's result cannot be sent: {message}; nothing was committed")
-    if isinstance(exc, DurableHeapError):
-        return _error(500, kind, message)
-    extra: dict[str, Any] = {}
-    if debug:
-        extra["traceback"] = "".join(traceback.format_exception(exc))
-    return _error(500, kind, message, **extra)
-
-
-def _status_headers(answer: Answer, more: list[tuple[str, str]]) -> Answer:
-    return answer[0], [*answer[1], *more], answer[2]
 
 
 def public_functions(module: types.ModuleType) -> dict[str, Any]:
@@ -191,7 +122,8 @@ class Service:
         except BaseException:
             self.heap.close()
             raise
-        self._pool = concurrent.futures.ThreadPoolExecutor(config.threads, thread_name_prefix="durable-heap-call")
+        self._pool = concurrent.futures.ThreadPoolExecutor(config.threads,
+                                                           thread_name_prefix="durable-heap-call")
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._closed = False
@@ -313,9 +245,9 @@ class Service:
             return _error(404, "NotFound", f"there is no function at {request.path}: call a function "
                           f"of {self.program.name} with POST /<function>")
         if request.method != "POST":
-            return _status_headers(_error(405, "MethodNotAllowed", f"call {name} with POST /{name} and a "
-                                   "JSON body: an array (positional arguments) or an object (keyword arguments)"),
-                                   [("allow", "POST")])
+            wrong = _error(405, "MethodNotAllowed", f"call {name} with POST /{name} and a JSON body: "
+                           "an array (positional arguments) or an object (keyword arguments)")
+            return _status_headers(wrong, [("allow", "POST")])
         args, kwargs = self._arguments(request)
         self._check_binds(name, args, kwargs)
         program = self.program
@@ -365,11 +297,13 @@ class Service:
         func = public_functions(module).get(name)
         if func is None:
             listed = ", ".join(sorted(public_functions(module))) or "none"
-            raise FunctionNotFoundError(f"{self.program.name} has no function {name!r} (its functions: {listed})")
+            raise FunctionNotFoundError(
+                f"{self.program.name} has no function {name!r} (its functions: {listed})")
         try:
             inspect.signature(func).bind(*args, **kwargs)
         except TypeError as exc:
-            raise _Answer(_error(400, "BadArguments", f"the arguments do not fit {name}{inspect.signature(func)}: "
+            raise _Answer(_error(400, "BadArguments", f"the arguments do not fit "
+                                 f"{name}{inspect.signature(func)}: "
                                  f"{exc}; nothing was run")) from None
 
     # -- endpoint(request) -------------------------------------------------------------------

@@ -108,7 +108,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     srv.add_argument("--attempts", type=int, metavar="N",
                      help="tries of a call that meets conflicts before it answers 409 (default 10)")
     srv.add_argument("--debug", action="store_true", help="tracebacks in error answers")
-    srv.add_argument("--inspect", action="store_true", help="serve the state inspector at /_inspect (loopback only)")
+    srv.add_argument("--inspect", action="store_true",
+                     help="serve the state inspector at /_inspect (loopback only)")
     srv.add_argument("--no-watch", action="store_true", help="do not deploy the file when it changes")
     srv.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
     srv.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
@@ -238,7 +239,8 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     config = ServeConfig(
         program=os.path.abspath(args.program), target=_target(args), host=args.host, port=args.port,
-        workers=args.workers, threads=args.threads, attempts=args.attempts, debug=args.debug, inspect=args.inspect,
+        workers=args.workers, threads=args.threads, attempts=args.attempts, debug=args.debug,
+        inspect=args.inspect,
         watch=not args.no_watch, allow=list(args.allow), tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
     check_host(config, args.insecure)
