@@ -299,52 +299,18 @@ class _Reader:
         except (TypeError, ValueError, KeyError, IndexError, ArithmeticError) as exc:
             raise JSONFormError(f"{path}: a malformed {tag} value {d[tag]!r} ({exc})") from None
 
-    def _tagged(self, tag: str, v: Any, path: str) -> Any:  # noqa: C901 - one branch per tag
-        if tag == "$float":
-            if v not in ("nan", "inf", "-inf"):
-                raise ValueError("expected 'nan', 'inf' or '-inf'")
-            return float(v)
-        if tag == "$tuple":
-            return tuple(self._list(v, path))
-        if tag == "$set":
-            return set(self._list(v, path))
-        if tag == "$frozenset":
-            return frozenset(self._list(v, path))
+    def _tagged(self, tag: str, v: Any, path: str) -> Any:
+        scalar = _SCALARS.get(tag)
+        if scalar is not None:
+            return scalar(v)
+        if tag in ("$tuple", "$set", "$frozenset"):
+            return _COLLECTIONS[tag](self._list(v, path))
         if tag == "$dict":
             return {self._hashable(self.read(k, f"{path} (a key)"), path): self.read(item, f"{path}[{i}]")
                     for i, (k, item) in enumerate(_pairs(v))}
-        if tag == "$bytes":
-            return base64.b64decode(_str(v), validate=True)
-        if tag == "$bytearray":
-            return bytearray(base64.b64decode(_str(v), validate=True))
-        if tag == "$datetime":
-            if isinstance(v, list):
-                text, zone = v
-                import zoneinfo
-
-                return datetime.datetime.fromisoformat(_str(text)).astimezone(zoneinfo.ZoneInfo(_str(zone)))
-            return datetime.datetime.fromisoformat(_str(v))
-        if tag == "$date":
-            return datetime.date.fromisoformat(_str(v))
-        if tag == "$time":
-            return datetime.time.fromisoformat(_str(v))
-        if tag == "$timedelta":
-            days, seconds, micro = v
-            return datetime.timedelta(days=_int(days), seconds=_int(seconds), microseconds=_int(micro))
-        if tag == "$decimal":
-            try:
-                return decimal.Decimal(_str(v))
-            except decimal.InvalidOperation:
-                raise ValueError("not a decimal number") from None
-        if tag == "$fraction":
-            return fractions.Fraction(_str(v))
         if tag == "$complex":
             re, im = (self.read(x, path) for x in v)
             return complex(_num(re), _num(im))
-        if tag == "$uuid":
-            return uuid.UUID(_str(v))
-        if tag == "$counter":
-            return Counter(_int(v))
         if tag == "$enum":
             name, member = v
             cls = self._class(_str(name), path)
@@ -355,18 +321,15 @@ class _Reader:
             return self._object(v, path, None)
         if tag == "$shared":
             n, inner = v
-            n = _int(n)
-            return self._shared(n, inner, path)
+            return self._shared(_int(n), inner, path)
         if tag == "$ref":
             n = _int(v)
             if n not in self.shared:
                 raise JSONFormError(f"{path}: {{'$ref': {n}}} comes before its {{'$shared': [{n}, ...]}}")
             return self.shared[n]
-        raise JSONFormError(
-            f"{path}: unknown tag {tag!r} (known: $bytes, $bytearray, $complex, $counter, $date, "
-            "$datetime, $decimal, $dict, $enum, $float, $fraction, $frozenset, $object, $ref, $set, "
-            "$shared, $time, $timedelta, $tuple, $uuid)"
-        )
+        known = ", ".join(sorted([*_SCALARS, *_COLLECTIONS, "$dict", "$complex", "$enum", "$object",
+                                  "$shared", "$ref"]))
+        raise JSONFormError(f"{path}: unknown tag {tag!r} (known: {known})")
 
     def _shared(self, n: int, inner: Any, path: str) -> Any:
         """A value met several times: made empty first where it can contain a `$ref` to itself."""
@@ -434,6 +397,50 @@ class _Reader:
         except TypeError:
             raise JSONFormError(f"{path}: a {type(k).__name__} cannot be a dict key") from None
         return k
+
+
+def _float(v: Any) -> float:
+    if v not in ("nan", "inf", "-inf"):
+        raise ValueError("expected 'nan', 'inf' or '-inf'")
+    return float(v)
+
+
+def _datetime(v: Any) -> datetime.datetime:
+    if isinstance(v, list):
+        import zoneinfo
+
+        text, zone = v
+        return datetime.datetime.fromisoformat(_str(text)).astimezone(zoneinfo.ZoneInfo(_str(zone)))
+    return datetime.datetime.fromisoformat(_str(v))
+
+
+def _timedelta(v: Any) -> datetime.timedelta:
+    days, seconds, micro = v
+    return datetime.timedelta(days=_int(days), seconds=_int(seconds), microseconds=_int(micro))
+
+
+def _decimal(v: Any) -> decimal.Decimal:
+    try:
+        return decimal.Decimal(_str(v))
+    except decimal.InvalidOperation:
+        raise ValueError("not a decimal number") from None
+
+
+#: Tags whose value needs no further reading: tag -> its reader.
+_SCALARS: dict[str, Callable[[Any], Any]] = {
+    "$float": _float,
+    "$bytes": lambda v: base64.b64decode(_str(v), validate=True),
+    "$bytearray": lambda v: bytearray(base64.b64decode(_str(v), validate=True)),
+    "$datetime": _datetime,
+    "$date": lambda v: datetime.date.fromisoformat(_str(v)),
+    "$time": lambda v: datetime.time.fromisoformat(_str(v)),
+    "$timedelta": _timedelta,
+    "$decimal": _decimal,
+    "$fraction": lambda v: fractions.Fraction(_str(v)),
+    "$uuid": lambda v: uuid.UUID(_str(v)),
+    "$counter": lambda v: Counter(_int(v)),
+}
+_COLLECTIONS: dict[str, Callable[[list[Any]], Any]] = {"$tuple": tuple, "$set": set, "$frozenset": frozenset}
 
 
 def _pairs(v: Any) -> list[tuple[Any, Any]]:

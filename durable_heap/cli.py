@@ -97,8 +97,19 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     mode.add_argument("--check", action="store_true",
                     help="compare the stored data with the program's declared State; exit 1 on mismatches")
     ty.add_argument("--force", action="store_true", help="with --write: overwrite a file it did not generate")
-    # --- durable-heap serve (durable_heap._serve) -----------------------------------------
-    srv = command("serve", "serve a program over HTTP: POST /<function>, endpoint(request), /_health")
+    # durable-heap serve (durable_heap._serve)
+    _serve_options(command("serve", "serve a program over HTTP: POST /<function>, endpoint(), /_health"))
+    for p in commands.values():
+        common(p)
+
+    from ._zeo import add_command
+
+    commands["zeo"] = add_command(sub)
+    return parser, commands
+
+
+def _serve_options(srv: argparse.ArgumentParser) -> None:
+    """The options of ``durable-heap serve`` (see `durable_heap._serve`)."""
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     srv.add_argument("--workers", type=int, default=1, metavar="N",
@@ -115,14 +126,6 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     srv.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
     srv.add_argument("--insecure", action="store_true",
                      help="allow a non-loopback --host without TLS (behind a TLS-terminating proxy)")
-    # --------------------------------------------------------------------------------------
-    for p in commands.values():
-        common(p)
-
-    from ._zeo import add_command
-
-    commands["zeo"] = add_command(sub)
-    return parser, commands
 
 
 def _target(args: argparse.Namespace) -> str:

@@ -25,12 +25,12 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("storage backends", {"_allow", "_integrity", "_filestorage", "_follow", "_zeo_client", "_zeo"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths"}),
-    ("containers and state", {"_containers", "_counter", "_state"}),
+    ("containers and state", {"_containers", "_counter", "_state", "_jsonform"}),
     ("heap engine", {"_retry", "_heap", "_engine"}),
     ("durable execution", {"_execution"}),
     ("programs", {"_program", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server",
-               "asgi", "wsgi"}),
+               "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect"}),
 ]
 
 
