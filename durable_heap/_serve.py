@@ -494,14 +494,39 @@ def run(config: ServeConfig) -> int:
                                  access_log=False, log_level="warning", timeout_graceful_shutdown=None,
                                  ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
         server = uvicorn.Server(uconfig)
-        sock = uconfig.bind_socket()
-        sock.listen(uconfig.backlog)  # clients queue until uvicorn accepts: none is refused
+        sock = _listen(config, uconfig.backlog)
         _announce(config, sock, service)
         _quiet_sigterm()
         server.run(sockets=[sock])
     finally:
         service.close()
     return 0
+
+
+def _listen(config: ServeConfig, backlog: int) -> Any:
+    """The listening socket, made here rather than by uvicorn's ``Config.bind_socket``.
+
+    asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets whose
+    ``proto`` is IPPROTO_TCP (``asyncio.base_events._set_nodelay``); a socket made
+    with ``proto=0``, as ``bind_socket`` makes it, keeps Nagle on, and every answer
+    (headers and body are two writes) then waits for the client's delayed ACK:
+    about 40 ms a request (measured here: 48 ms against 6 ms for ``GET /_health``).
+    It listens at once, so clients queue until uvicorn (or its workers) accept.
+    """
+    import socket
+
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, config.port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise StorageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}. "
+                           "Choose another --port (0 picks a free one) or --host") from None
+    sock.set_inheritable(True)  # the worker processes serve it too
+    return sock
 
 
 def _quiet_sigterm() -> None:
@@ -562,8 +587,7 @@ def _run_workers(config: ServeConfig) -> int:
                                  port=config.port, workers=config.workers, lifespan="on", access_log=False,
                                  log_level="warning", timeout_graceful_shutdown=None,
                                  ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
-        sock = uconfig.bind_socket()
-        sock.listen(uconfig.backlog)  # clients queue until the workers accept: none is refused
+        sock = _listen(config, uconfig.backlog)
         _announce(config, sock, None)
         _quiet_sigterm()
         Multiprocess(uconfig, sockets=[sock]).run()
