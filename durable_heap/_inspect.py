@@ -11,6 +11,7 @@ clients only reach it, and only with ``--inspect``.
 A node's path is a JSON list of steps from ``state``: ``["a", name]`` (an
 attribute of an Object), ``["k", key]`` (a key of a dict, in tagged JSON),
 ``["i", n]`` (the n-th item of a list, or member of a set, in its order).
+``/_inspect?open=[step, ...]`` opens the page with that path expanded.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ._containers import Dict, List, Set
 from ._http import Answer, Request, _error, _json_answer
 from ._jsonform import decode, encode
-from ._state import Object
+from ._state import Object, State
 
 if TYPE_CHECKING:
     from ._serve import Service
@@ -131,6 +132,9 @@ def summary(obj: Any) -> str:
     if isinstance(obj, (Dict, List, Set)):
         n = len(obj)
         return f"{type(obj).__name__} ({n:,} {'item' if n == 1 else 'items'})"
+    if isinstance(obj, State):
+        n = len(obj._dh_as_dict())
+        return f"State ({n:,} {'name' if n == 1 else 'names'})"
     if isinstance(obj, Object):
         return f"{type(obj).__module__}.{type(obj).__qualname__}"
     text = repr(obj)
@@ -204,14 +208,17 @@ function row(parentPath, child) {{
   const sum = document.createElement("span");
   sum.className = "summary"; sum.textContent = child.summary;
   li.append(t, label, sum);
+  li.dataset.step = JSON.stringify(child.step);
   if (child.expandable) {{
     let open = null;
-    t.onclick = async () => {{
-      if (open) {{ open.remove(); open = null; t.textContent = "\u25b8"; return; }}
+    li.toggle = async () => {{
+      if (open) {{ open.remove(); open = null; t.textContent = "\u25b8"; return null; }}
       open = document.createElement("ul"); open.className = "tree";
       li.append(open); t.textContent = "\u25be";
       await fill(open, path, 0);
+      return open;
     }};
+    t.onclick = li.toggle;
   }}
   return li;
 }}
@@ -233,6 +240,14 @@ async function fill(ul, path, offset) {{
   head.querySelector(".summary").textContent = top.summary;
   document.getElementById("tree").append(head, root);
   await fill(root, [], 0);
+  // ?open=[step, ...] opens that path (a link to a node)
+  const wanted = new URLSearchParams(location.search).get("open");
+  let ul = root;
+  for (const step of wanted ? JSON.parse(wanted) : []) {{
+    const li = [...ul.children].find(e => e.dataset && e.dataset.step === JSON.stringify(step));
+    if (!li || !li.toggle) break;
+    ul = await li.toggle();
+  }}
   document.body.dataset.ready = "1";
 }})();
 </script></body></html>

@@ -492,3 +492,102 @@ def test_a_public_host_without_tls_is_refused(counter: Path) -> None:
 def test_a_missing_program_is_a_usage_error(tmp_path: Path) -> None:
     out = cli("serve", str(tmp_path / "none.py"), "--port", "0")
     assert out.returncode == 2 and "no program file" in out.stderr
+
+
+BIG = """
+    from durable_heap import Object, state
+
+    class User(Object):
+        def __init__(self, name):
+            self.name = name
+            self.tags = ["admin", "ops"]
+
+    state.setdefault("users", {})
+    if not state.users:
+        for i in range(500):
+            state.users[f"u{i:03}"] = User(f"user {i}")
+    state.setdefault("plan", {"levels": [1, 2, 3]})
+
+    def ping():
+        return len(state.users)
+"""
+
+
+def test_the_inspector_is_off_unless_asked(served: Served) -> None:
+    r = served.client.get("/_inspect")
+    assert r.status_code == 404 and "--inspect" in r.json()["error"]["message"]
+
+
+def test_the_inspector_reads_a_big_container_one_page_at_a_time(tmp_path: Path) -> None:
+    s = Served(write(tmp_path / "big.py", BIG), "--inspect")
+    try:
+        page = s.client.get("/_inspect")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "<h1>big</h1>" in page.text and "version 1 serving" in page.text
+
+        def node(path: list[Any], offset: int = 0) -> dict[str, Any]:
+            r = s.client.get("/_inspect/node", params={"path": json.dumps(path), "offset": str(offset)})
+            assert r.status_code == 200, r.text
+            return r.json()  # type: ignore[no-any-return]
+
+        root = node([])
+        assert [c["label"] for c in root["children"]] == ["users", "plan"]
+        assert root["children"][0]["summary"] == "Dict (500 items)"
+        users = node([["a", "users"]])
+        assert len(users["children"]) == 50 and users["more"] == 450 and users["total"] == 500
+        last = node([["a", "users"]], 480)
+        assert [c["label"] for c in last["children"]][-1] == "'u499'" and last["more"] == 0
+        ann = node([["a", "users"], ["k", "u007"]])
+        assert {c["label"]: c["summary"] for c in ann["children"]} == {
+            "name": "'user 7'", "tags": "List (2 items)"}
+        assert node([["a", "users"], ["k", "u007"], ["a", "tags"]])["children"][1]["summary"] == "'ops'"
+        assert s.client.get("/_inspect/node", params={"path": '[["a", "nope"]]'}).status_code == 404
+        assert s.client.get("/_inspect/node", params={"path": "{"}).status_code == 400
+        assert s.client.post("/_inspect").status_code == 405  # read-only
+        assert s.post("/ping").json() == {"result": 500}
+    finally:
+        s.stop()
+
+
+def test_only_loopback_clients_reach_the_inspector() -> None:
+    from durable_heap._serve import _is_loopback_client
+
+    assert _is_loopback_client(("127.0.0.1", 5000)) and _is_loopback_client(("::1", 5000))
+    assert not _is_loopback_client(("192.0.2.7", 5000))
+    assert _is_loopback_client(None)  # a unix socket
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+def test_the_inspector_in_a_real_browser(tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    s = Served(write(tmp_path / "big.py", BIG), "--inspect")
+    try:
+        url = s.url + "/_inspect?open=" + json.dumps([["a", "users"], ["k", "u007"]])
+        common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000"]
+        out = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        dom = out.stdout
+        assert 'data-ready="1"' in dom, out.stderr[-2000:]
+        assert "Dict (500 items)" in dom and "450 more" in dom  # the first page of users, opened
+        assert "'user 7'" in dom and "List (2 items)" in dom  # and one user, opened in it
+        assert "version 1 serving" in dom
+        shot = tmp_path / "inspect.png"
+        subprocess.run([*common, "--window-size=900,700", f"--screenshot={shot}", url],
+                       capture_output=True, timeout=120)
+        assert shot.exists() and shot.stat().st_size > 5000
+        if os.environ.get("DURABLE_HEAP_SCREENSHOT"):  # docs/img/inspect.png is made this way
+            import shutil
+
+            shutil.copy(shot, os.environ["DURABLE_HEAP_SCREENSHOT"])
+    finally:
+        s.stop()
