@@ -253,8 +253,12 @@ class Service:
         program = self.program
         served: list[int] = []
 
-        def then(result: Any) -> bytes:
+        workflows = self.workflows
+
+        def then(result: Any) -> Any:
             served.append(program._loaded[0])  # inside the call: the version that ran it
+            if workflows.is_workflow(result):
+                return result  # its status is read after the commit (it runs right after it)
             return dumps({"result": result}).encode("utf-8")
 
         try:
@@ -264,6 +268,9 @@ class Service:
                 raise
             self._check_binds(name, args, kwargs)  # a new version may have a new signature
             raise
+        if not isinstance(body, bytes):
+            status, headers, body = workflows.started(body)
+            return status, [*headers, *_version_header(served)], body
         return 200, [("content-type", "application/json"), *_version_header(served)], body
 
     def _arguments(self, request: Request) -> tuple[list[Any], dict[str, Any]]:
@@ -372,38 +379,89 @@ class Service:
 
 
 class _Workflows:
-    """INTEGRATION POINT with durable execution (issue 14, `heap.workflow`, `heap.run_due`).
+    """INTEGRATION POINT with durable execution (issue 14: `heap.workflow`, `heap.run_scheduler`).
 
-    Everything serve does with workflows goes through this class: the 202
-    answer for a call that started a workflow, ``GET /_workflows/<id>``, and the
-    scheduler thread. Until that layer is part of durable_heap, the heap has no
-    ``run_scheduler``: the scheduler reports "not available" and
-    ``/_workflows/<id>`` answers 501.
+    Everything serve does with workflows goes through this class, and it finds
+    that layer by the names the design gives it (``heap.run_scheduler``,
+    ``heap.workflow_by_id``, a ``Workflow`` handle with ``id`` and ``status``), so
+    that it works as soon as the layer is part of durable_heap, with no import
+    of it here:
+
+    * a call whose result is a started workflow answers 202
+      ``{"workflow_id": ..., "status": ...}`` (`started`);
+    * ``GET /_workflows/<id>`` answers the workflow's status, what it waits on,
+      its result or error (`get`);
+    * the scheduler runs in a thread of the serving process (`start`, `stop`).
+
+    Without that layer (the heap has no ``run_scheduler``), the scheduler is
+    "not available" in ``/_health`` and ``/_workflows/<id>`` answers 501.
     """
 
     def __init__(self, service: Service) -> None:
         self.service = service
         self.heap = service.heap
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
 
     @property
     def available(self) -> bool:
-        return callable(getattr(self.heap, "run_due", None))
+        return callable(getattr(self.heap, "run_scheduler", None))
 
     def start(self) -> None:
-        """Start the in-process scheduler (once durable execution exists)."""
+        """Start the in-process scheduler (timers, wakes, events) in a thread of its own."""
+        if not self.available or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="durable-heap-scheduler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.heap.run_scheduler(stop=self._stop)  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - reported in /_health, not a dead thread's traceback
+            if not self._stop.is_set():
+                self._error = f"{type(exc).__name__}: {exc}"
+                log.error("the scheduler stopped: %s", self._error)
 
     def stop(self) -> None:
         """Stop the scheduler, letting the item it runs finish."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
 
     def state(self) -> dict[str, Any]:
         if not self.available:
             return {"state": "not available", "reason": "durable execution is not part of this "
                     "durable_heap yet"}
-        return {"state": "stopped"}
+        if self._error is not None:
+            return {"state": "failed", "error": self._error}
+        running = self._thread is not None and self._thread.is_alive()
+        return {"state": "running" if running else "stopped"}
+
+    @staticmethod
+    def is_workflow(value: Any) -> bool:
+        """A handle on a workflow a call started (durable execution's ``Workflow``)."""
+        return type(value).__name__ == "Workflow" and hasattr(value, "id") and hasattr(value, "status")
+
+    def started(self, handle: Any) -> Answer:
+        """The 202 answer for a call that started a workflow (read after the call's commit)."""
+        return _json_answer(202, {"workflow_id": handle.id, "status": handle.status},
+                            [("location", f"/_workflows/{handle.id}")])
 
     def get(self, workflow_id: str) -> Answer:
-        return _error(501, "NotImplemented", "workflows are not part of this durable_heap yet: "
-                      f"there is no workflow {workflow_id!r} to read")
+        find = getattr(self.heap, "workflow_by_id", None)
+        if find is None:
+            return _error(501, "NotImplemented", "workflows are not part of this durable_heap yet: "
+                          f"there is no workflow {workflow_id!r} to read")
+        try:
+            info = find(workflow_id).info
+        except LookupError as exc:
+            return _error(404, type(exc).__name__, str(exc))
+        except DurableHeapError as exc:
+            if "no workflow" in str(exc):
+                return _error(404, type(exc).__name__, str(exc))
+            raise
+        return 200, [("content-type", "application/json")], dumps(info).encode("utf-8")
 
 
 # --- helpers ------------------------------------------------------------------------------
