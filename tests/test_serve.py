@@ -591,3 +591,62 @@ def test_the_inspector_in_a_real_browser(tmp_path: Path) -> None:
             shutil.copy(shot, os.environ["DURABLE_HEAP_SCREENSHOT"])
     finally:
         s.stop()
+
+
+FLOW = """
+    import durable_heap as dh
+    from durable_heap import state
+
+    state.setdefault("log", [])
+
+    def note(x):
+        state.log.append(x)
+        return len(state.log)
+
+    @dh.workflow
+    def onboard(user):
+        reply = dh.promise(f"reply:{user}")
+        note(f"invited {user}")
+        answer = reply.wait()
+        note(f"{user} said {answer}")
+        return f"{user}: {answer}"
+
+    def start(user):
+        return onboard(user)
+
+    def answer(user, text):
+        dh.resolve(f"reply:{user}", text)
+        return "ok"
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("durable_heap"), "workflow"),
+                    reason="durable execution (issue 14) is not part of this durable_heap yet")
+def test_a_workflow_started_over_http_is_resolved_by_another_request(tmp_path: Path) -> None:
+    s = Served(write(tmp_path / "flow.py", FLOW))
+    try:
+        r = s.post("/start", ["bob"])
+        assert r.status_code == 202, r.text
+        wid = r.json()["workflow_id"]
+        assert r.json()["status"] == "waiting" and r.headers["location"] == f"/_workflows/{wid}"
+        info = s.client.get(f"/_workflows/{wid}").json()
+        assert info["status"] == "waiting" and info["waiting_on"] == {"promise": "reply:bob", "until": None}
+        assert s.post("/answer", ["bob", "yes"]).json() == {"result": "ok"}
+        deadline = time.monotonic() + 60  # the in-process scheduler wakes it
+        while (info := s.client.get(f"/_workflows/{wid}").json())["status"] != "done":
+            assert time.monotonic() < deadline, info
+            time.sleep(0.05)
+        assert info["result"] == "bob: yes"
+        assert s.health()["scheduler"]["state"] == "running"
+        assert s.client.get("/_workflows/nope").status_code == 404
+        assert s.post("/note", ["x"]).json() == {"result": 3}  # both steps ran once
+    finally:
+        s.stop()
+
+
+def test_without_durable_execution_workflow_paths_say_so(served: Served) -> None:
+    if hasattr(__import__("durable_heap"), "workflow"):
+        pytest.skip("durable execution is part of this durable_heap")
+    r = served.client.get("/_workflows/abc")
+    assert r.status_code == 501 and "not part of this durable_heap" in r.json()["error"]["message"]
+    assert served.health()["scheduler"]["state"] == "not available"
