@@ -151,15 +151,47 @@ def _page(service: Service) -> str:
     )
     scheduler = service.workflows.state()
     esc = html.escape
+    listing = service.workflows.listing()
+    if listing is not None:
+        flows, timers = listing
+        flow_rows = "".join(
+            f"<tr><td><code>{esc(str(f['id']))}</code></td><td>{esc(str(f['function']))}</td>"
+            f"<td>{esc(str(f['status']))}</td><td>{esc(_when(f['since']))}</td>"
+            f"<td>{esc(_waits(f['waiting_on']))}</td></tr>" for f in flows)
+        timer_rows = "".join(
+            f"<tr><td><code>{esc(str(t['id']))}</code></td><td>{esc(str(t['kind']))}</td>"
+            f"<td>{esc(str(t['target']))}</td>"
+            f"<td>{'dead letter' if t['dead'] else esc(_when(t['due']))}</td></tr>"
+            for t in timers)
+        scheduler_text = (
+            f"<div>scheduler: {esc(str(scheduler.get('state', '')))}</div>"
+            "<table><tr><th>workflow</th><th>function</th><th>status</th><th>since (UTC)</th>"
+            f"<th>waiting on</th></tr>{flow_rows or '<tr><td colspan=5>none</td></tr>'}</table>"
+            "<table><tr><th>timer</th><th>kind</th><th>target</th><th>due (UTC)</th></tr>"
+            f"{timer_rows or '<tr><td colspan=4>none</td></tr>'}</table>"
+        )
+    else:
+        scheduler_text = esc(scheduler.get("state", "")) + (
+            f" ({esc(scheduler['reason'])})" if "reason" in scheduler else "")
     return _TEMPLATE.format(
         program=esc(program.name),
         serving=program._loaded[0] or "?",
         heap=esc(str(service.heap.target)),
         versions=rows or "<tr><td colspan=4>none</td></tr>",
-        workflows=esc(scheduler.get("state", "")) + (f" ({esc(scheduler['reason'])})" if "reason" in scheduler
-                                                     else ""),
+        workflows=scheduler_text,
         page=PAGE,
     )
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if hasattr(value, "strftime") else str(value or "")
+
+
+def _waits(waiting: Any) -> str:
+    if not waiting:
+        return ""
+    return ", ".join(f"{k} {_when(v)}" if k != "promise" else f"promise {v!r}" for k, v in waiting.items()
+                     if v is not None)
 
 
 def _versions(service: Service) -> list[Any]:

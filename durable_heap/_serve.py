@@ -438,6 +438,20 @@ class _Workflows:
         running = self._thread is not None and self._thread.is_alive()
         return {"state": "running" if running else "stopped"}
 
+    def listing(self, limit: int = 50) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """The newest `limit` workflows and the first `limit` timers, for the inspector (None: no layer)."""
+        workflows = getattr(self.heap, "workflows", None)
+        timers = getattr(self.heap, "timers", None)
+        if not self.available or workflows is None or timers is None:
+            return None
+        flows = []
+        for handle in workflows()[-limit:][::-1]:
+            info = handle.info
+            flows.append({k: info.get(k) for k in ("id", "function", "status", "since", "waiting_on")})
+        pending = [{"id": t.id, "kind": t.kind, "target": t.target, "due": t.due, "dead": t.dead}
+                   for t in timers()[:limit]]
+        return flows, pending
+
     @staticmethod
     def is_workflow(value: Any) -> bool:
         """A handle on a workflow a call started (durable execution's ``Workflow``)."""

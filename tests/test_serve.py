@@ -623,7 +623,7 @@ FLOW = """
 @pytest.mark.skipif(not hasattr(__import__("durable_heap"), "workflow"),
                     reason="durable execution (issue 14) is not part of this durable_heap yet")
 def test_a_workflow_started_over_http_is_resolved_by_another_request(tmp_path: Path) -> None:
-    s = Served(write(tmp_path / "flow.py", FLOW))
+    s = Served(write(tmp_path / "flow.py", FLOW), "--inspect")
     try:
         r = s.post("/start", ["bob"])
         assert r.status_code == 202, r.text
@@ -640,6 +640,8 @@ def test_a_workflow_started_over_http_is_resolved_by_another_request(tmp_path: P
         assert s.health()["scheduler"]["state"] == "running"
         assert s.client.get("/_workflows/nope").status_code == 404
         assert s.post("/note", ["x"]).json() == {"result": 3}  # both steps ran once
+        page = s.client.get("/_inspect").text
+        assert wid in page and "flow.onboard" in page and "scheduler: running" in page
     finally:
         s.stop()
 
