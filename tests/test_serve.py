@@ -652,3 +652,38 @@ def test_without_durable_execution_workflow_paths_say_so(served: Served) -> None
     r = served.client.get("/_workflows/abc")
     assert r.status_code == 501 and "not part of this durable_heap" in r.json()["error"]["message"]
     assert served.health()["scheduler"]["state"] == "not available"
+
+
+def test_the_listening_socket_is_tcp_so_asyncio_turns_nagle_off() -> None:
+    """uvicorn's own `Config.bind_socket` makes a socket of protocol 0, on which asyncio
+    leaves Nagle's algorithm on: each answer then waited ~40 ms for a delayed ACK."""
+    import asyncio
+    import socket
+
+    from durable_heap._serve import ServeConfig, _listen
+
+    sock = _listen(ServeConfig(program="", target="", port=0), 8)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+
+        async def accepted_nodelay() -> int:
+            seen: list[int] = []
+
+            def protocol() -> asyncio.Protocol:
+                class P(asyncio.Protocol):
+                    def connection_made(self, transport: Any) -> None:
+                        seen.append(transport.get_extra_info("socket").getsockopt(
+                            socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                return P()
+
+            server = await asyncio.get_running_loop().create_server(protocol, sock=sock)
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            while not seen:
+                await asyncio.sleep(0.01)
+            writer.close()
+            server.close()
+            return seen[0]
+
+        assert asyncio.run(accepted_nodelay()) != 0
+    finally:
+        sock.close()
