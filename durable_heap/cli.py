@@ -102,7 +102,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     for p in commands.values():
         common(p)
 
-    from ._zeo import add_command
+    from ._zeo_server import add_command
 
     commands["zeo"] = add_command(sub)
     return parser, commands
@@ -218,7 +218,7 @@ def _announce(version: Any) -> None:
 
 
 def _zeo(args: argparse.Namespace) -> int:
-    from ._zeo import run_server
+    from ._zeo_server import run_server
 
     return run_server(args)
 
