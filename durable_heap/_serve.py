@@ -524,7 +524,7 @@ def _iso(t: float | None) -> str | None:
 
 
 def _is_loopback_client(client: Any) -> bool:
-    from ._zeo import is_loopback
+    from ._zeo_server import is_loopback
 
     if not client:
         return True  # a unix socket: local by construction
@@ -542,7 +542,7 @@ def worker_app() -> Service:
 
 def check_host(config: ServeConfig, insecure: bool) -> None:
     """Refuse a public address without TLS, as ``durable-heap zeo`` does."""
-    from ._zeo import is_loopback
+    from ._zeo_server import is_loopback
 
     if config.tls_cert is None and not is_loopback(config.host) and not insecure:
         raise StorageError(
@@ -630,7 +630,7 @@ def _run_workers(config: ServeConfig) -> int:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    from ._storage import parse_target
+    from ._targets import parse_target
 
     target = parse_target(config.target)
     if target.scheme != "file":
