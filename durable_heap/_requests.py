@@ -27,7 +27,7 @@ from ._errors import ConflictError
 from ._heap import Heap, _close_quietly, _Task
 from ._values import path_of, reset_watch
 
-__all__ = ["RequestScope", "read_only_answer", "request_note"]
+__all__ = ["RequestScope", "changed_in", "read_only_answer", "request_note"]
 
 _scope: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar(
     "durable_heap_request", default=None)
@@ -36,6 +36,20 @@ _scope: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar(
 def request_note(method: str, path: str) -> str:
     """The transaction note of a request: ``GET /items``."""
     return f"{method} {path[:200]}"
+
+
+# -- PROTECTED: ZODB.Connection._registered_objects and _added (pinned by ---------------
+# tests/test_zodb_internals.py::test_connection_change_lists) ---------------------------
+
+
+def changed_in(conn: Any) -> str | None:
+    """The path of an object changed (or added) in `conn`'s transaction so far, or None.
+
+    ZODB's Connection lists the objects changed in its transaction in
+    `_registered_objects` and the new ones in `_added`.
+    """
+    registered = list(conn._registered_objects) + list(conn._added.values())
+    return path_of(registered[0]) if registered else None
 
 
 def read_only_answer(method: str, changed: str) -> str:
@@ -64,6 +78,10 @@ class RequestScope:
     def exit(self, token: contextvars.Token[RequestScope | None]) -> None:
         self.abort_threads()  # whatever is left (an exception on the way out)
         _scope.reset(token)
+
+    # -- PROTECTED: the heap engine's Heap._transaction, _conns, _lock, _generation, _Task ---
+    # and _close_quietly (durable_heap._heap): a thread's slot is a task slot run by the
+    # heap's own outermost-transaction runner, so its faults are handled as the heap's are.
 
     def slot(self) -> _Task | None:
         """The transaction slot of this (pool) thread, opened now if it has none yet."""
@@ -94,11 +112,9 @@ class RequestScope:
         if threads:
             conns += [s.conn for s, _ in self._threads.values() if s.conn is not None]
         for conn in conns:
-            # ZODB's Connection lists the objects changed in its transaction in
-            # `_registered_objects`, and the new ones in `_added`.
-            registered = list(conn._registered_objects) + list(conn._added.values())
-            if registered:
-                return path_of(registered[0])
+            changed = changed_in(conn)
+            if changed is not None:
+                return changed
         return None
 
     def commit_threads(self, *, after_changes: bool) -> None:
@@ -111,7 +127,7 @@ class RequestScope:
         try:
             while self._threads:
                 _, (slot, cm) = self._threads.popitem()
-                wrote = bool(slot.conn is not None and (slot.conn._registered_objects or slot.conn._added))
+                wrote = slot.conn is not None and changed_in(slot.conn) is not None
                 try:
                     cm.__exit__(None, None, None)
                 except transaction.interfaces.TransientError as exc:

@@ -31,7 +31,7 @@ from typing import Any
 from ._errors import ConflictError, ReadOnlyRequestError
 from ._heap import Heap, _backoff_delay
 from ._http import Answer, error_answer
-from ._requests import read_only_answer, request_note
+from ._requests import changed_in, read_only_answer, request_note
 
 __all__ = ["TransactionMiddleware"]
 
@@ -132,7 +132,7 @@ class TransactionMiddleware:
                         raise RuntimeError("the WSGI app returned without calling start_response")
                     code = int(str(held["status"]).split(" ", 1)[0])
                     if read_only:
-                        changed = _changed(heap)
+                        changed = changed_in(heap.connection)
                         if changed is not None:
                             raise ReadOnlyRequestError(read_only_answer(method, changed))
                         raise _Rollback
@@ -153,16 +153,6 @@ class _Failed(Exception):
     def __init__(self, exc: Exception, held: dict[str, Any]) -> None:
         super().__init__(str(exc))
         self.exc, self.held = exc, held
-
-
-def _changed(heap: Heap) -> str | None:
-    from ._values import path_of
-
-    conn = heap.connection
-    # ZODB's Connection lists the objects changed in its transaction in
-    # `_registered_objects`, and the new ones in `_added`.
-    registered = list(conn._registered_objects) + list(conn._added.values())
-    return path_of(registered[0]) if registered else None
 
 
 def _read_body(environ: Environ) -> bytes:
