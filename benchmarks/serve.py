@@ -213,14 +213,17 @@ def report(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 worker, 1 round of 150 requests")
-    p.add_argument("--workers", default="1,4", help="comma-separated worker counts (default 1,4)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--requests", type=int, default=1500)
+    p.add_argument("--workers", help="comma-separated worker counts (default 1,4)")
+    p.add_argument("--rounds", type=int, help="rounds per system (default 3)")
+    p.add_argument("--requests", type=int, help="requests per round (default 1500)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
-    if args.quick:
-        args.workers, args.rounds, args.requests = "1", 1, 150
+    quick = {"workers": "1", "rounds": 1, "requests": 150}
+    full = {"workers": "1,4", "rounds": 3, "requests": 1500}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     data = run([int(w) for w in args.workers.split(",")], args.rounds, args.requests, args.concurrency)
     print(json.dumps(data, indent=2) if args.json else report(data))
     return 0
