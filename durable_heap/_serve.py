@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from ._errors import DurableHeapError, FunctionNotFoundError, JSONFormError, StorageError
@@ -622,36 +622,17 @@ def _announce(config: ServeConfig, sock: Any, service: Service | None) -> None:
 
 
 def _run_workers(config: ServeConfig) -> int:
-    """A ZEO server for the heap file, then N uvicorn workers as its clients."""
-    import signal
-    import subprocess
-    import tempfile
+    """A ZEO server for the heap file, then N uvicorn workers as its clients.
 
+    SIGTERM reaches this process: uvicorn's supervisor sends it on to the workers
+    and waits for them (each drains its requests), and only then is the ZEO server
+    stopped, so no worker loses its server while it commits.
+    """
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    from ._targets import parse_target
-
-    target = parse_target(config.target)
-    if target.scheme != "file":
-        raise StorageError(
-            f"--workers needs a heap file (it starts a ZEO server for it); {config.target} is "
-            "not one. Several processes on a zeo:// heap: start each with --storage zeo://..."
-        )
-    folder = tempfile.mkdtemp(prefix="durable-heap-serve-")  # 0700: the socket is private
-    sock_path = os.path.join(folder, "zeo.sock")
-    cmd = [sys.executable, "-m", "durable_heap", "zeo", "--storage", target.location, "--address", sock_path]
-    for pattern in config.allow:
-        cmd += ["--allow", pattern]
-    zeo = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
-    try:
-        assert zeo.stdout is not None
-        line = zeo.stdout.readline().strip()
-        if not line.startswith("zeo://"):
-            zeo.wait(timeout=30)
-            raise StorageError(f"the ZEO server for {target.location} did not start (exit {zeo.returncode}); "
-                               "its error is above")
-        worker_config = dataclasses.replace(config, target=line)
+    with _zeo_for(config) as url:
+        worker_config = dataclasses.replace(config, target=url)
         # Deploy once here, so a broken program is one error now, not N workers failing.
         Service(dataclasses.replace(worker_config, watch=False)).close()
         os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(worker_config))
@@ -663,6 +644,38 @@ def _run_workers(config: ServeConfig) -> int:
         _announce(config, sock, None)
         _quiet_sigterm()
         Multiprocess(uconfig, sockets=[sock]).run()
+    return 0
+
+
+@contextlib.contextmanager
+def _zeo_for(config: ServeConfig) -> Iterator[str]:
+    """``durable-heap zeo`` for the heap file, on a unix socket in a private folder: its URL."""
+    import signal
+    import subprocess
+    import tempfile
+
+    from ._targets import parse_target
+
+    target = parse_target(config.target)
+    if target.scheme != "file":
+        raise StorageError(
+            f"--workers needs a heap file (it starts a ZEO server for it); {config.target} is "
+            "not one. Several processes on a zeo:// heap: start each with --storage zeo://..."
+        )
+    folder = tempfile.mkdtemp(prefix="durable-heap-serve-")  # 0700: the socket is private
+    cmd = [sys.executable, "-m", "durable_heap", "zeo", "--storage", target.location,
+           "--address", os.path.join(folder, "zeo.sock")]
+    for pattern in config.allow:
+        cmd += ["--allow", pattern]
+    zeo = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)  # its log: our stderr
+    try:
+        assert zeo.stdout is not None
+        line = zeo.stdout.readline().strip()
+        if not line.startswith("zeo://"):
+            zeo.wait(timeout=30)
+            raise StorageError(f"the ZEO server for {target.location} did not start (exit "
+                               f"{zeo.returncode}); its error is above")
+        yield line
     finally:
         if zeo.poll() is None:
             zeo.send_signal(signal.SIGTERM)
@@ -670,6 +683,7 @@ def _run_workers(config: ServeConfig) -> int:
                 zeo.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 zeo.kill()
+        if zeo.stdout is not None:
+            zeo.stdout.close()
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-    return 0
