@@ -42,7 +42,8 @@ from ._errors import (
     UnknownTargetError,
     VersionNotFoundError,
 )
-from ._heap import Heap, HeapStatus, active_heap, open, state  # noqa: A004 - dh.open is the API
+from ._facade import Heap, open  # noqa: A004 - dh.open is the API
+from ._heap import HeapStatus, active_heap, state
 from ._http import Request, Response
 from ._state import Object, State
 from ._types import typed_state

@@ -24,8 +24,9 @@ import transaction
 
 from . import _heap
 from ._errors import ConflictError
-from ._heap import Heap, _close_quietly, _Task
-from ._values import path_of, reset_watch
+from ._heap import HeapEngine, _close_quietly, _TaskSlot
+from ._paths import path_of
+from ._watch import reset_watch
 
 __all__ = ["RequestScope", "changed_in", "read_only_answer", "request_note"]
 
@@ -64,13 +65,13 @@ def read_only_answer(method: str, changed: str) -> str:
 class RequestScope:
     """One request of an ASGI app, and the transactions of the threads its sync views ran in."""
 
-    def __init__(self, heap: Heap, note: str) -> None:
+    def __init__(self, heap: HeapEngine, note: str) -> None:
         self.heap = heap
         self.note = note
         self.owner = threading.get_ident()  # the event loop's thread: its task's transaction
         self._lock = threading.Lock()
         #: thread id -> (slot, the transaction's context manager, entered): one per pool thread
-        self._threads: dict[int, tuple[_Task, Any]] = {}
+        self._threads: dict[int, tuple[_TaskSlot, Any]] = {}
 
     def enter(self) -> contextvars.Token[RequestScope | None]:
         return _scope.set(self)
@@ -83,7 +84,7 @@ class RequestScope:
     # and _close_quietly (durable_heap._heap): a thread's slot is a task slot run by the
     # heap's own outermost-transaction runner, so its faults are handled as the heap's are.
 
-    def slot(self) -> _Task | None:
+    def slot(self) -> _TaskSlot | None:
         """The transaction slot of this (pool) thread, opened now if it has none yet."""
         me = threading.get_ident()
         if me == self.owner:
@@ -96,7 +97,7 @@ class RequestScope:
             tm = transaction.TransactionManager(explicit=True)
             conn = heap.db.open(transaction_manager=tm)
             reset_watch(conn)  # from ZODB's pool: what its watch holds belongs to its last user
-            slot = _Task(conn, tm, None, heap._generation)
+            slot = _TaskSlot(conn, tm, None, heap._generation)
             with heap._lock:
                 heap._conns.add(conn)
             # The heap's own outermost-transaction runner (begin now; commit or abort,
@@ -155,7 +156,7 @@ class RequestScope:
             finally:
                 self._close(slot)
 
-    def _close(self, slot: _Task) -> None:
+    def _close(self, slot: _TaskSlot) -> None:
         conn, slot.conn, slot.state = slot.conn, None, None
         if conn is None:  # thrown away after a fault
             return
@@ -168,7 +169,7 @@ class _Dropped(Exception):
     """Internal: makes the heap's transaction runner abort a thread's transaction."""
 
 
-def _thread_slot(heap: Heap) -> _Task | None:
+def _thread_slot(heap: HeapEngine) -> _TaskSlot | None:
     scope = _scope.get()
     if scope is None or scope.heap is not heap:
         return None

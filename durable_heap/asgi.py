@@ -36,9 +36,10 @@ from typing import Any
 from transaction.interfaces import TransientError
 
 from ._errors import ConflictError, ReadOnlyRequestError
-from ._heap import Heap, _backoff_delay
+from ._facade import Heap
 from ._http import Answer, error_answer
 from ._requests import RequestScope, read_only_answer, request_note
+from ._retry import backoff_delay
 
 __all__ = ["TransactionMiddleware"]
 
@@ -91,7 +92,7 @@ class TransactionMiddleware:
                 answer = await self._attempt(scope, body, disconnected, held, read_only, note)
             except ConflictError as exc:
                 if attempt < self.attempts and not getattr(exc, "partial", False):
-                    await asyncio.sleep(_backoff_delay(attempt))
+                    await asyncio.sleep(backoff_delay(attempt))
                     continue
                 partial = getattr(exc, "partial", False)
                 answer = error_answer(exc if partial else _conflict_after(exc, attempt))

@@ -29,9 +29,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._errors import ConflictError, ReadOnlyRequestError
-from ._heap import Heap, _backoff_delay
+from ._facade import Heap
 from ._http import Answer, error_answer
 from ._requests import changed_in, read_only_answer, request_note
+from ._retry import backoff_delay
 
 __all__ = ["TransactionMiddleware"]
 
@@ -83,7 +84,7 @@ class TransactionMiddleware:
                 status, headers, chunks = self._attempt(env, held, read_only, note, method)
             except ConflictError as exc:
                 if attempt < self.attempts:
-                    time.sleep(_backoff_delay(attempt))
+                    time.sleep(backoff_delay(attempt))
                     continue
                 answer = error_answer(ConflictError(
                     f"{exc} The request was run {attempt} times; nothing of it was committed."))
