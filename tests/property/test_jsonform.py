@@ -103,6 +103,9 @@ def same(a: Any, b: Any, pairs: dict[int, int] | None = None) -> bool:
     pairs = {} if pairs is None else pairs
     if type(a) is not type(b):
         return False
+    if isinstance(a, (dh.List, dh.Dict, dh.Set)):  # an Object's containers: durable on both sides
+        kind = {dh.List: list, dh.Dict: dict, dh.Set: set}[type(a)]
+        return same(kind(a), kind(b), pairs)
     if isinstance(a, (list, dict, set, bytearray, Point, Frozen, Slotted, Thing)):
         if id(a) in pairs:
             return pairs[id(a)] == id(b)
