@@ -9,6 +9,7 @@
     durable-heap watch PROGRAM                     deploy the file whenever it changes
     durable-heap types PROGRAM [--write|--check]   a typed State stub; check declared types
     durable-heap zeo --storage FILE [--address A]  serve a heap to other processes
+    durable-heap copy SOURCE TARGET                copy a heap into a new, empty target
     durable-heap serve PROGRAM [--port P]          serve the program over HTTP
 
 PROGRAM is a ``.py`` file or a package folder. Options may come anywhere
@@ -52,7 +53,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument(
             "--storage",
             metavar="TARGET",
-            help="the heap: a path, file:///abs/path.fs, zeo://HOST:PORT or memory:// (default: "
+            help="the heap: a path, file:///abs/path.fs, zeo://HOST:PORT, postgresql://USER@HOST/DB or "
+            "memory:// (default: "
             "$DURABLE_HEAP_STORAGE, else .durable-heap/<program>.fs beside the program)",
         )
         p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
@@ -105,7 +107,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     from ._zeo_server import add_command
 
     commands["zeo"] = add_command(sub)
+    # durable-heap copy (issue 16): its parser and its run in durable_heap._copy
+    from ._copy import add_command as add_copy
+
+    commands["copy"] = add_copy(sub)
     return parser, commands
+
+
+def _copy(args: argparse.Namespace) -> int:
+    from ._copy import run_copy
+
+    return run_copy(args)
 
 
 def _serve_options(srv: argparse.ArgumentParser) -> None:
@@ -164,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = argv[0]
     run = {"call": _call, "deploy": _deploy, "versions": _versions, "rollback": _rollback,
            "inspect": _inspect, "check": _check, "watch": _watch, "types": _types,
-           "zeo": _zeo, "serve": _serve}[args.command]
+           "zeo": _zeo, "copy": _copy, "serve": _serve}[args.command]
     try:
         return run(args)
     except KeyboardInterrupt:
