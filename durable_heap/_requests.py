@@ -26,7 +26,7 @@ from . import _heap
 from ._errors import ConflictError
 from ._heap import HeapEngine, _close_quietly, _TaskSlot
 from ._paths import path_of
-from ._watch import reset_watch
+from ._watch import reset_watch, view_changes
 
 __all__ = ["RequestScope", "changed_in", "read_only_answer", "request_note"]
 
@@ -47,10 +47,13 @@ def changed_in(conn: Any) -> str | None:
     """The path of an object changed (or added) in `conn`'s transaction so far, or None.
 
     ZODB's Connection lists the objects changed in its transaction in
-    `_registered_objects` and the new ones in `_added`.
+    `_registered_objects` and the new ones in `_added`. A plain object (a
+    dataclass) changed in place is in neither until the watch finds it before
+    the commit, so its record's snapshot is compared too (`view_changes`):
+    otherwise a read-only request would drop such a change without a word.
     """
-    registered = list(conn._registered_objects) + list(conn._added.values())
-    return path_of(registered[0]) if registered else None
+    added = list(conn._added.values())
+    return path_of(added[0]) if added else view_changes(conn)
 
 
 def read_only_answer(method: str, changed: str) -> str:

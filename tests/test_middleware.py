@@ -60,6 +60,7 @@ def counted(heap: dh.Heap) -> dh.Heap:
     with heap.transaction() as state:
         state.count = 0
         state.items = []
+        state.item = Item("a")  # a plain object: changed in place, only the watch sees it
     return heap
 
 
@@ -92,6 +93,11 @@ def fastapi_app(heap: dh.Heap, zeo: ZeoServer | None = None) -> Any:
     def sneaky() -> dict[str, int]:
         heap.state.count += 1
         return {"count": heap.state.count}
+
+    @app.get("/sneaky_plain")
+    def sneaky_plain() -> dict[str, str]:
+        heap.state.item.name = "changed"
+        return {"name": heap.state.item.name}
 
     @app.post("/busy")
     async def busy() -> None:
@@ -154,6 +160,11 @@ def flask_app(heap: dh.Heap, zeo: ZeoServer | None = None) -> Any:
     def sneaky() -> Any:
         state.count += 1
         return jsonify(count=state.count)
+
+    @app.get("/sneaky_plain")
+    def sneaky_plain() -> Any:
+        state.item.name = "changed"
+        return jsonify(name=state.item.name)
 
     @app.post("/busy")
     def busy() -> Any:
@@ -277,6 +288,20 @@ def test_a_read_only_request_that_changes_state_is_an_error_and_changes_nothing(
     assert error["type"] == "ReadOnlyRequestError"
     assert "GET request changed state" in error["message"] and "POST" in error["message"]
     assert _count(counted) == 0
+
+
+def test_a_read_only_request_that_changes_a_plain_object_in_place_is_an_error_too(
+    served: httpx.Client, counted: dh.Heap
+) -> None:
+    """A dataclass changed in place is in no ZODB change list: only the watch's snapshot
+    comparison finds it. Dropping it without a word would lose the change silently."""
+    r = served.get("/sneaky_plain")
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "ReadOnlyRequestError"
+    assert "state.item" in error["message"]
+    counted.state._p_jar.sync()
+    assert counted.state.item.name == "a"
 
 
 def test_a_commit_that_fails_after_the_view_returned_answers_an_error_not_a_200(
