@@ -27,12 +27,14 @@ from ._errors import (
     FunctionNotFoundError,
     HeapClosedError,
     HeapLockedError,
+    JSONFormError,
     NoActiveHeapError,
     NotAHeapError,
     NotPersistableError,
     NoTransactionError,
     ProgramError,
     ProgramNotFoundError,
+    ReadOnlyRequestError,
     ServerUnavailableError,
     StaleReferenceError,
     StorageError,
@@ -42,6 +44,7 @@ from ._errors import (
 )
 from ._facade import Heap, open  # noqa: A004 - dh.open is the API
 from ._heap import HeapStatus, active_heap, state
+from ._http import Request, Response
 from ._notes import redact
 from ._state import Object, State
 from ._types import typed_state
@@ -62,6 +65,7 @@ __all__ = [
     "HeapClosedError",
     "HeapLockedError",
     "HeapStatus",
+    "JSONFormError",
     "List",
     "NoActiveHeapError",
     "NoTransactionError",
@@ -71,6 +75,9 @@ __all__ = [
     "Program",
     "ProgramError",
     "ProgramNotFoundError",
+    "ReadOnlyRequestError",
+    "Request",
+    "Response",
     "ServerUnavailableError",
     "Set",
     "StaleReferenceError",

@@ -7,7 +7,9 @@ Hierarchy::
      ├── NoTransactionError (also RuntimeError) a change made outside a transaction
  ├── StaleReferenceError (also RuntimeError) a plain object changed after it left state
      ├── TransactionOwnerError (also RuntimeError)  an asyncio task used another's transaction
+     ├── ReadOnlyRequestError (also RuntimeError)   a GET (or other read-only request) changed state
      ├── ConflictError                          concurrent changes, retries used up
+     ├── JSONFormError (also ValueError)        a value that tagged JSON cannot carry, or bad tagged JSON
      ├── NoActiveHeapError (also RuntimeError)  `state` used with no heap open
      ├── HeapClosedError (also RuntimeError)    a closed heap was used
      ├── StorageError                           the storage cannot be opened or used
@@ -42,12 +44,14 @@ __all__ = [
     "FunctionNotFoundError",
     "HeapClosedError",
     "HeapLockedError",
+    "JSONFormError",
     "NoActiveHeapError",
     "NoTransactionError",
     "NotAHeapError",
     "NotPersistableError",
     "ProgramError",
     "ProgramNotFoundError",
+    "ReadOnlyRequestError",
     "ServerUnavailableError",
     "StaleReferenceError",
     "StorageError",
@@ -101,8 +105,24 @@ class TransactionOwnerError(DurableHeapError, RuntimeError):
     """
 
 
+class ReadOnlyRequestError(DurableHeapError, RuntimeError):
+    """A request of a read-only method (GET, HEAD, OPTIONS by default) changed state.
+
+    The transaction middlewares (`durable_heap.asgi`, `durable_heap.wsgi`) never
+    commit such a request: its changes were dropped, and it is answered 500.
+    """
+
+
 class ConflictError(DurableHeapError):
     """Concurrent transactions kept conflicting and the retries were used up."""
+
+
+class JSONFormError(DurableHeapError, ValueError):
+    """A value cannot be written as tagged JSON (a function, an unknown kind of
+    object), or a text is not valid tagged JSON (a malformed or unknown tag).
+
+    The message names the place (``value['users'][2]``); see `durable_heap._jsonform`.
+    """
 
 
 class NoActiveHeapError(DurableHeapError, RuntimeError):
