@@ -16,6 +16,9 @@ is persisted, incrementally and atomically, at the end of each transaction.
 >>> heap.close()
 """
 
+from typing import Any
+
+from . import _heap
 from ._containers import Dict, List, Set, to_builtin
 from ._counter import Counter
 from ._errors import (
@@ -28,22 +31,72 @@ from ._errors import (
     HeapClosedError,
     HeapLockedError,
     NoActiveHeapError,
+    NonDeterminismError,
     NotAHeapError,
     NotPersistableError,
     NoTransactionError,
     ProgramError,
     ProgramNotFoundError,
+    PromiseTimeout,
     ServerUnavailableError,
     StaleReferenceError,
     StorageError,
     TransactionOwnerError,
     UnknownTargetError,
     VersionNotFoundError,
+    WorkflowError,
 )
-from ._heap import Heap, HeapStatus, active_heap, open, state  # noqa: A004 - dh.open is the API
+from ._heap import HeapStatus, active_heap, state
 from ._state import Object, State
 from ._types import typed_state
 from ._versions import Program, Version
+from ._workflows import (
+    Promise,
+    Timer,
+    Workflow,
+    WorkflowMethods,
+    emit,
+    now,
+    on,
+    patched,
+    promise,
+    random,
+    resolve,
+    sleep,
+    step_key,
+    uuid4,
+    workflow,
+)
+
+
+class Heap(WorkflowMethods, _heap.Heap):
+    """A durable heap: open with `durable_heap.open`, use from any thread or asyncio task.
+
+    The engine's transactions (`durable_heap._heap.Heap`) with durable
+    execution's methods (`durable_heap._workflows.WorkflowMethods`).
+
+    >>> import durable_heap as dh
+    >>> with dh.open("memory://") as heap:
+    ...     with heap.transaction() as state:
+    ...         state.count = 1
+    ...     heap.state.count
+    1
+    """
+
+
+_heap.heap_class = Heap
+
+
+def open(target: Any = None, **options: Any) -> Heap:  # noqa: A001 - dh.open is the API
+    return _heap.open(target, **options)  # type: ignore[return-value]  # it builds `heap_class`
+
+
+open.__doc__ = (_heap.open.__doc__ or "") + """
+    `clock` (a callable giving epoch seconds, such as `durable_heap.testing.Clock`)
+    is the time of workflows and timers; `lease` how many seconds a workflow's
+    runner holds it between transactions; `retention` how long a finished
+    workflow keeps its journal (see docs/workflows.md).
+    """
 
 __version__ = "0.3.0"
 
@@ -63,24 +116,41 @@ __all__ = [
     "List",
     "NoActiveHeapError",
     "NoTransactionError",
+    "NonDeterminismError",
     "NotAHeapError",
     "NotPersistableError",
     "Object",
     "Program",
     "ProgramError",
     "ProgramNotFoundError",
+    "Promise",
+    "PromiseTimeout",
     "ServerUnavailableError",
     "Set",
     "StaleReferenceError",
     "State",
     "StorageError",
+    "Timer",
     "TransactionOwnerError",
     "UnknownTargetError",
     "Version",
     "VersionNotFoundError",
+    "Workflow",
+    "WorkflowError",
     "active_heap",
+    "emit",
+    "now",
+    "on",
     "open",
+    "patched",
+    "promise",
+    "random",
+    "resolve",
+    "sleep",
     "state",
+    "step_key",
     "to_builtin",
     "typed_state",
+    "uuid4",
+    "workflow",
 ]

@@ -92,6 +92,15 @@ _FORMAT_KEY = "durable_heap.format"
 _FORMAT = 2
 _FORMAT_SINCE = {1: "0.2", 2: "0.3"}
 
+#: Hooks of the layers above (durable execution registers them; the engine knows no more):
+#: `after_commit` hooks run after each outermost transaction committed, with none open;
+#: `on_action(heap, func, wrapper)` runs once per `@heap.action` (to add attributes);
+#: `call_action(heap, func, args, kwargs, run)`, when set, runs every call of a sync
+#: action (`run()` is the plain transaction; a workflow body turns the call into a step).
+after_commit: list[Callable[[Heap], None]] = []
+on_action: list[Callable[[Heap, Callable[..., Any], Callable[..., Any]], None]] = []
+call_action: Callable[..., Any] | None = None
+
 _note_repr = reprlib.Repr()
 _note_repr.maxstring = 40
 _note_repr.maxother = 40
@@ -732,6 +741,8 @@ class Heap:
             if err is exc:
                 raise
             raise err from exc
+        for hook in after_commit:
+            hook(self)
 
     def _discard(self, local: _Local) -> None:
         """Throw this thread's connection away after a fault: it is never used again.
@@ -961,12 +972,19 @@ class Heap:
                 async def awrapper(*args: Any, **kwargs: Any) -> Any:
                     return await self._arun(f, args, kwargs, note, attempts or self.max_attempts)
 
+                for hook in on_action:
+                    hook(self, f, awrapper)
                 return awrapper  # type: ignore[return-value]
 
             @functools.wraps(f)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if call_action is not None:
+                    return call_action(self, f, args, kwargs, lambda: self._run(
+                        f, args, kwargs, note, attempts or self.max_attempts))
                 return self._run(f, args, kwargs, note, attempts or self.max_attempts)
 
+            for hook in on_action:
+                hook(self, f, wrapper)
             return wrapper  # type: ignore[return-value]
 
         if func is not None:
@@ -1461,6 +1479,7 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     read_only: bool = False,
     max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
     allow: Iterable[str] = (),
+    **options: Any,
 ) -> Heap:
     """Open (creating if needed) the heap at `target` and make it the active one.
 
@@ -1483,6 +1502,12 @@ def open(  # noqa: A001 - durable_heap.open is the public name
 
     parsed = parse_target(target)
     read_only = read_only or target_read_only(parsed)  # ?read_only=1, for every scheme
-    return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
-                max_async_transactions=max_async_transactions,
-                allow=[*([allow] if isinstance(allow, str) else allow), *env_patterns()])
+    return heap_class(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
+                      max_async_transactions=max_async_transactions,
+                      allow=[*([allow] if isinstance(allow, str) else allow), *env_patterns()],
+                      **options)
+
+
+#: The class `open` builds: the public facade that `durable_heap/__init__` assembles
+#: over this engine (with durable execution's methods; `options` such as `clock` are its).
+heap_class: type[Heap] = Heap
