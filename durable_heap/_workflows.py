@@ -327,10 +327,11 @@ def find(name: tuple[str, str]) -> Any:
         found = resolver(module, qualname)
         if found is not None:
             return found
-    if module == "__main__":
+    if module == "__main__" or "<" in qualname:
         raise WorkflowError(
-            f"{qualname} was defined in a plain script (__main__), which another process "
-            "cannot find by name: move it into a module or a program that the worker loads"
+            f"{module}.{qualname} was defined in a plain script (__main__) or inside a function, "
+            "which another process cannot find by name: define it at the top level of a "
+            "module or of a program that the worker loads"
         )
     try:
         obj: Any = importlib.import_module(module)
@@ -743,7 +744,9 @@ class WorkflowFunction:
                  retention: float | None = None) -> None:
         self.func = func
         self.heap = heap  # None: the active heap at each call (``@durable_heap.workflow``)
-        self.name = name_of(func, "a workflow")
+        # A workflow defined in a function (a closure) is found by its name in this
+        # process only, like one of a plain script: fine for tests, not for timers.
+        self.name = (func.__module__, func.__qualname__)
         self.label = func.__qualname__
         self.retention = retention
         functools.update_wrapper(self, func)  # type: ignore[arg-type]
@@ -762,7 +765,7 @@ class WorkflowFunction:
         inside one it is recorded there and runs right after that transaction
         commits (and, if this process dies first, in a scheduler).
         """
-        heap = self.heap if self.heap is not None else _engine.active_heap()
+        heap: Any = self.heap if self.heap is not None else _engine.active_heap()
         run = _current.get()
         if run is not None and not run.in_step:
             raise WorkflowError(

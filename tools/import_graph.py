@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths"}),
     ("containers and state", {"_containers", "_counter", "_state"}),
     ("heap engine", {"_retry", "_heap", "_engine"}),
-    ("durable execution", {"_execution"}),
+    ("durable execution", {"_execution", "_workflows", "_cron", "_timers"}),
     ("programs", {"_program", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server",
                "asgi", "wsgi"}),
