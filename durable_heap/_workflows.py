@@ -41,11 +41,14 @@ import functools
 import importlib
 import inspect
 import logging
+import marshal
 import os
 import random as _random
 import signal
+import sys
 import threading
 import time
+import types
 import uuid as _uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -140,6 +143,7 @@ class WorkflowRecord(Persistent):
         self.length = 0  # entries in the journal (a dropped journal keeps its length)
         self.retention = retention
         self.finished: float | None = None
+        self.code = ""  # a hash of the workflow function's code that last ran it (see `code_hash`)
 
 
 class JournalEntry:
@@ -319,14 +323,14 @@ def name_of(func: Any, what: str) -> tuple[str, str]:
 
 def find(name: tuple[str, str]) -> Any:
     """The action or workflow stored as (module, qualname), or a `WorkflowError`."""
-    found = _named.get(name)
-    if found is not None:
-        return found
     module, qualname = name
-    if resolver is not None:
+    if resolver is not None:  # first: a program's current version, not what was decorated before
         found = resolver(module, qualname)
         if found is not None:
             return found
+    found = _named.get(name)
+    if found is not None:
+        return found
     if module == "__main__" or "<" in qualname:
         raise WorkflowError(
             f"{module}.{qualname} was defined in a plain script (__main__) or inside a function, "
@@ -334,7 +338,7 @@ def find(name: tuple[str, str]) -> Any:
             "module or of a program that the worker loads"
         )
     try:
-        obj: Any = importlib.import_module(module)
+        obj: Any = sys.modules.get(module) or importlib.import_module(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
@@ -408,7 +412,7 @@ class _Run:
         self.check = check  # a deploy's read-only replay: stop at the first new thing
         self.in_step = False
         self.is_async = inspect.iscoroutinefunction(func.func)
-        self.step_number = 0
+        self.code = code_hash(func.func)
 
     # journal -----------------------------------------------------------------------
 
@@ -466,6 +470,8 @@ class _Run:
                     rec.timer = None
             if rec.status == "waiting":
                 rec.status, rec.waiting, rec.since = "running", None, now
+            if rec.code != self.code:
+                rec.code = self.code
             for entry in self.entries[self.committed:]:
                 rec.journal[rec.length] = entry
                 rec.length += 1
@@ -494,7 +500,6 @@ class _Run:
                 "await the steps one after the other"
             )
         entry = self.next("step", name, detail)
-        self.step_number = self.cursor if entry is not None else self.cursor + 1
         if entry is not None:
             if entry.error is not None:
                 raise _unpack_error(entry.error)
@@ -545,6 +550,8 @@ class _Run:
     def suspend(self, waiting: tuple[Any, ...], deadline: float | None) -> bool:
         """Record the wait (and its timer) and unwind; False when a promise was
         resolved meanwhile (then the body goes on)."""
+        if self.check:
+            raise _StopReplay  # a deploy's replay reached the workflow's wait
         def work(rec: WorkflowRecord, conn: Any, now: float) -> bool:
             if waiting[0] == "promise":
                 promises = _tree(conn, PROMISES_KEY)
@@ -604,8 +611,49 @@ def _require_run(what: str) -> _Run:
     return run
 
 
+def code_hash(func: Callable[..., Any]) -> str:
+    """A hash of a function's code: a deploy replays only workflows whose code changed."""
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return ""
+    import hashlib
+
+    return hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
+
+
+def _program_body(func: Callable[..., Any]) -> Callable[..., Any]:
+    """In a program, every module-level function called from a workflow is a step.
+
+    The body runs with a copy of its module's globals in which each function
+    of the program is a step wrapper (the module itself is left as it is).
+    A program's module carries ``__durable_source__`` (set by the version layer).
+    """
+    module = sys.modules.get(getattr(func, "__module__", ""))
+    if module is None or getattr(module, "__durable_source__", None) is None or not isinstance(
+            func, types.FunctionType):
+        return func
+    scope = dict(func.__globals__)
+    for key, value in scope.items():
+        if (isinstance(value, types.FunctionType) and value.__module__ == module.__name__
+                and value is not func and key != "migrate" and not hasattr(value, "invoke_in")):
+            scope[key] = _as_step(value)
+    body = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    body.__kwdefaults__ = func.__kwdefaults__
+    return body
+
+
+def _as_step(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        run = _current.get()
+        if run is None or run.in_step:
+            return func(*args, **kwargs)
+        return run.step(func, args, kwargs)
+    return step
+
+
 def _call_body(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    func = run.func.func
+    func = _program_body(run.func.func)
     if not run.is_async:
         return func(*args, **kwargs)
     if _engine._running_task() is None:
@@ -895,9 +943,13 @@ def _cron_of(heap: Any, func: Callable[..., Any], spec: str, /, *args: Any, tz: 
         return entry.key
 
     key = _read_then_write(heap, f"cron {cid}", declare)
-    declared = getattr(heap, "_wf_declared", None)
-    if declared is not None:
-        declared.add(cid)
+    if heap.in_transaction:  # remembered for a deploy's check (`_declared_in`)
+        txn = heap.transaction_manager.get()
+        mark = getattr(heap, "_wf_declared", None)
+        if not mark or mark[0] is not txn:
+            fresh: set[str] = set()
+            mark = heap._wf_declared = (txn, fresh)
+        mark[1].add(cid)
     return Timer(heap, tuple(key), cron=cid)
 
 
@@ -1436,7 +1488,7 @@ class WorkflowMethods:
     lease: float
     retention: float
     _wf_wake: threading.Event
-    _wf_declared: set[str]
+    _wf_declared: tuple[Any, set[str]] | None
 
     def __init__(self, *args: Any, clock: Callable[[], float] | None = None,
                  lease: float = DEFAULT_LEASE, retention: float = DEFAULT_RETENTION,
@@ -1446,7 +1498,7 @@ class WorkflowMethods:
         self.lease = float(lease)
         self.retention = float(retention)
         self._wf_wake = threading.Event()
-        self._wf_declared = set()
+        self._wf_declared = None  # (transaction, crons it declared): see `_declared_in`
         super().__init__(*args, **kwargs)
 
     def workflow(self, func: Callable[..., Any] | None = None, /, *,
@@ -1566,25 +1618,41 @@ class WorkflowMethods:
         return _txn(self, read, "durable_heap: list timers")  # type: ignore[no-any-return]
 
 
-def check_waiting(heap: Any, changed: Callable[[tuple[str, str]], bool], *, force: bool) -> list[str]:
-    """The deploy check: replay, read-only, each waiting workflow whose function `changed`.
+def deploy_check(heap: Any, program: str, *, force: bool) -> None:
+    """The deploy's check, in its transaction, after the new code's top level ran.
 
-    Returns "id: reason" for each whose journal the new code no longer matches;
-    with `force` they are marked blocked (in the deploy's transaction, which the
-    caller is in), else the caller refuses the deploy. Blocked workflows are
-    tried again too: those that match now are queued to run.
+    * Each waiting workflow of `program` whose function's code changed (and each
+      blocked one) is replayed, read-only, against the new code up to its wait.
+      A mismatch refuses the deploy (`DeployError` listing the workflows and the
+      first mismatching step) unless `force`, which marks them blocked with the
+      reason; a blocked one that matches again is queued to run.
+    * Timers, crons and subscriptions that name a function the new code no
+      longer defines refuse the deploy too (forced: they fail as they fire and
+      end as dead letters, visible in `timers`).
+    * Crons of `program` that the new top level did not declare are dropped.
     """
+    from ._errors import DeployError
+
     conn = heap.connection
-    wfs = _peek(conn, WORKFLOWS_KEY)
-    if wfs is None:
-        return []
+    prefix = program + "."
+
+    def ours(module: str) -> bool:
+        return module == program or module.startswith(prefix)
+
     problems: list[str] = []
-    for wid, rec in list(wfs.items()):
-        if rec.status not in ("waiting", "blocked") or not (changed(rec.function) or rec.status == "blocked"):
+    wfs = _peek(conn, WORKFLOWS_KEY)
+    for wid, rec in list(wfs.items()) if wfs is not None else ():
+        if rec.status not in ("waiting", "blocked") or not ours(rec.function[0]):
             continue
+        try:
+            wf = find(rec.function)
+        except WorkflowError:
+            wf = None
+        if rec.status == "waiting" and isinstance(wf, WorkflowFunction) and code_hash(wf.func) == rec.code:
+            continue  # its code did not change
         reason = _replay_check(heap, rec)
         if reason:
-            problems.append(f"{wid} ({rec.function[1]}): {reason}")
+            problems.append(f"workflow {wid} ({rec.function[1]}): {reason}")
             if force and rec.status != "blocked":
                 _drop_timer(conn, rec)
                 rec.status, rec.reason, rec.since = "blocked", reason, _clock(heap)
@@ -1592,7 +1660,71 @@ def check_waiting(heap: Any, changed: Callable[[tuple[str, str]], bool], *, forc
             now = _clock(heap)
             rec.status, rec.reason, rec.since, rec.waiting = "waiting", "", now, ("retry", now)
             rec.timer = _add_timer(conn, now, TimerEntry("run", wid, created=now, origin="deploy"))
-    return problems
+    crons = _peek(conn, CRONS_KEY)
+    declared = _declared_in(heap)
+    for cid, cron in list(crons.items()) if crons is not None else ():
+        if ours(cron.action[0]) and cid not in declared:
+            timers = _tree(conn, TIMERS_KEY)
+            if cron.key in timers:
+                del timers[cron.key]
+            del crons[cid]  # the new code no longer declares it
+    missing = _missing_targets(conn, ours)
+    if problems and not force:
+        listed = "; ".join(problems)
+        raise DeployError(
+            f"deploy of {program} refused: waiting workflows no longer match the new code: "
+            f"{listed}. Keep the code up to their waits as it was (branch with "
+            "durable_heap.patched('id') for new runs), cancel them, or deploy with force "
+            "(--force) to mark them blocked (retried at each later deploy); nothing was committed"
+        )
+    if missing and not force:
+        raise DeployError(
+            f"deploy of {program} refused: {'; '.join(missing)} name functions the new code "
+            "no longer defines. Keep those functions, cancel the timers (durable-heap timers), "
+            "or deploy with force (--force): they then fail as they fire and are kept as dead "
+            "letters; nothing was committed"
+        )
+
+
+def _declared_in(heap: Any) -> set[str]:
+    """The crons declared in the transaction in progress (a deploy's top level)."""
+    mark = getattr(heap, "_wf_declared", None)
+    try:
+        txn = heap.transaction_manager.get()
+    except transaction.interfaces.NoTransaction:
+        return set()
+    if not mark or mark[0] is not txn:
+        return set()
+    return set(mark[1])
+
+
+def _defined(module: str, qualname: str) -> bool:
+    obj: Any = sys.modules.get(module)
+    if obj is None:
+        return False
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return True
+
+
+def _missing_targets(conn: Any, ours: Callable[[str], bool]) -> list[str]:
+    missing: list[str] = []
+    timers = _peek(conn, TIMERS_KEY)
+    for key, entry in timers.items() if timers is not None else ():
+        if entry.kind == "call" and ours(entry.target[0]) and not _defined(*entry.target):
+            missing.append(f"timer {key[1]} ({entry.target[1]}, due {_utc(key[0]).isoformat()})")
+    crons = _peek(conn, CRONS_KEY)
+    for cid, cron in crons.items() if crons is not None else ():
+        if ours(cron.action[0]) and not _defined(*cron.action):
+            missing.append(f"cron {cid!r}")
+    subs = _peek(conn, SUBSCRIPTIONS_KEY)
+    for topic, names in subs.items() if subs is not None else ():
+        for name in names:
+            if ours(name[0]) and not _defined(*name):
+                missing.append(f"the subscription of {name[1]} to {topic!r}")
+    return missing
 
 
 def _replay_check(heap: Any, rec: WorkflowRecord) -> str:
@@ -1626,7 +1758,3 @@ def set_resolver(func: Callable[[str, str], Any] | None) -> None:
     """Register the version layer's lookup of a program's functions by name."""
     global resolver
     resolver = func
-
-
-def known(names: Iterable[tuple[str, str]]) -> None:  # pragma: no cover - reserved
-    del names

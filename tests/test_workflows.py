@@ -708,3 +708,118 @@ def test_retention_drops_the_journal_of_finished_workflows(wheap: dh.Heap, clock
     wheap.run_due()
     assert h.info["journal"] == [] and h.result() == 1 and h.status == "done"
 
+
+
+# --- (e) redeploys ----------------------------------------------------------------------------------
+
+FLOW_V1 = """
+import durable_heap as dh
+from durable_heap import state
+
+state.setdefault("log", [])
+
+def note(x):
+    state.log.append(x)
+
+@dh.workflow
+def flow(user):
+    note("a:" + user)
+    dh.sleep(100)
+    note("b:" + user)
+    return "v1"
+"""
+
+# adds code after the wait: adopted
+FLOW_V2 = FLOW_V1.replace('    return "v1"', '    note("c:" + user)\n    return "v2"')
+# changes the step before the wait (another step; changed arguments alone are only reported)
+SHOUT = 'def shout(x):\n    state.log.append(x.upper())\n\n'
+FLOW_V3 = FLOW_V2.replace('note("a:" + user)', 'shout("a:" + user)').replace("@dh.workflow", SHOUT + "@dh.workflow")
+# the same change behind patched(): both old and new runs finish
+FLOW_V4 = FLOW_V2.replace('    note("a:" + user)\n',
+                          '    if dh.patched("capital"):\n        shout("a:" + user)\n'
+                          '    else:\n        note("a:" + user)\n').replace("@dh.workflow", SHOUT + "@dh.workflow")
+
+
+def test_redeploys_adopt_refuse_block_and_patch(tmp_path: Path, clock: Clock) -> None:
+    app = tmp_path / "flowapp.py"
+    app.write_text(FLOW_V1)
+    with dh.open(tmp_path / "flow.fs", clock=clock) as heap:
+        prog = heap.load(app)
+        first = prog.call("flow", "ann")
+        assert isinstance(first, dh.Workflow) and first.status == "waiting"
+        assert list(heap.state.log) == ["a:ann"]  # a program's module-level function is a step
+
+        app.write_text(FLOW_V2)
+        assert heap.deploy(app).number == 2  # adds code after the wait: adopted
+        clock.advance(101)
+        assert heap.run_due() == 1
+        assert first.result() == "v2"  # finished under the new code
+        assert list(heap.state.log) == ["a:ann", "b:ann", "c:ann"]
+
+        second = prog.call("flow", "bob")
+        assert second.status == "waiting"
+        app.write_text(FLOW_V3)
+        with pytest.raises(dh.DeployError, match=rf"{second.id}.*step 1.*'step note'.*'step shout'") as err:
+            heap.deploy(app)
+        assert "nothing was committed" in str(err.value)
+        assert len(heap.versions(app)) == 2 and second.status == "waiting"
+
+        heap.deploy(app, force=True)
+        assert second.status == "blocked"
+        assert "step 1" in second.info["reason"]
+        clock.advance(101)
+        assert heap.run_due() == 0  # a blocked workflow does not run
+        assert second.status == "blocked"
+
+        app.write_text(FLOW_V4)
+        heap.deploy(app)  # retried at the next deploy: it matches again, and is queued
+        assert second.status == "waiting"
+        third = prog.call("flow", "cid")  # a new run takes the new branch
+        clock.advance(101)
+        heap.run_due()
+        assert second.result() == "v2" and third.result() == "v2"
+        assert sorted(heap.state.log[3:]) == sorted(["a:bob", "A:CID", "b:bob", "c:bob", "b:cid", "c:cid"])
+
+
+TIMED_V1 = """
+import durable_heap as dh
+from durable_heap import state
+
+def ping(n):
+    state.pings = state.get("pings", 0) + n
+
+def weekly():
+    state.weekly = state.get("weekly", 0) + 1
+
+def other():
+    pass
+"""
+
+
+def test_a_deploy_that_removes_a_timers_action_is_refused_and_drops_undeclared_crons(
+        tmp_path: Path, clock: Clock) -> None:
+    app = tmp_path / "timedapp.py"
+    app.write_text(TIMED_V1 + "\nheap = dh.active_heap()\n")
+    with dh.open(tmp_path / "timed.fs", clock=clock) as heap:
+        prog = heap.load(app)
+        mod = prog.module
+        action = heap.action(mod.ping)
+        action.invoke_in(60, 2)
+        app.write_text(TIMED_V1.replace("def ping(n):", "def pong(n):"))
+        with pytest.raises(dh.DeployError, match=r"timer .*ping"):
+            heap.deploy(app)
+        app.write_text(TIMED_V1)
+        clock.advance(61)
+        assert heap.run_due() == 1
+        assert heap.state.pings == 2
+
+        cron_src = TIMED_V1 + "\nheap = dh.active_heap()\nheap.action(weekly).cron('0 9 * * 1', tz='Europe/Paris')\n"
+        app.write_text(cron_src)
+        heap.deploy(app)
+        assert [t.kind for t in heap.timers()] == ["cron"]
+        app.write_text(cron_src + "\n# unchanged cron\n")
+        heap.deploy(app)
+        assert [t.kind for t in heap.timers()] == ["cron"]  # declared again: kept, once
+        app.write_text(TIMED_V1 + "\n# no cron any more\n")
+        heap.deploy(app)
+        assert heap.timers() == []  # a deploy drops the crons the new code no longer declares
