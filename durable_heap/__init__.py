@@ -83,6 +83,9 @@ class Heap(WorkflowMethods, _heap.Heap):
     1
     """
 
+    def __enter__(self) -> "Heap":  # noqa: UP037 - no __future__ import here
+        return self
+
 
 _heap.heap_class = Heap
 

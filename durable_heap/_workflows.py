@@ -50,7 +50,7 @@ import threading
 import time
 import types
 import uuid as _uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import transaction.interfaces
@@ -1549,20 +1549,26 @@ class WorkflowMethods:
                 break  # only stale timers: the rest next time
         return count
 
-    def run_scheduler(self, *, stop: threading.Event | None = None, poll: float = 0.005) -> None:
+    def run_scheduler(self, *, stop: threading.Event | None = None, poll: float = 0.005,
+                      tick: Callable[[], Any] | None = None) -> None:
         """Run due work until `stop` is set (or SIGTERM / SIGINT in the main thread).
 
         Between rounds it sleeps until the next deadline, a commit in this
         process that adds work, or `poll` seconds (commits of other processes,
-        over ZEO, are seen at the next poll).
+        over ZEO, are seen at the next poll). `tick` is called about once a
+        second (the worker loads a newly deployed version there).
         """
         stop = stop or threading.Event()
         handlers: list[tuple[signal.Signals, Any]] = []
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 handlers.append((sig, signal.signal(sig, lambda *_: stop.set())))
+        ticked = time.monotonic()
         try:
             while not stop.is_set():
+                if tick is not None and time.monotonic() - ticked >= 1.0:
+                    ticked = time.monotonic()
+                    tick()
                 self._wf_wake.clear()
                 if self.run_due(limit=100):
                     continue

@@ -19,7 +19,7 @@ import pytest
 import durable_heap as dh
 from durable_heap.testing import Clock, ZeoServer, subprocess_env
 
-from .conftest import ROOT
+from .conftest import ROOT, cli, write
 
 START = datetime.datetime(2026, 3, 2, 8, 0, tzinfo=datetime.timezone.utc).timestamp()  # a Monday
 
@@ -733,11 +733,13 @@ def flow(user):
 FLOW_V2 = FLOW_V1.replace('    return "v1"', '    note("c:" + user)\n    return "v2"')
 # changes the step before the wait (another step; changed arguments alone are only reported)
 SHOUT = 'def shout(x):\n    state.log.append(x.upper())\n\n'
-FLOW_V3 = FLOW_V2.replace('note("a:" + user)', 'shout("a:" + user)').replace("@dh.workflow", SHOUT + "@dh.workflow")
+FLOW_V3 = FLOW_V2.replace('note("a:" + user)', 'shout("a:" + user)')
+FLOW_V3 = FLOW_V3.replace("@dh.workflow", SHOUT + "@dh.workflow")
 # the same change behind patched(): both old and new runs finish
 FLOW_V4 = FLOW_V2.replace('    note("a:" + user)\n',
                           '    if dh.patched("capital"):\n        shout("a:" + user)\n'
-                          '    else:\n        note("a:" + user)\n').replace("@dh.workflow", SHOUT + "@dh.workflow")
+                          '    else:\n        note("a:" + user)\n')
+FLOW_V4 = FLOW_V4.replace("@dh.workflow", SHOUT + "@dh.workflow")
 
 
 def test_redeploys_adopt_refuse_block_and_patch(tmp_path: Path, clock: Clock) -> None:
@@ -813,7 +815,7 @@ def test_a_deploy_that_removes_a_timers_action_is_refused_and_drops_undeclared_c
         assert heap.run_due() == 1
         assert heap.state.pings == 2
 
-        cron_src = TIMED_V1 + "\nheap = dh.active_heap()\nheap.action(weekly).cron('0 9 * * 1', tz='Europe/Paris')\n"
+        cron_src = TIMED_V1 + "\ndh.active_heap().action(weekly).cron('0 9 * * 1', tz='Europe/Paris')\n"
         app.write_text(cron_src)
         heap.deploy(app)
         assert [t.kind for t in heap.timers()] == ["cron"]
@@ -823,3 +825,95 @@ def test_a_deploy_that_removes_a_timers_action_is_refused_and_drops_undeclared_c
         app.write_text(TIMED_V1 + "\n# no cron any more\n")
         heap.deploy(app)
         assert heap.timers() == []  # a deploy drops the crons the new code no longer declares
+
+
+# --- (g) the command line: the issue's example across processes ---------------------------------------
+
+ONBOARD = """
+import durable_heap as dh
+from durable_heap import state
+
+state.setdefault("users", {})
+state.setdefault("sent", [])
+state.setdefault("welcomed", [])
+
+def send_invite(user, ref):
+    state.sent.append([user, ref, dh.step_key()])   # an external effect would use the key
+
+def confirm(user, answer):
+    state.users[user] = {"confirmed": answer}
+
+@dh.workflow
+def onboard(user):
+    reply = dh.promise(f"reply:{user}")
+    send_invite(user, reply.name)
+    try:
+        answer = reply.wait(timeout=14 * 86400)
+    except dh.PromiseTimeout:
+        return "expired"
+    dh.sleep(1)
+    confirm(user, answer)
+    dh.emit("user.confirmed", user)
+    return "confirmed"
+
+def on_email(sender, text):
+    return dh.resolve(f"reply:{sender}", text)
+
+@dh.on("user.confirmed")
+def welcome(user):
+    state.welcomed.append(user)
+
+def report():
+    return {"users": state.users, "welcomed": state.welcomed, "sent": len(state.sent)}
+"""
+
+
+@pytest.mark.slow
+def test_the_email_example_through_the_cli(tmp_path: Path) -> None:
+    app = write(tmp_path / "onboard.py", ONBOARD)
+    r = cli("call", str(app), "onboard", "ann", cwd=tmp_path)
+    wid, status = r.stdout.split()
+    assert status == "waiting", r.stderr
+    r = cli("workflows", str(app), cwd=tmp_path)
+    assert wid in r.stdout and "promise 'reply:ann' until" in r.stdout, r.stderr
+    assert cli("call", str(app), "on_email", "ann", "yes", cwd=tmp_path).stdout.strip() == "true"
+    assert cli("call", str(app), "on_email", "ann", "again", cwd=tmp_path).stdout.strip() == "false"
+    r = cli("run-due", str(app), cwd=tmp_path)
+    assert r.stdout.strip() == "1", r.stderr  # the wake: it now sleeps a second
+    assert "sleep until" in cli("workflows", str(app), cwd=tmp_path).stdout
+    time.sleep(1.1)
+    r = cli("run-due", str(app), cwd=tmp_path)
+    assert r.stdout.strip() == "2", r.stderr  # the wake, then the event's delivery
+    r = cli("workflows", str(app), "--id", wid, cwd=tmp_path)
+    assert "status: \"done\"" in r.stdout and "result: \"confirmed\"" in r.stdout, r.stdout
+    assert "step send_invite" in r.stdout and "wait reply:ann" in r.stdout, r.stdout
+    r = cli("call", str(app), "report", cwd=tmp_path)
+    assert r.stdout.strip() == '{"users": {"ann": {"confirmed": "yes"}}, "welcomed": ["ann"], "sent": 1}'
+    r = cli("timers", str(app), cwd=tmp_path)
+    assert "prune" in r.stdout and r.returncode == 0, r.stderr  # the finished workflow's retention
+
+
+@pytest.mark.slow
+def test_the_worker_runs_wakes_and_stops_on_sigterm(tmp_path: Path, zeo_server: ZeoServer) -> None:
+    app = write(tmp_path / "onboard.py", ONBOARD)
+    storage = ["--storage", zeo_server.url]
+    assert cli("deploy", str(app), *storage, cwd=tmp_path).returncode == 0
+    worker = subprocess.Popen([sys.executable, "-m", "durable_heap", "worker", str(app), *storage],
+                              cwd=tmp_path, env=subprocess_env({"PYTHONPATH": str(ROOT)}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wid, status = cli("call", str(app), "onboard", "bob", *storage, cwd=tmp_path).stdout.split()
+        assert status == "waiting"
+        cli("call", str(app), "on_email", "bob", "sure", *storage, cwd=tmp_path)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            r = cli("call", str(app), "report", *storage, cwd=tmp_path)
+            if '"welcomed": ["bob"]' in r.stdout:
+                break
+            time.sleep(0.3)
+        assert '"bob": {"confirmed": "sure"}' in r.stdout and '"welcomed": ["bob"]' in r.stdout, r.stdout
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "worker stopped" in err
