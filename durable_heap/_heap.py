@@ -100,6 +100,7 @@ _FORMAT_SINCE = {1: "0.2", 2: "0.3"}
 after_commit: list[Callable[[Heap], None]] = []
 on_action: list[Callable[[Heap, Callable[..., Any], Callable[..., Any]], None]] = []
 call_action: Callable[..., Any] | None = None
+call_async_action: Callable[..., Awaitable[Any]] | None = None  # the same for async actions
 
 _note_repr = reprlib.Repr()
 _note_repr.maxstring = 40
@@ -970,6 +971,9 @@ class Heap:
 
                 @functools.wraps(f)
                 async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                    if call_async_action is not None:
+                        return await call_async_action(self, f, args, kwargs, lambda: self._arun(
+                            f, args, kwargs, note, attempts or self.max_attempts))
                     return await self._arun(f, args, kwargs, note, attempts or self.max_attempts)
 
                 for hook in on_action:

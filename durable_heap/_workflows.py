@@ -411,6 +411,7 @@ class _Run:
         self.create = create  # a record to store at the first transaction (a start outside one)
         self.check = check  # a deploy's read-only replay: stop at the first new thing
         self.in_step = False
+        self.step_task: Any = None  # the asyncio task running an async step
         self.is_async = inspect.iscoroutinefunction(func.func)
         self.code = code_hash(func.func)
 
@@ -453,39 +454,49 @@ class _Run:
 
         def body(conn: Any) -> Any:
             now = _clock(heap)
-            wfs = _tree(conn, WORKFLOWS_KEY)
-            rec = wfs.get(self.wid)
-            if self.create is not None:
-                if rec is not None:
-                    raise _Abandon  # started with the same id meanwhile, elsewhere
-                rec = wfs[self.wid] = self.create
-            elif rec is None or rec.length != self.committed or rec.status in _FINAL | {"blocked"}:
-                raise _Abandon
-            if self.claim is not None:
-                timers = _tree(conn, TIMERS_KEY)
-                if self.claim not in timers:
-                    raise _Abandon  # another scheduler fired it
-                del timers[self.claim]
-                if rec.timer == self.claim:
-                    rec.timer = None
-            if rec.status == "waiting":
-                rec.status, rec.waiting, rec.since = "running", None, now
-            if rec.code != self.code:
-                rec.code = self.code
-            for entry in self.entries[self.committed:]:
-                rec.journal[rec.length] = entry
-                rec.length += 1
+            rec = self._begin(conn, now)
             result = work(rec, conn, now)
-            rec.heartbeat = now
-            if rec.status == "running" and rec.timer is None:
-                rec.timer = _add_timer(conn, now + heap.lease, TimerEntry("run", self.wid, created=now,
-                                                                         origin="lease"))
+            self._end(rec, conn, now)
             return result
 
         result = _txn(heap, body, note)
         self.committed = len(self.entries) + appended
         self.claim = self.create = None
         return result
+
+    def _begin(self, conn: Any, now: float) -> WorkflowRecord:
+        """The start of each transaction of this run: checks that it still owns the
+        workflow, removes the timer that woke it, writes the pending entries."""
+        wfs = _tree(conn, WORKFLOWS_KEY)
+        rec: WorkflowRecord | None = wfs.get(self.wid)
+        if self.create is not None:
+            if rec is not None:
+                raise _Abandon  # started with the same id meanwhile, elsewhere
+            rec = wfs[self.wid] = self.create
+        elif rec is None or rec.length != self.committed or rec.status in _FINAL | {"blocked"}:
+            raise _Abandon
+        if self.claim is not None:
+            timers = _tree(conn, TIMERS_KEY)
+            if self.claim not in timers:
+                raise _Abandon  # another scheduler fired it
+            del timers[self.claim]
+            if rec.timer == self.claim:
+                rec.timer = None
+        if rec.status == "waiting":
+            rec.status, rec.waiting, rec.since = "running", None, now
+        if rec.code != self.code:
+            rec.code = self.code
+        for entry in self.entries[self.committed:]:
+            rec.journal[rec.length] = entry
+            rec.length += 1
+        return rec
+
+    def _end(self, rec: WorkflowRecord, conn: Any, now: float) -> None:
+        """The end of each transaction of this run: its heartbeat, and its lease timer."""
+        rec.heartbeat = now
+        if rec.status == "running" and rec.timer is None:
+            rec.timer = _add_timer(conn, now + self.heap.lease, TimerEntry("run", self.wid, created=now,
+                                                                          origin="lease"))
 
     # what a body does -----------------------------------------------------------------
 
@@ -532,20 +543,78 @@ class _Run:
         except Exception as exc:
             if not failure or failure[-1] is not exc:
                 raise  # the commit failed, not the step: nothing was journaled
-            packed = _pack_error(exc)
-            now = _clock(self.heap)
-
-            def journal_error(rec: WorkflowRecord, conn: Any, at: float) -> None:
-                rec.journal[rec.length] = JournalEntry("step", name, detail, error=packed, at=at)
-                rec.length += 1
-
-            self.transact(journal_error, f"workflow {self.wid} step {number} failed: {detail}", appended=1)
-            self.entries.append(JournalEntry("step", name, detail, error=packed, at=now))
-            self.cursor += 1
+            self._journal_error(name, detail, number, exc)
             raise
         self.entries.append(JournalEntry("step", name, detail, value))
         self.cursor += 1
         return value
+
+    async def astep(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """`step` for an ``async def`` action awaited in an ``async def`` workflow."""
+        name = func.__qualname__
+        detail = _engine.call_note(name, args, kwargs)
+        if self.in_step:
+            raise WorkflowError(
+                f"workflow {self.wid}: {name} was started while another step runs (concurrent "
+                "steps, e.g. asyncio.gather over actions, have no stable order to replay): "
+                "await the steps one after the other"
+            )
+        entry = self.next("step", name, detail)
+        if entry is not None:
+            if entry.error is not None:
+                raise _unpack_error(entry.error)
+            return entry.value
+        heap = self.heap
+        number = len(self.entries) + 1
+        failure: list[BaseException] = []
+
+        async def body() -> Any:
+            conn = heap.connection
+            now = _clock(heap)
+            rec = self._begin(conn, now)
+            try:
+                value = await func(*args, **kwargs)
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception as exc:
+                failure.append(exc)
+                raise
+            rec.journal[rec.length] = JournalEntry("step", name, detail, value, at=now)
+            rec.length += 1
+            self._end(rec, conn, now)
+            return value
+
+        self.in_step = True
+        self.step_task = _engine._running_task()
+        try:
+            value = await heap._arun(body, (), {}, f"workflow {self.wid} step {number}: {detail}",
+                                     heap.max_attempts)
+        except Exception as exc:
+            if not failure or failure[-1] is not exc:
+                raise
+            self.committed = len(self.entries)
+            self.claim = self.create = None
+            self._journal_error(name, detail, number, exc)
+            raise
+        finally:
+            self.in_step = False
+        self.committed = len(self.entries) + 1
+        self.claim = self.create = None
+        self.entries.append(JournalEntry("step", name, detail, value))
+        self.cursor += 1
+        return value
+
+    def _journal_error(self, name: str, detail: str, number: int, exc: BaseException) -> None:
+        packed = _pack_error(exc)
+        now = _clock(self.heap)
+
+        def journal_error(rec: WorkflowRecord, conn: Any, at: float) -> None:
+            rec.journal[rec.length] = JournalEntry("step", name, detail, error=packed, at=at)
+            rec.length += 1
+
+        self.transact(journal_error, f"workflow {self.wid} step {number} failed: {detail}", appended=1)
+        self.entries.append(JournalEntry("step", name, detail, error=packed, at=now))
+        self.cursor += 1
 
     def suspend(self, waiting: tuple[Any, ...], deadline: float | None) -> bool:
         """Record the wait (and its timer) and unwind; False when a promise was
@@ -884,7 +953,24 @@ def _on_action(heap: Any, func: Callable[..., Any], wrapper: Any) -> None:
     wrapper.cron = functools.partial(_cron_of, heap, func)
 
 
+async def _call_async_action(heap: Any, func: Callable[..., Any], args: tuple[Any, ...],
+                             kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
+    current = _current.get()
+    if current is None or current.heap is not heap:
+        return await run()
+    if current.in_step:
+        if current.step_task is _engine._running_task():
+            return await run()  # called by the step itself: part of its transaction
+        raise WorkflowError(
+            f"workflow {current.wid}: {func.__qualname__} was started while another step runs "
+            "(concurrent steps, e.g. asyncio.gather over actions, have no stable order to "
+            "replay): await the steps one after the other"
+        )
+    return await current.astep(func, args, kwargs)
+
+
 _engine.call_action = _call_action
+_engine.call_async_action = _call_async_action
 _engine.on_action.append(_on_action)
 
 
@@ -1731,6 +1817,33 @@ def _missing_targets(conn: Any, ours: Callable[[str], bool]) -> list[str]:
             if ours(name[0]) and not _defined(*name):
                 missing.append(f"the subscription of {name[1]} to {topic!r}")
     return missing
+
+
+def replay(heap: Any, wid: str) -> Any:
+    """Replay workflow `wid` from its journal, read-only, running nothing: its result.
+
+    For a finished workflow whose journal is kept (see `DEFAULT_RETENTION`):
+    what the body returns when every step, wait and value is read back. A
+    journal that ends before the body does raises `WorkflowError`.
+    """
+    def read(conn: Any) -> Any:
+        wfs = _peek(conn, WORKFLOWS_KEY)
+        rec = wfs.get(wid) if wfs is not None else None
+        if rec is None:
+            raise WorkflowError(f"there is no workflow {wid!r} in the heap {heap.target}")
+        wf = find(rec.function)
+        run = _Run(heap, wid, wf, list(rec.journal.values()), claim=None, create=None, check=True)
+        token = _current.set(run)
+        try:
+            result = _call_body(run, rec.args, rec.kwargs)
+        except (_StopReplay, _Suspend):
+            raise WorkflowError(
+                f"the journal of workflow {wid} ends at entry {run.cursor} before its body does"
+            ) from None
+        finally:
+            _current.reset(token)
+        return result
+    return _txn(heap, read, f"workflow {wid}: replay")
 
 
 def _replay_check(heap: Any, rec: WorkflowRecord) -> str:

@@ -287,6 +287,43 @@ def test_async_workflows_await_their_waits(wheap: dh.Heap, clock: Clock) -> None
     assert wheap.state.counts["async"] == 1
 
 
+def test_async_actions_are_steps_and_concurrent_steps_are_refused(wheap: dh.Heap, clock: Clock) -> None:
+    import asyncio
+
+    @wheap.action
+    async def abump(key: str) -> int:
+        counts = wheap.state.counts
+        counts[key] = counts.get(key, 0) + 1
+        return int(counts[key])
+
+    @wheap.workflow
+    async def sequential() -> list[int]:
+        a = await abump("s")
+        await dh.sleep(5)
+        b = await abump("s")
+        return [a, b]
+
+    h = sequential()
+    clock.advance(5)
+    wheap.run_due()
+    assert h.result() == [1, 2] and wheap.state.counts["s"] == 2
+
+    @wheap.action
+    async def slow_bump(key: str) -> int:
+        await asyncio.sleep(0.01)  # it yields to the loop while it runs
+        return int(await abump(key))
+
+    @wheap.workflow
+    async def concurrent() -> Any:
+        return await asyncio.gather(slow_bump("g1"), slow_bump("g2"))
+
+    g = concurrent()
+    assert g.status == "failed"
+    with pytest.raises(dh.WorkflowError, match="concurrent steps"):
+        g.result()
+    assert "g2" not in wheap.state.counts  # the second, concurrent step never ran
+
+
 # --- (c) promises and events ---------------------------------------------------------------------
 
 
@@ -551,7 +588,9 @@ def test_sigkill_exactly_once(tmp_path: Path) -> None:
     steps = 12
     r = _script(tmp_path, f"""
         for i in range(3):
-            counted.start({steps}, 0.0001, workflow_id=f"k{{i}}")
+            counted.start({steps}, 0.08, workflow_id=f"k{{i}}")  # a run spans several kills
+        for i in range(20):
+            bump.invoke_in(0.2 + i * 0.05, f"t{{i}}")  # timers fired while processes are killed
     """, target)
     assert r.returncode == 0, r.stderr
     (tmp_path / "sched.py").write_text(SCHEDULER)
@@ -570,11 +609,13 @@ def test_sigkill_exactly_once(tmp_path: Path) -> None:
             if all(heap.workflow_by_id(f"k{i}").status == "done" for i in range(3)):
                 break
             time.sleep(0.01)
-        print(sorted(set(heap.state.counts.values())), len(heap.state.counts),
+        counts = dict(heap.state.counts)
+        print(sorted(set(v for k, v in counts.items() if k[0] == "c")), len(counts),
+              sorted(set(v for k, v in counts.items() if k[0] == "t")),
               [heap.workflow_by_id(f"k{i}").status for i in range(3)])
     """, target, timeout=120)
-    # three workflows each bumped c0..c11 once: every counter is exactly 3
-    assert r.stdout.strip() == f"[3] {steps} ['done', 'done', 'done']", r.stderr
+    # three workflows each bumped c0..c11 once: every counter is exactly 3; each timer fired once
+    assert r.stdout.strip() == f"[3] {steps + 20} [1] ['done', 'done', 'done']", r.stderr
 
 
 ZEO_TIMERS = """
