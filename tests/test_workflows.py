@@ -595,7 +595,7 @@ def test_sigkill_exactly_once(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     (tmp_path / "sched.py").write_text(SCHEDULER)
     env = _env(tmp_path, target)
-    rounds = int(os.environ.get("DURABLE_HEAP_SOAK_ROUNDS", "12"))
+    rounds = int(os.environ.get("DURABLE_HEAP_SOAK_ROUNDS", "100" if os.environ.get("DURABLE_HEAP_SOAK") else "12"))
     for _ in range(rounds):
         p = subprocess.Popen([sys.executable, str(tmp_path / "sched.py")], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
