@@ -61,10 +61,12 @@ from persistent import Persistent
 from . import _cron
 from . import _heap as _engine
 from ._errors import (
+    ConflictError,
     DurableHeapError,
     NonDeterminismError,
     NoTransactionError,
     PromiseTimeout,
+    StorageError,
     WorkflowError,
 )
 
@@ -133,14 +135,18 @@ class WorkflowRecord(Persistent):
         self.status = "running"  # one of STATUSES
         self.created = now
         self.since = now  # when it entered its status
-        self.heartbeat = now  # its runner's last transaction (see DEFAULT_LEASE)
+        # Its runner's last transaction that wrote this record; a step writes only its
+        # journal entry (whose `at` says when), so see `last_seen` (and DEFAULT_LEASE).
+        self.heartbeat = now
         self.result: Any = None
         self.error: tuple[str, str, tuple[Any, ...], str] | None = None  # see _pack_error
         self.reason = ""  # why it is blocked
         self.waiting: tuple[Any, ...] | None = None  # ("sleep", deadline) | ("promise", name, deadline)
         self.timer: tuple[float, str] | None = None  # its one timer: wake, lease or prune
         self.journal = IOBTree()  # step number (from 0) -> JournalEntry
-        self.length = 0  # entries in the journal (a dropped journal keeps its length)
+        # Entries in the journal as of the last write of this record (a step appends to
+        # the journal only; a dropped journal keeps it): see `journal_length`.
+        self.length = 0
         self.retention = retention
         self.finished: float | None = None
         self.code = ""  # a hash of the workflow function's code that last ran it (see `code_hash`)
@@ -473,7 +479,7 @@ class _Run:
             if rec is not None:
                 raise _Abandon  # started with the same id meanwhile, elsewhere
             rec = wfs[self.wid] = self.create
-        elif rec is None or rec.length != self.committed or rec.status in _FINAL | {"blocked"}:
+        elif rec is None or rec.status in _FINAL | {"blocked"} or journal_length(rec) != self.committed:
             raise _Abandon
         if self.claim is not None:
             timers = _tree(conn, TIMERS_KEY)
@@ -486,14 +492,15 @@ class _Run:
             rec.status, rec.waiting, rec.since = "running", None, now
         if rec.code != self.code:
             rec.code = self.code
-        for entry in self.entries[self.committed:]:
-            rec.journal[rec.length] = entry
-            rec.length += 1
+        for n, entry in enumerate(self.entries[self.committed:], self.committed):
+            rec.journal[n] = entry
         return rec
 
     def _end(self, rec: WorkflowRecord, conn: Any, now: float) -> None:
-        """The end of each transaction of this run: its heartbeat, and its lease timer."""
-        rec.heartbeat = now
+        """The end of each transaction of this run: its lease timer; the record's
+        heartbeat and length when it is written anyway (a step writes only the journal)."""
+        if rec._p_changed:
+            rec.heartbeat, rec.length = now, journal_length(rec)
         if rec.status == "running" and rec.timer is None:
             rec.timer = _add_timer(conn, now + self.heap.lease, TimerEntry("run", self.wid, created=now,
                                                                           origin="lease"))
@@ -534,8 +541,7 @@ class _Run:
             except Exception as exc:
                 failure.append(exc)
                 raise
-            rec.journal[rec.length] = JournalEntry("step", name, detail, value, at=now)
-            rec.length += 1
+            rec.journal[len(self.entries)] = JournalEntry("step", name, detail, value, at=now)
             return value
 
         try:
@@ -579,8 +585,7 @@ class _Run:
             except Exception as exc:
                 failure.append(exc)
                 raise
-            rec.journal[rec.length] = JournalEntry("step", name, detail, value, at=now)
-            rec.length += 1
+            rec.journal[len(self.entries)] = JournalEntry("step", name, detail, value, at=now)
             self._end(rec, conn, now)
             return value
 
@@ -609,8 +614,7 @@ class _Run:
         now = _clock(self.heap)
 
         def journal_error(rec: WorkflowRecord, conn: Any, at: float) -> None:
-            rec.journal[rec.length] = JournalEntry("step", name, detail, error=packed, at=at)
-            rec.length += 1
+            rec.journal[len(self.entries)] = JournalEntry("step", name, detail, error=packed, at=at)
 
         self.transact(journal_error, f"workflow {self.wid} step {number} failed: {detail}", appended=1)
         self.entries.append(JournalEntry("step", name, detail, error=packed, at=now))
@@ -654,6 +658,20 @@ class _Run:
                                                                               origin="retention"))
 
         self.transact(work, f"workflow {self.wid} {status}")
+
+
+def journal_length(rec: WorkflowRecord) -> int:
+    """Entries in the workflow's journal (keys run from 0); a dropped journal: its last length."""
+    journal = rec.journal
+    return int(journal.maxKey()) + 1 if journal else rec.length
+
+
+def last_seen(rec: WorkflowRecord) -> float:
+    """When the workflow's runner last committed: the record's heartbeat or its last step."""
+    journal = rec.journal
+    if not journal:
+        return float(rec.heartbeat)
+    return max(float(rec.heartbeat), float(journal[journal.maxKey()].at))
 
 
 def _drop_timer(conn: Any, rec: WorkflowRecord) -> None:
@@ -783,6 +801,8 @@ def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
                 run.finish("blocked", reason=str(exc))
                 _log.error("%s", exc)
                 return
+            except (ConflictError, StorageError):
+                raise  # the heap's trouble, not the workflow's: it stays running, its lease brings it back
             except NoTransactionError as exc:
                 path = str(exc).split(" was changed", 1)[0]
                 msg = (
@@ -1283,7 +1303,7 @@ class Workflow:
         lease = self.heap.lease
 
         def describe(rec: WorkflowRecord) -> dict[str, Any]:
-            stuck = rec.status == "running" and rec.heartbeat + lease < _clock(self.heap)
+            stuck = rec.status == "running" and last_seen(rec) + lease < _clock(self.heap)
             return {
                 "id": rec.id,
                 "function": f"{rec.function[0]}.{rec.function[1]}",
@@ -1294,7 +1314,7 @@ class Workflow:
                 "reason": rec.reason,
                 "error": _describe(rec.error),
                 "result": rec.result if rec.status == "done" else None,
-                "steps": rec.length,
+                "steps": max(rec.length, journal_length(rec)),
                 "journal": [
                     {"number": n + 1, "kind": e.kind, "name": e.name, "detail": e.detail,
                      "error": _describe(e.error)} for n, e in rec.journal.items()
@@ -1474,9 +1494,10 @@ def _fire_one(heap: Any) -> int | None:
             if rec is None or rec.status in _FINAL or rec.status == "blocked" or rec.timer != key:
                 del timers[key]  # stale
                 return 0
-            if rec.status == "running" and entry.origin == "lease" and rec.heartbeat + heap.lease > now:
+            seen = last_seen(rec)
+            if rec.status == "running" and entry.origin == "lease" and seen + heap.lease > now:
                 del timers[key]  # its runner is alive: look again when the lease runs out
-                rec.timer = _add_timer(conn, rec.heartbeat + heap.lease, entry)
+                rec.timer = _add_timer(conn, seen + heap.lease, entry)
                 return 0
             state["run"] = entry.target
             return 1  # the run's first transaction removes the timer (a wake is one transaction)
@@ -1485,6 +1506,7 @@ def _fire_one(heap: Any) -> int | None:
             rec = _tree(conn, WORKFLOWS_KEY).get(entry.target)
             if rec is not None and rec.timer == key:
                 rec.timer = None
+                rec.length = journal_length(rec)
                 rec.journal = IOBTree()  # the finished workflow keeps status and result
             return 1
         del timers[key]
@@ -1515,11 +1537,17 @@ def _fire_one(heap: Any) -> int | None:
     except _ActionFailed as failed:
         _failed(heap, state["key"], state["entry"], failed.exc)
         return 1
+    except ConflictError as exc:  # it stays due: tried again at a later round
+        _log.warning("timer %s: %s", state.get("key", ("", "?"))[1], exc)
+        return 0
     if "run" in state:
         try:
             _execute(heap, state["run"], claim=state["key"])
         except WorkflowError:
             _log.exception("workflow %s could not run", state["run"])
+        except (ConflictError, StorageError) as exc:
+            # Not the workflow's failure: its lease (or its timer) brings it back.
+            _log.warning("workflow %s stopped: %s", state["run"], exc)
     return done  # type: ignore[no-any-return]
 
 
@@ -1656,7 +1684,12 @@ class WorkflowMethods:
                     ticked = time.monotonic()
                     tick()
                 self._wf_wake.clear()
-                if self.run_due(limit=100):
+                try:
+                    if self.run_due(limit=100):
+                        continue
+                except DurableHeapError as exc:  # a lost ZEO server, a full disk: keep going
+                    _log.error("scheduler round failed (retrying in a second): %s", exc)
+                    stop.wait(1.0)
                     continue
                 nxt = self._next_deadline()
                 wait = poll if nxt is None else max(0.0, min(poll, nxt - _clock(self)))

@@ -544,16 +544,18 @@ def _env(tmp_path: Path, target: str, env: dict[str, str] | None = None) -> dict
 def test_a_sleep_survives_a_restart_and_resumes_after_its_deadline(tmp_path: Path) -> None:
     _app(tmp_path)
     target = str(tmp_path / "r.fs")
-    r = _script(tmp_path, "h = counted.start(2, 1.5, workflow_id='r')\nprint(h.status)", target)
+    r = _script(tmp_path, "h = counted.start(2, 30, workflow_id='r')\nprint(h.status)", target)
     assert r.stdout.strip() == "waiting", r.stderr
-    r = _script(tmp_path, "print(heap.run_due(), heap.workflow_by_id('r').status)", target)
-    assert r.stdout.split() == ["0", "waiting"], r.stderr  # a new process, not yet due
-    time.sleep(1.6)
-    r = _script(tmp_path, "print(heap.run_due(), heap.workflow_by_id('r').status)", target)
+    look = "print(heap.run_due(), heap.workflow_by_id('r').status)"
+    r = _script(tmp_path, look, target)
+    assert r.stdout.split() == ["0", "waiting"], r.stderr  # a new process, before the deadline
+    # Later processes: their clocks are 31 s and 62 s ahead (WFAPP_SKEW), as if that had passed.
+    r = _script(tmp_path, look, target, env={"WFAPP_SKEW": "31"})
     assert r.stdout.split() == ["1", "waiting"], r.stderr  # woke, ran step 2, sleeps again
-    time.sleep(1.6)
+    r = _script(tmp_path, look, target, env={"WFAPP_SKEW": "45"})
+    assert r.stdout.split() == ["0", "waiting"], r.stderr  # its second sleep is not over
     r = _script(tmp_path, "heap.run_due()\nprint(heap.workflow_by_id('r').result(), dict(heap.state.counts))",
-                target)
+                target, env={"WFAPP_SKEW": "62"})
     assert r.stdout.strip() == "done {'c0': 1, 'c1': 1}", r.stderr
 
 
@@ -595,7 +597,8 @@ def test_sigkill_exactly_once(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     (tmp_path / "sched.py").write_text(SCHEDULER)
     env = _env(tmp_path, target)
-    rounds = int(os.environ.get("DURABLE_HEAP_SOAK_ROUNDS", "100" if os.environ.get("DURABLE_HEAP_SOAK") else "12"))
+    soak = "100" if os.environ.get("DURABLE_HEAP_SOAK") else "12"
+    rounds = int(os.environ.get("DURABLE_HEAP_SOAK_ROUNDS", soak))
     for _ in range(rounds):
         p = subprocess.Popen([sys.executable, str(tmp_path / "sched.py")], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -613,7 +616,7 @@ def test_sigkill_exactly_once(tmp_path: Path) -> None:
         print(sorted(set(v for k, v in counts.items() if k[0] == "c")), len(counts),
               sorted(set(v for k, v in counts.items() if k[0] == "t")),
               [heap.workflow_by_id(f"k{i}").status for i in range(3)])
-    """, target, timeout=120)
+    """, target, env={"WFAPP_SKEW": "120"}, timeout=120)  # the leases of killed runners ran out
     # three workflows each bumped c0..c11 once: every counter is exactly 3; each timer fired once
     assert r.stdout.strip() == f"[3] {steps + 20} [1] ['done', 'done', 'done']", r.stderr
 
