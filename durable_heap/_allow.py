@@ -390,7 +390,12 @@ class Allowlist:
         is allowed, or is a class of a user's module, which storing registers."""
         if type(value) in _NO_GLOBALS:
             return True
+        # -- PROTECTED: ZODB._compat.PersistentPickler (ZODB 6.4) --
+        # ZODB's own pickler class (zodbpickle's, protocol 3), which ZODB does not
+        # export elsewhere: the names it writes are those a stored record holds.
+        # Pinned by tests/test_zodb_internals.py.
         from ZODB._compat import PersistentPickler
+        # -- end PROTECTED --
 
         buf = io.BytesIO()
         try:
@@ -581,8 +586,14 @@ class StoredRegistry:
         return path in self.paths
 
     def _load(self, oid: bytes) -> Any:
+        # -- PROTECTED: ZODB._compat.PersistentUnpickler (ZODB 6.4) --
+        # ZODB's unpickler with a find_global and a persistent_load of ours, so
+        # the registry is read without importing anything. Pinned by
+        # tests/test_zodb_internals.py.
         from ZODB._compat import PersistentUnpickler
         from ZODB.utils import z64
+
+        # -- end PROTECTED --
 
         data, _ = self.storage.load(oid or z64)
         unpickler = PersistentUnpickler(lambda module, name: f"{module}.{name}", lambda ref: ref,
@@ -654,7 +665,12 @@ class _GuardedResolver:
         # Records reach the resolver as stored (a wrapper such as a checksum or
         # compression layer transforms them); ZODB's resolver untransforms them with
         # this hook of ConflictResolvingStorage, and so do we.
+        # -- PROTECTED: ConflictResolvingStorage._crs_untransform_record_data (ZODB 6.4) --
+        # The hook ZODB's own resolver reads records through; without it (a storage
+        # that does not resolve conflicts) the records are as stored. Pinned by
+        # tests/test_damage.py and tests/test_zodb_internals.py.
         untransform = getattr(storage, "_crs_untransform_record_data", lambda data: data)
+        # -- end PROTECTED --
         records = [
             newpickle,
             storage.loadSerial(oid, old_serial),
@@ -702,6 +718,9 @@ def _importable(module: str) -> bool:
     return True
 
 
+# -- PROTECTED: ConflictResolvingStorage.tryToResolveConflict, replaced per instance --
+# (ZODB 6.4, ZEO 6.2: see the docstring for where storages call it). Pinned by
+# tests/test_allow.py and tests/test_zodb_internals.py.
 def guard_conflicts(storage: Any, allowlist: Allowlist) -> None:
     """Make `storage`, and the storages it wraps (``.base``), resolve conflicts only on
     records whose globals `allowlist` admits.
@@ -723,6 +742,7 @@ def guard_conflicts(storage: Any, allowlist: Allowlist) -> None:
         if resolve is not None and not getattr(resolve, "_dh_guarded", False):
             current.tryToResolveConflict = _GuardedResolver(current, resolve, allowlist)
         current = getattr(current, "base", None)
+# -- end PROTECTED --
 
 
 # --- ZODB's log line for a refused load ---------------------------------------------------
@@ -738,9 +758,11 @@ def _not_a_refusal(record: logging.LogRecord) -> bool:
     return True
 
 
+# -- PROTECTED: the "ZODB.Connection" logger's failed-load line (ZODB 6.4) --
 # ZODB.Connection.setstate logs every failed load with its traceback before
 # re-raising it; a refusal is an expected outcome, reported by the error itself.
 logging.getLogger("ZODB.Connection").addFilter(_not_a_refusal)
+# -- end PROTECTED --
 
 
 # --- connections that name the record a refusal came from ---------------------------------

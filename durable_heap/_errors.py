@@ -27,8 +27,11 @@ Hierarchy::
           └── DeployError                       a deploy failed; nothing was committed
 
 Everything a user can cause ends as one of these, with a message that says what
-went wrong and what to do; ZODB, zc.lockfile and transaction errors are mapped in
-`translate_storage_error` and in the heap's transaction runner, nowhere else.
+went wrong and what to do. ZODB's, ZEO's, zc.lockfile's and the OS's errors are
+mapped to these in one place, `durable_heap._errormap.translate_storage_error`
+(most specific first), which also holds the classifiers the heap's transaction
+runner uses to tell a fault from a conflict; the runner words a fault that cut a
+transaction off itself, since that depends on the heap's state.
 """
 
 from __future__ import annotations

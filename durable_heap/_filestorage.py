@@ -28,6 +28,13 @@ from ZODB.FileStorage.FileStorage import TempFormatter
 __all__ = ["FileStorage"]
 
 
+# -- PROTECTED: ZODB.FileStorage.FileStorage internals (ZODB 6.4) --
+# Overrides ``tpc_vote`` and ``_clear_temp`` (called at tpc_begin, tpc_abort and
+# tpc_finish), and replaces the buffered files FileStorage keeps: ``_file``,
+# ``_tfile`` with its ``_tfmt`` (a ``TempFormatter``) and ``_tindex``, under
+# ``_lock``, cutting back to ``_pos`` and flushing ``_files`` (FilePool): the fix
+# of its failed-write trap (see the module) has no public hook.
+# tests/test_zodb_internals.py pins every one.
 class FileStorage(_ZFileStorage):  # type: ignore[misc]
     """`ZODB.FileStorage.FileStorage` that recovers from a failed write (see the module)."""
 
@@ -68,3 +75,4 @@ class FileStorage(_ZFileStorage):  # type: ignore[misc]
         self._tfile = open(self._file_name + ".tmp", "w+b")  # noqa: SIM115 - closed by close()
         self._tfmt = TempFormatter(self._tfile)
         self._tindex.clear()
+# -- end PROTECTED --

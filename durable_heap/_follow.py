@@ -37,12 +37,20 @@ from typing import Any
 from ZODB.FileStorage.FileStorage import FilePool, read_index
 from ZODB.utils import u64, z64
 
+from ._errormap import translate_storage_error
 from ._errors import CorruptHeapError
 from ._integrity import CheckedFileStorage, scan
 
 __all__ = ["FollowingFileStorage"]
 
 
+# -- PROTECTED: ZODB.FileStorage.FileStorage internals (ZODB 6.4) --
+# Catching up moves FileStorage's own state forward (declared below: ``_file``,
+# ``_files`` (FilePool: ``write_lock``, ``empty``, ``name``, ``close``), ``_index``,
+# ``_pos``, ``_oid``, ``_ltid``, ``_lock``, ``_file_name``) and rebuilds it with
+# its own ``_newIndexes``, ``_restore_index``, ``_initIndex`` and the module's
+# ``read_index`` and ``FilePool``: ZODB has no public way to re-read a file
+# another process appends to. tests/test_zodb_internals.py pins every one.
 class FollowingFileStorage(CheckedFileStorage):
     """A FileStorage opened read-only that sees the writer's later commits (see the module).
 
@@ -103,7 +111,8 @@ class FollowingFileStorage(CheckedFileStorage):
             try:
                 reached = scan(self._file, self._file_name, changes, self._pos, self._ltid)
             except CorruptHeapError as exc:
-                raise _damaged(self._file_name, exc.offset or self._pos, exc) from exc
+                raise translate_storage_error(exc, self._file_name, action="follow",
+                                              offset=exc.offset or self._pos) from exc
             pos = self._pos if reached is None else reached[0]
             if pos == self._pos:
                 return  # only a transaction still being written
@@ -136,7 +145,7 @@ class FollowingFileStorage(CheckedFileStorage):
             except Exception as exc:
                 self._file = old
                 new.close()
-                raise _damaged(self._file_name, 0, exc) from exc
+                raise translate_storage_error(exc, self._file_name, action="follow", offset=0) from exc
             with self._files.write_lock():
                 self._files.empty()
                 self._files.name = _same_file(new, self._file_name)
@@ -146,6 +155,9 @@ class FollowingFileStorage(CheckedFileStorage):
                 self._dh_db.invalidateCache()
             self._dh_identity = _identity(os.fstat(new.fileno()))
             self._pos, self._oid, self._ltid = pos, maxoid, _last_tid(new, pos)
+
+
+# -- end PROTECTED --
 
 
 class _Changes:
@@ -188,12 +200,3 @@ def _last_tid(f: Any, pos: int) -> bytes:
     length = u64(f.read(8))
     f.seek(pos - 8 - length)
     return bytes(f.read(8))
-
-
-def _damaged(path: str, offset: int, exc: BaseException) -> CorruptHeapError:
-    return CorruptHeapError(
-        f"the heap {path} changed in a way a read-only reader cannot follow at offset "
-        f"{offset} ({exc}). Nothing was read from the changed part; open the heap again, "
-        "and if that fails too, restore it from a backup (docs/operations.md, When things go wrong).",
-        offset=offset,
-    )

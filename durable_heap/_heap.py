@@ -55,6 +55,10 @@ import ZODB.POSException
 
 from . import _values
 from ._allow import Allowlist, env_patterns, guard_conflicts
+from ._errormap import disconnected as _disconnected
+from ._errormap import is_fault as _is_fault
+from ._errormap import outcome_unknown as _voted
+from ._errormap import reason as _reason
 from ._errors import (
     ConflictError,
     DurableHeapError,
@@ -66,7 +70,8 @@ from ._errors import (
 )
 from ._integrity import CheckedDB
 from ._state import State
-from ._storage import Target, open_storage, parse_target, private_files
+from ._storage import open_storage
+from ._targets import Target, parse_target, private_files
 from ._values import ROOT_KEY, forget_reads, path_of, precheck, reset_watch
 
 if TYPE_CHECKING:
@@ -1212,12 +1217,6 @@ def _require_task(what: str) -> Any:
     return task
 
 
-def _disconnected(exc: BaseException) -> bool:
-    """True for ZEO's ClientDisconnected (without importing ZEO for heaps that do not use it)."""
-    zeo_errors = sys.modules.get("ZEO.Exceptions")
-    return zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)
-
-
 def _stale_format(target: Target, root: Any) -> bool:
     """Whether an existing heap's format marker is older than this version's.
 
@@ -1234,57 +1233,6 @@ def _stale_format(target: Target, root: Any) -> bool:
             "Under ZEO, upgrade the server and every client together."
         )
     return found < _FORMAT
-
-
-def _is_fault(exc: BaseException, *, in_program: bool = False) -> bool:
-    """True when the storage, or the link to it, failed (as opposed to a conflict, a
-    read-only refusal or the program's own error, which ZODB aborts cleanly).
-
-    `in_program`: raised while the program's code ran, where an OSError is its own.
-    """
-    if isinstance(exc, DurableHeapError):
-        return False
-    if isinstance(exc, OSError):
-        return not in_program
-    if isinstance(exc, ZODB.POSException.POSKeyError):
-        return True  # a reference to a record the storage does not have
-    return isinstance(exc, ZODB.POSException.StorageError) and not isinstance(
-        exc, ZODB.POSException.ReadOnlyError
-    )
-
-
-def _voted(txn: Any) -> bool:
-    """Whether every resource of a failed commit had voted: then its outcome is unknown.
-
-    A storage commits only in ``tpc_finish``, so a fault before every vote is in
-    leaves nothing committed (ZEO's server aborts a transaction whose client went
-    away before ``tpc_finish``; FileStorage truncates a failed vote's write). Reads
-    transaction's private ``Transaction._voted`` (id(resource) -> True, set as each
-    ``tpc_vote`` returns; transaction 5.1) and ``_resources``, both kept until the
-    failed transaction is aborted. Without them, assume the worst.
-    """
-    voted = getattr(txn, "_voted", None)
-    resources = getattr(txn, "_resources", None)
-    if not isinstance(voted, dict) or not isinstance(resources, list):
-        return True
-    return bool(resources) and all(id(rm) in voted for rm in resources)
-
-
-_ERRNO_REASONS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is used up",
-    errno.EFBIG: "the file is too large: it would grow past the size limit for files (ulimit -f)",
-    errno.EIO: "an input/output error",
-}
-
-
-def _reason(exc: BaseException) -> str:
-    """What failed, for a message: "the disk is full (ENOSPC)"."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        what = _ERRNO_REASONS.get(exc.errno) or exc.strerror or str(exc)
-        return f"{what} ({errno.errorcode.get(exc.errno, exc.errno)})"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _remedy(exc: BaseException) -> str:
@@ -1502,7 +1450,7 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     >>> heap = dh.open("memory://")
     >>> heap.close()
     """
-    from ._storage import target_read_only
+    from ._targets import target_read_only
 
     parsed = parse_target(target)
     read_only = read_only or target_read_only(parsed)  # ?read_only=1, for every scheme

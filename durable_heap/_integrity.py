@@ -51,6 +51,10 @@ from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import oid_repr, tid_repr, u64, z64
 
 from . import _allow
+from ._errormap import READ_ERRORS as _READ_ERRORS
+from ._errormap import describe as _describe
+from ._errormap import is_damage_value_error as _damage_value_error
+from ._errormap import record_error, translate_storage_error
 from ._errors import CorruptHeapError, DurableHeapError, StorageError
 from ._filestorage import FileStorage  # ZODB's, recovering from a failed write
 
@@ -113,47 +117,22 @@ def intact(oid: bytes, data: bytes) -> bool:
 
 _TXN = struct.Struct(TRANS_HDR)
 _DATA = struct.Struct(DATA_HDR)
-#: What FileStorage raises for a record whose header is damaged (see `_unreadable`).
-_READ_ERRORS = (CorruptedError, ValueError, OverflowError, MemoryError, struct.error)
-
-_RECOVER = (
-    'Restore the heap from a backup; see "A damaged file or record" in docs/operations.md.'
-)
-
-
-def record_error(
-    path: str,
-    oid: bytes,
-    reason: str,
-    *,
-    offset: int | None = None,
-    cls: str | None = None,
-    serial: bytes | None = None,
-) -> CorruptHeapError:
-    """A `CorruptHeapError` for one damaged record, in whole sentences.
-
-    `path`, `reason` and `serial` are kept on the error (``_dh_*``) so that the
-    connection that loaded it can say the same with the object's class added.
-    """
-    what = f"object {oid_repr(oid)}"
-    if oid == z64:
-        what += " (the heap's root)"
-    elif cls:
-        what += f" (a {cls})"
-    where = f" at offset {offset}" if offset is not None else ""
-    rev = f", revision {tid_repr(serial)}," if serial else ""
-    msg = (
-        f"the heap {path} is damaged: the record of {what}{rev}{where} {reason}, so it was "
-        f"not read (nothing was changed). {_RECOVER}"
-    )
-    err = CorruptHeapError(msg, oid=oid, offset=offset)
-    err._dh_path, err._dh_reason, err._dh_serial = path, reason, serial  # type: ignore[attr-defined]
-    return err
+# What FileStorage raises for a damaged record (_READ_ERRORS), the sentence that
+# says how to recover (_RECOVER) and the error of one damaged record
+# (`record_error`) are in the error map, `durable_heap._errormap`.
 
 
 # --- the wrapper: seals on the way in, checks on the way out ----------------------------------
 
 
+# -- PROTECTED: ZODB.FileStorage.FileStorage internals, read for messages (ZODB 6.4) --
+# ChecksumStorage names the file of its base by ``_file_name``, and finds where a
+# damaged record lies (`_header_problem`, `_offset`) through the base's ``_lock``,
+# ``_lookup_pos``, ``_read_data_header``, ``_file`` and ``_ltid``: each read in a
+# ``try``, for the wording only (another storage, or a changed FileStorage, gives a
+# message without an offset). It also calls ``registerDB`` on its base itself (see
+# the trap in __init__). tests/test_zodb_internals.py pins them.
+# -- end PROTECTED --
 @zope.interface.implementer(ZODB.interfaces.IStorageWrapper)
 class ChecksumStorage:
     """Seal each record written and check each record read (zc.zlibstorage's pattern).
@@ -489,6 +468,13 @@ _U64 = struct.Struct(">Q")
 _AHEAD = 1440 << 32  # the upper 32 bits of a tid count minutes
 
 
+# -- PROTECTED: FileStorage._restore_index and the state around it (ZODB 6.4) --
+# The checked scan is hooked into ``_restore_index``, the one method FileStorage's
+# constructor calls between opening the file and ``read_index`` (see the class's
+# docstring), and uses ``_newIndexes``, ``_save_index``, ``_is_read_only``,
+# ``_pos`` and ``_file``; `_close_quietly` closes ``_file``, ``_files``,
+# ``_lock_file`` and ``_tfile`` after a failed constructor. tests/test_damage.py
+# and tests/test_zodb_internals.py pin them.
 class CheckedFileStorage(FileStorage):
     """A FileStorage that refuses, untouched, a file it would open as less than it holds.
 
@@ -547,6 +533,9 @@ class CheckedFileStorage(FileStorage):
                     f.close()
                 except Exception:  # noqa: BLE001,S110 - closing after a failed open
                     pass
+
+
+# -- end PROTECTED --
 
 
 def scan(file: Any, name: str, index: Any, start: int, ltid: bytes) -> tuple[int, bytes] | None:
@@ -778,6 +767,11 @@ def _class_name(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# -- PROTECTED: ZODB.Connection.Connection internals (ZODB 6.4) --
+# Overrides ``setstate`` and ``get`` (where every load passes), and reads the
+# connection's ``_storage``, ``_reader`` (an ObjectReader: ``getState``), ``_db``
+# and ``before`` (None unless historical): ZODB offers no hook for load errors.
+# tests/test_zodb_internals.py pins them.
 class CheckedConnection(_allow.Connection):
     """ZODB's Connection, with read errors of damaged records turned into `CorruptHeapError`.
 
@@ -825,8 +819,9 @@ class CheckedConnection(_allow.Connection):
                 raise
             raise self._damaged(obj, f"cannot be read ({_describe(exc)})") from exc
         except Exception as exc:
-            err = _from_server(exc, _class_name(obj))
-            if err is None:
+            # A CorruptHeapError raised on a ZEO server arrives as ZEO's ServerException.
+            err = translate_storage_error(exc, action="load", cls=_class_name(obj))
+            if err is exc:
                 raise
             raise err from None
 
@@ -842,8 +837,8 @@ class CheckedConnection(_allow.Connection):
                 raise
             raise record_error(self._heap_path(), oid, f"cannot be read ({_describe(exc)})") from exc
         except Exception as exc:
-            err = _from_server(exc, None)
-            if err is None:
+            err = translate_storage_error(exc, action="load")
+            if err is exc:
                 raise
             raise err from None
 
@@ -866,38 +861,7 @@ class CheckedConnection(_allow.Connection):
         return str(getattr(storage, "_path", None) or storage.getName())
 
 
-def _from_server(exc: BaseException, cls: str | None) -> CorruptHeapError | None:
-    """The `CorruptHeapError` a ZEO server raised, rebuilt on the client (None: another error).
-
-    ZEO trap: ZEO 5 sends an exception as its class name and ``__dict__``, and a
-    client rebuilds only the ZODB errors it knows; any other arrives as
-    ``ServerException(class_name, dict)``, the message lost. The server's
-    checksum wrapper keeps the details in the dict (`record_error`).
-    """
-    zeo_errors = sys.modules.get("ZEO.Exceptions")  # only zeo:// heaps import ZEO
-    if zeo_errors is None or not isinstance(exc, zeo_errors.ServerException):
-        return None
-    args = exc.args
-    if len(args) != 2 or args[0] != f"{CorruptHeapError.__module__}.{CorruptHeapError.__name__}":
-        return None
-    info = args[1] if isinstance(args[1], dict) else {}
-    oid, reason = info.get("oid"), info.get("_dh_reason")
-    if isinstance(oid, bytes) and isinstance(reason, str):
-        return record_error(f"{info.get('_dh_path')} (on the ZEO server)", oid, reason,
-                            offset=info.get("offset"), cls=cls, serial=info.get("_dh_serial"))
-    return CorruptHeapError(
-        f"the ZEO server reports that its heap is damaged ({info}). {_RECOVER}",
-        oid=oid if isinstance(oid, bytes) else None,
-    )
-
-
-def _damage_value_error(exc: ValueError) -> bool:
-    return "version length" in str(exc)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+# -- end PROTECTED --
 
 
 class CheckedDB(_allow.DB):

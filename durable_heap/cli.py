@@ -104,7 +104,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     for p in commands.values():
         common(p)
 
-    from ._zeo import add_command
+    from ._zeo_server import add_command
 
     commands["zeo"] = add_command(sub)
     return parser, commands
@@ -200,7 +200,7 @@ def _announce(version: Any) -> None:
 
 
 def _zeo(args: argparse.Namespace) -> int:
-    from ._zeo import run_server
+    from ._zeo_server import run_server
 
     return run_server(args)
 

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[tuple[str, set[str]]] = [
     ("errors", {"_errors"}),
     ("format", {"_format", "_options"}),
+    # Targets and their options parsed (no storage opened); the one error map.
+    ("storage primitives", {"_targets", "_errormap"}),
     ("storage backends", {"_allow", "_integrity", "_filestorage", "_follow", "_zeo_client", "_zeo"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths"}),
