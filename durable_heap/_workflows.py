@@ -1007,11 +1007,20 @@ def _invoke_in(heap: Any, func: Callable[..., Any], seconds: float, /, *args: An
     return _invoke_at(heap, func, _clock(heap) + float(seconds), *args, **kwargs)
 
 
+def _warn_if_main(name: tuple[str, str], what: str) -> None:
+    if name[0] == "__main__":
+        _log.warning(
+            "%s: %s is defined in a plain script (__main__): only a scheduler in this process "
+            "can find it by name; another process's scheduler keeps it as a dead letter. Define "
+            "it in a module or program that the worker loads.", what, name[1])
+
+
 def _invoke_at(heap: Any, func: Callable[..., Any], when: datetime.datetime | float, /,
                *args: Any, **kwargs: Any) -> Timer:
     """``action.invoke_at(when, *args)``: call the action at `when` (a datetime, naive
     meaning UTC, or a timestamp)."""
     name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.invoke_at")
+    _warn_if_main(name, "a timer")
     deadline = _timestamp(when)
     seq = _seq()
 
@@ -1027,6 +1036,7 @@ def _cron_of(heap: Any, func: Callable[..., Any], spec: str, /, *args: Any, tz: 
              id: str | None = None, missed: str = "once", **kwargs: Any) -> Timer:  # noqa: A002
     """``action.cron(spec, *args, tz=None, id=None, missed="once")``: call it at each tick."""
     name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.cron")
+    _warn_if_main(name, "a cron")
     _cron.check(spec, tz, missed)
     cid = id or f"{name[0]}.{name[1]} {spec} {_engine.call_note('', args, kwargs)}" + (f" {tz}" if tz else "")
     entry = CronEntry(name, spec, args, kwargs, tz, missed)
@@ -1637,6 +1647,7 @@ class WorkflowMethods:
         def decorate(func: Callable[..., Any]) -> Any:
             action = func if hasattr(func, "invoke_in") else self.action(func)  # type: ignore[attr-defined]
             name = name_of(func, f"@heap.on({topic!r})")
+            _warn_if_main(name, f"a subscription to {topic!r}")
 
             def subscribe(conn: Any) -> None:
                 subs = _peek(conn, SUBSCRIPTIONS_KEY)

@@ -961,3 +961,31 @@ def test_the_worker_runs_wakes_and_stops_on_sigterm(tmp_path: Path, zeo_server: 
         out, err = worker.communicate(timeout=30)
     assert worker.returncode == 0, err
     assert "worker stopped" in err
+
+
+MAIN_SCRIPT = """
+import sys
+import durable_heap as dh
+heap = dh.open(sys.argv[1])
+
+@heap.action
+def remind(who):
+    print("reminded", who)
+
+remind.invoke_in(0, "ann")
+"""
+
+
+def test_a_plain_scripts_timer_says_why_another_process_cannot_run_it(tmp_path: Path) -> None:
+    script = write(tmp_path / "plain.py", MAIN_SCRIPT)
+    target = str(tmp_path / "plain.fs")
+    r = subprocess.run([sys.executable, str(script), target], capture_output=True, text=True,
+                       env=subprocess_env({"PYTHONPATH": str(ROOT)}), timeout=60)
+    assert "plain script (__main__)" in r.stderr, r.stderr  # said when it was given to a timer
+    clock = Clock()
+    with dh.open(target, clock=clock) as heap:
+        for _ in range(6):
+            heap.run_due()
+            clock.advance(3600)
+        (dead,) = heap.timers(dead=True)
+        assert "plain script (__main__)" in dead.error and "another process cannot find by name" in dead.error
