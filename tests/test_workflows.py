@@ -935,6 +935,13 @@ def test_the_email_example_through_the_cli(tmp_path: Path) -> None:
     assert r.stdout.strip() == '{"users": {"ann": {"confirmed": "yes"}}, "welcomed": ["ann"], "sent": 1}'
     r = cli("timers", str(app), cwd=tmp_path)
     assert "prune" in r.stdout and r.returncode == 0, r.stderr  # the finished workflow's retention
+    prune_id = next(line.split()[0] for line in r.stdout.splitlines() if "prune" in line)
+    assert cli("timers", str(app), "--drop", prune_id, cwd=tmp_path).stdout.strip() == f"{prune_id} dropped"
+    assert prune_id not in cli("timers", str(app), cwd=tmp_path).stdout
+    other, _ = cli("call", str(app), "onboard", "cid", cwd=tmp_path).stdout.split()
+    assert cli("workflows", str(app), "--cancel", other, cwd=tmp_path).stdout.strip() == f"{other} cancelled"
+    r = cli("workflows", str(app), "--status", "cancelled", cwd=tmp_path)
+    assert other in r.stdout and wid not in r.stdout, r.stdout
 
 
 @pytest.mark.slow
