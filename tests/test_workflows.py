@@ -396,6 +396,31 @@ def test_events_reach_each_subscriber_once(wheap: dh.Heap) -> None:
     assert dh.emit("nobody.listens") == 0
 
 
+def test_emit_and_timers_from_a_body_happen_once_and_timers_join_transactions(
+        wheap: dh.Heap, clock: Clock) -> None:
+    _GOT.clear()
+    _TIMER_LOG.clear()
+    tick, _ = _timer_heap(wheap)
+    wheap.on("body.event")(_welcome)
+
+    @wheap.workflow
+    def emits() -> None:
+        dh.emit("body.event", "from the body")  # a step of its own: once, whatever the replays
+        tick.invoke_in(1, "from the body")
+        dh.sleep(10)
+
+    emits()
+    clock.advance(11)
+    wheap.run_due()  # the delivery, the timer, the wake (which replays the emit)
+    wheap.run_due()
+    assert _GOT == [("welcome", "from the body")]
+    assert _TIMER_LOG == ["from the body"]
+    with pytest.raises(RuntimeError), wheap.transaction():
+        tick.invoke_in(1, "rolled back")
+        raise RuntimeError
+    assert wheap.timers() == []  # it joined the aborted transaction
+
+
 def test_closures_are_refused_as_timers_and_subscribers(wheap: dh.Heap) -> None:
     @wheap.action
     def local() -> None:
