@@ -867,8 +867,9 @@ def _after_commit(heap: Any) -> None:
     for _, wid, key in mine:
         try:
             _execute(heap, wid, claim=key)
-        except WorkflowError:
-            _log.exception("workflow %s could not run", wid)
+        except Exception:  # noqa: BLE001 - the starting transaction committed: never fail it now
+            # The workflow keeps its start timer: a scheduler runs it.
+            _log.exception("workflow %s could not run after its start committed", wid)
 
 
 _engine.after_commit.append(_after_commit)
