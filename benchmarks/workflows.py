@@ -292,6 +292,7 @@ def scale_child(path: str, n: int, build: bool) -> dict[str, Any]:
                     rec.length, rec.status, rec.waiting = 1, "waiting", ("sleep", far)
                     rec.timer = w._add_timer(conn, far + i, w.TimerEntry("run", wid, created=now))
                     wfs[wid] = rec
+                    w.reindex(conn, rec)
                     w._add_timer(conn, far + i, w.TimerEntry("call", ("bench", "tick"), (i,), created=now))
         heap.close()
     t0 = time.perf_counter()
@@ -416,11 +417,13 @@ def deploy_child(folder: str, n: int) -> dict[str, Any]:
             for i in range(start, min(n, start + 10_000)):
                 wid = f"wf{i:07d}"
                 rec = w.WorkflowRecord(wid, ("bench_app", "flow"), (i,), {}, now, w.DEFAULT_RETENTION)
-                for k, e in enumerate(entries):
-                    rec.journal[k] = w.JournalEntry(e.kind, e.name, e.detail, e.value, at=now)
+                for k, e in enumerate(entries):  # as flow(i) journals them
+                    detail = f"note({i})" if e.kind == "step" else e.detail
+                    rec.journal[k] = w.JournalEntry(e.kind, e.name, detail, e.value, at=now)
                 rec.length, rec.status, rec.code = len(entries), "waiting", code
                 rec.waiting = ("sleep", entries[-1].detail)
                 wfs[wid] = rec
+                w.reindex(conn, rec)  # as a real wait does
     out: dict[str, Any] = {"n": n}
     app.write_text(_PROGRAM + "\ndef unrelated():\n    pass\n")  # the workflow's code is unchanged
     t0 = time.perf_counter()

@@ -102,7 +102,11 @@ PROMISES_KEY = "durable_heap.promises"
 SUBSCRIPTIONS_KEY = "durable_heap.subscriptions"
 CRONS_KEY = "durable_heap.crons"
 DEAD_KEY = "durable_heap.dead_letters"
-ROOT_KEYS = (WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY)
+#: OOBTree (module, qualname, code hash or "!blocked", id) -> True: the waiting and
+#: blocked workflows by their function's code, so that a deploy replays only those
+#: whose code changed, without reading the others.
+WAITING_KEY = "durable_heap.waiting"
+ROOT_KEYS = (WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY, WAITING_KEY)
 
 #: Seconds a runner holds a running workflow between two of its transactions;
 #: after that a scheduler takes it over (its runner is presumed dead).
@@ -150,6 +154,7 @@ class WorkflowRecord(Persistent):
         self.retention = retention
         self.finished: float | None = None
         self.code = ""  # a hash of the workflow function's code that last ran it (see `code_hash`)
+        self.indexed: tuple[str, str, str, str] | None = None  # its key in WAITING_KEY's tree
 
 
 class JournalEntry:
@@ -436,7 +441,7 @@ class _Run:
                     "wait (branch with durable_heap.patched('id') for new runs), or cancel it."
                 )
                 raise NonDeterminismError(msg, step=self.cursor + 1, expected=entry.label(), found=found)
-            if kind == "step" and detail is not None and entry.detail != detail:
+            if kind == "step" and detail is not None and entry.detail != detail and not self.check:
                 _log.warning("workflow %s step %d (%s): arguments changed on replay: %s, was %s",
                              self.wid, self.cursor + 1, name, detail, entry.detail)
             self.cursor += 1
@@ -501,6 +506,7 @@ class _Run:
         heartbeat and length when it is written anyway (a step writes only the journal)."""
         if rec._p_changed:
             rec.heartbeat, rec.length = now, journal_length(rec)
+            reindex(conn, rec)
         if rec.status == "running" and rec.timer is None:
             rec.timer = _add_timer(conn, now + self.heap.lease, TimerEntry("run", self.wid, created=now,
                                                                           origin="lease"))
@@ -660,6 +666,21 @@ class _Run:
         self.transact(work, f"workflow {self.wid} {status}")
 
 
+def reindex(conn: Any, rec: WorkflowRecord) -> None:
+    """Keep `rec`'s entry in the waiting index (WAITING_KEY) in step with its status."""
+    old = rec.indexed
+    new = None
+    if rec.status in ("waiting", "blocked"):
+        new = (rec.function[0], rec.function[1], "!blocked" if rec.status == "blocked" else rec.code, rec.id)
+    if old != new:
+        tree = _tree(conn, WAITING_KEY)
+        if old is not None and old in tree:
+            del tree[old]
+        if new is not None:
+            tree[new] = True
+        rec.indexed = new
+
+
 def journal_length(rec: WorkflowRecord) -> int:
     """Entries in the workflow's journal (keys run from 0); a dropped journal: its last length."""
     journal = rec.journal
@@ -701,31 +722,62 @@ def _require_run(what: str) -> _Run:
 def code_hash(func: Callable[..., Any]) -> str:
     """A hash of a function's code: a deploy replays only workflows whose code changed."""
     code = getattr(func, "__code__", None)
-    if code is None:
-        return ""
+    return _code_hash(code) if code is not None else ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_hash(code: types.CodeType) -> str:
     import hashlib
 
     return hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
 
 
+class _StepScope(dict):  # type: ignore[type-arg]
+    """The globals a program's workflow body runs with: its module's, live, except that
+    each function of the program is a step (`_as_step`).
+
+    CPython looks globals up with ``__getitem__`` when they are not an exact dict
+    (LOAD_GLOBAL's slow path), so nothing is copied: the module's later changes show.
+    """
+
+    def __init__(self, module: types.ModuleType) -> None:
+        super().__init__(__builtins__=module.__dict__.get("__builtins__", __builtins__))
+        self.module = module
+        self.steps: dict[str, tuple[Any, Any]] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.module.__dict__[key]
+        if (isinstance(value, types.FunctionType) and value.__module__ == self.module.__name__
+                and key != "migrate" and not hasattr(value, "invoke_in")):
+            known = self.steps.get(key)
+            if known is None or known[0] is not value:
+                known = self.steps[key] = (value, _as_step(value))
+            return known[1]
+        return value
+
+
+_bodies: dict[Any, Callable[..., Any]] = {}
+
+
 def _program_body(func: Callable[..., Any]) -> Callable[..., Any]:
     """In a program, every module-level function called from a workflow is a step.
 
-    The body runs with a copy of its module's globals in which each function
-    of the program is a step wrapper (the module itself is left as it is).
-    A program's module carries ``__durable_source__`` (set by the version layer).
+    The body runs with `_StepScope` globals (the module itself is left as it
+    is). A program's module carries ``__durable_source__`` (set by the version
+    layer).
     """
     module = sys.modules.get(getattr(func, "__module__", ""))
     if module is None or getattr(module, "__durable_source__", None) is None or not isinstance(
             func, types.FunctionType):
         return func
-    scope = dict(func.__globals__)
-    for key, value in scope.items():
-        if (isinstance(value, types.FunctionType) and value.__module__ == module.__name__
-                and value is not func and key != "migrate" and not hasattr(value, "invoke_in")):
-            scope[key] = _as_step(value)
-    body = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
-    body.__kwdefaults__ = func.__kwdefaults__
+    body = _bodies.get(func)
+    if body is None:
+        body = types.FunctionType(func.__code__, _StepScope(module), func.__name__, func.__defaults__,
+                                  func.__closure__)
+        body.__kwdefaults__ = func.__kwdefaults__
+        if len(_bodies) > 1000:
+            _bodies.clear()
+        _bodies[func] = body
     return body
 
 
@@ -841,6 +893,7 @@ def _block(heap: Any, wid: str, reason: str, claim: tuple[float, str] | None) ->
                 rec.timer = None
         _drop_timer(conn, rec)
         rec.status, rec.reason, rec.since = "blocked", reason, _clock(heap)
+        reindex(conn, rec)
     _txn(heap, work, f"workflow {wid} blocked")
 
 
@@ -1364,6 +1417,7 @@ class Workflow:
             _drop_timer(conn, rec)
             now = _clock(self.heap)
             rec.status, rec.since, rec.finished, rec.waiting = "cancelled", now, now, None
+            reindex(conn, rec)
             return True
         return bool(_in_transaction(self.heap, f"cancel workflow {self.id}", work))
 
@@ -1380,6 +1434,7 @@ class Workflow:
             rec.status, rec.since, rec.reason = "waiting", now, ""
             rec.waiting = ("retry", now)
             rec.timer = _add_timer(conn, now, TimerEntry("run", self.id, created=now, origin="retry"))
+            reindex(conn, rec)
             return True
         return bool(_in_transaction(self.heap, f"retry workflow {self.id}", work))
 
@@ -1474,7 +1529,7 @@ def _due_key(conn: Any, now: float) -> tuple[float, str] | None:
     """One due timer: picked at random among the first few, so that several
     schedulers mostly take different ones instead of conflicting."""
     timers = _peek(conn, TIMERS_KEY)
-    if timers is None or not len(timers):
+    if not timers:  # a BTree's truth is O(1); its len() walks every bucket
         return None
     first = timers.minKey()
     if first[0] > now:
@@ -1715,7 +1770,7 @@ class WorkflowMethods:
     def _next_deadline(self) -> float | None:
         def read(conn: Any) -> float | None:
             timers = _peek(conn, TIMERS_KEY)
-            return timers.minKey()[0] if timers is not None and len(timers) else None
+            return timers.minKey()[0] if timers else None
         return _txn(self, read, "durable_heap: next deadline")  # type: ignore[no-any-return]
 
     def workflows(self, status: str | None = None) -> list[Workflow]:
@@ -1778,25 +1833,32 @@ def deploy_check(heap: Any, program: str, *, force: bool) -> None:
 
     problems: list[str] = []
     wfs = _peek(conn, WORKFLOWS_KEY)
-    for wid, rec in list(wfs.items()) if wfs is not None else ():
-        if rec.status not in ("waiting", "blocked") or not ours(rec.function[0]):
-            continue
-        try:
-            wf = find(rec.function)
-        except WorkflowError:
-            wf = None
-        if rec.status == "waiting" and isinstance(wf, WorkflowFunction) and code_hash(wf.func) == rec.code:
-            continue  # its code did not change
-        reason = _replay_check(heap, rec)
-        if reason:
-            problems.append(f"workflow {wid} ({rec.function[1]}): {reason}")
-            if force and rec.status != "blocked":
-                _drop_timer(conn, rec)
-                rec.status, rec.reason, rec.since = "blocked", reason, _clock(heap)
-        elif rec.status == "blocked":
-            now = _clock(heap)
-            rec.status, rec.reason, rec.since, rec.waiting = "waiting", "", now, ("retry", now)
-            rec.timer = _add_timer(conn, now, TimerEntry("run", wid, created=now, origin="deploy"))
+    index = _peek(conn, WAITING_KEY)
+    for group in list(_groups(index, ours, program)) if index is not None and wfs is not None else ():
+        if group[2] != "!blocked":
+            try:
+                wf = find(group[:2])
+            except WorkflowError:
+                wf = None
+            if isinstance(wf, WorkflowFunction) and code_hash(wf.func) == group[2]:
+                continue  # its code did not change: none of these is read
+        for key in list(index.keys(min=(*group, ""), max=(*group, _TOP))):
+            rec = wfs.get(key[3])
+            if rec is None or rec.status not in ("waiting", "blocked"):
+                del index[key]  # stale
+                continue
+            reason = _replay_check(heap, rec)
+            if reason:
+                problems.append(f"workflow {rec.id} ({rec.function[1]}): {reason}")
+                if force and rec.status != "blocked":
+                    _drop_timer(conn, rec)
+                    rec.status, rec.reason, rec.since = "blocked", reason, _clock(heap)
+                    reindex(conn, rec)
+            elif rec.status == "blocked":
+                now = _clock(heap)
+                rec.status, rec.reason, rec.since, rec.waiting = "waiting", "", now, ("retry", now)
+                rec.timer = _add_timer(conn, now, TimerEntry("run", rec.id, created=now, origin="deploy"))
+                reindex(conn, rec)
     crons = _peek(conn, CRONS_KEY)
     declared = _declared_in(heap)
     for cid, cron in list(crons.items()) if crons is not None else ():
@@ -1821,6 +1883,24 @@ def deploy_check(heap: Any, program: str, *, force: bool) -> None:
             "or deploy with force (--force): they then fail as they fire and are kept as dead "
             "letters; nothing was committed"
         )
+
+
+_TOP = "\U0010ffff" * 4  # sorts after every id and name
+
+
+def _groups(index: Any, ours: Callable[[str], bool], program: str) -> Any:
+    """The (module, qualname, code) groups of `program`'s entries in the waiting index:
+    one ``minKey`` per group (keys sort by module, and a program's modules are together)."""
+    low: tuple[str, ...] = (program,)
+    while True:
+        try:
+            key = index.minKey(low)
+        except ValueError:
+            return
+        if not ours(key[0]):
+            return
+        yield key[:3]
+        low = (key[0], key[1], key[2], _TOP)
 
 
 def _declared_in(heap: Any) -> set[str]:
