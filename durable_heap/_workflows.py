@@ -818,10 +818,15 @@ def _call_body(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
-             create: WorkflowRecord | None = None) -> None:
-    """Run workflow `wid` from the top until it ends or waits (outside any transaction)."""
+             create: WorkflowRecord | None = None, known: tuple[Any, ...] | None = None) -> None:
+    """Run workflow `wid` from the top until it ends or waits (outside any transaction).
+
+    `known`: its (args, kwargs, function, journal) as the scheduler just read them.
+    """
     if create is not None:
         rec_args, rec_kwargs, function, entries = create.args, create.kwargs, create.function, []
+    elif known is not None:
+        rec_args, rec_kwargs, function, entries = known
     else:
         def read(conn: Any) -> Any:
             wfs = _peek(conn, WORKFLOWS_KEY)
@@ -1566,6 +1571,7 @@ def _fire_one(heap: Any) -> int | None:
                 rec.timer = _add_timer(conn, seen + heap.lease, entry)
                 return 0
             state["run"] = entry.target
+            state["known"] = (rec.args, rec.kwargs, rec.function, list(rec.journal.values()))
             return 1  # the run's first transaction removes the timer (a wake is one transaction)
         if entry.kind == "prune":
             del timers[key]
@@ -1608,7 +1614,7 @@ def _fire_one(heap: Any) -> int | None:
         return 0
     if "run" in state:
         try:
-            _execute(heap, state["run"], claim=state["key"])
+            _execute(heap, state["run"], claim=state["key"], known=state["known"])
         except WorkflowError:
             _log.exception("workflow %s could not run", state["run"])
         except (ConflictError, StorageError) as exc:
