@@ -16,9 +16,6 @@ is persisted, incrementally and atomically, at the end of each transaction.
 >>> heap.close()
 """
 
-from typing import Any
-
-from . import _heap
 from ._containers import Dict, List, Set, to_builtin
 from ._counter import Counter
 from ._errors import (
@@ -46,6 +43,7 @@ from ._errors import (
     VersionNotFoundError,
     WorkflowError,
 )
+from ._facade import Heap, open  # noqa: A004 - dh.open is the API
 from ._heap import HeapStatus, active_heap, state
 from ._state import Object, State
 from ._types import typed_state
@@ -54,7 +52,6 @@ from ._workflows import (
     Promise,
     Timer,
     Workflow,
-    WorkflowMethods,
     emit,
     now,
     on,
@@ -67,39 +64,6 @@ from ._workflows import (
     uuid4,
     workflow,
 )
-
-
-class Heap(WorkflowMethods, _heap.Heap):
-    """A durable heap: open with `durable_heap.open`, use from any thread or asyncio task.
-
-    The engine's transactions (`durable_heap._heap.Heap`) with durable
-    execution's methods (`durable_heap._workflows.WorkflowMethods`).
-
-    >>> import durable_heap as dh
-    >>> with dh.open("memory://") as heap:
-    ...     with heap.transaction() as state:
-    ...         state.count = 1
-    ...     heap.state.count
-    1
-    """
-
-    def __enter__(self) -> "Heap":  # noqa: UP037 - no __future__ import here
-        return self
-
-
-_heap.heap_class = Heap
-
-
-def open(target: Any = None, **options: Any) -> Heap:  # noqa: A001 - dh.open is the API
-    return _heap.open(target, **options)  # type: ignore[return-value]  # it builds `heap_class`
-
-
-open.__doc__ = (_heap.open.__doc__ or "") + """
-    `clock` (a callable giving epoch seconds, such as `durable_heap.testing.Clock`)
-    is the time of workflows and timers; `lease` how many seconds a workflow's
-    runner holds it between transactions; `retention` how long a finished
-    workflow keeps its journal (see docs/workflows.md).
-    """
 
 __version__ = "0.3.0"
 

@@ -56,16 +56,10 @@ from persistent import Persistent
 from ZODB.POSException import ConflictError as _ZConflictError
 
 from ._counter import Counter
-from ._values import (
-    CONVERTERS,
-    BadValue,
-    adopt,
-    check_writable,
-    holds_watched,
-    public_error,
-    remember_reads,
-    watch,
-)
+from ._kinds import CONVERTERS, BadValue, holds_watched
+from ._storable import public_error
+from ._values import stored_form
+from ._watch import check_writable, remember_reads, watch
 
 __all__ = ["Dict", "List", "Set", "stable_hash", "to_builtin"]
 
@@ -484,7 +478,7 @@ class _Hashed(Persistent):
             return len(small)
         return self._len()  # type: ignore[no-any-return]
 
-    # -- changes (callers have checked writability and adopted the values) --------
+    # -- changes (callers have checked writability and put the values in their stored form) --------
 
     def _put(self, key: Any, value: Any) -> None:
         small = self._small
@@ -806,7 +800,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
 
     @classmethod
     def _blank(cls) -> Dict:
-        """An empty twin for `adopt`, filled by `_fill` (errors stay internal, to gain a path)."""
+        """An empty twin for `stored_form`, filled by `_fill` (errors stay internal, to gain a path)."""
         self = cls.__new__(cls)
         self._init_empty()
         return self
@@ -902,7 +896,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
 
     # -- changes ------------------------------------------------------------------------
 
-    def _adopt_item(self, key: Any, value: Any) -> Any:
+    def _stored_item(self, key: Any, value: Any) -> Any:
         if type(key) in _PLAIN and type(value) in _PLAIN:
             return value  # the common case, checked in one step
         try:
@@ -911,23 +905,23 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
             raise TypeError(f"unhashable type: {type(key).__name__!r}") from None
         try:
             jar = self._p_jar
-            adopt(key, jar)
-            return adopt(value, jar)
+            stored_form(key, jar)
+            return stored_form(value, jar)
         except BadValue as err:
             raise err.prefixed(f"[{key!r}]") from None
 
-    def _adopted(self, pairs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    def _stored_items(self, pairs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
         for pair in pairs:
             key, value = pair
             if type(key) in _PLAIN and type(value) in _PLAIN:
                 yield pair
             else:
-                yield key, self._adopt_item(key, value)
+                yield key, self._stored_item(key, value)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         check_writable(self)
         try:
-            value = self._adopt_item(key, value)
+            value = self._stored_item(key, value)
         except BadValue as err:
             raise public_error(err, self) from None
         self._put(key, value)
@@ -1000,8 +994,8 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
                 type(source) is dict
                 and set(map(type, source)) <= _PLAIN
                 and set(map(type, source.values())) <= _PLAIN
-            )  # decided at C speed: then the items need no adoption one by one
-            self._bulk_add(source.items() if plain else self._adopted(pairs))
+            )  # decided at C speed: then the items need no conversion one by one
+            self._bulk_add(source.items() if plain else self._stored_items(pairs))
             return
         adopted = []  # all of them first: a refused value changes nothing
         for i, pair in enumerate(pairs):
@@ -1011,7 +1005,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
                 raise TypeError(
                     f"cannot convert dictionary update sequence element #{i} to a sequence"
                 ) from None
-            adopted.append((k, self._adopt_item(k, v)))
+            adopted.append((k, self._stored_item(k, v)))
         for k, v in adopted:
             self._put(k, v)
 
@@ -1068,13 +1062,13 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
     def _from_iterable(cls, it: Iterable[Any]) -> set[Any]:
         return set(it)  # results of set algebra are plain sets, as copy() is
 
-    def _adopt_member(self, member: Any) -> None:
+    def _store_member(self, member: Any) -> None:
         try:
             hash(member)
         except TypeError:
             raise TypeError(f"unhashable type: {type(member).__name__!r}") from None
         try:
-            adopt(member, self._p_jar)
+            stored_form(member, self._p_jar)
         except BadValue as err:
             raise err.prefixed("{" + repr(member) + "}") from None
 
@@ -1082,13 +1076,13 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
         if isinstance(iterable, (set, frozenset, Set)) and self._small is not None and not self._small:
             members = list(iterable)
             for m in members:
-                self._adopt_member(m)
+                self._store_member(m)
             if len(members) > SMALL_MAX:
                 self._grow()
                 self._bulk_add((m, None) for m in members)
                 return
         for m in iterable:
-            self._adopt_member(m)
+            self._store_member(m)
             if not self._has(m):
                 self._put(m, None)
 
@@ -1148,7 +1142,7 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
     def add(self, member: Any) -> None:
         check_writable(self)
         try:
-            self._adopt_member(member)
+            self._store_member(member)
         except BadValue as err:
             raise public_error(err, self) from None
         if not self._has(member):
@@ -1179,7 +1173,7 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
         try:
             for group in members:  # all of them first: a refused member changes nothing
                 for m in group:
-                    self._adopt_member(m)
+                    self._store_member(m)
             for group in members:
                 self._add_all(group)
         except BadValue as err:
@@ -1268,6 +1262,9 @@ class _RefPickler(pickle.Pickler):
     """Pickles states met in conflict resolution, references by their oid."""
 
     def persistent_id(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
+        # Trap: matched by class name (ZODB.ConflictResolution.PersistentReference,
+        # what conflict resolution unpickles references as), not by isinstance: were
+        # ZODB to rename it, references would silently stop pickling as their oids.
         oid = getattr(obj, "oid", None) if type(obj).__name__ == "PersistentReference" else None
         return oid
 
@@ -1503,7 +1500,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def _adopt_at(self, where: str, value: Any) -> Any:
         try:
-            return adopt(value, self._p_jar)
+            return stored_form(value, self._p_jar)
         except BadValue as err:
             raise err.prefixed(where) from None
 

@@ -17,7 +17,7 @@ from typing import Any
 from persistent import Persistent
 from ZODB.POSException import ConflictError as _ZConflictError
 
-from ._values import check_writable
+from ._watch import check_writable
 
 __all__ = ["Counter"]
 

@@ -28,13 +28,12 @@ action           ``where`` is                           maps
 ``commit``       the target                             ReadOnlyError
 ===============  =====================================  ==================================
 
-(``commit`` is for the heap's commit, whose own mapping,
-``_heap._translate_commit_error``, is still to be moved here.)
+(``commit`` is the heap's commit: ``HeapEngine._transaction`` maps its errors here.)
 
 Below the map, the classifiers the heap's transaction runner uses to tell a
 fault of the storage from a conflict or the program's own error (`is_fault`,
 `disconnected`, `outcome_unknown`) and the wording of an OS error (`reason`).
-The transaction runner's own messages (``Heap._fault``: a commit cut off, with
+The transaction runner's own messages (``HeapEngine._fault``: a commit cut off, with
 whether it may have been committed) stay with it, since they depend on the
 heap's state.
 

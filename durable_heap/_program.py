@@ -30,8 +30,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._defaults import serve_defaults
 from ._errors import DeployError, ProgramError, ProgramNotFoundError
-from ._values import serve_defaults
 
 __all__ = [
     "RENAMES_NAME",

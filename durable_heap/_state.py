@@ -3,7 +3,7 @@
 Both are `persistent.Persistent` objects: each instance is its own record, and
 assigning an attribute marks it changed. On top of ZODB's rules they add:
 
-* values are *adopted* on assignment (plain dict/list/set become `Dict`/`List`/
+* values take their *stored form* on assignment (plain dict/list/set become `Dict`/`List`/
   `Set`; values that cannot be stored are refused at once, with their path);
 * a change outside a transaction is refused (`NoTransactionError`) instead of
   being silently kept in memory only;
@@ -20,16 +20,11 @@ from typing import Any
 
 from persistent import Persistent
 
-from ._values import (
-    BadValue,
-    adopt,
-    check_writable,
-    dataclass_defaults,
-    fill_defaults,
-    holds_watched,
-    public_error,
-    watch,
-)
+from ._defaults import dataclass_defaults, fill_defaults
+from ._kinds import BadValue, holds_watched
+from ._storable import public_error
+from ._values import stored_form
+from ._watch import check_writable, watch
 
 __all__ = ["Object", "State"]
 
@@ -78,7 +73,7 @@ class Object(Persistent):
             # from conflicting on it.
             return
         try:
-            value = adopt(value, self._p_jar)
+            value = stored_form(value, self._p_jar)
         except BadValue as err:
             raise public_error(err.prefixed(f".{name}"), self) from None
         Persistent.__setattr__(self, name, value)

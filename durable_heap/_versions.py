@@ -53,7 +53,6 @@ from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.DB import getTID
 
-from . import _values
 from ._containers import Dict
 from ._errors import (
     ClassNotAllowedError,
@@ -66,7 +65,9 @@ from ._errors import (
     StorageError,
     VersionNotFoundError,
 )
-from ._heap import Heap, _backoff, _conflict, _StateProxy, call_note
+from ._format import PROGRAMS_KEY, ROOT_KEY
+from ._heap import HeapEngine, read_transaction, state
+from ._kinds import is_atomic
 from ._program import (
     Compiled,
     Source,
@@ -78,14 +79,18 @@ from ._program import (
     swap_out,
     where,
 )
+from ._registry import ensure_registry, program_roots, stored_classes
+from ._retry import RETRIED, call_note, retry
+from ._state import State
 from ._types import apply_declared, declared_state
-from ._values import ROOT_KEY, ensure_registry, program_roots, stored_classes, watched_plain_ids
+from ._watch import view_changes, watched_plain_ids
 from ._workflows import deploy_check, set_resolver
 
 __all__ = [
     "PROGRAMS_KEY",
     "Program",
     "Version",
+    "Versions",
     "auto_deploy",
     "broken_classes",
     "deploy",
@@ -96,11 +101,10 @@ __all__ = [
     "versions",
 ]
 
-#: Key of the programs' version records in the ZODB root.
-PROGRAMS_KEY = "durable_heap.programs"
 
-class _Gate:
-    """Program calls share it; a deploy or a module reload has it alone.
+class _ModuleLock:
+    """A readers-writer lock over the programs' modules: calls share it (`calling`), a
+    deploy or a module reload holds it alone (`swapping`).
 
     Modules are process-wide: a call still running the old version's code when
     another thread swaps the modules would fail to commit (its objects' classes
@@ -117,7 +121,8 @@ class _Gate:
         self._local = threading.local()
 
     @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
+    def calling(self) -> Iterator[None]:
+        """Held while a program call runs: waits while modules are being swapped."""
         depth = getattr(self._local, "depth", 0)
         me = threading.get_ident()
         if depth == 0 and self._owner != me:
@@ -136,7 +141,8 @@ class _Gate:
                     self._cond.notify_all()
 
     @contextlib.contextmanager
-    def alone(self) -> Iterator[None]:
+    def swapping(self) -> Iterator[None]:
+        """Held while modules are swapped: waits for the calls in flight; refused inside one."""
         me = threading.get_ident()
         if self._owner == me:
             self._owner_depth += 1
@@ -163,11 +169,11 @@ class _Gate:
                 self._cond.notify_all()
 
 
-_gate = _Gate()
+_modules = _ModuleLock()
 
 
-class _Reload(Exception):
-    """Internal: the current version must be loaded, which needs the gate alone."""
+class _MustReload(Exception):
+    """Internal: the current version must be loaded, which needs `_modules.swapping()`."""
 
 
 class _VersionRecord(Persistent):
@@ -217,7 +223,8 @@ class Version:
         return f"{self.program} version {self.number}"
 
 
-def _public(rec: _ProgramRecord, number: int) -> Version:
+def _version_of(rec: _ProgramRecord, number: int) -> Version:
+    """The `Version` (what users see) of version `number` of the program record `rec`."""
     v = rec.versions[number]
     return Version(rec.name, v.number, v.deployed_at, v.source_hash, v.note, v.origin,
                    tuple(sorted(v.files)), number == rec.current)
@@ -228,20 +235,48 @@ def _record(conn: Any, name: str) -> _ProgramRecord | None:
     return programs.get(name) if programs is not None else None
 
 
-def _read(heap: Heap, func: Callable[[Any], Any]) -> Any:
+def _read(heap: HeapEngine, func: Callable[[Any], Any]) -> Any:
     """Run ``func(connection)`` in a transaction of its own (reads only)."""
-    local = heap._thread()
-    if local.depth:
-        return func(local.conn)
-    tm = local.tm
-    tm.begin()
+    with read_transaction(heap) as conn:
+        return func(conn)
+
+
+@contextlib.contextmanager
+def _swapped_in(heap: HeapEngine, name: str, renames: dict[str, str], *,
+                reset_caches: bool = True) -> Iterator[None]:
+    """Make room for a version of program `name` that the block installs; on an
+    exception, put everything back as it was.
+
+    Takes the program's modules out of ``sys.modules`` (`swap_out`), sets its
+    rename table, lists it in `program_roots` (its classes are registered and
+    allowed), and with `reset_caches` has every connection drop its cached
+    objects (`HeapEngine.classes_changed`), so that stored objects load as
+    instances of the new classes. Undone on an exception: the old modules, the
+    old rename table, `program_roots` as it was, and the caches dropped again
+    once no transaction is open here (inside one, the transaction is aborted
+    and this thread's cache must not be reset under it). A block that succeeds
+    keeps the new version installed. Without `reset_caches`: called while an
+    object loads (`install_stored_definitions`), where no cache may be touched.
+    """
+    saved = swap_out(name)
+    old_renames = heap.set_renames(name, renames)
+    listed = name in program_roots
+    program_roots.add(name)
+    if reset_caches:
+        heap.classes_changed()
     try:
-        return func(local.conn)
-    finally:
-        tm.abort()
+        yield
+    except BaseException:
+        restore(name, saved)
+        heap.set_renames(name, old_renames)
+        if not listed:
+            program_roots.discard(name)
+        if reset_caches and not heap.in_transaction:
+            heap.classes_changed()
+        raise
 
 
-def _outside_transactions(heap: Heap, what: str) -> Any:
+def _outside_transactions(heap: HeapEngine, what: str) -> Any:
     local = heap._thread()
     if local.depth:
         raise ProgramError(
@@ -253,7 +288,7 @@ def _outside_transactions(heap: Heap, what: str) -> Any:
 # --- deploy ----------------------------------------------------------------------------
 
 
-def deploy(heap: Heap, program: str | os.PathLike[str], *, note: str | None = None,
+def deploy(heap: HeapEngine, program: str | os.PathLike[str], *, note: str | None = None,
            force: bool = False) -> tuple[Version, bool]:
     """Deploy the program file or package at `program`; return (version, whether new).
 
@@ -264,7 +299,7 @@ def deploy(heap: Heap, program: str | os.PathLike[str], *, note: str | None = No
     return _deploy(heap, source, note=text, force=force, from_file=True)
 
 
-def auto_deploy(heap: Heap, program: str | os.PathLike[str], *, force: bool = False) -> Version | None:
+def auto_deploy(heap: HeapEngine, program: str | os.PathLike[str], *, force: bool = False) -> Version | None:
     """Deploy `program` when its file differs from the source last deployed from it."""
     source = read_source(program)
 
@@ -279,7 +314,7 @@ def auto_deploy(heap: Heap, program: str | os.PathLike[str], *, force: bool = Fa
     return version if new else None
 
 
-def rollback(heap: Heap, program: str | os.PathLike[str], to: int, *, note: str | None = None,
+def rollback(heap: HeapEngine, program: str | os.PathLike[str], to: int, *, note: str | None = None,
              force: bool = False) -> tuple[Version, bool]:
     """Deploy version `to`'s stored source again, as a new version; state is kept."""
     name = module_name(program)
@@ -294,11 +329,11 @@ def rollback(heap: Heap, program: str | os.PathLike[str], to: int, *, note: str 
 
     source, current = _read(heap, source_of)
     if current:
-        return _read(heap, lambda conn: (_public(_existing(conn, name, heap), to), False))  # type: ignore[no-any-return]
+        return _read(heap, lambda conn: (_version_of(_existing(conn, name, heap), to), False))  # type: ignore[no-any-return]
     return _deploy(heap, source, note=note or f"rollback to version {to}", force=force, from_file=False)
 
 
-def _existing(conn: Any, name: str, heap: Heap) -> _ProgramRecord:
+def _existing(conn: Any, name: str, heap: HeapEngine) -> _ProgramRecord:
     rec = _record(conn, name)
     if rec is None or not rec.current:
         raise ProgramNotFoundError(f"{name} has never been deployed to the heap {heap.target}")
@@ -310,7 +345,8 @@ def _span(rec: _ProgramRecord) -> str:
     return f"{numbers[0]} to {numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
 
 
-def _deploy(heap: Heap, source: Source, *, note: str, force: bool, from_file: bool) -> tuple[Version, bool]:
+def _deploy(heap: HeapEngine, source: Source, *, note: str, force: bool,
+            from_file: bool) -> tuple[Version, bool]:
     _outside_transactions(heap, "a deploy")
     try:
         compiled = compile_source(source)
@@ -318,84 +354,83 @@ def _deploy(heap: Heap, source: Source, *, note: str, force: bool, from_file: bo
         rec = _read(heap, lambda conn: _record(conn, source.name))
         current = rec.current if rec is not None else 0
         raise DeployError(f"{exc}; {_kept(source.name, current)}", exc.cause) from exc.cause
-    with _gate.alone():
-        for attempt in range(1, heap.max_attempts + 1):
-            try:
-                return _deploy_once(heap, compiled, note, force, from_file)
-            except transaction.interfaces.TransientError as exc:
-                if attempt == heap.max_attempts:
-                    raise _conflict(attempt, f"deploy {source.name}") from exc
-            _backoff(attempt)
-    raise AssertionError("unreachable")
+    with _modules.swapping():
+        return retry(lambda: _deploy_once(heap, compiled, note, force, from_file),
+                     attempts=heap.max_attempts, note=f"deploy {source.name}")
 
 
-def _deploy_once(heap: Heap, compiled: Compiled, note: str, force: bool,
+def _deploy_once(heap: HeapEngine, compiled: Compiled, note: str, force: bool,
                  from_file: bool) -> tuple[Version, bool]:
     source = compiled.source
     name = source.name
     local = heap._thread()
-
-    def unchanged(conn: Any) -> Version | None:
-        rec = _record(conn, name)
-        if rec is None or not rec.current or rec.versions[rec.current].source_hash != source.hash:
-            return None
-        if from_file and rec.file_hash != source.hash:
-            rec.file_hash = source.hash  # the file was seen: a call will not deploy it again
-        return _public(rec, rec.current)
-
     with heap._transaction(local, f"deploy {name}: unchanged"):
-        same = unchanged(local.conn)
+        same = _unchanged(local.conn, source, from_file)
     if same is not None:
         return same, False
-
-    saved = swap_out(name)
-    old_renames = heap.set_renames(name, compiled.renames)
-    program_roots.add(name)
-    heap.classes_changed()
-    stage, current, ok = "its top level", 0, False
+    progress = _Progress()
     try:
-        txn_note = f"deploy {name}: {note}" if note else f"deploy {name}"
-        with heap._transaction(local, txn_note), heap.activate():
-            conn = local.conn
-            rec = _record(conn, name)
-            current = rec.current if rec is not None else 0
-            module = install(compiled)
-            previous = _public(rec, current) if rec is not None and current else None
-            migrate = module.__dict__.get("migrate")
-            if callable(migrate) and previous is not None:  # a first deploy has nothing to migrate
-                stage = "migrate()"
-                migrate(heap.state, previous)
-            stage = ""
-            apply_declared(conn, declared_state(module), name)
-            ensure_registry(conn)  # a heap from before the registry: scanned once, here
-            removed = broken_classes(conn, name, heap.renames)
-            if removed and not force:
-                raise DeployError(_removed_message(name, removed, current), removed=removed)
-            deploy_check(heap, name, force=force)  # waiting workflows, timers, crons (`_workflows`)
-            if rec is None:
-                programs = conn.root().get(PROGRAMS_KEY)
-                if programs is None:
-                    programs = conn.root()[PROGRAMS_KEY] = OOBTree()
-                rec = programs[name] = _ProgramRecord(name)
-            number = rec.versions.maxKey() + 1 if len(rec.versions) else 1
-            rec.versions[number] = _VersionRecord(number, source, note)
-            rec.current = number
-            if from_file:
-                rec.file_hash = source.hash
-            durable = rec.globals[number] = Dict()
-            _save_globals(module, durable, conn, heap)
-            result = _public(rec, number)
-        ok = True
-        return result, True
-    except (transaction.interfaces.TransientError, DeployError):
+        with _swapped_in(heap, name, compiled.renames):
+            txn_note = f"deploy {name}: {note}" if note else f"deploy {name}"
+            with heap._transaction(local, txn_note), heap.activate():
+                return _deploy_in_transaction(heap, local.conn, compiled, note, force, from_file,
+                                              progress), True
+    except (RETRIED, DeployError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever failed, the deploy did
-        raise _deploy_error(name, stage, exc, source, current) from exc
-    finally:
-        if not ok:
-            restore(name, saved)
-            heap.set_renames(name, old_renames)
-            heap.classes_changed()
+        raise _deploy_error(name, progress.stage, exc, source, progress.current) from exc
+
+
+def _unchanged(conn: Any, source: Source, from_file: bool) -> Version | None:
+    """The current version if its source is `source` (then nothing is deployed), else None."""
+    rec = _record(conn, source.name)
+    if rec is None or not rec.current or rec.versions[rec.current].source_hash != source.hash:
+        return None
+    if from_file and rec.file_hash != source.hash:
+        rec.file_hash = source.hash  # the file was seen: a call will not deploy it again
+    return _version_of(rec, rec.current)
+
+
+class _Progress:
+    """How far a deploy got, for its error: the stage running, the version it replaces."""
+
+    stage = "its top level"
+    current = 0
+
+
+def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note: str,
+                           force: bool, from_file: bool, progress: _Progress) -> Version:
+    """Steps 3-6 of a deploy (see the module's docstring), in its transaction."""
+    source = compiled.source
+    name = source.name
+    rec = _record(conn, name)
+    current = progress.current = rec.current if rec is not None else 0
+    module = install(compiled)
+    previous = _version_of(rec, current) if rec is not None and current else None
+    migrate = module.__dict__.get("migrate")
+    if callable(migrate) and previous is not None:  # a first deploy has nothing to migrate
+        progress.stage = "migrate()"
+        migrate(heap.state, previous)
+    progress.stage = ""
+    apply_declared(conn, declared_state(module), name)
+    ensure_registry(conn)  # a heap from before the registry: scanned once, here
+    removed = broken_classes(conn, name, heap.renames)
+    if removed and not force:
+        raise DeployError(_removed_message(name, removed, current), removed=removed)
+    deploy_check(heap, name, force=force)  # waiting workflows, timers, crons (`_workflows`)
+    if rec is None:
+        programs = conn.root().get(PROGRAMS_KEY)
+        if programs is None:
+            programs = conn.root()[PROGRAMS_KEY] = OOBTree()
+        rec = programs[name] = _ProgramRecord(name)
+    number = rec.versions.maxKey() + 1 if len(rec.versions) else 1
+    rec.versions[number] = _VersionRecord(number, source, note)
+    rec.current = number
+    if from_file:
+        rec.file_hash = source.hash
+    durable = rec.globals[number] = Dict()
+    _save_globals(module, durable, conn, heap)
+    return _version_of(rec, number)
 
 
 def _kept(name: str, current: int) -> str:
@@ -452,7 +487,8 @@ def _resolves(path: str) -> bool:
 
 # --- durable globals ---------------------------------------------------------------------
 
-_NOT_DATA = (types.ModuleType, type, _StateProxy, Heap)
+_NOT_DATA = (types.ModuleType, type, type(state), HeapEngine)
+_MISSING = object()  # a marker nothing stores
 
 
 def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
@@ -463,7 +499,7 @@ def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
         yield name, value
 
 
-def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: Heap) -> None:
+def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: HeapEngine) -> None:
     """Store the data globals that differ from `durable`, binding the module to the
     stored twins: after a deploy's top level (all of them), after a call (those it
     rebound: ``global n; n += 1``).
@@ -476,9 +512,9 @@ def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: Heap
     names = set()
     for name, value in _data_globals(module):
         names.add(name)
-        stored = durable.get(name, _values)  # `_values`: a marker nothing stores
+        stored = durable.get(name, _MISSING)
         if stored is value or (
-            _values.is_atomic(value) and type(stored) is type(value) and stored == value
+            is_atomic(value) and type(stored) is type(value) and stored == value
         ):
             continue
         if held is None:
@@ -512,7 +548,7 @@ class Program:
     without a restart.
     """
 
-    def __init__(self, heap: Heap, program: str | os.PathLike[str], *, watch: bool = False) -> None:
+    def __init__(self, heap: HeapEngine, program: str | os.PathLike[str], *, watch: bool = False) -> None:
         self.heap = heap
         self.path = os.path.abspath(program)
         self.name = module_name(program)
@@ -531,7 +567,7 @@ class Program:
     @property
     def module(self) -> types.ModuleType:
         """The loaded module of the current version."""
-        with _gate.alone():
+        with _modules.swapping():
             self.heap._run(self._ensure, (True,), {}, f"load {self.name}", self.heap.max_attempts)
         assert self._module is not None
         return self._module
@@ -541,7 +577,7 @@ class Program:
         """The heap's current version of this program."""
         def current(conn: Any) -> Version:
             rec = _existing(conn, self.name, self.heap)
-            return _public(rec, rec.current)
+            return _version_of(rec, rec.current)
 
         return _read(self.heap, current)  # type: ignore[no-any-return]
 
@@ -549,17 +585,20 @@ class Program:
         """Call ``function(*args, **kwargs)`` of the current version as one action."""
         return self._call(function, args, kwargs, None)
 
+    # -- PROTECTED: for the CLI (`durable-heap call`); not public API ----------------------
+
     def _call(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
               then: Callable[[Any], Any] | None) -> Any:
+        """`call`, and ``then(result)`` in the same transaction (it may read durable objects)."""
         if self.watch:
             self.deploy_if_changed()
         note = call_note(function, args, kwargs)
         run = self.heap._run
-        with _gate.shared():
+        with _modules.calling():
             try:
                 return run(self._in_transaction, (function, args, kwargs, then, False), {}, note,
                            self.heap.max_attempts)
-            except _Reload:
+            except _MustReload:
                 if self.heap.in_transaction:
                     raise ProgramError(
                         f"{self.name}: the program's current version is not loaded yet, and loading "
@@ -567,13 +606,15 @@ class Program:
                         "version outside transactions and actions"
                     ) from None
         # A new version to load (or the first call): with no other call in flight.
-        with _gate.alone():
+        with _modules.swapping():
             return run(self._in_transaction, (function, args, kwargs, then, True), {}, note,
                        self.heap.max_attempts)
 
+    # -- running the current version ------------------------------------------------------
+
     def _in_transaction(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                        then: Callable[[Any], Any] | None, alone: bool) -> Any:
-        loaded_here = self._ensure(alone)
+                        then: Callable[[Any], Any] | None, may_swap: bool) -> Any:
+        loaded_here = self._ensure(may_swap)
         try:
             module = self._module
             assert module is not None
@@ -611,10 +652,11 @@ class Program:
             and sys.modules.get(self.name) is self._module
         )
 
-    def _ensure(self, alone: bool) -> bool:
+    def _ensure(self, may_swap: bool) -> bool:
         """Load the current version unless it is loaded; True when it was loaded now.
 
-        Loading needs the gate alone: without it, raise `_Reload`.
+        Loading swaps modules: without `may_swap` (the caller holds
+        `_modules.swapping()`), raise `_MustReload`.
         """
         heap = self.heap
         rec = _existing(heap.connection, self.name, heap)
@@ -622,21 +664,16 @@ class Program:
         version = rec.versions[number]
         if self._loaded_is(number, version.source_hash):
             return False
-        if not alone:
-            raise _Reload
+        if not may_swap:
+            raise _MustReload
         compiled = compile_source(version.source(self.name))
-        saved = swap_out(self.name)
-        program_roots.add(self.name)
-        heap.set_renames(self.name, compiled.renames)
-        heap.classes_changed()  # at the start of the transaction: nothing changed yet
         try:
-            with heap.activate():
+            # At the start of the transaction: nothing changed yet, caches may go.
+            with _swapped_in(heap, self.name, compiled.renames), heap.activate():
                 self._module = install(compiled)
         except ClassNotAllowedError:
-            restore(self.name, saved)
             raise  # the heap's content, not the program, is at fault
         except Exception as exc:
-            restore(self.name, saved)
             files = [compiled.source.filename(rel) for rel in compiled.source.files]
             raise ProgramError(
                 f"{self.name} version {number} raised at load: {where(exc, files)}"
@@ -650,7 +687,7 @@ class Program:
         if now - self._checked < 1.0 and self._stamp is not None:
             return None
         self._checked = now
-        stamp = _stamp(self.path)
+        stamp = file_stamp(self.path)
         if stamp == self._stamp or stamp is None:  # unchanged, or gone: the current version serves
             return None
         self._stamp = stamp  # after a failed deploy the same file is not tried again
@@ -660,7 +697,7 @@ class Program:
         return version
 
 
-def _stamp(path: str) -> Any:
+def file_stamp(path: str) -> Any:
     """Sizes and modification times of a program's files: cheap change detection."""
     if os.path.isdir(path):
         return tuple(
@@ -689,7 +726,7 @@ def _function(module: types.ModuleType, function: str) -> Callable[..., Any]:
     return func  # type: ignore[no-any-return]
 
 
-def load(heap: Heap, program: str | os.PathLike[str], *, deploy: bool = True, watch: bool = False,
+def load(heap: HeapEngine, program: str | os.PathLike[str], *, deploy: bool = True, watch: bool = False,
          on_deploy: Callable[[Version], None] | None = None) -> Program:
     """A `Program` for `program`, deploying its file first when it changed (``deploy``)."""
     path = os.path.abspath(program)
@@ -708,17 +745,17 @@ def load(heap: Heap, program: str | os.PathLike[str], *, deploy: bool = True, wa
             )
     prog = Program(heap, path, watch=watch)
     prog.on_deploy = on_deploy
-    prog._stamp = _stamp(path)
+    prog._stamp = file_stamp(path)
     return prog
 
 
-def versions(heap: Heap, program: str | os.PathLike[str]) -> list[Version]:
+def versions(heap: HeapEngine, program: str | os.PathLike[str]) -> list[Version]:
     """Every deployed version of `program`, oldest first."""
     name = module_name(program)
 
     def listing(conn: Any) -> list[Version]:
         rec = _record(conn, name)
-        return [] if rec is None else [_public(rec, n) for n in rec.versions.keys()]
+        return [] if rec is None else [_version_of(rec, n) for n in rec.versions.keys()]
 
     return _read(heap, listing)  # type: ignore[no-any-return]
 
@@ -726,7 +763,7 @@ def versions(heap: Heap, program: str | os.PathLike[str]) -> list[Version]:
 # --- read-only views ----------------------------------------------------------------------
 
 
-def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | None = None,
+def load_discarded(heap: HeapEngine, program: str | os.PathLike[str], number: int | None = None,
                    *, from_file: bool = False, definitions_only: bool = False) -> types.ModuleType:
     """Load version `number` (default: current; the file if never deployed, or
     with `from_file`) for a read-only view: its top level runs in a transaction
@@ -748,26 +785,19 @@ def load_discarded(heap: Heap, program: str | os.PathLike[str], number: int | No
             raise ProgramNotFoundError(f"{name} has never been deployed to the heap {heap.target}")
         source = read_source(program)
     compiled = compile_source(source, definitions_only=definitions_only)
-    swap_out(name)
-    program_roots.add(name)
-    heap.set_renames(name, compiled.renames)
-    heap.classes_changed()
-    tm = heap.transaction_manager
-    tm.begin()
     try:
-        with heap.activate():
+        # Kept installed after the view: the caller reads stored objects of its classes.
+        with _swapped_in(heap, name, compiled.renames), read_transaction(heap), heap.activate():
             module = install(compiled)
     except ClassNotAllowedError:
         raise  # the heap's content, not the program, is at fault
     except Exception as exc:
         files = [source.filename(rel) for rel in source.files]
         raise ProgramError(f"{name} raised at load: {where(exc, files)}") from exc
-    finally:
-        tm.abort()
     return module
 
 
-def install_stored_definitions(heap: Heap, conn: Any, name: str) -> str:
+def install_stored_definitions(heap: HeapEngine, conn: Any, name: str) -> str:
     """Install the definitions of program `name`'s current version, read through `conn`.
 
     For a process that reads a program's objects without having loaded the
@@ -792,20 +822,15 @@ def install_stored_definitions(heap: Heap, conn: Any, name: str) -> str:
         compiled = compile_source(rec.versions[rec.current].source(name), definitions_only=True)
     except Exception:  # noqa: BLE001 - unreadable now: ZODB's own lookup decides
         return "absent"
-    saved = swap_out(name)
-    program_roots.add(name)
-    heap.set_renames(name, compiled.renames)
     try:
-        install(compiled, path_first=False)
+        with _swapped_in(heap, name, compiled.renames, reset_caches=False):
+            install(compiled, path_first=False)
     except Exception:  # noqa: BLE001 - a definition that needs the top level: broken objects
-        restore(name, saved)
-        program_roots.discard(name)
-        heap.set_renames(name, {})
         return "failed"
     return "installed"
 
 
-def version_at(heap: Heap, program: str | os.PathLike[str], when: datetime.datetime) -> int | None:
+def version_at(heap: HeapEngine, program: str | os.PathLike[str], when: datetime.datetime) -> int | None:
     """The version of `program` that was current at `when` (None: none yet)."""
     name = module_name(program)
     with _historical(heap, {"at": when}, when.isoformat()) as conn:
@@ -814,7 +839,7 @@ def version_at(heap: Heap, program: str | os.PathLike[str], when: datetime.datet
 
 
 @contextlib.contextmanager
-def state_at(heap: Heap, when: int | datetime.datetime | str,
+def state_at(heap: HeapEngine, when: int | datetime.datetime | str,
              program: str | os.PathLike[str] | None = None) -> Iterator[Any]:
     """The state as it was: while version `when` of `program` was current (its
     last moment before the next deploy), or at a time (a datetime, or ISO text;
@@ -856,7 +881,7 @@ def state_at(heap: Heap, when: int | datetime.datetime | str,
 
 
 @contextlib.contextmanager
-def _historical(heap: Heap, kwargs: dict[str, Any], label: str) -> Iterator[Any]:
+def _historical(heap: HeapEngine, kwargs: dict[str, Any], label: str) -> Iterator[Any]:
     """A read-only connection to the state at `kwargs` (``at``/``before`` of ZODB's
     ``DB.open``), always historical: writes are refused (`check_writable`), and a
     plain object changed in place is reported when the view ends (`view_changes`)."""
@@ -869,7 +894,7 @@ def _historical(heap: Heap, kwargs: dict[str, Any], label: str) -> Iterator[Any]
         except (ZODB.POSException.POSKeyError, KeyError) as exc:
             raise _gone(label) from exc
         yield conn
-        changed = _values.view_changes(conn)  # not reached when the block raised
+        changed = view_changes(conn)  # not reached when the block raised
         if changed is not None:
             raise StorageError(
                 f"{changed} was changed in place in the read-only view of the state at {label} "
@@ -881,7 +906,7 @@ def _historical(heap: Heap, kwargs: dict[str, Any], label: str) -> Iterator[Any]
         conn.close()
 
 
-def _in_the_past(heap: Heap, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _in_the_past(heap: HeapEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``DB.open`` arguments for a historical connection, never the current one.
 
     ZODB opens the current, writable connection when neither ``at`` nor
@@ -923,6 +948,61 @@ def parse_time(text: str) -> datetime.datetime:
             f"{text!r} is neither a version number nor an ISO time such as 2026-11-28T10:00"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+
+
+# --- the version layer's part of `durable_heap.Heap` ---------------------------------------
+
+
+class Versions(HeapEngine):
+    """The methods the version layer adds to `durable_heap.Heap` (a mixin of `_facade.Heap`).
+
+    It also registers the layer's policy with the engine's class lookup: a
+    program this process has not loaded is installed from its deployed version
+    (`install_stored_definitions`), never imported from whatever file
+    ``sys.path`` finds.
+    """
+
+    def install_definitions(self, conn: Any, root: str) -> str:
+        """The engine's hook (`HeapEngine.install_definitions`): from the heap's stored versions."""
+        return install_stored_definitions(self, conn, root)
+
+    def deploy(self, program: str | os.PathLike[str], *, note: str | None = None,
+               force: bool = False) -> Version:
+        """Deploy a program file or package as its next version, in one transaction.
+
+        Runs the new top level and its ``migrate(state, previous)``; raises
+        `DeployError` (and commits nothing) when anything fails. Source equal to
+        the current version's deploys nothing and returns the current version.
+        `force` deploys although stored objects use classes the code dropped.
+        """
+        return deploy(self, program, note=note, force=force)[0]
+
+    def rollback(self, program: str | os.PathLike[str], to: int, *, note: str | None = None,
+                 force: bool = False) -> Version:
+        """Deploy version `to`'s stored source again, as a new version (state is kept)."""
+        return rollback(self, program, to, note=note, force=force)[0]
+
+    def versions(self, program: str | os.PathLike[str]) -> list[Version]:
+        """Every deployed version of a program (a path or module name), oldest first."""
+        return versions(self, program)
+
+    def load(self, program: str | os.PathLike[str], *, deploy: bool = True,
+             watch: bool = False) -> Program:
+        """The program, ready to call: ``heap.load("app.py").call("add", "ann")``.
+
+        With `deploy`, its file is deployed first when it differs from the source
+        last deployed from it; with `watch`, again before any call once it changes.
+        """
+        return load(self, program, deploy=deploy, watch=watch)
+
+    def state_at(self, when: int | datetime.datetime | str,
+                 program: str | os.PathLike[str] | None = None) -> contextlib.AbstractContextManager[State]:
+        """Read-only state as it was: ``with heap.state_at(1, "app.py") as old: ...``.
+
+        `when` is a version number of `program` (its last moment as the current
+        version) or a time (datetime or ISO text; UTC without a zone).
+        """
+        return state_at(self, when, program)
 
 
 def _program_function(module: str, qualname: str) -> Any:

@@ -69,6 +69,8 @@ from ._errors import (
     StorageError,
     WorkflowError,
 )
+from ._format import WORKFLOW_KEYS
+from ._retry import call_note
 
 __all__ = [
     "CronEntry",
@@ -96,17 +98,12 @@ __all__ = [
 
 _log = logging.getLogger("durable_heap.workflows")
 
-WORKFLOWS_KEY = "durable_heap.workflows"
-TIMERS_KEY = "durable_heap.timers"
-PROMISES_KEY = "durable_heap.promises"
-SUBSCRIPTIONS_KEY = "durable_heap.subscriptions"
-CRONS_KEY = "durable_heap.crons"
-DEAD_KEY = "durable_heap.dead_letters"
-#: OOBTree (module, qualname, code hash or "!blocked", id) -> True: the waiting and
-#: blocked workflows by their function's code, so that a deploy replays only those
-#: whose code changed, without reading the others.
-WAITING_KEY = "durable_heap.waiting"
-ROOT_KEYS = (WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY, WAITING_KEY)
+# The root keys (owned by `_format`, which says what each holds). WAITING_KEY's tree,
+# (module, qualname, code hash or "!blocked", id) -> True, lists the waiting and
+# blocked workflows by their function's code, so that a deploy replays only those
+# whose code changed, without reading the others.
+(WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY,
+ WAITING_KEY) = WORKFLOW_KEYS
 
 #: Seconds a runner holds a running workflow between two of its transactions;
 #: after that a scheduler takes it over (its runner is presumed dead).
@@ -516,7 +513,7 @@ class _Run:
     def step(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
              label: str | None = None) -> Any:
         name = label or func.__qualname__
-        detail = _engine.call_note(name, args, kwargs)
+        detail = call_note(name, args, kwargs)
         if self.in_step:
             raise WorkflowError(
                 f"workflow {self.wid}: {name} was called while another step runs (concurrent "
@@ -564,7 +561,7 @@ class _Run:
     async def astep(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """`step` for an ``async def`` action awaited in an ``async def`` workflow."""
         name = func.__qualname__
-        detail = _engine.call_note(name, args, kwargs)
+        detail = call_note(name, args, kwargs)
         if self.in_step:
             raise WorkflowError(
                 f"workflow {self.wid}: {name} was started while another step runs (concurrent "
@@ -1097,7 +1094,7 @@ def _cron_of(heap: Any, func: Callable[..., Any], spec: str, /, *args: Any, tz: 
     name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.cron")
     _warn_if_main(name, "a cron")
     _cron.check(spec, tz, missed)
-    cid = id or f"{name[0]}.{name[1]} {spec} {_engine.call_note('', args, kwargs)}" + (f" {tz}" if tz else "")
+    cid = id or f"{name[0]}.{name[1]} {spec} {call_note('', args, kwargs)}" + (f" {tz}" if tz else "")
     entry = CronEntry(name, spec, args, kwargs, tz, missed)
 
     def declare(conn: Any) -> tuple[float, str] | None:

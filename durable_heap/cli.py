@@ -311,18 +311,15 @@ def _open_existing(args: argparse.Namespace, read_only: bool = True) -> Any:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from ._heap import read_transaction
     from ._versions import load_discarded, parse_time, state_at, version_at
 
     # Read-only: works beside a running program, and never writes.
     with _open_existing(args) as heap:
         if args.at is None:
             load_discarded(heap, args.program)  # its classes must exist to show its objects
-            tm = heap.transaction_manager
-            tm.begin()
-            try:
+            with read_transaction(heap):
                 lines = render(heap.state, depth=args.depth, limit=args.limit)
-            finally:
-                tm.abort()
         else:
             try:
                 when: Any = int(args.at) if args.at.isdigit() else parse_time(args.at)
@@ -339,16 +336,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from ._heap import read_transaction
     from ._versions import broken_classes, load_discarded
 
     with _open_existing(args) as heap:
         module = load_discarded(heap, args.program)
-        tm = heap.transaction_manager
-        tm.begin()
-        try:
-            broken = broken_classes(heap.connection, module.__name__, heap.renames)
-        finally:
-            tm.abort()
+        with read_transaction(heap) as conn:
+            broken = broken_classes(conn, module.__name__, heap.renames)
     if not broken:
         print(f"{module.__name__}: every stored class is defined by the current version")
         return 0
@@ -366,7 +360,7 @@ def _watch(args: argparse.Namespace) -> int:
     import durable_heap
 
     from ._errors import DurableHeapError
-    from ._versions import _stamp, auto_deploy
+    from ._versions import auto_deploy, file_stamp
 
     _check_program(args, file_required=True)
     with durable_heap.open(_target(args), allow=args.allow) as heap:
@@ -374,7 +368,7 @@ def _watch(args: argparse.Namespace) -> int:
         stamp: Any = object()
         try:
             while True:
-                now = _stamp(os.path.abspath(args.program))
+                now = file_stamp(os.path.abspath(args.program))
                 if now != stamp and now is not None:  # gone for a moment (an editor's save): wait
                     stamp = now
                     try:
@@ -394,6 +388,7 @@ def _types(args: argparse.Namespace) -> int:
     import durable_heap
 
     from ._errors import ProgramError
+    from ._heap import read_transaction
     from ._program import module_name, read_source
     from ._types import GENERATED_MARK, check_declared, declared_state, infer_stub
     from ._versions import load_discarded
@@ -407,9 +402,7 @@ def _types(args: argparse.Namespace) -> int:
     with durable_heap.open(target if exists else "memory://", read_only=exists, allow=args.allow) as heap:
         module = load_discarded(heap, args.program, from_file=on_disk)
         texts = list(read_source(args.program).files.values()) if on_disk else []
-        tm = heap.transaction_manager
-        tm.begin()
-        try:
+        with read_transaction(heap):
             if args.check:
                 declared = declared_state(module)
                 if declared is None:
@@ -419,8 +412,6 @@ def _types(args: argparse.Namespace) -> int:
                 mismatches = check_declared(heap.state, declared, module)
             else:
                 stub = infer_stub(heap.state, name, texts, args.program)
-        finally:
-            tm.abort()
     if args.check:
         for m in mismatches:
             print(m)

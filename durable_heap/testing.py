@@ -43,8 +43,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._heap import Heap
-from ._heap import open as open_heap
+from ._facade import Heap
+from ._facade import open as open_heap
 from ._versions import Program
 
 __all__ = ["Clock", "ZeoServer", "load_program", "subprocess_env", "temporary_heap", "zeo_server"]

@@ -29,6 +29,22 @@ def _import_graph() -> object:
     return module
 
 
+def test_import_graph_is_one_way() -> None:
+    """The package's imports run down the layers of tools/import_graph.py: no cycle, no
+    upward import (lazy ones count; only ``if TYPE_CHECKING:`` imports are left out),
+    and every module has a layer. The engine (_heap) knows nothing above it."""
+    data = _import_graph().report()  # type: ignore[attr-defined]
+    assert data["cycles"] == [], data["cycles"]
+    assert data["upward"] == [], data["upward"]
+    assert data["unplaced"] == [], data["unplaced"]
+    engine_and_below = {"_heap", "_retry", "_format", "_values", "_kinds", "_paths", "_registry",
+                        "_snapshot", "_storable", "_watch", "_defaults", "_state", "_containers",
+                        "_counter"}
+    above = {"_versions", "_types", "_stubs", "_program", "_facade", "cli", "testing", "_workflows"}
+    for name in engine_and_below & set(data["edges"]):
+        assert not above & set(data["edges"][name]), (name, data["edges"][name])
+
+
 def test_the_storage_side_imports_only_downward() -> None:
     """No import cycle through a storage-side module, and none of them imports a layer
     above its own (lazy imports count): targets and the error map at the bottom,
