@@ -1115,14 +1115,21 @@ def _cron_of(heap: Any, func: Callable[..., Any], spec: str, /, *args: Any, tz: 
         return entry.key
 
     key = _read_then_write(heap, f"cron {cid}", declare)
-    if heap.in_transaction:  # remembered for a deploy's check (`_declared_in`)
-        txn = heap.transaction_manager.get()
-        mark = getattr(heap, "_wf_declared", None)
-        if not mark or mark[0] is not txn:
-            fresh: set[str] = set()
-            mark = heap._wf_declared = (txn, fresh)
-        mark[1].add(cid)
+    _declare(heap, cid)
     return Timer(heap, tuple(key), cron=cid)
+
+
+def _declare(heap: Any, what: Any) -> None:
+    """Remember a cron id or a (topic, name) subscription declared in the transaction in
+    progress: a deploy's check drops those of the program it did not see (`_declared_in`)."""
+    if not heap.in_transaction:
+        return
+    txn = heap.transaction_manager.get()
+    mark = getattr(heap, "_wf_declared", None)
+    if not mark or mark[0] is not txn:
+        fresh: set[Any] = set()
+        mark = heap._wf_declared = (txn, fresh)
+    mark[1].add(what)
 
 
 def _read_then_write(heap: Any, what: str, func: Callable[[Any], Any]) -> Any:
@@ -1671,7 +1678,7 @@ class WorkflowMethods:
     lease: float
     retention: float
     _wf_wake: threading.Event
-    _wf_declared: tuple[Any, set[str]] | None
+    _wf_declared: tuple[Any, set[Any]] | None
 
     def __init__(self, *args: Any, clock: Callable[[], float] | None = None,
                  lease: float = DEFAULT_LEASE, retention: float = DEFAULT_RETENTION,
@@ -1681,7 +1688,7 @@ class WorkflowMethods:
         self.lease = float(lease)
         self.retention = float(retention)
         self._wf_wake = threading.Event()
-        self._wf_declared = None  # (transaction, crons it declared): see `_declared_in`
+        self._wf_declared = None  # (transaction, crons and subscriptions it declared): `_declared_in`
         super().__init__(*args, **kwargs)
 
     def workflow(self, func: Callable[..., Any] | None = None, /, *,
@@ -1716,6 +1723,7 @@ class WorkflowMethods:
                 subs[topic] = (*subs.get(topic, ()), name)
 
             _read_then_write(self, f"subscribe {name[1]} to {topic}", subscribe)
+            _declare(self, (topic, name))
             return action
         return decorate
 
@@ -1870,6 +1878,14 @@ def deploy_check(heap: Any, program: str, *, force: bool) -> None:
             if cron.key in timers:
                 del timers[cron.key]
             del crons[cid]  # the new code no longer declares it
+    subs = _peek(conn, SUBSCRIPTIONS_KEY)
+    for topic, names in list(subs.items()) if subs is not None else ():
+        kept = tuple(n for n in names if not ours(n[0]) or (topic, n) in declared)
+        if kept != names:  # subscribers the new code no longer declares
+            if kept:
+                subs[topic] = kept
+            else:
+                del subs[topic]
     missing = _missing_targets(conn, ours)
     if problems and not force:
         listed = "; ".join(problems)
@@ -1906,8 +1922,8 @@ def _groups(index: Any, ours: Callable[[str], bool], program: str) -> Any:
         low = (key[0], key[1], key[2], _TOP)
 
 
-def _declared_in(heap: Any) -> set[str]:
-    """The crons declared in the transaction in progress (a deploy's top level)."""
+def _declared_in(heap: Any) -> set[Any]:
+    """The crons and subscriptions declared in the transaction in progress (a deploy's top level)."""
     mark = getattr(heap, "_wf_declared", None)
     try:
         txn = heap.transaction_manager.get()

@@ -862,7 +862,7 @@ def ping(n):
 def weekly():
     state.weekly = state.get("weekly", 0) + 1
 
-def other():
+def other(payload=None):
     pass
 """
 
@@ -884,7 +884,8 @@ def test_a_deploy_that_removes_a_timers_action_is_refused_and_drops_undeclared_c
         assert heap.run_due() == 1
         assert heap.state.pings == 2
 
-        cron_src = TIMED_V1 + "\ndh.active_heap().action(weekly).cron('0 9 * * 1', tz='Europe/Paris')\n"
+        cron_src = (TIMED_V1 + "\ndh.active_heap().action(weekly).cron('0 9 * * 1', tz='Europe/Paris')\n"
+                    "dh.on('pinged')(other)\n")
         app.write_text(cron_src)
         heap.deploy(app)
         assert [t.kind for t in heap.timers()] == ["cron"]
@@ -892,8 +893,11 @@ def test_a_deploy_that_removes_a_timers_action_is_refused_and_drops_undeclared_c
         heap.deploy(app)
         assert [t.kind for t in heap.timers()] == ["cron"]  # declared again: kept, once
         app.write_text(TIMED_V1 + "\n# no cron any more\n")
+        assert dh.emit("pinged") == 1
+        heap.run_due()
         heap.deploy(app)
         assert heap.timers() == []  # a deploy drops the crons the new code no longer declares
+        assert dh.emit("pinged") == 0  # and the subscriptions
 
 
 # --- (g) the command line: the issue's example across processes ---------------------------------------
