@@ -1157,10 +1157,10 @@ def sleep(seconds: float) -> Any:
 
 
 class Promise:
-    """A named value that another call resolves (`resolve`), waited on by workflows.
+    """A named value that another call resolves (`resolve`), waited on by workflows::
 
-    >>> reply = promise("reply:ann")   # in a workflow body  # doctest: +SKIP
-    >>> answer = reply.wait(timeout=86400)                   # doctest: +SKIP
+        reply = durable_heap.promise("reply:ann")   # in a workflow body
+        answer = reply.wait(timeout=86400)          # PromiseTimeout after a day
     """
 
     def __init__(self, name: str, heap: Any = None) -> None:
