@@ -32,7 +32,7 @@ action           ``where`` is                           maps
 
 Below the map, the classifiers the heap's transaction runner uses to tell a
 fault of the storage from a conflict or the program's own error (`is_fault`,
-`disconnected`, `outcome_unknown`) and the wording of an OS error (`reason`).
+`disconnected`, `outcome_unknown`) and the wording of an OS error (`reason`, and `remedy`: what to do about it).
 The transaction runner's own messages (``HeapEngine._fault``: a commit cut off, with
 whether it may have been committed) stay with it, since they depend on the
 heap's state.
@@ -81,6 +81,7 @@ __all__ = [
     "outcome_unknown",
     "reason",
     "record_error",
+    "remedy",
     "storage_errors",
     "translate_storage_error",
 ]
@@ -451,6 +452,16 @@ def reason(exc: BaseException) -> str:
         what = ERRNO_REASONS.get(exc.errno) or exc.strerror or str(exc)
         return f"{what} ({errno.errorcode.get(exc.errno, exc.errno)})"
     return describe(exc)
+
+
+def remedy(exc: BaseException) -> str:
+    """The sentence that ends a "nothing was committed" message."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space (or pack the heap) and run it again."
+    if code == errno.EFBIG:
+        return "raise the limit (ulimit -f), or pack the heap, and run it again."
+    return "run it again once the cause is fixed."
 
 
 def describe(exc: BaseException) -> str:

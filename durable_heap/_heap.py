@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
-import errno
 import functools
 import inspect
 import sys
@@ -55,7 +54,7 @@ from ._errormap import disconnected as _disconnected
 from ._errormap import is_fault as _is_fault
 from ._errormap import outcome_unknown as _voted
 from ._errormap import reason as _reason
-from ._errormap import translate_storage_error
+from ._errormap import remedy, translate_storage_error
 from ._errors import (
     DurableHeapError,
     HeapClosedError,
@@ -839,7 +838,7 @@ class HeapEngine:
             return StorageError(
                 f"writing to the heap {self.target}{what} failed: {reason}. Nothing of the "
                 "transaction was committed, and the heap is as it was after its last commit: "
-                f"{_remedy(exc)}",
+                f"{remedy(exc)}",
                 outcome_unknown=False,
             )
         if self.target.scheme == "zeo":
@@ -1213,16 +1212,6 @@ def _stale_format(target: Target, root: Any) -> bool:
             "Under ZEO, upgrade the server and every client together."
         )
     return found < FORMAT
-
-
-def _remedy(exc: BaseException) -> str:
-    """The sentence that ends a "nothing was committed" message."""
-    code = exc.errno if isinstance(exc, OSError) else None
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return "free some space (or pack the heap) and run it again."
-    if code == errno.EFBIG:
-        return "raise the limit (ulimit -f), or pack the heap, and run it again."
-    return "run it again once the cause is fixed."
 
 
 def _close_quietly(conn: Any) -> None:
