@@ -1729,6 +1729,11 @@ class WorkflowMethods:
 
     def run_due(self, limit: int | None = None) -> int:
         """Run everything due now (timers, wakes, event deliveries); return how many ran."""
+        if self.in_transaction:  # type: ignore[attr-defined]
+            raise WorkflowError(
+                "run_due() runs each due item in a transaction of its own, so it cannot run "
+                "inside a transaction or an action: call it outside them"
+            )
         count = 0
         idle = 0
         while limit is None or count < limit:

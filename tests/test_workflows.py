@@ -125,6 +125,27 @@ def test_replay_mismatch_raises_nondeterminism_and_blocks(wheap: dh.Heap, clock:
         h.result()
 
 
+def test_a_failed_workflow_can_be_retried_and_run_due_refuses_a_transaction(wheap: dh.Heap) -> None:
+    bump = _counter(wheap)
+    flaky = {"fail": True}
+
+    @wheap.workflow
+    def sometimes() -> int:
+        n = bump("retried")
+        if flaky["fail"]:
+            raise RuntimeError("not yet")
+        return n
+
+    h = sometimes()
+    assert h.status == "failed"
+    flaky["fail"] = False
+    assert h.retry() and h.status == "waiting"
+    assert wheap.run_due() == 1
+    assert h.result() == 1 and wheap.state.counts["retried"] == 1  # its step was not run again
+    with pytest.raises(dh.WorkflowError, match="cannot run inside a transaction"), wheap.transaction():
+        wheap.run_due()
+
+
 def test_the_body_may_not_change_state(wheap: dh.Heap) -> None:
     @wheap.workflow
     def meddles() -> None:

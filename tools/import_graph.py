@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                 "_defaults"}),
     ("containers and state", {"_containers", "_counter", "_state"}),
     ("heap engine", {"_retry", "_heap", "_engine"}),
-    ("durable execution", {"_execution", "_workflows", "_cron", "_timers"}),
+    ("durable execution", {"_execution", "_workflows", "_cron"}),
     ("programs", {"_program", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server",
                "asgi", "wsgi"}),
