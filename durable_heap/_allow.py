@@ -108,6 +108,7 @@ DEFAULT_ALLOWED: frozenset[str] = frozenset(
         "durable_heap._versions._ProgramRecord",
         "durable_heap._versions._VersionRecord",
         "durable_heap._workflows.WorkflowRecord",
+        "durable_heap._workflows.Journal",
         "durable_heap._workflows.PromiseRecord",
         "durable_heap._workflows.JournalEntry",
         "durable_heap._workflows.TimerEntry",

@@ -51,7 +51,8 @@ unless the class says otherwise):
 * ``_workflows.WorkflowRecord``: ``id``, ``function`` (module, qualname), ``args``,
   ``kwargs``, ``status``, ``created``/``since``/``heartbeat``/``finished`` (epoch
   seconds), ``result``, ``error`` (type module, qualname, args, text), ``reason``,
-  ``waiting`` tuple, ``timer`` key, ``journal`` IOBTree step -> ``JournalEntry``,
+  ``waiting`` tuple, ``timer`` key, ``journal`` a ``Journal`` (an IOBTree with
+  buckets of 8) step -> ``JournalEntry``,
   ``length``, ``retention``, ``code`` (its function's code hash), ``indexed`` key.
 * ``_workflows.PromiseRecord``: ``name``, ``resolved``, ``value``, ``at``, ``waiters``.
 * Inline (not persistent; pickled inside the bucket that holds them, state a tuple):
@@ -125,6 +126,7 @@ STORED_CLASSES: tuple[str, ...] = (
     "durable_heap._versions._ProgramRecord",
     "durable_heap._versions._VersionRecord",
     "durable_heap._workflows.WorkflowRecord",
+    "durable_heap._workflows.Journal",
     "durable_heap._workflows.PromiseRecord",
 )
 

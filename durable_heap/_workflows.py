@@ -22,7 +22,7 @@ already did read back from its journal in the heap. What a body does:
 
 Stored format (root keys and classes; they are on-disk format, never moved):
 ``durable_heap.workflows`` (OOBTree id -> `WorkflowRecord`, whose ``journal``
-is an IOBTree of `JournalEntry`), ``durable_heap.timers`` (OOBTree
+is a `Journal` of `JournalEntry`), ``durable_heap.timers`` (OOBTree
 (deadline, seq) -> `TimerEntry`), ``durable_heap.promises`` (OOBTree name ->
 `PromiseRecord`), ``durable_heap.subscriptions`` (OOBTree topic -> tuple of
 (module, qualname)), ``durable_heap.crons`` (OOBTree id -> `CronEntry`) and
@@ -124,6 +124,17 @@ _named: dict[tuple[str, str], Any] = {}
 # --- stored records ---------------------------------------------------------------------
 
 
+class Journal(IOBTree):
+    """A workflow's journal: step number -> `JournalEntry` (stored).
+
+    Small buckets (8 entries, not IOBTree's 60): each step rewrites the bucket its
+    entry lands in, so the cost of a step stays flat as the journal grows.
+    """
+
+    max_leaf_size = 8
+    max_internal_size = 64
+
+
 class WorkflowRecord(Persistent):
     """One workflow: what it runs, where it is, and its journal (stored)."""
 
@@ -144,7 +155,7 @@ class WorkflowRecord(Persistent):
         self.reason = ""  # why it is blocked
         self.waiting: tuple[Any, ...] | None = None  # ("sleep", deadline) | ("promise", name, deadline)
         self.timer: tuple[float, str] | None = None  # its one timer: wake, lease or prune
-        self.journal = IOBTree()  # step number (from 0) -> JournalEntry
+        self.journal = Journal()  # step number (from 0) -> JournalEntry
         # Entries in the journal as of the last write of this record (a step appends to
         # the journal only; a dropped journal keeps it): see `journal_length`.
         self.length = 0
@@ -1583,7 +1594,7 @@ def _fire_one(heap: Any) -> int | None:
             if rec is not None and rec.timer == key:
                 rec.timer = None
                 rec.length = journal_length(rec)
-                rec.journal = IOBTree()  # the finished workflow keeps status and result
+                rec.journal = Journal()  # the finished workflow keeps status and result
             return 1
         del timers[key]
         if entry.kind == "cron":

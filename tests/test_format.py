@@ -40,6 +40,7 @@ PINNED = (
     "durable_heap._versions._ProgramRecord",
     "durable_heap._versions._VersionRecord",
     "durable_heap._workflows.WorkflowRecord",
+    "durable_heap._workflows.Journal",
     "durable_heap._workflows.PromiseRecord",
 )
 INLINE = (
