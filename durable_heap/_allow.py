@@ -678,28 +678,34 @@ class _GuardedResolver:
             committed_data or storage.loadSerial(oid, committed_serial),
         ]
         for record in records:
-            used, referenced = resolution_globals(untransform(record))
-            for path in used:
-                if path == "?":
-                    raise ClassNotAllowedError(
-                        "its state names a global through opcodes the check cannot read "
-                        "(protocol 4 or copyreg extensions), which ZODB never writes"
-                    )
-                module, _, name = path.rpartition(".")
-                try:
-                    self.allowlist.check(None, module, name)
-                except ClassNotAllowedError as exc:
-                    raise refused(path, oid) from exc
-            for path in referenced:
-                # A reference's class is looked up (ZODB's find_global) but never
-                # called: harmless if its module is loaded already, or cannot be
-                # imported at all (a program's class on a server: ZODB's BadClass,
-                # and the merge still works). A module that would be imported (its
-                # top level run) for a record needs allowing.
-                module, _, name = path.rpartition(".")
-                if _never(module, name) or (module not in sys.modules and _importable(module)):
-                    if not self.allowlist.allows(None, module, name):
-                        raise refused(path, oid)
+            self.check_record(untransform(record), oid)
+
+    def check_record(self, record: bytes, oid: bytes | None = None) -> None:
+        """Raise `ClassNotAllowedError` if conflict resolution may not unpickle `record`
+        (as ZODB stored it, untransformed): for resolvers that hand records over one by
+        one (RelStorage's, see `durable_heap._relstorage`)."""
+        used, referenced = resolution_globals(record)
+        for path in used:
+            if path == "?":
+                raise ClassNotAllowedError(
+                    "its state names a global through opcodes the check cannot read "
+                    "(protocol 4 or copyreg extensions), which ZODB never writes"
+                )
+            module, _, name = path.rpartition(".")
+            try:
+                self.allowlist.check(None, module, name)
+            except ClassNotAllowedError as exc:
+                raise refused(path, oid) from exc
+        for path in referenced:
+            # A reference's class is looked up (ZODB's find_global) but never
+            # called: harmless if its module is loaded already, or cannot be
+            # imported at all (a program's class on a server: ZODB's BadClass,
+            # and the merge still works). A module that would be imported (its
+            # top level run) for a record needs allowing.
+            module, _, name = path.rpartition(".")
+            if _never(module, name) or (module not in sys.modules and _importable(module)):
+                if not self.allowlist.allows(None, module, name):
+                    raise refused(path, oid)
 
 
 def _importable(module: str) -> bool:

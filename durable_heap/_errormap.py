@@ -21,6 +21,10 @@ action           ``where`` is                           maps
 ``create``       the folder being created               OSError
 ``read``         the heap file's path                   OSError
 ``connect``      the ``zeo://`` target                  ClientDisconnected, LockError
+``connect``      the ``postgresql://`` target           psycopg2's OperationalError (a
+                                                        refused login, no database, no
+                                                        server; lost while opening)
+``open``         the ``postgresql://`` target           RelStorage's schema mismatch
 ``tls``          the TLS files, comma-separated         OSError (ssl.SSLError among them)
 ``listen``       the server's address (a zeo:// URL)    OSError
 ``follow``       the heap file's path                   anything (a reader cannot follow)
@@ -32,13 +36,14 @@ action           ``where`` is                           maps
 
 Below the map, the classifiers the heap's transaction runner uses to tell a
 fault of the storage from a conflict or the program's own error (`is_fault`,
-`disconnected`, `outcome_unknown`) and the wording of an OS error (`reason`, and `remedy`: what to do about it).
+`disconnected`, `outcome_unknown`) and the wording of an OS error (`reason`, and
+`remedy`: what to do about it).
 The transaction runner's own messages (``HeapEngine._fault``: a commit cut off, with
 whether it may have been committed) stay with it, since they depend on the
 heap's state.
 
-ZEO is never imported here: its exception classes are looked up in
-``sys.modules`` (a process that never imported ZEO cannot have raised them).
+ZEO and psycopg2 are never imported here: their exception classes are looked up in
+``sys.modules`` (a process that never imported them cannot have raised them).
 """
 
 from __future__ import annotations
@@ -79,11 +84,13 @@ __all__ = [
     "is_fault",
     "not_a_heap",
     "outcome_unknown",
+    "pg_disconnected",
     "reason",
     "record_error",
     "remedy",
     "storage_errors",
     "translate_storage_error",
+    "wrong_history_mode",
 ]
 
 #: What a caller of `translate_storage_error` was doing (see the module's table).
@@ -106,6 +113,8 @@ def translate_storage_error(
     address: Address | None = None,
     offset: int | None = None,
     cls: str | None = None,
+    secret: str = "",
+    keep_history: bool = True,
 ) -> BaseException:
     """Our error for `exc`, raised while doing `action` on `where`; `exc` itself if none.
 
@@ -119,7 +128,7 @@ def translate_storage_error(
     original error when its details help (an OS error's file name), none when
     the message says everything. So raise it as it is: ``raise translate_storage_error(...)``.
     """
-    site = _Site(where, wait, tls, cache, location, hint, address, offset, cls)
+    site = _Site(where, wait, tls, cache, location, hint, address, offset, cls, secret, keep_history)
     # A reader that cannot follow its file's change: whatever went wrong, even our
     # own CorruptHeapError from the scan, is reported as that.
     if action == "follow":
@@ -159,6 +168,8 @@ class _Site:
     address: Address | None
     offset: int | None
     cls: str | None
+    secret: str = ""  # a password no message may show (postgresql://)
+    keep_history: bool = True  # the history mode a postgresql:// target asked for
 
 
 def _caused(err: BaseException, cause: BaseException | None) -> BaseException:
@@ -249,6 +260,85 @@ def _cannot_listen(exc: BaseException, s: _Site) -> BaseException | None:
     return _caused(StorageError(_listen_error(s.address, exc)), None)
 
 
+def _hide(text: str, s: _Site) -> str:
+    return text.replace(s.secret, "***") if s.secret else text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _pg_connect(exc: BaseException, s: _Site) -> BaseException:
+    """psycopg2's error for a connection attempt: a refusal (raised at once by the
+    caller) or no server (`ServerUnavailableError`: the caller retries until its wait)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(s.where)
+    user = unquote(parts.username or "") or os.environ.get("PGUSER") or "(the login name)"
+    dbname = unquote(parts.path.lstrip("/"))
+    why = _hide(_first_line(exc), s)
+    low = str(exc).lower()
+    if ("authentication failed" in low or "no password supplied" in low
+            or ("role" in low and "does not exist" in low)):
+        return _caused(StorageError(
+            f"PostgreSQL at {s.location} refused the login of user {user!r} to {s.where} ({why}). "
+            "Check the user and the password: in the URL (postgresql://USER:PASSWORD@HOST/DB), "
+            "in $PGPASSWORD, or in ~/.pgpass."
+        ), None)
+    if "database" in low and "does not exist" in low:
+        return _caused(StorageError(
+            f"the database {dbname!r} does not exist on the PostgreSQL server at {s.location}: "
+            f"create it (createdb {dbname}, or CREATE DATABASE in psql); durable_heap creates "
+            "the tables in it at the first open."
+        ), None)
+    if "permission denied" in low:
+        return _caused(StorageError(
+            f"PostgreSQL at {s.location} refused user {user!r} the database of {s.where} ({why}): "
+            "grant it CONNECT and CREATE there."
+        ), None)
+    if not any(sign in low for sign in _NO_SERVER):
+        return _caused(StorageError(
+            f"PostgreSQL at {s.location} refused the connection to {s.where} ({why}): check the "
+            "target's options (sslmode) and the server's settings (pg_hba.conf, ssl)"
+        ), None)
+    if s.wait is None:  # lost while RelStorage opened the heap
+        return _caused(ServerUnavailableError(
+            f"lost the PostgreSQL server at {s.location} while opening {s.where} ({why}): "
+            "open it again once the server is back"
+        ), None)
+    return _caused(ServerUnavailableError(
+        f"no PostgreSQL server answered at {s.location} for {s.where} within {s.wait:g} s "
+        f"({why}): start it, or fix the address (a longer wait: ?wait_timeout=SECONDS)"
+    ), None)
+
+
+#: libpq's words for a server that is not there (yet): waited for, up to wait_timeout.
+_NO_SERVER = (
+    "connection refused", "no such file or directory", "could not connect", "timeout expired",
+    "could not translate host name", "the database system is", "server closed the connection",
+    "terminating connection", "network is unreachable", "no route to host", "connection reset",
+)
+
+
+def wrong_history_mode(where: str, keep_history: bool) -> str:
+    """The message of a postgresql:// target whose database keeps the other history mode."""
+    has, wants = ("history-free", "keep_history=0") if keep_history else ("history-preserving",
+                                                                           "keep_history=1")
+    return (
+        f"the database of {where} holds a {has} RelStorage heap, and the target asks for the "
+        f"other kind: open it with ?{wants}, or move it into a new database with "
+        "`durable-heap copy SOURCE TARGET`"
+    )
+
+
+def _pg_schema(exc: BaseException, s: _Site) -> BaseException | None:
+    text = str(exc)
+    if "Schema mismatch" in text and "history" in text:
+        return _caused(StorageError(wrong_history_mode(s.where, s.keep_history)), None)
+    return None
+
+
 _Build = Callable[[BaseException, _Site], "BaseException | None"]
 
 #: (their error, the actions where it is mapped, our error), most specific first: the
@@ -267,6 +357,9 @@ _MAP: list[tuple[type | str, frozenset[str], _Build]] = [
     (OSError, frozenset({"create"}), _no_folder),
     (OSError, frozenset({"read"}), _unreadable),
     (OSError, frozenset({"listen"}), _cannot_listen),
+    ("psycopg2:OperationalError", frozenset({"connect"}), _pg_connect),
+    ("psycopg2:DatabaseError", frozenset({"connect"}), _pg_connect),  # a dropped connection
+    (ZODB.POSException.StorageError, frozenset({"open"}), _pg_schema),
 ]
 
 
@@ -390,9 +483,34 @@ def _from_server(exc: BaseException, cls: str | None) -> CorruptHeapError | None
 
 
 def disconnected(exc: BaseException) -> bool:
-    """True for ZEO's ClientDisconnected (without importing ZEO for heaps that do not use it)."""
+    """True for ZEO's ClientDisconnected and for a lost PostgreSQL connection
+    (`pg_disconnected`), without importing ZEO or psycopg2 for heaps that do not use them."""
     zeo_errors = sys.modules.get("ZEO.Exceptions")
-    return zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)
+    return (zeo_errors is not None and isinstance(exc, zeo_errors.ClientDisconnected)) or (
+        pg_disconnected(exc))
+
+
+def pg_disconnected(exc: BaseException) -> bool:
+    """True for psycopg2's errors of a lost or refused database connection, and
+    RelStorage's for a closed replica.
+
+    psycopg2 trap (2.9): a connection the server dropped (a restart) fails with a bare
+    ``DatabaseError`` ("server closed the connection unexpectedly"), not an
+    OperationalError; an error the server itself reports always has a SQLSTATE
+    (``pgcode``), so one without it is the connection's. Of the server's own, class
+    08 (connection exception) and 57P01-57P03 (shut down, crashed, starting) are a
+    lost server; others (a full disk, 53100) are faults of the storage (`is_fault`).
+    """
+    driver = sys.modules.get("psycopg2")
+    if driver is None:
+        return False
+    if isinstance(exc, driver.InterfaceError):
+        return True
+    if isinstance(exc, driver.DatabaseError):
+        code = exc.pgcode
+        return code is None or code.startswith("08") or code in ("57P01", "57P02", "57P03")
+    closed = sys.modules.get("relstorage.adapters.interfaces")
+    return closed is not None and isinstance(exc, closed.ReplicaClosedException)
 
 
 def is_fault(exc: BaseException, *, in_program: bool = False) -> bool:
@@ -403,6 +521,11 @@ def is_fault(exc: BaseException, *, in_program: bool = False) -> bool:
     """
     if isinstance(exc, DurableHeapError):
         return False
+    if disconnected(exc):
+        return True
+    driver = sys.modules.get("psycopg2")
+    if driver is not None and isinstance(exc, driver.Error):
+        return True  # PostgreSQL failed (its errors are neither OSErrors nor ZODB's)
     if isinstance(exc, OSError):
         return not in_program
     if isinstance(exc, ZODB.POSException.POSKeyError):

@@ -67,7 +67,8 @@ def open(  # noqa: A001 - durable_heap.open is the public name
 
     `target` is a path (``data/app.fs``), ``file:///abs/app.fs``,
     ``zeo://host:port`` or ``zeo:///path/to/socket`` (a heap served by
-    ``durable-heap zeo``, shared by processes) or ``memory://``; without one,
+    ``durable-heap zeo``, shared by processes), ``postgresql://user@host/db``
+    (a PostgreSQL database, for several machines) or ``memory://``; without one,
     ``$DURABLE_HEAP_STORAGE`` or ``.durable-heap/heap.fs``. `attempts` is how
     often actions are tried when they conflict; `cache_size` how many objects
     each thread keeps in memory; `max_async_transactions` how many asyncio

@@ -841,9 +841,10 @@ class HeapEngine:
                 f"{remedy(exc)}",
                 outcome_unknown=False,
             )
-        if self.target.scheme == "zeo":
+        if self.target.scheme in ("zeo", "postgresql"):
+            server = "PostgreSQL server" if self.target.scheme == "postgresql" else "ZEO server"
             return StorageError(
-                f"the ZEO server at {self.target} failed{what} after it had accepted the "
+                f"the {server} at {self.target} failed{what} after it had accepted the "
                 f"transaction: {reason}. The transaction may or may not have been committed; "
                 "check before repeating it.",
                 outcome_unknown=True,
@@ -878,8 +879,9 @@ class HeapEngine:
             if unknown
             else "the transaction was aborted and nothing of it was committed"
         )
+        server = "PostgreSQL server" if self.target.scheme == "postgresql" else "ZEO server"
         return ServerUnavailableError(
-            f"lost the connection to the ZEO server at {self.target}{what}: {fate}. "
+            f"lost the connection to the {server} at {self.target}{what}: {fate}. "
             "Later transactions reconnect by themselves once the server is back.",
             outcome_unknown=unknown,
         )

@@ -1,9 +1,10 @@
 """Targets to storages: the one place that turns a parsed target into a ZODB storage.
 
 A target string is parsed, and its options checked, by `durable_heap._targets`
-(``file``, ``memory`` and ``zeo`` schemes; see the table there); here
+(``file``, ``memory``, ``zeo`` and ``postgresql`` schemes; see the table there); here
 `open_storage` opens the storage it names: a checked, checksummed FileStorage
-(below), a MappingStorage, or ZEO's client (`durable_heap._zeo`).
+(below), a MappingStorage, ZEO's client (`durable_heap._zeo`) or RelStorage on
+PostgreSQL (`durable_heap._relstorage`).
 
 FileStorage files are created private (umask 077: the data file, its index, its
 temporary and pack files are 0600); missing parent folders are created 0700.
@@ -39,6 +40,10 @@ def open_storage(target: Target, *, read_only: bool = False) -> Any:
         from ._zeo import open_client
 
         return open_client(target, read_only=read_only)
+    if target.scheme == "postgresql":
+        from ._relstorage import open_relstorage
+
+        return open_relstorage(target, read_only=read_only)
     quiet_benign_logs()
     return _open_file_storage(target.location, read_only=read_only or target_read_only(target))
 

@@ -9,6 +9,8 @@ target                    storage
 ``memory://``             MappingStorage: in memory only, for unit tests
 ``zeo://host:port``       ZEO ClientStorage: a heap shared by processes
 ``zeo:///run/app.sock``   ZEO ClientStorage over a unix socket
+``postgresql://u@h/db``   RelStorage on PostgreSQL: a heap for several machines
+``postgresql:///db?host=/run/postgresql``  the same over a unix socket
 ========================  ==================================================
 
 URL targets take query options (``file:///abs/app.fs?read_only=1``,
@@ -16,9 +18,11 @@ URL targets take query options (``file:///abs/app.fs?read_only=1``,
 read by one parser from a small table per scheme (`OPTIONS`): booleans are
 1/0, true/false, yes/no or on/off; numbers are finite; an unknown option is
 refused with the list of those the scheme takes. A ``zeo://`` target's address
-is checked here too (`parse_address`), so a bad target fails before anything
-connects. A new scheme adds its table to `OPTIONS`, its branch to
-`parse_target`, and its backend to `durable_heap._storage.open_storage`.
+is checked here too (`parse_address`), and so is a ``postgresql://`` URL
+(`check_postgresql_target`: its password goes to `Target.password`, which no text of
+the target shows), so a bad target fails before anything connects. A new scheme
+adds its table to `OPTIONS`, its branch to `parse_target`, and its backend to
+`durable_heap._storage.open_storage`.
 
 This is the bottom of the storage side: it imports only `_errors`, so the
 dispatcher (`_storage`), the backends (`_zeo`) and the server (`_zeo_server`)
@@ -45,6 +49,7 @@ __all__ = [
     "Option",
     "Target",
     "check_options",
+    "check_postgresql_target",
     "check_zeo_target",
     "format_address",
     "option",
@@ -57,16 +62,19 @@ __all__ = [
 #: Environment variable naming the default target.
 ENV_STORAGE = "DURABLE_HEAP_STORAGE"
 DEFAULT_PATH = os.path.join(".durable-heap", "heap.fs")
-_SCHEMES = ("file://", "memory://", "zeo://")
+_SCHEMES = ("file://", "memory://", "zeo://", "postgresql://")
 
 
 @dataclass(frozen=True)
 class Target:
     """A parsed target: its scheme, its location and its options."""
 
-    scheme: str  # "file", "memory" or "zeo"
-    location: str  # absolute path for "file"; a name for "memory"; host:port or /socket for "zeo"
+    scheme: str  # "file", "memory", "zeo" or "postgresql"
+    location: str  # absolute path for "file"; a name for "memory"; host:port or /socket for "zeo";
+    # user@host:port/dbname for "postgresql" (never its password)
     options: dict[str, str] = field(default_factory=dict)
+    #: A postgresql:// target's password: in no text of the target (str, repr, notes, errors).
+    password: str = field(default="", repr=False, compare=False)
 
     def __str__(self) -> str:
         if self.scheme == "file":
@@ -109,6 +117,22 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "tls_key": Option("text", "the key of tls_cert (PEM), unless the certificate file holds it"),
         "tls_hostname": Option("text", "the name to check the server's certificate against "
                                "(default: the host of the address; not checked over a unix socket)"),
+    },
+    "postgresql": {
+        "keep_history": Option("bool", "1 (default): keep every revision (state_at, inspect --at); "
+                               "0: a history-free database (smaller, only the current state)", True),
+        "read_only": _READ_ONLY,
+        "wait_timeout": Option("number", "seconds to wait for the server to answer (default 30)",
+                               positive=True),
+        "host": Option("text", "the folder of the server's unix socket (or a host name), for "
+                       "postgresql:///dbname?host=/run/postgresql"),
+        "sslmode": Option("text", "libpq's sslmode: disable, prefer (libpq's default), require, "
+                          "verify-ca or verify-full"),
+        "cache_local_mb": Option("whole", "RelStorage's in-memory pickle cache, in MB (default 10)"),
+        "cache_dir": Option("text", "a folder for RelStorage's persistent cache files, kept "
+                            "across restarts (default: none)"),
+        "commit_lock_timeout": Option("whole", "seconds to wait for the commit lock (default 30)",
+                                      positive=True),
     },
 }
 
@@ -192,7 +216,8 @@ def parse_target(target: str | os.PathLike[str] | None) -> Target:
     options = dict(pairs)
     if len(options) < len(pairs):
         twice = sorted({k for k, _ in pairs if [n for n, _ in pairs].count(k) > 1})
-        raise UnknownTargetError(f"{target!r} gives {', '.join(twice)} more than once: give each option once")
+        shown = without_password(target)
+        raise UnknownTargetError(f"{shown!r} gives {', '.join(twice)} more than once: give each option once")
     if parts.scheme == "file":
         path = unquote(parts.path)
         if parts.netloc not in ("", "localhost"):
@@ -204,6 +229,8 @@ def parse_target(target: str | os.PathLike[str] | None) -> Target:
         return check_options(Target("memory", parts.netloc + parts.path, options))
     if parts.scheme == "zeo":
         return check_zeo_target(Target("zeo", parts.netloc + unquote(parts.path), options), target)
+    if parts.scheme in ("postgresql", "postgres"):
+        return check_postgresql_target(target, options)
     msg = (
         f"unknown heap target scheme {parts.scheme + '://'!r} in {target!r}: use a file "
         f"path, or one of {', '.join(_SCHEMES)}"
@@ -287,3 +314,57 @@ def check_zeo_target(target: Target, text: str) -> Target:
     target = check_options(Target("zeo", location, target.options))
     parse_address(location)
     return target
+
+
+# --- postgresql:// -----------------------------------------------------------------------
+
+
+def without_password(text: str) -> str:
+    """`text` with the password of its URL (if any) replaced by ``***``."""
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    netloc = parts.netloc
+    at = netloc.rfind("@")
+    user = netloc[:at].split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[at + 1:]}").geturl()
+
+
+def check_postgresql_target(text: str, options: dict[str, str]) -> Target:
+    """Parse a ``postgresql://`` (or ``postgres://``) target and check its options.
+
+    The location is the URL without its password and query; the password, if
+    given, goes to `Target.password`. `durable_heap._relstorage` opens it.
+
+    >>> t = check_postgresql_target("postgresql://ann:s3cret@db.example:6543/app", {})
+    >>> str(t), t.password
+    ('postgresql://ann@db.example:6543/app', 's3cret')
+    """
+    parts = urlsplit(text)
+    shown = without_password(text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise UnknownTargetError(f"{shown!r}: the port must be a number from 1 to 65535") from None
+    dbname = unquote(parts.path.lstrip("/"))
+    if not dbname or "/" in dbname:
+        raise UnknownTargetError(
+            f"{shown!r} names no database: use postgresql://USER@HOST[:PORT]/DBNAME, or "
+            "postgresql:///DBNAME?host=/path/to/socket-folder for a unix socket"
+        )
+    host = unquote(parts.hostname or "")
+    if host and options.get("host"):
+        raise UnknownTargetError(f"{shown!r} names a host twice (in the address and in ?host=): give one")
+    user = unquote(parts.username or "")
+    netloc = (f"{user}@" if user else "") + (f"[{host}]" if ":" in host else host)
+    if port is not None:
+        netloc += f":{port}"
+    sslmode = options.get("sslmode")
+    if sslmode is not None and sslmode not in _SSLMODES:
+        raise UnknownTargetError(f"{shown!r}: sslmode={sslmode!r} must be one of {', '.join(_SSLMODES)}")
+    password = unquote(parts.password) if parts.password is not None else ""
+    return check_options(Target("postgresql", f"{netloc}/{dbname}", options, password=password))
+
+
+#: libpq's values of sslmode.
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")

@@ -906,6 +906,9 @@ def _historical(heap: HeapEngine, kwargs: dict[str, Any], label: str) -> Iterato
         conn.close()
 
 
+_POLL_LOCK = threading.Lock()
+
+
 def _in_the_past(heap: HeapEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``DB.open`` arguments for a historical connection, never the current one.
 
@@ -921,12 +924,28 @@ def _in_the_past(heap: HeapEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
     if isinstance(at, datetime.datetime):
         at = min(at, datetime.datetime.now(datetime.timezone.utc))
         before = getTID(at, None)
+    storage = heap.db.storage
+    if getattr(storage, "keep_history", True) is False:  # RelStorage's history-free mode
+        raise StorageError(
+            f"the heap {heap.target} keeps no history (a history-free database, keep_history=0): "
+            "only its current state exists, so there is no state of an earlier time or version "
+            "to show. Copy it into a history-preserving database (durable-heap copy) to keep "
+            "history from then on."
+        )
     # The last commit as known after a sync: a read-only FileStorage reads the
     # writer's new transactions there, a ZEO client with server_sync asks its server.
-    sync = getattr(heap.db.storage, "sync", None)
-    if sync is not None:
-        sync()
-    last: bytes = heap.db.lastTransaction()
+    # RelStorage trap (4.3): its sync() only rolls back, and the DB's own storage
+    # instance (never a connection's) keeps the lastTransaction() of its last poll,
+    # so a time after that poll read as "in the future" to DB.open; it polls here,
+    # one thread at a time (a RelStorage instance is not thread-safe).
+    with _POLL_LOCK:
+        sync = getattr(storage, "sync", None)
+        if sync is not None:
+            sync()
+        poll = getattr(storage, "poll_invalidations", None)
+        if poll is not None:
+            poll()
+        last: bytes = heap.db.lastTransaction()
     if before is None or before > last:
         return {"at": last}
     return {"before": before}

@@ -9,6 +9,7 @@
     durable-heap watch PROGRAM                     deploy the file whenever it changes
     durable-heap types PROGRAM [--write|--check]   a typed State stub; check declared types
     durable-heap zeo --storage FILE [--address A]  serve a heap to other processes
+    durable-heap copy SOURCE TARGET                copy a heap into a new, empty target
     durable-heap worker PROGRAM                    run the program's scheduler (timers, wakes)
     durable-heap run-due PROGRAM                   run what is due once, print how many
     durable-heap workflows PROGRAM [--id ID]       list workflows (--cancel ID, --retry ID)
@@ -55,7 +56,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument(
             "--storage",
             metavar="TARGET",
-            help="the heap: a path, file:///abs/path.fs, zeo://HOST:PORT or memory:// (default: "
+            help="the heap: a path, file:///abs/path.fs, zeo://HOST:PORT, postgresql://USER@HOST/DB or "
+            "memory:// (default: "
             "$DURABLE_HEAP_STORAGE, else .durable-heap/<program>.fs beside the program)",
         )
         p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
@@ -107,7 +109,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     from ._zeo_server import add_command
 
     commands["zeo"] = add_command(sub)
+    # durable-heap copy (issue 16): its parser and its run in durable_heap._copy
+    from ._copy import add_command as add_copy
+
+    commands["copy"] = add_copy(sub)
     return parser, commands
+
+
+def _copy(args: argparse.Namespace) -> int:
+    from ._copy import run_copy
+
+    return run_copy(args)
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -146,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = argv[0]
     run = {"call": _call, "deploy": _deploy, "versions": _versions, "rollback": _rollback,
            "inspect": _inspect, "check": _check, "watch": _watch, "types": _types,
-           "zeo": _zeo, **_WORKFLOW_COMMANDS}[args.command]
+           "zeo": _zeo, "copy": _copy, **_WORKFLOW_COMMANDS}[args.command]
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -7,7 +7,12 @@ so a project's tests can ask for these fixtures without a conftest:
 * ``heap``: a heap on a real FileStorage at ``heap_path``, closed afterwards;
 * ``reopen``: ``reopen(heap)`` closes a heap and opens its file again;
 * ``zeo_server``: a real ``durable-heap zeo`` server on a free loopback port
-  (a `durable_heap.testing.ZeoServer`: ``.url``, ``.kill()``, ``.start()``).
+  (a `durable_heap.testing.ZeoServer`: ``.url``, ``.kill()``, ``.start()``);
+* ``postgres_cluster``: one throwaway PostgreSQL cluster for the whole test run
+  (a `durable_heap.testing.PostgresCluster`), and ``postgresql_url``: a new
+  database in it for each test, as a ``postgresql://`` target. Where PostgreSQL
+  cannot run the tests that use them are skipped, saying why; with ``CI=true``
+  they fail instead, so that CI never passes without them.
 
 A fixture of the same name in a project's own conftest.py takes precedence.
 This module imports pytest; `durable_heap.testing` does not.
@@ -15,6 +20,8 @@ This module imports pytest; `durable_heap.testing` does not.
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,9 +29,10 @@ import pytest
 
 import durable_heap as dh
 
-from .testing import ZeoServer
+from .testing import PostgresCluster, ZeoServer, postgres_unavailable
 
-__all__ = ["heap", "heap_path", "reopen", "zeo_server"]
+__all__ = ["heap", "heap_path", "postgres_cluster", "postgresql_url", "reopen", "require_postgres",
+           "zeo_server"]
 
 
 @pytest.fixture
@@ -68,3 +76,42 @@ def zeo_server(tmp_path: Path) -> Iterator[ZeoServer]:
         yield server
     finally:
         server.close()
+
+
+def require_postgres() -> None:
+    """Skip the calling test where PostgreSQL cannot run (fail under ``CI=true``)."""
+    reason = postgres_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true and PostgreSQL cannot run: {reason}", pytrace=False)
+    pytest.skip(f"PostgreSQL cannot run here: {reason}")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for the whole run (started once, stopped at the end)."""
+    require_postgres()
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def postgresql_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    """A ``postgresql://`` target of a new, empty database, dropped after the test."""
+    name = f"test_{os.getpid()}_{next(_databases)}"
+    if not postgres_cluster.running():  # a test stopped it and failed before starting it again
+        postgres_cluster.start()
+    url = postgres_cluster.create_database(name)
+    try:
+        yield url
+    finally:
+        if postgres_cluster.running():
+            postgres_cluster.drop_database(name)

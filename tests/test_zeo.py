@@ -125,8 +125,12 @@ def test_big_dict_and_list_changed_by_four_processes_lose_nothing(
 
 
 def test_concurrent_changes_merge_on_the_server_or_conflict_clearly(zeo_server: ZeoServer) -> None:
-    """Two clients, interleaved by hand: their commits overlap for sure."""
-    with dh.open(zeo_server.url) as one, dh.open(zeo_server.url) as two:
+    merge_or_conflict(zeo_server.url)
+
+
+def merge_or_conflict(url: str) -> None:
+    """Two clients, interleaved by hand: their commits overlap for sure (also on postgresql://)."""
+    with dh.open(url) as one, dh.open(url) as two:
         with one.transaction() as state:
             state.big = {f"k{i}": 0 for i in range(100)}
             state.hits = dh.Counter(10)

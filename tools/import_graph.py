@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("format", {"_format", "_options"}),
     # Targets and their options parsed (no storage opened); the one error map.
     ("storage primitives", {"_targets", "_errormap"}),
-    ("storage backends", {"_allow", "_integrity", "_filestorage", "_follow", "_zeo_client", "_zeo"}),
+    ("storage backends", {"_allow", "_integrity", "_filestorage", "_follow", "_zeo_client", "_zeo",
+                          "_relstorage"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths", "_storable",
                 "_defaults"}),
@@ -32,7 +33,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("heap engine", {"_retry", "_heap", "_engine"}),
     ("durable execution", {"_execution", "_workflows", "_cron"}),
     ("programs", {"_program", "_stubs", "_types", "_versions"}),
-    ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server",
+    ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
                "asgi", "wsgi"}),
 ]
 
