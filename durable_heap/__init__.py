@@ -27,6 +27,7 @@ from ._errors import (
     FunctionNotFoundError,
     HeapClosedError,
     HeapLockedError,
+    JSONFormError,
     NoActiveHeapError,
     NonDeterminismError,
     NotAHeapError,
@@ -35,6 +36,7 @@ from ._errors import (
     ProgramError,
     ProgramNotFoundError,
     PromiseTimeout,
+    ReadOnlyRequestError,
     ServerUnavailableError,
     StaleReferenceError,
     StorageError,
@@ -45,6 +47,7 @@ from ._errors import (
 )
 from ._facade import Heap, open  # noqa: A004 - dh.open is the API
 from ._heap import HeapStatus, active_heap, state
+from ._http import Request, Response
 from ._state import Object, State
 from ._types import typed_state
 from ._versions import Program, Version
@@ -80,6 +83,7 @@ __all__ = [
     "HeapClosedError",
     "HeapLockedError",
     "HeapStatus",
+    "JSONFormError",
     "List",
     "NoActiveHeapError",
     "NoTransactionError",
@@ -92,6 +96,9 @@ __all__ = [
     "ProgramNotFoundError",
     "Promise",
     "PromiseTimeout",
+    "ReadOnlyRequestError",
+    "Request",
+    "Response",
     "ServerUnavailableError",
     "Set",
     "StaleReferenceError",

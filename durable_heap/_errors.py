@@ -10,7 +10,9 @@ Hierarchy::
      ├── WorkflowError (also RuntimeError)      durable execution misused (see `_workflows`)
      │    └── NonDeterminismError               a workflow's code no longer matches its journal
      ├── PromiseTimeout (also TimeoutError)     a promise's wait ran out of time
+     ├── ReadOnlyRequestError (also RuntimeError)   a GET (or other read-only request) changed state
      ├── ConflictError                          concurrent changes, retries used up
+     ├── JSONFormError (also ValueError)        a value that tagged JSON cannot carry, or bad tagged JSON
      ├── NoActiveHeapError (also RuntimeError)  `state` used with no heap open
      ├── HeapClosedError (also RuntimeError)    a closed heap was used
      ├── StorageError                           the storage cannot be opened or used
@@ -45,6 +47,7 @@ __all__ = [
     "FunctionNotFoundError",
     "HeapClosedError",
     "HeapLockedError",
+    "JSONFormError",
     "NoActiveHeapError",
     "NoTransactionError",
     "NonDeterminismError",
@@ -53,6 +56,7 @@ __all__ = [
     "ProgramError",
     "ProgramNotFoundError",
     "PromiseTimeout",
+    "ReadOnlyRequestError",
     "ServerUnavailableError",
     "StaleReferenceError",
     "StorageError",
@@ -129,9 +133,24 @@ class NonDeterminismError(WorkflowError):
 class PromiseTimeout(DurableHeapError, TimeoutError):  # noqa: N818 - the contract's name
     """``promise.wait(timeout=...)`` ran out of time before the promise was resolved."""
 
+class ReadOnlyRequestError(DurableHeapError, RuntimeError):
+    """A request of a read-only method (GET, HEAD, OPTIONS by default) changed state.
+
+    The transaction middlewares (`durable_heap.asgi`, `durable_heap.wsgi`) never
+    commit such a request: its changes were dropped, and it is answered 500.
+    """
+
 
 class ConflictError(DurableHeapError):
     """Concurrent transactions kept conflicting and the retries were used up."""
+
+
+class JSONFormError(DurableHeapError, ValueError):
+    """A value cannot be written as tagged JSON (a function, an unknown kind of
+    object), or a text is not valid tagged JSON (a malformed or unknown tag).
+
+    The message names the place (``value['users'][2]``); see `durable_heap._jsonform`.
+    """
 
 
 class NoActiveHeapError(DurableHeapError, RuntimeError):

@@ -390,6 +390,13 @@ class HeapEngine:
             if self.status is not HeapStatus.OPEN:
                 raise self._closed()
             return task
+        hook = _thread_hook
+        if hook is not None:  # a face (the ASGI middleware) may hand this thread a request's slot
+            slot = hook(self)
+            if slot is not None:
+                if self.status is not HeapStatus.OPEN:
+                    raise self._closed()
+                return slot
         local = self._local
         if local.conn is None:
             if self.status is not HeapStatus.OPEN:
@@ -1214,6 +1221,21 @@ def _stale_format(target: Target, root: Any) -> bool:
             "Under ZEO, upgrade the server and every client together."
         )
     return found < FORMAT
+
+
+#: Set by `set_thread_hook`: asked by `Heap._thread` for the slot this thread runs on, before
+#: the thread's own connection; None (the default) costs one global read.
+_thread_hook: Callable[[HeapEngine], _TaskSlot | None] | None = None
+
+
+def set_thread_hook(hook: Callable[[HeapEngine], _TaskSlot | None] | None) -> None:
+    """PROTECTED (for `durable_heap._requests`): register the hook `Heap._thread` asks first.
+
+    An upper layer's policy without an upward import: the request scope of the
+    ASGI middleware hands a sync view in a thread pool its own transaction slot.
+    """
+    global _thread_hook
+    _thread_hook = hook
 
 
 def _close_quietly(conn: Any) -> None:

@@ -10,6 +10,7 @@
     durable-heap types PROGRAM [--write|--check]   a typed State stub; check declared types
     durable-heap zeo --storage FILE [--address A]  serve a heap to other processes
     durable-heap copy SOURCE TARGET                copy a heap into a new, empty target
+    durable-heap serve PROGRAM [--port P]          serve the program over HTTP
     durable-heap worker PROGRAM                    run the program's scheduler (timers, wakes)
     durable-heap run-due PROGRAM                   run what is due once, print how many
     durable-heap workflows PROGRAM [--id ID]       list workflows (--cancel ID, --retry ID)
@@ -102,6 +103,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     mode.add_argument("--check", action="store_true",
                     help="compare the stored data with the program's declared State; exit 1 on mismatches")
     ty.add_argument("--force", action="store_true", help="with --write: overwrite a file it did not generate")
+    # durable-heap serve (durable_heap._serve)
+    _serve_options(command("serve", "serve a program over HTTP: POST /<function>, endpoint(), /_health"))
     _workflow_commands(command)
     for p in commands.values():
         common(p)
@@ -120,6 +123,26 @@ def _copy(args: argparse.Namespace) -> int:
     from ._copy import run_copy
 
     return run_copy(args)
+
+
+def _serve_options(srv: argparse.ArgumentParser) -> None:
+    """The options of ``durable-heap serve`` (see `durable_heap._serve`)."""
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    srv.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="N processes on a ZEO server started for the heap file (default 1)")
+    srv.add_argument("--threads", type=int, default=16, metavar="N",
+                     help="calls run at once per process (default 16)")
+    srv.add_argument("--attempts", type=int, metavar="N",
+                     help="tries of a call that meets conflicts before it answers 409 (default 10)")
+    srv.add_argument("--debug", action="store_true", help="tracebacks in error answers")
+    srv.add_argument("--inspect", action="store_true",
+                     help="serve the state inspector at /_inspect (loopback only)")
+    srv.add_argument("--no-watch", action="store_true", help="do not deploy the file when it changes")
+    srv.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
+    srv.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
+    srv.add_argument("--insecure", action="store_true",
+                     help="allow a non-loopback --host without TLS (behind a TLS-terminating proxy)")
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -158,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = argv[0]
     run = {"call": _call, "deploy": _deploy, "versions": _versions, "rollback": _rollback,
            "inspect": _inspect, "check": _check, "watch": _watch, "types": _types,
-           "zeo": _zeo, "copy": _copy, **_WORKFLOW_COMMANDS}[args.command]
+           "zeo": _zeo, "copy": _copy, "serve": _serve, **_WORKFLOW_COMMANDS}[args.command]
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -215,6 +238,33 @@ def _zeo(args: argparse.Namespace) -> int:
     from ._zeo_server import run_server
 
     return run_server(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``durable-heap serve``: see `durable_heap._serve`."""
+    try:
+        import uvicorn  # noqa: F401 - only to say what is missing
+    except ImportError:
+        from ._errors import ProgramError
+
+        raise ProgramError("durable-heap serve needs uvicorn: pip install 'durable-heap[serve]'") from None
+    from ._serve import ServeConfig, check_host, run
+
+    _check_program(args, file_required=True)
+    if args.workers < 1 or args.threads < 1 or (args.attempts is not None and args.attempts < 1):
+        print("durable-heap: error: --workers, --threads and --attempts must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("durable-heap: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return EXIT_USAGE
+    config = ServeConfig(
+        program=os.path.abspath(args.program), target=_target(args), host=args.host, port=args.port,
+        workers=args.workers, threads=args.threads, attempts=args.attempts, debug=args.debug,
+        inspect=args.inspect,
+        watch=not args.no_watch, allow=list(args.allow), tls_cert=args.tls_cert, tls_key=args.tls_key,
+    )
+    check_host(config, args.insecure)
+    return run(config)
 
 
 def _check_program(args: argparse.Namespace, *, file_required: bool) -> None:

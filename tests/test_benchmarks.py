@@ -73,6 +73,16 @@ def test_quick_checksum_benchmark() -> None:
         assert "overhead_pct" in data[row]
 
 
+def test_quick_serve_benchmark_measures_both_systems() -> None:
+    out = run(["-m", "benchmarks.serve", "--quick", "--requests", "60", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {r["system"] for r in data["rows"]} == {"durable_heap", "sqlite"}
+    for row in data["rows"]:
+        assert row["errors"] == 0 and row["rps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert data["summary"][0]["rps_ratio"] > 0
+
+
 @pytest.mark.slow
 def test_quick_workflows_benchmark() -> None:
     out = run(["-m", "benchmarks.workflows", "--quick", "--json"], timeout=600)

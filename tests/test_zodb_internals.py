@@ -55,7 +55,8 @@ def db(tmp_path: Path) -> Any:
 
 
 def test_connection_change_lists(db: Any) -> None:
-    """``_values.precheck``, ``watched_plain_ids`` and ``culprit`` read these two lists;
+    """``_values.precheck``, ``watched_plain_ids``, ``culprit`` and ``_requests.changed_in``
+    (the middlewares' read-only check) read these two lists;
     a rename would make precheck check nothing, silently."""
     tm = transaction.TransactionManager(explicit=True)
     conn = db.open(tm)

@@ -29,12 +29,12 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths", "_storable",
                 "_defaults"}),
-    ("containers and state", {"_containers", "_counter", "_state"}),
+    ("containers and state", {"_containers", "_counter", "_state", "_jsonform"}),
     ("heap engine", {"_retry", "_heap", "_engine"}),
     ("durable execution", {"_execution", "_workflows", "_cron"}),
     ("programs", {"_program", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
-               "asgi", "wsgi"}),
+               "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect"}),
 ]
 
 
