@@ -107,6 +107,12 @@ DEFAULT_ALLOWED: frozenset[str] = frozenset(
         "durable_heap._containers._Branch",
         "durable_heap._versions._ProgramRecord",
         "durable_heap._versions._VersionRecord",
+        "durable_heap._workflows.WorkflowRecord",
+        "durable_heap._workflows.Journal",
+        "durable_heap._workflows.PromiseRecord",
+        "durable_heap._workflows.JournalEntry",
+        "durable_heap._workflows.TimerEntry",
+        "durable_heap._workflows.CronEntry",
         # ZODB's root, and the persistent containers of raw ZODB code
         "persistent.mapping.PersistentMapping",
         "persistent.list.PersistentList",

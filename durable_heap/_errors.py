@@ -7,6 +7,9 @@ Hierarchy::
      ├── NoTransactionError (also RuntimeError) a change made outside a transaction
  ├── StaleReferenceError (also RuntimeError) a plain object changed after it left state
      ├── TransactionOwnerError (also RuntimeError)  an asyncio task used another's transaction
+     ├── WorkflowError (also RuntimeError)      durable execution misused (see `_workflows`)
+     │    └── NonDeterminismError               a workflow's code no longer matches its journal
+     ├── PromiseTimeout (also TimeoutError)     a promise's wait ran out of time
      ├── ReadOnlyRequestError (also RuntimeError)   a GET (or other read-only request) changed state
      ├── ConflictError                          concurrent changes, retries used up
      ├── JSONFormError (also ValueError)        a value that tagged JSON cannot carry, or bad tagged JSON
@@ -47,10 +50,12 @@ __all__ = [
     "JSONFormError",
     "NoActiveHeapError",
     "NoTransactionError",
+    "NonDeterminismError",
     "NotAHeapError",
     "NotPersistableError",
     "ProgramError",
     "ProgramNotFoundError",
+    "PromiseTimeout",
     "ReadOnlyRequestError",
     "ServerUnavailableError",
     "StaleReferenceError",
@@ -58,6 +63,7 @@ __all__ = [
     "TransactionOwnerError",
     "UnknownTargetError",
     "VersionNotFoundError",
+    "WorkflowError",
 ]
 
 
@@ -104,6 +110,28 @@ class TransactionOwnerError(DurableHeapError, RuntimeError):
     no owner at all.
     """
 
+
+class WorkflowError(DurableHeapError, RuntimeError):
+    """Durable execution was misused: a wait outside a workflow, a change to state in a
+    workflow's body outside a step, a closure given to a timer, an unknown workflow..."""
+
+
+class NonDeterminismError(WorkflowError):
+    """A workflow's code no longer matches its journal: replay met another step.
+
+    `step` is the step number (from 1), `expected` what the journal holds there
+    and `found` what the code did instead.
+    """
+
+    def __init__(self, message: str, *, step: int = 0, expected: str = "", found: str = "") -> None:
+        super().__init__(message)
+        self.step = step
+        self.expected = expected
+        self.found = found
+
+
+class PromiseTimeout(DurableHeapError, TimeoutError):  # noqa: N818 - the contract's name
+    """``promise.wait(timeout=...)`` ran out of time before the promise was resolved."""
 
 class ReadOnlyRequestError(DurableHeapError, RuntimeError):
     """A request of a read-only method (GET, HEAD, OPTIONS by default) changed state.

@@ -9,12 +9,12 @@ overriding one of the engine's hook methods (the version layer overrides
 the engine last; Python's method order then runs each layer's override before
 the ones below it.
 
-A new layer adds one base (and its import) here: the durable-execution layer
-(`_workflows`, between the engine and the version layer) would read::
+A new layer adds one base (and its import) here, as the durable-execution layer
+(`_workflows`, between the engine and the version layer) does::
 
-    from ._workflows import Workflows
+    from ._workflows import WorkflowMethods
 
-    class Heap(Versions, Workflows, HeapEngine):
+    class Heap(Versions, WorkflowMethods, HeapEngine):
 
 and the layer below never imports this module (it receives the heap as
 ``self``; for type hints only, under ``if TYPE_CHECKING:``). A mixin may
@@ -26,7 +26,7 @@ and adds ``**options`` to `open`, which passes them to `Heap` (the engine takes 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._allow import env_patterns
@@ -34,11 +34,12 @@ from ._heap import DEFAULT_CACHE_SIZE, DEFAULT_MAX_ASYNC_TRANSACTIONS, HeapEngin
 from ._retry import DEFAULT_ATTEMPTS
 from ._targets import parse_target, target_read_only
 from ._versions import Versions
+from ._workflows import DEFAULT_LEASE, DEFAULT_RETENTION, WorkflowMethods
 
 __all__ = ["Heap", "open"]
 
 
-class Heap(Versions, HeapEngine):
+class Heap(Versions, WorkflowMethods, HeapEngine):
     """A durable heap: open with `durable_heap.open`, use from any thread or asyncio task.
 
     >>> import durable_heap as dh
@@ -58,6 +59,9 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     read_only: bool = False,
     max_async_transactions: int = DEFAULT_MAX_ASYNC_TRANSACTIONS,
     allow: Iterable[str] = (),
+    clock: Callable[[], float] | None = None,
+    lease: float = DEFAULT_LEASE,
+    retention: float = DEFAULT_RETENTION,
 ) -> Heap:
     """Open (creating if needed) the heap at `target` and make it the active one.
 
@@ -71,7 +75,11 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     transactions may be open at once per event loop (more wait for a place).
     `allow` names more classes its records may load (``"pkg.module.Class"``, or
     ``"pkg.*"`` for your own module ``pkg``), as does ``$DURABLE_HEAP_ALLOW``;
-    see docs/api.md.
+    see docs/api.md. `clock` (a callable giving epoch seconds, such as
+    `durable_heap.testing.Clock`) is the time of workflows and timers; `lease`
+    how many seconds a workflow's runner holds it between two transactions
+    before a scheduler takes it over; `retention` how long a finished workflow
+    keeps its journal (see docs/workflows.md).
 
     >>> import durable_heap as dh
     >>> heap = dh.open("memory://")
@@ -81,4 +89,5 @@ def open(  # noqa: A001 - durable_heap.open is the public name
     read_only = read_only or target_read_only(parsed)  # ?read_only=1, for every scheme
     return Heap(parsed, attempts=attempts, cache_size=cache_size, read_only=read_only,
                 max_async_transactions=max_async_transactions,
-                allow=[*([allow] if isinstance(allow, str) else allow), *env_patterns()])
+                allow=[*([allow] if isinstance(allow, str) else allow), *env_patterns()],
+                clock=clock, lease=lease, retention=retention)

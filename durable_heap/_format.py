@@ -15,6 +15,16 @@ The ZODB root (a ``persistent.mapping.PersistentMapping``, oid 0) holds::
     "durable_heap.classes"           -> OOBTree  class path -> True (the class registry)
     "durable_heap.classes.complete"  -> True     the registry lists users' classes too (0.3)
 
+and, once durable execution (`_workflows`, since 0.4) has been used::
+
+    "durable_heap.workflows"         -> OOBTree  id -> WorkflowRecord
+    "durable_heap.timers"            -> OOBTree  (deadline, seq) -> TimerEntry
+    "durable_heap.promises"          -> OOBTree  name -> PromiseRecord
+    "durable_heap.subscriptions"     -> OOBTree  topic -> tuple of (module, qualname)
+    "durable_heap.crons"             -> OOBTree  cron id -> CronEntry
+    "durable_heap.dead_letters"      -> OOBTree  seq -> TimerEntry
+    "durable_heap.waiting"           -> OOBTree  (module, qualname, code hash, id) -> True
+
 Record layouts (the attributes each persistent class pickles; ZODB stores
 ``(class path, state)`` per record, the state being the instance ``__dict__``
 unless the class says otherwise):
@@ -38,6 +48,17 @@ unless the class says otherwise):
   ``source_hash`` str, ``files`` dict relative path -> source text,
   ``origin`` str, ``is_package`` bool, ``note`` str. Never changed after its
   deploy commits: its ``_p_serial`` is the deploy's transaction id.
+* ``_workflows.WorkflowRecord``: ``id``, ``function`` (module, qualname), ``args``,
+  ``kwargs``, ``status``, ``created``/``since``/``heartbeat``/``finished`` (epoch
+  seconds), ``result``, ``error`` (type module, qualname, args, text), ``reason``,
+  ``waiting`` tuple, ``timer`` key, ``journal`` a ``Journal`` (an IOBTree with
+  buckets of 8) step -> ``JournalEntry``,
+  ``length``, ``retention``, ``code`` (its function's code hash), ``indexed`` key.
+* ``_workflows.PromiseRecord``: ``name``, ``resolved``, ``value``, ``at``, ``waiters``.
+* Inline (not persistent; pickled inside the bucket that holds them, state a tuple):
+  ``_workflows.JournalEntry`` (kind, name, detail, value, error, at),
+  ``_workflows.TimerEntry`` (kind, target, args, kwargs, attempts, created, error,
+  origin), ``_workflows.CronEntry`` (action, spec, args, kwargs, tz, missed, key).
 
 Since format 2 every record is sealed: ``pickles + crc32(oid + pickles) + b"dh"``
 (see `_integrity.MARK`, which owns the byte layout).
@@ -52,9 +73,11 @@ __all__ = [
     "FORMAT",
     "FORMAT_KEY",
     "FORMAT_SINCE",
+    "INLINE_CLASSES",
     "PROGRAMS_KEY",
     "ROOT_KEY",
     "STORED_CLASSES",
+    "WORKFLOW_KEYS",
 ]
 
 #: Key of the root `State` in the ZODB root.
@@ -67,6 +90,17 @@ PROGRAMS_KEY = "durable_heap.programs"
 CLASSES_KEY = "durable_heap.classes"
 #: Key of the marker (True) that the registry lists users' classes too (since 0.3).
 COMPLETE_KEY = "durable_heap.classes.complete"
+
+#: The root keys of durable execution (`_workflows`), in the order listed above.
+WORKFLOW_KEYS: tuple[str, ...] = (
+    "durable_heap.workflows",
+    "durable_heap.timers",
+    "durable_heap.promises",
+    "durable_heap.subscriptions",
+    "durable_heap.crons",
+    "durable_heap.dead_letters",
+    "durable_heap.waiting",
+)
 
 #: The heap format this version writes. A heap of a higher format is refused.
 FORMAT = 2
@@ -91,6 +125,17 @@ STORED_CLASSES: tuple[str, ...] = (
     "durable_heap._containers._Branch",
     "durable_heap._versions._ProgramRecord",
     "durable_heap._versions._VersionRecord",
+    "durable_heap._workflows.WorkflowRecord",
+    "durable_heap._workflows.Journal",
+    "durable_heap._workflows.PromiseRecord",
+)
+
+#: Plain (not persistent) classes of durable_heap that records hold inline: their
+#: paths are pickled too, so the same rule holds.
+INLINE_CLASSES: tuple[str, ...] = (
+    "durable_heap._workflows.JournalEntry",
+    "durable_heap._workflows.TimerEntry",
+    "durable_heap._workflows.CronEntry",
 )
 
 #: Persistent classes of durable_heap that are only bases: no record names them.

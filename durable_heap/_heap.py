@@ -101,6 +101,15 @@ DEFAULT_CACHE_SIZE = 50_000
 DEFAULT_MAX_ASYNC_TRANSACTIONS = 32
 #: History `heap.pack()` keeps, in days: the reach of ``inspect --at`` and `state_at` after it.
 DEFAULT_PACK_DAYS = 7.0
+#: Hooks of the layers above (durable execution registers them; the engine knows no more):
+#: `after_commit` hooks run after each outermost transaction committed, with none open;
+#: `on_action(heap, func, wrapper)` runs once per `@heap.action` (to add attributes);
+#: `call_action(heap, func, args, kwargs, run)`, when set, runs every call of a sync
+#: action (`run()` is the plain transaction; a workflow body turns the call into a step).
+after_commit: list[Callable[[HeapEngine], None]] = []
+on_action: list[Callable[[HeapEngine, Callable[..., Any], Callable[..., Any]], None]] = []
+call_action: Callable[..., Any] | None = None
+call_async_action: Callable[..., Awaitable[Any]] | None = None  # the same for async actions
 
 
 class HeapStatus(enum.Enum):
@@ -774,6 +783,8 @@ class HeapEngine:
             if err is exc:
                 raise
             raise err from exc
+        for hook in after_commit:
+            hook(self)
 
     def _discard(self, local: _Slot) -> None:
         """Throw this thread's connection away after a fault: it is never used again.
@@ -1002,14 +1013,24 @@ class HeapEngine:
 
                 @functools.wraps(f)
                 async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                    if call_async_action is not None:
+                        return await call_async_action(self, f, args, kwargs, lambda: self._arun(
+                            f, args, kwargs, note, attempts or self.max_attempts))
                     return await self._arun(f, args, kwargs, note, attempts or self.max_attempts)
 
+                for hook in on_action:
+                    hook(self, f, awrapper)
                 return awrapper  # type: ignore[return-value]
 
             @functools.wraps(f)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if call_action is not None:
+                    return call_action(self, f, args, kwargs, lambda: self._run(
+                        f, args, kwargs, note, attempts or self.max_attempts))
                 return self._run(f, args, kwargs, note, attempts or self.max_attempts)
 
+            for hook in on_action:
+                hook(self, f, wrapper)
             return wrapper  # type: ignore[return-value]
 
         if func is not None:

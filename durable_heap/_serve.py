@@ -52,6 +52,7 @@ from typing import Any
 from ._errors import DurableHeapError, FunctionNotFoundError, JSONFormError, StorageError
 from ._http import Answer, Request, _Answer, _error, _json_answer, _status_headers, error_answer, render
 from ._jsonform import decode, dumps, resolve_loaded
+from ._workflows import Workflow
 
 __all__ = ["ServeConfig", "Service", "public_functions", "run"]
 
@@ -379,22 +380,13 @@ class Service:
 
 
 class _Workflows:
-    """INTEGRATION POINT with durable execution (issue 14: `heap.workflow`, `heap.run_scheduler`).
-
-    Everything serve does with workflows goes through this class, and it finds
-    that layer by the names the design gives it (``heap.run_scheduler``,
-    ``heap.workflow_by_id``, a ``Workflow`` handle with ``id`` and ``status``), so
-    that it works as soon as the layer is part of durable_heap, with no import
-    of it here:
+    """Everything serve does with durable execution (`heap.workflow`, `heap.run_scheduler`):
 
     * a call whose result is a started workflow answers 202
       ``{"workflow_id": ..., "status": ...}`` (`started`);
     * ``GET /_workflows/<id>`` answers the workflow's status, what it waits on,
       its result or error (`get`);
     * the scheduler runs in a thread of the serving process (`start`, `stop`).
-
-    Without that layer (the heap has no ``run_scheduler``), the scheduler is
-    "not available" in ``/_health`` and ``/_workflows/<id>`` answers 501.
     """
 
     def __init__(self, service: Service) -> None:
@@ -404,20 +396,16 @@ class _Workflows:
         self._thread: threading.Thread | None = None
         self._error: str | None = None
 
-    @property
-    def available(self) -> bool:
-        return callable(getattr(self.heap, "run_scheduler", None))
-
     def start(self) -> None:
         """Start the in-process scheduler (timers, wakes, events) in a thread of its own."""
-        if not self.available or self._thread is not None:
+        if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="durable-heap-scheduler", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self.heap.run_scheduler(stop=self._stop)  # type: ignore[attr-defined]
+            self.heap.run_scheduler(stop=self._stop)
         except Exception as exc:  # noqa: BLE001 - reported in /_health, not a dead thread's traceback
             if not self._stop.is_set():
                 self._error = f"{type(exc).__name__}: {exc}"
@@ -430,32 +418,25 @@ class _Workflows:
             self._thread.join(timeout=60)
 
     def state(self) -> dict[str, Any]:
-        if not self.available:
-            return {"state": "not available", "reason": "durable execution is not part of this "
-                    "durable_heap yet"}
         if self._error is not None:
             return {"state": "failed", "error": self._error}
         running = self._thread is not None and self._thread.is_alive()
         return {"state": "running" if running else "stopped"}
 
     def listing(self, limit: int = 50) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
-        """The newest `limit` workflows and the first `limit` timers, for the inspector (None: no layer)."""
-        workflows = getattr(self.heap, "workflows", None)
-        timers = getattr(self.heap, "timers", None)
-        if not self.available or workflows is None or timers is None:
-            return None
+        """The newest `limit` workflows and the first `limit` timers, for the inspector."""
         flows = []
-        for handle in workflows()[-limit:][::-1]:
+        for handle in self.heap.workflows()[-limit:][::-1]:
             info = handle.info
             flows.append({k: info.get(k) for k in ("id", "function", "status", "since", "waiting_on")})
         pending = [{"id": t.id, "kind": t.kind, "target": t.target, "due": t.due, "dead": t.dead}
-                   for t in timers()[:limit]]
+                   for t in self.heap.timers()[:limit]]
         return flows, pending
 
     @staticmethod
     def is_workflow(value: Any) -> bool:
         """A handle on a workflow a call started (durable execution's ``Workflow``)."""
-        return type(value).__name__ == "Workflow" and hasattr(value, "id") and hasattr(value, "status")
+        return isinstance(value, Workflow)
 
     def started(self, handle: Any) -> Answer:
         """The 202 answer for a call that started a workflow (read after the call's commit)."""
@@ -463,12 +444,8 @@ class _Workflows:
                             [("location", f"/_workflows/{handle.id}")])
 
     def get(self, workflow_id: str) -> Answer:
-        find = getattr(self.heap, "workflow_by_id", None)
-        if find is None:
-            return _error(501, "NotImplemented", "workflows are not part of this durable_heap yet: "
-                          f"there is no workflow {workflow_id!r} to read")
         try:
-            info = find(workflow_id).info
+            info = self.heap.workflow_by_id(workflow_id).info
         except LookupError as exc:
             return _error(404, type(exc).__name__, str(exc))
         except DurableHeapError as exc:

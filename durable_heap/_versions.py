@@ -85,6 +85,7 @@ from ._retry import RETRIED, call_note, retry
 from ._state import State
 from ._types import apply_declared, declared_state
 from ._watch import view_changes, watched_plain_ids
+from ._workflows import deploy_check, set_resolver
 
 __all__ = [
     "PROGRAMS_KEY",
@@ -417,6 +418,7 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
     removed = broken_classes(conn, name, heap.renames)
     if removed and not force:
         raise DeployError(_removed_message(name, removed, current), removed=removed)
+    deploy_check(heap, name, force=force)  # waiting workflows, timers, crons (`_workflows`)
     if rec is None:
         programs = conn.root().get(PROGRAMS_KEY)
         if programs is None:
@@ -1027,3 +1029,31 @@ class Versions(HeapEngine):
         version) or a time (datetime or ISO text; UTC without a zone).
         """
         return state_at(self, when, program)
+
+
+def _program_function(module: str, qualname: str) -> Any:
+    """Durable execution's lookup of a stored name: a program's function, as loaded here.
+
+    A program is never imported from whatever file ``sys.path`` finds: one this
+    process has not loaded is an error that says to load it.
+    """
+    root = module.partition(".")[0]
+    if root not in program_roots:
+        return None
+    obj: Any = sys.modules.get(module)
+    if obj is None:
+        from ._errors import WorkflowError
+
+        raise WorkflowError(
+            f"{module}.{qualname} belongs to the program {root}, which this process has not "
+            f"loaded: run the scheduler with the program (durable-heap worker {root}.py)"
+        )
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+set_resolver(_program_function)
+

@@ -11,6 +11,10 @@
     durable-heap zeo --storage FILE [--address A]  serve a heap to other processes
     durable-heap copy SOURCE TARGET                copy a heap into a new, empty target
     durable-heap serve PROGRAM [--port P]          serve the program over HTTP
+    durable-heap worker PROGRAM                    run the program's scheduler (timers, wakes)
+    durable-heap run-due PROGRAM                   run what is due once, print how many
+    durable-heap workflows PROGRAM [--id ID]       list workflows (--cancel ID, --retry ID)
+    durable-heap timers PROGRAM                    list timers and dead letters (--retry, --drop)
     durable-heap pack|backup|restore|verify|log|stats ...  operations (docs/operations.md)
 
 PROGRAM is a ``.py`` file or a package folder. Options may come anywhere
@@ -110,6 +114,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     ty.add_argument("--force", action="store_true", help="with --write: overwrite a file it did not generate")
     # durable-heap serve (durable_heap._serve)
     _serve_options(command("serve", "serve a program over HTTP: POST /<function>, endpoint(), /_health"))
+    _workflow_commands(command)
     for p in commands.values():
         common(p)
 
@@ -157,6 +162,10 @@ EXAMPLES = {
     "types": "example:\n  durable-heap types tracker.py --write\n  durable-heap types tracker.py --check",
     "zeo": "example:\n  durable-heap zeo --storage data/app.fs --address 127.0.0.1:8100",
     "copy": "example:\n  durable-heap copy data/app.fs postgresql://app@db.internal/app",
+    "worker": "example:\n  durable-heap worker onboarding.py",
+    "run-due": "example:\n  durable-heap run-due onboarding.py",
+    "workflows": "example:\n  durable-heap workflows onboarding.py --status waiting",
+    "timers": "example:\n  durable-heap timers onboarding.py",
     "serve": "example:\n  durable-heap serve tracker.py --port 8000\n"
              "  curl -X POST localhost:8000/add_task -d '[\"web\", \"fix login\"]'",
 }
@@ -224,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = argv[0]
     run = {"call": _call, "deploy": _deploy, "versions": _versions, "rollback": _rollback,
            "inspect": _inspect, "check": _check, "watch": _watch, "types": _types,
-           "zeo": _zeo, "copy": _copy, "serve": _serve}.get(args.command) or args.run  # _ops sets its own
+           "zeo": _zeo, "copy": _copy, "serve": _serve, **_WORKFLOW_COMMANDS}.get(args.command)
+    run = run or args.run  # the operations (_ops) set their own
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -332,6 +342,8 @@ def _check_program(args: argparse.Namespace, *, file_required: bool) -> None:
 def _call(args: argparse.Namespace) -> int:
     import contextlib
 
+    import durable_heap
+
     from ._errors import DurableHeapError
     from ._ops import UsageError
     from ._versions import load
@@ -351,13 +363,21 @@ def _call(args: argparse.Namespace) -> int:
         try:
             # One transaction: the program's top level (when loaded), the function,
             # and the result's rendering (it may read durable objects).
-            text = program._call(args.function, tuple(values), kwargs, format_result)
+            text = program._call(args.function, tuple(values), kwargs, _format_call)
         except DurableHeapError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's function failed
             raise _FunctionFailed(f"{args.function}()", exc) from exc
+        if isinstance(text, durable_heap.Workflow):  # a workflow started: it ran after the commit
+            text = f"{text.id} {text.status}"
     print(text)
     return 0
+
+
+def _format_call(value: Any) -> Any:
+    from ._workflows import Workflow
+
+    return value if isinstance(value, Workflow) else format_result(value)
 
 
 def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -636,3 +656,135 @@ def _render(obj: Any, prefix: str, depth: int, limit: int, lines: list[str]) -> 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# --- durable execution: worker, run-due, workflows, timers --------------------------------
+
+
+def _workflow_commands(command: Any) -> None:
+    """Add the durable-execution commands (`command(name, help)` makes a subparser)."""
+    w = command("worker", "run the program's scheduler: timers, wakes, events (until SIGTERM)")
+    w.add_argument("--poll", type=float, default=0.005,
+                   help="seconds between looks for work committed by other processes (default 0.005)")
+    command("run-due", "run the program's due timers, wakes and events once; print how many ran")
+    wf = command("workflows", "list the program's workflows: status, what each waits on, since when")
+    wf.add_argument("--id", help="show one workflow in full, with its journal")
+    wf.add_argument("--status", help="only workflows of this status")
+    wf.add_argument("--cancel", metavar="ID", help="cancel the workflow ID")
+    wf.add_argument("--retry", metavar="ID", help="run the blocked or failed workflow ID again")
+    t = command("timers", "list the heap's pending timers and dead letters")
+    t.add_argument("--retry", metavar="ID", help="queue the dead letter ID again")
+    t.add_argument("--drop", metavar="ID", help="cancel the timer (or drop the dead letter) ID")
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import durable_heap
+
+    from ._versions import load
+
+    _check_program(args, file_required=False)
+    with durable_heap.open(_target(args), allow=args.allow) as heap:
+        program = load(heap, args.program, on_deploy=_announce)
+        program.module  # noqa: B018 - loads it: its actions and workflows are known by name
+        print(f"durable-heap: worker for {program.name} on {heap.target} (stop with SIGTERM)",
+              file=sys.stderr, flush=True)
+        heap.run_scheduler(poll=args.poll, tick=lambda: program.module)
+    print("durable-heap: worker stopped", file=sys.stderr)
+    return 0
+
+
+def _run_due(args: argparse.Namespace) -> int:
+    import durable_heap
+
+    from ._versions import load
+
+    _check_program(args, file_required=False)
+    with durable_heap.open(_target(args), allow=args.allow) as heap:
+        program = load(heap, args.program, on_deploy=_announce)
+        program.module  # noqa: B018 - loads it
+        print(heap.run_due())
+    return 0
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+def _waits(info: dict[str, Any]) -> str:
+    waiting = info["waiting_on"]
+    if info["stuck"]:
+        return "its runner stopped answering (lease expired): a scheduler takes it over"
+    if info["status"] == "blocked":
+        return f"blocked: {info['reason']}"
+    if info["status"] == "failed":
+        return f"failed: {info['error']}"
+    if not waiting:
+        return ""
+    if "sleep" in waiting:
+        return f"sleep until {_when(waiting['sleep'])}"
+    if "promise" in waiting:
+        until = f" until {_when(waiting['until'])}" if waiting["until"] is not None else ""
+        return f"promise {waiting['promise']!r}{until}"
+    return ", ".join(f"{k} {_when(v)}" for k, v in waiting.items())
+
+
+def _workflows(args: argparse.Namespace) -> int:
+
+    writes = bool(args.cancel or args.retry)
+    with _open_existing(args, read_only=not writes) as heap:
+        if args.cancel:
+            done = heap.workflow_by_id(args.cancel).cancel()
+            print(f"{args.cancel} {'cancelled' if done else 'had finished already: nothing to cancel'}")
+            return 0 if done else EXIT_FAILED
+        if args.retry:
+            done = heap.workflow_by_id(args.retry).retry()
+            print(f"{args.retry} {'queued to run again' if done else 'is neither blocked nor failed'}")
+            return 0 if done else EXIT_FAILED
+        if args.id:
+            info = heap.workflow_by_id(args.id).info
+            for key in ("id", "function", "status", "since", "stuck", "reason", "error", "result"):
+                value = info[key]
+                print(f"{key:>9}: {_when(value) if key == 'since' else format_result(value)}")
+            print(f"{'waits':>9}: {_waits(info) or '-'}")
+            print(f"{'journal':>9}: {info['steps']} entries" + ("" if info["journal"] or not info["steps"]
+                                                              else " (dropped after its retention)"))
+            for e in info["journal"]:
+                error = f"  raised {e['error']}" if e["error"] else ""
+                detail = e["detail"] if e["kind"] == "step" else ""
+                print(f"{e['number']:>9}. {e['kind']} {e['name']} {detail}{error}".rstrip())
+            return 0
+        print(f"{'id':<32}  {'status':<9}  {'since (UTC)':<19}  {'function':<24}  waits on")
+        for handle in heap.workflows(status=args.status):
+            info = handle.info
+            status = "stuck" if info["stuck"] else info["status"]
+            print(f"{info['id']:<32}  {status:<9}  {_when(info['since'])}  {info['function']:<24}  "
+                  f"{_waits(info)}")
+    return 0
+
+
+def _timers(args: argparse.Namespace) -> int:
+
+    writes = bool(args.retry or args.drop)
+    with _open_existing(args, read_only=not writes) as heap:
+        timers = heap.timers()
+        if writes:
+            wanted = args.retry or args.drop
+            found = [t for t in timers if t.id == wanted]
+            if not found:
+                print(f"durable-heap: there is no timer {wanted!r}", file=sys.stderr)
+                return EXIT_USAGE
+            done = found[0].retry() if args.retry else found[0].cancel()
+            print(f"{wanted} {'queued again' if args.retry and done else 'dropped' if done else 'unchanged'}")
+            return 0
+        print(f"{'id':<24}  {'due (UTC)':<19}  {'kind':<6}  {'tries':>5}  target")
+        for t in timers:
+            target = ".".join(t.target) if isinstance(t.target, tuple) else str(t.target)
+            due = "dead letter" if t.dead else _when(t.due)
+            error = f"  last error: {t.error}" if t.error else ""
+            origin = f" ({t.origin})" if t.origin else ""
+            print(f"{t.id:<24}  {due:<19}  {t.kind:<6}  {t.attempts:>5}  {target}{origin}{error}")
+    return 0
+
+
+_WORKFLOW_COMMANDS = {"worker": _worker, "run-due": _run_due, "workflows": _workflows, "timers": _timers}
+

@@ -48,6 +48,7 @@ from ._facade import open as open_heap
 from ._versions import Program
 
 __all__ = [
+    "Clock",
     "PostgresCluster",
     "ZeoServer",
     "load_program",
@@ -56,6 +57,46 @@ __all__ = [
     "temporary_heap",
     "zeo_server",
 ]
+
+
+class Clock:
+    """A clock for tests of workflows and timers: time moves only when told.
+
+    ``heap = durable_heap.open(target, clock=clock)``, then ``clock.advance(3600)``
+    and ``heap.run_due()`` run what fell due, at once, with no server and no
+    waiting. It starts at the real time unless given `start` (a timestamp or a
+    datetime; naive means UTC).
+    """
+
+    def __init__(self, start: float | Any = None) -> None:
+        import datetime
+        import time
+
+        if start is None:
+            start = time.time()
+        elif isinstance(start, datetime.datetime):
+            if start.tzinfo is None:
+                start = start.replace(tzinfo=datetime.timezone.utc)
+            start = start.timestamp()
+        self._now = float(start)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        """The current time of this clock, in seconds since the epoch."""
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> float:
+        """Move the clock forward by `seconds`; returns the new time."""
+        if seconds < 0:
+            raise ValueError("a clock moves forward only: advance by a positive number of seconds")
+        with self._lock:
+            self._now += float(seconds)
+            return self._now
+
+    def __repr__(self) -> str:
+        return f"<durable_heap.testing.Clock {self()}>"
+
 
 #: The folder that holds the durable_heap package: subprocesses import this copy.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.__main__ import SHOWN
 from tests.conftest import run
 
@@ -85,3 +87,16 @@ def test_quick_serve_benchmark_measures_both_systems() -> None:
     for row in data["rows"]:
         assert row["errors"] == 0 and row["rps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
     assert data["summary"][0]["rps_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_quick_workflows_benchmark() -> None:
+    out = run(["-m", "benchmarks.workflows", "--quick", "--json"], timeout=600)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    steps = data["steps"]["durable_heap"]
+    assert steps["plain"] > 0 and all(steps[str(n)] > 0 for n in (0, 1, 3, 10))
+    assert data["wake"]["same_process_filestorage"]["p50_ms"] > 0 and data["wake"]["over_zeo"]["n"] == 20
+    assert data["scale"]["full"]["timers"] >= 2 * data["scale"]["n"]  # its timers are all there
+    assert set(data["replay"]) == {"10", "100"}
+    assert data["deploy"]["unchanged_s"] > 0 and data["deploy"]["changed_s"] > 0

@@ -39,6 +39,14 @@ PINNED = (
     "durable_heap._containers._Branch",
     "durable_heap._versions._ProgramRecord",
     "durable_heap._versions._VersionRecord",
+    "durable_heap._workflows.WorkflowRecord",
+    "durable_heap._workflows.Journal",
+    "durable_heap._workflows.PromiseRecord",
+)
+INLINE = (
+    "durable_heap._workflows.JournalEntry",
+    "durable_heap._workflows.TimerEntry",
+    "durable_heap._workflows.CronEntry",
 )
 
 
@@ -55,6 +63,10 @@ def test_every_stored_class_path_is_pinned_and_resolves_to_itself() -> None:
         assert f"{cls.__module__}.{cls.__qualname__}" == path, f"{path} moved"
     # The allowlist admits every stored class (a heap must load its own records).
     assert set(PINNED) <= _allow.DEFAULT_ALLOWED
+    assert _format.INLINE_CLASSES == INLINE and set(INLINE) <= _allow.DEFAULT_ALLOWED
+    for path in INLINE:
+        cls = _resolve(path)
+        assert f"{cls.__module__}.{cls.__qualname__}" == path, f"{path} moved"
 
 
 def test_no_persistent_class_of_the_package_goes_unpinned() -> None:
@@ -83,6 +95,10 @@ def test_root_keys_and_format_version() -> None:
     assert _format.COMPLETE_KEY == "durable_heap.classes.complete"
     assert _format.FORMAT == 2 and _format.FORMAT_SINCE == {1: "0.2", 2: "0.3"}
     assert max(_format.FORMAT_SINCE) == _format.FORMAT
+    assert _format.WORKFLOW_KEYS == (
+        "durable_heap.workflows", "durable_heap.timers", "durable_heap.promises",
+        "durable_heap.subscriptions", "durable_heap.crons", "durable_heap.dead_letters",
+        "durable_heap.waiting")
 
 
 def test_a_new_heap_stores_the_pinned_keys(tmp_path: Path) -> None:

@@ -635,8 +635,6 @@ def fire(n):
 @pytest.mark.slow
 def test_two_schedulers_over_postgresql_fire_each_timer_once(postgresql_url: str, tmp_path: Path) -> None:
     """As the ZEO test of the workflows suite: 200 timers, two processes running what is due."""
-    if not hasattr(dh.Heap, "run_due"):
-        pytest.skip("durable execution (issue 14) is not in this build yet")
     from durable_heap.testing import subprocess_env
 
     (tmp_path / "pt.py").write_text(PG_TIMERS)

@@ -620,8 +620,6 @@ FLOW = """
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("durable_heap"), "workflow"),
-                    reason="durable execution (issue 14) is not part of this durable_heap yet")
 def test_a_workflow_started_over_http_is_resolved_by_another_request(tmp_path: Path) -> None:
     s = Served(write(tmp_path / "flow.py", FLOW), "--inspect")
     try:
@@ -644,14 +642,6 @@ def test_a_workflow_started_over_http_is_resolved_by_another_request(tmp_path: P
         assert wid in page and "flow.onboard" in page and "scheduler: running" in page
     finally:
         s.stop()
-
-
-def test_without_durable_execution_workflow_paths_say_so(served: Served) -> None:
-    if hasattr(__import__("durable_heap"), "workflow"):
-        pytest.skip("durable execution is part of this durable_heap")
-    r = served.client.get("/_workflows/abc")
-    assert r.status_code == 501 and "not part of this durable_heap" in r.json()["error"]["message"]
-    assert served.health()["scheduler"]["state"] == "not available"
 
 
 def test_the_listening_socket_is_tcp_so_asyncio_turns_nagle_off() -> None:

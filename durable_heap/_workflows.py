@@ -1,0 +1,2039 @@
+"""Durable execution: workflows that wait for days, durable timers, promises, events.
+
+CPython cannot pickle frames, so a workflow is replayed: an ordinary function
+(sync or ``async def``) run again from the top at each wake, with what it
+already did read back from its journal in the heap. What a body does:
+
+* calls `@heap.action` functions: each such call is a **step**, run once in a
+  transaction of its own together with its journal entry (and the removal of
+  the timer that woke the workflow, for the first one), so its changes to the
+  heap happen exactly once; on replay its recorded result (or exception) is
+  returned instead. Steps are identified by (number, name), checked on replay:
+  a mismatch raises `NonDeterminismError`.
+* waits: `sleep`, `Promise.wait`. A wait that is not over journals what it
+  needs (its deadline), leaves a timer, and unwinds the stack with `_Suspend`
+  (a BaseException: ``except Exception`` in user code cannot catch it). No
+  thread or process is held.
+* reads time and randomness through the journal: `now`, `uuid4`, `random`.
+* never changes state itself: the body runs outside any transaction, so such a
+  change is refused (by the heap's explicit transactions) and the workflow
+  fails with a message naming the path; a change there would be applied again
+  at each replay.
+
+Stored format (root keys and classes; they are on-disk format, never moved):
+``durable_heap.workflows`` (OOBTree id -> `WorkflowRecord`, whose ``journal``
+is a `Journal` of `JournalEntry`), ``durable_heap.timers`` (OOBTree
+(deadline, seq) -> `TimerEntry`), ``durable_heap.promises`` (OOBTree name ->
+`PromiseRecord`), ``durable_heap.subscriptions`` (OOBTree topic -> tuple of
+(module, qualname)), ``durable_heap.crons`` (OOBTree id -> `CronEntry`) and
+``durable_heap.dead_letters`` (OOBTree seq -> `TimerEntry`).
+
+Timers, subscriptions and crons name their actions by (module, qualname), never
+by a closure; `resolver` (registered by the version layer) finds a program's
+functions by those names.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import functools
+import importlib
+import inspect
+import logging
+import marshal
+import os
+import random as _random
+import signal
+import sys
+import threading
+import time
+import types
+import uuid as _uuid
+from collections.abc import Callable
+from typing import Any
+
+import transaction.interfaces
+from BTrees.IOBTree import IOBTree
+from BTrees.OOBTree import OOBTree
+from persistent import Persistent
+
+from . import _cron
+from . import _heap as _engine
+from ._errors import (
+    ConflictError,
+    DurableHeapError,
+    NonDeterminismError,
+    NoTransactionError,
+    PromiseTimeout,
+    StorageError,
+    WorkflowError,
+)
+from ._format import WORKFLOW_KEYS
+from ._retry import call_note
+
+__all__ = [
+    "CronEntry",
+    "JournalEntry",
+    "Promise",
+    "PromiseRecord",
+    "Timer",
+    "TimerEntry",
+    "Workflow",
+    "WorkflowFunction",
+    "WorkflowMethods",
+    "WorkflowRecord",
+    "emit",
+    "now",
+    "on",
+    "patched",
+    "promise",
+    "random",
+    "resolve",
+    "sleep",
+    "step_key",
+    "uuid4",
+    "workflow",
+]
+
+_log = logging.getLogger("durable_heap.workflows")
+
+# The root keys (owned by `_format`, which says what each holds). WAITING_KEY's tree,
+# (module, qualname, code hash or "!blocked", id) -> True, lists the waiting and
+# blocked workflows by their function's code, so that a deploy replays only those
+# whose code changed, without reading the others.
+(WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY,
+ WAITING_KEY) = WORKFLOW_KEYS
+
+#: Seconds a runner holds a running workflow between two of its transactions;
+#: after that a scheduler takes it over (its runner is presumed dead).
+DEFAULT_LEASE = 60.0
+#: Seconds a finished workflow keeps its journal (its status and result stay).
+DEFAULT_RETENTION = 7 * 86400.0
+#: Tries of a timer's action (or an event's subscriber) before it becomes a dead letter.
+TIMER_ATTEMPTS = 5
+STATUSES = ("running", "waiting", "done", "failed", "blocked", "cancelled")
+_FINAL = frozenset({"done", "failed", "cancelled"})
+
+#: The version layer's hook: (module, qualname) -> the function to call, or None.
+resolver: Callable[[str, str], Any] | None = None
+#: Actions and workflows by (module, qualname), as decorated in this process.
+_named: dict[tuple[str, str], Any] = {}
+
+
+# --- stored records ---------------------------------------------------------------------
+
+
+class Journal(IOBTree):
+    """A workflow's journal: step number -> `JournalEntry` (stored).
+
+    Small buckets (8 entries, not IOBTree's 60): each step rewrites the bucket its
+    entry lands in, so the cost of a step stays flat as the journal grows.
+    """
+
+    max_leaf_size = 8
+    max_internal_size = 64
+
+
+class WorkflowRecord(Persistent):
+    """One workflow: what it runs, where it is, and its journal (stored)."""
+
+    def __init__(self, wid: str, function: tuple[str, str], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], now: float, retention: float) -> None:
+        self.id = wid
+        self.function = function  # (module, qualname) of the workflow function
+        self.args = args
+        self.kwargs = kwargs
+        self.status = "running"  # one of STATUSES
+        self.created = now
+        self.since = now  # when it entered its status
+        # Its runner's last transaction that wrote this record; a step writes only its
+        # journal entry (whose `at` says when), so see `last_seen` (and DEFAULT_LEASE).
+        self.heartbeat = now
+        self.result: Any = None
+        self.error: tuple[str, str, tuple[Any, ...], str] | None = None  # see _pack_error
+        self.reason = ""  # why it is blocked
+        self.waiting: tuple[Any, ...] | None = None  # ("sleep", deadline) | ("promise", name, deadline)
+        self.timer: tuple[float, str] | None = None  # its one timer: wake, lease or prune
+        self.journal = Journal()  # step number (from 0) -> JournalEntry
+        # Entries in the journal as of the last write of this record (a step appends to
+        # the journal only; a dropped journal keeps it): see `journal_length`.
+        self.length = 0
+        self.retention = retention
+        self.finished: float | None = None
+        self.code = ""  # a hash of the workflow function's code that last ran it (see `code_hash`)
+        self.indexed: tuple[str, str, str, str] | None = None  # its key in WAITING_KEY's tree
+
+
+class JournalEntry:
+    """One thing a workflow did: a step, a wait, a journaled value (stored inline)."""
+
+    __slots__ = ("at", "detail", "error", "kind", "name", "value")
+
+    def __init__(self, kind: str, name: str, detail: Any = None, value: Any = None,
+                 error: tuple[str, str, tuple[Any, ...], str] | None = None, at: float = 0.0) -> None:
+        self.kind = kind  # "step", "sleep", "wait", "got", "now", "uuid", "random", "patched"
+        self.name = name
+        self.detail = detail  # a step's arguments (shortened), a wait's deadline
+        self.value = value
+        self.error = error
+        self.at = at
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.kind, self.name, self.detail, self.value, self.error, self.at)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.kind, self.name, self.detail, self.value, self.error, self.at = state
+
+    def label(self) -> str:
+        return f"{self.kind} {self.name}" if self.name else self.kind
+
+
+class TimerEntry:
+    """A timer: an action to call, a workflow to run (wake or lease), a journal to drop (stored inline)."""
+
+    __slots__ = ("args", "attempts", "created", "error", "kind", "kwargs", "origin", "target")
+
+    def __init__(self, kind: str, target: Any, args: tuple[Any, ...] = (),
+                 kwargs: dict[str, Any] | None = None, created: float = 0.0, origin: str = "") -> None:
+        # "call" (target: (module, qualname)), "run" / "prune" (target: a workflow id),
+        # "cron" (target: a cron id)
+        self.kind = kind
+        self.target = target
+        self.args = args
+        self.kwargs = kwargs or {}
+        self.attempts = 0
+        self.created = created
+        self.error = ""  # the last failure, for retries and dead letters
+        self.origin = origin  # "invoke", "event TOPIC", ...
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.kind, self.target, self.args, self.kwargs, self.attempts, self.created,
+                self.error, self.origin)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        (self.kind, self.target, self.args, self.kwargs, self.attempts, self.created,
+         self.error, self.origin) = state
+
+
+class PromiseRecord(Persistent):
+    """A named promise: resolved once; the workflows waiting on it (stored)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.resolved = False
+        self.value: Any = None
+        self.at: float | None = None
+        self.waiters: tuple[str, ...] = ()
+
+
+class CronEntry:
+    """A declared cron: an action, its spec, zone and missed-tick policy (stored inline)."""
+
+    __slots__ = ("action", "args", "key", "kwargs", "missed", "spec", "tz")
+
+    def __init__(self, action: tuple[str, str], spec: str, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], tz: str | None, missed: str) -> None:
+        self.action = action
+        self.spec = spec
+        self.args = args
+        self.kwargs = kwargs
+        self.tz = tz
+        self.missed = missed
+        self.key: tuple[float, str] | None = None  # its pending tick in the timers tree
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.action, self.spec, self.args, self.kwargs, self.tz, self.missed, self.key)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.action, self.spec, self.args, self.kwargs, self.tz, self.missed, self.key = state
+
+    def same(self, other: CronEntry) -> bool:
+        return self.__getstate__()[:6] == other.__getstate__()[:6]
+
+
+# --- control flow -------------------------------------------------------------------------
+
+
+class _Suspend(BaseException):  # noqa: N818 - control flow, never seen by users
+    """Unwinds a workflow body that waits; ``except Exception`` cannot catch it."""
+
+
+class _Abandon(BaseException):  # noqa: N818
+    """Another runner owns this workflow now (or it was cancelled): this run stops."""
+
+
+class _StopReplay(BaseException):  # noqa: N818
+    """A read-only replay (a deploy's check) reached the end of the journal."""
+
+
+class _Done:
+    """An awaitable already complete: what waits return inside ``async def`` workflows."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Any:
+        return self.value
+        yield  # a generator: `await` on it returns at once
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _clock(heap: Any) -> float:
+    return float(getattr(heap, "clock", time.time)())
+
+
+def _txn(heap: Any, func: Callable[[Any], Any], note: str) -> Any:
+    """``func(conn)`` in a transaction of `heap` (joining one in progress), retried on conflicts."""
+    def body() -> Any:
+        return func(heap.connection)
+    return heap._run(body, (), {}, note, heap.max_attempts)
+
+
+def _trees(conn: Any) -> Any:
+    return conn.root()
+
+
+def _tree(conn: Any, key: str) -> Any:
+    """One of our trees; created (in the transaction in progress) when missing."""
+    root = conn.root()
+    tree = root.get(key)
+    if tree is None:
+        tree = root[key] = OOBTree()
+    return tree
+
+
+def _peek(conn: Any, key: str) -> Any:
+    return conn.root().get(key)
+
+
+_added = threading.local()
+
+
+def _add_timer(conn: Any, deadline: float, entry: TimerEntry, seq: str | None = None) -> tuple[float, str]:
+    key = (float(deadline), seq or _seq())
+    _tree(conn, TIMERS_KEY)[key] = entry
+    _added.flag = True  # the scheduler of this process wakes after the commit
+    return key
+
+
+def _seq() -> str:
+    """A unique, roughly increasing sequence: no shared counter, so no conflicts on one."""
+    return f"{time.time_ns():016x}{os.urandom(4).hex()}"
+
+
+def name_of(func: Any, what: str) -> tuple[str, str]:
+    """(module, qualname) of a module-level function, or a `WorkflowError` saying why not."""
+    func = getattr(func, "__wrapped__", func)
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if inspect.ismethod(func) or not module or not qualname or "<" in qualname:
+        raise WorkflowError(
+            f"{what} needs a function defined at the top level of a module, found by name from "
+            f"any process; {getattr(func, '__qualname__', func)!r} is a lambda, a closure or a "
+            "bound method. Define it at module level (decorated with @heap.action)."
+        )
+    return module, qualname
+
+
+def find(name: tuple[str, str]) -> Any:
+    """The action or workflow stored as (module, qualname), or a `WorkflowError`."""
+    module, qualname = name
+    if resolver is not None:  # first: a program's current version, not what was decorated before
+        found = resolver(module, qualname)
+        if found is not None:
+            return found
+    found = _named.get(name)
+    if found is not None:
+        return found
+    if module == "__main__" or "<" in qualname:
+        raise WorkflowError(
+            f"{module}.{qualname} was defined in a plain script (__main__) or inside a function, "
+            "which another process cannot find by name: define it at the top level of a "
+            "module or of a program that the worker loads"
+        )
+    try:
+        obj: Any = sys.modules.get(module) or importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise WorkflowError(
+            f"{module}.{qualname} cannot be found ({exc}): it was removed or renamed, or this "
+            "process did not load the program that defines it"
+        ) from exc
+    return _named.get(name, obj)
+
+
+def _pack_error(exc: BaseException) -> tuple[str, str, tuple[Any, ...], str]:
+    tp = type(exc)
+    args = exc.args if all(isinstance(a, (str, int, float, bool, type(None))) for a in exc.args) else ()
+    return (tp.__module__, tp.__qualname__, args, str(exc))
+
+
+def _unpack_error(packed: tuple[str, str, tuple[Any, ...], str]) -> BaseException:
+    """The exception again, of its type where that can be made, else a `WorkflowError`."""
+    module, qualname, args, text = packed
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            return obj(*args) if args else obj(text)  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001,S110 - fall back to a description
+        pass
+    return WorkflowError(f"{module}.{qualname}: {text}")
+
+
+def _describe(packed: tuple[str, str, tuple[Any, ...], str] | None) -> str:
+    if packed is None:
+        return ""
+    module, qualname, _, text = packed
+    name = qualname if module == "builtins" else f"{module}.{qualname}"
+    return f"{name}: {text}" if text else name
+
+
+def _utc(ts: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+
+
+def _timestamp(when: datetime.datetime | float | int) -> float:
+    if isinstance(when, datetime.datetime):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)  # naive means UTC, as everywhere here
+        return when.timestamp()
+    return float(when)
+
+
+# --- a run of a workflow ------------------------------------------------------------------------
+
+
+_current: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("durable_heap_workflow", default=None)
+
+
+class _Run:
+    """One replay of a workflow body, from the top to its end or its next wait."""
+
+    def __init__(self, heap: Any, wid: str, func: WorkflowFunction, entries: list[JournalEntry],
+                 *, claim: tuple[float, str] | None, create: WorkflowRecord | None,
+                 check: bool = False) -> None:
+        self.heap = heap
+        self.wid = wid
+        self.func = func
+        self.entries = entries  # the journal as known here, pending entries included
+        self.committed = len(entries)  # entries of `entries` that are stored
+        self.cursor = 0  # the next entry replay reads
+        self.claim = claim  # the timer that woke it: removed by its first transaction
+        self.create = create  # a record to store at the first transaction (a start outside one)
+        self.check = check  # a deploy's read-only replay: stop at the first new thing
+        self.in_step = False
+        self.step_task: Any = None  # the asyncio task running an async step
+        self.is_async = inspect.iscoroutinefunction(func.func)
+        self.code = code_hash(func.func)
+
+    # journal -----------------------------------------------------------------------
+
+    def next(self, kind: str, name: str, detail: Any = None) -> JournalEntry | None:
+        """The journal's entry for what the body does now (checked), or None when new."""
+        if self.cursor < len(self.entries):
+            entry = self.entries[self.cursor]
+            if entry.kind != kind or entry.name != name:
+                found = f"{kind} {name}" if name else kind
+                msg = (
+                    f"workflow {self.wid} ({self.func.label}) no longer matches its journal at "
+                    f"step {self.cursor + 1}: the journal has {entry.label()!r} there, the code "
+                    f"now does {found!r}. Deploy code that does the same up to the workflow's "
+                    "wait (branch with durable_heap.patched('id') for new runs), or cancel it."
+                )
+                raise NonDeterminismError(msg, step=self.cursor + 1, expected=entry.label(), found=found)
+            if kind == "step" and detail is not None and entry.detail != detail and not self.check:
+                _log.warning("workflow %s step %d (%s): arguments changed on replay: %s, was %s",
+                             self.wid, self.cursor + 1, name, detail, entry.detail)
+            self.cursor += 1
+            return entry
+        if self.check:
+            raise _StopReplay
+        return None
+
+    def add(self, entry: JournalEntry) -> None:
+        """Journal a new entry with the next transaction."""
+        self.entries.append(entry)
+        self.cursor += 1
+
+    # transactions ---------------------------------------------------------------------
+
+    def transact(self, work: Callable[[WorkflowRecord, Any, float], Any], note: str,
+                 appended: int = 0) -> Any:
+        """One transaction of this run: pending entries, `work`, the lease; `appended`:
+        how many journal entries `work` adds."""
+        heap = self.heap
+
+        def body(conn: Any) -> Any:
+            now = _clock(heap)
+            rec = self._begin(conn, now)
+            result = work(rec, conn, now)
+            self._end(rec, conn, now)
+            return result
+
+        result = _txn(heap, body, note)
+        self.committed = len(self.entries) + appended
+        self.claim = self.create = None
+        return result
+
+    def _begin(self, conn: Any, now: float) -> WorkflowRecord:
+        """The start of each transaction of this run: checks that it still owns the
+        workflow, removes the timer that woke it, writes the pending entries."""
+        wfs = _tree(conn, WORKFLOWS_KEY)
+        rec: WorkflowRecord | None = wfs.get(self.wid)
+        if self.create is not None:
+            if rec is not None:
+                raise _Abandon  # started with the same id meanwhile, elsewhere
+            rec = wfs[self.wid] = self.create
+        elif rec is None or rec.status in _FINAL | {"blocked"} or journal_length(rec) != self.committed:
+            raise _Abandon
+        if self.claim is not None:
+            timers = _tree(conn, TIMERS_KEY)
+            if self.claim not in timers:
+                raise _Abandon  # another scheduler fired it
+            del timers[self.claim]
+            if rec.timer == self.claim:
+                rec.timer = None
+        if rec.status == "waiting":
+            rec.status, rec.waiting, rec.since = "running", None, now
+        if rec.code != self.code:
+            rec.code = self.code
+        for n, entry in enumerate(self.entries[self.committed:], self.committed):
+            rec.journal[n] = entry
+        return rec
+
+    def _end(self, rec: WorkflowRecord, conn: Any, now: float) -> None:
+        """The end of each transaction of this run: its lease timer; the record's
+        heartbeat and length when it is written anyway (a step writes only the journal)."""
+        if rec._p_changed:
+            rec.heartbeat, rec.length = now, journal_length(rec)
+            reindex(conn, rec)
+        if rec.status == "running" and rec.timer is None:
+            rec.timer = _add_timer(conn, now + self.heap.lease, TimerEntry("run", self.wid, created=now,
+                                                                          origin="lease"))
+
+    # what a body does -----------------------------------------------------------------
+
+    def step(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             label: str | None = None) -> Any:
+        name = label or func.__qualname__
+        detail = call_note(name, args, kwargs)
+        if self.in_step:
+            raise WorkflowError(
+                f"workflow {self.wid}: {name} was called while another step runs (concurrent "
+                "steps, e.g. asyncio.gather over actions, have no stable order to replay): "
+                "await the steps one after the other"
+            )
+        entry = self.next("step", name, detail)
+        if entry is not None:
+            if entry.error is not None:
+                raise _unpack_error(entry.error)
+            return entry.value
+        self.in_step = True
+        try:
+            return self._run_step(func, name, detail, args, kwargs)
+        finally:
+            self.in_step = False
+
+    def _run_step(self, func: Callable[..., Any], name: str, detail: str, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> Any:
+        failure: list[BaseException] = []
+        number = len(self.entries) + 1
+
+        def work(rec: WorkflowRecord, conn: Any, now: float) -> Any:
+            try:
+                value = func(*args, **kwargs)
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception as exc:
+                failure.append(exc)
+                raise
+            rec.journal[len(self.entries)] = JournalEntry("step", name, detail, value, at=now)
+            return value
+
+        try:
+            value = self.transact(work, f"workflow {self.wid} step {number}: {detail}", appended=1)
+        except Exception as exc:
+            if not failure or failure[-1] is not exc:
+                raise  # the commit failed, not the step: nothing was journaled
+            self._journal_error(name, detail, number, exc)
+            raise
+        self.entries.append(JournalEntry("step", name, detail, value))
+        self.cursor += 1
+        return value
+
+    async def astep(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """`step` for an ``async def`` action awaited in an ``async def`` workflow."""
+        name = func.__qualname__
+        detail = call_note(name, args, kwargs)
+        if self.in_step:
+            raise WorkflowError(
+                f"workflow {self.wid}: {name} was started while another step runs (concurrent "
+                "steps, e.g. asyncio.gather over actions, have no stable order to replay): "
+                "await the steps one after the other"
+            )
+        entry = self.next("step", name, detail)
+        if entry is not None:
+            if entry.error is not None:
+                raise _unpack_error(entry.error)
+            return entry.value
+        heap = self.heap
+        number = len(self.entries) + 1
+        failure: list[BaseException] = []
+
+        async def body() -> Any:
+            conn = heap.connection
+            now = _clock(heap)
+            rec = self._begin(conn, now)
+            try:
+                value = await func(*args, **kwargs)
+            except transaction.interfaces.TransientError:
+                raise
+            except Exception as exc:
+                failure.append(exc)
+                raise
+            rec.journal[len(self.entries)] = JournalEntry("step", name, detail, value, at=now)
+            self._end(rec, conn, now)
+            return value
+
+        self.in_step = True
+        self.step_task = _engine._running_task()
+        try:
+            value = await heap._arun(body, (), {}, f"workflow {self.wid} step {number}: {detail}",
+                                     heap.max_attempts)
+        except Exception as exc:
+            if not failure or failure[-1] is not exc:
+                raise
+            self.committed = len(self.entries)
+            self.claim = self.create = None
+            self._journal_error(name, detail, number, exc)
+            raise
+        finally:
+            self.in_step = False
+        self.committed = len(self.entries) + 1
+        self.claim = self.create = None
+        self.entries.append(JournalEntry("step", name, detail, value))
+        self.cursor += 1
+        return value
+
+    def _journal_error(self, name: str, detail: str, number: int, exc: BaseException) -> None:
+        packed = _pack_error(exc)
+        now = _clock(self.heap)
+
+        def journal_error(rec: WorkflowRecord, conn: Any, at: float) -> None:
+            rec.journal[len(self.entries)] = JournalEntry("step", name, detail, error=packed, at=at)
+
+        self.transact(journal_error, f"workflow {self.wid} step {number} failed: {detail}", appended=1)
+        self.entries.append(JournalEntry("step", name, detail, error=packed, at=now))
+        self.cursor += 1
+
+    def suspend(self, waiting: tuple[Any, ...], deadline: float | None) -> bool:
+        """Record the wait (and its timer) and unwind; False when a promise was
+        resolved meanwhile (then the body goes on)."""
+        if self.check:
+            raise _StopReplay  # a deploy's replay reached the workflow's wait
+        def work(rec: WorkflowRecord, conn: Any, now: float) -> bool:
+            if waiting[0] == "promise":
+                promises = _tree(conn, PROMISES_KEY)
+                prom = promises.get(waiting[1])
+                if prom is None:
+                    prom = promises[waiting[1]] = PromiseRecord(waiting[1])
+                if prom.resolved:
+                    return False
+                if self.wid not in prom.waiters:
+                    prom.waiters = (*prom.waiters, self.wid)
+            _drop_timer(conn, rec)
+            rec.status, rec.waiting, rec.since = "waiting", waiting, now
+            if deadline is not None:
+                rec.timer = _add_timer(conn, deadline, TimerEntry("run", self.wid, created=now,
+                                                                  origin=waiting[0]))
+            return True
+
+        if self.transact(work, f"workflow {self.wid} waits: {waiting[0]} {waiting[1:]}"):
+            raise _Suspend
+        return False
+
+    def finish(self, status: str, result: Any = None,
+               error: tuple[str, str, tuple[Any, ...], str] | None = None, reason: str = "") -> None:
+        def work(rec: WorkflowRecord, conn: Any, now: float) -> None:
+            _drop_timer(conn, rec)
+            rec.status, rec.since, rec.waiting = status, now, None
+            rec.result, rec.error, rec.reason = result, error, reason
+            if status in _FINAL:
+                rec.finished = now
+                rec.timer = _add_timer(conn, now + rec.retention, TimerEntry("prune", self.wid, created=now,
+                                                                              origin="retention"))
+
+        self.transact(work, f"workflow {self.wid} {status}")
+
+
+def reindex(conn: Any, rec: WorkflowRecord) -> None:
+    """Keep `rec`'s entry in the waiting index (WAITING_KEY) in step with its status."""
+    old = rec.indexed
+    new = None
+    if rec.status in ("waiting", "blocked"):
+        new = (rec.function[0], rec.function[1], "!blocked" if rec.status == "blocked" else rec.code, rec.id)
+    if old != new:
+        tree = _tree(conn, WAITING_KEY)
+        if old is not None and old in tree:
+            del tree[old]
+        if new is not None:
+            tree[new] = True
+        rec.indexed = new
+
+
+def journal_length(rec: WorkflowRecord) -> int:
+    """Entries in the workflow's journal (keys run from 0); a dropped journal: its last length."""
+    journal = rec.journal
+    return int(journal.maxKey()) + 1 if journal else rec.length
+
+
+def last_seen(rec: WorkflowRecord) -> float:
+    """When the workflow's runner last committed: the record's heartbeat or its last step."""
+    journal = rec.journal
+    if not journal:
+        return float(rec.heartbeat)
+    return max(float(rec.heartbeat), float(journal[journal.maxKey()].at))
+
+
+def _drop_timer(conn: Any, rec: WorkflowRecord) -> None:
+    if rec.timer is not None:
+        timers = _tree(conn, TIMERS_KEY)
+        if rec.timer in timers:
+            del timers[rec.timer]
+        rec.timer = None
+
+
+def _require_run(what: str) -> _Run:
+    run = _current.get()
+    if run is None:
+        raise WorkflowError(
+            f"{what} works only in the body of a workflow (a function decorated with "
+            "@heap.workflow or @durable_heap.workflow), which can wait without holding a "
+            "process; here there is none"
+        )
+    if run.in_step:
+        raise WorkflowError(
+            f"{what} was called inside a step (an action called by the workflow {run.wid}): a "
+            "step is one transaction and cannot wait; call it in the workflow's body instead"
+        )
+    return run
+
+
+def code_hash(func: Callable[..., Any]) -> str:
+    """A hash of a function's code: a deploy replays only workflows whose code changed."""
+    code = getattr(func, "__code__", None)
+    return _code_hash(code) if code is not None else ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_hash(code: types.CodeType) -> str:
+    import hashlib
+
+    return hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
+
+
+class _StepScope(dict):  # type: ignore[type-arg]
+    """The globals a program's workflow body runs with: its module's, live, except that
+    each function of the program is a step (`_as_step`).
+
+    CPython looks globals up with ``__getitem__`` when they are not an exact dict
+    (LOAD_GLOBAL's slow path), so nothing is copied: the module's later changes show.
+    """
+
+    def __init__(self, module: types.ModuleType) -> None:
+        super().__init__(__builtins__=module.__dict__.get("__builtins__", __builtins__))
+        self.module = module
+        self.steps: dict[str, tuple[Any, Any]] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.module.__dict__[key]
+        if (isinstance(value, types.FunctionType) and value.__module__ == self.module.__name__
+                and key != "migrate" and not hasattr(value, "invoke_in")):
+            known = self.steps.get(key)
+            if known is None or known[0] is not value:
+                known = self.steps[key] = (value, _as_step(value))
+            return known[1]
+        return value
+
+
+_bodies: dict[Any, Callable[..., Any]] = {}
+
+
+def _program_body(func: Callable[..., Any]) -> Callable[..., Any]:
+    """In a program, every module-level function called from a workflow is a step.
+
+    The body runs with `_StepScope` globals (the module itself is left as it
+    is). A program's module carries ``__durable_source__`` (set by the version
+    layer).
+    """
+    module = sys.modules.get(getattr(func, "__module__", ""))
+    if module is None or getattr(module, "__durable_source__", None) is None or not isinstance(
+            func, types.FunctionType):
+        return func
+    body = _bodies.get(func)
+    if body is None:
+        body = types.FunctionType(func.__code__, _StepScope(module), func.__name__, func.__defaults__,
+                                  func.__closure__)
+        body.__kwdefaults__ = func.__kwdefaults__
+        if len(_bodies) > 1000:
+            _bodies.clear()
+        _bodies[func] = body
+    return body
+
+
+def _as_step(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        run = _current.get()
+        if run is None or run.in_step:
+            return func(*args, **kwargs)
+        return run.step(func, args, kwargs)
+    return step
+
+
+def _call_body(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    func = _program_body(run.func.func)
+    if not run.is_async:
+        return func(*args, **kwargs)
+    if _engine._running_task() is None:
+        return _engine._asyncio().run(func(*args, **kwargs))
+    # Inside a running event loop (an async caller): the body gets a loop of its own,
+    # in a thread, with this context (the run) copied in.
+    box: list[Any] = []
+    ctx = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            box.append((True, ctx.run(_engine._asyncio().run, func(*args, **kwargs))))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box.append((False, exc))
+
+    t = threading.Thread(target=target, name=f"durable_heap workflow {run.wid}")
+    t.start()
+    t.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
+             create: WorkflowRecord | None = None, known: tuple[Any, ...] | None = None) -> None:
+    """Run workflow `wid` from the top until it ends or waits (outside any transaction).
+
+    `known`: its (args, kwargs, function, journal) as the scheduler just read them.
+    """
+    if create is not None:
+        rec_args, rec_kwargs, function, entries = create.args, create.kwargs, create.function, []
+    elif known is not None:
+        rec_args, rec_kwargs, function, entries = known
+    else:
+        def read(conn: Any) -> Any:
+            wfs = _peek(conn, WORKFLOWS_KEY)
+            rec = wfs.get(wid) if wfs is not None else None
+            if rec is None or rec.status in _FINAL or rec.status == "blocked":
+                return None
+            return rec.args, rec.kwargs, rec.function, list(rec.journal.values())
+        found = _txn(heap, read, f"workflow {wid}: read")
+        if found is None:
+            return
+        rec_args, rec_kwargs, function, entries = found
+    try:
+        wf = find(function)
+        if not isinstance(wf, WorkflowFunction):
+            raise WorkflowError(f"{function[0]}.{function[1]} is no longer a workflow")
+    except WorkflowError as exc:
+        if create is None:
+            _block(heap, wid, str(exc), claim)
+        raise
+    run = _Run(heap, wid, wf, entries, claim=claim, create=create)
+    token = _current.set(run)
+    try:
+        with heap.activate():
+            try:
+                result = _call_body(run, rec_args, rec_kwargs)
+            except (_Suspend, _Abandon):
+                return
+            except NonDeterminismError as exc:
+                run.finish("blocked", reason=str(exc))
+                _log.error("%s", exc)
+                return
+            except (ConflictError, StorageError):
+                raise  # the heap's trouble, not the workflow's: it stays running, its lease brings it back
+            except NoTransactionError as exc:
+                path = str(exc).split(" was changed", 1)[0]
+                msg = (
+                    f"the workflow {wf.label} changed {path} in its body, outside a step: a "
+                    "change there would be made again at every replay. Move it into an action "
+                    "(@heap.action) that the workflow calls: each call is a step, run once."
+                )
+                run.finish("failed", error=("durable_heap", "WorkflowError", (msg,), msg))
+                return
+            except Exception as exc:  # noqa: BLE001 - the workflow failed: kept in its record
+                run.finish("failed", error=_pack_error(exc))
+                return
+            try:
+                run.finish("done", result)
+            except (_Abandon, _Suspend):
+                return
+            except DurableHeapError as exc:  # its result cannot be stored
+                run.create = None
+                run.finish("failed", error=_pack_error(exc))
+    except _Abandon:
+        return
+    finally:
+        _current.reset(token)
+
+
+def _block(heap: Any, wid: str, reason: str, claim: tuple[float, str] | None) -> None:
+    def work(conn: Any) -> None:
+        rec = _tree(conn, WORKFLOWS_KEY).get(wid)
+        if rec is None or rec.status in _FINAL:
+            return
+        if claim is not None:
+            timers = _tree(conn, TIMERS_KEY)
+            if claim in timers:
+                del timers[claim]
+            if rec.timer == claim:
+                rec.timer = None
+        _drop_timer(conn, rec)
+        rec.status, rec.reason, rec.since = "blocked", reason, _clock(heap)
+        reindex(conn, rec)
+    _txn(heap, work, f"workflow {wid} blocked")
+
+
+# --- starting: in a transaction (after its commit) or inline --------------------------------------
+
+
+_after = threading.local()
+
+
+def _after_commit(heap: Any) -> None:
+    """The engine's hook: workflows started in the transaction just committed run now."""
+    if getattr(_added, "flag", False):
+        _added.flag = False
+        wake = getattr(heap, "_wf_wake", None)
+        if wake is not None:
+            wake.set()
+    pending = getattr(_after, "starts", None)
+    if not pending:
+        return
+    mine = [p for p in pending if p[0] is heap]
+    if not mine:
+        return
+    _after.starts = [p for p in pending if p[0] is not heap]
+    for _, wid, key in mine:
+        try:
+            _execute(heap, wid, claim=key)
+        except Exception:  # noqa: BLE001 - the starting transaction committed: never fail it now
+            # The workflow keeps its start timer: a scheduler runs it.
+            _log.exception("workflow %s could not run after its start committed", wid)
+
+
+_engine.after_commit.append(_after_commit)
+
+
+class WorkflowFunction:
+    """What ``@heap.workflow`` makes: call it (or `start`) to start a workflow."""
+
+    def __init__(self, func: Callable[..., Any], heap: Any = None, *,
+                 retention: float | None = None) -> None:
+        self.func = func
+        self.heap = heap  # None: the active heap at each call (``@durable_heap.workflow``)
+        # A workflow defined in a function (a closure) is found by its name in this
+        # process only, like one of a plain script: fine for tests, not for timers.
+        self.name = (func.__module__, func.__qualname__)
+        self.label = func.__qualname__
+        self.retention = retention
+        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+        _named[self.name] = self
+
+    def __repr__(self) -> str:
+        return f"<durable_heap workflow {self.name[0]}.{self.name[1]}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Workflow:
+        return self.start(*args, **kwargs)
+
+    def start(self, *args: Any, workflow_id: str | None = None, **kwargs: Any) -> Workflow:
+        """Start the workflow, or return the one with `workflow_id` if it exists.
+
+        Outside a transaction it runs at once until it ends or first waits;
+        inside one it is recorded there and runs right after that transaction
+        commits (and, if this process dies first, in a scheduler).
+        """
+        heap: Any = self.heap if self.heap is not None else _engine.active_heap()
+        run = _current.get()
+        if run is not None and not run.in_step:
+            raise WorkflowError(
+                f"{self.label} was started in the body of the workflow {run.wid}: start it "
+                "from an action that the workflow calls (a step), so that it starts once"
+            )
+        wid = workflow_id or _uuid.uuid4().hex
+        retention = self.retention if self.retention is not None else float(heap.retention)
+        now = _clock(heap)
+        record = WorkflowRecord(wid, self.name, args, kwargs, now, retention)
+        if heap.in_transaction:
+            conn = heap.connection
+            wfs = _tree(conn, WORKFLOWS_KEY)
+            if wid in wfs:
+                return Workflow(heap, wid)
+            wfs[wid] = record
+            key = record.timer = _add_timer(conn, now, TimerEntry("run", wid, created=now, origin="start"))
+            txn = heap.transaction_manager.get()
+
+            def queue(ok: bool) -> None:
+                if ok:
+                    starts = getattr(_after, "starts", None)
+                    if starts is None:
+                        starts = _after.starts = []
+                    starts.append((heap, wid, key))
+
+            txn.addAfterCommitHook(queue)
+            return Workflow(heap, wid)
+        if workflow_id is not None:
+            exists = _txn(heap, lambda conn: wid in (_peek(conn, WORKFLOWS_KEY) or ()),
+                          f"workflow {wid}: look up")
+            if exists:
+                return Workflow(heap, wid)
+        _execute(heap, wid, create=record)
+        return Workflow(heap, wid)
+
+
+def workflow(func: Callable[..., Any] | None = None, /, *, retention: float | None = None) -> Any:
+    """``@durable_heap.workflow``: a workflow of the active heap (a program's, under the runtime)."""
+    def decorate(f: Callable[..., Any]) -> WorkflowFunction:
+        return WorkflowFunction(f, None, retention=retention)
+    return decorate(func) if func is not None else decorate
+
+
+# --- steps: the engine's action hooks -------------------------------------------------------------
+
+
+def _call_action(heap: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 run: Callable[[], Any]) -> Any:
+    current = _current.get()
+    if current is None or current.in_step or current.heap is not heap:
+        return run()
+    if current.check:
+        return current.step(func, args, kwargs)  # replays it, or stops at it
+    return current.step(func, args, kwargs)
+
+
+def _on_action(heap: Any, func: Callable[..., Any], wrapper: Any) -> None:
+    """Give each action its timers (`invoke_in`, `invoke_at`, `cron`), and a name."""
+    try:
+        name: tuple[str, str] | None = name_of(func, "a timer")
+    except WorkflowError:
+        name = None  # a closure: fine as an action, refused as a timer's
+    if name is not None:
+        _named[name] = wrapper
+    wrapper.invoke_in = functools.partial(_invoke_in, heap, func)
+    wrapper.invoke_at = functools.partial(_invoke_at, heap, func)
+    wrapper.cron = functools.partial(_cron_of, heap, func)
+
+
+async def _call_async_action(heap: Any, func: Callable[..., Any], args: tuple[Any, ...],
+                             kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
+    current = _current.get()
+    if current is None or current.heap is not heap:
+        return await run()
+    if current.in_step:
+        if current.step_task is _engine._running_task():
+            return await run()  # called by the step itself: part of its transaction
+        raise WorkflowError(
+            f"workflow {current.wid}: {func.__qualname__} was started while another step runs "
+            "(concurrent steps, e.g. asyncio.gather over actions, have no stable order to "
+            "replay): await the steps one after the other"
+        )
+    return await current.astep(func, args, kwargs)
+
+
+_engine.call_action = _call_action
+_engine.call_async_action = _call_async_action
+_engine.on_action.append(_on_action)
+
+
+def _in_transaction(heap: Any, what: str, func: Callable[[Any], Any]) -> Any:
+    """`func(conn)` joining the caller's transaction, or as its own; in a workflow body, a step."""
+    run = _current.get()
+    if run is not None and not run.in_step and run.heap is heap:
+        return run.step(lambda: func(heap.connection), (), {}, label=what)
+    return _txn(heap, func, what)
+
+
+def _invoke_in(heap: Any, func: Callable[..., Any], seconds: float, /, *args: Any, **kwargs: Any) -> Timer:
+    """``action.invoke_in(seconds, *args)``: call the action then, in a scheduler."""
+    return _invoke_at(heap, func, _clock(heap) + float(seconds), *args, **kwargs)
+
+
+def _warn_if_main(name: tuple[str, str], what: str) -> None:
+    if name[0] == "__main__":
+        _log.warning(
+            "%s: %s is defined in a plain script (__main__): only a scheduler in this process "
+            "can find it by name; another process's scheduler keeps it as a dead letter. Define "
+            "it in a module or program that the worker loads.", what, name[1])
+
+
+def _invoke_at(heap: Any, func: Callable[..., Any], when: datetime.datetime | float, /,
+               *args: Any, **kwargs: Any) -> Timer:
+    """``action.invoke_at(when, *args)``: call the action at `when` (a datetime, naive
+    meaning UTC, or a timestamp)."""
+    name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.invoke_at")
+    _warn_if_main(name, "a timer")
+    deadline = _timestamp(when)
+    seq = _seq()
+
+    def add(conn: Any) -> tuple[float, str]:
+        return _add_timer(conn, deadline, TimerEntry("call", name, args, kwargs, created=_clock(heap),
+                                                     origin="invoke"), seq)
+
+    key = _in_transaction(heap, f"timer {name[1]} at {_utc(deadline).isoformat()}", add)
+    return Timer(heap, tuple(key))
+
+
+def _cron_of(heap: Any, func: Callable[..., Any], spec: str, /, *args: Any, tz: str | None = None,
+             id: str | None = None, missed: str = "once", **kwargs: Any) -> Timer:  # noqa: A002
+    """``action.cron(spec, *args, tz=None, id=None, missed="once")``: call it at each tick."""
+    name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.cron")
+    _warn_if_main(name, "a cron")
+    _cron.check(spec, tz, missed)
+    cid = id or f"{name[0]}.{name[1]} {spec} {call_note('', args, kwargs)}" + (f" {tz}" if tz else "")
+    entry = CronEntry(name, spec, args, kwargs, tz, missed)
+
+    def declare(conn: Any) -> tuple[float, str] | None:
+        crons = _peek(conn, CRONS_KEY)
+        old = crons.get(cid) if crons is not None else None
+        if old is not None and old.same(entry) and old.key is not None:
+            # declared already (a top level runs at every load)
+            return tuple(old.key)  # type: ignore[return-value]
+        crons = _tree(conn, CRONS_KEY)
+        if old is not None and old.key is not None:
+            timers = _tree(conn, TIMERS_KEY)
+            if old.key in timers:
+                del timers[old.key]
+        now = _clock(heap)
+        entry.key = _add_timer(conn, _cron.next_tick(spec, tz, now), TimerEntry("cron", cid, created=now,
+                                                                               origin="cron"))
+        crons[cid] = entry
+        return entry.key
+
+    key = _read_then_write(heap, f"cron {cid}", declare)
+    _declare(heap, cid)
+    return Timer(heap, tuple(key), cron=cid)
+
+
+def _declare(heap: Any, what: Any) -> None:
+    """Remember a cron id or a (topic, name) subscription declared in the transaction in
+    progress: a deploy's check drops those of the program it did not see (`_declared_in`)."""
+    if not heap.in_transaction:
+        return
+    txn = heap.transaction_manager.get()
+    mark = getattr(heap, "_wf_declared", None)
+    if not mark or mark[0] is not txn:
+        fresh: set[Any] = set()
+        mark = heap._wf_declared = (txn, fresh)
+    mark[1].add(what)
+
+
+def _read_then_write(heap: Any, what: str, func: Callable[[Any], Any]) -> Any:
+    """Like `_in_transaction`, but outside a transaction a declaration already made commits nothing."""
+    if heap.in_transaction or _current.get() is not None:
+        return _in_transaction(heap, what, func)
+    return _txn(heap, func, what)  # an unchanged declaration changes nothing: an empty commit
+
+
+# --- waits and journaled values ------------------------------------------------------------------
+
+
+def sleep(seconds: float) -> Any:
+    """Wait `seconds` in a workflow, durably: across restarts, holding no process."""
+    run = _require_run("durable_heap.sleep")
+    entry = run.next("sleep", "")
+    if entry is None:
+        deadline = _clock(run.heap) + float(seconds)
+        run.add(JournalEntry("sleep", "", deadline, at=_clock(run.heap)))
+    else:
+        deadline = entry.detail
+    if _clock(run.heap) < deadline:
+        run.suspend(("sleep", deadline), deadline)
+    return _Done(None) if run.is_async else None
+
+
+class Promise:
+    """A named value that another call resolves (`resolve`), waited on by workflows::
+
+        reply = durable_heap.promise("reply:ann")   # in a workflow body
+        answer = reply.wait(timeout=86400)          # PromiseTimeout after a day
+    """
+
+    def __init__(self, name: str, heap: Any = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise WorkflowError(f"a promise is named by a non-empty str, not {name!r}")
+        self.name = name
+        self._heap = heap
+
+    def __repr__(self) -> str:
+        return f"<durable_heap.Promise {self.name!r}>"
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Its value, once resolved; `PromiseTimeout` after `timeout` seconds (None: never)."""
+        run = _require_run("Promise.wait")
+        entry = run.next("wait", self.name)
+        now = _clock(run.heap)
+        if entry is None:
+            deadline = None if timeout is None else now + float(timeout)
+            run.add(JournalEntry("wait", self.name, deadline, at=now))
+        else:
+            deadline = entry.detail
+        while True:
+            got = run.next("got", self.name)
+            if got is None:
+                got = self._outcome(run, deadline)
+                if got is None:
+                    if run.suspend(("promise", self.name, deadline), deadline):
+                        continue  # not reached: suspend raises
+                    continue  # resolved meanwhile: look again
+                run.add(got)
+            if got.error is not None:
+                raise PromiseTimeout(
+                    f"the promise {self.name!r} was not resolved within its timeout "
+                    f"(deadline {_utc(got.detail).isoformat()})"
+                )
+            return _Done(got.value) if run.is_async else got.value
+
+    def _outcome(self, run: _Run, deadline: float | None) -> JournalEntry | None:
+        now = _clock(run.heap)
+
+        def read(conn: Any) -> Any:
+            promises = _peek(conn, PROMISES_KEY)
+            prom = promises.get(self.name) if promises is not None else None
+            return (prom.resolved, prom.value) if prom is not None else (False, None)
+
+        resolved, value = _txn(run.heap, read, f"promise {self.name}: read")
+        if resolved:
+            return JournalEntry("got", self.name, deadline, value, at=now)
+        if deadline is not None and now >= deadline:
+            return JournalEntry("got", self.name, deadline, error=("durable_heap", "PromiseTimeout", (), ""),
+                                at=now)
+        return None
+
+    def resolve(self, value: Any = None) -> bool:
+        return resolve(self.name, value)
+
+
+def promise(name: str) -> Promise:
+    """A named promise; in a workflow, `wait` on it; elsewhere `resolve` it."""
+    return Promise(name)
+
+
+def resolve(name: str, value: Any = None) -> bool:
+    """Resolve the promise `name` with `value`; True if this call did (the first resolve wins).
+
+    A resolve before the wait is kept. The waiting workflow's wake is queued in
+    this transaction (its own outside one) and runs in a scheduler.
+    """
+    run = _current.get()
+    heap = run.heap if run is not None else _engine.active_heap()
+
+    def work(conn: Any) -> bool:
+        promises = _tree(conn, PROMISES_KEY)
+        prom = promises.get(name)
+        if prom is None:
+            prom = promises[name] = PromiseRecord(name)
+        if prom.resolved:
+            return False
+        now = _clock(heap)
+        prom.resolved, prom.value, prom.at = True, value, now
+        wfs = _peek(conn, WORKFLOWS_KEY)
+        for wid in prom.waiters:
+            rec = wfs.get(wid) if wfs is not None else None
+            if rec is not None and rec.status == "waiting" and (rec.waiting or ())[:2] == ("promise", name):
+                _drop_timer(conn, rec)
+                wake = TimerEntry("run", wid, created=now, origin=f"promise {name}")
+                rec.timer = _add_timer(conn, now, wake)
+        prom.waiters = ()
+        return True
+
+    return bool(_in_transaction(heap, f"resolve {name}", work))
+
+
+def emit(topic: str, payload: Any = None) -> int:
+    """Deliver `payload` to each subscriber of `topic` (`on`), once each; returns how many.
+
+    One delivery per subscriber is written in this transaction (its own outside
+    one); the subscribers run in a scheduler.
+    """
+    run = _current.get()
+    heap = run.heap if run is not None else _engine.active_heap()
+
+    def work(conn: Any) -> int:
+        subs = _peek(conn, SUBSCRIPTIONS_KEY)
+        names = subs.get(topic, ()) if subs is not None else ()
+        now = _clock(heap)
+        for name in names:
+            _add_timer(conn, now, TimerEntry("call", name, (payload,), created=now, origin=f"event {topic}"))
+        return len(names)
+
+    return int(_in_transaction(heap, f"emit {topic}", work))
+
+
+def _journaled(kind: str, make: Callable[[], Any]) -> Any:
+    run = _current.get()
+    if run is None or run.in_step:
+        return make()
+    entry = run.next(kind, "")
+    if entry is None:
+        entry = JournalEntry(kind, "", value=make())
+        run.add(entry)
+    return entry.value
+
+
+def now() -> datetime.datetime:
+    """The time (UTC); in a workflow body, journaled: a replay sees the same."""
+    run = _current.get()
+    heap = run.heap if run is not None else None
+    if heap is None:
+        try:
+            heap = _engine.active_heap()
+        except DurableHeapError:
+            heap = None
+    ts = _journaled("now", lambda: _clock(heap) if heap is not None else time.time())
+    return _utc(ts)
+
+
+def uuid4() -> _uuid.UUID:
+    """A random UUID; in a workflow body, journaled."""
+    return _uuid.UUID(_journaled("uuid", lambda: _uuid.uuid4().hex))
+
+
+def random() -> float:
+    """A random float in [0, 1); in a workflow body, journaled."""
+    return float(_journaled("random", _random.random))
+
+
+def patched(patch_id: str) -> bool:
+    """True where new code may take its new branch: False only while a workflow
+    started under old code replays a part of its journal that ran without it."""
+    run = _require_run("durable_heap.patched")
+    if run.cursor < len(run.entries):
+        entry = run.entries[run.cursor]
+        if entry.kind == "patched" and entry.name == patch_id:
+            run.cursor += 1
+            return bool(entry.value)
+        return False  # replaying history made before this code: the old branch
+    if run.check:
+        raise _StopReplay
+    run.add(JournalEntry("patched", patch_id, value=True))
+    return True
+
+
+def step_key() -> str:
+    """A stable idempotency key for the external effect of the step running now."""
+    run = _current.get()
+    if run is None or not run.in_step:
+        raise WorkflowError(
+            "durable_heap.step_key() works only inside a step (an action called from a "
+            "workflow's body): it names that step, the same at every retry"
+        )
+    return f"{run.wid}:{len(run.entries) + 1}"
+
+
+def on(topic: str) -> Callable[[Callable[..., Any]], Any]:
+    """``@durable_heap.on(topic)``: subscribe a function of the active heap's program."""
+    def decorate(func: Callable[..., Any]) -> Any:
+        heap: Any = _engine.active_heap()
+        return heap.on(topic)(func)
+    return decorate
+
+
+# --- handles ---------------------------------------------------------------------------------------
+
+
+class Workflow:
+    """A handle on one workflow; every property reads the heap again."""
+
+    def __init__(self, heap: Any, wid: str) -> None:
+        self.heap = heap
+        self.id = wid
+
+    def __repr__(self) -> str:
+        return f"<durable_heap.Workflow {self.id} {self.status}>"
+
+    def _read(self, func: Callable[[WorkflowRecord], Any]) -> Any:
+        def read(conn: Any) -> Any:
+            wfs = _peek(conn, WORKFLOWS_KEY)
+            rec = wfs.get(self.id) if wfs is not None else None
+            if rec is None:
+                raise WorkflowError(f"there is no workflow {self.id!r} in the heap {self.heap.target}")
+            return func(rec)
+        return _txn(self.heap, read, f"workflow {self.id}: read")
+
+    @property
+    def status(self) -> str:
+        """"running", "waiting", "done", "failed", "blocked" or "cancelled"."""
+        return str(self._read(lambda rec: rec.status))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Everything known: status, since when, what it waits on, why blocked, its journal."""
+        lease = self.heap.lease
+
+        def describe(rec: WorkflowRecord) -> dict[str, Any]:
+            stuck = rec.status == "running" and last_seen(rec) + lease < _clock(self.heap)
+            return {
+                "id": rec.id,
+                "function": f"{rec.function[0]}.{rec.function[1]}",
+                "status": rec.status,
+                "since": _utc(rec.since),
+                "stuck": stuck,  # running, but its runner has not been seen for a lease
+                "waiting_on": _waiting(rec.waiting),
+                "reason": rec.reason,
+                "error": _describe(rec.error),
+                "result": rec.result if rec.status == "done" else None,
+                "steps": max(rec.length, journal_length(rec)),
+                "journal": [
+                    {"number": n + 1, "kind": e.kind, "name": e.name, "detail": e.detail,
+                     "error": _describe(e.error)} for n, e in rec.journal.items()
+                ],
+            }
+        return self._read(describe)  # type: ignore[no-any-return]
+
+    @property
+    def waiting_on(self) -> dict[str, Any] | None:
+        """What it waits on: ``{"sleep": until}`` or ``{"promise": name, "until": ...}``; else None."""
+        return self._read(lambda rec: _waiting(rec.waiting))  # type: ignore[no-any-return]
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Its result once done (waiting up to `timeout` seconds); raises what it raised."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status, result, error, reason = self._read(lambda r: (r.status, r.result, r.error, r.reason))
+            if status == "done":
+                return result
+            if status == "failed" and error is not None:
+                raise _unpack_error(error)
+            if status == "cancelled":
+                raise WorkflowError(f"the workflow {self.id} was cancelled")
+            if status == "blocked":
+                raise WorkflowError(f"the workflow {self.id} is blocked: {reason}")
+            if end is not None and time.monotonic() >= end:
+                raise TimeoutError(f"the workflow {self.id} is still {status} after {timeout} s")
+            time.sleep(0.005)
+
+    def cancel(self) -> bool:
+        """Cancel it unless it has finished; True if this call did."""
+        def work(conn: Any) -> bool:
+            rec = _tree(conn, WORKFLOWS_KEY).get(self.id)
+            if rec is None or rec.status in _FINAL:
+                return False
+            _drop_timer(conn, rec)
+            now = _clock(self.heap)
+            rec.status, rec.since, rec.finished, rec.waiting = "cancelled", now, now, None
+            reindex(conn, rec)
+            return True
+        return bool(_in_transaction(self.heap, f"cancel workflow {self.id}", work))
+
+    def retry(self) -> bool:
+        """Run a blocked (or failed) workflow again from its journal: queued for a scheduler."""
+        def work(conn: Any) -> bool:
+            rec = _tree(conn, WORKFLOWS_KEY).get(self.id)
+            if rec is None or rec.status not in ("blocked", "failed"):
+                return False
+            now = _clock(self.heap)
+            if rec.status == "failed":
+                rec.result, rec.error, rec.finished = None, None, None
+            _drop_timer(conn, rec)
+            rec.status, rec.since, rec.reason = "waiting", now, ""
+            rec.waiting = ("retry", now)
+            rec.timer = _add_timer(conn, now, TimerEntry("run", self.id, created=now, origin="retry"))
+            reindex(conn, rec)
+            return True
+        return bool(_in_transaction(self.heap, f"retry workflow {self.id}", work))
+
+
+def _waiting(waiting: tuple[Any, ...] | None) -> dict[str, Any] | None:
+    if not waiting:
+        return None
+    if waiting[0] == "sleep":
+        return {"sleep": _utc(waiting[1])}
+    if waiting[0] == "promise":
+        return {"promise": waiting[1], "until": None if waiting[2] is None else _utc(waiting[2])}
+    return {waiting[0]: _utc(waiting[1])}
+
+
+class Timer:
+    """A handle on one timer (`id`, `due`); `cancel()`; for a dead letter `retry()`."""
+
+    def __init__(self, heap: Any, key: tuple[float, str], *, cron: str | None = None,
+                 entry: TimerEntry | None = None, dead: bool = False) -> None:
+        self.heap = heap
+        self.key = key
+        self.id = cron or key[1]
+        self.due = _utc(key[0])
+        self.cron = cron
+        self.dead = dead
+        self.kind = entry.kind if entry is not None else ("cron" if cron else "call")
+        self.target = entry.target if entry is not None else None
+        self.attempts = entry.attempts if entry is not None else 0
+        self.error = entry.error if entry is not None else ""
+        self.origin = entry.origin if entry is not None else ""
+
+    def __repr__(self) -> str:
+        what = "dead letter" if self.dead else f"due {self.due.isoformat()}"
+        return f"<durable_heap.Timer {self.id} {self.kind} {self.target!r} {what}>"
+
+    def cancel(self) -> bool:
+        """Remove the timer (a cron: the cron; a dead letter: drop it); True if it was there."""
+        def work(conn: Any) -> bool:
+            if self.dead:
+                dead = _tree(conn, DEAD_KEY)
+                if self.key[1] in dead:
+                    del dead[self.key[1]]
+                    return True
+                return False
+            timers = _tree(conn, TIMERS_KEY)
+            if self.cron is not None:
+                crons = _tree(conn, CRONS_KEY)
+                entry = crons.get(self.cron)
+                if entry is None:
+                    return False
+                if entry.key in timers:
+                    del timers[entry.key]
+                del crons[self.cron]
+                return True
+            for key in _keys_of(timers, self.key):
+                del timers[key]
+                return True
+            return False
+        return bool(_in_transaction(self.heap, f"cancel timer {self.id}", work))
+
+    def retry(self) -> bool:
+        """Queue a dead letter again, due now, with its attempts reset."""
+        def work(conn: Any) -> bool:
+            dead = _tree(conn, DEAD_KEY)
+            entry = dead.get(self.key[1])
+            if entry is None:
+                return False
+            del dead[self.key[1]]
+            entry.attempts, entry.error = 0, ""
+            _add_timer(conn, _clock(self.heap), entry, self.key[1])
+            return True
+        return bool(_in_transaction(self.heap, f"retry timer {self.id}", work))
+
+
+def _keys_of(timers: Any, key: tuple[float, str]) -> list[tuple[float, str]]:
+    """The timer's key: where it was made, or where a retry moved it (same seq)."""
+    if key in timers:
+        return [key]
+    return [k for k in timers.keys() if k[1] == key[1]][:1]
+
+
+# --- the scheduler ---------------------------------------------------------------------------------
+
+
+class _ActionFailed(Exception):  # noqa: N818 - internal: aborts the firing transaction
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+def _due_key(conn: Any, now: float) -> tuple[float, str] | None:
+    """One due timer: picked at random among the first few, so that several
+    schedulers mostly take different ones instead of conflicting."""
+    timers = _peek(conn, TIMERS_KEY)
+    if not timers:  # a BTree's truth is O(1); its len() walks every bucket
+        return None
+    first = timers.minKey()
+    if first[0] > now:
+        return None
+    keys = []
+    for key in timers.keys(max=(now, "\uffff")):
+        keys.append(key)
+        if len(keys) >= 8:
+            break
+    return tuple(_random.choice(keys))  # type: ignore[return-value]
+
+
+def _fire_one(heap: Any) -> int | None:
+    """Fire one due timer: None when nothing is due, else how many items ran (0 or 1)."""
+    state: dict[str, Any] = {}
+
+    def fire(conn: Any) -> Any:
+        state.clear()
+        now = _clock(heap)
+        key = _due_key(conn, now)
+        if key is None:
+            return None
+        timers = _tree(conn, TIMERS_KEY)
+        entry = timers[key]
+        state["key"], state["entry"] = key, entry
+        if entry.kind == "run":
+            rec = _tree(conn, WORKFLOWS_KEY).get(entry.target)
+            if rec is None or rec.status in _FINAL or rec.status == "blocked" or rec.timer != key:
+                del timers[key]  # stale
+                return 0
+            seen = last_seen(rec)
+            if rec.status == "running" and entry.origin == "lease" and seen + heap.lease > now:
+                del timers[key]  # its runner is alive: look again when the lease runs out
+                rec.timer = _add_timer(conn, seen + heap.lease, entry)
+                return 0
+            state["run"] = entry.target
+            state["known"] = (rec.args, rec.kwargs, rec.function, list(rec.journal.values()))
+            return 1  # the run's first transaction removes the timer (a wake is one transaction)
+        if entry.kind == "prune":
+            del timers[key]
+            rec = _tree(conn, WORKFLOWS_KEY).get(entry.target)
+            if rec is not None and rec.timer == key:
+                rec.timer = None
+                rec.length = journal_length(rec)
+                rec.journal = Journal()  # the finished workflow keeps status and result
+            return 1
+        del timers[key]
+        if entry.kind == "cron":
+            cron = _tree(conn, CRONS_KEY).get(entry.target)
+            if cron is None or cron.key != key:
+                return 0  # dropped or replaced
+            run_it, nxt = _cron.plan(cron.spec, cron.tz, cron.missed, key[0], now)
+            cron.key = _add_timer(conn, nxt, TimerEntry("cron", entry.target, created=now, origin="cron"))
+            _tree(conn, CRONS_KEY)[entry.target] = cron  # inline: store the new key
+            if not run_it:
+                return 0
+            target, args, kwargs = cron.action, cron.args, cron.kwargs
+        else:
+            target, args, kwargs = entry.target, entry.args, entry.kwargs
+        try:
+            func = find(target)
+            func(*args, **kwargs)
+        except transaction.interfaces.TransientError:
+            raise
+        except Exception as exc:
+            raise _ActionFailed(exc) from exc
+        return 1
+
+    try:
+        with heap.activate():
+            done = _txn(heap, fire, "durable_heap: fire a timer")
+    except _ActionFailed as failed:
+        _failed(heap, state["key"], state["entry"], failed.exc)
+        return 1
+    except ConflictError as exc:  # it stays due: tried again at a later round
+        _log.warning("timer %s: %s", state.get("key", ("", "?"))[1], exc)
+        return 0
+    if "run" in state:
+        try:
+            _execute(heap, state["run"], claim=state["key"], known=state["known"])
+        except WorkflowError:
+            _log.exception("workflow %s could not run", state["run"])
+        except (ConflictError, StorageError) as exc:
+            # Not the workflow's failure: its lease (or its timer) brings it back.
+            _log.warning("workflow %s stopped: %s", state["run"], exc)
+    return done  # type: ignore[no-any-return]
+
+
+def _failed(heap: Any, key: tuple[float, str], entry: TimerEntry, exc: BaseException) -> None:
+    """Retry a failed timer with backoff; after `TIMER_ATTEMPTS`, keep it as a dead letter."""
+    _log.warning("timer %s (%s %r) failed: %s", key[1], entry.kind, entry.target, _describe(_pack_error(exc)))
+
+    def work(conn: Any) -> None:
+        timers = _tree(conn, TIMERS_KEY)
+        if key in timers:
+            del timers[key]
+        now = _clock(heap)
+        if entry.kind == "cron":
+            entry.target = entry.target  # the cron's next tick is already set; this tick is retried
+        entry.attempts += 1
+        entry.error = _describe(_pack_error(exc))
+        if entry.attempts >= TIMER_ATTEMPTS:
+            _tree(conn, DEAD_KEY)[key[1]] = entry
+        else:
+            _add_timer(conn, now + min(3600.0, 2.0 ** entry.attempts), entry, key[1])
+
+    if entry.kind == "cron":
+        # The tick's next occurrence was scheduled with the failed firing, which was
+        # aborted: schedule it again, and retry this tick as a plain call.
+        def work_cron(conn: Any) -> None:
+            cron = _tree(conn, CRONS_KEY).get(entry.target)
+            timers = _tree(conn, TIMERS_KEY)
+            if key in timers:
+                del timers[key]
+            if cron is None:
+                return
+            now = _clock(heap)
+            _, nxt = _cron.plan(cron.spec, cron.tz, cron.missed, key[0], now)
+            cron.key = _add_timer(conn, nxt, TimerEntry("cron", entry.target, created=now, origin="cron"))
+            _tree(conn, CRONS_KEY)[entry.target] = cron
+            call = TimerEntry("call", cron.action, cron.args, cron.kwargs, created=now,
+                              origin=f"cron {entry.target}")
+            call.attempts, call.error = 1, _describe(_pack_error(exc))
+            _add_timer(conn, now + 2.0, call)
+        _txn(heap, work_cron, f"timer {key[1]} failed")
+        return
+    _txn(heap, work, f"timer {key[1]} failed")
+
+
+# --- heap methods ------------------------------------------------------------------------------------
+
+
+class WorkflowMethods:
+    """The heap's durable-execution methods (mixed into the public `Heap`)."""
+
+    clock: Callable[[], float]
+    lease: float
+    retention: float
+    _wf_wake: threading.Event
+    _wf_declared: tuple[Any, set[Any]] | None
+
+    def __init__(self, *args: Any, clock: Callable[[], float] | None = None,
+                 lease: float = DEFAULT_LEASE, retention: float = DEFAULT_RETENTION,
+                 **kwargs: Any) -> None:
+        #: The heap's time (epoch seconds): `time.time`, or a test's `durable_heap.testing.Clock`.
+        self.clock = clock if clock is not None else time.time
+        self.lease = float(lease)
+        self.retention = float(retention)
+        self._wf_wake = threading.Event()
+        self._wf_declared = None  # (transaction, crons and subscriptions it declared): `_declared_in`
+        super().__init__(*args, **kwargs)
+
+    def workflow(self, func: Callable[..., Any] | None = None, /, *,
+                 retention: float | None = None) -> Any:
+        """Decorator: a workflow of this heap (see `durable_heap._workflows`).
+
+        >>> import durable_heap as dh
+        >>> heap = dh.open("memory://")
+        >>> @heap.workflow
+        ... def hello(name):
+        ...     return f"hello {name}"
+        >>> hello("ann").result()
+        'hello ann'
+        >>> heap.close()
+        """
+        def decorate(f: Callable[..., Any]) -> WorkflowFunction:
+            return WorkflowFunction(f, self, retention=retention)
+        return decorate(func) if func is not None else decorate
+
+    def on(self, topic: str) -> Callable[[Callable[..., Any]], Any]:
+        """Decorator: subscribe an action to `topic`; each `emit` reaches it once."""
+        def decorate(func: Callable[..., Any]) -> Any:
+            action = func if hasattr(func, "invoke_in") else self.action(func)  # type: ignore[attr-defined]
+            name = name_of(func, f"@heap.on({topic!r})")
+            _warn_if_main(name, f"a subscription to {topic!r}")
+
+            def subscribe(conn: Any) -> None:
+                subs = _peek(conn, SUBSCRIPTIONS_KEY)
+                if subs is not None and name in subs.get(topic, ()):
+                    return
+                subs = _tree(conn, SUBSCRIPTIONS_KEY)
+                subs[topic] = (*subs.get(topic, ()), name)
+
+            _read_then_write(self, f"subscribe {name[1]} to {topic}", subscribe)
+            _declare(self, (topic, name))
+            return action
+        return decorate
+
+    def run_due(self, limit: int | None = None) -> int:
+        """Run everything due now (timers, wakes, event deliveries); return how many ran."""
+        if self.in_transaction:  # type: ignore[attr-defined]
+            raise WorkflowError(
+                "run_due() runs each due item in a transaction of its own, so it cannot run "
+                "inside a transaction or an action: call it outside them"
+            )
+        count = 0
+        idle = 0
+        while limit is None or count < limit:
+            done = _fire_one(self)
+            if done is None:
+                break
+            count += done
+            idle = idle + 1 if not done else 0
+            if idle > 1000:
+                break  # only stale timers: the rest next time
+        return count
+
+    def run_scheduler(self, *, stop: threading.Event | None = None, poll: float = 0.005,
+                      tick: Callable[[], Any] | None = None) -> None:
+        """Run due work until `stop` is set (or SIGTERM / SIGINT in the main thread).
+
+        Between rounds it sleeps until the next deadline, a commit in this
+        process that adds work, or `poll` seconds (commits of other processes,
+        over ZEO, are seen at the next poll). `tick` is called about once a
+        second (the worker loads a newly deployed version there).
+        """
+        stop = stop or threading.Event()
+        handlers: list[tuple[signal.Signals, Any]] = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers.append((sig, signal.signal(sig, lambda *_: stop.set())))
+        ticked = time.monotonic()
+        try:
+            while not stop.is_set():
+                if tick is not None and time.monotonic() - ticked >= 1.0:
+                    ticked = time.monotonic()
+                    tick()
+                self._wf_wake.clear()
+                try:
+                    if self.run_due(limit=100):
+                        continue
+                except DurableHeapError as exc:  # a lost ZEO server, a full disk: keep going
+                    _log.error("scheduler round failed (retrying in a second): %s", exc)
+                    stop.wait(1.0)
+                    continue
+                nxt = self._next_deadline()
+                wait = poll if nxt is None else max(0.0, min(poll, nxt - _clock(self)))
+                if self.clock is not time.time:
+                    wait = poll  # a test clock moves by itself: poll
+                self._wf_wake.wait(wait)
+        finally:
+            for sig, old in handlers:
+                signal.signal(sig, old)
+
+    def _next_deadline(self) -> float | None:
+        def read(conn: Any) -> float | None:
+            timers = _peek(conn, TIMERS_KEY)
+            return timers.minKey()[0] if timers else None
+        return _txn(self, read, "durable_heap: next deadline")  # type: ignore[no-any-return]
+
+    def workflows(self, status: str | None = None) -> list[Workflow]:
+        """Handles on the heap's workflows (those of one `status`), oldest first."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+
+        def read(conn: Any) -> list[tuple[float, str]]:
+            wfs = _peek(conn, WORKFLOWS_KEY)
+            if wfs is None:
+                return []
+            return sorted((rec.created, wid) for wid, rec in wfs.items()
+                          if status is None or rec.status == status)
+        return [Workflow(self, wid) for _, wid in _txn(self, read, "durable_heap: list workflows")]
+
+    def workflow_by_id(self, wid: str) -> Workflow:
+        """The handle of workflow `wid` (`WorkflowError` if there is none)."""
+        handle = Workflow(self, wid)
+        handle.status  # noqa: B018 - raises for an unknown id
+        return handle
+
+    def timers(self, *, dead: bool | None = None) -> list[Timer]:
+        """Pending timers by due time, then dead letters (`dead`: only those, or none)."""
+        def read(conn: Any) -> list[Timer]:
+            out: list[Timer] = []
+            crons = _peek(conn, CRONS_KEY) or {}
+            by_key = {c.key: cid for cid, c in crons.items()}
+            if dead is not True:
+                timers = _peek(conn, TIMERS_KEY)
+                for key, entry in (timers.items() if timers is not None else ()):
+                    out.append(Timer(self, key, cron=by_key.get(key), entry=entry))
+            if dead is not False:
+                letters = _peek(conn, DEAD_KEY)
+                for seq, entry in (letters.items() if letters is not None else ()):
+                    out.append(Timer(self, (0.0, seq), entry=entry, dead=True))
+            return out
+        return _txn(self, read, "durable_heap: list timers")  # type: ignore[no-any-return]
+
+
+def deploy_check(heap: Any, program: str, *, force: bool) -> None:
+    """The deploy's check, in its transaction, after the new code's top level ran.
+
+    * Each waiting workflow of `program` whose function's code changed (and each
+      blocked one) is replayed, read-only, against the new code up to its wait.
+      A mismatch refuses the deploy (`DeployError` listing the workflows and the
+      first mismatching step) unless `force`, which marks them blocked with the
+      reason; a blocked one that matches again is queued to run.
+    * Timers, crons and subscriptions that name a function the new code no
+      longer defines refuse the deploy too (forced: they fail as they fire and
+      end as dead letters, visible in `timers`).
+    * Crons of `program` that the new top level did not declare are dropped.
+    """
+    from ._errors import DeployError
+
+    conn = heap.connection
+    prefix = program + "."
+
+    def ours(module: str) -> bool:
+        return module == program or module.startswith(prefix)
+
+    problems: list[str] = []
+    wfs = _peek(conn, WORKFLOWS_KEY)
+    index = _peek(conn, WAITING_KEY)
+    for group in list(_groups(index, ours, program)) if index is not None and wfs is not None else ():
+        if group[2] != "!blocked":
+            try:
+                wf = find(group[:2])
+            except WorkflowError:
+                wf = None
+            if isinstance(wf, WorkflowFunction) and code_hash(wf.func) == group[2]:
+                continue  # its code did not change: none of these is read
+        for key in list(index.keys(min=(*group, ""), max=(*group, _TOP))):
+            rec = wfs.get(key[3])
+            if rec is None or rec.status not in ("waiting", "blocked"):
+                del index[key]  # stale
+                continue
+            reason = _replay_check(heap, rec)
+            if reason:
+                problems.append(f"workflow {rec.id} ({rec.function[1]}): {reason}")
+                if force and rec.status != "blocked":
+                    _drop_timer(conn, rec)
+                    rec.status, rec.reason, rec.since = "blocked", reason, _clock(heap)
+                    reindex(conn, rec)
+            elif rec.status == "blocked":
+                now = _clock(heap)
+                rec.status, rec.reason, rec.since, rec.waiting = "waiting", "", now, ("retry", now)
+                rec.timer = _add_timer(conn, now, TimerEntry("run", rec.id, created=now, origin="deploy"))
+                reindex(conn, rec)
+    crons = _peek(conn, CRONS_KEY)
+    declared = _declared_in(heap)
+    for cid, cron in list(crons.items()) if crons is not None else ():
+        if ours(cron.action[0]) and cid not in declared:
+            timers = _tree(conn, TIMERS_KEY)
+            if cron.key in timers:
+                del timers[cron.key]
+            del crons[cid]  # the new code no longer declares it
+    subs = _peek(conn, SUBSCRIPTIONS_KEY)
+    for topic, names in list(subs.items()) if subs is not None else ():
+        kept = tuple(n for n in names if not ours(n[0]) or (topic, n) in declared)
+        if kept != names:  # subscribers the new code no longer declares
+            if kept:
+                subs[topic] = kept
+            else:
+                del subs[topic]
+    missing = _missing_targets(conn, ours)
+    if problems and not force:
+        listed = "; ".join(problems)
+        raise DeployError(
+            f"deploy of {program} refused: waiting workflows no longer match the new code: "
+            f"{listed}. Keep the code up to their waits as it was (branch with "
+            "durable_heap.patched('id') for new runs), cancel them, or deploy with force "
+            "(--force) to mark them blocked (retried at each later deploy); nothing was committed"
+        )
+    if missing and not force:
+        raise DeployError(
+            f"deploy of {program} refused: {'; '.join(missing)} name functions the new code "
+            "no longer defines. Keep those functions, cancel the timers (durable-heap timers), "
+            "or deploy with force (--force): they then fail as they fire and are kept as dead "
+            "letters; nothing was committed"
+        )
+
+
+_TOP = "\U0010ffff" * 4  # sorts after every id and name
+
+
+def _groups(index: Any, ours: Callable[[str], bool], program: str) -> Any:
+    """The (module, qualname, code) groups of `program`'s entries in the waiting index:
+    one ``minKey`` per group (keys sort by module, and a program's modules are together)."""
+    low: tuple[str, ...] = (program,)
+    while True:
+        try:
+            key = index.minKey(low)
+        except ValueError:
+            return
+        if not ours(key[0]):
+            return
+        yield key[:3]
+        low = (key[0], key[1], key[2], _TOP)
+
+
+def _declared_in(heap: Any) -> set[Any]:
+    """The crons and subscriptions declared in the transaction in progress (a deploy's top level)."""
+    mark = getattr(heap, "_wf_declared", None)
+    try:
+        txn = heap.transaction_manager.get()
+    except transaction.interfaces.NoTransaction:
+        return set()
+    if not mark or mark[0] is not txn:
+        return set()
+    return set(mark[1])
+
+
+def _defined(module: str, qualname: str) -> bool:
+    obj: Any = sys.modules.get(module)
+    if obj is None:
+        return False
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return True
+
+
+def _missing_targets(conn: Any, ours: Callable[[str], bool]) -> list[str]:
+    missing: list[str] = []
+    timers = _peek(conn, TIMERS_KEY)
+    for key, entry in timers.items() if timers is not None else ():
+        if entry.kind == "call" and ours(entry.target[0]) and not _defined(*entry.target):
+            missing.append(f"timer {key[1]} ({entry.target[1]}, due {_utc(key[0]).isoformat()})")
+    crons = _peek(conn, CRONS_KEY)
+    for cid, cron in crons.items() if crons is not None else ():
+        if ours(cron.action[0]) and not _defined(*cron.action):
+            missing.append(f"cron {cid!r}")
+    subs = _peek(conn, SUBSCRIPTIONS_KEY)
+    for topic, names in subs.items() if subs is not None else ():
+        for name in names:
+            if ours(name[0]) and not _defined(*name):
+                missing.append(f"the subscription of {name[1]} to {topic!r}")
+    return missing
+
+
+def replay(heap: Any, wid: str) -> Any:
+    """Replay workflow `wid` from its journal, read-only, running nothing: its result.
+
+    For a finished workflow whose journal is kept (see `DEFAULT_RETENTION`):
+    what the body returns when every step, wait and value is read back. A
+    journal that ends before the body does raises `WorkflowError`.
+    """
+    def read(conn: Any) -> Any:
+        wfs = _peek(conn, WORKFLOWS_KEY)
+        rec = wfs.get(wid) if wfs is not None else None
+        if rec is None:
+            raise WorkflowError(f"there is no workflow {wid!r} in the heap {heap.target}")
+        wf = find(rec.function)
+        run = _Run(heap, wid, wf, list(rec.journal.values()), claim=None, create=None, check=True)
+        token = _current.set(run)
+        try:
+            result = _call_body(run, rec.args, rec.kwargs)
+        except (_StopReplay, _Suspend):
+            raise WorkflowError(
+                f"the journal of workflow {wid} ends at entry {run.cursor} before its body does"
+            ) from None
+        finally:
+            _current.reset(token)
+        return result
+    return _txn(heap, read, f"workflow {wid}: replay")
+
+
+def _replay_check(heap: Any, rec: WorkflowRecord) -> str:
+    """Replay `rec`'s journal against the code now loaded, running nothing; '' if it matches."""
+    try:
+        wf = find(rec.function)
+    except WorkflowError as exc:
+        return str(exc)
+    if not isinstance(wf, WorkflowFunction):
+        return f"{rec.function[1]} is no longer a workflow"
+    run = _Run(heap, rec.id, wf, list(rec.journal.values()), claim=None, create=None, check=True)
+    token = _current.set(run)
+    try:
+        _call_body(run, rec.args, rec.kwargs)
+    except (_StopReplay, _Suspend):
+        pass
+    except NonDeterminismError as exc:
+        return f"step {exc.step}: the journal has {exc.expected!r}, the new code does {exc.found!r}"
+    except Exception as exc:  # noqa: BLE001 - replay under the new code failed: that is the finding
+        if run.cursor < len(run.entries):
+            return f"the new code raised {_describe(_pack_error(exc))} while replaying step {run.cursor + 1}"
+    finally:
+        _current.reset(token)
+    if run.cursor < len(run.entries):
+        return (f"the new code ended after step {run.cursor} of {len(run.entries)} journaled "
+                "(it no longer reaches the workflow's wait)")
+    return ""
+
+
+def set_resolver(func: Callable[[str, str], Any] | None) -> None:
+    """Register the version layer's lookup of a program's functions by name."""
+    global resolver
+    resolver = func

@@ -1,0 +1,1048 @@
+"""Durable execution (`durable_heap._workflows`): real FileStorage, real subprocesses, real ZEO."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import durable_heap as dh
+from durable_heap.testing import Clock, ZeoServer, subprocess_env
+
+from .conftest import ROOT, cli, write
+
+START = datetime.datetime(2026, 3, 2, 8, 0, tzinfo=datetime.timezone.utc).timestamp()  # a Monday
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(START)
+
+
+@pytest.fixture
+def wheap(tmp_path: Path, clock: Clock) -> Iterator[dh.Heap]:
+    heap = dh.open(tmp_path / "wf.fs", clock=clock)
+    with heap.transaction() as state:
+        state.counts = {}
+        state.log = []
+    try:
+        yield heap
+    finally:
+        heap.close()
+
+
+def _counter(heap: dh.Heap) -> Any:
+    @heap.action
+    def bump(key: str, by: int = 1) -> int:
+        counts = heap.state.counts
+        counts[key] = counts.get(key, 0) + by
+        return int(counts[key])
+    return bump
+
+
+# --- (a) journal, steps, replay ---------------------------------------------------------------
+
+
+def test_steps_run_once_and_a_sleep_resumes_after_its_deadline(wheap: dh.Heap, clock: Clock) -> None:
+    bump = _counter(wheap)
+
+    @wheap.workflow
+    def twice(key: str) -> tuple[int, int]:
+        a = bump(key)
+        dh.sleep(3600)
+        b = bump(key, 10)
+        return a, b
+
+    h = twice("x")
+    assert h.status == "waiting"
+    assert h.waiting_on == {"sleep": datetime.datetime.fromtimestamp(START + 3600, datetime.timezone.utc)}
+    assert wheap.run_due() == 0  # not before its deadline
+    clock.advance(3599)
+    assert wheap.run_due() == 0
+    assert h.status == "waiting"
+    clock.advance(1)
+    assert wheap.run_due() == 1
+    assert h.status == "done"
+    assert h.result() == (1, 11)
+    assert wheap.state.counts["x"] == 11  # the first step ran once, not again at the wake
+    kinds = [(e["kind"], e["name"]) for e in h.info["journal"]]
+    assert [k for k, _ in kinds] == ["step", "sleep", "step"]
+    assert kinds[0][1].endswith("bump") and kinds[2][1].endswith("bump")
+
+
+def test_one_transaction_per_step(wheap: dh.Heap) -> None:
+    bump = _counter(wheap)
+
+    @wheap.workflow
+    def three() -> None:
+        bump("a")
+        bump("b")
+        bump("c")
+
+    before = len(wheap.db.undoLog(0, 10_000))
+    three()
+    log = wheap.db.undoLog(0, 10_000)  # newest first
+    notes = [t["description"] for t in log[: len(log) - before]]
+    steps = [n for n in notes if " step " in n]
+    assert len(steps) == 3  # each step, with its journal entry, is one transaction
+    assert len(notes) == 4  # and one more records the result
+
+
+def test_replay_mismatch_raises_nondeterminism_and_blocks(wheap: dh.Heap, clock: Clock) -> None:
+    bump = _counter(wheap)
+    other = _counter(wheap)
+    other.__qualname__ = "other"
+    version = {"new": False}
+
+    @wheap.workflow
+    def changing() -> str:
+        if version["new"]:
+            bump.__wrapped__.__qualname__ = "renamed"  # the code now calls another step first
+        bump("k")
+        dh.sleep(10)
+        return "ok"
+
+    h = changing()
+    assert h.status == "waiting"
+    version["new"] = True
+    clock.advance(11)
+    wheap.run_due()
+    info = h.info
+    assert info["status"] == "blocked"
+    assert "step 1" in info["reason"] and "renamed" in info["reason"] and "bump" in info["reason"]
+    assert wheap.state.counts["k"] == 1  # nothing ran again
+    with pytest.raises(dh.WorkflowError, match="blocked"):
+        h.result()
+
+
+def test_a_failed_workflow_can_be_retried_and_run_due_refuses_a_transaction(wheap: dh.Heap) -> None:
+    bump = _counter(wheap)
+    flaky = {"fail": True}
+
+    @wheap.workflow
+    def sometimes() -> int:
+        n = bump("retried")
+        if flaky["fail"]:
+            raise RuntimeError("not yet")
+        return n
+
+    h = sometimes()
+    assert h.status == "failed"
+    flaky["fail"] = False
+    assert h.retry() and h.status == "waiting"
+    assert wheap.run_due() == 1
+    assert h.result() == 1 and wheap.state.counts["retried"] == 1  # its step was not run again
+    with pytest.raises(dh.WorkflowError, match="cannot run inside a transaction"), wheap.transaction():
+        wheap.run_due()
+
+
+def test_the_body_may_not_change_state(wheap: dh.Heap) -> None:
+    @wheap.workflow
+    def meddles() -> None:
+        wheap.state.counts["x"] = 1
+
+    h = meddles()
+    assert h.status == "failed"
+    with pytest.raises(dh.WorkflowError, match=r"changed state.counts.* outside a step.*action"):
+        h.result()
+    assert "x" not in wheap.state.counts
+
+
+def test_a_step_that_raises_is_journaled_and_raised_again_on_replay(wheap: dh.Heap, clock: Clock) -> None:
+    calls: list[int] = []
+
+    @wheap.action
+    def flaky(n: int) -> None:
+        calls.append(n)
+        heap_state = wheap.state
+        heap_state.counts["partial"] = 1  # rolled back with the failed step
+        raise KeyError(f"no {n}")
+
+    @wheap.workflow
+    def catches() -> str:
+        try:
+            flaky(7)
+        except KeyError as exc:
+            seen = repr(exc)
+        dh.sleep(5)
+        return seen
+
+    h = catches()
+    clock.advance(6)
+    wheap.run_due()
+    assert h.result() == "KeyError('no 7')"  # the same type and arguments on replay
+    assert calls == [7]
+    assert "partial" not in wheap.state.counts
+
+
+def test_a_workflow_that_raises_is_failed_and_keeps_the_exception(wheap: dh.Heap) -> None:
+    bump = _counter(wheap)
+
+    @wheap.workflow
+    def fails() -> None:
+        bump("f")
+        raise ValueError("bad input 3")
+
+    h = fails()
+    assert h.status == "failed"
+    with pytest.raises(ValueError, match="bad input 3"):
+        h.result()
+    assert wheap.state.counts["f"] == 1
+    assert "ValueError: bad input 3" in h.info["error"]
+
+
+def test_started_inside_a_transaction_runs_after_commit(wheap: dh.Heap) -> None:
+    bump = _counter(wheap)
+    seen: list[bool] = []
+
+    @wheap.workflow
+    def later() -> None:
+        seen.append(wheap.in_transaction)
+        bump("later")
+
+    @wheap.action
+    def starts() -> str:
+        h = later.start(workflow_id="w1")
+        assert not seen  # not yet: after this transaction commits
+        return h.id
+
+    assert starts() == "w1"
+    assert seen == [False]
+    assert wheap.workflow_by_id("w1").status == "done"
+    assert later.start(workflow_id="w1").id == "w1"  # an existing id returns that workflow
+    assert wheap.state.counts["later"] == 1
+
+    with pytest.raises(RuntimeError), wheap.transaction():
+        later.start(workflow_id="w2")
+        raise RuntimeError("abort")
+    with pytest.raises(dh.WorkflowError):
+        wheap.workflow_by_id("w2")  # an aborted transaction started nothing
+
+
+def test_suspension_is_not_caught_by_except_exception(wheap: dh.Heap) -> None:
+    @wheap.workflow
+    def careless() -> str:
+        try:
+            dh.sleep(100)
+        except Exception:  # noqa: BLE001 - the point: this must not catch the suspension
+            return "caught"
+        return "slept"
+
+    h = careless()
+    assert h.status == "waiting"
+    assert threading.active_count() == 1 or all(
+        "workflow" not in t.name for t in threading.enumerate())  # no thread parked
+
+
+def test_waits_outside_a_workflow_are_refused(wheap: dh.Heap) -> None:
+    with pytest.raises(dh.WorkflowError, match="only in the body of a workflow"):
+        dh.sleep(1)
+    with pytest.raises(dh.WorkflowError, match="only in the body of a workflow"):
+        dh.promise("p").wait()
+    with pytest.raises(dh.WorkflowError, match="only inside a step"):
+        dh.step_key()
+
+
+def test_journaled_time_and_randomness(wheap: dh.Heap, clock: Clock) -> None:
+    seen: list[Any] = []
+
+    @wheap.workflow
+    def draws() -> None:
+        values = (dh.now(), dh.uuid4(), dh.random())
+        seen.append(values)
+        dh.sleep(1)
+
+    draws()
+    clock.advance(2)
+    wheap.run_due()
+    assert len(seen) == 2 and seen[0] == seen[1]  # the replay read them back
+    assert seen[0][0] == datetime.datetime.fromtimestamp(START, datetime.timezone.utc)
+
+
+def test_step_key_is_stable(wheap: dh.Heap, clock: Clock) -> None:
+    keys: list[str] = []
+
+    @wheap.action
+    def effect() -> str:
+        keys.append(dh.step_key())
+        return keys[-1]
+
+    @wheap.workflow
+    def keyed() -> str:
+        dh.sleep(1)
+        return str(effect())
+
+    h = keyed(workflow_id="kw")
+    clock.advance(1)
+    wheap.run_due()
+    assert h.result() == "kw:2" == keys[0]
+
+
+def test_async_workflows_await_their_waits(wheap: dh.Heap, clock: Clock) -> None:
+    bump = _counter(wheap)
+
+    @wheap.workflow
+    async def awaits(user: str) -> Any:
+        reply = dh.promise(f"reply:{user}")
+        bump("async")
+        await dh.sleep(10)
+        return await reply.wait()
+
+    h = awaits("ann")
+    clock.advance(10)
+    wheap.run_due()
+    assert h.status == "waiting" and h.waiting_on == {"promise": "reply:ann", "until": None}
+    assert dh.resolve("reply:ann", "yes")
+    wheap.run_due()
+    assert h.result() == "yes"
+    assert wheap.state.counts["async"] == 1
+
+
+def test_async_actions_are_steps_and_concurrent_steps_are_refused(wheap: dh.Heap, clock: Clock) -> None:
+    import asyncio
+
+    @wheap.action
+    async def abump(key: str) -> int:
+        counts = wheap.state.counts
+        counts[key] = counts.get(key, 0) + 1
+        return int(counts[key])
+
+    @wheap.workflow
+    async def sequential() -> list[int]:
+        a = await abump("s")
+        await dh.sleep(5)
+        b = await abump("s")
+        return [a, b]
+
+    h = sequential()
+    clock.advance(5)
+    wheap.run_due()
+    assert h.result() == [1, 2] and wheap.state.counts["s"] == 2
+
+    @wheap.action
+    async def slow_bump(key: str) -> int:
+        await asyncio.sleep(0.01)  # it yields to the loop while it runs
+        return int(await abump(key))
+
+    @wheap.workflow
+    async def concurrent() -> Any:
+        return await asyncio.gather(slow_bump("g1"), slow_bump("g2"))
+
+    g = concurrent()
+    assert g.status == "failed"
+    with pytest.raises(dh.WorkflowError, match="concurrent steps"):
+        g.result()
+    assert "g2" not in wheap.state.counts  # the second, concurrent step never ran
+
+
+# --- (c) promises and events ---------------------------------------------------------------------
+
+
+def test_promises(wheap: dh.Heap, clock: Clock) -> None:
+    @wheap.workflow
+    def waits(name: str, timeout: float | None) -> Any:
+        try:
+            return dh.promise(name).wait(timeout=timeout)
+        except dh.PromiseTimeout:
+            return "expired"
+
+    early = dh.resolve("early", 1)  # a resolve before the wait is kept
+    assert early is True
+    assert waits("early", None).result() == 1
+    h = waits("p", None)
+    assert h.status == "waiting"
+    clock.advance(10 * 365 * 86400)  # no default timeout
+    wheap.run_due()
+    assert h.status == "waiting"
+    assert dh.resolve("p", "first") is True
+    assert dh.resolve("p", "second") is False  # the first resolve wins
+    assert h.status == "waiting"  # the wake runs in the scheduler, not in resolve
+    assert wheap.run_due() == 1
+    assert h.result() == "first"
+    t = waits("t", 60)
+    clock.advance(59)
+    wheap.run_due()
+    assert t.status == "waiting"
+    clock.advance(1)
+    wheap.run_due()
+    assert t.result() == "expired"
+    assert dh.resolve("t", "late") is True  # resolved, but its waiter had timed out
+
+
+def test_resolve_joins_the_callers_transaction(wheap: dh.Heap) -> None:
+    with pytest.raises(RuntimeError), wheap.transaction():
+        dh.resolve("rolled back", 1)
+        raise RuntimeError
+    assert dh.resolve("rolled back", 2) is True
+
+
+_GOT: list[tuple[str, Any]] = []
+
+
+def _welcome(user: str) -> None:
+    _GOT.append(("welcome", user))
+
+
+def _audit(user: str) -> None:
+    _GOT.append(("audit", user))
+    dh.active_heap().state.log.append(user)
+
+
+def test_events_reach_each_subscriber_once(wheap: dh.Heap) -> None:
+    _GOT.clear()
+    wheap.on("user.confirmed")(_welcome)
+    wheap.on("user.confirmed")(_audit)
+    wheap.on("user.confirmed")(_audit)  # subscribing again changes nothing
+
+    @wheap.action
+    def confirm(user: str) -> int:
+        return dh.emit("user.confirmed", user)
+
+    assert confirm("ann") == 2
+    assert _GOT == []
+    assert wheap.run_due() == 2
+    assert sorted(_GOT) == [("audit", "ann"), ("welcome", "ann")]
+    assert wheap.run_due() == 0
+    assert list(wheap.state.log) == ["ann"]
+    assert dh.emit("nobody.listens") == 0
+
+
+def test_emit_and_timers_from_a_body_happen_once_and_timers_join_transactions(
+        wheap: dh.Heap, clock: Clock) -> None:
+    _GOT.clear()
+    _TIMER_LOG.clear()
+    tick, _ = _timer_heap(wheap)
+    wheap.on("body.event")(_welcome)
+
+    @wheap.workflow
+    def emits() -> None:
+        dh.emit("body.event", "from the body")  # a step of its own: once, whatever the replays
+        tick.invoke_in(1, "from the body")
+        dh.sleep(10)
+
+    emits()
+    clock.advance(11)
+    wheap.run_due()  # the delivery, the timer, the wake (which replays the emit)
+    wheap.run_due()
+    assert _GOT == [("welcome", "from the body")]
+    assert _TIMER_LOG == ["from the body"]
+    with pytest.raises(RuntimeError), wheap.transaction():
+        tick.invoke_in(1, "rolled back")
+        raise RuntimeError
+    assert wheap.timers() == []  # it joined the aborted transaction
+
+
+def test_closures_are_refused_as_timers_and_subscribers(wheap: dh.Heap) -> None:
+    @wheap.action
+    def local() -> None:
+        pass
+
+    with pytest.raises(dh.WorkflowError, match="top level of a module"):
+        local.invoke_in(5)
+    with pytest.raises(dh.WorkflowError, match="top level of a module"):
+        wheap.on("t")(lambda: None)
+
+
+# --- (b) timers -------------------------------------------------------------------------------------
+
+_TIMER_LOG: list[Any] = []
+
+
+def _timer_heap(heap: dh.Heap) -> Any:
+    global tick, boom
+    tick = heap.action(_tick)
+    boom = heap.action(_boom)
+    return tick, boom
+
+
+def _tick(n: int) -> None:
+    _TIMER_LOG.append(n)
+
+
+def _boom() -> None:
+    _TIMER_LOG.append("boom")
+    raise OSError("the mail server is down")
+
+
+tick: Any = None
+boom: Any = None
+
+
+def test_timers_fire_once_when_due(wheap: dh.Heap, clock: Clock) -> None:
+    _TIMER_LOG.clear()
+    tick, _ = _timer_heap(wheap)
+    t1 = tick.invoke_in(60, 1)
+    tick.invoke_at(datetime.datetime.fromtimestamp(START + 30, datetime.timezone.utc), 2)
+    assert isinstance(t1, dh.Timer) and t1.due.timestamp() == START + 60
+    tick.invoke_in(90, 3).cancel()
+    assert [t.target[1] for t in wheap.timers()] == ["_tick", "_tick"]
+    clock.advance(45)
+    assert wheap.run_due() == 1 and _TIMER_LOG == [2]
+    clock.advance(60)
+    assert wheap.run_due() == 1 and _TIMER_LOG == [2, 1]
+    assert wheap.run_due() == 0 and wheap.timers() == []
+
+
+def test_a_failing_timer_is_retried_then_a_dead_letter(wheap: dh.Heap, clock: Clock) -> None:
+    _TIMER_LOG.clear()
+    _, boom = _timer_heap(wheap)
+    boom.invoke_in(0)
+    for _ in range(10):
+        wheap.run_due()
+        clock.advance(4000)
+    assert _TIMER_LOG == ["boom"] * 5
+    dead = wheap.timers(dead=True)
+    assert len(dead) == 1 and "mail server is down" in dead[0].error and dead[0].attempts == 5
+    assert dead[0].retry()
+    wheap.run_due()
+    assert _TIMER_LOG == ["boom"] * 6
+    clock.advance(10)
+    for t in wheap.timers():
+        t.cancel()
+    assert wheap.timers(dead=False) == []
+
+
+def test_cron_catches_up_once_or_skips(tmp_path: Path) -> None:
+    for missed, expected in (("once", 1), ("skip", 0), ("all", 5)):
+        _TIMER_LOG.clear()
+        clock = Clock(START)  # Monday 08:00 UTC
+        with dh.open(tmp_path / f"cron-{missed}.fs", clock=clock) as heap:
+            tick, _ = _timer_heap(heap)
+            t = tick.cron("0 9 * * *", missed, missed=missed, tz="Europe/Paris")
+            assert t.due == datetime.datetime(2026, 3, 3, 8, 0, tzinfo=datetime.timezone.utc)  # 09:00 Paris
+            assert tick.cron("0 9 * * *", missed, missed=missed, tz="Europe/Paris").id == t.id  # idempotent
+            assert len(heap.timers()) == 1
+            clock.advance(5 * 86400 + 3600)  # five ticks missed: the scheduler was down
+            heap.run_due()
+            assert _TIMER_LOG == [missed] * expected
+            (pending,) = heap.timers()
+            assert pending.due.timestamp() > clock()  # next tick from the schedule, after now
+            assert pending.due.hour == 8 and pending.due.minute == 0  # no drift
+    with dh.open(tmp_path / "bad.fs") as heap, pytest.raises(dh.WorkflowError, match="does not parse"):
+        _timer_heap(heap)[0].cron("61 * * *")
+
+
+# --- (d) leases, restarts, SIGKILL, ZEO ---------------------------------------------------------------
+
+APP = """
+import os, sys, time
+import durable_heap as dh
+
+# WFAPP_SKEW moves this process's clock forward (a lease that ran out, without waiting)
+SKEW = float(os.environ.get("WFAPP_SKEW", "0"))
+heap = dh.open(os.environ["WFAPP_TARGET"], clock=lambda: time.time() + SKEW)
+with heap.transaction() as state:
+    state.setdefault("counts", {})
+
+@heap.action
+def bump(key):
+    state = heap.state
+    state.counts[key] = state.counts.get(key, 0) + 1
+    return state.counts[key]
+
+@heap.workflow
+def counted(n, pause):
+    for i in range(n):
+        bump(f"c{i}")
+        if pause:
+            dh.sleep(pause)
+    return "done"
+
+@heap.workflow
+def dies_between_steps():
+    bump("d1")
+    if os.environ.get("DIE"):
+        os._exit(0)
+    bump("d2")
+    return "finished"
+"""
+
+
+def _app(tmp_path: Path) -> Path:
+    pkg = tmp_path / "wfapp.py"
+    pkg.write_text(APP)
+    return pkg
+
+
+def _script(tmp_path: Path, body: str, target: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "script.py"
+    script.write_text("from wfapp import *\n" + textwrap.dedent(body))
+    return subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          env=_env(tmp_path, target, env), timeout=timeout)
+
+
+def _env(tmp_path: Path, target: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    path = f"{tmp_path}{os.pathsep}{ROOT}"
+    return subprocess_env({"PYTHONPATH": path, "WFAPP_TARGET": target, **(env or {})})
+
+
+def test_a_sleep_survives_a_restart_and_resumes_after_its_deadline(tmp_path: Path) -> None:
+    _app(tmp_path)
+    target = str(tmp_path / "r.fs")
+    r = _script(tmp_path, "h = counted.start(2, 30, workflow_id='r')\nprint(h.status)", target)
+    assert r.stdout.strip() == "waiting", r.stderr
+    look = "print(heap.run_due(), heap.workflow_by_id('r').status)"
+    r = _script(tmp_path, look, target)
+    assert r.stdout.split() == ["0", "waiting"], r.stderr  # a new process, before the deadline
+    # Later processes: their clocks are 31 s and 62 s ahead (WFAPP_SKEW), as if that had passed.
+    r = _script(tmp_path, look, target, env={"WFAPP_SKEW": "31"})
+    assert r.stdout.split() == ["1", "waiting"], r.stderr  # woke, ran step 2, sleeps again
+    r = _script(tmp_path, look, target, env={"WFAPP_SKEW": "45"})
+    assert r.stdout.split() == ["0", "waiting"], r.stderr  # its second sleep is not over
+    r = _script(tmp_path, "heap.run_due()\nprint(heap.workflow_by_id('r').result(), dict(heap.state.counts))",
+                target, env={"WFAPP_SKEW": "62"})
+    assert r.stdout.strip() == "done {'c0': 1, 'c1': 1}", r.stderr
+
+
+def test_a_workflow_whose_runner_died_is_taken_over_after_its_lease(tmp_path: Path) -> None:
+    _app(tmp_path)
+    target = str(tmp_path / "lease.fs")
+    r = _script(tmp_path, "dies_between_steps.start(workflow_id='d')", target, env={"DIE": "1"})
+    assert r.returncode == 0, r.stderr
+    look = 'h = heap.workflow_by_id("d")\nprint(h.status, h.info["stuck"], heap.run_due(), h.status)\n'
+    r = _script(tmp_path, look, target)
+    assert r.stdout.split() == ["running", "False", "0", "running"], r.stderr  # its lease holds
+    look += "print(h.result(), dict(heap.state.counts))"
+    r = _script(tmp_path, look, target, env={"WFAPP_SKEW": "61"})
+    # "running" but its runner is gone (tellable apart: stuck), then taken over and finished
+    expected = ["running", "True", "1", "done", "finished", "{'d1':", "1,", "'d2':", "1}"]
+    assert r.stdout.split() == expected, r.stderr
+
+
+SCHEDULER = """
+from wfapp import *
+heap.run_scheduler(poll=0.002)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_exactly_once(tmp_path: Path) -> None:
+    """Kill a scheduler process at random moments while it runs workflows; each step once."""
+    import random
+
+    _app(tmp_path)
+    target = str(tmp_path / "kill.fs")
+    steps = 12
+    r = _script(tmp_path, f"""
+        for i in range(3):
+            counted.start({steps}, 0.08, workflow_id=f"k{{i}}")  # a run spans several kills
+        for i in range(20):
+            bump.invoke_in(0.2 + i * 0.05, f"t{{i}}")  # timers fired while processes are killed
+    """, target)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "sched.py").write_text(SCHEDULER)
+    env = _env(tmp_path, target)
+    soak = "100" if os.environ.get("DURABLE_HEAP_SOAK") else "12"
+    rounds = int(os.environ.get("DURABLE_HEAP_SOAK_ROUNDS", soak))
+    for _ in range(rounds):
+        p = subprocess.Popen([sys.executable, str(tmp_path / "sched.py")], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(random.uniform(0.4, 1.2))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    r = _script(tmp_path, """
+        import time
+        for _ in range(400):
+            heap.run_due()
+            if all(heap.workflow_by_id(f"k{i}").status == "done" for i in range(3)):
+                break
+            time.sleep(0.01)
+        counts = dict(heap.state.counts)
+        print(sorted(set(v for k, v in counts.items() if k[0] == "c")), len(counts),
+              sorted(set(v for k, v in counts.items() if k[0] == "t")),
+              [heap.workflow_by_id(f"k{i}").status for i in range(3)])
+    """, target, env={"WFAPP_SKEW": "120"}, timeout=120)  # the leases of killed runners ran out
+    # three workflows each bumped c0..c11 once: every counter is exactly 3; each timer fired once
+    assert r.stdout.strip() == f"[3] {steps + 20} [1] ['done', 'done', 'done']", r.stderr
+
+
+ZEO_TIMERS = """
+import sys, os
+import durable_heap as dh
+heap = dh.open(sys.argv[1])
+
+@heap.action
+def fire(n):
+    heap.state.fired[n] = heap.state.fired.get(n, 0) + 1
+    heap.state.by[os.getpid()] = heap.state.by.get(os.getpid(), 0) + 1
+"""
+
+
+@pytest.mark.slow
+def test_two_schedulers_over_zeo_fire_each_timer_once(tmp_path: Path) -> None:
+    (tmp_path / "zt.py").write_text(ZEO_TIMERS)
+    with ZeoServer(tmp_path / "zeo.fs") as server:
+        target = server.url
+        env = subprocess_env({"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+        setup = ("import sys\nfrom zt import *\nwith heap.transaction() as s:\n"
+                 "    s.fired = {}\n    s.by = {}\n"
+                 "with heap.transaction():\n    [fire.invoke_in(1.5, n) for n in range(200)]\n")
+        subprocess.run([sys.executable, "-c", setup, target], cwd=tmp_path, env=env, check=True, timeout=60)
+        run = ("import sys, time\nfrom zt import *\nt = time.time() + 1.6\n"
+               "while time.time() < t: time.sleep(0.01)\n"
+               "n = 0\nwhile True:\n    k = heap.run_due()\n    n += k\n    if not k: break\nprint(n)\n")
+        procs = [subprocess.Popen([sys.executable, "-c", run, target], cwd=tmp_path, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        counts = [int(o.strip() or 0) for o, _ in outs]
+        assert sum(counts) == 200, outs
+        with dh.open(target) as heap:
+            fired = dict(heap.state.fired)
+            assert sorted(fired) == list(range(200))
+            assert set(fired.values()) == {1}
+            assert heap.timers() == []
+            assert sum(heap.state.by.values()) == 200
+
+
+# --- the issue's example, in process with the fake clock -----------------------------------------------
+
+
+def test_the_email_example_with_a_fake_clock(wheap: dh.Heap, clock: Clock) -> None:
+    sent: list[tuple[str, str]] = []
+
+    @wheap.action
+    def send_invite(user: str, ref: str) -> None:
+        sent.append((user, dh.step_key()))
+
+    @wheap.action
+    def confirm(user: str, answer: str) -> None:
+        wheap.state.log.append((user, answer))
+
+    @wheap.workflow
+    def onboard(user: str) -> str:
+        reply = dh.promise(f"reply:{user}")
+        send_invite(user, reply.name)
+        try:
+            answer = reply.wait(timeout=14 * 86400)
+        except dh.PromiseTimeout:
+            return "expired"
+        dh.sleep(24 * 3600)
+        confirm(user, answer)
+        return "confirmed"
+
+    @wheap.action
+    def on_email(sender: str, text: str) -> None:
+        dh.resolve(f"reply:{sender}", text)
+
+    ann, bob = onboard("ann"), onboard("bob")
+    clock.advance(3 * 86400)
+    on_email("ann", "yes please")
+    wheap.run_due()
+    assert ann.waiting_on is not None and "sleep" in ann.waiting_on
+    clock.advance(86400)
+    wheap.run_due()
+    assert ann.result() == "confirmed"
+    clock.advance(11 * 86400)
+    wheap.run_due()
+    assert bob.result() == "expired"
+    assert [u for u, _ in sent] == ["ann", "bob"]
+    assert list(wheap.state.log) == [("ann", "yes please")]
+
+
+def test_run_scheduler_wakes_on_resolve_and_stops(wheap: dh.Heap) -> None:
+    @wheap.workflow
+    def waits() -> Any:
+        return dh.promise("go").wait()
+
+    h = waits()
+    stop = threading.Event()
+    t = threading.Thread(target=wheap.run_scheduler, kwargs={"stop": stop})
+    t.start()
+    try:
+        dh.resolve("go", 42)
+        assert h.result(timeout=10) == 42
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()
+
+
+def test_inspection(wheap: dh.Heap) -> None:
+    @wheap.workflow
+    def waits() -> Any:
+        return dh.promise("inspected").wait(timeout=100)
+
+    h = waits()
+    assert [w.id for w in wheap.workflows(status="waiting")] == [h.id]
+    assert wheap.workflows(status="done") == []
+    info = h.info
+    assert info["waiting_on"]["promise"] == "inspected" and info["journal"][0]["kind"] == "wait"
+    assert [t.kind for t in wheap.timers()] == ["run"]
+    assert h.cancel() and h.status == "cancelled"
+    assert wheap.timers() == []
+    with pytest.raises(ValueError, match="status must be one of"):
+        wheap.workflows(status="sleeping")
+
+
+def test_retention_drops_the_journal_of_finished_workflows(wheap: dh.Heap, clock: Clock) -> None:
+    bump = _counter(wheap)
+
+    @wheap.workflow(retention=3600)
+    def short() -> int:
+        return bump("r")
+
+    h = short()
+    assert len(h.info["journal"]) == 1
+    clock.advance(3601)
+    wheap.run_due()
+    assert h.info["journal"] == [] and h.result() == 1 and h.status == "done"
+
+
+
+# --- (e) redeploys ----------------------------------------------------------------------------------
+
+FLOW_V1 = """
+import durable_heap as dh
+from durable_heap import state
+
+state.setdefault("log", [])
+
+def note(x):
+    state.log.append(x)
+
+@dh.workflow
+def flow(user):
+    note("a:" + user)
+    dh.sleep(100)
+    note("b:" + user)
+    return "v1"
+"""
+
+# adds code after the wait: adopted
+FLOW_V2 = FLOW_V1.replace('    return "v1"', '    note("c:" + user)\n    return "v2"')
+# changes the step before the wait (another step; changed arguments alone are only reported)
+SHOUT = 'def shout(x):\n    state.log.append(x.upper())\n\n'
+FLOW_V3 = FLOW_V2.replace('note("a:" + user)', 'shout("a:" + user)')
+FLOW_V3 = FLOW_V3.replace("@dh.workflow", SHOUT + "@dh.workflow")
+# the same change behind patched(): both old and new runs finish
+FLOW_V4 = FLOW_V2.replace('    note("a:" + user)\n',
+                          '    if dh.patched("capital"):\n        shout("a:" + user)\n'
+                          '    else:\n        note("a:" + user)\n')
+FLOW_V4 = FLOW_V4.replace("@dh.workflow", SHOUT + "@dh.workflow")
+
+
+def test_redeploys_adopt_refuse_block_and_patch(tmp_path: Path, clock: Clock) -> None:
+    app = tmp_path / "flowapp.py"
+    app.write_text(FLOW_V1)
+    with dh.open(tmp_path / "flow.fs", clock=clock) as heap:
+        prog = heap.load(app)
+        first = prog.call("flow", "ann")
+        assert isinstance(first, dh.Workflow) and first.status == "waiting"
+        assert list(heap.state.log) == ["a:ann"]  # a program's module-level function is a step
+
+        app.write_text(FLOW_V2)
+        assert heap.deploy(app).number == 2  # adds code after the wait: adopted
+        clock.advance(101)
+        assert heap.run_due() == 1
+        assert first.result() == "v2"  # finished under the new code
+        assert list(heap.state.log) == ["a:ann", "b:ann", "c:ann"]
+
+        second = prog.call("flow", "bob")
+        assert second.status == "waiting"
+        app.write_text(FLOW_V3)
+        with pytest.raises(dh.DeployError, match=rf"{second.id}.*step 1.*'step note'.*'step shout'") as err:
+            heap.deploy(app)
+        assert "nothing was committed" in str(err.value)
+        assert len(heap.versions(app)) == 2 and second.status == "waiting"
+
+        heap.deploy(app, force=True)
+        assert second.status == "blocked"
+        assert "step 1" in second.info["reason"]
+        clock.advance(101)
+        assert heap.run_due() == 0  # a blocked workflow does not run
+        assert second.status == "blocked"
+
+        app.write_text(FLOW_V4)
+        heap.deploy(app)  # retried at the next deploy: it matches again, and is queued
+        assert second.status == "waiting"
+        third = prog.call("flow", "cid")  # a new run takes the new branch
+        clock.advance(101)
+        heap.run_due()
+        assert second.result() == "v2" and third.result() == "v2"
+        assert sorted(heap.state.log[3:]) == sorted(["a:bob", "A:CID", "b:bob", "c:bob", "b:cid", "c:cid"])
+
+
+TIMED_V1 = """
+import durable_heap as dh
+from durable_heap import state
+
+def ping(n):
+    state.pings = state.get("pings", 0) + n
+
+def weekly():
+    state.weekly = state.get("weekly", 0) + 1
+
+def other(payload=None):
+    pass
+"""
+
+
+def test_a_deploy_that_removes_a_timers_action_is_refused_and_drops_undeclared_crons(
+        tmp_path: Path, clock: Clock) -> None:
+    app = tmp_path / "timedapp.py"
+    app.write_text(TIMED_V1 + "\nheap = dh.active_heap()\n")
+    with dh.open(tmp_path / "timed.fs", clock=clock) as heap:
+        prog = heap.load(app)
+        mod = prog.module
+        action = heap.action(mod.ping)
+        action.invoke_in(60, 2)
+        app.write_text(TIMED_V1.replace("def ping(n):", "def pong(n):"))
+        with pytest.raises(dh.DeployError, match=r"timer .*ping"):
+            heap.deploy(app)
+        app.write_text(TIMED_V1)
+        clock.advance(61)
+        assert heap.run_due() == 1
+        assert heap.state.pings == 2
+
+        cron_src = (TIMED_V1 + "\ndh.active_heap().action(weekly).cron('0 9 * * 1', tz='Europe/Paris')\n"
+                    "dh.on('pinged')(other)\n")
+        app.write_text(cron_src)
+        heap.deploy(app)
+        assert [t.kind for t in heap.timers()] == ["cron"]
+        app.write_text(cron_src + "\n# unchanged cron\n")
+        heap.deploy(app)
+        assert [t.kind for t in heap.timers()] == ["cron"]  # declared again: kept, once
+        app.write_text(TIMED_V1 + "\n# no cron any more\n")
+        assert dh.emit("pinged") == 1
+        heap.run_due()
+        heap.deploy(app)
+        assert heap.timers() == []  # a deploy drops the crons the new code no longer declares
+        assert dh.emit("pinged") == 0  # and the subscriptions
+
+
+# --- (g) the command line: the issue's example across processes ---------------------------------------
+
+ONBOARD = """
+import durable_heap as dh
+from durable_heap import state
+
+state.setdefault("users", {})
+state.setdefault("sent", [])
+state.setdefault("welcomed", [])
+
+def send_invite(user, ref):
+    state.sent.append([user, ref, dh.step_key()])   # an external effect would use the key
+
+def confirm(user, answer):
+    state.users[user] = {"confirmed": answer}
+
+@dh.workflow
+def onboard(user):
+    reply = dh.promise(f"reply:{user}")
+    send_invite(user, reply.name)
+    try:
+        answer = reply.wait(timeout=14 * 86400)
+    except dh.PromiseTimeout:
+        return "expired"
+    dh.sleep(1)
+    confirm(user, answer)
+    dh.emit("user.confirmed", user)
+    return "confirmed"
+
+def on_email(sender, text):
+    return dh.resolve(f"reply:{sender}", text)
+
+@dh.on("user.confirmed")
+def welcome(user):
+    state.welcomed.append(user)
+
+def report():
+    return {"users": state.users, "welcomed": state.welcomed, "sent": len(state.sent)}
+"""
+
+
+@pytest.mark.slow
+def test_the_email_example_through_the_cli(tmp_path: Path) -> None:
+    app = write(tmp_path / "onboard.py", ONBOARD)
+    r = cli("call", str(app), "onboard", "ann", cwd=tmp_path)
+    wid, status = r.stdout.split()
+    assert status == "waiting", r.stderr
+    r = cli("workflows", str(app), cwd=tmp_path)
+    assert wid in r.stdout and "promise 'reply:ann' until" in r.stdout, r.stderr
+    assert cli("call", str(app), "on_email", "ann", "yes", cwd=tmp_path).stdout.strip() == "true"
+    assert cli("call", str(app), "on_email", "ann", "again", cwd=tmp_path).stdout.strip() == "false"
+    r = cli("run-due", str(app), cwd=tmp_path)
+    assert r.stdout.strip() == "1", r.stderr  # the wake: it now sleeps a second
+    assert "sleep until" in cli("workflows", str(app), cwd=tmp_path).stdout
+    time.sleep(1.1)
+    r = cli("run-due", str(app), cwd=tmp_path)
+    assert r.stdout.strip() == "2", r.stderr  # the wake, then the event's delivery
+    r = cli("workflows", str(app), "--id", wid, cwd=tmp_path)
+    assert "status: \"done\"" in r.stdout and "result: \"confirmed\"" in r.stdout, r.stdout
+    assert "step send_invite" in r.stdout and "wait reply:ann" in r.stdout, r.stdout
+    r = cli("call", str(app), "report", cwd=tmp_path)
+    assert r.stdout.strip() == '{"users": {"ann": {"confirmed": "yes"}}, "welcomed": ["ann"], "sent": 1}'
+    r = cli("timers", str(app), cwd=tmp_path)
+    assert "prune" in r.stdout and r.returncode == 0, r.stderr  # the finished workflow's retention
+    prune_id = next(line.split()[0] for line in r.stdout.splitlines() if "prune" in line)
+    assert cli("timers", str(app), "--drop", prune_id, cwd=tmp_path).stdout.strip() == f"{prune_id} dropped"
+    assert prune_id not in cli("timers", str(app), cwd=tmp_path).stdout
+    other, _ = cli("call", str(app), "onboard", "cid", cwd=tmp_path).stdout.split()
+    assert cli("workflows", str(app), "--cancel", other, cwd=tmp_path).stdout.strip() == f"{other} cancelled"
+    r = cli("workflows", str(app), "--status", "cancelled", cwd=tmp_path)
+    assert other in r.stdout and wid not in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_the_worker_runs_wakes_and_stops_on_sigterm(tmp_path: Path, zeo_server: ZeoServer) -> None:
+    app = write(tmp_path / "onboard.py", ONBOARD)
+    storage = ["--storage", zeo_server.url]
+    assert cli("deploy", str(app), *storage, cwd=tmp_path).returncode == 0
+    worker = subprocess.Popen([sys.executable, "-m", "durable_heap", "worker", str(app), *storage],
+                              cwd=tmp_path, env=subprocess_env({"PYTHONPATH": str(ROOT)}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wid, status = cli("call", str(app), "onboard", "bob", *storage, cwd=tmp_path).stdout.split()
+        assert status == "waiting"
+        cli("call", str(app), "on_email", "bob", "sure", *storage, cwd=tmp_path)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            r = cli("call", str(app), "report", *storage, cwd=tmp_path)
+            if '"welcomed": ["bob"]' in r.stdout:
+                break
+            time.sleep(0.3)
+        assert '"bob": {"confirmed": "sure"}' in r.stdout and '"welcomed": ["bob"]' in r.stdout, r.stdout
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "worker stopped" in err
+
+
+MAIN_SCRIPT = """
+import sys
+import durable_heap as dh
+heap = dh.open(sys.argv[1])
+
+@heap.action
+def remind(who):
+    print("reminded", who)
+
+remind.invoke_in(0, "ann")
+"""
+
+
+def test_a_plain_scripts_timer_says_why_another_process_cannot_run_it(tmp_path: Path) -> None:
+    script = write(tmp_path / "plain.py", MAIN_SCRIPT)
+    target = str(tmp_path / "plain.fs")
+    r = subprocess.run([sys.executable, str(script), target], capture_output=True, text=True,
+                       env=subprocess_env({"PYTHONPATH": str(ROOT)}), timeout=60)
+    assert "plain script (__main__)" in r.stderr, r.stderr  # said when it was given to a timer
+    clock = Clock()
+    with dh.open(target, clock=clock) as heap:
+        for _ in range(6):
+            heap.run_due()
+            clock.advance(3600)
+        (dead,) = heap.timers(dead=True)
+        assert "plain script (__main__)" in dead.error and "another process cannot find by name" in dead.error
