@@ -30,6 +30,7 @@ action           ``where`` is                           maps
 ``follow``       the heap file's path                   anything (a reader cannot follow)
 ``load``         (not used: the record names its heap)  ZEO's ServerException of ours
 ``commit``       the target                             ReadOnlyError
+``history``      the time or version asked for          POSKeyError, KeyError (none then)
 ===============  =====================================  ==================================
 
 (``commit`` is the heap's commit: ``HeapEngine._transaction`` maps its errors here.)
@@ -94,7 +95,8 @@ __all__ = [
 ]
 
 #: What a caller of `translate_storage_error` was doing (see the module's table).
-Action = Literal["open", "create", "read", "connect", "tls", "listen", "follow", "load", "commit"]
+Action = Literal["open", "create", "read", "connect", "tls", "listen", "follow", "load", "commit",
+                 "history"]
 
 
 # --- the map -------------------------------------------------------------------------------
@@ -234,6 +236,13 @@ def _read_only(exc: BaseException, s: _Site) -> BaseException:
     return _caused(StorageError("the heap is open read-only: changes cannot be committed"), exc)
 
 
+def _no_state_then(exc: BaseException, s: _Site) -> BaseException:
+    return _caused(StorageError(
+        f"the heap holds no state at {s.where}: it did not exist yet, or the revisions of "
+        "that time were removed by a pack"
+    ), exc)
+
+
 def _denied(exc: BaseException, s: _Site) -> BaseException:
     filename = exc.filename if isinstance(exc, OSError) else None
     return _caused(StorageError(f"cannot open the heap {s.where}: permission denied ({filename})"), exc)
@@ -352,6 +361,8 @@ _MAP: list[tuple[type | str, frozenset[str], _Build]] = [
     (LockError, frozenset({"connect"}), _cache_locked),
     (FileStorageFormatError, frozenset({"open"}), _not_a_heap),
     (ZODB.POSException.ReadOnlyError, frozenset({"commit"}), _read_only),
+    (ZODB.POSException.POSKeyError, frozenset({"history"}), _no_state_then),
+    (KeyError, frozenset({"history"}), _no_state_then),  # the root had no state key yet
     (PermissionError, frozenset({"open"}), _denied),
     (OSError, frozenset({"tls"}), _bad_tls_files),
     (OSError, frozenset({"create"}), _no_folder),

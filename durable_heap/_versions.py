@@ -54,6 +54,7 @@ from persistent import Persistent
 from ZODB.DB import getTID
 
 from ._containers import Dict
+from ._errormap import translate_storage_error
 from ._errors import (
     ClassNotAllowedError,
     DeployError,
@@ -883,7 +884,7 @@ def state_at(heap: HeapEngine, when: int | datetime.datetime | str,
             root = conn.root()[ROOT_KEY]
             root._p_activate()
         except (ZODB.POSException.POSKeyError, KeyError) as exc:
-            raise _gone(label) from exc
+            raise translate_storage_error(exc, label, action="history") from exc
         yield root
 
 
@@ -899,7 +900,7 @@ def _historical(heap: HeapEngine, kwargs: dict[str, Any], label: str) -> Iterato
         try:
             conn.root()
         except (ZODB.POSException.POSKeyError, KeyError) as exc:
-            raise _gone(label) from exc
+            raise translate_storage_error(exc, label, action="history") from exc
         yield conn
         changed = view_changes(conn)  # not reached when the block raised
         if changed is not None:
@@ -956,13 +957,6 @@ def _in_the_past(heap: HeapEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
     if before is None or before > last:
         return {"at": last}
     return {"before": before}
-
-
-def _gone(label: str) -> StorageError:
-    return StorageError(
-        f"the heap holds no state at {label}: it did not exist yet, or the revisions of that "
-        "time were removed by a pack"
-    )
 
 
 def parse_time(text: str) -> datetime.datetime:

@@ -118,3 +118,16 @@ def test_classifiers() -> None:
     txn = transaction.TransactionManager(explicit=True).begin()
     assert not outcome_unknown(txn)  # no resource joined: nothing to commit
     txn.abort()
+
+
+def test_no_state_at_a_time_is_said_as_such_and_only_for_history() -> None:
+    """`state_at` before the heap existed or after a pack: a POSKeyError (or the root's
+    missing key) says there is no state then; at another action it is not ours to map."""
+    import ZODB.POSException
+
+    gone = ZODB.POSException.POSKeyError(b"\0" * 8)
+    err = translate_storage_error(gone, "version 1", action="history")
+    assert isinstance(err, dh.StorageError) and err.__cause__ is gone
+    assert str(err).startswith("the heap holds no state at version 1: it did not exist yet")
+    assert "removed by a pack" in str(translate_storage_error(KeyError("x"), "t", action="history"))
+    assert translate_storage_error(gone, "t", action="load") is gone
