@@ -55,6 +55,7 @@ import ZODB
 import ZODB.Connection
 
 from ._errors import ClassNotAllowedError
+from ._format import INLINE_CLASSES, STORED_CLASSES
 
 __all__ = [
     "DB",
@@ -92,27 +93,9 @@ _SAFE_BUILTINS = (
 #: that only calls the classes it is given, which are checked themselves).
 DEFAULT_ALLOWED: frozenset[str] = frozenset(
     {
-        # durable_heap's persistent classes (a test keeps this list complete)
-        "durable_heap._state.Object",
-        "durable_heap._state.State",
-        "durable_heap._counter.Counter",
-        "durable_heap._containers.Dict",
-        "durable_heap._containers.Set",
-        "durable_heap._containers.List",
-        "durable_heap._containers._Index",
-        "durable_heap._containers._KeyIndex",
-        "durable_heap._containers._Entries",
-        "durable_heap._containers._EntryBucket",
-        "durable_heap._containers._Leaf",
-        "durable_heap._containers._Branch",
-        "durable_heap._versions._ProgramRecord",
-        "durable_heap._versions._VersionRecord",
-        "durable_heap._workflows.WorkflowRecord",
-        "durable_heap._workflows.Journal",
-        "durable_heap._workflows.PromiseRecord",
-        "durable_heap._workflows.JournalEntry",
-        "durable_heap._workflows.TimerEntry",
-        "durable_heap._workflows.CronEntry",
+        # durable_heap's stored classes: the one list is the stored format's
+        *STORED_CLASSES,
+        *INLINE_CLASSES,
         # ZODB's root, and the persistent containers of raw ZODB code
         "persistent.mapping.PersistentMapping",
         "persistent.list.PersistentList",

@@ -695,6 +695,13 @@ class HeapEngine:
     def _open_task(self, task: Any) -> _TaskSlot:
         if self.status is not HeapStatus.OPEN:
             raise self._closed()
+        slot = self._new_slot(task)
+        self._task.set(slot)
+        return slot
+
+    # -- PROTECTED: also used by the request middleware (_requests: a pool thread's slot) ----
+    def _new_slot(self, task: Any) -> _TaskSlot:
+        """A slot on a connection of its own, with its own explicit transaction manager."""
         tm = transaction.TransactionManager(explicit=True)
         # A pooled connection's cache was reset by ZODB at this open if classes
         # changed since it was last used (`ZODB.Connection.resetCaches`, called by
@@ -704,7 +711,6 @@ class HeapEngine:
         slot = _TaskSlot(conn, tm, task, self._generation)
         with self._lock:
             self._conns.add(conn)
-        self._task.set(slot)
         return slot
 
     def _close_task(self, slot: _TaskSlot) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import transaction
 
@@ -26,9 +27,9 @@ from . import _heap
 from ._errors import ConflictError
 from ._heap import HeapEngine, _close_quietly, _TaskSlot
 from ._paths import path_of
-from ._watch import reset_watch, view_changes
+from ._watch import view_changes
 
-__all__ = ["RequestScope", "changed_in", "read_only_answer", "request_note"]
+__all__ = ["RequestScope", "changed_in", "excluder", "read_only_answer", "request_note"]
 
 _scope: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar(
     "durable_heap_request", default=None)
@@ -37,6 +38,9 @@ _scope: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar(
 def request_note(method: str, path: str) -> str:
     """The transaction note of a request: ``GET /items``."""
     return f"{method} {path[:200]}"
+
+
+R = TypeVar("R")
 
 
 # -- PROTECTED: ZODB.Connection._registered_objects and _added (pinned by ---------------
@@ -54,6 +58,17 @@ def changed_in(conn: Any) -> str | None:
     """
     added = list(conn._added.values())
     return path_of(added[0]) if added else view_changes(conn)
+
+
+def excluder(exclude: Iterable[str] | Callable[[R], bool], path: Callable[[R], str]) -> Callable[[R], bool]:
+    """The middlewares' `exclude` option as a predicate on a request (a scope, an environ).
+
+    A callable is used as it is; path prefixes are matched against `path(request)`.
+    """
+    if callable(exclude):
+        return exclude
+    prefixes = tuple(exclude)
+    return lambda request: bool(prefixes) and path(request).startswith(prefixes)
 
 
 def read_only_answer(method: str, changed: str) -> str:
@@ -83,7 +98,7 @@ class RequestScope:
         self.abort_threads()  # whatever is left (an exception on the way out)
         _scope.reset(token)
 
-    # -- PROTECTED: the heap engine's Heap._transaction, _conns, _lock, _generation, _Task ---
+    # -- PROTECTED: the heap engine's HeapEngine._transaction, _new_slot, _TaskSlot ---------
     # and _close_quietly (durable_heap._heap): a thread's slot is a task slot run by the
     # heap's own outermost-transaction runner, so its faults are handled as the heap's are.
 
@@ -97,12 +112,7 @@ class RequestScope:
             if held is not None and held[0].conn is not None:
                 return held[0]
             heap = self.heap
-            tm = transaction.TransactionManager(explicit=True)
-            conn = heap.db.open(transaction_manager=tm)
-            reset_watch(conn)  # from ZODB's pool: what its watch holds belongs to its last user
-            slot = _TaskSlot(conn, tm, None, heap._generation)
-            with heap._lock:
-                heap._conns.add(conn)
+            slot = heap._new_slot(None)
             # The heap's own outermost-transaction runner (begin now; commit or abort,
             # with its fault handling, when the request ends).
             cm = heap._transaction(slot, f"{self.note} (thread)")

@@ -525,22 +525,30 @@ class _Run:
              label: str | None = None) -> Any:
         name = label or func.__qualname__
         detail = call_note(name, args, kwargs)
-        if self.in_step:
-            raise WorkflowError(
-                f"workflow {self.wid}: {name} was called while another step runs (concurrent "
-                "steps, e.g. asyncio.gather over actions, have no stable order to replay): "
-                "await the steps one after the other"
-            )
-        entry = self.next("step", name, detail)
+        entry = self._journaled_step(name, detail, "called")
         if entry is not None:
-            if entry.error is not None:
-                raise _unpack_error(entry.error)
             return entry.value
         self.in_step = True
         try:
             return self._run_step(func, name, detail, args, kwargs)
         finally:
             self.in_step = False
+
+    def _journaled_step(self, name: str, detail: str, verb: str) -> JournalEntry | None:
+        """The journal's entry for the step about to run (its error re-raised), or None: run it.
+
+        Concurrent steps are refused: they have no stable order to replay.
+        """
+        if self.in_step:
+            raise WorkflowError(
+                f"workflow {self.wid}: {name} was {verb} while another step runs (concurrent "
+                "steps, e.g. asyncio.gather over actions, have no stable order to replay): "
+                "await the steps one after the other"
+            )
+        entry = self.next("step", name, detail)
+        if entry is not None and entry.error is not None:
+            raise _unpack_error(entry.error)
+        return entry
 
     def _run_step(self, func: Callable[..., Any], name: str, detail: str, args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> Any:
@@ -573,16 +581,8 @@ class _Run:
         """`step` for an ``async def`` action awaited in an ``async def`` workflow."""
         name = func.__qualname__
         detail = call_note(name, args, kwargs)
-        if self.in_step:
-            raise WorkflowError(
-                f"workflow {self.wid}: {name} was started while another step runs (concurrent "
-                "steps, e.g. asyncio.gather over actions, have no stable order to replay): "
-                "await the steps one after the other"
-            )
-        entry = self.next("step", name, detail)
+        entry = self._journaled_step(name, detail, "started")
         if entry is not None:
-            if entry.error is not None:
-                raise _unpack_error(entry.error)
             return entry.value
         heap = self.heap
         number = len(self.entries) + 1

@@ -38,7 +38,7 @@ from transaction.interfaces import TransientError
 from ._errors import ConflictError, ReadOnlyRequestError
 from ._facade import Heap
 from ._http import Answer, error_answer
-from ._requests import RequestScope, read_only_answer, request_note
+from ._requests import RequestScope, excluder, read_only_answer, request_note
 from ._retry import backoff_delay
 
 __all__ = ["TransactionMiddleware"]
@@ -71,11 +71,7 @@ class TransactionMiddleware:
         self.commit_below = commit_below
         self.read_only_methods = frozenset(m.upper() for m in read_only_methods)
         self.attempts = attempts or heap.max_attempts
-        if callable(exclude):
-            self._excluded: Callable[[Scope], bool] = exclude
-        else:
-            prefixes = tuple(exclude)
-            self._excluded = lambda scope: bool(prefixes) and str(scope.get("path", "")).startswith(prefixes)
+        self._excluded: Callable[[Scope], bool] = excluder(exclude, lambda scope: str(scope.get("path", "")))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._excluded(scope):

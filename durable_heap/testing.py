@@ -51,6 +51,7 @@ __all__ = [
     "Clock",
     "PostgresCluster",
     "ZeoServer",
+    "first_line",
     "load_program",
     "postgres_unavailable",
     "subprocess_env",
@@ -149,6 +150,22 @@ def load_program(heap: Heap, source: str, name: str = "app", folder: str | os.Pa
 
 
 
+def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The first line `proc` writes to its stdout (stripped), or "" if none within `timeout` s.
+
+    Servers print their address there once they listen; a thread reads it so
+    that a server that hangs before printing cannot hang the caller.
+    """
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = proc.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout).strip()
+    except queue.Empty:
+        return ""
+
+
 class ZeoServer:
     """``durable-heap zeo`` in a subprocess: started, killed, restarted, stopped.
 
@@ -176,14 +193,7 @@ class ZeoServer:
                  "--address", self.address, *self.args],
                 stdout=subprocess.PIPE, stderr=log, text=True, env=subprocess_env(), cwd=self.cwd,
             )
-        lines: queue.Queue[str] = queue.Queue()
-        stdout = self.proc.stdout
-        assert stdout is not None
-        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-        try:
-            line = lines.get(timeout=timeout).strip()
-        except queue.Empty:
-            line = ""
+        line = first_line(self.proc, timeout)
         if not line.startswith("zeo://"):
             self.kill()
             raise RuntimeError(f"the ZEO server did not start:\n{self.log.read_text()}")

@@ -31,7 +31,7 @@ from typing import Any
 from ._errors import ConflictError, ReadOnlyRequestError
 from ._facade import Heap
 from ._http import Answer, error_answer
-from ._requests import changed_in, read_only_answer, request_note
+from ._requests import changed_in, excluder, read_only_answer, request_note
 from ._retry import backoff_delay
 
 __all__ = ["TransactionMiddleware"]
@@ -62,11 +62,8 @@ class TransactionMiddleware:
         self.commit_below = commit_below
         self.read_only_methods = frozenset(m.upper() for m in read_only_methods)
         self.attempts = attempts or heap.max_attempts
-        if callable(exclude):
-            self._excluded: Callable[[Environ], bool] = exclude
-        else:
-            prefixes = tuple(exclude)
-            self._excluded = lambda env: bool(prefixes) and str(env.get("PATH_INFO", "")).startswith(prefixes)
+        self._excluded: Callable[[Environ], bool] = excluder(
+            exclude, lambda env: str(env.get("PATH_INFO", "")))
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self._excluded(environ):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from durable_heap.testing import ZeoServer, subprocess_env
+from durable_heap.testing import ZeoServer, first_line, subprocess_env
 
 from .conftest import cli, write
 
@@ -128,14 +127,7 @@ class Served:
             [sys.executable, "-m", "durable_heap", "serve", str(program), "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=self._log_file, text=True, cwd=self.cwd, env=subprocess_env(),
         )
-        lines: queue.Queue[str] = queue.Queue()
-        stdout = self.proc.stdout
-        assert stdout is not None
-        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-        try:
-            line = lines.get(timeout=timeout).strip()
-        except queue.Empty:
-            line = ""
+        line = first_line(self.proc, timeout)
         if not line.startswith("http"):
             self.stop(signal.SIGKILL)
             raise RuntimeError(f"durable-heap serve did not start:\n{self.log.read_text()}")
