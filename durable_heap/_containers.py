@@ -55,11 +55,14 @@ from BTrees.OLBTree import OLBTree
 from persistent import Persistent
 from ZODB.POSException import ConflictError as _ZConflictError
 
+from . import _inline
 from ._counter import Counter
-from ._kinds import CONVERTERS, BadValue, holds_watched
+from ._inline import holds_watched  # raw (inline) values in a container's storage are not watched
+from ._kinds import CONVERTERS, BadValue
 from ._storable import public_error
 from ._values import stored_form
-from ._watch import check_writable, remember_reads, watch
+from ._watch import BEFORE_COMMIT, remember_reads, watch
+from ._watch import check_writable as _check_writable
 
 __all__ = ["Dict", "List", "Set", "stable_hash", "to_builtin"]
 
@@ -303,8 +306,16 @@ def _walk_buckets(tree: Any) -> Iterator[Any]:
 
 def _deactivate_if_idle(obj: Any, was_ghost: bool) -> None:
     """Ghost `obj` again after streaming through it, unless it may be changed."""
-    if was_ghost and obj._p_changed is False and not _is_watched(obj):
+    if was_ghost and obj._p_changed is False and not _is_watched(obj) and not _pinned(obj):
         obj._p_deactivate()
+
+
+def _pinned(node: Any) -> bool:
+    """Whether a List leaf or an entries bucket holds a raw value that a view reads."""
+    if type(node) is _Leaf:
+        return _inline.pinned(node.items)
+    state = LOBucket.__getstate__(node)
+    return bool(state) and _inline.pinned_entries(state[0][1::2])
 
 
 def _is_watched(obj: Any) -> bool:
@@ -314,8 +325,27 @@ def _is_watched(obj: Any) -> bool:
 
 
 def _touch(obj: Any) -> None:
-    """Mark a persistent object changed (typed Any: persistent ships no types)."""
+    """Mark a persistent object changed (typed Any: persistent ships no types).
+
+    Every change to a Dict's small form or a List's tail ends here: a view of an
+    inline value (`_inline`) that no longer fits becomes its own record.
+    """
     obj._p_changed = True
+    if getattr(obj, "_v_inline", None) is not None:
+        _inline.after_write(obj)
+
+
+def check_writable(obj: Any) -> None:
+    """`_watch.check_writable`; for a view of an inline value, its holder's record is
+    checked and marked changed (`_inline.before_write`), before the change."""
+    link = getattr(obj, "_v_inline", None)
+    if link is not None and link.parent is not None:
+        _inline.before_write(obj, _check_writable)
+        return
+    _check_writable(obj)
+
+
+_RAW = _inline.RAW
 
 
 def _changed_size(kind: str) -> RuntimeError:
@@ -352,7 +382,7 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, complex})
 class _Hashed(Persistent):
     """Storage shared by `Dict` and `Set`: small form, or the hashed tree form."""
 
-    __slots__ = ("_small", "_index", "_entries", "_coll", "_len", "_v_hot", "_v_mods")
+    __slots__ = ("_small", "_index", "_entries", "_coll", "_len", "_v_hot", "_v_mods", "_v_inline")
     __hash__ = None  # type: ignore[assignment]  # mutable, like dict and set
     _kind = "dictionary"
 
@@ -432,7 +462,7 @@ class _Hashed(Persistent):
         if hot is not None:
             value = hot.get(key, _MISSING)
             if value is not _MISSING:
-                return value
+                return _inline.view(self, value, key) if type(value) in _RAW else value
         small = self._small
         if small is not None:
             return small.get(key, default)
@@ -440,6 +470,8 @@ class _Hashed(Persistent):
         if not seq:
             return default
         value = entry[1]
+        if type(value) in _RAW:
+            return _inline.view(self, value, key)
         self._remember(key, value)
         return value
 
@@ -483,18 +515,24 @@ class _Hashed(Persistent):
     def _put(self, key: Any, value: Any) -> None:
         small = self._small
         if small is not None:
-            if isinstance(value, Persistent) and small.get(key, _MISSING) is value:
+            old = small.get(key, _MISSING)
+            if old is value and isinstance(value, Persistent):
                 return  # the same record put back (``d[k] += 1`` on a Counter): no change
             small[key] = value
+            if type(old) in _RAW and old is not value:
+                _inline.detach(self, old)
             _touch(self)
             if len(small) > SMALL_MAX:
                 self._grow()
             return
         ikey, seq, entry = self._find(key)
         if seq:
-            if entry[1] is not value:
+            old = entry[1]
+            if old is not value or type(old) in _RAW:
                 self._entries[seq] = (entry[0], value)
                 self._v_mods += 1
+                if type(old) in _RAW and old is not value:
+                    _inline.detach(self, old)
         else:
             self._add_new(ikey, key, value)
         hot = self._v_hot
@@ -600,6 +638,8 @@ class _Hashed(Persistent):
             value = small.pop(key, _MISSING)
             if value is not _MISSING:
                 _touch(self)
+                if type(value) in _RAW:
+                    return _inline.taken(self, value)
             return value
         ikey, seq, entry = self._find(key)
         if not seq:
@@ -610,13 +650,16 @@ class _Hashed(Persistent):
         self._len.change(-1)
         if self._v_hot is not None:
             self._v_hot.pop(key, None)
-        return entry[1]
+        value = entry[1]
+        return _inline.taken(self, value) if type(value) in _RAW else value
 
     def _take_last(self) -> tuple[Any, Any]:
         small = self._small
         if small is not None:
             item = small.popitem()
             _touch(self)
+            if type(item[1]) in _RAW:
+                return item[0], _inline.taken(self, item[1])
             return item
         self._guard()
         entries = self._entries
@@ -627,10 +670,16 @@ class _Hashed(Persistent):
         self._len.change(-1)
         if self._v_hot is not None:
             self._v_hot.pop(key, None)
+        if type(value) in _RAW:
+            return key, _inline.taken(self, value)
         return key, value
 
     def _reset(self) -> None:
-        if self._small is None or self._small:
+        _inline.detach_all(self)
+        if _inline.is_view(self):
+            self._small.clear()  # type: ignore[union-attr]  # its raw value, in place: the holder stores it
+            _touch(self)
+        elif self._small is None or self._small:
             self._init_empty()
             _touch(self)
 
@@ -678,6 +727,8 @@ class _Hashed(Persistent):
         if small is not None:
             n = len(small)
             for item in small.items():
+                if type(item[1]) in _RAW:
+                    item = (item[0], _inline.view(self, item[1], item[0]))
                 yield item
                 if self._small is not small or len(small) != n:
                     raise _changed_size(self._kind)
@@ -687,7 +738,10 @@ class _Hashed(Persistent):
             mods = self._v_mods
             i = 1
             while i < len(items):
-                yield items[i]
+                item = items[i]
+                if type(item[1]) in _RAW:
+                    item = (item[0], _inline.view(self, item[1], item[0]))
+                yield item
                 if self._v_mods != mods:  # a value was replaced meanwhile: read it live
                     mods = self._v_mods
                     fresh = LOBucket.__getstate__(bucket)[0]
@@ -722,6 +776,40 @@ class _Hashed(Persistent):
                 yield f"[{k!r}]", v
         else:
             yield "", self._entries
+
+    # -- inline values (`_inline`): this container holds raw values; views ask it ----------
+
+    def _dh_holds_raw(self, link: Any) -> bool:
+        small = self._small
+        if small is not None:
+            return small.get(link.key, _MISSING) is link.raw
+        _, seq, entry = self._find(link.key)
+        return bool(seq) and entry[1] is link.raw
+
+    def _dh_mark_raw(self, link: Any) -> None:
+        if self._small is not None:
+            self._p_changed = True
+            return
+        _, seq, entry = self._find(link.key)
+        self._entries[seq] = entry  # the same entry again: BTrees marks its bucket changed
+
+    def _dh_put_raw(self, link: Any, new: Any) -> None:
+        small = self._small
+        if small is not None:
+            small[link.key] = new
+            self._p_changed = True
+            return
+        _, seq, entry = self._find(link.key)
+        self._entries[seq] = (entry[0], new)
+        self._v_mods += 1
+        if self._v_hot is not None:
+            self._v_hot.pop(link.key, None)
+
+    def _dh_raw_now(self) -> Any:
+        return self._small
+
+    def _dh_stored(self) -> None:
+        _inline.stored_elsewhere(self)
 
 
 # --- Dict ----------------------------------------------------------------------------
@@ -818,15 +906,19 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         hot = self._v_hot  # the small dict itself, or values read in this transaction
         if hot is not None:
             try:
-                return hot[key]
+                value = hot[key]
             except KeyError:
                 pass
+            else:
+                return _inline.view(self, value, key) if type(value) in _RAW else value
         small = self._small
         if small is not None:
             return small[key]
         _, seq, entry = self._find(key)
         if seq:
             value = entry[1]
+            if type(value) in _RAW:
+                return _inline.view(self, value, key)
             self._remember(key, value)
             return value
         raise KeyError(key)
@@ -903,6 +995,10 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
             hash(key)
         except TypeError:
             raise TypeError(f"unhashable type: {type(key).__name__!r}") from None
+        if type(key) in _PLAIN:
+            raw = _inline.inline_value(value, self, key)
+            if raw is not None:
+                return raw
         try:
             jar = self._p_jar
             stored_form(key, jar)
@@ -1306,7 +1402,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     (3, 3, True)
     """
 
-    __slots__ = ("_tail", "_root", "_size")
+    __slots__ = ("_tail", "_root", "_size", "_v_inline")
     __hash__ = None  # type: ignore[assignment]
     __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
 
@@ -1387,15 +1483,18 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
             i = self._index(i)
             size = self._size
             if i >= size:
-                return self._tail[i - size]
+                value = self._tail[i - size]
+                return _inline.view(self, value, i) if type(value) in _RAW else value
             node = self._root
+        at = i
         while type(node) is _Branch:
             ends = node.ends
             k = bisect_right(ends, i)
             if k:
                 i -= ends[k - 1]
             node = node.kids[k]
-        return node.items[i]
+        value = node.items[i]
+        return _inline.view(self, value, at) if type(value) in _RAW else value
 
     def _slice(self, s: slice) -> list[Any]:
         start, stop, step = s.indices(len(self))
@@ -1411,7 +1510,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         i = start
         if self._root is not None and start < self._size:
             for item in _walk(self._root, start):
-                yield item
+                yield _inline.view(self, item, i) if type(item) in _RAW else item
                 i += 1
                 if len(self) != n:
                     break  # changed under us: go on by index, as list does
@@ -1498,7 +1597,10 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     # -- changes -------------------------------------------------------------------------
 
-    def _adopt_at(self, where: str, value: Any) -> Any:
+    def _adopt_at(self, where: str, value: Any, at: int = -1, rebuild: bool = False) -> Any:
+        raw = _inline.inline_value(value, self, at, rebuild)
+        if raw is not None:
+            return raw
         try:
             return stored_form(value, self._p_jar)
         except BadValue as err:
@@ -1517,7 +1619,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     def _append(self, value: Any) -> None:
         tail = self._tail
         tail.append(self._adopt_at(f"[{self._size + len(tail)}]", value))
-        self._p_changed = True
+        _touch(self)
         if len(tail) > TAIL_MAX:
             self._spill()
 
@@ -1525,19 +1627,21 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         self._public(self._extend, values)
 
     def _extend(self, values: Iterable[Any]) -> None:
-        items = self._adopt_all(values, len(self))  # all of them first: a refusal changes nothing
+        self._extend_stored(self._adopt_all(values, len(self)))  # all first: a refusal changes nothing
+
+    def _extend_stored(self, items: list[Any]) -> None:
         tail = self._tail
         for start in range(0, len(items), LEAF_MAX):
             tail.extend(items[start:start + LEAF_MAX])
             if len(tail) > TAIL_MAX:
                 self._spill()
-        self._p_changed = True
+        _touch(self)
 
-    def _adopt_all(self, values: Iterable[Any], first: int) -> list[Any]:
+    def _adopt_all(self, values: Iterable[Any], first: int, rebuild: bool = False) -> list[Any]:
         items = list(values)
         if set(map(type, items)) <= _PLAIN:  # decided at C speed: nothing to convert
             return items
-        return [self._adopt_at(f"[{i}]", v) for i, v in enumerate(items, first)]
+        return [self._adopt_at(f"[{i}]", v, i, rebuild) for i, v in enumerate(items, first)]
 
     def __iadd__(self, values: Iterable[Any]) -> List:  # type: ignore[override,misc]
         self.extend(values)
@@ -1545,6 +1649,9 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def __imul__(self, n: int) -> List:  # type: ignore[misc]
         items = list(self) * n
+        if n.__index__() > 1:  # each value n times: inline ones become records, shared
+            for v in items:
+                _inline.stored_elsewhere(v)
         self._public(self._replace, items)
         return self
 
@@ -1561,7 +1668,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         size = self._size
         if i >= size:
             self._tail.insert(i - size, value)
-            self._p_changed = True
+            _touch(self)
             if len(self._tail) > TAIL_MAX:
                 self._spill()
             return
@@ -1582,17 +1689,23 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         check_writable(self)
         i = self._index(i)
         try:
-            value = self._adopt_at(f"[{i}]", value)
+            value = self._adopt_at(f"[{i}]", value, i)
         except BadValue as err:
             raise public_error(err, self) from None
         size = self._size
         if i >= size:
-            self._tail[i - size] = value
-            self._p_changed = True
-            return
-        _, leaf, j = self._locate(i)
-        leaf.items[j] = value
-        leaf._p_changed = True
+            items, j = self._tail, i - size
+        else:
+            _, leaf, j = self._locate(i)
+            items = leaf.items
+        old = items[j]
+        items[j] = value
+        if type(old) in _RAW and old is not value:
+            _inline.detach(self, old)
+        if i >= size:
+            _touch(self)
+        else:
+            leaf._p_changed = True
 
     def __delitem__(self, i: Any) -> None:
         check_writable(self)
@@ -1613,15 +1726,15 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         size = self._size
         if i >= size:
             value = self._tail.pop(i - size)
-            self._p_changed = True
-            return value
+            _touch(self)
+            return _inline.taken(self, value) if type(value) in _RAW else value
         path, leaf, j = self._locate(i)
         value = leaf.items.pop(j)
         leaf._p_changed = True
         self._count(path, -1)
         if not leaf.items:
             self._unhook(path)
-        return value
+        return _inline.taken(self, value) if type(value) in _RAW else value
 
     def pop(self, i: int = -1) -> Any:
         check_writable(self)
@@ -1630,8 +1743,9 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         if i == -1:
             if not self._tail:
                 self._pull_leaf()
-            self._p_changed = True
-            return self._tail.pop()
+            value = self._tail.pop()
+            _touch(self)
+            return _inline.taken(self, value) if type(value) in _RAW else value
         return self._delete(self._index(i))
 
     def remove(self, value: Any) -> None:
@@ -1640,8 +1754,10 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def clear(self) -> None:
         check_writable(self)
-        self._tail, self._root, self._size = [], None, 0
-        self._p_changed = True
+        _inline.detach_all(self)
+        self._tail.clear()  # in place: a view's tail is its raw value, which its holder stores
+        self._root, self._size = None, 0
+        _touch(self)
 
     def reverse(self) -> None:
         check_writable(self)
@@ -1656,6 +1772,9 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         self._replace(items)
 
     def _set_slice(self, s: slice, values: Iterable[Any]) -> None:
+        values = list(values)
+        for v in values:
+            _inline.stored_elsewhere(v)  # a view stored again here: one record, not two copies
         items = list(self)
         start, stop, step = s.indices(len(self))
         new = self._adopt_all(values, start)  # all of them first: a refusal changes nothing
@@ -1674,11 +1793,13 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         The old nodes are touched: a concurrent change to one of them must
         conflict with this rebuild, not be committed into a node no longer used.
         """
+        new = self._adopt_all(items, 0, rebuild=True)  # before clearing: views of ours stay inline
         for node in _nodes(self._root):
             node._p_changed = True
-        self._tail, self._root, self._size = [], None, 0
-        self._extend(items)
-        self._p_changed = True
+        _inline.detach_all(self, keep=items)
+        self._tail.clear()  # in place: a view's tail is its raw value, which its holder stores
+        self._root, self._size = None, 0
+        self._extend_stored(new)
 
     # -- the tree ------------------------------------------------------------------------
 
@@ -1794,6 +1915,53 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         for i, v in enumerate(list(self._tail), self._size):
             yield f"[{i}]", v
 
+    # -- inline values (`_inline`): this List holds raw values; views ask it ---------------
+
+    def _find_raw(self, link: Any) -> tuple[Any, list[Any], int] | None:
+        """(record, its item list, position) of a view's raw value, found by identity."""
+        raw, hint, tail, size = link.raw, link.key, self._tail, self._size
+        j = hint - size
+        if 0 <= j < len(tail) and tail[j] is raw:
+            return self, tail, j
+        for j, v in enumerate(tail):
+            if v is raw:
+                link.key = size + j
+                return self, tail, j
+        root = self._root
+        if root is None:
+            return None
+        if 0 <= hint < size:
+            _, leaf, j = self._locate(hint)
+            if leaf.items[j] is raw:
+                return leaf, leaf.items, j
+        for offset, leaf in _loaded_leaves(root, 0):
+            for j, v in enumerate(leaf.items):
+                if v is raw:
+                    link.key = offset + j
+                    return leaf, leaf.items, j
+        return None
+
+    def _dh_holds_raw(self, link: Any) -> bool:
+        return self._find_raw(link) is not None
+
+    def _dh_mark_raw(self, link: Any) -> None:
+        found = self._find_raw(link)
+        if found is not None:
+            found[0]._p_changed = True
+
+    def _dh_put_raw(self, link: Any, new: Any) -> None:
+        found = self._find_raw(link)
+        if found is not None:
+            record, items, j = found
+            items[j] = new
+            record._p_changed = True
+
+    def _dh_raw_now(self) -> Any:
+        return self._tail if self._root is None else None
+
+    def _dh_stored(self) -> None:
+        _inline.stored_elsewhere(self)
+
 
 def _walk(node: Any, start: int) -> Iterator[Any]:
     """Items of the subtree `node` from index `start`, leaf by leaf."""
@@ -1810,6 +1978,19 @@ def _walk(node: Any, start: int) -> Iterator[Any]:
     for idx in range(k, len(kids)):
         yield from _walk(kids[idx], start - offset if idx == k else 0)
     _deactivate_if_idle(node, was_ghost)
+
+
+def _loaded_leaves(node: Any, offset: int) -> Iterator[tuple[int, Any]]:
+    """(list index of its first item, leaf) of the leaves in memory under `node`."""
+    if node._p_changed is None:
+        return
+    if type(node) is _Leaf:
+        yield offset, node
+        return
+    prev = 0
+    for kid, end in zip(list(node.kids), list(node.ends), strict=True):
+        yield from _loaded_leaves(kid, offset + prev)
+        prev = end
 
 
 def _nodes(node: Any) -> Iterator[Any]:
@@ -1846,6 +2027,30 @@ def _loaded_nodes(node: Any, offset: int) -> Iterator[tuple[str, Any]]:
 CONVERTERS[dict] = (Dict._blank, Dict._fill)
 CONVERTERS[list] = (List._blank, List._fill)
 CONVERTERS[set] = (Set._blank, Set._fill)
+
+
+def _dict_view(raw: dict[Any, Any], link: Any) -> Dict:
+    """A Dict whose storage is `raw` (a view when `link` says where it is held)."""
+    self = Dict.__new__(Dict)
+    self._small = self._v_hot = raw
+    self._index = self._entries = self._coll = self._len = None
+    self._v_mods = 0
+    self._v_inline = link
+    return self
+
+
+def _list_view(raw: list[Any], link: Any) -> List:
+    """A List whose storage is `raw` (a view when `link` says where it is held)."""
+    self = List.__new__(List)
+    self._tail, self._root, self._size = raw, None, 0
+    self._v_inline = link
+    return self
+
+
+_inline.MAKERS[dict] = _dict_view
+_inline.MAKERS[list] = _list_view
+_inline.HOLDERS = (_Hashed, _Entries, _EntryBucket, List, _Leaf)
+BEFORE_COMMIT.append(_inline.note_inline)
 
 
 def to_builtin(obj: Any) -> Any:

@@ -40,6 +40,11 @@ unless the class says otherwise):
 * ``_containers.List``: ``(tail,)`` when small, ``(tail, root, size)`` otherwise,
   root a ``_Branch`` (``(kids, ends)``, ``ends[i]`` the items in ``kids[:i+1]``)
   over ``_Leaf`` records (a plain list of items each).
+* Inline values (format 3, `_inline`): in the storage of a ``Dict`` (its small
+  dict, the values of ``_EntryBucket`` entries) and of a ``List`` (its tail, its
+  ``_Leaf`` items), a plain ``dict`` or ``list`` is a small value stored inline
+  (its scalars, inline values and references); everywhere else values are as
+  before. Nothing else in those states is a plain dict or list.
 * ``_versions._ProgramRecord``: ``name`` str, ``current`` int (0: none yet),
   ``file_hash`` str | None (the source last deployed *from the file*),
   ``versions`` IOBTree number -> ``_VersionRecord``, ``globals`` IOBTree
@@ -74,6 +79,8 @@ __all__ = [
     "FORMAT_KEY",
     "FORMAT_SINCE",
     "INLINE_CLASSES",
+    "INLINE_FORMAT",
+    "NEWEST_FORMAT",
     "PROGRAMS_KEY",
     "ROOT_KEY",
     "STORED_CLASSES",
@@ -102,11 +109,18 @@ WORKFLOW_KEYS: tuple[str, ...] = (
     "durable_heap.waiting",
 )
 
-#: The heap format this version writes. A heap of a higher format is refused.
+#: The heap format every heap gets (at creation, or raised to it at open).
 FORMAT = 2
+#: The format of a heap that holds inline values (`_inline`): raised from `FORMAT`
+#: by the first commit that stores one, so that heaps that never do stay
+#: readable by older versions, and older versions refuse the ones that do.
+INLINE_FORMAT = 3
+#: The newest format this version reads. A heap of a higher format is refused.
+NEWEST_FORMAT = INLINE_FORMAT
 #: The first durable_heap to write each format: 1 (0.2; heaps of 0.1 have no
-#: marker and count as 1); 2 (0.3: records carry checksums, see `_integrity`).
-FORMAT_SINCE = {1: "0.2", 2: "0.3"}
+#: marker and count as 1); 2 (0.3: records carry checksums, see `_integrity`);
+#: 3 (0.4: small dicts and lists stored inline in their holder's record, see `_inline`).
+FORMAT_SINCE = {1: "0.2", 2: "0.3", 3: "0.4"}
 
 #: Every persistent class of durable_heap whose path records name. Never move,
 #: rename or drop one: pickles name these paths, and a ZEO server imports them.

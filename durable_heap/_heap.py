@@ -63,7 +63,7 @@ from ._errors import (
     StorageError,
     TransactionOwnerError,
 )
-from ._format import FORMAT, FORMAT_KEY, FORMAT_SINCE, ROOT_KEY
+from ._format import FORMAT, FORMAT_KEY, FORMAT_SINCE, NEWEST_FORMAT, ROOT_KEY
 from ._integrity import CheckedDB
 from ._registry import ensure_registry, program_roots, registered
 from ._retry import (
@@ -1233,11 +1233,11 @@ def _stale_format(target: Target, root: Any) -> bool:
     know what such a heap holds.
     """
     found = root.get(FORMAT_KEY, 1)  # 0.1 wrote none
-    if not isinstance(found, int) or found > FORMAT:
-        known = f"durable_heap {FORMAT_SINCE[FORMAT]}"
+    if not isinstance(found, int) or found > NEWEST_FORMAT:
+        known = f"durable_heap {FORMAT_SINCE[NEWEST_FORMAT]}"
         raise StorageError(
             f"the heap {target} has heap format {found!r}, written by a newer durable_heap "
-            f"than this one ({known}, which reads heap formats 1 to {FORMAT}): upgrade "
+            f"than this one ({known}, which reads heap formats 1 to {NEWEST_FORMAT}): upgrade "
             "durable_heap (pip install -U durable-heap) to open it. The heap was not changed. "
             "Under ZEO, upgrade the server and every client together."
         )

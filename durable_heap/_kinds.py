@@ -34,7 +34,7 @@ from typing import Any
 
 from persistent import Persistent
 
-__all__ = ["CONVERTERS", "BadValue", "holds_watched", "is_atomic"]
+__all__ = ["CONVERTERS", "BadValue", "SharedInline", "holds_watched", "is_atomic"]
 
 
 ATOMIC: frozenset[type] = frozenset(
@@ -129,6 +129,15 @@ def holds_watched(values: Iterable[Any]) -> bool:
     if set(map(type, values)) <= ATOMIC:
         return False
     return any(not is_atomic(v) for v in values if type(v) not in ATOMIC)
+
+
+class SharedInline(Exception):
+    """Internal: a plain dict or list met twice in one stored value, once copied inline.
+
+    Raised by `_inline` while `stored_form` converts a value; `stored_form` then
+    converts the whole value again without inline copies, so that the container
+    stays one shared object (a record), as it is in the value.
+    """
 
 
 class BadValue(Exception):

@@ -38,6 +38,11 @@ class _Local(threading.local):
     #: Where `note_class` adds paths: the notes of the connection whose records
     #: are being built or pickled (see `notes_of`), or None for `loose`.
     sink: set[str] | None = None
+    #: During one outermost `stored_form`: id -> plain dict or list copied inline
+    #: (see `_inline`), to tell a container met twice.
+    inlined: dict[int, Any] | None = None
+    #: Set while `stored_form` converts a value again without inline copies.
+    no_inline: bool = False
 
     def __init__(self) -> None:
         #: Paths noted for objects in no heap yet (built before they were

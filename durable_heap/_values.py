@@ -21,7 +21,7 @@ from persistent import Persistent
 
 from ._defaults import dataclass_defaults, fill_defaults, serve_defaults
 from ._format import CLASSES_KEY, COMPLETE_KEY, ROOT_KEY
-from ._kinds import ATOMIC, CONVERTERS, BadValue, holds_watched, is_atomic
+from ._kinds import ATOMIC, CONVERTERS, BadValue, SharedInline, holds_watched, is_atomic
 from ._paths import holder_path, path_of
 from ._registry import (
     ensure_registry,
@@ -105,14 +105,23 @@ def stored_form(value: Any, jar: Any = None) -> Any:
     sink = local.sink
     local.sink = notes_of(jar) if jar is not None else None
     try:
-        return _stored_form(value, tp, memo)
+        try:
+            return _stored_form(value, tp, memo)
+        except SharedInline:
+            # A plain container held twice in `value` was copied inline once (`_inline`):
+            # convert it all again without inline copies, so that it stays one object.
+            local.memo, local.inlined, local.no_inline = {}, None, True
+            try:
+                return _stored_form(value, tp, local.memo)
+            finally:
+                local.no_inline = False
     except RecursionError:
         # Not a cycle (those end at the memo): nesting deeper than the stack.
         # Unwound to here, the stack is free again to build the error.
         raise BadValue(value, "it is nested too deeply to be stored; flatten it, or store "
                        "the inner levels as durable_heap.Object attributes") from None
     finally:
-        local.memo = None
+        local.memo = local.inlined = None
         local.sink = sink
 
 
@@ -124,6 +133,9 @@ def _stored_form(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
         return seen[1]
     conv = CONVERTERS.get(tp)
     if conv is not None:
+        inlined = _local.inlined
+        if inlined and id(value) in inlined:
+            raise SharedInline  # copied inline already, and met again here: see `stored_form`
         blank, fill = conv
         twin = blank()
         memo[id(value)] = (value, twin)  # before filling: the value may contain itself
@@ -134,6 +146,9 @@ def _stored_form(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
         if why is not None:
             raise BadValue(value, why)
         note_class(tp)
+        stored = getattr(tp, "_dh_stored", None)  # on the class: a ghost is not loaded
+        if stored is not None:
+            stored(value)  # an inline value stored into a second place becomes a record
         return value
     if isinstance(value, tuple):
         items = []

@@ -40,6 +40,7 @@ from ._snapshot import snapshot
 from ._storable import unpicklable_error
 
 __all__ = [
+    "BEFORE_COMMIT",
     "ORPHANS_MAX",
     "check_writable",
     "forget_reads",
@@ -198,6 +199,8 @@ class _Watch:
                 obj._p_changed = True
         jar = self.jar()
         if jar is not None:
+            for hook in BEFORE_COMMIT:
+                hook(jar)
             register_pending(jar)  # last: the snapshots above may note classes
 
 
@@ -224,6 +227,10 @@ class _Watch:
             raise _stale(orphan, value, self.jar())
         self.orphans = alive
 
+
+#: Registered by layers above (`_inline.note_inline`): called with the connection
+#: before each of its commits, after the watch's own checks.
+BEFORE_COMMIT: list[Any] = []
 
 #: Plain objects held from ghosted records that a watch keeps checking.
 ORPHANS_MAX = 1_000
