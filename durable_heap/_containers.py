@@ -314,6 +314,8 @@ def _pinned(node: Any) -> bool:
     """Whether a List leaf or an entries bucket holds a raw value that a view reads."""
     if type(node) is _Leaf:
         return _inline.pinned(node.items)
+    if not isinstance(node, LOBucket):
+        return False  # a List branch: references only
     state = LOBucket.__getstate__(node)
     return bool(state) and _inline.pinned_entries(state[0][1::2])
 
@@ -396,6 +398,7 @@ class _Hashed(Persistent):
         # this transaction (`_remember`). Volatile: never stored, gone on ghosting.
         self._v_hot: dict[Any, Any] | None = self._small
         self._v_mods = 0  # counts values replaced in the tree form (for iterators)
+        self._v_inline: Any = None  # `_inline.Link`: views of the inline values it holds
 
     # -- record format ---------------------------------------------------------
     # Format 1, small: (dict,)      Format 1, tree: (None, index, entries, coll, len)
@@ -414,6 +417,7 @@ class _Hashed(Persistent):
         small = state[0]
         self._small = self._v_hot = small
         self._v_mods = 0
+        self._v_inline = None
         if small is None:
             _, self._index, self._entries, self._coll, self._len = state
         else:
@@ -1410,6 +1414,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         self._tail: list[Any] = []
         self._root: Any = None
         self._size = 0
+        self._v_inline: Any = None  # `_inline.Link`: views of the inline values it holds
         if iterable is not _NOTHING:
             try:
                 self._extend(iterable)
@@ -1419,7 +1424,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     @classmethod
     def _blank(cls) -> List:
         self = cls.__new__(cls)
-        self._tail, self._root, self._size = [], None, 0
+        self._tail, self._root, self._size, self._v_inline = [], None, 0, None
         return self
 
     def _fill(self, value: list[Any]) -> None:
@@ -1435,6 +1440,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def __setstate__(self, state: Any) -> None:
         self._tail = state[0]
+        self._v_inline = None
         if len(state) == 1:
             self._root, self._size = None, 0
         else:

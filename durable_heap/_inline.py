@@ -143,45 +143,66 @@ def _size(value: Any) -> int:
     return 9 if tp is float else 1
 
 
+def _sizes(values: Any) -> int:
+    """Estimated pickled size of scalars: text by its length, numbers by theirs."""
+    return sum([len(v) + 2 if type(v) is str or type(v) is bytes
+                else (2 + v.bit_length() // 8 if type(v) is int else 9) for v in values])
+
+
+_SCALARS_OR_RAW = _SCALARS | RAW
+
+
 def _copy(value: Any, depth: int, seen: dict[int, Any], budget: list[int]) -> Any:
-    """A copy of the plain dict or list `value` if it fits inline, else _MISSING."""
-    if depth > INLINE_DEPTH or len(value) > INLINE_ITEMS or id(value) in seen:
+    """A copy of the plain dict or list `value` if it fits inline, else _MISSING.
+
+    The common shapes are decided by C-speed set and copy operations; only
+    nested values take the loop.
+    """
+    if len(value) > INLINE_ITEMS or depth > INLINE_DEPTH or id(value) in seen:
         return _MISSING
     seen[id(value)] = value
-    left = budget[0] - 4
     if type(value) is dict:
-        out: Any = {}
-        for k, v in value.items():
-            if type(k) not in _SCALARS:
-                return _MISSING
-            left -= _size(k)
-            tv = type(v)
-            if tv in _SCALARS:
-                left -= _size(v)
-            elif tv is dict or tv is list:
-                budget[0] = left
-                v = _copy(v, depth + 1, seen, budget)
-                if v is _MISSING:
-                    return _MISSING
-                left = budget[0]
-            else:
-                return _MISSING
-            out[k] = v
+        if not set(map(type, value)) <= _SCALARS:
+            return _MISSING
+        out: Any = value.copy()
+        left = budget[0] - 4 - _sizes(out)
+        kinds = set(map(type, out.values()))
+        if kinds <= _SCALARS:
+            left -= _sizes(out.values())
+        elif kinds <= _SCALARS_OR_RAW:
+            for k, v in out.items():
+                tv = type(v)
+                if tv is dict or tv is list:
+                    budget[0] = left
+                    v = _copy(v, depth + 1, seen, budget)
+                    if v is _MISSING:
+                        return _MISSING
+                    left = budget[0]
+                    out[k] = v  # a value replaced, no key added: iterating goes on
+                else:
+                    left -= _size(v)
+        else:
+            return _MISSING
     else:
-        out = []
-        for v in value:
-            tv = type(v)
-            if tv in _SCALARS:
-                left -= _size(v)
-            elif tv is dict or tv is list:
-                budget[0] = left
-                v = _copy(v, depth + 1, seen, budget)
-                if v is _MISSING:
-                    return _MISSING
-                left = budget[0]
-            else:
-                return _MISSING
-            out.append(v)
+        out = value.copy()
+        left = budget[0] - 4
+        kinds = set(map(type, out))
+        if kinds <= _SCALARS:
+            left -= _sizes(out)
+        elif kinds <= _SCALARS_OR_RAW:
+            for i, v in enumerate(out):
+                tv = type(v)
+                if tv is dict or tv is list:
+                    budget[0] = left
+                    v = _copy(v, depth + 1, seen, budget)
+                    if v is _MISSING:
+                        return _MISSING
+                    left = budget[0]
+                    out[i] = v
+                else:
+                    left -= _size(v)
+        else:
+            return _MISSING
     if left < 0:
         return _MISSING
     budget[0] = left

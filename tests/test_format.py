@@ -93,8 +93,9 @@ def test_root_keys_and_format_version() -> None:
     assert _format.PROGRAMS_KEY == "durable_heap.programs"
     assert _format.CLASSES_KEY == "durable_heap.classes"
     assert _format.COMPLETE_KEY == "durable_heap.classes.complete"
-    assert _format.FORMAT == 2 and _format.FORMAT_SINCE == {1: "0.2", 2: "0.3"}
-    assert max(_format.FORMAT_SINCE) == _format.FORMAT
+    assert _format.FORMAT == 2 and _format.FORMAT_SINCE == {1: "0.2", 2: "0.3", 3: "0.4"}
+    assert _format.INLINE_FORMAT == 3 == _format.NEWEST_FORMAT  # heaps holding inline values
+    assert max(_format.FORMAT_SINCE) == _format.NEWEST_FORMAT
     assert _format.WORKFLOW_KEYS == (
         "durable_heap.workflows", "durable_heap.timers", "durable_heap.promises",
         "durable_heap.subscriptions", "durable_heap.crons", "durable_heap.dead_letters",
