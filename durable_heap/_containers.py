@@ -192,7 +192,10 @@ class _EntryBucket(LOBucket):
         different value (``True`` for ``1``, an entity equal by id) would be
         dropped. Each entry of the merge must be exactly what one side made.
         """
-        merged = LOBucket._p_resolveConflict(self, old, committed, new)
+        # On a plain LOBucket: the C merge builds instances of its argument's class,
+        # and ours would watch the token states.
+        merged = _tokens_merged(LOBucket._p_resolveConflict, LOBucket(), old, committed, new,
+                                _bucket_tokens)
         before, theirs, ours, result = (
             _bucket_dict(old), _bucket_dict(committed), _bucket_dict(new), _bucket_dict(merged)
         )
@@ -220,6 +223,10 @@ class _Entries(LOBTree):
     _bucket_type = _EntryBucket
     max_leaf_size = 40
     max_internal_size = 64
+
+    def _p_resolveConflict(self, old: Any, committed: Any, new: Any) -> Any:
+        """BTrees' merge; entries of a bucket kept inline are compared as `_EntryBucket`'s are."""
+        return _tokens_merged(LOBTree._p_resolveConflict, LOBTree(), old, committed, new, _tree_tokens)
 
     # Until it holds more than one bucket, a BTree keeps its only bucket inline,
     # in the tree's own record: then the tree must watch the plain objects itself.
@@ -269,6 +276,53 @@ def _last_seq(entries: Any) -> int:
     (64 buckets of 40) have such inner nodes.
     """
     return entries.maxKey(_SEQ_MAX)  # type: ignore[no-any-return]
+
+
+def _tokens_merged(merge: Any, obj: Any, old: Any, committed: Any, new: Any, where: Any) -> Any:
+    """Run BTrees' C `merge` over states whose entries are replaced by exact tokens.
+
+    The C merge orders and compares values (``<``, ``==``): entries holding inline
+    values (plain dicts, `_inline`) do not order, and ``==`` would hide changes to
+    equal values. Each distinct entry (by its pickle, as `_same` compares) becomes
+    an int, merged, then turned back.
+    """
+    table: dict[bytes, int] = {}
+    back: list[Any] = []
+
+    def token(entry: Any) -> int:
+        try:
+            buf = io.BytesIO()
+            _RefPickler(buf, protocol=3).dump(entry)
+        except Exception:  # noqa: BLE001 - what cannot be compared conflicts
+            raise _ZConflictError("an entry that cannot be compared") from None
+        found = table.get(buf.getvalue())
+        if found is None:
+            found = table[buf.getvalue()] = len(back)
+            back.append(entry)
+        return found
+
+    merged = merge(obj, where(old, token), where(committed, token), where(new, token))
+    return where(merged, back.__getitem__)
+
+
+def _map_items(items: Any, fn: Any) -> tuple[Any, ...]:
+    out = list(items)
+    out[1::2] = [fn(v) for v in out[1::2]]
+    return tuple(out)
+
+
+def _bucket_tokens(state: Any, fn: Any) -> Any:
+    """A bucket state ``((seq, entry, ...), [next])`` with `fn` applied to each entry."""
+    if not state:
+        return state
+    return (_map_items(state[0], fn), *state[1:])
+
+
+def _tree_tokens(state: Any, fn: Any) -> Any:
+    """A BTree state: only its one bucket kept inline ``(((seq, entry, ...),),)`` holds entries."""
+    if state and len(state) == 1 and len(state[0]) == 1:
+        return ((_bucket_tokens(state[0][0], fn),),)
+    return state
 
 
 def _bucket_values(state: Any) -> list[Any]:
