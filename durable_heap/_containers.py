@@ -433,6 +433,7 @@ def _cacheable(value: Any) -> bool:
 
 
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, complex})
+_ONLY_DICT = {dict}
 
 
 class _Hashed(Persistent):
@@ -1046,15 +1047,21 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
 
     # -- changes ------------------------------------------------------------------------
 
-    def _stored_item(self, key: Any, value: Any) -> Any:
-        if type(key) in _PLAIN and type(value) in _PLAIN:
-            return value  # the common case, checked in one step
+    def _stored_item(self, key: Any, value: Any, inline: bool = True) -> Any:
+        if type(key) in _PLAIN:
+            tv = type(value)
+            if tv in _PLAIN:
+                return value  # the common case, checked in one step
+            if inline and (tv is dict or tv is list):  # small ones are stored inline (`_inline`)
+                raw = _inline.raw_copy(value, self)
+                if raw is not None:
+                    return raw
         try:
             hash(key)
         except TypeError:
             raise TypeError(f"unhashable type: {type(key).__name__!r}") from None
-        if type(key) in _PLAIN:
-            raw = _inline.inline_value(value, self, key)
+        if type(key) in _PLAIN and type(value) is not dict and type(value) is not list:
+            raw = _inline.inline_value(value, self, key)  # a view put back, or promoted
             if raw is not None:
                 return raw
         try:
@@ -1065,12 +1072,20 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
             raise err.prefixed(f"[{key!r}]") from None
 
     def _stored_items(self, pairs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        raw_copy = _inline.raw_copy
         for pair in pairs:
             key, value = pair
-            if type(key) in _PLAIN and type(value) in _PLAIN:
-                yield pair
-            else:
-                yield key, self._stored_item(key, value)
+            if type(key) in _PLAIN:
+                tv = type(value)
+                if tv in _PLAIN:
+                    yield pair
+                    continue
+                if tv is dict or tv is list:  # bulk loads: the inline attempt, once, here
+                    raw = raw_copy(value, self)
+                    if raw is not None:
+                        yield key, raw
+                        continue
+            yield key, self._stored_item(key, value, inline=False)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         check_writable(self)
@@ -1144,12 +1159,19 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
             # Bulk load into an empty Dict: the fast path for big imports.
             if self._small is not None:
                 self._grow()
-            plain = (
-                type(source) is dict
-                and set(map(type, source)) <= _PLAIN
-                and set(map(type, source.values())) <= _PLAIN
-            )  # decided at C speed: then the items need no conversion one by one
-            self._bulk_add(source.items() if plain else self._stored_items(pairs))
+            plain = type(source) is dict and set(map(type, source)) <= _PLAIN
+            kinds = set(map(type, source.values())) if plain else None
+            if kinds is not None and kinds <= _PLAIN:  # decided at C speed: nothing to convert
+                with _inline.gc_paused():
+                    self._bulk_add(source.items())
+                return
+            if kinds == _ONLY_DICT and not _inline.is_view(self):
+                items = _inline.bulk_raw(source)  # small dicts copied inline, in C-level passes
+                if items is not None:
+                    with _inline.gc_paused():
+                        self._bulk_add(items)
+                    return
+            self._bulk_add(self._stored_items(pairs))
             return
         adopted = []  # all of them first: a refused value changes nothing
         for i, pair in enumerate(pairs):

@@ -42,8 +42,13 @@ stay readable by older versions, and older versions refuse the ones that do.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import marshal
+import operator
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import chain, compress, repeat
 from typing import Any
 
 from persistent import Persistent
@@ -63,8 +68,10 @@ __all__ = [
     "Link",
     "after_write",
     "before_write",
+    "bulk_raw",
     "detach",
     "fits",
+    "gc_paused",
     "holds_watched",
     "inline_value",
     "is_view",
@@ -143,69 +150,53 @@ def _size(value: Any) -> int:
     return 9 if tp is float else 1
 
 
-def _sizes(values: Any) -> int:
-    """Estimated pickled size of scalars: text by its length, numbers by theirs."""
-    return sum([len(v) + 2 if type(v) is str or type(v) is bytes
-                else (2 + v.bit_length() // 8 if type(v) is int else 9) for v in values])
-
-
 _SCALARS_OR_RAW = _SCALARS | RAW
 
 
-def _copy(value: Any, depth: int, seen: dict[int, Any], budget: list[int]) -> Any:
-    """A copy of the plain dict or list `value` if it fits inline, else _MISSING.
+def _copy(value: Any, depth: int, seen: list[int]) -> Any:
+    """A copy of the plain dict or list `value` if its shape fits inline, else _MISSING.
 
-    The common shapes are decided by C-speed set and copy operations; only
-    nested values take the loop.
+    Items, depth, types and sharing are checked here (the size by `_raw_copy`).
+    Bulk loads run this once per value, so the common shapes are decided by
+    C-speed set and copy operations, and an inner container of scalars is
+    copied in the loop without a call.
     """
-    if len(value) > INLINE_ITEMS or depth > INLINE_DEPTH or id(value) in seen:
+    if len(value) > INLINE_ITEMS or depth > INLINE_DEPTH:
         return _MISSING
-    seen[id(value)] = value
+    seen.append(id(value))
     if type(value) is dict:
         if not set(map(type, value)) <= _SCALARS:
             return _MISSING
         out: Any = value.copy()
-        left = budget[0] - 4 - _sizes(out)
         kinds = set(map(type, out.values()))
         if kinds <= _SCALARS:
-            left -= _sizes(out.values())
-        elif kinds <= _SCALARS_OR_RAW:
-            for k, v in out.items():
-                tv = type(v)
-                if tv is dict or tv is list:
-                    budget[0] = left
-                    v = _copy(v, depth + 1, seen, budget)
-                    if v is _MISSING:
-                        return _MISSING
-                    left = budget[0]
-                    out[k] = v  # a value replaced, no key added: iterating goes on
-                else:
-                    left -= _size(v)
-        else:
+            return out
+        if not kinds <= _SCALARS_OR_RAW:
             return _MISSING
+        pairs: Any = out.items()
     else:
         out = value.copy()
-        left = budget[0] - 4
         kinds = set(map(type, out))
         if kinds <= _SCALARS:
-            left -= _sizes(out)
-        elif kinds <= _SCALARS_OR_RAW:
-            for i, v in enumerate(out):
-                tv = type(v)
-                if tv is dict or tv is list:
-                    budget[0] = left
-                    v = _copy(v, depth + 1, seen, budget)
-                    if v is _MISSING:
-                        return _MISSING
-                    left = budget[0]
-                    out[i] = v
-                else:
-                    left -= _size(v)
-        else:
+            return out
+        if not kinds <= _SCALARS_OR_RAW:
             return _MISSING
-    if left < 0:
-        return _MISSING
-    budget[0] = left
+        pairs = enumerate(out)
+    inner = depth + 1
+    for k, v in pairs:
+        tv = type(v)
+        if tv is list or tv is dict:
+            if id(v) in seen:
+                return _MISSING  # held twice in the value (or itself): records keep it one
+            if (inner <= INLINE_DEPTH and len(v) <= INLINE_ITEMS and tv is list
+                    and set(map(type, v)) <= _SCALARS):
+                seen.append(id(v))
+                out[k] = v.copy()  # a value replaced, no key added: iterating goes on
+                continue
+            v = _copy(v, inner, seen)
+            if v is _MISSING:
+                return _MISSING
+            out[k] = v
     return out
 
 
@@ -215,8 +206,12 @@ def fits(raw: Any, depth: int) -> bool:
     As at storing, plus references to durable objects (a promoted inner view,
     a `Counter`): those pickle as references, so the record stays small.
     """
-    budget = [INLINE_BYTES]
-    return _fits(raw, depth, budget)
+    if not _fits(raw, depth, [sys.maxsize]):  # the shape
+        return False
+    try:
+        return len(marshal.dumps(raw)) <= INLINE_BYTES  # the size, as `_raw_copy` measures it
+    except ValueError:  # it holds references: estimated
+        return _fits(raw, depth, [INLINE_BYTES])
 
 
 def _fits(raw: Any, depth: int, budget: list[int]) -> bool:
@@ -267,15 +262,28 @@ def inline_value(value: Any, holder: Any, key: Any, rebuild: bool = False) -> An
     return None
 
 
+def raw_copy(value: Any, holder: Any) -> Any:
+    """The raw copy of the plain dict or list `value` stored into `holder`, or None
+    when it does not fit inline."""
+    link = holder._v_inline
+    return _raw_copy(value, 1 if link is None or link.parent is None else link.depth + 1)
+
+
 def _raw_copy(value: Any, depth: int) -> Any:
     local = per_thread
     if local.no_inline:
         return None
-    seen: dict[int, Any] = {}
-    raw = _copy(value, depth, seen, [INLINE_BYTES])
-    if raw is _MISSING:
-        return None
     memo = local.memo
+    if memo is None and depth == 1 and type(value) is dict:
+        raw = _flat_dict_copy(value)
+        if raw is not None:
+            return raw if len(marshal.dumps(raw)) <= INLINE_BYTES else None
+    seen: list[int] = []
+    raw = _copy(value, depth, seen)
+    # The size, as marshal (C, exact types only, as `_copy` checked) writes it:
+    # close to the pickle's, in one call.
+    if raw is _MISSING or len(marshal.dumps(raw)) > INLINE_BYTES:
+        return None
     if memo is not None:
         # Inside one outermost stored_form: a container met again must stay one
         # object. Already converted into a record: let stored_form return that one.
@@ -286,8 +294,84 @@ def _raw_copy(value: Any, depth: int) -> Any:
             inlined = local.inlined = {}
         elif any(i in inlined for i in seen):
             raise SharedInline  # copied inline once already: stored_form starts over without
-        inlined.update(seen)
+        inlined.update(dict.fromkeys(seen, value))  # keeps `value` (and so the ids) alive
     return raw
+
+
+def bulk_raw(source: dict[Any, Any]) -> list[tuple[Any, Any]] | None:
+    """``(key, raw copy)`` for every item of `source`, whose values are all dicts, when
+    every one fits inline as a dict of scalars and lists of scalars; else None (the
+    caller converts item by item).
+
+    The bulk load's fast path: every check is a C-level pass over all values at
+    once (no Python frame per item), and the copies are made by marshal, which
+    writes exactly these types and reads them back as new objects.
+    """
+    local = per_thread
+    if local.no_inline or local.memo is not None:
+        return None
+    values = list(source.values())
+    if not values or max(map(len, values)) > INLINE_ITEMS:
+        return None
+    if not set(map(type, chain.from_iterable(values))) <= _SCALARS:  # the keys
+        return None
+    inner = list(chain.from_iterable(map(dict.values, values)))
+    kinds = set(map(type, inner))
+    if not kinds <= _SCALARS_OR_LIST:
+        return None
+    if list in kinds:
+        lists = list(compress(inner, map(operator.is_, map(type, inner), repeat(list))))
+        if (max(map(len, lists)) > INLINE_ITEMS
+                or not set(map(type, chain.from_iterable(lists))) <= _SCALARS
+                or len(set(map(id, lists))) != len(lists)):  # one list held twice: one by one
+            return None
+    blobs = list(map(marshal.dumps, values))
+    if max(map(len, blobs)) > INLINE_BYTES:
+        return None
+    with gc_paused():
+        return list(zip(source, map(marshal.loads, blobs), strict=True))
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic GC paused, for C-level bulk work on plain data (no user code runs).
+
+    Hundreds of thousands of new containers (and the tuples and buckets that hold
+    them) would run the collector over and over, each full pass walking every
+    live container: a third of a bulk load's time. Nothing made meanwhile is
+    garbage, so nothing is left for later.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _flat_dict_copy(value: dict[Any, Any]) -> Any:
+    """`_copy` of the shape bulk loads are made of: a dict of scalars and at most one
+    list of scalars, in one frame; None for any other shape (then `_copy` decides)."""
+    if len(value) > INLINE_ITEMS or not set(map(type, value)) <= _SCALARS:
+        return None
+    out = value.copy()
+    kinds = set(map(type, out.values()))
+    if kinds <= _SCALARS:
+        return out
+    if not kinds <= _SCALARS_OR_LIST:
+        return None
+    inner = None
+    for k, v in out.items():
+        if type(v) is list:
+            if inner is not None or len(v) > INLINE_ITEMS or not set(map(type, v)) <= _SCALARS:
+                return None  # two lists (maybe one, twice), or a longer or deeper one
+            inner = k
+    out[inner] = out[inner].copy()
+    return out
+
+
+_SCALARS_OR_LIST = _SCALARS | {list}
 
 
 def stored_elsewhere(obj: Any) -> None:
