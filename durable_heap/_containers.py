@@ -847,7 +847,7 @@ class _Hashed(Persistent):
 
     def _dh_mark_raw(self, link: Any) -> None:
         if self._small is not None:
-            self._p_changed = True
+            _touch(self)  # not a view (those mark their holder): only marks it changed
             return
         _, seq, entry = self._find(link.key)
         self._entries[seq] = entry  # the same entry again: BTrees marks its bucket changed
@@ -856,7 +856,7 @@ class _Hashed(Persistent):
         small = self._small
         if small is not None:
             small[link.key] = new
-            self._p_changed = True
+            _touch(self)
             return
         _, seq, entry = self._find(link.key)
         self._entries[seq] = (entry[0], new)

@@ -97,7 +97,7 @@ _ATOMIC_OR_RAW = ATOMIC | RAW
 _MISSING: Any = object()
 
 #: Filled by `_containers`: raw type -> make a view ``(raw, link) -> Dict | List``.
-MAKERS: dict[type, Callable[[Any, Link], Any]] = {}
+MAKERS: dict[type, Callable[[Any, Link | None], Any]] = {}
 
 #: Views a holder caches before it drops those nobody else holds.
 CACHE_MAX = 1024
@@ -146,7 +146,7 @@ def _size(value: Any) -> int:
     if tp is str or tp is bytes:
         return len(value) + 2
     if tp is int:
-        return 2 + value.bit_length() // 8
+        return 2 + int(value.bit_length()) // 8
     return 9 if tp is float else 1
 
 

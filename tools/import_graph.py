@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths", "_storable",
                 "_defaults"}),
-    ("containers and state", {"_containers", "_counter", "_state", "_jsonform"}),
+    ("containers and state", {"_containers", "_counter", "_inline", "_state", "_jsonform"}),
     ("heap engine", {"_retry", "_notes", "_heap", "_engine"}),
     ("durable execution", {"_execution", "_workflows", "_cron"}),
     ("programs", {"_program", "_stubs", "_types", "_versions"}),
