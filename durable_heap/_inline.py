@@ -53,10 +53,10 @@ from typing import Any
 
 from persistent import Persistent
 
-from ._errors import StaleReferenceError
+from ._errors import DurableHeapError, StaleReferenceError
 from ._format import FORMAT_KEY, INLINE_FORMAT
 from ._kinds import ATOMIC, SharedInline, is_atomic
-from ._paths import durable_children
+from ._paths import durable_children, path_of
 from ._registry import per_thread
 from ._watch import changed_objects
 
@@ -492,7 +492,7 @@ def _stale(obj: Any) -> StaleReferenceError:
     )
 
 
-def before_write(obj: Any, check: Callable[[Any], None]) -> None:
+def before_write(obj: Any, check: Callable[[Any], None], changed: Any = None) -> None:
     """`obj`, a view, is about to change: check it may, and mark its record changed.
 
     `check` is the writability check of a durable object (`_watch.check_writable`),
@@ -504,10 +504,14 @@ def before_write(obj: Any, check: Callable[[Any], None]) -> None:
     if not parent._dh_holds_raw(link):
         raise _stale(obj)
     if is_view(parent):
-        before_write(parent, check)  # marks the record up the chain
-    else:
+        before_write(parent, check, obj if changed is None else changed)  # up the chain
+        return
+    try:
         check(parent)
-        parent._dh_mark_raw(link)
+    except DurableHeapError as err:  # name the value changed, not only its holder
+        held, own = path_of(parent), path_of(obj if changed is None else changed)
+        raise type(err)(str(err).replace(held, own, 1)) from None
+    parent._dh_mark_raw(link)
 
 
 def after_write(obj: Any) -> None:

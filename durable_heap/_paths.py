@@ -46,6 +46,9 @@ def path_of(obj: Any, limit: int = 200_000) -> str:
 
     Used only to word error messages, so it may be slow; it never loads a ghost.
     """
+    link = getattr(obj, "_v_inline", None)  # a view of an inline value (`_inline`): its holder's path
+    if link is not None and link.parent is not None:
+        return path_of(link.parent, limit) + f"[{link.key!r}]"
     jar = obj._p_jar if isinstance(obj, Persistent) else None
     name = type(obj).__name__
     state = None
