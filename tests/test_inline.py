@@ -212,7 +212,7 @@ def test_a_change_outside_a_transaction_is_refused(heap: dh.Heap) -> None:
     with heap.transaction() as s:
         s.d = {"a": {"x": [1]}}
     view = heap.state.d["a"]["x"]
-    with pytest.raises(dh.NoTransactionError):
+    with pytest.raises(dh.NoTransactionError, match=r"state\.d\['a'\]\['x'\] was changed outside"):
         view.append(2)
     assert heap.state.d["a"]["x"] == [1]
 
