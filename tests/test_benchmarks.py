@@ -100,3 +100,13 @@ def test_quick_workflows_benchmark() -> None:
     assert data["scale"]["full"]["timers"] >= 2 * data["scale"]["n"]  # its timers are all there
     assert set(data["replay"]) == {"10", "100"}
     assert data["deploy"]["unchanged_s"] > 0 and data["deploy"]["changed_s"] > 0
+
+
+def test_quick_inline_benchmark() -> None:
+    out = run(["-m", "benchmarks.inline", "--quick", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    for system in ("flat", "nested", "records", "sqlite"):
+        assert data[system]["cpu_s"] > 0 and data[system]["bytes_per_commit"] > 0, system
+    assert data["nested"]["file_mb"] < data["records"]["file_mb"]  # inline: fewer bytes
+    assert all(v > 0 for v in data["ratios"].values())

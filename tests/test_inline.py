@@ -505,3 +505,24 @@ def test_tiny_nodes_keep_inline_values_through_splits(heap: dh.Heap, reopen: Any
         assert s.lst[41] is v
     heap = reopen(heap)
     assert heap.state.lst[41] == {"n": "moved"} and len(heap.state.lst) == 45
+
+
+@pytest.mark.parametrize("n", [35, 100])
+def test_inline_entries_merge_in_the_zeo_server(zeo_server: Any, n: int) -> None:
+    """Two clients interleaved by hand: the server merges changes to different inline
+    entries of one bucket (its `_EntryBucket._p_resolveConflict`), refuses the same one."""
+    with dh.open(zeo_server.url) as one, dh.open(zeo_server.url) as two:
+        with one.transaction() as state:
+            state.big = {f"k{i}": _entry(i) for i in range(n)}
+        with one.transaction() as s1:
+            with two.transaction() as s2:
+                s2.big["k1"]["l"].append("two")
+            s1.big["k2"]["d"]["a"] = "one"  # same bucket, another entry
+        with pytest.raises(dh.ConflictError, match="concurrent transaction"):
+            with one.transaction() as s1:
+                with two.transaction() as s2:
+                    s2.big["k3"]["i"] = "two"
+                s1.big["k3"]["l"].clear()  # the same entry: no merge can be right
+        with two.transaction() as state:
+            assert state.big["k1"]["l"] == [3, 1, 2, "two"] and state.big["k2"]["d"]["a"] == "one"
+            assert state.big["k3"] == {**_entry(3), "i": "two"}
