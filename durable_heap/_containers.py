@@ -1166,7 +1166,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
                     self._bulk_add(source.items())
                 return
             if kinds == _ONLY_DICT and not _inline.is_view(self):
-                items = _inline.bulk_raw(source)  # small dicts copied inline, in C-level passes
+                items = _inline.bulk_raw(source, self)  # small dicts copied inline, in C-level passes
                 if items is not None:
                     with _inline.gc_paused():
                         self._bulk_add(items)

@@ -47,6 +47,7 @@ import gc
 import marshal
 import operator
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from itertools import chain, compress, repeat
 from typing import Any
@@ -253,7 +254,10 @@ def inline_value(value: Any, holder: Any, key: Any, rebuild: bool = False) -> An
     """
     tp = type(value)
     if tp is dict or tp is list:
-        return _raw_copy(value, _depth(holder) + 1)
+        raw = _raw_copy(value, _depth(holder) + 1)
+        if raw is not None:
+            _stored_into(holder)
+        return raw
     link = _link(value)
     if link is not None and link.parent is not None:
         if link.parent is holder and (rebuild or (holder._dh_holds_raw(link) and link.key == key)):
@@ -266,7 +270,10 @@ def raw_copy(value: Any, holder: Any) -> Any:
     """The raw copy of the plain dict or list `value` stored into `holder`, or None
     when it does not fit inline."""
     link = holder._v_inline
-    return _raw_copy(value, 1 if link is None or link.parent is None else link.depth + 1)
+    raw = _raw_copy(value, 1 if link is None or link.parent is None else link.depth + 1)
+    if raw is not None:
+        _stored_into(holder)
+    return raw
 
 
 def _raw_copy(value: Any, depth: int) -> Any:
@@ -298,7 +305,7 @@ def _raw_copy(value: Any, depth: int) -> Any:
     return raw
 
 
-def bulk_raw(source: dict[Any, Any]) -> list[tuple[Any, Any]] | None:
+def bulk_raw(source: dict[Any, Any], holder: Any) -> list[tuple[Any, Any]] | None:
     """``(key, raw copy)`` for every item of `source`, whose values are all dicts, when
     every one fits inline as a dict of scalars and lists of scalars; else None (the
     caller converts item by item).
@@ -328,6 +335,7 @@ def bulk_raw(source: dict[Any, Any]) -> list[tuple[Any, Any]] | None:
     blobs = list(map(marshal.dumps, values))
     if max(map(len, blobs)) > INLINE_BYTES:
         return None
+    _stored_into(holder)
     with gc_paused():
         return list(zip(source, map(marshal.loads, blobs), strict=True))
 
@@ -555,17 +563,44 @@ def _no_check(obj: Any) -> None:
 HOLDERS: tuple[type, ...] = ()
 
 
+class _Maybe(threading.local):
+    #: A container in no heap yet was given an inline value in this thread.
+    jarless = False
+
+
+_maybe = _Maybe()
+
+
+def _stored_into(holder: Any) -> None:
+    """A raw value was made for `holder`: its heap's next commit checks the format marker."""
+    while True:
+        link = _link(holder)
+        if link is None or link.parent is None:
+            break
+        holder = link.parent
+    jar = holder._p_jar
+    if jar is None:
+        _maybe.jarless = True
+    elif not jar.__dict__.get("_dh_inline_format"):
+        jar._dh_inline_maybe = True
+
+
 def note_inline(jar: Any) -> None:
     """Before a commit on `jar`: raise the heap's format marker if inline values go in.
 
     A before-commit hook (`_watch.BEFORE_COMMIT`), so it sees every way of
-    committing. Once the committed marker says `INLINE_FORMAT` this costs one
-    lookup; before that, the changed records and the new objects they reach are
-    scanned for raw values (a new `Dict` filled before it was stored reaches the
-    heap only through its holder). An older durable_heap then refuses to open
-    the heap instead of misreading it.
+    committing. It costs one lookup unless an inline value was made since the
+    last commit (`_stored_into`) and the committed marker is not yet
+    `INLINE_FORMAT`; then the changed records and the new objects they reach
+    are scanned for raw values (a new `Dict` filled before it was stored
+    reaches the heap only through its holder). An older durable_heap then
+    refuses to open the heap instead of misreading it.
     """
-    if jar.__dict__.get("_dh_inline_format") or jar.isReadOnly():
+    state = jar.__dict__
+    if state.get("_dh_inline_format"):
+        return
+    maybe = state.pop("_dh_inline_maybe", False)
+    if not (maybe or _maybe.jarless) or jar.isReadOnly():
         return
     root = jar.root()
     found = root.get(FORMAT_KEY, 1)
@@ -575,6 +610,7 @@ def note_inline(jar: Any) -> None:
         return
     if _reaches_raw(changed_objects(jar)):
         root[FORMAT_KEY] = INLINE_FORMAT
+        _maybe.jarless = False
 
 
 def _reaches_raw(objects: list[Any]) -> bool:
