@@ -55,9 +55,10 @@ def _file_bytes(path: str) -> int:
 
 def _heap(system: str, path: str) -> Any:
     import durable_heap as dh
-    from durable_heap import _inline
 
     if system == "records":
+        from durable_heap import _inline
+
         _inline.INLINE_ITEMS = -1  # nothing fits: every inner dict and list is a record
     return dh.open(path)
 

@@ -14,8 +14,11 @@ A value is inline when, as it is stored into a `Dict` or `List`:
 * its keys (for a dict) and items are ``None``, ``bool``, ``int``, ``float``,
   ``str`` or ``bytes`` (exact types), or plain dicts and lists that fit too, at
   most `INLINE_DEPTH` levels deep;
-* its estimated size is at most `INLINE_BYTES` (strings and bytes count their length);
+* its size as marshal writes it (close to the pickle's) is at most `INLINE_BYTES`;
 * it holds no container twice (a list shared inside it keeps today's records).
+
+Changed through a view, it may also come to hold references to durable objects
+(a `Counter`, an inner view promoted): those pickle as references (`fits`).
 
 ``State`` / ``Object`` attributes and ``Set`` members are never inline.
 

@@ -25,6 +25,12 @@ class _SnapshotPickler(pickle.Pickler):
     def persistent_id(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
         if isinstance(obj, Persistent) and not isinstance(obj, type):
             note_class(type(obj))
+            stored = getattr(type(obj), "_dh_stored", None)
+            if stored is not None:
+                # An inline value held by a plain object (a dataclass) is stored in a
+                # second place: it becomes one record (`_inline`) before the commit
+                # writes this reference, never a copy that diverges.
+                stored(obj)
             oid = obj._p_oid
             return oid if oid is not None else id(obj)
         return None

@@ -10,6 +10,7 @@ older durable_heap refuses.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import subprocess
@@ -32,6 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1.fs"
 #: main before inline values (format 2 at most): "an older version of the code".
 OLDER = "8c16ead"
+
+
+@dataclasses.dataclass
+class Box:
+    """A plain object holding what was read from state."""
+
+    items: Any
 
 
 def _entry(i: int) -> dict[str, Any]:
@@ -245,10 +253,12 @@ def test_a_view_stored_in_a_second_place_becomes_one_record(heap: dh.Heap, reope
         s.lst.append(s.lst[0])        # the same List, again
         s.fav = s.d["k2"]["l"]        # a State attribute
         s.d["t"] = (s.d["k3"],)       # inside a tuple
+        s.box = Box(s.d["k4"]["l"])   # inside a plain object
         x["i"] = "changed"
         s.fav.append("fav")
         s.lst[0]["i"] = "first"
         s.d["t"][0]["i"] = "in tuple"
+        s.box.items.append("boxed")
         assert s.d["alias"] is x and s.lst[-1] is s.lst[0] and s.fav is s.d["k2"]["l"]
     heap = reopen(heap)
     with heap.transaction() as s:
@@ -256,6 +266,7 @@ def test_a_view_stored_in_a_second_place_becomes_one_record(heap: dh.Heap, reope
         assert s.lst[-1] is s.lst[0] and s.lst[10]["i"] == "first"
         assert s.fav is s.d["k2"]["l"] and s.fav == [3, 1, 2, "fav"]
         assert s.d["t"][0] is s.d["k3"] and s.d["k3"]["i"] == "in tuple"
+        assert s.box.items is s.d["k4"]["l"] and s.d["k4"]["l"] == [3, 1, 2, "boxed"]
         s.d["alias"]["i"] = "once more"
     assert heap.state.d["k1"]["i"] == "once more"
 
