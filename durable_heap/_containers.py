@@ -1405,6 +1405,19 @@ class _Leaf(Persistent):
     def _size(self) -> int:
         return len(self.items)
 
+    def _p_resolveConflict(self, old: Any, saved: Any, new: Any) -> Any:
+        """Merge changes to different items of this leaf (inline values changed in place).
+
+        A side that stored it unchanged touched it on purpose (`List._replace`,
+        `_pull_leaf`: the leaf left the tree), so that a concurrent change conflicts
+        instead of going into a leaf no longer used: that stays a conflict.
+        """
+        if len(old) == len(saved) == len(new) and not _prefix(old, saved) and not _prefix(old, new):
+            merged = _merge_items(old, saved, new)
+            if merged is not None:
+                return merged
+        raise _ZConflictError("concurrent changes to one List leaf other than to different items")
+
     def _dh_watched(self) -> bool:
         return holds_watched(self.items)
 
@@ -1470,6 +1483,29 @@ def _prefix(old: list[Any], new: list[Any]) -> bool:
     return len(new) >= len(old) and all(_same(a, b) for a, b in zip(old, new, strict=False))
 
 
+def _merge_items(old: list[Any], saved: list[Any], new: list[Any]) -> list[Any] | None:
+    """Items of two concurrent changes to one run of List items, or None (a conflict).
+
+    Each side may change items in place and append; an item changed by both
+    conflicts. Items are compared exactly (`_same`). With the same length on
+    every side nothing was inserted or deleted there; a delete plus an append
+    that keeps the length changes every item after the delete, so any
+    concurrent change to those conflicts.
+    """
+    k = len(old)
+    if len(saved) < k or len(new) < k:
+        return None
+    merged = []
+    for a, b, c in zip(old, saved, new, strict=False):
+        if _same(b, a):
+            merged.append(c)
+        elif _same(c, a):
+            merged.append(b)
+        else:
+            return None
+    return merged + list(saved[k:]) + list(new[k:])
+
+
 class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     """A durable ``list`` with O(log n) indexing, append, pop and in-place changes.
 
@@ -1528,14 +1564,15 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         return holds_watched(self._tail)
 
     def _p_resolveConflict(self, old: Any, saved: Any, new: Any) -> Any:
-        """Merge two transactions that both only appended to the tail."""
+        """Merge two transactions that appended to the tail, or changed different items
+        of it in place (inline values changed through their views, `_inline`)."""
         if len(old) == len(saved) == len(new) and all(
             _same(a, b) and _same(a, c) for a, b, c in zip(old[1:], saved[1:], new[1:], strict=True)
         ):
-            o, s, n = old[0], saved[0], new[0]
-            if _prefix(o, s) and _prefix(o, n):
-                return (list(s) + list(n[len(o):]),) + tuple(saved[1:])
-        raise _ZConflictError("concurrent List changes other than appends")
+            merged = _merge_items(old[0], saved[0], new[0])
+            if merged is not None:
+                return (merged,) + tuple(saved[1:])
+        raise _ZConflictError("concurrent List changes other than appends or to different items")
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -537,3 +537,28 @@ def test_inline_entries_merge_in_the_zeo_server(zeo_server: Any, n: int) -> None
         with two.transaction() as state:
             assert state.big["k1"]["l"] == [3, 1, 2, "two"] and state.big["k2"]["d"]["a"] == "one"
             assert state.big["k3"] == {**_entry(3), "i": "two"}
+
+
+@pytest.mark.parametrize("where", ["tail", "leaf"])
+def test_concurrent_changes_to_different_inline_items_of_a_list_merge(heap: dh.Heap, where: str) -> None:
+    with heap.transaction() as s:
+        s.lst = [_entry(i) for i in range(4 if where == "tail" else 200)]
+    barrier = threading.Barrier(2)
+    tries: list[int] = []
+
+    def writer(i: int) -> None:
+        n = 0
+        for attempt in heap.attempts(1):  # one try: a conflict would raise
+            with attempt as st:
+                n += 1
+                st.lst[i]["l"].append(i)
+                barrier.wait(5)
+        tries.append(n)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in (1, 2)]  # one record
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert tries == [1, 1]
+    assert heap.state.lst[1]["l"] == [3, 1, 2, 1] and heap.state.lst[2]["l"] == [3, 1, 2, 2]
