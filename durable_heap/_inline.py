@@ -99,6 +99,7 @@ RAW = frozenset({dict, list})
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})
 _ATOMIC_OR_RAW = ATOMIC | RAW
 _MISSING: Any = object()
+_second = operator.itemgetter(1)
 
 #: Filled by `_containers`: raw type -> make a view ``(raw, link) -> Dict | List``.
 MAKERS: dict[type, Callable[[Any, Link | None], Any]] = {}
@@ -465,6 +466,8 @@ def pinned(items: list[Any]) -> bool:
     Trap: ``sys.getrefcount`` (CPython): a raw value nobody views is referenced by
     `items`, the loop variable and the argument only; a view adds three.
     """
+    if RAW.isdisjoint(map(type, items)):  # the common case, at C speed
+        return False
     for v in items:
         if type(v) in RAW and sys.getrefcount(v) > 3:
             return True
@@ -473,6 +476,8 @@ def pinned(items: list[Any]) -> bool:
 
 def pinned_entries(entries: Any) -> bool:
     """`pinned` for the ``(key, value)`` entries of a bucket."""
+    if RAW.isdisjoint(map(type, map(_second, entries))):  # the common case, at C speed
+        return False
     for entry in entries:
         v = entry[1]
         if type(v) in RAW and sys.getrefcount(v) > 3:  # the entry, `v`, the argument
