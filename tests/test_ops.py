@@ -37,7 +37,7 @@ APP = """
 
     def add(name, role="user"):
         print("adding", name)
-        state.users[name] = {"role": role}
+        state.users[name] = dh.Dict(role=role)  # a record of its own (a small dict would be inline)
         state.n += 1
         return len(state.users)
 
