@@ -1963,10 +1963,10 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
 def _as_index(i: Any) -> int:
     """`i` as list.insert and list.pop take it: an integer that fits a C ssize_t."""
-    i = int(operator.index(i))  # TypeError: 'str' object cannot be interpreted as an integer
-    if not -sys.maxsize - 1 <= i <= sys.maxsize:
+    n: int = operator.index(i)  # TypeError: 'str' object cannot be interpreted as an integer
+    if not -sys.maxsize - 1 <= n <= sys.maxsize:
         raise OverflowError("Python int too large to convert to C ssize_t")
-    return i
+    return n
 
 
 #: sys.getsizeof of an empty list that never held an item (see List.sort).
