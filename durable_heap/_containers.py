@@ -1783,7 +1783,8 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def clear(self) -> None:
         check_writable(self)
-        self._tail, self._root, self._size = [], None, 0
+        if self._root is not None or self._tail:  # an empty List keeps its tail (see sort)
+            self._tail, self._root, self._size = [], None, 0
         self._p_changed = True
 
     def reverse(self) -> None:
@@ -1799,17 +1800,15 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         check_writable(self)
         items = self._plain()
         saved = self._tail, self._root, self._size
-        meanwhile: list[Any] = []
+        meanwhile = _Sorting()
         self._tail, self._root, self._size = meanwhile, None, 0
         try:
             items.sort(key=key, reverse=reverse)
         finally:
-            # Any change since: the tail replaced or grown (even if emptied again:
-            # list.sort notices any allocation, getsizeof sees the grown array).
-            changed = (
-                self._tail is not meanwhile or self._root is not None or self._size != 0
-                or bool(meanwhile) or sys.getsizeof(meanwhile) != _EMPTY_LIST_SIZE
-            )
+            # Changed since: the tail grew (even if emptied again: list.sort notices
+            # any growth too) or was replaced. Changes that leave an empty list as
+            # it was (clear, reverse, sort) are none, as for list.sort.
+            changed = meanwhile.grown or self._tail is not meanwhile or self._root is not None
             self._tail, self._root, self._size = saved
         self._replace(items)
         if changed:
@@ -1842,7 +1841,8 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         """
         for node in _nodes(self._root):
             node._p_changed = True
-        self._tail, self._root, self._size = [], None, 0
+        if self._root is not None or self._tail:  # an empty List keeps its tail (see sort)
+            self._tail, self._root, self._size = [], None, 0
         self._extend(items)
         self._p_changed = True
 
@@ -1969,8 +1969,33 @@ def _as_index(i: Any) -> int:
     return n
 
 
-#: sys.getsizeof of an empty list that never held an item (see List.sort).
-_EMPTY_LIST_SIZE = sys.getsizeof([])
+class _Sorting(list):  # type: ignore[type-arg]
+    """The empty tail a List shows while it sorts: notes growth (see List.sort).
+
+    Items reach an empty List's tail only by these three methods. Pickled as a
+    plain list, should a savepoint happen in a key function.
+    """
+
+    __slots__ = ("grown",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grown = False
+
+    def append(self, value: Any) -> None:
+        self.grown = True
+        super().append(value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self.grown = True
+        super().extend(values)
+
+    def insert(self, i: Any, value: Any) -> None:
+        self.grown = True
+        super().insert(i, value)
+
+    def __reduce__(self) -> Any:
+        return (list, (list(self),))
 
 
 def _walk(node: Any, start: int) -> Iterator[Any]:
