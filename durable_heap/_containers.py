@@ -1260,11 +1260,12 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
 
     def _take_member(self, member: Any) -> Any:
         try:
-            return self._take(member)
+            hash(member)  # first: dict.pop of an empty small form would not hash it
         except TypeError:
             if isinstance(member, (set, Set)):
                 return self._take(frozenset(member))  # as set does
             raise
+        return self._take(member)
 
     def discard(self, member: Any) -> None:
         check_writable(self)
@@ -1490,11 +1491,12 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
                 f"list indices must be integers or slices, not {type(i).__name__}"
             ) from None
         n = self._size + len(self._tail)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            if not -sys.maxsize - 1 <= i <= sys.maxsize:
+                raise IndexError("cannot fit 'int' into an index-sized integer")  # as list
             raise IndexError(out)
-        return int(i)
+        return int(j)
 
     def __getitem__(self, i: Any) -> Any:
         if type(i) is int and 0 <= i < self._size:
@@ -1798,18 +1800,23 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         empty list meanwhile, and a change to it raises ``ValueError`` (the sorted
         items are kept; the change is dropped)."""
         check_writable(self)
-        items = self._plain()
+        original = self._plain()
+        items = list(original)  # sorted by list.sort itself: its order on any error too
         saved = self._tail, self._root, self._size
         meanwhile = _Sorting()
         self._tail, self._root, self._size = meanwhile, None, 0
         try:
             items.sort(key=key, reverse=reverse)
-        finally:
-            # Changed since: the tail grew (even if emptied again: list.sort notices
-            # any growth too) or was replaced. Changes that leave an empty list as
-            # it was (clear, reverse, sort) are none, as for list.sort.
-            changed = meanwhile.grown or self._tail is not meanwhile or self._root is not None
+        except BaseException:
             self._tail, self._root, self._size = saved
+            if any(a is not b for a, b in zip(items, original, strict=True)):
+                self._replace(items)  # a failed comparison leaves list.sort's partial work
+            raise
+        # Changed since: the tail grew (even if emptied again: list.sort notices
+        # any growth too) or was replaced. Changes that leave an empty list as it
+        # was (clear, reverse, sort) are none, as for list.sort.
+        changed = meanwhile.grown or self._tail is not meanwhile or self._root is not None
+        self._tail, self._root, self._size = saved
         self._replace(items)
         if changed:
             raise ValueError("list modified during sort")
