@@ -100,3 +100,35 @@ def test_quick_workflows_benchmark() -> None:
     assert data["scale"]["full"]["timers"] >= 2 * data["scale"]["n"]  # its timers are all there
     assert set(data["replay"]) == {"10", "100"}
     assert data["deploy"]["unchanged_s"] > 0 and data["deploy"]["changed_s"] > 0
+
+
+def test_every_system_has_its_own_plot_colour() -> None:
+    from benchmarks.style import COLOURS, SPARE, colour, style
+    from benchmarks.systems import SYSTEMS
+
+    assert set(SYSTEMS) <= set(COLOURS)
+    given = [colour(s) for s in SYSTEMS]
+    assert len(set(given)) == len(given), "two systems share a plot colour"
+    assert not set(SPARE) & set(COLOURS.values())
+    assert colour("a_new_system") in SPARE and colour("a_new_system") == colour("a_new_system")
+    markers = [style(s)["marker"] for s in COLOURS]
+    assert len(set(markers)) == len(markers)
+
+
+def test_the_commit_plot_draws_each_system_in_its_own_colour() -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")  # the bench extra
+    from benchmarks.__main__ import commit_figure
+    from benchmarks.style import colour
+
+    results = {"commit": {s: {"10000": {"median_ms": 1.0 + i, "bytes_per_commit": 100.0 + i},
+                              "100000": {"median_ms": 2.0 + i, "bytes_per_commit": 200.0 + i}}
+                          for i, s in enumerate(SHOWN["commit"])}}
+    fig = commit_figure(plt, results, "median_ms", "ms")
+    try:
+        lines = fig.axes[0].get_lines()
+        assert len(lines) == len(SHOWN["commit"]) > 10  # more than matplotlib's ten-colour cycle
+        colours = [line.get_color() for line in lines]
+        assert colours == [colour(s) for s in SHOWN["commit"]] and len(set(colours)) == len(colours)
+        assert [line.get_xdata().tolist() for line in lines][0] == [10000, 100000]
+    finally:
+        plt.close(fig)
