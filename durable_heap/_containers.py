@@ -817,7 +817,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
     __slots__ = ()
     __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, /, *args: Any, **kwargs: Any) -> None:  # Dict(self=1), as dict(self=1)
         self._init_empty()
         if args or kwargs:
             try:
@@ -966,6 +966,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
     def __delitem__(self, key: Any) -> None:
         check_writable(self)
         if self._take(key) is _MISSING:
+            hash(key)  # unhashable: TypeError, as del of a dict (dict.pop of an empty one skips it)
             raise KeyError(key)
 
     def pop(self, key: Any, default: Any = _MISSING) -> Any:
@@ -995,7 +996,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         check_writable(self)
         self._reset()
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override,misc]
+    def update(self, /, *args: Any, **kwargs: Any) -> None:  # type: ignore[override,misc]
         check_writable(self)
         if len(args) > 1:
             raise TypeError(f"update expected at most 1 argument, got {len(args)}")

@@ -225,6 +225,23 @@ def test_dict_comparisons_with_other_types_are_dicts() -> None:
         assert kind().pop("x", 5) == 5
 
 
+@pytest.mark.parametrize("n", [0, *SIZES])
+def test_unhashable_keys_and_the_self_keyword_are_dicts(n: int) -> None:
+    for keys in (range(n), map(str, range(n))):  # a hashed index, and one of str keys
+        start = dict.fromkeys(keys, 0)
+        for op in (
+            lambda d: [] in d, lambda d: d.get([]), lambda d: d.pop([]), lambda d: d.pop([], 1),
+            lambda d: d.__delitem__([]), lambda d: d[[]], lambda d: d.setdefault([]),
+            lambda d: d.__setitem__([], 1), lambda d: [] in d.keys(), lambda d: ([], 1) in d.items(),
+            lambda d: d.update([([], 1)]), lambda d: d.fromkeys([[]]),
+        ):
+            assert outcome(lambda: op(Dict(start)), True) == outcome(lambda: op(dict(start)), True)  # noqa: B023
+    assert Dict(self=1) == dict(self=1) and Dict({"a": 1}, self=2) == {"a": 1, "self": 2}
+    d = Dict()
+    d.update(self=1)
+    assert d == {"self": 1}
+
+
 # --- Set ------------------------------------------------------------------------
 
 
