@@ -49,7 +49,7 @@ from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 from random import getrandbits
 from types import GenericAlias, MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from BTrees.Length import Length
 from BTrees.LLBTree import LLBTree
@@ -894,6 +894,23 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         """A plain ``dict`` with the same items (a shallow copy)."""
         return dict(self._iter_entries())
 
+    def __copy__(self) -> Dict:
+        """``copy.copy``: a new Dict of the same type with the same items.
+
+        Without it, copy.copy would go through persistent's ``__reduce__`` and give
+        the copy the original's own small dict or trees: changing one changed both.
+        """
+        new = type(self)._blank()
+        new._update((dict(self._iter_entries()),), {})
+        return _with_attrs(self, new, None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Dict:
+        from copy import deepcopy
+
+        new = memo[id(self)] = type(self)._blank()
+        new._update(([(deepcopy(k, memo), deepcopy(v, memo)) for k, v in self._iter_entries()],), {})
+        return _with_attrs(self, new, memo)
+
     @reprlib.recursive_repr("{...}")
     def __repr__(self) -> str:
         return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in self._iter_entries()) + "}"
@@ -1068,6 +1085,21 @@ def _pair(i: int, element: Any) -> Any:
 # --- Set ------------------------------------------------------------------------------
 
 
+_C = TypeVar("_C")
+
+
+def _with_attrs(old: Any, new: _C, memo: dict[int, Any] | None) -> _C:
+    """`new` with a subclass instance's own attributes copied from `old` (deeply with a memo)."""
+    attrs = getattr(old, "__dict__", None)
+    if attrs:
+        if memo is not None:
+            from copy import deepcopy
+
+            attrs = deepcopy(attrs, memo)
+        new.__dict__.update(attrs)
+    return new
+
+
 def _set_operand(other: Any) -> bool:
     """What ``set``'s operators take: another set (the methods take any iterable)."""
     return isinstance(other, (set, frozenset, Set))
@@ -1173,6 +1205,19 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
     def copy(self) -> set[Any]:
         """A plain ``set`` with the same members."""
         return set(self)
+
+    def __copy__(self) -> Set:
+        """``copy.copy``: a new Set of the same type (see `Dict.__copy__`)."""
+        new = type(self)._blank()
+        new._add_all([k for k, _ in self._iter_entries()])
+        return _with_attrs(self, new, None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Set:
+        from copy import deepcopy
+
+        new = memo[id(self)] = type(self)._blank()
+        new._add_all([deepcopy(k, memo) for k, _ in self._iter_entries()])
+        return _with_attrs(self, new, memo)
 
     def __repr__(self) -> str:
         # As set's: "set()", "{1, 2}", "set(...)" when it contains itself; a subclass
@@ -1574,6 +1619,19 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     def copy(self) -> list[Any]:
         """A plain ``list`` with the same items (a shallow copy)."""
         return self._plain()
+
+    def __copy__(self) -> List:
+        """``copy.copy``: a new List of the same type (see `Dict.__copy__`)."""
+        new = type(self)._blank()
+        new._extend(self._plain())
+        return _with_attrs(self, new, None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> List:
+        from copy import deepcopy
+
+        new = memo[id(self)] = type(self)._blank()
+        new._extend([deepcopy(v, memo) for v in self._iter_from(0)])
+        return _with_attrs(self, new, memo)
 
     @reprlib.recursive_repr("[...]")
     def __repr__(self) -> str:

@@ -581,3 +581,55 @@ def test_tiny_trees_too(monkeypatch: pytest.MonkeyPatch) -> None:
         test_a_subclass_is_iterated_as_list_iterates_its_subclasses(n)
         test_sort_raises_when_the_key_changes_the_list(n)
         test_extend_ignores_a_wrong_huge_length_hint(n)
+
+
+# --- copy.copy and copy.deepcopy -------------------------------------------------------
+
+
+class Named(Dict):
+    pass
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_copy_copy_and_deepcopy_are_independent_as_the_builtins(n: int) -> None:
+    import copy
+
+    nested = [0]
+    made = {dict: {i: i for i in range(n)} | {"nested": nested}, list: [*range(n), nested],
+            set: set(range(n))}
+    for kind, value in made.items():
+        for how in (copy.copy, copy.deepcopy):
+            original = DURABLE[kind](value)
+            twin = how(original)
+            assert type(twin) is type(original) and twin == original and twin is not original
+            if kind is dict:
+                twin["new"] = 1
+                assert "new" not in original  # the copy's own entries: not the original's trees
+                assert (twin["nested"] is original["nested"]) == (how is copy.copy)  # shallow vs deep
+            elif kind is list:
+                twin.append("new")
+                twin[0] = "changed"
+                assert original[0] == 0 and "new" not in original
+                assert (twin[-2] is original[-1]) == (how is copy.copy)
+            else:
+                twin.add("new")
+                assert "new" not in original
+    d = Named(a=1)
+    d.note = "kept"  # type: ignore[attr-defined]
+    assert copy.copy(d).note == "kept" and copy.deepcopy(d).note == "kept"  # type: ignore[attr-defined]
+    loop = List([1])
+    loop.append(loop)
+    again = copy.deepcopy(loop)
+    assert again[1] is again and again is not loop
+
+
+def test_a_copied_stored_dict_is_its_own_record(heap: dh.Heap) -> None:
+    import copy
+
+    with heap.transaction() as state:
+        state.a = {i: i for i in range(100)}
+        state.b = copy.copy(state.a)
+        state.b[-1] = "only in b"
+    with heap.transaction() as state:
+        assert -1 not in state.a and state.b[-1] == "only in b" and len(state.a) == 100
+        assert state.a._entries is not state.b._entries
