@@ -818,7 +818,10 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
     __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
 
     def __init__(self, /, *args: Any, **kwargs: Any) -> None:  # Dict(self=1), as dict(self=1)
-        self._init_empty()
+        try:
+            self._small  # noqa: B018 - called again on a Dict: dict.__init__ then only updates
+        except AttributeError:
+            self._init_empty()
         if args or kwargs:
             try:
                 self._update(args, kwargs)

@@ -633,3 +633,14 @@ def test_a_copied_stored_dict_is_its_own_record(heap: dh.Heap) -> None:
     with heap.transaction() as state:
         assert -1 not in state.a and state.b[-1] == "only in b" and len(state.a) == 100
         assert state.a._entries is not state.b._entries
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_init_called_again_is_the_builtins(n: int) -> None:
+    """dict.__init__ on a dict updates it; list's and set's start again."""
+    for kind, value, more in ((dict, {i: i for i in range(n)}, {"x": 1}), (list, list(range(n)), [7]),
+                              (set, set(range(n)), {7})):
+        ref, ours = kind(value), DURABLE[kind](value)
+        ref.__init__(more)  # type: ignore[misc]
+        ours.__init__(more)
+        assert ours == ref and len(ours) == len(ref), kind
