@@ -1085,9 +1085,6 @@ def _pair(i: int, element: Any) -> Any:
     return pair
 
 
-# --- Set ------------------------------------------------------------------------------
-
-
 _C = TypeVar("_C")
 
 
@@ -1101,6 +1098,9 @@ def _with_attrs(old: Any, new: _C, memo: dict[int, Any] | None) -> _C:
             attrs = deepcopy(attrs, memo)
         new.__dict__.update(attrs)
     return new
+
+
+# --- Set ------------------------------------------------------------------------------
 
 
 def _set_operand(other: Any) -> bool:
@@ -1839,11 +1839,11 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def remove(self, value: Any) -> None:
         check_writable(self)
-        try:
-            i = List.index(self, value)
-        except ValueError:
-            raise ValueError("list.remove(x): x not in list") from None
-        self._delete(i)
+        for i, v in enumerate(self._iter_from(0)):
+            if v is value or v == value:
+                self._delete(i)
+                return
+        raise ValueError("list.remove(x): x not in list")
 
     def clear(self) -> None:
         check_writable(self)
