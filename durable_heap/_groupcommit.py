@@ -38,6 +38,7 @@ The contract (docs/performance.md, "Group commit"):
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -93,6 +94,8 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         # The invalidation callback and the waiter's slot of the transaction being
         # finished: set by `_defer` and used by `_finish_finish`, both under the locks.
         self._dh_callback: tuple[_Callback | None, list[int]] | None = None
+        # The tid of the last transaction written (None: none since the open).
+        self._dh_written: bytes | None = None
         super().__init__(*args, **kwargs)
 
     # -- IStorage: the commit ---------------------------------------------------------------
@@ -110,6 +113,23 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
             self._wait_durable(slot[0])
         return tid
 
+    def tpc_abort(self, transaction: Any) -> None:
+        """Abort; then wait until the commits written before are visible.
+
+        A transaction aborted in the storage is most often one that hit a conflict
+        (``store``: a ConflictError, unless ``_p_resolveConflict`` merged it) with a
+        commit that may not be durable, so not visible, yet: its retry would start
+        from the same snapshot and conflict again. Waiting here (the commit lock is
+        released: about one fsync) gives the retry a snapshot that includes it.
+        """
+        mine = transaction is self._transaction  # only we can change it: we hold the commit lock
+        super().tpc_abort(transaction)
+        if mine:
+            with self._dh_cond:
+                target = self._dh_finished
+            with contextlib.suppress(OSError):  # a failed fsync: every later commit fails anyway
+                self._wait_durable(target)
+
     def _finish_finish(self, tid: bytes) -> None:
         # FileStorage's, without the fsync and with the last transaction id left to
         # the leader. Flush first: a failed flush is a failed _finish (closed).
@@ -119,10 +139,18 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         self._blob_tpc_finish()
         callback, slot = self._dh_callback or (None, [])
         self._dh_callback = None
+        self._dh_written = tid
         with self._dh_cond:
             self._dh_finished += 1
             self._dh_pending.append((self._dh_finished, tid, callback))
             slot.append(self._dh_finished)
+
+    def last_written(self) -> bytes:
+        """The id of the last transaction written, durable or not: no record in the
+        file is later (`durable_heap._integrity` checks loads against it)."""
+        with self._lock:
+            w = self._dh_written
+            return w if w is not None and w > self._ltid else self._ltid
 
     def pack(self, *args: Any, **kwargs: Any) -> Any:
         # ZODB trap: FileStorage's pack renames a packed copy over the file without
