@@ -64,6 +64,12 @@ class _Gate:
         self.open = threading.Event()
         self.open.set()
 
+    def shut(self) -> None:
+        """Hold every later fsync until `open` is set; count from here."""
+        self.open.clear()
+        self.entered = threading.Semaphore(0)
+        self.calls = 0
+
     def __call__(self, fd: int) -> None:
         self.calls += 1
         self.entered.release()
@@ -106,14 +112,11 @@ def test_commits_waiting_for_one_fsync_share_the_next(tmp_path: Path, gate: _Gat
     db = _db(tmp_path / "app.fs")
     fs = _filestorage(db)
     _items(db, 6)
-    gate.open.clear()
-    gate.calls = 0
+    gate.shut()
     done: list[str] = []
     first = threading.Thread(target=_bump, args=(db, "i0", done))
     first.start()
     assert gate.entered.acquire(timeout=20)  # the first commit's fsync has begun
-    while gate.entered.acquire(blocking=False):
-        pass
     others = [threading.Thread(target=_bump, args=(db, f"i{i}", done)) for i in range(1, 6)]
     for t in others:
         t.start()
@@ -138,7 +141,7 @@ def test_a_commit_is_visible_to_other_connections_only_once_durable(tmp_path: Pa
     before = db.lastTransaction()
     tm = transaction.TransactionManager()
     reader = db.open(tm)
-    gate.open.clear()
+    gate.shut()
     writer = threading.Thread(target=_bump, args=(db, "i0"))
     writer.start()
     assert gate.entered.acquire(timeout=20)
