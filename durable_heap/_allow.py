@@ -41,6 +41,7 @@ ZEO peers must still be trusted.
 from __future__ import annotations
 
 import builtins
+import functools
 import io
 import logging
 import os
@@ -488,6 +489,15 @@ _PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 
 
+@functools.lru_cache(maxsize=512)
+def _resolution_globals_seen(data: bytes) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`resolution_globals`, remembered: the merges of concurrent commits to one record
+    read the same old and committed records again and again (the result depends on
+    the bytes alone)."""
+    used, referenced = resolution_globals(data)
+    return tuple(used), tuple(referenced)
+
+
 def resolution_globals(data: bytes) -> tuple[list[str], list[str]]:
     """The globals of a record split by use: (used, referenced).
 
@@ -667,7 +677,7 @@ class _GuardedResolver:
         """Raise `ClassNotAllowedError` if conflict resolution may not unpickle `record`
         (as ZODB stored it, untransformed): for resolvers that hand records over one by
         one (RelStorage's, see `durable_heap._relstorage`)."""
-        used, referenced = resolution_globals(record)
+        used, referenced = _resolution_globals_seen(record)
         for path in used:
             if path == "?":
                 raise ClassNotAllowedError(

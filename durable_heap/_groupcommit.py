@@ -148,9 +148,10 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
     def last_written(self) -> bytes:
         """The id of the last transaction written, durable or not: no record in the
         file is later (`durable_heap._integrity` checks loads against it)."""
-        with self._lock:
-            w = self._dh_written
-            return w if w is not None and w > self._ltid else self._ltid
+        # No lock: it is read on loads, while committers hold _lock through conflict
+        # resolution; both attributes only move forward, each read is atomic.
+        w, last = self._dh_written, self._ltid
+        return w if w is not None and w > last else last
 
     def pack(self, *args: Any, **kwargs: Any) -> Any:
         # ZODB trap: FileStorage's pack renames a packed copy over the file without

@@ -344,7 +344,7 @@ def test_sigkill_during_concurrent_commits_loses_no_acknowledged_commit(tmp_path
         lost_power = tmp_path / f"power{round_}.fs"
         shutil.copyfile(path, lost_power)
         os.truncate(lost_power, durable)
-        for target in (lost_power, path):
+        for target in (path, lost_power):
             with dh.open(target) as heap:
                 counts = heap.state.counts
                 for i in range(nthreads):
