@@ -3,6 +3,7 @@
     python -m benchmarks.threads                          1/2/4/8 threads, this disk and a 2 ms one
     python -m benchmarks.threads --threads 8 --delays 2   one cell
     python -m benchmarks.threads --baseline /work/main    also today's durable_heap (another checkout)
+    python -m benchmarks.threads --dir /dev/shm --delays 0,2   a RAM disk: CPU-bound, and exactly 2 ms
     python -m benchmarks.threads --json out.json
 
 Each thread commits one-entry changes as fast as it can for ``--seconds``: thread t
@@ -256,7 +257,7 @@ def _shim(folder: str) -> str | None:
 
 
 def _measure(system: str, nthreads: int, seconds: float, delay_ms: float, shim: str | None,
-             baseline: str | None) -> dict[str, Any]:
+             baseline: str | None, where: str | None) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("DURABLE_HEAP_STORAGE", None)
     code_root = baseline if system == "durable_heap_baseline" and baseline else str(ROOT)
@@ -265,7 +266,7 @@ def _measure(system: str, nthreads: int, seconds: float, delay_ms: float, shim: 
         assert shim is not None
         env["LD_PRELOAD"] = shim
         env["DH_BENCH_FSYNC_US"] = str(int(delay_ms * 1000))
-    with tempfile.TemporaryDirectory(prefix="dh-threads-") as d:
+    with tempfile.TemporaryDirectory(prefix="dh-threads-", dir=where) as d:
                 # Run as a script (not -m): the working folder is then not first on the path,
         # and durable_heap comes from code_root.
         out = subprocess.run(
@@ -284,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--systems", default="durable_heap,durable_heap_spread,raw_zodb,raw_zodb_gc,sqlite")
     p.add_argument("--baseline", help="a checkout of today's durable_heap to run as durable_heap_baseline")
+    p.add_argument("--dir", help="where the stores go (default: the temporary folder); /dev/shm, "
+                   "a RAM disk whose fsync costs nothing, with --delays 2 is a disk whose fsync "
+                   "takes exactly 2 ms")
     p.add_argument("--json")
     p.add_argument("--one", nargs=4, metavar=("SYSTEM", "THREADS", "DIR", "SECONDS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n in threads:
                     order = systems if r % 2 == 0 else systems[::-1]  # alternate who goes first
                     for s in order:
-                        res = _measure(s, n, a.seconds, delay, shim, a.baseline)
+                        res = _measure(s, n, a.seconds, delay, shim, a.baseline, a.dir)
                         results.setdefault(f"{delay}|{n}|{s}", []).append(res)
                         print(f"round {r + 1} fsync+{delay:g}ms {n} threads {s}: "
                               f"{res['commits_per_s']:.0f}/s", file=sys.stderr, flush=True)
