@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -325,14 +326,19 @@ def test_sigkill_during_concurrent_commits_loses_no_acknowledged_commit(tmp_path
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(nthreads)],
                                 stdout=subprocess.PIPE, text=True, env=subprocess_env())
         assert proc.stdout is not None
+        stdout, got = proc.stdout, queue.Queue()  # type: ignore[var-annotated]
+        threading.Thread(target=lambda: [*map(got.put, stdout), got.put("")], daemon=True).start()
         lines: list[str] = []
-        while len([x for x in lines if x.startswith("ack")]) < 60 + 40 * round_:
-            line = proc.stdout.readline()
+        acks = 0
+        while acks < 60 + 40 * round_:
+            line = got.get(timeout=60)  # a writer that hangs fails the test
             assert line, "the writer stopped"
             lines.append(line)
+            acks += line.startswith("ack")
         proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-        lines += out.splitlines()
+        proc.wait(30)
+        while line := got.get(timeout=30):
+            lines.append(line)
         durable = 0
         for line in lines:
             word, *rest = line.split()
