@@ -1289,8 +1289,10 @@ def _same(a: Any, b: Any) -> bool:
         return False
     if t in _EXACT:  # `==` between two of exactly one of these types is sameness
         return a == b  # type: ignore[no-any-return]
-    if t is tuple and len(a) == len(b) and all(type(x) in _EXACT for x in chain(a, b)):
-        return a == b  # type: ignore[no-any-return]  # a bucket's (key, value) entries
+    if t is tuple and len(a) == len(b) and all(
+        type(x) is type(y) and type(x) in _EXACT for x, y in zip(a, b, strict=True)
+    ):  # a bucket's (key, value) entries; types matched place by place (1 is not True)
+        return a == b  # type: ignore[no-any-return]
     try:
         buf_a, buf_b = io.BytesIO(), io.BytesIO()
         _RefPickler(buf_a, protocol=3).dump(a)

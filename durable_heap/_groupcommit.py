@@ -244,8 +244,9 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
                 try:
                     if callback is not None:
                         callback(tid)
-                finally:
-                    self._ltid = tid
+                except Exception:  # the commit is durable: deliver the others all the same
+                    logger.exception("Delivering the invalidations of a durable commit failed")
+                self._ltid = tid
 
 
 # -- end PROTECTED --

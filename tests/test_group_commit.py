@@ -358,3 +358,15 @@ def test_sigkill_during_concurrent_commits_loses_no_acknowledged_commit(tmp_path
         with dh.open(path) as heap:  # the next round starts from the file's counts
             acked = {i: heap.state.counts[i] for i in range(nthreads)}
     assert min(acked.values()) > 0
+
+
+def test_the_merge_check_fast_path_tells_equal_values_of_other_types_apart() -> None:
+    """Concurrent commits to one bucket are merged (`_EntryBucket._p_resolveConflict`);
+    its check compares entries exactly, now with ``==`` for plain ints, strings and
+    tuples of them (no pickling): never 1 for True, 0.0 for -0.0, place by place."""
+    from durable_heap._containers import _same
+
+    assert _same(("k", 1), ("k", 1)) and _same(7, 7) and _same("a", "a")
+    assert not _same(("k", 1), ("k", True)) and not _same(("k", True), ("k", 1))
+    assert not _same(1, True) and not _same(0.0, -0.0) and not _same((0.0,), (-0.0,))
+    assert not _same(("k", 1), ("k", 2)) and not _same(("k", 1), ("k", 1, 2))
