@@ -5,6 +5,7 @@
     python -m benchmarks.threads --baseline /work/main    also today's durable_heap (another checkout)
     python -m benchmarks.threads --dir /dev/shm --delays 0,2   a RAM disk: CPU-bound, and exactly 2 ms
     python -m benchmarks.threads --json out.json
+    python -m benchmarks.threads --quick                  a smoke run (2 threads, short)
 
 Each thread commits one-entry changes as fast as it can for ``--seconds``: thread t
 adds 1 to its own key of one store of 10,000 entries. The keys are neighbours
@@ -110,12 +111,12 @@ class _Counts:
         fs_module.fsync = zodb_fsync  # ZODB's FileStorage bound it at import
 
 
-def _durable_heap(path: str, nthreads: int, counts: _Counts, spread: int) -> tuple[Any, Any]:
+def _durable_heap(path: str, n: int, counts: _Counts, spread: int) -> tuple[Any, Any]:
     import durable_heap as dh
     from durable_heap import _containers
 
     with dh.open(path) as heap, heap.transaction() as state:
-        state.d = dict.fromkeys(range(N), 0)
+        state.d = dict.fromkeys(range(n), 0)
     heap = dh.open(path)
     real_merge = _containers._EntryBucket._p_resolveConflict
 
@@ -136,7 +137,7 @@ def _durable_heap(path: str, nthreads: int, counts: _Counts, spread: int) -> tup
     return change, heap.close
 
 
-def _raw_zodb(path: str, nthreads: int, counts: _Counts, group: bool) -> tuple[Any, Any]:
+def _raw_zodb(path: str, n: int, nthreads: int, counts: _Counts, group: bool) -> tuple[Any, Any]:
     import transaction
     import ZODB
     from BTrees.OOBTree import OOBTree
@@ -152,7 +153,7 @@ def _raw_zodb(path: str, nthreads: int, counts: _Counts, group: bool) -> tuple[A
         db = ZODB.DB(FileStorage(path), cache_size=50_000, pool_size=nthreads + 1)
     with db.transaction() as conn:
         tree = conn.root()["d"] = OOBTree()
-        for i in range(N):
+        for i in range(n):
             tree[i] = Item(0)
     local = threading.local()
 
@@ -169,7 +170,7 @@ def _raw_zodb(path: str, nthreads: int, counts: _Counts, group: bool) -> tuple[A
     return change, db.close
 
 
-def _sqlite(path: str, nthreads: int, counts: _Counts) -> tuple[Any, Any]:
+def _sqlite(path: str, n: int) -> tuple[Any, Any]:
     import sqlite3
 
     def connect() -> sqlite3.Connection:
@@ -181,7 +182,7 @@ def _sqlite(path: str, nthreads: int, counts: _Counts) -> tuple[Any, Any]:
     c = connect()
     c.execute("CREATE TABLE kv (k INTEGER PRIMARY KEY, v INTEGER)")
     c.execute("BEGIN")
-    c.executemany("INSERT INTO kv VALUES (?, 0)", ((i,) for i in range(N)))
+    c.executemany("INSERT INTO kv VALUES (?, 0)", ((i,) for i in range(n)))
     c.execute("COMMIT")
     c.close()
     local = threading.local()
@@ -200,17 +201,18 @@ def _sqlite(path: str, nthreads: int, counts: _Counts) -> tuple[Any, Any]:
     return change, close
 
 
-def one(system: str, nthreads: int, folder: str, seconds: float) -> dict[str, Any]:
+def one(system: str, nthreads: int, folder: str, seconds: float, entries: int = N) -> dict[str, Any]:
     """Measure one system at `nthreads` threads in this process; return the figures."""
     counts = _Counts()
     counts.count_fsyncs()
     path = os.path.join(folder, "store")
     if system.startswith("durable_heap"):
-        change, close = _durable_heap(path, nthreads, counts, 1000 if system.endswith("spread") else 1)
+        spread = min(1000, entries // max(nthreads, 1)) if system.endswith("spread") else 1
+        change, close = _durable_heap(path, entries, counts, spread)
     elif system in ("raw_zodb", "raw_zodb_gc"):
-        change, close = _raw_zodb(path, nthreads, counts, system == "raw_zodb_gc")
+        change, close = _raw_zodb(path, entries, nthreads, counts, system == "raw_zodb_gc")
     else:
-        change, close = _sqlite(path, nthreads, counts)
+        change, close = _sqlite(path, entries)
     done = [0] * nthreads
     start, stop = threading.Barrier(nthreads + 1), threading.Event()
 
@@ -257,7 +259,7 @@ def _shim(folder: str) -> str | None:
 
 
 def _measure(system: str, nthreads: int, seconds: float, delay_ms: float, shim: str | None,
-             baseline: str | None, where: str | None) -> dict[str, Any]:
+             baseline: str | None, where: str | None, entries: int) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("DURABLE_HEAP_STORAGE", None)
     code_root = baseline if system == "durable_heap_baseline" and baseline else str(ROOT)
@@ -271,7 +273,7 @@ def _measure(system: str, nthreads: int, seconds: float, delay_ms: float, shim: 
         # and durable_heap comes from code_root.
         out = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "threads.py"), "--one", system, str(nthreads), d,
-             str(seconds)],
+             str(seconds), str(entries)],
             env=env, cwd=d, capture_output=True, text=True, check=True,
         ).stdout
     return json.loads(out.splitlines()[-1])  # type: ignore[no-any-return]
@@ -289,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
                    "a RAM disk whose fsync costs nothing, with --delays 2 is a disk whose fsync "
                    "takes exactly 2 ms")
     p.add_argument("--json")
-    p.add_argument("--one", nargs=4, metavar=("SYSTEM", "THREADS", "DIR", "SECONDS"), help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="a smoke run: 2 threads, 0.3 s, one round")
+    p.add_argument("--entries", type=int, default=N, help="entries in the store (default 10,000)")
+    p.add_argument("--one", nargs=5, metavar=("SYSTEM", "THREADS", "DIR", "SECONDS", "ENTRIES"),
+                   help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        system, nthreads, folder, seconds = a.one
-        print(json.dumps(one(system, int(nthreads), folder, float(seconds))))
+        system, nthreads, folder, seconds, entries = a.one
+        print(json.dumps(one(system, int(nthreads), folder, float(seconds), int(entries))))
         return 0
+    if a.quick:
+        a.threads, a.rounds, a.seconds, a.systems = "2", 1, 0.3, "durable_heap,raw_zodb,sqlite"
+        a.entries = 2000
     systems = a.systems.split(",") + (["durable_heap_baseline"] if a.baseline else [])
     threads = [int(x) for x in a.threads.split(",")]
     delays = [float(x) for x in a.delays.split(",")]
@@ -309,14 +317,19 @@ def main(argv: list[str] | None = None) -> int:
                 for n in threads:
                     order = systems if r % 2 == 0 else systems[::-1]  # alternate who goes first
                     for s in order:
-                        res = _measure(s, n, a.seconds, delay, shim, a.baseline, a.dir)
+                        res = _measure(s, n, a.seconds, delay, shim, a.baseline, a.dir, a.entries)
                         results.setdefault(f"{delay}|{n}|{s}", []).append(res)
                         print(f"round {r + 1} fsync+{delay:g}ms {n} threads {s}: "
                               f"{res['commits_per_s']:.0f}/s", file=sys.stderr, flush=True)
     table = _table(results, systems, threads, delays)
-    print(table)
+    if a.json != "-":
+        print(table)
     if a.json:
-        Path(a.json).write_text(json.dumps({"runs": results, "table": table}, indent=1))
+        data = {"runs": results, "table": table}
+        if a.json == "-":
+            print(json.dumps(data))
+        else:
+            Path(a.json).write_text(json.dumps(data, indent=1))
     return 0
 
 
