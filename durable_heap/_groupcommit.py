@@ -62,7 +62,7 @@ _Callback = Callable[[bytes], Any]
 # hold the finished transaction's end and records; ``_file`` is the data file
 # (replaced by pack and by `_filestorage`'s recovery: hence the fsync of a dup of
 # its descriptor, taken under ``_lock``). ``lastTransaction()`` reads ``_ltid``.
-# tests/test_zodb_internals.py and tests/test_group_commit.py pin them.
+# tests/test_group_commit.py (test_the_zodb_internals_group_commit_relies_on) pins them.
 class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
     """FileStorage whose concurrent commits share one fsync (see the module)."""
 

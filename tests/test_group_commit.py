@@ -370,3 +370,21 @@ def test_the_merge_check_fast_path_tells_equal_values_of_other_types_apart() -> 
     assert not _same(("k", 1), ("k", True)) and not _same(("k", True), ("k", 1))
     assert not _same(1, True) and not _same(0.0, -0.0) and not _same((0.0,), (-0.0,))
     assert not _same(("k", 1), ("k", 2)) and not _same(("k", 1), ("k", 1, 2))
+
+
+def test_the_zodb_internals_group_commit_relies_on() -> None:
+    """`_groupcommit`'s PROTECTED block: FileStorage's tpc_finish(transaction, f) calls
+    f under its locks and then _finish, whose _finish_finish(tid) does the flush and
+    fsync; _nextpos, _tindex, _blob_tpc_finish and _ltid are what it moves."""
+    import inspect
+
+    zfs = ZODBFileStorage
+    assert list(inspect.signature(zfs.tpc_finish).parameters) == ["self", "transaction", "f"]
+    assert list(inspect.signature(zfs._finish_finish).parameters) == ["self", "tid"]
+    assert list(inspect.signature(zfs._finish).parameters) == ["self", "tid", "u", "d", "e"]
+    source = inspect.getsource(zfs._finish_finish)
+    for name in ("self._file.flush()", "fsync(", "self._pos = self._nextpos",
+                 "self._index.update(self._tindex)", "self._ltid = tid", "self._blob_tpc_finish()"):
+        assert name in source, name
+    finish = inspect.getsource(zfs.tpc_finish)
+    assert finish.index("f(tid)") < finish.index("self._finish(") < finish.index("_commit_lock.release()")
