@@ -1437,6 +1437,12 @@ class _RefPickler(pickle.Pickler):
         return oid
 
 
+#: Types whose `==` between two values of exactly that type (not a subclass) is
+#: sameness: what the pickles would say, at a fraction of the cost (conflict merges
+#: of many entries compare every one). Not float: ``0.0 == -0.0``.
+_EXACT = frozenset({int, str, bytes, bool, type(None)})
+
+
 def _same(a: Any, b: Any) -> bool:
     """Exact sameness of two values in conflict resolution.
 
@@ -1446,8 +1452,15 @@ def _same(a: Any, b: Any) -> bool:
     """
     if a is b:
         return True
-    if type(a) is not type(b):
+    t = type(a)
+    if t is not type(b):
         return False
+    if t in _EXACT:  # `==` between two of exactly one of these types is sameness
+        return a == b  # type: ignore[no-any-return]
+    if t is tuple and len(a) == len(b) and all(
+        type(x) is type(y) and type(x) in _EXACT for x, y in zip(a, b, strict=True)
+    ):  # a bucket's (key, value) entries; types matched place by place (1 is not True)
+        return a == b  # type: ignore[no-any-return]
     try:
         buf_a, buf_b = io.BytesIO(), io.BytesIO()
         _RefPickler(buf_a, protocol=3).dump(a)

@@ -43,6 +43,19 @@ def test_zeo_loads_counts_the_messages_of_a_commit() -> None:
     assert raw.startswith("raw ZEO") and "ping" not in raw and "vote (round trip) 1" in raw
 
 
+def test_quick_threads_benchmark() -> None:
+    """Threads committing at once, on this disk and with the 2 ms fsync library."""
+    out = run(["-m", "benchmarks.threads", "--quick", "--json", "-"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    runs = json.loads(out.stdout.splitlines()[-1])["runs"]
+    assert sorted(runs) == sorted(f"{d}|{n}|{s}" for d in (0.0, 2.0) for n in (2,)
+                                  for s in ("durable_heap", "raw_zodb", "sqlite"))
+    for key, (r,) in runs.items():
+        assert r["commits_per_s"] > 0, key
+        if not key.endswith("sqlite"):  # sqlite's fsyncs are in C: not counted
+            assert 0 < r["fsyncs_per_commit"] <= 1.5, (key, r)  # counted over the same interval
+
+
 def test_quick_follow_benchmark() -> None:
     out = run(["-m", "benchmarks.follow", "--quick", "--json"], timeout=300)
     assert out.returncode == 0 and out.stderr == "", out.stderr
