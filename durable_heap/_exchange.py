@@ -19,7 +19,8 @@ about three times the memory of the batched import, growing with the file (a ZOD
 transaction keeps every new object in memory until it commits; savepoints did not help,
 the watch keeps them), and a conflict at its end would redo it all. Stopped (Ctrl-C, a
 malformed entry, an unknown class) before that last transaction, the staged entries are
-dropped and ``state`` is as it was; a process killed outright leaves them staged, with
+dropped and ``state`` is as it was (Ctrl-C is taken between two entries or batches,
+never inside a commit: see `_Interrupts`); a process killed outright leaves them staged, with
 nothing referring to them, and the next import drops them (a pack then removes them).
 """
 
@@ -135,16 +136,22 @@ def _show(steps: list[Step]) -> str:
 
 
 def _kind(value: Any) -> str:
+    """What a value is, for messages: ``a Dict (3 entries)``, ``an int (4)``, ``a tracker.Task``."""
+    from ._containers import Dict, List, Set
     from ._state import Object
 
     if isinstance(value, Object):
         return f"a {type(value).__module__}.{type(value).__qualname__}"
-    return f"a {type(value).__name__} ({_short(value)})"
-
-
-def _short(value: Any) -> str:
+    if isinstance(value, (Dict, List, Set, dict, list, set)):
+        n = len(value)
+        unit = ("entr" if isinstance(value, (Dict, dict))
+                else "item" if isinstance(value, (List, list)) else "member")
+        plural = ("y" if n == 1 else "ies") if unit == "entr" else ("" if n == 1 else "s")
+        return f"a {type(value).__name__} ({n:,} {unit}{plural})"
+    name = type(value).__name__
     text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name} ({text})"
 
 
 def _child(parent: Any, step: Step, where: str) -> tuple[bool, Any]:
@@ -292,7 +299,8 @@ def _guarded(it: Iterator[Any], name: str) -> Iterator[Any]:
     try:
         yield from it
     except ijson.JSONError as exc:
-        raise JSONFormError(f"{name} is not JSON: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise JSONFormError(f"{name} is not JSON (or is cut short): {first}") from None
 
 
 def _shape_of(data: Any) -> _Source:
@@ -329,21 +337,32 @@ def import_data(heap: Any, raw: IO[bytes], *, path: str = "state", replace: bool
     shown = _show(steps)
     bar = bar if bar is not None else _Quiet()
     _check_target(heap, steps, replace)
-    source = _open_source(raw, name, bar)
-    first = _take(source.entries, batch)
-    if len(first) < batch:  # the whole file: one transaction
-        n = _apply_direct(heap, steps, source.shape, first, replace, f"import {name} into {shown}")
-        return ImportReport(n, 1, "replaced" if replace else "merged", shown)
-    return _import_staged(heap, steps, source, first, replace, name, batch)
+    with _Interrupts() as stops:
+        source = _open_source(raw, name, bar)
+        first = _take(source.entries, batch, stops)
+        if len(first) < batch:  # the whole file: one transaction
+            with stops.transaction():
+                n = _apply_direct(heap, steps, source.shape, first, replace, f"import {name} into {shown}")
+            _too_late(stops)
+            return ImportReport(n, 1, "replaced" if replace else "merged", shown)
+        return _import_staged(heap, steps, source, first, replace, name, batch, stops)
 
 
-def _take(it: Iterator[Any], n: int) -> list[Any]:
+def _take(it: Iterator[Any], n: int, stops: _Interrupts) -> list[Any]:
     out = []
     for item in it:
+        stops.check()
         out.append(item)
         if len(out) >= n:
             break
+    stops.check()
     return out
+
+
+def _too_late(stops: _Interrupts) -> None:
+    if stops.came:
+        print("durable-heap: Ctrl-C came during the last commit: the import was completed",
+              file=sys.stderr, flush=True)
 
 
 def _check_target(heap: Any, steps: list[Step], replace: bool) -> None:
@@ -412,11 +431,10 @@ def _apply_direct(heap: Any, steps: list[Step], shape: str, raw_entries: list[An
     from ._jsonform import Decoder
 
     shown = _show(steps)
-    with _final_commit():
-        for attempt in heap.attempts(note=note):
-            with attempt as state:
-                decoded = _decode_entries(Decoder(durable=True), shape, raw_entries, shown)
-                _put(state, steps, shape, decoded if shape != "value" else _whole(shape, decoded), replace)
+    for attempt in heap.attempts(note=note):
+        with attempt as state:
+            decoded = _decode_entries(Decoder(durable=True), shape, raw_entries, shown)
+            _put(state, steps, shape, decoded if shape != "value" else _whole(shape, decoded), replace)
     return len(raw_entries)
 
 
@@ -510,14 +528,15 @@ def _replace_state(state: Any, value: Any) -> None:
 
 
 def _import_staged(heap: Any, steps: list[Step], source: _Source, first: list[Any], replace: bool,
-                   name: str, batch: int) -> ImportReport:
+                   name: str, batch: int, stops: _Interrupts) -> ImportReport:
     from ._containers import Dict, List
     from ._jsonform import Decoder
 
     shown = _show(steps)
     import_id = uuid.uuid4().hex
     container: Any = Dict() if source.shape == "pairs" else List()
-    _begin_staging(heap, import_id, shown, container)
+    with stops.transaction():
+        _begin_staging(heap, import_id, shown, container)
     decoder = Decoder(durable=True)
     entries = transactions = 0
     try:
@@ -525,8 +544,8 @@ def _import_staged(heap: Any, steps: list[Step], source: _Source, first: list[An
         while pending:
             # The staged container is this import's alone: no other transaction writes it,
             # so these commits cannot conflict (no retry, which would decode twice).
-            with heap.transaction(f"import {name} into {shown}: staging entries {entries + 1:,}-"
-                                  f"{entries + len(pending):,}"):
+            note = f"import {name} into {shown}: staging entries {entries + 1:,}-{entries + len(pending):,}"
+            with stops.transaction(), heap.transaction(note):
                 staged = _staged(heap, import_id)["data"]
                 decoded = _decode_entries(decoder, source.shape, pending, shown)
                 if source.shape == "pairs":
@@ -536,8 +555,8 @@ def _import_staged(heap: Any, steps: list[Step], source: _Source, first: list[An
             entries += len(pending)
             transactions += 1
             heap.connection.cacheGC()  # committed: their objects may become ghosts again
-            pending = _take(source.entries, batch)
-        with _final_commit():
+            pending = _take(source.entries, batch, stops)
+        with stops.transaction():
             for attempt in heap.attempts(note=f"import {name} into {shown}: {entries:,} entries "
                                          f"({'replace' if replace else 'merge'})"):
                 with attempt as state:
@@ -555,8 +574,10 @@ def _import_staged(heap: Any, steps: list[Step], source: _Source, first: list[An
                         del root[IMPORTS_KEY]  # no import under way: the root as before
         transactions += 1
     except BaseException:
-        _drop_staged(heap, import_id)
+        with stops.transaction():
+            _drop_staged(heap, import_id)
         raise
+    _too_late(stops)
     return ImportReport(entries, transactions, "replaced" if replace else "merged", shown)
 
 
@@ -582,32 +603,65 @@ def _begin_staging(heap: Any, import_id: str, shown: str, container: Any) -> Non
 
 def _drop_staged(heap: Any, import_id: str) -> None:
     """Forget the staged entries of a stopped import (a pack removes their records)."""
-    with contextlib.suppress(Exception), _final_commit(quiet=True):
-        heap.transaction_manager.abort()
-        for attempt in heap.attempts(note="import stopped: staged entries dropped"):
+    try:
+        for attempt in heap.attempts(note="import stopped: its staged entries dropped"):
             with attempt:
-                imports = heap.connection.root().get(IMPORTS_KEY)
+                root = heap.connection.root()
+                imports = root.get(IMPORTS_KEY)
                 if imports is not None and import_id in imports:
                     del imports[import_id]
+                    if not imports:
+                        del root[IMPORTS_KEY]
+    except Exception as exc:  # noqa: BLE001 - the error that stopped the import matters more
+        print(f"durable-heap: the stopped import's staged entries could not be dropped ({exc}); "
+              "nothing in state refers to them, and the next import drops them", file=sys.stderr)
 
 
-@contextlib.contextmanager
-def _final_commit(quiet: bool = False) -> Iterator[None]:
-    """Hold Ctrl-C off while the block commits: an import is done or not done, never
-    interrupted inside ZODB's two-phase commit (whose outcome would then be unknown).
-    A Ctrl-C that came meanwhile is said to have come too late."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if came and not quiet:
-        print("durable-heap: Ctrl-C came during the last commit: the import was completed",
-              file=sys.stderr, flush=True)
+class _Interrupts:
+    """Ctrl-C during an import, taken at safe points only.
+
+    ZODB trap: a KeyboardInterrupt inside a commit's second phase (FileStorage's
+    ``_finish``) makes the storage close itself ("Failure in _finish. Closing."), so
+    neither that commit nor the clean-up after it can be relied on. While the import
+    runs, Ctrl-C only sets a flag, which `check` turns into KeyboardInterrupt between
+    two entries or batches; outside a transaction (reading a slow pipe) a second Ctrl-C
+    raises at once. The last transaction is not interrupted at all: a Ctrl-C during it
+    is said to have come too late.
+    """
+
+    def __init__(self) -> None:
+        self.came = False
+        self.depth = 0  # > 0 inside a transaction
+        self._previous: Any = None
+        self._main = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _Interrupts:
+        if self._main:
+            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._main:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.came and not self.depth:
+            raise KeyboardInterrupt
+        self.came = True
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if Ctrl-C came: call it only where stopping is safe."""
+        if self.came and not self.depth:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A block that Ctrl-C never interrupts (checked after it)."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
 
 # --- call --each --------------------------------------------------------------------------------
@@ -758,7 +812,7 @@ def _export(args: Any) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(work)
             raise
-    print(f"durable-heap: wrote {args.path} ({n:,} entries) to {args.output}", file=sys.stderr)
+    print(f"durable-heap: wrote {args.path} ({_entries(n)}) to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -781,10 +835,14 @@ def _import(args: Any) -> int:
         name = "stdin" if reading_stdin else args.file
         raw = contextlib.nullcontext(sys.stdin.buffer) if reading_stdin else open(args.file, "rb")  # noqa: SIM115
         size = None if reading_stdin else file_size(args.file)
-        with raw as f, progress(size, f"import {name}", "B") as bar:
+        with raw as f, progress(size, f"import {os.path.basename(name)}", "B") as bar:
             report = import_data(heap, f, path=args.path, replace=args.replace, name=name,
                                  batch=args.batch, bar=bar)
-    print(f"imported {report.entries:,} entr{'y' if report.entries == 1 else 'ies'} of {name} into "
+    print(f"imported {_entries(report.entries)} of {name} into "
           f"{report.path} ({report.mode}, {report.transactions} transaction"
           f"{'s' if report.transactions != 1 else ''})")
     return 0
+
+
+def _entries(n: int) -> str:
+    return f"{n:,} entr{'y' if n == 1 else 'ies'}"
