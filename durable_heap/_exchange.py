@@ -8,20 +8,23 @@ The JSON is the tagged form of `durable_heap._jsonform` (the one encoder, the sa
 
 **An import is all or nothing, in bounded memory.** A small file (at most ``--batch``
 entries at its top level, default `BATCH`) is read and applied in one transaction. A
-bigger one is read entry by entry (with ijson, the ``bulk`` extra, the file is never
-held whole) and its entries are written, ``--batch`` per transaction, into a fresh
-container of their own under the root key `IMPORTS_KEY`, which nothing in ``state``
-refers to. Only when the whole file has been read does one last transaction put them in
-place (``--replace``: the staged container takes the place of the old value, one
-reference; a merge: one reference per entry, the entries' own records stay as they were
-written). One transaction for all of it was measured first: at 100,000 entries it held
-about three times the memory of the batched import, growing with the file (a ZODB
-transaction keeps every new object in memory until it commits; savepoints did not help,
-the watch keeps them), and a conflict at its end would redo it all. Stopped (Ctrl-C, a
-malformed entry, an unknown class) before that last transaction, the staged entries are
-dropped and ``state`` is as it was (Ctrl-C is taken between two entries or batches,
-never inside a commit: see `_Interrupts`); a process killed outright leaves them staged, with
-nothing referring to them, and the next import drops them (a pack then removes them).
+bigger one is read entry by entry (the file is never held whole, see `_TopLevel`) and
+its entries are written, ``--batch`` per transaction, into a fresh container of their
+own under the root key `IMPORTS_KEY`, which nothing in ``state`` refers to. Only when
+the whole file has been read does one last transaction put them in place
+(``--replace``: the staged container takes the place of the old value, one reference;
+a merge: one reference per entry, the entries' own records stay as they were written).
+
+Why not one transaction for all of it: measured at 100,000 entries, it held about
+three times the memory of the batched import, growing with the file (a ZODB
+transaction keeps every new object in memory until it commits; savepoints did not
+help, the watch keeps them), and a conflict at its end would redo it all.
+
+Stopped (Ctrl-C, a malformed entry, an unknown class) before that last transaction,
+the staged entries are dropped and ``state`` is as it was (Ctrl-C is taken between two
+entries or batches, never inside a commit: see `_Interrupts`); a process killed
+outright leaves them staged, with nothing referring to them, and the next import drops
+them after a day (`STALE`; a pack then removes their records).
 """
 
 from __future__ import annotations
@@ -234,18 +237,11 @@ def export_data(heap: Any, path: str = "state", out: IO[str] | None = None) -> i
 class _Counting:
     """A binary file that moves a progress bar by the bytes read through it."""
 
-    def __init__(self, raw: IO[bytes], bar: Any, head: bytes = b"") -> None:
-        self._raw, self._bar, self._head = raw, bar, head
+    def __init__(self, raw: IO[bytes], bar: Any) -> None:
+        self._raw, self._bar = raw, bar
 
     def read(self, n: int = -1) -> bytes:
-        if n == 0:  # ijson reads 0 bytes first to tell text from bytes: nothing consumed
-            return b""
-        if self._head:
-            chunk, self._head = self._head, b""
-            if n is None or n < 0:
-                chunk += self._raw.read()
-        else:
-            chunk = self._raw.read(n)
+        chunk = self._raw.read(n)
         self._bar.update(len(chunk))
         return chunk
 
@@ -260,47 +256,154 @@ class _Source:
 
 
 def _open_source(raw: IO[bytes], name: str, bar: Any) -> _Source:
-    """The top level of the JSON in `raw`, read lazily with ijson where installed."""
-    head = raw.read(64 * 1024)
-    first = head.lstrip()[:1]
-    stream = _Counting(raw, bar, head)
-    try:
-        import ijson
-    except ImportError:
-        ijson = None
-    if ijson is None or first not in (b"{", b"["):
-        try:
-            data = json.load(stream)  # type: ignore[arg-type]
-        except ValueError as exc:
-            raise JSONFormError(f"{name} is not JSON: {exc}") from None
-        return _shape_of(data)
-    if first == b"[":
-        return _Source("items", _guarded(ijson.items(stream, "item", use_float=True), name))
-    pairs = _guarded(ijson.kvitems(stream, "", use_float=True), name)
+    """The top level of the JSON in `raw`, its entries read one at a time (`_TopLevel`)."""
+    top = _TopLevel(_Counting(raw, bar), name)
+    first = top.peek()
+    if first == "[":
+        return _Source("items", top.items())
+    if first != "{":
+        return _shape_of(top.whole())
+    pairs = top.pairs()
     try:
         key, data = next(pairs)
     except StopIteration:
         return _Source("pairs", iter(()))
-    if key.startswith("$"):  # a tagged value at the top: read whole (it is one value)
+    if key.startswith("$"):  # a tagged value at the top: one value
         rest = dict(pairs)
         return _Source("value", iter([{key: data, **rest}]))
 
     def chained() -> Iterator[Any]:
         yield key, data
-        yield from pairs
+        for k, v in pairs:
+            if k.startswith("$"):  # as `decode` reads a whole object: a tag is alone or an error
+                raise JSONFormError(f"{name}: the top-level key {k!r} starts with '$': write a dict "
+                                    "with such keys as {\"$dict\": [[key, value], ...]}")
+            yield k, v
 
     return _Source("pairs", chained())
 
 
-def _guarded(it: Iterator[Any], name: str) -> Iterator[Any]:
-    """ijson's errors as `JSONFormError` naming the file."""
-    import ijson
+class _TopLevel:
+    """Reads a JSON document's top-level object or array one entry at a time, so that a
+    big file is never held whole; each entry is parsed by the standard library's `json`
+    (its C scanner, ``raw_decode``). Only the top level's punctuation is read here.
 
-    try:
-        yield from it
-    except ijson.JSONError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise JSONFormError(f"{name} is not JSON (or is cut short): {first}") from None
+    Why not ijson: its fast (C) backend fails on integers past 64 bits ("integer
+    overflow", found by the round-trip property test), and its pure Python backend is
+    many times slower than `json`.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, raw: Any, name: str) -> None:
+        import codecs
+
+        self._raw, self._name = raw, name
+        self._text = codecs.getincrementaldecoder("utf-8-sig")()
+        self._buf = ""
+        self._pos = 0
+        self._eof = False
+        self._read_so_far = 0  # characters dropped from the buffer's front
+        self._decoder = json.JSONDecoder()
+
+    def _more(self) -> bool:
+        if self._eof:
+            return False
+        chunk = self._raw.read(self.CHUNK)
+        try:
+            self._buf += self._text.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as exc:
+            raise JSONFormError(f"{self._name} is not UTF-8 text: {exc}") from None
+        if not chunk:
+            self._eof = True
+        return True
+
+    def _error(self, what: str) -> JSONFormError:
+        return JSONFormError(f"{self._name} is not JSON: {what} at character "
+                             f"{self._read_so_far + self._pos + 1:,}")
+
+    def _skip(self) -> str:
+        """The next character that is not white space ("" at the end), not consumed."""
+        while True:
+            buf, pos = self._buf, self._pos
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            self._pos = pos
+            if pos < len(buf):
+                return buf[pos]
+            if not self._more():
+                return ""
+
+    def _compact(self) -> None:
+        if self._pos > self.CHUNK:
+            self._read_so_far += self._pos
+            self._buf, self._pos = self._buf[self._pos:], 0
+
+    def peek(self) -> str:
+        return self._skip()
+
+    def _value(self) -> Any:
+        """One JSON value from here: read further while it may go on past the buffer (a
+        number at its end may have more digits)."""
+        self._skip()
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self._buf, self._pos)
+            except json.JSONDecodeError as exc:
+                if self._more():
+                    continue
+                raise self._error(exc.msg) from None
+            if end >= len(self._buf) and self._more():
+                continue
+            self._pos = end
+            self._compact()
+            return value
+
+    def _expect(self, chars: str) -> str:
+        c = self._skip()
+        if not c or c not in chars:
+            found = repr(c) if c else "the end of the file"
+            raise self._error(f"expected {' or '.join(repr(x) for x in chars)}, found {found}")
+        self._pos += 1
+        return c
+
+    def whole(self) -> Any:
+        value = self._value()
+        if self._skip():
+            raise self._error("more data after the JSON value")
+        return value
+
+    def pairs(self) -> Iterator[tuple[str, Any]]:
+        self._expect("{")
+        if self._skip() == "}":
+            self._pos += 1
+            self._end()
+            return
+        while True:
+            if self._skip() != '"':
+                raise self._error("expected a key in double quotes")
+            key = self._value()
+            self._expect(":")
+            yield key, self._value()
+            if self._expect(",}") == "}":
+                self._end()
+                return
+
+    def items(self) -> Iterator[Any]:
+        self._expect("[")
+        if self._skip() == "]":
+            self._pos += 1
+            self._end()
+            return
+        while True:
+            yield self._value()
+            if self._expect(",]") == "]":
+                self._end()
+                return
+
+    def _end(self) -> None:
+        if self._skip():
+            raise self._error("more data after the JSON value")
 
 
 def _shape_of(data: Any) -> _Source:
