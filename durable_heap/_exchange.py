@@ -850,10 +850,10 @@ def file_size(path: str) -> int | None:
 # --- the commands -------------------------------------------------------------------------------
 
 EXAMPLES = {
-    "export": "examples:\n  durable-heap export tracker.py > tracker.json\n"
+    "export": "example:\n  durable-heap export tracker.py > tracker.json\n"
               "  durable-heap export tracker.py --path state.users -o users.json\n"
               "  durable-heap export tracker.py --path \"state.users['ann']\" --storage zeo://db:8100",
-    "import": "examples:\n  durable-heap import tracker.py users.json --path state.users      # merge\n"
+    "import": "example:\n  durable-heap import tracker.py users.json --path state.users      # merge\n"
               "  durable-heap import tracker.py tracker.json --replace --storage new.fs\n"
               "  curl -s https://example.com/seed.json | durable-heap import tracker.py - --path state.seed",
 }

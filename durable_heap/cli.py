@@ -16,6 +16,9 @@
     durable-heap workflows PROGRAM [--id ID]       list workflows (--cancel ID, --retry ID)
     durable-heap timers PROGRAM                    list timers and dead letters (--retry, --drop)
     durable-heap pack|backup|restore|verify|log|stats ...  operations (docs/operations.md)
+    durable-heap export PROGRAM [--path P] > FILE  the state (or a part) as JSON
+    durable-heap import PROGRAM FILE [--path P]    load JSON: merged, or --replace; all or nothing
+    durable-heap completion bash|zsh               a shell completion script
 
 PROGRAM is a ``.py`` file or a package folder. Options may come anywhere
 (``--storage TARGET``, ``--traceback``, ``--allow PATTERN``: a class the heap's
@@ -142,6 +145,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     from ._exchange import add_commands as add_exchange
 
     commands.update(add_exchange(sub, common))
+    from ._completion import add_command as add_completion  # durable-heap completion bash|zsh
+
+    commands["completion"] = add_completion(sub, lambda: _parser()[0])
     return parser, commands
 
 

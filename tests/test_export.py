@@ -391,5 +391,34 @@ def test_help_examples() -> None:
     _, commands = _parser()
     for name in ("export", "import"):
         text = commands[name].format_help()
-        assert "examples:" in text and f"durable-heap {name} tracker.py" in text
+        assert "example:" in text and f"durable-heap {name} tracker.py" in text
     assert "--each" in commands["call"].format_help()
+
+
+# --- shell completion ---------------------------------------------------------------------------
+
+
+def test_completion_scripts_complete_commands_and_options(tmp_path: Path) -> None:
+    pytest.importorskip("shtab")
+    import shutil
+
+    bash = ok("completion", "bash")
+    assert "complete -o bashdefault -F _shtab_durable_heap durable-heap" in bash
+    script = tmp_path / "dh.bash"
+    script.write_text(bash)
+    if shutil.which("bash"):
+        probe = f"""
+            source {script}
+            complete_words() {{ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMP_LINE="$*"
+                COMP_POINT=${{#COMP_LINE}}; _shtab_durable_heap durable-heap "${{@: -1}}" "${{@: -2:1}}"
+                echo "${{COMPREPLY[*]}}"; }}
+            complete_words durable-heap ex
+            complete_words durable-heap import app.py data.json --re
+            complete_words durable-heap verify --tr
+        """
+        out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+        assert out.stdout.splitlines() == ["export", "--replace", "--traceback"], out.stdout + out.stderr
+    zsh = ok("completion", "zsh")
+    assert zsh.startswith("#compdef durable-heap") and "export" in zsh and "--replace" in zsh
+    bad = cli("completion", "fish")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
