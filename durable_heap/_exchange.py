@@ -443,7 +443,7 @@ def import_data(heap: Any, raw: IO[bytes], *, path: str = "state", replace: bool
     with _Interrupts() as stops:
         source = _open_source(raw, name, bar)
         first = _take(source.entries, batch, stops)
-        if len(first) < batch:  # the whole file: one transaction
+        if len(first) < batch or source.shape == "value":  # the whole file: one transaction
             with stops.transaction():
                 n = _apply_direct(heap, steps, source.shape, first, replace, f"import {name} into {shown}")
             _too_late(stops)

@@ -181,6 +181,15 @@ def test_import_merges_by_default_and_replaces_on_request(app: Path, tmp_path: P
     assert read(app) == {"users": {}, "n": 7}
 
 
+def test_a_tagged_value_at_the_top_is_one_value(app: Path, tmp_path: Path) -> None:
+    f = tmp_path / "s.json"
+    f.write_text('{"$set": [1, 2]}')
+    ok("import", str(app), str(f), "--path", "state.tags", "--replace", "--batch", "1")
+    f.write_text('[3]')
+    ok("import", str(app), str(f), "--path", "state.tags", "--batch", "1")  # a set updated
+    assert read(app, "tags") == {1, 2, 3}
+
+
 def test_import_from_stdin(app: Path) -> None:
     ok("call", str(app), "add", "ann")
     out = with_stdin(["import", str(app), "-", "--path", "state.users"], '{"dan": {"role": "x"}}')
