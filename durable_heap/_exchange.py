@@ -49,8 +49,10 @@ __all__ = [
     "BATCH",
     "IMPORTS_KEY",
     "ImportReport",
+    "add_commands",
     "call_each",
     "export_data",
+    "file_size",
     "import_data",
     "parse_path",
 ]

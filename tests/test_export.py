@@ -415,7 +415,8 @@ def test_completion_scripts_complete_commands_and_options(tmp_path: Path) -> Non
     assert "complete -o bashdefault -F _shtab_durable_heap durable-heap" in bash
     script = tmp_path / "dh.bash"
     script.write_text(bash)
-    if shutil.which("bash"):
+    bash_path = shutil.which("bash")
+    if bash_path:
         probe = f"""
             source {script}
             complete_words() {{ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMP_LINE="$*"
@@ -425,7 +426,7 @@ def test_completion_scripts_complete_commands_and_options(tmp_path: Path) -> Non
             complete_words durable-heap import app.py data.json --re
             complete_words durable-heap verify --tr
         """
-        out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([bash_path, "-c", probe], capture_output=True, text=True, timeout=30)
         assert out.stdout.splitlines() == ["export", "--replace", "--traceback"], out.stdout + out.stderr
     zsh = ok("completion", "zsh")
     assert zsh.startswith("#compdef durable-heap") and "export" in zsh and "--replace" in zsh
