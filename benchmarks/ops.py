@@ -17,8 +17,8 @@ round on one heap file:
 * ``durable-heap export`` of the 100,000 entries (``--path state.users``) beside a
   process that builds the same data as builtins and ``json.dump``s it (the cost of
   writing JSON alone), with the bytes of each file;
-* ``durable-heap import`` of that file into a fresh heap (staged in batches, then put in
-  place) beside a process that reads it with ``json.load`` and writes each entry as a
+* ``durable-heap import`` of that file into a fresh heap (``--path state.users --replace``:
+  staged in batches, then put in place) beside a process that reads it with ``json.load`` and writes each entry as a
   row of SQLite (``INSERT`` of key and JSON text, one transaction, WAL, synchronous=FULL),
   with the size of the heap file and of the database.
 
@@ -159,8 +159,8 @@ def measure_exchange(entries: int, rounds: int, folder: str) -> dict[str, Any]:
             cpu[name].append(c)
             rss[name] = max(rss.get(name, 0.0), mb)
         fresh, db = os.path.join(folder, f"fresh{r}.fs"), os.path.join(folder, f"sqlite{r}.db")
-        pair = [("import", ["-m", "durable_heap", "import", program, exported, "--path", "state",
-                            "--storage", fresh]),
+        pair = [("import", ["-m", "durable_heap", "import", program, exported, "--path", "state.users",
+                            "--replace", "--storage", fresh]),
                 ("sqlite", ["-c", _SQLITE, exported, db])]
         for name, args in pair if r % 2 == 0 else pair[::-1]:
             t, c, mb = _timed_rss(args)
