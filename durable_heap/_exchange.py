@@ -216,6 +216,7 @@ def export_data(heap: Any, path: str = "state", out: IO[str] | None = None) -> i
     its attributes (so that ``import`` merges them back); anything else as `encode`
     writes it.
     """
+    from ._containers import Dict, List, Set
     from ._heap import read_transaction
     from ._jsonform import dump
     from ._state import State
@@ -231,7 +232,7 @@ def export_data(heap: Any, path: str = "state", out: IO[str] | None = None) -> i
         except JSONFormError as exc:
             raise JSONFormError(f"{path} cannot be exported: {str(exc).replace('value', path, 1)}") from None
         stream.write("\n")
-        return len(value) if hasattr(value, "__len__") else 1
+        return len(value) if isinstance(value, (dict, list, set, tuple, frozenset, Dict, List, Set)) else 1
 
 
 # --- reading the file entry by entry ------------------------------------------------------------
