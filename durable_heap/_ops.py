@@ -549,7 +549,11 @@ class VerifyReport:
 
 def verify(heap: Any) -> VerifyReport:
     """Read every current record (checked, references resolved) and, for a file heap, every
-    older revision in the file too (checked); name each damaged object where it can."""
+    older revision in the file too (checked); name each damaged object where it can.
+
+    A file heap is read once: the pass over the file notes what the walk needs of each
+    current record (`_verify_history`), so the walk loads only records it did not see
+    (one a writer added meanwhile)."""
     storage = heap.db.storage
     problems: list[Problem] = []
     history = 0
