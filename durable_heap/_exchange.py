@@ -822,7 +822,8 @@ def call_each(invoke: Callable[[tuple[Any, ...], dict[str, Any]], str], lines: I
         if main:
             signal.signal(signal.SIGINT, previous)
     if stop:
-        print(f"durable-heap: interrupted: {_made(done)}", file=sys.stderr, flush=True)
+        print(f"durable-heap: interrupted after {done:,} call{'s' if done != 1 else ''}, each "
+              "committed; the rest were not made", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
     return done
 
