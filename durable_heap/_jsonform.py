@@ -36,6 +36,9 @@ tag, is an error, never read as data. The tags:
                       (or inside itself); later places are ``{"$ref": n}``
 ====================  =============================================================
 
+A big document can be read in pieces (``durable-heap import`` reads a file entry
+by entry) with one `Decoder`, which keeps the ``$shared`` values for later ``$ref``\ s.
+
 Durable containers (`Dict`, `List`, `Set`) are written as the builtins they
 equal, and read back as builtins (assigned into state, they become durable
 again). Reading ``$object`` and ``$enum`` names a class: only classes already
