@@ -37,7 +37,7 @@ tag, is an error, never read as data. The tags:
 ====================  =============================================================
 
 A big document can be read in pieces (``durable-heap import`` reads a file entry
-by entry) with one `Decoder`, which keeps the ``$shared`` values for later ``$ref``\ s.
+by entry) with one `Decoder`, which keeps the ``$shared`` values for each later ``$ref``.
 
 Durable containers (`Dict`, `List`, `Set`) are written as the builtins they
 equal, and read back as builtins (assigned into state, they become durable
