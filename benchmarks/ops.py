@@ -18,8 +18,9 @@ round on one heap file:
   process that builds the same data as builtins and ``json.dump``s it (the cost of
   writing JSON alone), with the bytes of each file;
 * ``durable-heap import`` of that file into a fresh heap (``--path state.users --replace``:
-  staged in batches, then put in place) beside a process that reads it with ``json.load`` and writes each entry as a
-  row of SQLite (``INSERT`` of key and JSON text, one transaction, WAL, synchronous=FULL),
+  staged in batches, then put in place) beside a process that reads it with ``json.load``
+  and writes each entry as a row of SQLite (``INSERT`` of key and JSON text, one
+  transaction, WAL, synchronous=FULL),
   with the size of the heap file and of the database.
 
 Medians in seconds, and each ratio to ZODB's tool. Nothing here asserts a time.
