@@ -73,6 +73,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_KEY",
     "FORMAT_SINCE",
+    "IMPORTS_KEY",
     "INLINE_CLASSES",
     "PROGRAMS_KEY",
     "ROOT_KEY",
@@ -90,6 +91,10 @@ PROGRAMS_KEY = "durable_heap.programs"
 CLASSES_KEY = "durable_heap.classes"
 #: Key of the marker (True) that the registry lists users' classes too (since 0.3).
 COMPLETE_KEY = "durable_heap.classes.complete"
+#: Key of the imports being staged (`_exchange`): a Dict of import id -> {"started": a
+#: datetime, "target": the path, "data": the staged Dict or List}; absent or empty
+#: when no ``durable-heap import`` of a big file is under way.
+IMPORTS_KEY = "durable_heap.imports"
 
 #: The root keys of durable execution (`_workflows`), in the order listed above.
 WORKFLOW_KEYS: tuple[str, ...] = (

@@ -93,6 +93,7 @@ def test_root_keys_and_format_version() -> None:
     assert _format.PROGRAMS_KEY == "durable_heap.programs"
     assert _format.CLASSES_KEY == "durable_heap.classes"
     assert _format.COMPLETE_KEY == "durable_heap.classes.complete"
+    assert _format.IMPORTS_KEY == "durable_heap.imports"  # durable-heap import's staging
     assert _format.FORMAT == 2 and _format.FORMAT_SINCE == {1: "0.2", 2: "0.3"}
     assert max(_format.FORMAT_SINCE) == _format.FORMAT
     assert _format.WORKFLOW_KEYS == (
