@@ -35,6 +35,7 @@ functions by those names.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import functools
@@ -117,6 +118,9 @@ _FINAL = frozenset({"done", "failed", "cancelled"})
 
 #: The version layer's hook: (module, qualname) -> the function to call, or None.
 resolver: Callable[[str, str], Any] | None = None
+#: The version layer's hook: (heap, program, save) -> a context manager that binds the
+#: program's durable module globals (and with `save`, saves their changes at its end).
+globals_binder: Callable[[Any, str, bool], contextlib.AbstractContextManager[None]] | None = None
 #: Actions and workflows by (module, qualname), as decorated in this process.
 _named: dict[tuple[str, str], Any] = {}
 
@@ -163,6 +167,10 @@ class WorkflowRecord(Persistent):
         self.finished: float | None = None
         self.code = ""  # a hash of the workflow function's code that last ran it (see `code_hash`)
         self.indexed: tuple[str, str, str, str] | None = None  # its key in WAITING_KEY's tree
+
+    #: Steps last replayed with other arguments than their journal entry's: number (from
+    #: 0) -> the call as replayed. A class default: records written before it lack it.
+    replayed: dict[int, str] | None = None
 
 
 class JournalEntry:
@@ -419,7 +427,7 @@ class _Run:
 
     def __init__(self, heap: Any, wid: str, func: WorkflowFunction, entries: list[JournalEntry],
                  *, claim: tuple[float, str] | None, create: WorkflowRecord | None,
-                 check: bool = False) -> None:
+                 check: bool = False, promised: dict[str, Any] | None = None) -> None:
         self.heap = heap
         self.wid = wid
         self.func = func
@@ -429,6 +437,13 @@ class _Run:
         self.claim = claim  # the timer that woke it: removed by its first transaction
         self.create = create  # a record to store at the first transaction (a start outside one)
         self.check = check  # a deploy's read-only replay: stop at the first new thing
+        # Promises seen resolved (name -> value) where the run's journal was read: a
+        # resolved promise stays so, so `Promise.wait` needs no transaction of its own.
+        self.promised = promised or {}
+        # Steps replayed with other arguments than journaled (number from 0 -> the call
+        # now): reported, not refused (the body may read state, which moves on); kept
+        # in the record (`WorkflowRecord.replayed`) for inspection.
+        self.changed: dict[int, str] = {}
         self.in_step = False
         self.step_task: Any = None  # the asyncio task running an async step
         self.is_async = inspect.iscoroutinefunction(func.func)
@@ -452,6 +467,7 @@ class _Run:
             if kind == "step" and detail is not None and entry.detail != detail and not self.check:
                 _log.warning("workflow %s step %d (%s): arguments changed on replay: %s, was %s",
                              self.wid, self.cursor + 1, name, detail, entry.detail)
+                self.changed[self.cursor] = detail  # kept in the record by the next transaction
             self.cursor += 1
             return entry
         if self.check:
@@ -507,6 +523,10 @@ class _Run:
             rec.code = self.code
         for n, entry in enumerate(self.entries[self.committed:], self.committed):
             rec.journal[n] = entry
+        if self.changed:
+            known = rec.replayed or {}
+            if any(known.get(n) != d for n, d in self.changed.items()):
+                rec.replayed = {**known, **self.changed}
         return rec
 
     def _end(self, rec: WorkflowRecord, conn: Any, now: float) -> None:
@@ -557,7 +577,8 @@ class _Run:
 
         def work(rec: WorkflowRecord, conn: Any, now: float) -> Any:
             try:
-                value = func(*args, **kwargs)
+                with _bound(self.heap, getattr(func, "__module__", None) or "", True):
+                    value = func(*args, **kwargs)
             except transaction.interfaces.TransientError:
                 raise
             except Exception as exc:
@@ -593,7 +614,8 @@ class _Run:
             now = _clock(heap)
             rec = self._begin(conn, now)
             try:
-                value = await func(*args, **kwargs)
+                with _bound(heap, getattr(func, "__module__", None) or "", True):
+                    value = await func(*args, **kwargs)
             except transaction.interfaces.TransientError:
                 raise
             except Exception as exc:
@@ -767,6 +789,15 @@ class _StepScope(dict):  # type: ignore[type-arg]
 _bodies: dict[Any, Callable[..., Any]] = {}
 
 
+def _bound(heap: Any, module: str, save: bool) -> contextlib.AbstractContextManager[None]:
+    """A program's durable module globals bound around a workflow body (`save` False) or
+    a step, timer action or subscriber (`save`: in its transaction), as around a call."""
+    name = module.partition(".")[0]
+    if globals_binder is None or getattr(sys.modules.get(name), "__durable_source__", None) is None:
+        return contextlib.nullcontext()
+    return globals_binder(heap, name, save)
+
+
 def _program_body(func: Callable[..., Any]) -> Callable[..., Any]:
     """In a program, every module-level function called from a workflow is a step.
 
@@ -800,6 +831,11 @@ def _as_step(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _call_body(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with _bound(run.heap, getattr(run.func.func, "__module__", None) or "", False):
+        return _call_body_bound(run, args, kwargs)
+
+
+def _call_body_bound(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     func = _program_body(run.func.func)
     if not run.is_async:
         return func(*args, **kwargs)
@@ -829,23 +865,24 @@ def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
              create: WorkflowRecord | None = None, known: tuple[Any, ...] | None = None) -> None:
     """Run workflow `wid` from the top until it ends or waits (outside any transaction).
 
-    `known`: its (args, kwargs, function, journal) as the scheduler just read them.
+    `known`: what `_known` read of it in the scheduler's transaction that found it due.
     """
+    promised: dict[str, Any] = {}
     if create is not None:
         rec_args, rec_kwargs, function, entries = create.args, create.kwargs, create.function, []
     elif known is not None:
-        rec_args, rec_kwargs, function, entries = known
+        rec_args, rec_kwargs, function, entries, promised = known
     else:
         def read(conn: Any) -> Any:
             wfs = _peek(conn, WORKFLOWS_KEY)
             rec = wfs.get(wid) if wfs is not None else None
             if rec is None or rec.status in _FINAL or rec.status == "blocked":
                 return None
-            return rec.args, rec.kwargs, rec.function, list(rec.journal.values())
+            return _known(conn, rec)
         found = _txn(heap, read, f"workflow {wid}: read")
         if found is None:
             return
-        rec_args, rec_kwargs, function, entries = found
+        rec_args, rec_kwargs, function, entries, promised = found
     try:
         wf = find(function)
         if not isinstance(wf, WorkflowFunction):
@@ -854,7 +891,7 @@ def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
         if create is None:
             _block(heap, wid, str(exc), claim)
         raise
-    run = _Run(heap, wid, wf, entries, claim=claim, create=create)
+    run = _Run(heap, wid, wf, entries, claim=claim, create=create, promised=promised)
     token = _current.set(run)
     try:
         with heap.activate():
@@ -891,6 +928,19 @@ def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
         return
     finally:
         _current.reset(token)
+
+
+def _known(conn: Any, rec: WorkflowRecord) -> tuple[Any, ...]:
+    """What a run of `rec` starts from: (args, kwargs, function, journal, promised),
+    promised: the value of the promise it waits on, if resolved (read here, in the
+    same transaction, so that the wake needs no read of its own)."""
+    promised: dict[str, Any] = {}
+    if rec.waiting and rec.waiting[0] == "promise":
+        promises = _peek(conn, PROMISES_KEY)
+        prom = promises.get(rec.waiting[1]) if promises is not None else None
+        if prom is not None and prom.resolved:
+            promised[prom.name] = prom.value
+    return rec.args, rec.kwargs, rec.function, list(rec.journal.values()), promised
 
 
 def _block(heap: Any, wid: str, reason: str, claim: tuple[float, str] | None) -> None:
@@ -1211,6 +1261,8 @@ class Promise:
 
     def _outcome(self, run: _Run, deadline: float | None) -> JournalEntry | None:
         now = _clock(run.heap)
+        if self.name in run.promised:  # read with the journal (a wake by its resolve)
+            return JournalEntry("got", self.name, deadline, run.promised[self.name], at=now)
 
         def read(conn: Any) -> Any:
             promises = _peek(conn, PROMISES_KEY)
@@ -1401,7 +1453,8 @@ class Workflow:
                 "steps": max(rec.length, journal_length(rec)),
                 "journal": [
                     {"number": n + 1, "kind": e.kind, "name": e.name, "detail": e.detail,
-                     "error": _describe(e.error)} for n, e in rec.journal.items()
+                     "error": _describe(e.error), "replayed": (rec.replayed or {}).get(n)}
+                    for n, e in rec.journal.items()
                 ],
             }
         return self._read(describe)  # type: ignore[no-any-return]
@@ -1586,7 +1639,7 @@ def _fire_one(heap: Any) -> int | None:
                 rec.timer = _add_timer(conn, seen + heap.lease, entry)
                 return 0
             state["run"] = entry.target
-            state["known"] = (rec.args, rec.kwargs, rec.function, list(rec.journal.values()))
+            state["known"] = _known(conn, rec)
             return 1  # the run's first transaction removes the timer (a wake is one transaction)
         if entry.kind == "prune":
             del timers[key]
@@ -1611,7 +1664,8 @@ def _fire_one(heap: Any) -> int | None:
             target, args, kwargs = entry.target, entry.args, entry.kwargs
         try:
             func = find(target)
-            func(*args, **kwargs)
+            with _bound(heap, target[0], True):
+                func(*args, **kwargs)
         except transaction.interfaces.TransientError:
             raise
         except Exception as exc:
@@ -1679,6 +1733,63 @@ def _failed(heap: Any, key: tuple[float, str], entry: TimerEntry, exc: BaseExcep
     _txn(heap, work, f"timer {key[1]} failed")
 
 
+def _stop_now(stop: threading.Event, wake: threading.Event) -> None:
+    stop.set()
+    wake.set()  # out of its sleep at once, whatever `poll` is
+
+
+def _front_oids(conn: Any, timers: Any) -> frozenset[bytes]:
+    """The oids a commit changes when it adds a timer due before every pending one.
+
+    Timers due now or soon are keyed before the others, so they land in the tree's
+    first bucket (or, inline, in the tree itself, or split it: a change to the nodes
+    on the way there). Without a tree: the root, where it will be made.
+    """
+    if timers is None:
+        return frozenset({conn.root()._p_oid})
+    oids = {timers._p_oid}
+    node = timers
+    while True:
+        node._p_activate()
+        state = node.__getstate__()
+        if not state or len(state) < 2:  # empty, or one bucket stored inline
+            break
+        node = state[0][0]  # the first child: a tree (go on down) or the first bucket
+        oids.add(node._p_oid)
+        if type(node) is not type(timers):  # a bucket (a subtree is of the tree's class)
+            break
+    return frozenset(oids)
+
+
+def _ring_on_invalidation(heap: Any) -> None:
+    """Wake `heap`'s scheduler when another process's commit changed the start of the timers tree.
+
+    Over ZEO the server pushes each commit's changed oids to every other client as it
+    commits (``ClientStorage.invalidateTransaction``, in ZEO's IO thread, calling
+    ``invalidate`` on the DB's MVCC adapter): a wake resolved elsewhere is seen at
+    once instead of at the next poll. FileStorage and PostgreSQL push nothing here
+    (in-process commits ring through `_after_commit`).
+    """
+    if heap._wf_ringing:
+        return
+    heap._wf_ringing = True
+    # -- PROTECTED: ZODB's DB._mvcc_storage (the MVCCAdapter its storage calls
+    # ``invalidate(tid, oids)`` on); an instance attribute shadows the method. --
+    adapter = getattr(heap.db, "_mvcc_storage", None)
+    original = getattr(adapter, "invalidate", None)
+    if original is None:
+        return  # another ZODB: the scheduler polls
+    wake = heap._wf_wake
+
+    def invalidate(tid: bytes, oids: Any) -> None:
+        original(tid, oids)
+        watched = heap._wf_watched
+        if watched is None or not watched.isdisjoint(oids):
+            wake.set()
+
+    adapter.invalidate = invalidate  # type: ignore[union-attr]
+
+
 # --- heap methods ------------------------------------------------------------------------------------
 
 
@@ -1690,6 +1801,8 @@ class WorkflowMethods:
     retention: float
     _wf_wake: threading.Event
     _wf_declared: tuple[Any, set[Any]] | None
+    _wf_watched: frozenset[bytes] | None
+    _wf_ringing: bool
 
     def __init__(self, *args: Any, clock: Callable[[], float] | None = None,
                  lease: float = DEFAULT_LEASE, retention: float = DEFAULT_RETENTION,
@@ -1699,6 +1812,8 @@ class WorkflowMethods:
         self.lease = float(lease)
         self.retention = float(retention)
         self._wf_wake = threading.Event()
+        self._wf_watched = None  # see `_next_deadline`; None: any invalidation rings
+        self._wf_ringing = False  # `_ring_on_invalidation` installed
         self._wf_declared = None  # (transaction, crons and subscriptions it declared): `_declared_in`
         super().__init__(*args, **kwargs)
 
@@ -1761,16 +1876,19 @@ class WorkflowMethods:
                       tick: Callable[[], Any] | None = None) -> None:
         """Run due work until `stop` is set (or SIGTERM / SIGINT in the main thread).
 
-        Between rounds it sleeps until the next deadline, a commit in this
-        process that adds work, or `poll` seconds (commits of other processes,
-        over ZEO, are seen at the next poll). `tick` is called about once a
-        second (the worker loads a newly deployed version there).
+        Between rounds it sleeps until the next deadline, or until a commit adds
+        work: one of this process (`_after_commit`), or over ZEO one of another
+        process that changed the start of the timers tree (`_ring_on_invalidation`);
+        at most `poll` seconds (storages that push no invalidations, PostgreSQL,
+        are seen at the next poll). `tick` is called about once a second (the
+        worker loads a newly deployed version there).
         """
         stop = stop or threading.Event()
         handlers: list[tuple[signal.Signals, Any]] = []
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                handlers.append((sig, signal.signal(sig, lambda *_: stop.set())))
+                handlers.append((sig, signal.signal(sig, lambda *_: _stop_now(stop, self._wf_wake))))
+        _ring_on_invalidation(self)
         ticked = time.monotonic()
         try:
             while not stop.is_set():
@@ -1781,11 +1899,11 @@ class WorkflowMethods:
                 try:
                     if self.run_due(limit=100):
                         continue
+                    nxt = self._next_deadline()
                 except DurableHeapError as exc:  # a lost ZEO server, a full disk: keep going
                     _log.error("scheduler round failed (retrying in a second): %s", exc)
                     stop.wait(1.0)
                     continue
-                nxt = self._next_deadline()
                 wait = poll if nxt is None else max(0.0, min(poll, nxt - _clock(self)))
                 if self.clock is not time.time:
                     wait = poll  # a test clock moves by itself: poll
@@ -1795,8 +1913,11 @@ class WorkflowMethods:
                 signal.signal(sig, old)
 
     def _next_deadline(self) -> float | None:
+        """The first timer's deadline; and it notes (`_wf_watched`) the oids whose change
+        by another process may add work due before it (see `_ring_on_invalidation`)."""
         def read(conn: Any) -> float | None:
             timers = _peek(conn, TIMERS_KEY)
+            self._wf_watched = _front_oids(conn, timers)
             return timers.minKey()[0] if timers else None
         return _txn(self, read, "durable_heap: next deadline")  # type: ignore[no-any-return]
 
@@ -2031,6 +2152,15 @@ def _replay_check(heap: Any, rec: WorkflowRecord) -> str:
         return (f"the new code ended after step {run.cursor} of {len(run.entries)} journaled "
                 "(it no longer reaches the workflow's wait)")
     return ""
+
+
+Binder = Callable[[Any, str, bool], contextlib.AbstractContextManager[None]]
+
+
+def set_globals_binder(func: Binder | None) -> None:
+    """Register the version layer's binding of a program's durable globals (see `_bound`)."""
+    global globals_binder
+    globals_binder = func
 
 
 def set_resolver(func: Callable[[str, str], Any] | None) -> None:

@@ -751,6 +751,8 @@ def _workflows(args: argparse.Namespace) -> int:
             for e in info["journal"]:
                 error = f"  raised {e['error']}" if e["error"] else ""
                 detail = e["detail"] if e["kind"] == "step" else ""
+                if e.get("replayed"):
+                    detail += f" (replayed as {e['replayed']}: its arguments changed)"
                 print(f"{e['number']:>9}. {e['kind']} {e['name']} {detail}{error}".rstrip())
             return 0
         print(f"{'id':<32}  {'status':<9}  {'since (UTC)':<19}  {'function':<24}  waits on")
