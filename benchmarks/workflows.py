@@ -17,7 +17,8 @@
   two: the resolve's and the step's).
 - ``scale``: N waiting workflows and N pending timers (written in bulk): the time to
   open the heap and to call ``run_due()`` with nothing due, against an empty heap; the
-  time to fire one due timer among them; the process's RSS.
+  time to fire one due timer among them; the process's RSS; listing the workflows of
+  one status (none of them) and reading one by id, against reading every record.
 - ``replay``: resuming a workflow with 10, 100 and 1,000 journaled steps (the replay
   of its journal, then one new step).
 - ``deploy``: a deploy of a program with N waiting workflows whose function is
@@ -337,6 +338,18 @@ def scale_child(path: str, n: int, build: bool) -> dict[str, Any]:
         heap.run_due()
         samples.append(time.perf_counter() - t0)
     out["run_due_idle_ms"] = _ms(samples)
+    if n:  # listing: by status (the index) and by id, against reading every record (before it)
+        t0 = time.perf_counter()
+        assert heap.workflows(status="failed") == []
+        out["list_status_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        assert heap.workflow_by_id(f"wf{n // 2:07d}").info["status"] == "waiting"
+        out["by_id_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        with heap.transaction():
+            wfs = w._peek(heap.connection, w.WORKFLOWS_KEY)
+            assert not [r for r in wfs.values() if r.status == "failed"]
+        out["scan_all_ms"] = (time.perf_counter() - t0) * 1e3
 
     tick = heap.action(_tick)
     fire = []
@@ -521,6 +534,10 @@ def _print(r: dict[str, Any]) -> None:
         for k in ("open_ms", "run_due_idle_ms", "fire_one_ms"):
             print(f"  {k}: {s['full'][k]:.2f} vs {s['empty'][k]:.2f} ({s[k + '_ratio']:.2f}x)")
         print(f"  RSS {s['full']['rss_mb']:.0f} MB vs {s['empty']['rss_mb']:.0f} MB")
+        f = s["full"]
+        print(f"  workflows(status='failed'): {f['list_status_ms']:.2f} ms; workflow_by_id(...).info: "
+              f"{f['by_id_ms']:.2f} ms; reading every record (the listing before its index): "
+              f"{f['scan_all_ms']:.0f} ms")
     if "replay" in r:
         shown = ", ".join(f"{n}: {v:.1f} ms" for n, v in r["replay"].items())
         print(f"resume after N journaled steps: {shown}")

@@ -103,8 +103,10 @@ _log = logging.getLogger("durable_heap.workflows")
 # (module, qualname, code hash or "!blocked", id) -> True, lists the waiting and
 # blocked workflows by their function's code, so that a deploy replays only those
 # whose code changed, without reading the others.
+# STATUS_KEY's tree, (status, created, id) -> True, lists the workflows by status, so
+# that listing those of one status reads only them.
 (WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY,
- WAITING_KEY) = WORKFLOW_KEYS
+ WAITING_KEY, STATUS_KEY) = WORKFLOW_KEYS
 
 #: Seconds a runner holds a running workflow between two of its transactions;
 #: after that a scheduler takes it over (its runner is presumed dead).
@@ -168,6 +170,9 @@ class WorkflowRecord(Persistent):
         self.code = ""  # a hash of the workflow function's code that last ran it (see `code_hash`)
         self.indexed: tuple[str, str, str, str] | None = None  # its key in WAITING_KEY's tree
 
+    #: Its key in STATUS_KEY's tree (a class default: records written before the index
+    #: lack it, see `reindex`).
+    listed: tuple[str, float, str] | None = None
     #: Steps last replayed with other arguments than their journal entry's: number (from
     #: 0) -> the call as replayed. A class default: records written before it lack it.
     replayed: dict[int, str] | None = None
@@ -532,7 +537,7 @@ class _Run:
     def _end(self, rec: WorkflowRecord, conn: Any, now: float) -> None:
         """The end of each transaction of this run: its lease timer; the record's
         heartbeat and length when it is written anyway (a step writes only the journal)."""
-        if rec._p_changed:
+        if rec._p_changed or rec._p_jar is None:  # (a new record is never "changed")
             rec.heartbeat, rec.length = now, journal_length(rec)
             reindex(conn, rec)
         if rec.status == "running" and rec.timer is None:
@@ -697,7 +702,18 @@ class _Run:
 
 
 def reindex(conn: Any, rec: WorkflowRecord) -> None:
-    """Keep `rec`'s entry in the waiting index (WAITING_KEY) in step with its status."""
+    """Keep `rec`'s entries in the waiting index (WAITING_KEY) and the status index
+    (STATUS_KEY) in step with its status."""
+    listed = (rec.status, float(rec.created), rec.id)
+    if rec.listed != listed:
+        by_status = _status_index(conn)
+        if rec.listed is not None:
+            by_status.pop(rec.listed, None)
+        else:  # a record from before the index: its entry, if any, is under some status
+            for status in STATUSES:
+                by_status.pop((status, float(rec.created), rec.id), None)
+        by_status[listed] = True
+        rec.listed = listed
     old = rec.indexed
     new = None
     if rec.status in ("waiting", "blocked"):
@@ -709,6 +725,19 @@ def reindex(conn: Any, rec: WorkflowRecord) -> None:
         if new is not None:
             tree[new] = True
         rec.indexed = new
+
+
+def _status_index(conn: Any) -> Any:
+    """STATUS_KEY's tree; made (in the transaction in progress) from every record when a
+    heap from before it lacks it: once, then kept in step by `reindex`."""
+    root = conn.root()
+    tree = root.get(STATUS_KEY)
+    if tree is None:
+        tree = root[STATUS_KEY] = OOBTree()
+        wfs = root.get(WORKFLOWS_KEY)
+        for rec in wfs.values() if wfs is not None else ():
+            tree[(rec.status, float(rec.created), rec.id)] = True
+    return tree
 
 
 def journal_length(rec: WorkflowRecord) -> int:
@@ -1037,6 +1066,7 @@ class WorkflowFunction:
                 return Workflow(heap, wid)
             wfs[wid] = record
             key = record.timer = _add_timer(conn, now, TimerEntry("run", wid, created=now, origin="start"))
+            reindex(conn, record)
             txn = heap.transaction_manager.get()
 
             def queue(ok: bool) -> None:
@@ -1733,6 +1763,46 @@ def _failed(heap: Any, key: tuple[float, str], entry: TimerEntry, exc: BaseExcep
     _txn(heap, work, f"timer {key[1]} failed")
 
 
+def _listed(conn: Any, status: str | None) -> list[tuple[float, str]]:
+    """(created, id) of the workflows (of `status`), oldest first: from the status index,
+    reading no record (a heap from before it, not yet written to: every record)."""
+    by_status = _peek(conn, STATUS_KEY)
+    if by_status is None:
+        wfs = _peek(conn, WORKFLOWS_KEY)
+        if wfs is None:
+            return []
+        return sorted((rec.created, wid) for wid, rec in wfs.items()
+                      if status is None or rec.status == status)
+    keys = by_status.keys() if status is None else by_status.keys(min=(status,), max=(status, _INF))
+    return sorted((k[1], k[2]) for k in keys)
+
+
+def summaries(heap: Any, status: str | None = None) -> list[dict[str, Any]]:
+    """What `durable-heap workflows` lists of each workflow (of `status`), in one
+    transaction: its record only, not its journal."""
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+
+    def read(conn: Any) -> list[dict[str, Any]]:
+        wfs = _peek(conn, WORKFLOWS_KEY)
+        now = _clock(heap)
+        out = []
+        for _, wid in _listed(conn, status):
+            rec = wfs.get(wid) if wfs is not None else None
+            if rec is not None:
+                out.append({
+                    "id": rec.id, "function": f"{rec.function[0]}.{rec.function[1]}",
+                    "status": rec.status, "since": _utc(rec.since),
+                    "stuck": rec.status == "running" and last_seen(rec) + heap.lease < now,
+                    "waiting_on": _waiting(rec.waiting),
+                })
+        return out
+    return _txn(heap, read, "durable_heap: list workflows")  # type: ignore[no-any-return]
+
+
+_INF = float("inf")
+
+
 def _stop_now(stop: threading.Event, wake: threading.Event) -> None:
     stop.set()
     wake.set()  # out of its sleep at once, whatever `poll` is
@@ -1926,13 +1996,8 @@ class WorkflowMethods:
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
 
-        def read(conn: Any) -> list[tuple[float, str]]:
-            wfs = _peek(conn, WORKFLOWS_KEY)
-            if wfs is None:
-                return []
-            return sorted((rec.created, wid) for wid, rec in wfs.items()
-                          if status is None or rec.status == status)
-        return [Workflow(self, wid) for _, wid in _txn(self, read, "durable_heap: list workflows")]
+        listed = _txn(self, lambda conn: _listed(conn, status), "durable_heap: list workflows")
+        return [Workflow(self, wid) for _, wid in listed]
 
     def workflow_by_id(self, wid: str) -> Workflow:
         """The handle of workflow `wid` (`WorkflowError` if there is none)."""

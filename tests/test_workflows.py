@@ -828,6 +828,48 @@ def test_inspection(wheap: dh.Heap) -> None:
         wheap.workflows(status="sleeping")
 
 
+def _loaded_records(heap: dh.Heap) -> int:
+    """WorkflowRecords this thread's connection has loaded (not ghosts)."""
+    from durable_heap._workflows import WorkflowRecord
+
+    return sum(1 for _, obj in heap.connection._cache.items()
+               if isinstance(obj, WorkflowRecord) and obj._p_status != "ghost")
+
+
+def test_listing_by_status_reads_only_those_records_and_an_older_heap_gets_its_index(tmp_path: Path) -> None:
+    from durable_heap import _workflows as w
+
+    path = tmp_path / "many.fs"
+    with dh.open(path) as heap:
+        @heap.workflow
+        def waits(i: int) -> Any:
+            return dh.promise(f"many{i}").wait()
+
+        @heap.workflow
+        def fails() -> None:
+            raise ValueError("no")
+
+        waiting = [waits(i).id for i in range(300)]
+        failed = fails().id
+        assert [h.id for h in heap.workflows(status="waiting")] == waiting  # oldest first
+    with dh.open(path) as heap:
+        assert [h.id for h in heap.workflows(status="failed")] == [failed]
+        assert [s["id"] for s in w.summaries(heap, "failed")] == [failed]
+        assert _loaded_records(heap) == 1  # not the 300 waiting ones
+        assert len(heap.workflows()) == 301
+        # A heap from before the index: listed by reading every record, and indexed
+        # from them at its first change to a workflow.
+        with heap.transaction():
+            del heap.connection.root()[w.STATUS_KEY]
+        assert [h.id for h in heap.workflows(status="failed")] == [failed]
+        with heap.activate():
+            dh.resolve("many0", "x")
+        heap.run_due()
+        assert [h.id for h in heap.workflows(status="done")] == [waiting[0]]
+        assert len(heap.workflows(status="waiting")) == 299
+        assert w.STATUS_KEY in heap.connection.root()
+
+
 def test_retention_drops_the_journal_of_finished_workflows(wheap: dh.Heap, clock: Clock) -> None:
     bump = _counter(wheap)
 
