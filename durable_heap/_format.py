@@ -24,7 +24,7 @@ and, once durable execution (`_workflows`, since 0.4) has been used::
     "durable_heap.crons"             -> OOBTree  cron id -> CronEntry
     "durable_heap.dead_letters"      -> OOBTree  seq -> TimerEntry
     "durable_heap.waiting"           -> OOBTree  (module, qualname, code hash, id) -> True
-    "durable_heap.by_status"         -> OOBTree  (status, created, id) -> True (see `_workflows.reindex`)
+    "durable_heap.by_status"         -> OOBTree  status -> OOBTree (created, id) -> True
 
 Record layouts (the attributes each persistent class pickles; ZODB stores
 ``(class path, state)`` per record, the state being the instance ``__dict__``

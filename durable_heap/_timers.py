@@ -42,6 +42,7 @@ from ._workflows import (
     DEAD_KEY,
     DEFAULT_LEASE,
     DEFAULT_RETENTION,
+    STATUS_KEY,
     STATUSES,
     SUBSCRIPTIONS_KEY,
     TIMER_ATTEMPTS,
@@ -75,6 +76,7 @@ from ._workflows import (
     journal_length,
     last_seen,
     name_of,
+    reindex,
 )
 
 __all__ = ["Timer", "WorkflowMethods"]
@@ -268,10 +270,12 @@ def _fire_one(heap: Any) -> int | None:
             if rec is None or rec.status in _FINAL or rec.status == "blocked" or rec.timer != key:
                 del timers[key]  # stale
                 return 0
-            seen = last_seen(rec)
-            if rec.status == "running" and entry.origin == "lease" and seen + heap.lease > now:
-                del timers[key]  # its runner is alive: look again when the lease runs out
-                rec.timer = _add_timer(conn, seen + heap.lease, entry)
+            if rec.status == "running" and entry.origin == "lease" and last_seen(rec) + heap.lease > now:
+                # A lease timer of a heap written before leases were read from the status
+                # index (`_take_over`): its runner is alive, the index covers it from now on.
+                del timers[key]
+                rec.timer = None
+                reindex(conn, rec)  # (makes the index, from every record, on a heap without it)
                 return 0
             state["run"] = entry.target
             state["known"] = _known(conn, rec)
@@ -325,6 +329,60 @@ def _fire_one(heap: Any) -> int | None:
             # Not the workflow's failure: its lease (or its timer) brings it back.
             _log.warning("workflow %s stopped: %s", state["run"], exc)
     return done  # type: ignore[no-any-return]
+
+
+def _take_over(heap: Any) -> int:
+    """Run the workflows whose runner died between two transactions: "running", with no
+    timer pending, and not seen for a lease (`last_seen`); how many were taken over.
+
+    Read from the status index (its "running" set is small: the workflows running
+    now), at most once a second of the heap's clock: a takeover waits for its lease
+    anyway. Claimed by writing the record's heartbeat, so that of several schedulers
+    exactly one takes each (the others conflict on it, then see it fresh); its runner,
+    if it was only slow, stops at its next transaction (the journal moved on).
+    """
+    now = _clock(heap)
+    last = heap._wf_leases_at
+    if last is not None and last <= now < last + 1.0:
+        return 0
+    heap._wf_leases_at = now
+
+    def expired(conn: Any) -> list[str]:
+        by_status, wfs = _peek(conn, STATUS_KEY), _peek(conn, WORKFLOWS_KEY)
+        running = by_status.get("running") if by_status is not None else None
+        out = []
+        for _, wid in running.keys() if running is not None and wfs is not None else ():
+            rec = wfs.get(wid)
+            if rec is not None and rec.status == "running" and rec.timer is None and \
+                    last_seen(rec) + heap.lease <= now:
+                out.append(wid)
+        return out
+
+    count = 0
+    for wid in _txn(heap, expired, "durable_heap: expired leases"):
+        def claim(conn: Any, wid: str = wid) -> tuple[Any, ...] | None:
+            rec = _tree(conn, WORKFLOWS_KEY).get(wid)
+            at = _clock(heap)
+            if rec is None or rec.status != "running" or rec.timer is not None or \
+                    last_seen(rec) + heap.lease > at:
+                return None  # finished, or taken over elsewhere meanwhile
+            rec.heartbeat = at
+            return _known(conn, rec)
+        try:
+            known = _txn(heap, claim, f"workflow {wid}: take over (its lease ran out)")
+        except ConflictError:
+            continue  # another scheduler took it
+        if known is None:
+            continue
+        _log.warning("workflow %s: its runner was not seen for %.0f s: taken over", wid, heap.lease)
+        count += 1
+        try:
+            _execute(heap, wid, known=known)
+        except WorkflowError:
+            _log.exception("workflow %s could not run", wid)
+        except (ConflictError, StorageError) as exc:
+            _log.warning("workflow %s stopped: %s", wid, exc)
+    return count
 
 
 def _failed(heap: Any, key: tuple[float, str], entry: TimerEntry, exc: BaseException) -> None:
@@ -447,6 +505,7 @@ class WorkflowMethods:
         self.lease = float(lease)
         self.retention = float(retention)
         self._wf_wake = threading.Event()
+        self._wf_leases_at: float | None = None  # the heap clock's time of the last `_take_over`
         self._wf_watched = None  # see `_next_deadline`; None: any invalidation rings
         self._wf_ringing = False  # `_ring_on_invalidation` installed
         self._wf_declared = None  # (transaction, crons and subscriptions it declared): `_declared_in`
@@ -495,7 +554,7 @@ class WorkflowMethods:
                 "run_due() runs each due item in a transaction of its own, so it cannot run "
                 "inside a transaction or an action: call it outside them"
             )
-        count = 0
+        count = _take_over(self)
         idle = 0
         while limit is None or count < limit:
             done = _fire_one(self)

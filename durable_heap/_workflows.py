@@ -99,8 +99,9 @@ _log = logging.getLogger("durable_heap.workflows")
 # (module, qualname, code hash or "!blocked", id) -> True, lists the waiting and
 # blocked workflows by their function's code, so that a deploy replays only those
 # whose code changed, without reading the others.
-# STATUS_KEY's tree, (status, created, id) -> True, lists the workflows by status, so
-# that listing those of one status reads only them.
+# STATUS_KEY's tree, status -> OOBTree (created, id) -> True, lists the workflows by
+# status, so that listing those of one status reads only them; one set per status, so
+# that the transient "running" one stays small and cheap to write.
 (WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY,
  WAITING_KEY, STATUS_KEY) = WORKFLOW_KEYS
 
@@ -166,8 +167,8 @@ class WorkflowRecord(Persistent):
         self.code = ""  # a hash of the workflow function's code that last ran it (see `code_hash`)
         self.indexed: tuple[str, str, str, str] | None = None  # its key in WAITING_KEY's tree
 
-    #: Its key in STATUS_KEY's tree (a class default: records written before the index
-    #: lack it, see `reindex`).
+    #: (status, created, id): where STATUS_KEY's index lists it (a class default: records
+    #: written before the index lack it, see `reindex`).
     listed: tuple[str, float, str] | None = None
     #: Steps last replayed with other arguments than their journal entry's: number (from
     #: 0) -> the call as replayed. A class default: records written before it lack it.
@@ -531,14 +532,13 @@ class _Run:
         return rec
 
     def _end(self, rec: WorkflowRecord, conn: Any, now: float) -> None:
-        """The end of each transaction of this run: its lease timer; the record's
-        heartbeat and length when it is written anyway (a step writes only the journal)."""
+        """The end of each transaction of this run: the record's heartbeat, length and
+        index entries when it is written anyway (a step writes only the journal, whose
+        last entry says when: `last_seen`). A running workflow holds no timer: a runner
+        that dies is found in the status index by a scheduler (`_timers._take_over`)."""
         if rec._p_changed or rec._p_jar is None:  # (a new record is never "changed")
             rec.heartbeat, rec.length = now, journal_length(rec)
             reindex(conn, rec)
-        if rec.status == "running" and rec.timer is None:
-            rec.timer = _add_timer(conn, now + self.heap.lease, TimerEntry("run", self.wid, created=now,
-                                                                          origin="lease"))
 
     # what a body does -----------------------------------------------------------------
 
@@ -703,12 +703,16 @@ def reindex(conn: Any, rec: WorkflowRecord) -> None:
     listed = (rec.status, float(rec.created), rec.id)
     if rec.listed != listed:
         by_status = _status_index(conn)
-        if rec.listed is not None:
-            by_status.pop(rec.listed, None)
-        else:  # a record from before the index: its entry, if any, is under some status
-            for status in STATUSES:
-                by_status.pop((status, float(rec.created), rec.id), None)
-        by_status[listed] = True
+        entry = listed[1:]
+        olds = [rec.listed[0]] if rec.listed is not None else STATUSES  # (before the index: any)
+        for status in olds:
+            members = by_status.get(status)
+            if members is not None and entry in members:
+                del members[entry]
+        members = by_status.get(rec.status)
+        if members is None:
+            members = by_status[rec.status] = OOBTree()
+        members[entry] = True
         rec.listed = listed
     old = rec.indexed
     new = None
@@ -732,7 +736,10 @@ def _status_index(conn: Any) -> Any:
         tree = root[STATUS_KEY] = OOBTree()
         wfs = root.get(WORKFLOWS_KEY)
         for rec in wfs.values() if wfs is not None else ():
-            tree[(rec.status, float(rec.created), rec.id)] = True
+            members = tree.get(rec.status)
+            if members is None:
+                members = tree[rec.status] = OOBTree()
+            members[(float(rec.created), rec.id)] = True
     return tree
 
 
@@ -1491,8 +1498,9 @@ def _listed(conn: Any, status: str | None) -> list[tuple[float, str]]:
             return []
         return sorted((rec.created, wid) for wid, rec in wfs.items()
                       if status is None or rec.status == status)
-    keys = by_status.keys() if status is None else by_status.keys(min=(status,), max=(status, _INF))
-    return sorted((k[1], k[2]) for k in keys)
+    if status is not None:
+        return list(by_status.get(status, {}).keys())  # sorted: (created, id)
+    return sorted(entry for members in by_status.values() for entry in members.keys())
 
 
 def summaries(heap: Any, status: str | None = None) -> list[dict[str, Any]]:
@@ -1516,9 +1524,6 @@ def summaries(heap: Any, status: str | None = None) -> list[dict[str, Any]]:
                 })
         return out
     return _txn(heap, read, "durable_heap: list workflows")  # type: ignore[no-any-return]
-
-
-_INF = float("inf")
 
 
 def deploy_check(heap: Any, program: str, *, force: bool) -> None:
