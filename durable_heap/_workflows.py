@@ -873,8 +873,9 @@ def _call_body_bound(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         return func(*args, **kwargs)
     if _engine._running_task() is None:
         return _engine._asyncio().run(func(*args, **kwargs))
-    # Inside a running event loop (an async caller): the body gets a loop of its own,
-    # in a thread, with this context (the run) copied in.
+    # Inside a running event loop: only a read-only replay (`replay`, a deploy's check)
+    # gets here (a run is a task of that loop, `_in_task`), and a deploy is synchronous:
+    # the body gets a loop of its own, in a thread, with this context (the run) copied in.
     box: list[Any] = []
     ctx = contextvars.copy_context()
 
@@ -898,7 +899,88 @@ def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
     """Run workflow `wid` from the top until it ends or waits (outside any transaction).
 
     `known`: what `_known` read of it in the scheduler's transaction that found it due.
+    An ``async def`` body asked to run inside a running event loop runs as a task of
+    that loop instead (`_in_task`): this returns at once.
     """
+    prepared = _prepare(heap, wid, claim, create, known)
+    if prepared is None:
+        return
+    run, args, kwargs = prepared
+    if run.is_async and _engine._running_task() is not None:
+        _in_task(run, args, kwargs)
+        return
+    token = _current.set(run)
+    try:
+        with heap.activate():
+            try:
+                result = _call_body(run, args, kwargs)
+            except BaseException as exc:  # noqa: BLE001 - sorted out by _settle (re-raised there)
+                _settle(run, exc)
+                return
+            _settle_done(run, result)
+    except _Abandon:
+        return
+    finally:
+        _current.reset(token)
+
+
+async def _aexecute(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """`_execute` in a task of the caller's event loop: the body awaited in it."""
+    token = _current.set(run)
+    try:
+        with run.heap.activate():
+            try:
+                with _bound(run.heap, getattr(run.func.func, "__module__", None) or "", False):
+                    result = await _program_body(run.func.func)(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - sorted out by _settle (re-raised there)
+                _settle(run, exc)
+                return
+            _settle_done(run, result)
+    except _Abandon:
+        return
+    finally:
+        _current.reset(token)
+
+
+def _in_task(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Run an ``async def`` body as a task of the running loop (`Workflow` awaits it).
+
+    A workflow not yet stored (started outside a transaction) is first stored with
+    a start timer, in a transaction of its own, as one started inside a transaction
+    is: if the task never gets to run (the loop stops, the process dies), a
+    scheduler runs it. The task's first transaction removes that timer.
+    """
+    heap = run.heap
+    if run.create is not None:
+        record, run.create = run.create, None
+
+        def store(conn: Any) -> tuple[float, str]:
+            wfs = _tree(conn, WORKFLOWS_KEY)
+            if run.wid in wfs:
+                raise _Abandon  # started with the same id meanwhile, elsewhere
+            wfs[run.wid] = record
+            now = _clock(heap)
+            start = TimerEntry("run", run.wid, created=now, origin="start")
+            key = record.timer = _add_timer(conn, now, start)
+            reindex(conn, record)
+            return key
+
+        try:
+            run.claim = tuple(_txn(heap, store, f"workflow {run.wid}: start"))  # type: ignore[assignment]
+        except _Abandon:
+            return
+    task = _engine._asyncio().get_running_loop().create_task(_aexecute(run, args, kwargs))
+    _tasks[run.wid] = task
+    task.add_done_callback(lambda t, wid=run.wid: _tasks.pop(wid, None))
+
+
+#: The tasks running async workflow bodies in this process, by workflow id (`Workflow.__await__`).
+_tasks: dict[str, Any] = {}
+
+
+def _prepare(heap: Any, wid: str, claim: tuple[float, str] | None, create: WorkflowRecord | None,
+             known: tuple[Any, ...] | None) -> tuple[_Run, tuple[Any, ...], dict[str, Any]] | None:
+    """The run of `wid` about to start (its record read unless given), or None: nothing to run."""
     promised: dict[str, Any] = {}
     if create is not None:
         rec_args, rec_kwargs, function, entries = create.args, create.kwargs, create.function, []
@@ -913,7 +995,7 @@ def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
             return _known(conn, rec)
         found = _txn(heap, read, f"workflow {wid}: read")
         if found is None:
-            return
+            return None
         rec_args, rec_kwargs, function, entries, promised = found
     try:
         wf = find(function)
@@ -924,42 +1006,43 @@ def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
             _block(heap, wid, str(exc), claim)
         raise
     run = _Run(heap, wid, wf, entries, claim=claim, create=create, promised=promised)
-    token = _current.set(run)
-    try:
-        with heap.activate():
-            try:
-                result = _call_body(run, rec_args, rec_kwargs)
-            except (_Suspend, _Abandon):
-                return
-            except NonDeterminismError as exc:
-                run.finish("blocked", reason=str(exc))
-                _log.error("%s", exc)
-                return
-            except (ConflictError, StorageError):
-                raise  # the heap's trouble, not the workflow's: it stays running, its lease brings it back
-            except NoTransactionError as exc:
-                path = str(exc).split(" was changed", 1)[0]
-                msg = (
-                    f"the workflow {wf.label} changed {path} in its body, outside a step: a "
-                    "change there would be made again at every replay. Move it into an action "
-                    "(@heap.action) that the workflow calls: each call is a step, run once."
-                )
-                run.finish("failed", error=("durable_heap", "WorkflowError", (msg,), msg))
-                return
-            except Exception as exc:  # noqa: BLE001 - the workflow failed: kept in its record
-                run.finish("failed", error=_pack_error(exc))
-                return
-            try:
-                run.finish("done", result)
-            except (_Abandon, _Suspend):
-                return
-            except DurableHeapError as exc:  # its result cannot be stored
-                run.create = None
-                run.finish("failed", error=_pack_error(exc))
-    except _Abandon:
+    return run, rec_args, rec_kwargs
+
+
+def _settle(run: _Run, exc: BaseException) -> None:
+    """What the body's exception makes of the workflow: waiting, blocked or failed (or
+    re-raised: the heap's trouble, or not an Exception)."""
+    if isinstance(exc, (_Suspend, _Abandon)):
         return
-    finally:
-        _current.reset(token)
+    if isinstance(exc, NonDeterminismError):
+        run.finish("blocked", reason=str(exc))
+        _log.error("%s", exc)
+        return
+    if isinstance(exc, (ConflictError, StorageError)):
+        raise exc  # the heap's trouble, not the workflow's: it stays running, its lease brings it back
+    if isinstance(exc, NoTransactionError):
+        path = str(exc).split(" was changed", 1)[0]
+        msg = (
+            f"the workflow {run.func.label} changed {path} in its body, outside a step: a "
+            "change there would be made again at every replay. Move it into an action "
+            "(@heap.action) that the workflow calls: each call is a step, run once."
+        )
+        run.finish("failed", error=("durable_heap", "WorkflowError", (msg,), msg))
+        return
+    if isinstance(exc, Exception):  # the workflow failed: kept in its record
+        run.finish("failed", error=_pack_error(exc))
+        return
+    raise exc
+
+
+def _settle_done(run: _Run, result: Any) -> None:
+    try:
+        run.finish("done", result)
+    except (_Abandon, _Suspend):
+        return
+    except DurableHeapError as exc:  # its result cannot be stored
+        run.create = None
+        run.finish("failed", error=_pack_error(exc))
 
 
 def _known(conn: Any, rec: WorkflowRecord) -> tuple[Any, ...]:
@@ -1385,6 +1468,14 @@ class Workflow:
     def __repr__(self) -> str:
         return f"<durable_heap.Workflow {self.id} {self.status}>"
 
+    def __await__(self) -> Any:
+        """``await handle``: until the run of an ``async def`` body started from this
+        event loop (a task of it) has ended or first waits; the handle."""
+        task = _tasks.get(self.id)
+        if task is not None:
+            yield from _engine._asyncio().shield(task).__await__()
+        return self
+
     def _read(self, func: Callable[[WorkflowRecord], Any]) -> Any:
         def read(conn: Any) -> Any:
             wfs = _peek(conn, WORKFLOWS_KEY)
@@ -1432,6 +1523,12 @@ class Workflow:
 
     def result(self, timeout: float | None = None) -> Any:
         """Its result once done (waiting up to `timeout` seconds); raises what it raised."""
+        task = _tasks.get(self.id)
+        if task is not None and not task.done() and _engine._running_task() is not None:
+            raise WorkflowError(
+                f"the workflow {self.id} runs as a task of this event loop, which result() "
+                "would block: await the handle first (await handle), then call result()"
+            )
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             status, result, error, reason = self._read(lambda r: (r.status, r.result, r.error, r.reason))

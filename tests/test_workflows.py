@@ -309,6 +309,36 @@ def test_async_workflows_await_their_waits(wheap: dh.Heap, clock: Clock) -> None
     assert wheap.state.counts["async"] == 1
 
 
+def test_an_async_workflow_started_in_a_running_loop_runs_as_a_task_of_that_loop(
+        wheap: dh.Heap, clock: Clock) -> None:
+    import asyncio
+
+    bump = _counter(wheap)
+    threads: list[int] = []
+
+    @wheap.workflow
+    async def flow(n: int) -> int:
+        threads.append(threading.get_ident())
+        bump("task")
+        await dh.sleep(5)
+        return n
+
+    async def main() -> dh.Workflow:
+        h = flow(3)
+        assert h.status == "running"  # stored (with its start timer); its task runs when we await
+        with pytest.raises(dh.WorkflowError, match="await the handle first"):
+            h.result()  # would block the loop its task needs
+        assert await h is h
+        assert h.status == "waiting" and wheap.state.counts["task"] == 1
+        return h
+
+    h = asyncio.run(main())
+    assert threads == [threading.get_ident()]  # the caller's loop, not a thread of its own
+    clock.advance(5)
+    assert wheap.run_due() == 1
+    assert h.result() == 3 and wheap.state.counts["task"] == 1
+
+
 def test_async_actions_are_steps_and_concurrent_steps_are_refused(wheap: dh.Heap, clock: Clock) -> None:
     import asyncio
 
