@@ -77,6 +77,7 @@ from ._workflows import (
     last_seen,
     name_of,
     reindex,
+    starting,
 )
 
 __all__ = ["Timer", "WorkflowMethods"]
@@ -245,11 +246,12 @@ def _due_key(conn: Any, now: float) -> tuple[float, str] | None:
     if first[0] > now:
         return None
     keys = []
-    for key in timers.keys(max=(now, "\uffff")):
-        keys.append(key)
-        if len(keys) >= 8:
+    for n, key in enumerate(timers.keys(max=(now, "\uffff"))):
+        if key not in starting:  # this process runs those itself
+            keys.append(key)
+        if len(keys) >= 8 or n >= 64:
             break
-    return tuple(_random.choice(keys))  # type: ignore[return-value]
+    return tuple(_random.choice(keys)) if keys else None  # type: ignore[return-value]
 
 
 def _fire_one(heap: Any) -> int | None:

@@ -969,9 +969,16 @@ def _in_task(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             run.claim = tuple(_txn(heap, store, f"workflow {run.wid}: start"))  # type: ignore[assignment]
         except _Abandon:
             return
+        starting.add(run.claim)
     task = _engine._asyncio().get_running_loop().create_task(_aexecute(run, args, kwargs))
     _tasks[run.wid] = task
-    task.add_done_callback(lambda t, wid=run.wid: _tasks.pop(wid, None))
+    claim = run.claim
+
+    def done(_: Any) -> None:
+        _tasks.pop(run.wid, None)
+        if claim is not None:
+            starting.discard(claim)
+    task.add_done_callback(done)
 
 
 #: The tasks running async workflow bodies in this process, by workflow id (`Workflow.__await__`).
@@ -1101,6 +1108,15 @@ def _after_commit(heap: Any) -> None:
         except Exception:  # noqa: BLE001 - the starting transaction committed: never fail it now
             # The workflow keeps its start timer: a scheduler runs it.
             _log.exception("workflow %s could not run after its start committed", wid)
+        finally:
+            if wid not in _tasks:  # (a task's end lets its timer go)
+                starting.discard(key)
+
+
+#: Start timers this process runs itself, right after their transaction commits (or in
+#: a task of an event loop): its own scheduler leaves them alone (a scheduler thread
+#: would otherwise race the starting thread for them). Another process's may take one.
+starting: set[tuple[float, str]] = set()
 
 
 _engine.after_commit.append(_after_commit)
@@ -1154,8 +1170,11 @@ class WorkflowFunction:
             key = record.timer = _add_timer(conn, now, TimerEntry("run", wid, created=now, origin="start"))
             reindex(conn, record)
             txn = heap.transaction_manager.get()
+            starting.add(key)
 
             def queue(ok: bool) -> None:
+                if not ok:
+                    starting.discard(key)
                 if ok:
                     starts = getattr(_after, "starts", None)
                     if starts is None:
