@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                 "_defaults"}),
     ("containers and state", {"_containers", "_counter", "_state", "_jsonform"}),
     ("heap engine", {"_retry", "_notes", "_heap", "_engine"}),
-    ("durable execution", {"_execution", "_workflows", "_cron"}),
+    ("durable execution", {"_execution", "_workflows", "_timers", "_cron"}),
     ("programs", {"_program", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
                "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect",
