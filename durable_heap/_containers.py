@@ -868,7 +868,8 @@ class _Hashed(Persistent):
             self._v_hot.pop(link.key, None)
 
     def _dh_raw_now(self) -> Any:
-        return self._small
+        small = self._small  # None (a view that grew into the tree form must be promoted)
+        return small if small is not None and len(small) <= SMALL_MAX else None
 
     def _dh_stored(self) -> None:
         _inline.stored_elsewhere(self)
@@ -2324,7 +2325,8 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
             record._p_changed = True
 
     def _dh_raw_now(self) -> Any:
-        return self._tail if self._root is None else None
+        # None once it would spill into leaves: promoted first, so that the leaves are its own
+        return self._tail if self._root is None and len(self._tail) <= TAIL_MAX else None
 
     def _dh_stored(self) -> None:
         _inline.stored_elsewhere(self)
