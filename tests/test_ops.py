@@ -656,8 +656,8 @@ def test_verify_reads_each_record_of_a_file_heap_once(tmp_path: Path) -> None:
         for batch in range(3):
             with heap.transaction() as state:
                 users = state.setdefault("users", {})
-                for i in range(100):
-                    users[f"u{batch}-{i}"] = dh.Dict(n=i, tags=dh.List([batch]))  # records (small dicts are inline)
+                for i in range(100):  # records each (a small dict would be inline)
+                    users[f"u{batch}-{i}"] = dh.Dict(n=i, tags=dh.List([batch]))
     with dh.open(path, read_only=True) as heap:
         storage = heap.db.storage
         loads: list[bytes] = []
