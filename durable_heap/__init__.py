@@ -48,6 +48,7 @@ from ._errors import (
 from ._facade import Heap, open  # noqa: A004 - dh.open is the API
 from ._heap import HeapStatus, active_heap, state
 from ._http import Request, Response
+from ._migrations import migration
 from ._notes import redact
 from ._state import Object, State
 from ._types import typed_state
@@ -114,6 +115,7 @@ __all__ = [
     "WorkflowError",
     "active_heap",
     "emit",
+    "migration",
     "now",
     "on",
     "open",

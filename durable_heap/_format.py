@@ -15,6 +15,14 @@ The ZODB root (a ``persistent.mapping.PersistentMapping``, oid 0) holds::
     "durable_heap.classes"           -> OOBTree  class path -> True (the class registry)
     "durable_heap.classes.complete"  -> True     the registry lists users' classes too (0.3)
 
+and, once a program declared named migrations or rewrote renamed classes (0.4)::
+
+    "durable_heap.migrations"        -> OOBTree  program -> OOBTree  migration name ->
+                                        (version number int, UTC datetime): ran once
+    "durable_heap.rewrites"          -> OOBTree  old class path -> OOBTree {"new": path,
+                                        "started"/"finished": UTC datetime | None,
+                                        "records": int}: `durable-heap rewrite-classes`
+
 and, once durable execution (`_workflows`, since 0.4) has been used::
 
     "durable_heap.workflows"         -> OOBTree  id -> WorkflowRecord
@@ -74,7 +82,9 @@ __all__ = [
     "FORMAT_KEY",
     "FORMAT_SINCE",
     "INLINE_CLASSES",
+    "MIGRATIONS_KEY",
     "PROGRAMS_KEY",
+    "REWRITES_KEY",
     "ROOT_KEY",
     "STORED_CLASSES",
     "WORKFLOW_KEYS",
@@ -90,6 +100,12 @@ PROGRAMS_KEY = "durable_heap.programs"
 CLASSES_KEY = "durable_heap.classes"
 #: Key of the marker (True) that the registry lists users' classes too (since 0.3).
 COMPLETE_KEY = "durable_heap.classes.complete"
+#: Key of the named migrations that ran (`_migrations`), per program, in the ZODB root.
+MIGRATIONS_KEY = "durable_heap.migrations"
+#: Key of the class-path rewrites of renamed classes (`_rewrite`) in the ZODB root. Each
+#: entry is its own record, written when the rewrite starts and again when it finishes:
+#: while the first revision survives, history from before the rewrite does too.
+REWRITES_KEY = "durable_heap.rewrites"
 
 #: The root keys of durable execution (`_workflows`), in the order listed above.
 WORKFLOW_KEYS: tuple[str, ...] = (

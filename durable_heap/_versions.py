@@ -53,6 +53,8 @@ from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.DB import getTID
 
+from . import _migrations as migrations
+from . import _rewrite as rewriting
 from ._containers import Dict
 from ._errormap import translate_storage_error
 from ._errors import (
@@ -98,6 +100,7 @@ __all__ = [
     "deploy",
     "load",
     "load_discarded",
+    "rewrite_classes",
     "rollback",
     "state_at",
     "versions",
@@ -332,7 +335,8 @@ def rollback(heap: HeapEngine, program: str | os.PathLike[str], to: int, *, note
     source, current = _read(heap, source_of)
     if current:
         return _read(heap, lambda conn: (_version_of(_existing(conn, name, heap), to), False))  # type: ignore[no-any-return]
-    return _deploy(heap, source, note=note or f"rollback to version {to}", force=force, from_file=False)
+    return _deploy(heap, source, note=note or f"rollback to version {to}", force=force, from_file=False,
+                   rolling_back=True)
 
 
 def _existing(conn: Any, name: str, heap: HeapEngine) -> _ProgramRecord:
@@ -348,7 +352,7 @@ def _span(rec: _ProgramRecord) -> str:
 
 
 def _deploy(heap: HeapEngine, source: Source, *, note: str, force: bool,
-            from_file: bool) -> tuple[Version, bool]:
+            from_file: bool, rolling_back: bool = False) -> tuple[Version, bool]:
     _outside_transactions(heap, "a deploy")
     try:
         compiled = compile_source(source)
@@ -357,12 +361,12 @@ def _deploy(heap: HeapEngine, source: Source, *, note: str, force: bool,
         current = rec.current if rec is not None else 0
         raise DeployError(f"{exc}; {_kept(source.name, current)}", exc.cause) from exc.cause
     with _modules.swapping():
-        return retry(lambda: _deploy_once(heap, compiled, note, force, from_file),
+        return retry(lambda: _deploy_once(heap, compiled, note, force, from_file, rolling_back),
                      attempts=heap.max_attempts, note=f"deploy {source.name}")
 
 
 def _deploy_once(heap: HeapEngine, compiled: Compiled, note: str, force: bool,
-                 from_file: bool) -> tuple[Version, bool]:
+                 from_file: bool, rolling_back: bool = False) -> tuple[Version, bool]:
     source = compiled.source
     name = source.name
     local = heap._thread()
@@ -376,7 +380,7 @@ def _deploy_once(heap: HeapEngine, compiled: Compiled, note: str, force: bool,
             txn_note = f"deploy {name}: {note}" if note else f"deploy {name}"
             with heap._transaction(local, txn_note), heap.activate():
                 return _deploy_in_transaction(heap, local.conn, compiled, note, force, from_file,
-                                              progress), True
+                                              progress, rolling_back), True
     except (RETRIED, DeployError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever failed, the deploy did
@@ -401,31 +405,47 @@ class _Progress:
 
 
 def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note: str,
-                           force: bool, from_file: bool, progress: _Progress) -> Version:
-    """Steps 3-6 of a deploy (see the module's docstring), in its transaction."""
+                           force: bool, from_file: bool, progress: _Progress,
+                           rolling_back: bool = False) -> Version:
+    """Steps 3-7 of a deploy (see the module's docstring), in its transaction."""
     source = compiled.source
     name = source.name
     rec = _record(conn, name)
     current = progress.current = rec.current if rec is not None else 0
     module = install(compiled)
     previous = _version_of(rec, current) if rec is not None and current else None
+    progress.stage = ""
+    # Before any migration runs: one that touches objects of a class this version
+    # dropped would fail on a broken object (AttributeError) and hide the reason.
+    ensure_registry(conn)  # a heap from before the registry: scanned once, here
+    rewriting.forget(conn, [p for p in _unresolved(conn, name, heap.renames) if _rewritten_away(conn, p)])
+    removed = broken_classes(conn, name, heap.renames)
+    if removed and not force:
+        raise DeployError(_removed_message(conn, name, removed, current, source.origin), removed=removed)
+    number = rec.versions.maxKey() + 1 if rec is not None and len(rec.versions) else 1
+    try:
+        named = migrations.defined([m for k, m in list(sys.modules.items()) if k in compiled.code])
+    except DeployError as exc:
+        raise DeployError(f"deploy of {name} failed: {exc}; {_kept(name, current)}") from None
+    if previous is None:  # a first deploy: the top level made today's shape, nothing to migrate
+        migrations.record(conn, name, [n for n, _ in named], number)
+    elif not rolling_back:  # a rollback runs none: it keeps today's state
+        for migration_name, func in migrations.pending(conn, name, named):
+            progress.stage = f"migration {migration_name}"
+            func(heap.state)
+            migrations.record(conn, name, [migration_name], number)
     migrate = module.__dict__.get("migrate")
     if callable(migrate) and previous is not None:  # a first deploy has nothing to migrate
         progress.stage = "migrate()"
         migrate(heap.state, previous)
     progress.stage = ""
     apply_declared(conn, declared_state(module), name)
-    ensure_registry(conn)  # a heap from before the registry: scanned once, here
-    removed = broken_classes(conn, name, heap.renames)
-    if removed and not force:
-        raise DeployError(_removed_message(name, removed, current), removed=removed)
     deploy_check(heap, name, force=force)  # waiting workflows, timers, crons (`_workflows`)
     if rec is None:
         programs = conn.root().get(PROGRAMS_KEY)
         if programs is None:
             programs = conn.root()[PROGRAMS_KEY] = OOBTree()
         rec = programs[name] = _ProgramRecord(name)
-    number = rec.versions.maxKey() + 1 if len(rec.versions) else 1
     rec.versions[number] = _VersionRecord(number, source, note)
     rec.current = number
     if from_file:
@@ -450,8 +470,15 @@ def _deploy_error(name: str, stage: str, exc: BaseException, source: Source, cur
     return DeployError(f"deploy of {name} failed: {what}; {_kept(name, current)}", exc)
 
 
-def _removed_message(name: str, removed: list[str], current: int) -> str:
+def _removed_message(conn: Any, name: str, removed: list[str], current: int, origin: str) -> str:
     listed = ", ".join(removed)
+    hints = [hint for path in removed if (hint := _rename_hint(conn, name, path, origin))]
+    if hints:
+        return (
+            f"deploy of {name} refused: stored objects use classes this version no longer defines: "
+            f"{listed}. {' '.join(hints)} Or deploy with force (--force) to leave those objects "
+            f"unloadable (their data is kept); {_kept(name, current)}"
+        )
     return (
         f"deploy of {name} refused: stored objects use classes this version no longer defines: "
         f"{listed}. Keep those classes, map them to their new names in __durable_renames__ "
@@ -460,12 +487,66 @@ def _removed_message(name: str, removed: list[str], current: int) -> str:
     )
 
 
+def _rename_hint(conn: Any, name: str, path: str, origin: str) -> str:
+    """What to do about the removed class `path` if it was renamed (by an earlier
+    version's ``__durable_renames__``, or a rewrite); "" if it was not."""
+    marker = rewriting.entry(conn, path)
+    new = _earlier_rename(conn, name, path) or (marker.get("new") if marker is not None else None)
+    if new is None:
+        return ""
+    keep = f"keep {{'{path}': '{new}'}} in __durable_renames__"
+    program = os.path.basename(origin.rstrip(os.sep))
+    if marker is not None and marker.get("finished") is not None:
+        when = marker["finished"].strftime("%Y-%m-%d %H:%M:%S")
+        return (
+            f"Every stored {path} object was rewritten as {new} (durable-heap rewrite-classes, "
+            f"finished {when} UTC), but the history from before then still names {path}: "
+            f"{keep} until a pack removes that history (durable-heap pack {program} --days 0, or "
+            f"any pack once the rewrite is older than its --days); then the entry can go."
+        )
+    return (
+        f"{path} was renamed to {new} by __durable_renames__, and stored records still name "
+        f"{path}: {keep} until `durable-heap rewrite-classes {program}` has written them all "
+        f"under {new} and a pack has removed the history from before that rewrite; then the "
+        f"entry can go."
+    )
+
+
+def _earlier_rename(conn: Any, name: str, path: str) -> str | None:
+    """The new path that the latest earlier version of `name` mapping `path` gave it."""
+    rec = _record(conn, name)
+    if rec is None:
+        return None
+    for number in reversed(list(rec.versions.keys())):
+        try:
+            table = compile_source(rec.versions[number].source(name), definitions_only=True).renames
+        except DeployError:
+            continue
+        if path in table:
+            return table[path]
+    return None
+
+
 def broken_classes(conn: Any, name: str, renames: dict[str, str]) -> list[str]:
-    """Stored class paths of program `name` that the loaded code no longer defines."""
+    """Stored class paths of program `name` that the loaded code no longer defines.
+
+    Not those whose objects were all rewritten under their new path (`_rewrite`)
+    with no history left from before the rewrite: nothing names them any more.
+    """
+    return [path for path in _unresolved(conn, name, renames) if not _rewritten_away(conn, path)]
+
+
+def _unresolved(conn: Any, name: str, renames: dict[str, str]) -> list[str]:
     return sorted(
         path for path in stored_classes(conn)
         if path.partition(".")[0] == name and not _resolves(renames.get(path, path))
     )
+
+
+def _rewritten_away(conn: Any, path: str) -> bool:
+    marker = rewriting.entry(conn, path)
+    return (marker is not None and marker.get("finished") is not None
+            and not rewriting.history_remains(conn, marker))
 
 
 def _resolves(path: str) -> bool:
@@ -721,11 +802,16 @@ def file_stamp(path: str) -> Any:
 
 def _function(module: types.ModuleType, function: str) -> Callable[..., Any]:
     func = getattr(module, function, None)
+    if migrations.is_migration(func):
+        raise FunctionNotFoundError(
+            f"{module.__name__}.{function} is a migration (@durable_heap.migration): it runs once, "
+            "at the deploy that brings it, and cannot be called"
+        )
     if func is None or not callable(func) or function.startswith("_"):
         names = sorted(
             n for n, v in vars(module).items()
             if isinstance(v, types.FunctionType) and not n.startswith("_")
-            and v.__module__ == module.__name__ and n != "migrate"
+            and v.__module__ == module.__name__ and n != "migrate" and not migrations.is_migration(v)
         )
         listed = ", ".join(names) if names else "none"
         raise FunctionNotFoundError(
@@ -836,6 +922,24 @@ def install_stored_definitions(heap: HeapEngine, conn: Any, name: str) -> str:
     except Exception:  # noqa: BLE001 - a definition that needs the top level: broken objects
         return "failed"
     return "installed"
+
+
+def rewrite_classes(heap: HeapEngine, program: str | os.PathLike[str], *, batch: int = 1000,
+                    on_progress: Callable[[int, int], None] | None = None) -> rewriting.RewriteReport:
+    """Write every stored record that names a class renamed by the current version's
+    ``__durable_renames__`` again, under the new path (`_rewrite.rewrite`)."""
+    _outside_transactions(heap, "a rewrite of renamed classes")
+    name = module_name(program)
+
+    def current(conn: Any) -> Source:
+        rec = _existing(conn, name, heap)
+        return rec.versions[rec.current].source(name)  # type: ignore[no-any-return]
+
+    renames = compile_source(_read(heap, current), definitions_only=True).renames
+    with _modules.swapping():
+        load_discarded(heap, program)  # the current version's classes and rename table, here
+    with _modules.calling():  # a deploy in this process waits: the classes must stay
+        return rewriting.rewrite(heap, name, renames, batch=batch, on_progress=on_progress)
 
 
 def version_at(heap: HeapEngine, program: str | os.PathLike[str], when: datetime.datetime) -> int | None:
@@ -1001,6 +1105,17 @@ class Versions(HeapEngine):
                  force: bool = False) -> Version:
         """Deploy version `to`'s stored source again, as a new version (state is kept)."""
         return rollback(self, program, to, note=note, force=force)[0]
+
+    def rewrite_classes(self, program: str | os.PathLike[str], *, batch: int = 1000,
+                        on_progress: Callable[[int, int], None] | None = None) -> rewriting.RewriteReport:
+        """Write every stored object of a class that the current version renames (its
+        ``__durable_renames__``) again under the new path, and every record that refers
+        to one, `batch` records per transaction (``on_progress(done, total)`` after each).
+
+        Once a pack has removed the history from before it, a deploy may drop those
+        rename entries. Safe while the heap is in use (a conflicting batch is retried).
+        """
+        return rewrite_classes(self, program, batch=batch, on_progress=on_progress)
 
     def versions(self, program: str | os.PathLike[str]) -> list[Version]:
         """Every deployed version of a program (a path or module name), oldest first."""

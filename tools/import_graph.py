@@ -32,10 +32,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("containers and state", {"_containers", "_counter", "_state", "_jsonform"}),
     ("heap engine", {"_retry", "_notes", "_heap", "_engine"}),
     ("durable execution", {"_execution", "_workflows", "_cron"}),
-    ("programs", {"_program", "_stubs", "_types", "_versions"}),
+    ("programs", {"_program", "_migrations", "_rewrite", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
                "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect",
-               "_ops"}),
+               "_ops", "_rewrite_cli"}),
 ]
 
 
