@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import ZODB.broken
 import ZODB.POSException
 from BTrees.OOBTree import OOBTree
 
@@ -139,10 +140,11 @@ def rewrite(heap: HeapEngine, program: str, renames: dict[str, str], *, batch: i
     _mark(heap, program, renames, started=True)
     storage = heap.db.storage
     written = batches = 0
+    broken: dict[bytes, str] = {}  # records of classes the code does not define: not writable
     for _ in range(_ROUNDS):
         with heap.transaction(note=f"rewrite-classes {program}: scan"):
             pass  # a transaction boundary: the storage's view is synced (ZEO invalidations)
-        oids = list(_naming(storage, old))
+        oids = [oid for oid in _naming(storage, old) if oid not in broken]
         if not oids:
             break
         total = written + len(oids)
@@ -150,14 +152,14 @@ def rewrite(heap: HeapEngine, program: str, renames: dict[str, str], *, batch: i
             chunk = oids[start:start + batch]
             note = (f"rewrite-classes {program}: records {written + 1}-{written + len(chunk)} "
                     f"({', '.join(f'{k} -> {v}' for k, v in sorted(renames.items()))})")
-            retry(lambda chunk=chunk, note=note: _write_again(heap, chunk, note),  # type: ignore[misc]
+            retry(lambda chunk=chunk, note=note: _write_again(heap, chunk, note, broken),  # type: ignore[misc]
                   attempts=heap.max_attempts, note=note)
             written += len(chunk)
             batches += 1
             if on_progress is not None:
                 on_progress(written, total)
     else:
-        left = list(_naming(storage, old))
+        left = [oid for oid in _naming(storage, old) if oid not in broken]
         if left:
             raise ProgramError(
                 f"{len(left)} records still name {', '.join(sorted(old))} after {_ROUNDS} rounds of "
@@ -165,15 +167,26 @@ def rewrite(heap: HeapEngine, program: str, renames: dict[str, str], *, batch: i
                 f"that defines the old class?). Stop it, or let it load the current version, and "
                 f"run the rewrite again"
             )
-    finished = _mark(heap, program, renames, started=False, records=written)
+    if broken:
+        classes = ", ".join(sorted(set(broken.values())))
+        raise ProgramError(
+            f"{len(broken)} records that name {', '.join(sorted(old))} are objects of classes this "
+            f"version does not define ({classes}): they load as broken objects, which cannot be "
+            f"written. Define those classes again (or map them in __durable_renames__) and run "
+            f"the rewrite again; the other {written - len(broken)} records were rewritten"
+        )
+    finished = _mark(heap, program, renames, started=False, records=written - len(broken))
     return RewriteReport(dict(renames), written, batches, finished)
 
 
-def _write_again(heap: HeapEngine, oids: list[bytes], note: str) -> None:
+def _write_again(heap: HeapEngine, oids: list[bytes], note: str, broken: dict[bytes, str]) -> None:
     with heap.transaction(note=note):
         conn = heap.connection
         for oid in oids:
             obj = conn.get(oid)
+            if isinstance(obj, ZODB.broken.Broken):  # ZODB refuses to store a broken object
+                broken[oid] = f"{type(obj).__module__}.{type(obj).__name__}"
+                continue
             obj._p_activate()  # its state, loaded through the rename table
             obj._p_changed = True  # pickled again at commit: its class, its references'
 
