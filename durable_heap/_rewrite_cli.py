@@ -20,8 +20,7 @@ EXAMPLE = (
     "  (then drop the entries from __durable_renames__ and deploy)"
 )
 
-_TEXT = ("write every stored object of a class renamed in __durable_renames__ again under its "
-         "new name, and every record that refers to one")
+_TEXT = "write stored objects of renamed classes again under their new names"
 
 
 def add_command(command: Callable[[str, str], argparse.ArgumentParser],
@@ -29,6 +28,12 @@ def add_command(command: Callable[[str, str], argparse.ArgumentParser],
     """Add ``rewrite-classes`` through `cli._parser`'s `command` (which adds ``program``);
     `open_heap(args, read_only=False)` opens the program's existing heap (the CLI's own)."""
     p = command("rewrite-classes", _TEXT)
+    p.description = (
+        "Write every stored object of a class renamed in the current version's\n"
+        "__durable_renames__ again under its new name, and every record that refers to one,\n"
+        "in batches (a progress bar on a terminal). Once a pack has removed the history from\n"
+        "before the rewrite, a deploy without those rename entries is accepted."
+    )
     p.epilog = EXAMPLE
     p.add_argument("--batch", type=_positive, default=1000, metavar="N",
                    help="records written per transaction (default 1000)")

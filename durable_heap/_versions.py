@@ -14,11 +14,15 @@ version stays in force):
 3. run the new top level (``state.setdefault(...)`` initialisation); a
    program that declares ``class State(durable_heap.State)`` gets its root
    made an instance of it, missing annotated names set from their defaults;
-4. call ``migrate(state, previous)`` if the program defines it and a version
-   came before;
-5. refuse if stored objects use a class the new version no longer defines
-   (the class registry of `_values` answers without a scan), unless forced;
-6. record the version and the new version's durable globals.
+4. refuse if stored objects use a class the new version no longer defines
+   (the class registry of `_values` answers without a scan), unless forced:
+   before any migration, which would fail on those broken objects instead;
+5. run the named migrations (`_migrations`) the heap has not recorded, in
+   definition order, and record them (a first deploy records them unrun, a
+   rollback neither runs nor records any);
+6. call ``migrate(state, previous)`` if the program defines it and a version
+   came before (at every deploy, rollbacks included);
+7. record the version and the new version's durable globals.
 
 Durable globals are the module-level data of a version (``hits = []``): kept
 in the heap per version, bound into the module at the start of each call and
@@ -1094,7 +1098,8 @@ class Versions(HeapEngine):
                force: bool = False) -> Version:
         """Deploy a program file or package as its next version, in one transaction.
 
-        Runs the new top level and its ``migrate(state, previous)``; raises
+        Runs the new top level, its named migrations not yet run here
+        (``@durable_heap.migration``) and its ``migrate(state, previous)``; raises
         `DeployError` (and commits nothing) when anything fails. Source equal to
         the current version's deploys nothing and returns the current version.
         `force` deploys although stored objects use classes the code dropped.
@@ -1103,7 +1108,8 @@ class Versions(HeapEngine):
 
     def rollback(self, program: str | os.PathLike[str], to: int, *, note: str | None = None,
                  force: bool = False) -> Version:
-        """Deploy version `to`'s stored source again, as a new version (state is kept)."""
+        """Deploy version `to`'s stored source again, as a new version: today's state is
+        kept (no down-migration), no named migration runs."""
         return rollback(self, program, to, note=note, force=force)[0]
 
     def rewrite_classes(self, program: str | os.PathLike[str], *, batch: int = 1000,
