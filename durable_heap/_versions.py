@@ -85,6 +85,7 @@ from ._program import (
     read_source,
     restore,
     swap_out,
+    top_level_names,
     where,
 )
 from ._registry import ensure_registry, program_roots, stored_classes
@@ -416,7 +417,21 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
     name = source.name
     rec = _record(conn, name)
     current = progress.current = rec.current if rec is not None else 0
-    module = install(compiled)
+    try:
+        module = install(compiled)
+    except RETRIED:
+        raise
+    except Exception as exc:
+        # A top level that touches objects of a class this version dropped fails on a
+        # broken object: say so first, as after it (`_dropped_while_failing`).
+        removed = _dropped_while_failing(conn, compiled, heap.renames)
+        if removed and not force:
+            files = [source.filename(rel) for rel in source.files]
+            also = (f"its top level raised {where(exc, files)}, perhaps on one of those objects "
+                    "(they load as broken objects, without their attributes)")
+            raise DeployError(_removed_message(conn, name, removed, current, source.origin, also),
+                              exc, removed=removed) from exc
+        raise
     previous = _version_of(rec, current) if rec is not None and current else None
     progress.stage = ""
     # Before any migration runs: one that touches objects of a class this version
@@ -474,20 +489,22 @@ def _deploy_error(name: str, stage: str, exc: BaseException, source: Source, cur
     return DeployError(f"deploy of {name} failed: {what}; {_kept(name, current)}", exc)
 
 
-def _removed_message(conn: Any, name: str, removed: list[str], current: int, origin: str) -> str:
+def _removed_message(conn: Any, name: str, removed: list[str], current: int, origin: str,
+                     also: str = "") -> str:
     listed = ", ".join(removed)
     hints = [hint for path in removed if (hint := _rename_hint(conn, name, path, origin))]
+    also = f"; {also}" if also else ""
     if hints:
         return (
             f"deploy of {name} refused: stored objects use classes this version no longer defines: "
             f"{listed}. {' '.join(hints)} Or deploy with force (--force) to leave those objects "
-            f"unloadable (their data is kept); {_kept(name, current)}"
+            f"unloadable (their data is kept){also}; {_kept(name, current)}"
         )
     return (
         f"deploy of {name} refused: stored objects use classes this version no longer defines: "
         f"{listed}. Keep those classes, map them to their new names in __durable_renames__ "
         f"(e.g. {{'{removed[0]}': '{name}.NewName'}}), or deploy with force (--force) to leave "
-        f"those objects unloadable (their data is kept); {_kept(name, current)}"
+        f"those objects unloadable (their data is kept){also}; {_kept(name, current)}"
     )
 
 
@@ -538,6 +555,21 @@ def broken_classes(conn: Any, name: str, renames: dict[str, str]) -> list[str]:
     with no history left from before the rewrite: nothing names them any more.
     """
     return [path for path in _unresolved(conn, name, renames) if not _rewritten_away(conn, path)]
+
+
+def _dropped_while_failing(conn: Any, compiled: Compiled, renames: dict[str, str]) -> list[str]:
+    """`broken_classes` of a version whose top level raised part way: of the classes that
+    do not resolve, those its source never defines (the others it did not reach)."""
+    defined = top_level_names(compiled)
+    removed = []
+    for path in broken_classes(conn, compiled.source.name, renames):
+        module, _, rest = renames.get(path, path).rpartition(".")
+        while module and module not in defined:  # a nested class: Outer.Inner
+            module, _, outer = module.rpartition(".")
+            rest = f"{outer}.{rest}"
+        if rest.partition(".")[0] not in defined.get(module, set()):
+            removed.append(path)
+    return removed
 
 
 def _unresolved(conn: Any, name: str, renames: dict[str, str]) -> list[str]:

@@ -219,6 +219,31 @@ def test_a_migration_touching_objects_of_a_removed_class_gets_the_clear_message(
     assert "AttributeError" not in out.stderr and "version 1 stays in force" in out.stderr
 
 
+def test_a_top_level_touching_objects_of_a_removed_class_gets_the_clear_message(tmp_path: Path) -> None:
+    app = write(tmp_path / "tracker.py", V1)
+    assert call(app, "add", "web", "ann") == 1
+    write(app, """
+        from durable_heap import Object, state
+
+        state.setdefault("tasks", {})
+        state.owners = [t.assignee for t in state.tasks.values()]   # broken objects: no assignee
+
+        class Item(Object):             # defined after the line that fails: not reported as removed
+            pass
+    """)
+    out = cli("deploy", str(app))
+    assert out.returncode == 1
+    assert "classes this version no longer defines: tracker.Task." in out.stderr, out.stderr
+    # The reason first; what the top level raised after it, as a likely consequence.
+    first = out.stderr.index("no longer defines")
+    assert first < out.stderr.index("its top level raised AttributeError: ")
+    assert "perhaps on one of those objects" in out.stderr and "version 1 stays in force" in out.stderr
+    # A top level that fails for its own reasons before defining a class still says why.
+    write(app, "from durable_heap import state\n1 / 0\n" + V1)
+    out = cli("deploy", str(app))
+    assert out.returncode == 1 and "its top level raised ZeroDivisionError" in out.stderr, out.stderr
+
+
 def test_rollback_help_says_state_is_kept() -> None:
     text = ok("rollback", "--help")
     assert "no down-migration" in text and "runs no named migration" in text
