@@ -65,14 +65,20 @@ def _needles(renames: Iterable[str]) -> dict[bytes, str]:
     return found
 
 
-def _naming(storage: Any, old: set[str]) -> Iterator[bytes]:
-    """The oids of the current records whose pickles name one of the paths `old`."""
+def _naming(storage: Any, old: set[str], *, exact: bool = True) -> Iterator[bytes]:
+    """The oids of the current records whose pickles name one of the paths `old`.
+
+    Not `exact`: also those with the opcode's bytes in string data (rare), found
+    without reading opcodes; writing such a record again does no harm.
+    """
     needles = _needles(old)
 
     def names(data: bytes | None) -> bool:
         # The bytes find candidates fast (also in string data); the opcodes decide.
         if not data or not any(n in data for n in needles):
             return False
+        if not exact:
+            return True
         try:
             return bool(old.intersection(record_globals(data)))
         except Exception:  # noqa: BLE001 - a record that does not parse names nothing
@@ -141,10 +147,13 @@ def rewrite(heap: HeapEngine, program: str, renames: dict[str, str], *, batch: i
     storage = heap.db.storage
     written = batches = 0
     broken: dict[bytes, str] = {}  # records of classes the code does not define: not writable
-    for _ in range(_ROUNDS):
+    for round_ in range(_ROUNDS):
         with heap.transaction(note=f"rewrite-classes {program}: scan"):
             pass  # a transaction boundary: the storage's view is synced (ZEO invalidations)
-        oids = [oid for oid in _naming(storage, old) if oid not in broken]
+        # The first round by the opcode bytes alone (most records match: reading their
+        # opcodes would cost more than writing a stray one again); the next ones exactly,
+        # so that a string that happens to hold those bytes does not count as left.
+        oids = [oid for oid in _naming(storage, old, exact=round_ > 0) if oid not in broken]
         if not oids:
             break
         total = written + len(oids)

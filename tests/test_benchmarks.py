@@ -100,3 +100,10 @@ def test_quick_workflows_benchmark() -> None:
     assert data["scale"]["full"]["timers"] >= 2 * data["scale"]["n"]  # its timers are all there
     assert set(data["replay"]) == {"10", "100"}
     assert data["deploy"]["unchanged_s"] > 0 and data["deploy"]["changed_s"] > 0
+
+
+def test_quick_rewrite_benchmark() -> None:
+    out = run(["-m", "benchmarks.rewrite", "--quick", "--reps", "1", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)["rows"]
+    assert row["size"] == 2_000 and row["durable_heap_s"] > 0 and row["raw_zodb_s"] > 0
