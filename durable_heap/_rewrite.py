@@ -144,9 +144,26 @@ def rewrite(heap: HeapEngine, program: str, renames: dict[str, str], *, batch: i
         raise ValueError("batch must be at least 1")
     old = set(renames)
     _mark(heap, program, renames, started=True)
+    broken: dict[bytes, str] = {}  # records of classes the code does not define: not writable
+    written, batches = _rounds(heap, program, renames, batch, on_progress, broken)
+    if broken:
+        classes = ", ".join(sorted(set(broken.values())))
+        raise ProgramError(
+            f"{len(broken)} records that name {', '.join(sorted(old))} are objects of classes this "
+            f"version does not define ({classes}): they load as broken objects, which cannot be "
+            f"written. Define those classes again (or map them in __durable_renames__) and run "
+            f"the rewrite again; the other {written} records were rewritten"
+        )
+    finished = _mark(heap, program, renames, started=False, records=written)
+    return RewriteReport(dict(renames), written, batches, finished)
+
+
+def _rounds(heap: HeapEngine, program: str, renames: dict[str, str], batch: int,
+            on_progress: Callable[[int, int], None] | None, broken: dict[bytes, str]) -> tuple[int, int]:
+    """Scan and write again until a scan finds nothing; (records written, transactions)."""
+    old = set(renames)
     storage = heap.db.storage
     written = batches = 0
-    broken: dict[bytes, str] = {}  # records of classes the code does not define: not writable
     for round_ in range(_ROUNDS):
         with heap.transaction(note=f"rewrite-classes {program}: scan"):
             pass  # a transaction boundary: the storage's view is synced (ZEO invalidations)
@@ -155,7 +172,7 @@ def rewrite(heap: HeapEngine, program: str, renames: dict[str, str], *, batch: i
         # so that a string that happens to hold those bytes does not count as left.
         oids = [oid for oid in _naming(storage, old, exact=round_ > 0) if oid not in broken]
         if not oids:
-            break
+            return written - len(broken), batches
         total = written + len(oids)
         for start in range(0, len(oids), batch):
             chunk = oids[start:start + batch]
@@ -167,25 +184,15 @@ def rewrite(heap: HeapEngine, program: str, renames: dict[str, str], *, batch: i
             batches += 1
             if on_progress is not None:
                 on_progress(written, total)
-    else:
-        left = [oid for oid in _naming(storage, old) if oid not in broken]
-        if left:
-            raise ProgramError(
-                f"{len(left)} records still name {', '.join(sorted(old))} after {_ROUNDS} rounds of "
-                f"rewriting: another process keeps writing them (one still running a version "
-                f"that defines the old class?). Stop it, or let it load the current version, and "
-                f"run the rewrite again"
-            )
-    if broken:
-        classes = ", ".join(sorted(set(broken.values())))
+    left = [oid for oid in _naming(storage, old) if oid not in broken]
+    if left:
         raise ProgramError(
-            f"{len(broken)} records that name {', '.join(sorted(old))} are objects of classes this "
-            f"version does not define ({classes}): they load as broken objects, which cannot be "
-            f"written. Define those classes again (or map them in __durable_renames__) and run "
-            f"the rewrite again; the other {written - len(broken)} records were rewritten"
+            f"{len(left)} records still name {', '.join(sorted(old))} after {_ROUNDS} rounds of "
+            f"rewriting: another process keeps writing them (one still running a version "
+            f"that defines the old class?). Stop it, or let it load the current version, and "
+            f"run the rewrite again"
         )
-    finished = _mark(heap, program, renames, started=False, records=written - len(broken))
-    return RewriteReport(dict(renames), written, batches, finished)
+    return written - len(broken), batches
 
 
 def _write_again(heap: HeapEngine, oids: list[bytes], note: str, broken: dict[bytes, str]) -> None:

@@ -417,21 +417,7 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
     name = source.name
     rec = _record(conn, name)
     current = progress.current = rec.current if rec is not None else 0
-    try:
-        module = install(compiled)
-    except RETRIED:
-        raise
-    except Exception as exc:
-        # A top level that touches objects of a class this version dropped fails on a
-        # broken object: say so first, as after it (`_dropped_while_failing`).
-        removed = _dropped_while_failing(conn, compiled, heap.renames)
-        if removed and not force:
-            files = [source.filename(rel) for rel in source.files]
-            also = (f"its top level raised {where(exc, files)}, perhaps on one of those objects "
-                    "(they load as broken objects, without their attributes)")
-            raise DeployError(_removed_message(conn, name, removed, current, source.origin, also),
-                              exc, removed=removed) from exc
-        raise
+    module = _install_or_refuse(heap, conn, compiled, force, current)
     previous = _version_of(rec, current) if rec is not None and current else None
     progress.stage = ""
     # Before any migration runs: one that touches objects of a class this version
@@ -442,17 +428,7 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
     if removed and not force:
         raise DeployError(_removed_message(conn, name, removed, current, source.origin), removed=removed)
     number = rec.versions.maxKey() + 1 if rec is not None and len(rec.versions) else 1
-    try:
-        named = migrations.defined([m for k, m in list(sys.modules.items()) if k in compiled.code])
-    except DeployError as exc:
-        raise DeployError(f"deploy of {name} failed: {exc}; {_kept(name, current)}") from None
-    if previous is None:  # a first deploy: the top level made today's shape, nothing to migrate
-        migrations.record(conn, name, [n for n, _ in named], number)
-    elif not rolling_back:  # a rollback runs none: it keeps today's state
-        for migration_name, func in migrations.pending(conn, name, named):
-            progress.stage = f"migration {migration_name}"
-            func(heap.state)
-            migrations.record(conn, name, [migration_name], number)
+    _run_migrations(heap, conn, compiled, number, previous is None, rolling_back, progress)
     migrate = module.__dict__.get("migrate")
     if callable(migrate) and previous is not None:  # a first deploy has nothing to migrate
         progress.stage = "migrate()"
@@ -472,6 +448,48 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
     durable = rec.globals[number] = Dict()
     _save_globals(module, durable, conn, heap)
     return _version_of(rec, number)
+
+
+def _install_or_refuse(heap: HeapEngine, conn: Any, compiled: Compiled, force: bool,
+                       current: int) -> types.ModuleType:
+    """`install` the new version (its top level runs); when that raises while stored
+    objects use classes the version dropped, refuse for that reason first."""
+    source = compiled.source
+    try:
+        return install(compiled)
+    except RETRIED:
+        raise
+    except Exception as exc:
+        # A top level that touches objects of a class this version dropped fails on a
+        # broken object: say so first, as after it (`_dropped_while_failing`).
+        removed = _dropped_while_failing(conn, compiled, heap.renames)
+        if removed and not force:
+            files = [source.filename(rel) for rel in source.files]
+            also = (f"its top level raised {where(exc, files)}, perhaps on one of those objects "
+                    "(they load as broken objects, without their attributes)")
+            message = _removed_message(conn, source.name, removed, current, source.origin, also)
+            raise DeployError(message, exc, removed=removed) from exc
+        raise
+
+
+def _run_migrations(heap: HeapEngine, conn: Any, compiled: Compiled, number: int, first: bool,
+                    rolling_back: bool, progress: _Progress) -> None:
+    """Run the version's named migrations not yet recorded, recording each (`_migrations`):
+    a first deploy records them all unrun (the top level made today's shape), a
+    rollback neither runs nor records any (it keeps today's state)."""
+    name = compiled.source.name
+    try:
+        named = migrations.defined([m for k, m in list(sys.modules.items()) if k in compiled.code])
+    except DeployError as exc:
+        raise DeployError(f"deploy of {name} failed: {exc}; {_kept(name, progress.current)}") from None
+    if first:
+        migrations.record(conn, name, [n for n, _ in named], number)
+    elif not rolling_back:
+        for migration_name, func in migrations.pending(conn, name, named):
+            progress.stage = f"migration {migration_name}"
+            func(heap.state)
+            migrations.record(conn, name, [migration_name], number)
+    progress.stage = ""
 
 
 def _kept(name: str, current: int) -> str:

@@ -383,3 +383,29 @@ def test_rewrite_through_the_api_with_progress(tmp_path: Path) -> None:
         assert report.renames == {"app.User": "app.Member", "app.Badge": "app.Tag"}
         assert heap.rewrite_classes(app).records == 0  # nothing left to rewrite
         assert prog.call("kinds") == ["Member", "Tag"]
+
+
+def test_rewrite_names_the_broken_objects_it_cannot_write(tmp_path: Path) -> None:
+    app = write(tmp_path / "app.py", textwrap.dedent(R1) + textwrap.dedent("""
+        class Holder(Object):
+            def __init__(self, user):
+                self.user = user
+
+        def hold(name):
+            state.holder = Holder(state.users[name])
+    """))
+    with dh.open(tmp_path / "h.fs") as heap:
+        prog = heap.load(app)
+        prog.call("add", "ann")
+        prog.call("hold", "ann")
+        # The rename, and Holder dropped by force: its record refers to an app.User.
+        heap.deploy(write(app, renamed(with_table=True)), force=True)
+        with pytest.raises(dh.ProgramError) as caught:
+            heap.rewrite_classes(app)
+        message = str(caught.value)
+        assert message.startswith("1 records that name app.Badge, app.User are objects of classes "
+                                  "this version does not define (app.Holder)")
+        assert "the other 4 records were rewritten" in message
+        # Not finished: dropping the table is still refused with the rewrite step to take.
+        with pytest.raises(dh.DeployError, match="until `durable-heap rewrite-classes app.py`"):
+            heap.deploy(write(app, renamed(with_table=False)), force=False)
