@@ -32,6 +32,7 @@ and, once durable execution (`_workflows`, since 0.4) has been used::
     "durable_heap.crons"             -> OOBTree  cron id -> CronEntry
     "durable_heap.dead_letters"      -> OOBTree  seq -> TimerEntry
     "durable_heap.waiting"           -> OOBTree  (module, qualname, code hash, id) -> True
+    "durable_heap.by_status"         -> OOBTree  status -> OOBTree (created, id) -> True
 
 Record layouts (the attributes each persistent class pickles; ZODB stores
 ``(class path, state)`` per record, the state being the instance ``__dict__``
@@ -81,6 +82,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_KEY",
     "FORMAT_SINCE",
+    "IMPORTS_KEY",
     "INLINE_CLASSES",
     "MIGRATIONS_KEY",
     "PROGRAMS_KEY",
@@ -106,6 +108,10 @@ MIGRATIONS_KEY = "durable_heap.migrations"
 #: entry is its own record, written when the rewrite starts and again when it finishes:
 #: while the first revision survives, history from before the rewrite does too.
 REWRITES_KEY = "durable_heap.rewrites"
+#: Key of the imports being staged (`_exchange`): a Dict of import id -> {"started": a
+#: datetime, "target": the path, "data": the staged Dict or List}; absent or empty
+#: when no ``durable-heap import`` of a big file is under way.
+IMPORTS_KEY = "durable_heap.imports"
 
 #: The root keys of durable execution (`_workflows`), in the order listed above.
 WORKFLOW_KEYS: tuple[str, ...] = (
@@ -116,6 +122,7 @@ WORKFLOW_KEYS: tuple[str, ...] = (
     "durable_heap.crons",
     "durable_heap.dead_letters",
     "durable_heap.waiting",
+    "durable_heap.by_status",
 )
 
 #: The heap format this version writes. A heap of a higher format is refused.
