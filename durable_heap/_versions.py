@@ -424,7 +424,10 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
     # dropped would fail on a broken object (AttributeError) and hide the reason.
     ensure_registry(conn)  # a heap from before the registry: scanned once, here
     rewriting.forget(conn, [p for p in _unresolved(conn, name, heap.renames) if _rewritten_away(conn, p)])
-    removed = broken_classes(conn, name, heap.renames)
+    declared = declared_state(module)
+    # A former declared State of the program leaves the registry by `apply_declared` below.
+    removed = [p for p in broken_classes(conn, name, heap.renames)
+               if declared is not None or p.rpartition(".")[2] != "State"]
     if removed and not force:
         raise DeployError(_removed_message(conn, name, removed, current, source.origin), removed=removed)
     number = rec.versions.maxKey() + 1 if rec is not None and len(rec.versions) else 1
@@ -434,7 +437,10 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
         progress.stage = "migrate()"
         migrate(heap.state, previous)
     progress.stage = ""
-    apply_declared(conn, declared_state(module), name)
+    apply_declared(conn, declared, name)
+    removed = broken_classes(conn, name, heap.renames)  # as before migrations, State included
+    if removed and not force:
+        raise DeployError(_removed_message(conn, name, removed, current, source.origin), removed=removed)
     deploy_check(heap, name, force=force)  # waiting workflows, timers, crons (`_workflows`)
     if rec is None:
         programs = conn.root().get(PROGRAMS_KEY)
