@@ -74,11 +74,18 @@ def test_quick_checksum_benchmark() -> None:
 
 
 def test_quick_ops_benchmark() -> None:
-    out = run(["-m", "benchmarks.ops", "--quick", "--json"], timeout=300)
+    out = run(["-m", "benchmarks.ops", "--quick", "--only", "verify", "--json"], timeout=300)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert all(data["seconds"][k] > 0 for k in ("verify", "fsrefs", "backup", "repozo"))
     assert data["verify_over_fsrefs"] > 0 and data["backup_over_repozo"] > 0
+    out = run(["-m", "benchmarks.ops", "--only", "exchange", "--entries", "500", "--rounds", "1", "--json"],
+              timeout=300)
+    assert out.returncode == 0, out.stderr
+    x = json.loads(out.stdout)["exchange"]
+    assert all(x["seconds"][k] > 0 for k in ("export", "json_dump", "import", "sqlite"))
+    assert x["bytes"]["export_json"] == x["bytes"]["json_dump"] + 1  # the same JSON, and a newline
+    assert x["peak_rss_mb"]["import"] > 0
 def test_quick_serve_benchmark_measures_both_systems() -> None:
     out = run(["-m", "benchmarks.serve", "--quick", "--requests", "60", "--json"], timeout=300)
     assert out.returncode == 0, out.stderr
