@@ -24,6 +24,7 @@ and, once durable execution (`_workflows`, since 0.4) has been used::
     "durable_heap.crons"             -> OOBTree  cron id -> CronEntry
     "durable_heap.dead_letters"      -> OOBTree  seq -> TimerEntry
     "durable_heap.waiting"           -> OOBTree  (module, qualname, code hash, id) -> True
+    "durable_heap.by_status"         -> OOBTree  status -> OOBTree (created, id) -> True
 
 Record layouts (the attributes each persistent class pickles; ZODB stores
 ``(class path, state)`` per record, the state being the instance ``__dict__``
@@ -105,6 +106,7 @@ WORKFLOW_KEYS: tuple[str, ...] = (
     "durable_heap.crons",
     "durable_heap.dead_letters",
     "durable_heap.waiting",
+    "durable_heap.by_status",
 )
 
 #: The heap format this version writes. A heap of a higher format is refused.

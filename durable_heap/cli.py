@@ -800,11 +800,14 @@ def _workflows(args: argparse.Namespace) -> int:
             for e in info["journal"]:
                 error = f"  raised {e['error']}" if e["error"] else ""
                 detail = e["detail"] if e["kind"] == "step" else ""
+                if e.get("replayed"):
+                    detail += f" (replayed as {e['replayed']}: its arguments changed)"
                 print(f"{e['number']:>9}. {e['kind']} {e['name']} {detail}{error}".rstrip())
             return 0
         print(f"{'id':<32}  {'status':<9}  {'since (UTC)':<19}  {'function':<24}  waits on")
-        for handle in heap.workflows(status=args.status):
-            info = handle.info
+        from ._workflows import summaries
+
+        for info in summaries(heap, args.status):  # records only, from the status index
             status = "stuck" if info["stuck"] else info["status"]
             print(f"{info['id']:<32}  {status:<9}  {_when(info['since'])}  {info['function']:<24}  "
                   f"{_waits(info)}")

@@ -99,7 +99,7 @@ def test_root_keys_and_format_version() -> None:
     assert _format.WORKFLOW_KEYS == (
         "durable_heap.workflows", "durable_heap.timers", "durable_heap.promises",
         "durable_heap.subscriptions", "durable_heap.crons", "durable_heap.dead_letters",
-        "durable_heap.waiting")
+        "durable_heap.waiting", "durable_heap.by_status")
 
 
 def test_a_new_heap_stores_the_pinned_keys(tmp_path: Path) -> None:
