@@ -22,6 +22,7 @@ from durable_heap.testing import ZeoServer, first_line, subprocess_env
 from .conftest import cli, write
 
 COUNTER = """
+    import asyncio
     import datetime
     import os
     import threading
@@ -108,6 +109,18 @@ COUNTER = """
         state.count += 1
         durable_heap.active_heap().transaction_manager.get().join(_KillAtVote(pid))
         return state.count
+
+    async def acount(by=1):
+        await asyncio.sleep(0.01)
+        state.count += by
+        async with durable_heap.active_heap().transaction():  # joins the call's transaction
+            state.log.append(by)
+        return state.count
+
+    async def aboom():
+        state.count += 1000
+        await asyncio.sleep(0)
+        raise ValueError("the async program said no")
 
     def _private():
         return 1
@@ -207,6 +220,27 @@ def test_functions_are_post_endpoints_and_their_changes_last(served: Served, cou
     assert health["program"] == "app"
     assert served.stop() == 0
     assert _count(counter) == 8  # a new process sees what the service committed
+
+
+def test_async_functions_are_post_endpoints_in_one_transaction_each(served: Served, counter: Path) -> None:
+    assert served.post("/acount").json() == {"result": 1}
+    assert served.post("/acount", {"by": 2}).json() == {"result": 3}
+    r = served.post("/aboom")
+    assert r.status_code == 500 and r.json()["error"]["message"] == "the async program said no"
+    assert served.post("/acount", [1, 2]).status_code == 400  # bound like any function
+
+    def one(_: int) -> int:
+        with httpx.Client(base_url=served.url, timeout=120) as c:
+            r = c.post("/acount")
+            assert r.status_code == 200, r.text
+            return r.json()["result"]  # type: ignore[no-any-return]
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:  # conflicts re-run the coroutine
+        results = list(pool.map(one, range(20)))
+    assert sorted(results) == list(range(4, 24))
+    assert served.post("/items").json() == {"result": [1, 2] + [1] * 20}  # aboom committed nothing
+    assert served.stop() == 0
+    assert _count(counter) == 23
 
 
 def test_every_error_has_its_status_and_a_failed_call_commits_nothing(served: Served) -> None:
