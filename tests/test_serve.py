@@ -509,6 +509,49 @@ def test_four_workers_share_the_heap_through_zeo_with_exact_totals(counter: Path
     assert _count(counter) == 120  # the ZEO server stopped and released the file
 
 
+def _children(pid: int) -> set[int]:
+    """The live processes whose parent is `pid` (from /proc)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, left to a parent that does not reap it, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_sigkilled_workers_parent_takes_its_zeo_server_and_workers_with_it(counter: Path) -> None:
+    s = Served(counter, "--workers", "2")
+    try:
+        pids = {s.post("/count_pid").json()["result"][1] for _ in range(6)}
+        children = _children(s.proc.pid)
+        # The ZEO server and the two workers (multiprocessing may add a helper of its own).
+        assert len(children) >= 3 and pids <= children, (children, pids)
+        s.send(signal.SIGKILL)
+        s.proc.wait(30)
+        deadline = time.monotonic() + 60
+        while alive := {p for p in children if _alive(p)}:
+            assert time.monotonic() < deadline, f"still running after the parent's SIGKILL: {alive}"
+            time.sleep(0.1)
+    finally:
+        s.stop()
+    assert _count(counter) == 6  # the ZEO server stopped and released the file; nothing lost
+
+
 def test_a_public_host_without_tls_is_refused(counter: Path) -> None:
     out = cli("serve", str(counter), "--host", "0.0.0.0", "--port", "0")  # noqa: S104 - refused
     assert out.returncode != 0
