@@ -49,9 +49,10 @@ import types
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from ._errors import DurableHeapError, FunctionNotFoundError, JSONFormError, StorageError
+from ._errors import ConflictError, DurableHeapError, FunctionNotFoundError, JSONFormError, StorageError
 from ._http import Answer, Request, _Answer, _error, _json_answer, _status_headers, error_answer, render
 from ._jsonform import decode, dumps, resolve_loaded
+from ._retry import call_note, conflict, pause
 from ._workflows import Workflow
 
 __all__ = ["ServeConfig", "Service", "public_functions", "run"]
@@ -128,6 +129,8 @@ class Service:
         self._pool = concurrent.futures.ThreadPoolExecutor(config.threads,
                                                            thread_name_prefix="durable-heap-call")
         self._stop = threading.Event()
+        #: Held by a call's retries after a conflict: one at a time in this process (`_call`).
+        self._retrying = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._closed = False
         self.workflows = _Workflows(self)
@@ -240,6 +243,37 @@ class Service:
                     log.error("%s %s failed: %s: %s", request.method, request.path, type(exc).__name__, exc)
             return answer
 
+    # -- conflicts ----------------------------------------------------------------------------
+
+    def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+              then: Callable[[Any], Any]) -> Any:
+        """``program._call`` with serve's conflict policy: a call that conflicted queues for its retries.
+
+        Each call is tried up to the heap's attempts (``--attempts``, default
+        10), backing off a growing random time between tries (`pause`), as
+        everywhere. What serve adds: a call's retries run one at a time in this
+        process (`_retrying`). Under a storm on one hot record (50 requests on one
+        entry across 4 worker processes) every try of every call otherwise meets
+        the others' commits, and calls ran out of tries; queued, at most one
+        retried call per process contends, one of them commits each round, and
+        a try is spent only on a real chance (waiting in the queue is not a try).
+        A first try takes no lock: calls that do not conflict never wait.
+        """
+        attempts = self.heap.max_attempts
+        program = self.program
+        for n in range(1, attempts + 1):
+            try:
+                if n == 1:
+                    return program._call(name, args, kwargs, then, attempts=1)
+                with self._retrying:
+                    return program._call(name, args, kwargs, then, attempts=1)
+            except ConflictError as exc:
+                if n == attempts:
+                    note = call_note(name, args, kwargs)
+                    raise conflict(n, note, exc.__cause__, how="durable-heap serve --attempts N") from exc
+            pause(n)
+        raise AssertionError("unreachable")
+
     # -- POST /<function> ------------------------------------------------------------------
 
     def _function(self, request: Request) -> Answer:
@@ -265,7 +299,7 @@ class Service:
             return dumps({"result": result}).encode("utf-8")
 
         try:
-            body = program._call(name, tuple(args), kwargs, then)
+            body = self._call(name, tuple(args), kwargs, then)
         except TypeError as exc:
             if isinstance(exc, DurableHeapError):
                 raise
@@ -329,7 +363,7 @@ class Service:
                 raise _Answer(answer)  # an answer of failure: its changes are rolled back
             return answer
 
-        status, headers, body = program._call("endpoint", (request,), {}, then)
+        status, headers, body = self._call("endpoint", (request,), {}, then)
         return status, [*headers, *_version_header(served)], body
 
     # -- /_ paths: the runtime's ---------------------------------------------------------------

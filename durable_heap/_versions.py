@@ -591,8 +591,11 @@ class Program:
     # -- PROTECTED: for the CLI (`durable-heap call`); not public API ----------------------
 
     def _call(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-              then: Callable[[Any], Any] | None) -> Any:
-        """`call`, and ``then(result)`` in the same transaction (it may read durable objects)."""
+              then: Callable[[Any], Any] | None, attempts: int | None = None) -> Any:
+        """`call`, and ``then(result)`` in the same transaction (it may read durable objects).
+
+        `attempts`: tries on conflicts (default: the heap's).
+        """
         if self.watch:
             self.deploy_if_changed()
         # Before its version is loaded, a function's redact marks are unknown: the note
@@ -604,7 +607,7 @@ class Program:
         with _modules.calling():
             try:
                 return run(self._in_transaction, (function, args, kwargs, then, False), {}, note,
-                           self.heap.max_attempts)
+                           attempts or self.heap.max_attempts)
             except _MustReload:
                 if self.heap.in_transaction:
                     raise ProgramError(
@@ -615,7 +618,7 @@ class Program:
         # A new version to load (or the first call): with no other call in flight.
         with _modules.swapping():
             return run(self._in_transaction, (function, args, kwargs, then, True), {}, note,
-                       self.heap.max_attempts)
+                       attempts or self.heap.max_attempts)
 
     # -- running the current version ------------------------------------------------------
 
