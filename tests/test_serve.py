@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -643,33 +644,168 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+class _Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    JSON messages ending in NUL, commands on its fd 3, answers and events on its fd 4).
+
+    A real browser with real input: `click` dispatches a mouse press and release at an
+    element's centre, as a user's click arrives, not a call of the page's own handler.
+    """
+
+    def __init__(self, binary: str, profile: Path) -> None:
+        to_chrome, self._commands = os.pipe()
+        self._answers, from_chrome = os.pipe()
+
+        # Its fd 3 reads our commands, its fd 4 writes back (bash moves the pipes there:
+        # dash takes one-digit fds only).
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$0" "$@" 3<&{to_chrome} 4>&{from_chrome}', binary, "--headless",
+             "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--remote-debugging-pipe",
+             f"--user-data-dir={profile}", "about:blank"],
+            pass_fds=(to_chrome, from_chrome), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        os.close(to_chrome)
+        os.close(from_chrome)
+        self._buffer = b""
+        self._next = 0
+        self.session: str | None = None
+
+    def send(self, method: str, params: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, Any]:
+        self._next += 1
+        message: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
+        if self.session is not None and not method.startswith(("Target.", "Browser.")):
+            message["sessionId"] = self.session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self._buffer:
+                assert time.monotonic() < deadline, f"no answer to {method}"
+                chunk = os.read(self._answers, 1 << 20)
+                assert chunk, f"chromium ended: {self.proc.stderr.read().decode()[-2000:]}"  # type: ignore[union-attr]
+                self._buffer += chunk
+            raw, _, self._buffer = self._buffer.partition(b"\0")
+            answer = json.loads(raw)
+            if answer.get("id") == self._next:
+                assert "error" not in answer, (method, answer["error"])
+                return answer.get("result", {})  # type: ignore[no-any-return]
+
+    def open(self, url: str, width: int, height: int) -> None:
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        self.send("Emulation.setDeviceMetricsOverride",
+                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        self.send("Page.navigate", {"url": url})
+
+    def js(self, expression: str) -> Any:
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                "awaitPromise": True})
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait(self, expression: str, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return false; }} }})()"
+        while not (value := self.js(guarded)):  # false, or not there yet
+            assert time.monotonic() < deadline, f"never true: {expression}"
+            time.sleep(0.05)
+        return value
+
+    def click(self, selector_js: str) -> None:
+        """Click the element that `selector_js` evaluates to, with the mouse."""
+        box = self.js(f"(() => {{ const e = {selector_js}; e.scrollIntoView({{block: 'center'}}); "
+                      "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        x, y = box
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left",
+                                                   "clickCount": 1})
+
+    def screenshot(self, path: Path) -> None:
+        import base64
+
+        self.js("window.scrollTo(0, 0)")
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"]))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.send("Browser.close", timeout=10)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+        for fd in (self._commands, self._answers):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+#: The `li` of the node at a path of labels below the tree's root, in the page.
+def _node(*labels: str) -> str:
+    steps = json.dumps(list(labels))
+    return (f"{steps}.reduce((li, label) => {{ const ul = li === null ? "
+            "document.querySelector('#tree > ul.tree') : li && li.querySelector(':scope > ul.tree'); "
+            "return ul && [...ul.children].find(e => "
+            "e.querySelector(':scope > .label')?.textContent === label + ': '); }, null)")
+
+
+def _children_of(*labels: str) -> str:
+    return f"[...(({_node(*labels)}).querySelector(':scope > ul.tree') || {{children: []}}).children]"
+
+
 @pytest.mark.slow
-def test_the_inspector_in_a_real_browser(tmp_path: Path) -> None:
-    browser = _chromium()
-    if browser is None:
+def test_the_inspector_in_a_real_browser_opens_the_tree_by_clicks(tmp_path: Path) -> None:
+    binary = _chromium()
+    if binary is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: .ci/run installs it (apt-get install -y chromium)")
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     s = Served(write(tmp_path / "big.py", BIG), "--inspect")
+    browser = _Browser(binary, tmp_path / "chromium")
     try:
-        url = s.url + "/_inspect?open=" + json.dumps([["a", "users"], ["k", "u007"]])
-        common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000"]
-        out = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-        dom = out.stdout
-        assert 'data-ready="1"' in dom, out.stderr[-2000:]
-        assert "Dict (500 items)" in dom and "450 more" in dom  # the first page of users, opened
-        assert "'user 7'" in dom and "List (2 items)" in dom  # and one user, opened in it
-        assert "version 1 serving" in dom
+        browser.open(s.url + "/_inspect", 900, 700)
+        browser.wait("document.body.dataset.ready === '1'")
+        assert browser.js("document.querySelector('h1').textContent") == "big"
+        assert "version 1 serving" in browser.js("document.querySelector('.meta').textContent")
+        assert browser.js(f"{_children_of('users')}.length") == 0  # closed: nothing of it loaded
+
+        browser.click(f"({_node('users')}).querySelector('.toggle')")  # open users: its first page only
+        rows = f"{_children_of('users')}.filter(e => e.tagName === 'LI')"
+        assert browser.wait(f"{rows}.length") == 50
+        more = f"{_children_of('users')}.find(e => e.tagName === 'BUTTON')"
+        assert browser.js(f"({more}).textContent") == "450 more"
+
+        browser.click(more)  # the next page, and only it
+        assert browser.wait(f"{rows}.length === 100 && {rows}.length") == 100
+        assert browser.js(f"({more}).textContent") == "400 more"
+
+        browser.click(f"({_node('users', repr('u007'))}).querySelector('.toggle')")  # one user
+        fields = f"{_children_of('users', repr('u007'))}.map(li => li.textContent)"
+        assert browser.wait(f"{fields}.length === 2 && {fields}") == [
+            "name: 'user 7'", "\u25b8tags: List (2 items)"]
+        browser.click(f"({_node('users', repr('u007'), 'tags')}).querySelector('.toggle')")
+        tags = f"{_children_of('users', repr('u007'), 'tags')}.map(li => li.textContent)"
+        assert browser.wait(f"{tags}.length === 2 && {tags}") == ["[0]: 'admin'", "[1]: 'ops'"]
+
+        browser.click(f"({_node('users')}).querySelector('.toggle')")  # closes it again
+        assert browser.wait(f"{_children_of('users')}.length === 0")
+
+        browser.click(f"({_node('users')}).querySelector('.toggle')")  # and the screenshot, opened
+        browser.wait(f"{rows}.length === 50")
+        browser.click(f"({_node('users', repr('u007'))}).querySelector('.toggle')")
+        browser.wait(f"{_children_of('users', repr('u007'))}.length === 2")
+        browser.click(f"({_node('users', repr('u007'), 'tags')}).querySelector('.toggle')")
+        browser.wait(f"{_children_of('users', repr('u007'), 'tags')}.length === 2")
+        browser.js(f"({_node('users')}).querySelector(':scope > ul.tree').scrollIntoView()")
         shot = tmp_path / "inspect.png"
-        subprocess.run([*common, "--window-size=900,700", f"--screenshot={shot}", url],
-                       capture_output=True, timeout=120)
-        assert shot.exists() and shot.stat().st_size > 5000
+        browser.screenshot(shot)
+        assert shot.stat().st_size > 5000
         if os.environ.get("DURABLE_HEAP_SCREENSHOT"):  # docs/img/inspect.png is made this way
             import shutil
 
             shutil.copy(shot, os.environ["DURABLE_HEAP_SCREENSHOT"])
     finally:
+        browser.close()
         s.stop()
 
 
