@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -659,7 +660,8 @@ class _Browser:
         # Its fd 3 reads our commands, its fd 4 writes back (bash moves the pipes there:
         # dash takes one-digit fds only).
         self.proc = subprocess.Popen(
-            ["bash", "-c", f'exec "$0" "$@" 3<&{to_chrome} 4>&{from_chrome}', binary, "--headless",
+            [shutil.which("bash") or "/bin/bash", "-c", f'exec "$0" "$@" 3<&{to_chrome} 4>&{from_chrome}',
+             binary, "--headless",
              "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--remote-debugging-pipe",
              f"--user-data-dir={profile}", "about:blank"],
             pass_fds=(to_chrome, from_chrome), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -713,7 +715,8 @@ class _Browser:
     def click(self, selector_js: str) -> None:
         """Click the element that `selector_js` evaluates to, with the mouse."""
         box = self.js(f"(() => {{ const e = {selector_js}; e.scrollIntoView({{block: 'center'}}); "
-                      "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+                      "const r = e.getBoundingClientRect(); "
+                      "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
         x, y = box
         for kind in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left",
