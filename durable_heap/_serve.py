@@ -206,6 +206,9 @@ class Service:
             return
         request = Request(scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"),
                           _headers(scope), body)
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            await _send(send, _NO_WEBSOCKETS)
+            return
         client = scope.get("client")
         loop = asyncio.get_running_loop()
         try:
@@ -504,6 +507,15 @@ class _Workflows:
 
 # --- helpers ------------------------------------------------------------------------------
 
+#: The answer to a WebSocket handshake. uvicorn runs with ``ws="none"``, so a handshake
+#: arrives as a plain request, answered here, whatever WebSocket library is installed.
+_NO_WEBSOCKETS = _error(
+    501, "WebSocketsNotSupported",
+    "durable-heap serve answers HTTP requests only, not WebSockets: each request is one "
+    "transaction, and a WebSocket connection outlives any transaction. Serve WebSockets "
+    "from your own ASGI app (Starlette, FastAPI) beside it, with one `async with "
+    "heap.transaction()` per message (see durable_heap.asgi.TransactionMiddleware's exclude)")
+
 
 async def _read_body(receive: Receive) -> bytes:
     chunks: list[bytes] = []
@@ -645,7 +657,7 @@ def run(config: ServeConfig) -> int:
         return _run_workers(config)
     service = Service(config)
     try:
-        uconfig = uvicorn.Config(service, host=config.host, port=config.port, lifespan="on",
+        uconfig = uvicorn.Config(service, host=config.host, port=config.port, lifespan="on", ws="none",
                                  access_log=False, log_level="warning", timeout_graceful_shutdown=None,
                                  ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
         server = uvicorn.Server(uconfig)
@@ -721,7 +733,8 @@ def _run_workers(config: ServeConfig) -> int:
         os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(worker_config))
         os.environ[_PARENT_ENV] = str(os.getpid())  # the workers die with this process
         uconfig = uvicorn.Config("durable_heap._serve:worker_app", factory=True, host=config.host,
-                                 port=config.port, workers=config.workers, lifespan="on", access_log=False,
+                                 port=config.port, workers=config.workers, lifespan="on", ws="none",
+                                 access_log=False,
                                  log_level="warning", timeout_graceful_shutdown=None,
                                  ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
         sock = _listen(config, uconfig.backlog)

@@ -274,6 +274,16 @@ def test_every_error_has_its_status_and_a_failed_call_commits_nothing(served: Se
     assert "the program said no" in served.text() and "Traceback" not in served.text()
 
 
+def test_a_websocket_handshake_is_refused_clearly(served: Served) -> None:
+    r = served.client.get("/count", headers={
+        "connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert r.status_code == 501, r.text
+    error = r.json()["error"]
+    assert error["type"] == "WebSocketsNotSupported" and "async with heap.transaction()" in error["message"]
+    assert served.post("/count").json() == {"result": 1}  # plain requests still served
+
+
 def test_debug_answers_carry_the_traceback(counter: Path) -> None:
     s = Served(counter, "--debug")
     try:
