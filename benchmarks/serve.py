@@ -41,11 +41,18 @@ ROOT = Path(__file__).resolve().parent.parent
 KEYS = 1000
 
 PROGRAM = """
+import os
+import time
+
 from durable_heap import state
 
 state.setdefault("items", {f"k{i}": 0 for i in range(1000)})
+WORK = float(os.environ.get("BENCH_WORK_MS", "0")) / 1000
 
 def bump(key):
+    end = time.thread_time() + WORK  # Python work of the request's own, before the update
+    while time.thread_time() < end:
+        pass
     state.items[key] += 1
     return state.items[key]
 """
@@ -91,19 +98,20 @@ class _Server:
         self.log.close()
 
 
-def start(system: str, workers: int, folder: Path) -> _Server:
+def start(system: str, workers: int, folder: Path, work_ms: float = 0) -> _Server:
     if system == "durable_heap":
         program = folder / "bench_app.py"
         program.write_text(textwrap.dedent(PROGRAM))
         cmd = [sys.executable, "-m", "durable_heap", "serve", str(program), "--port", "0", "--no-watch",
                "--storage", str(folder / "bench.fs"), "--workers", str(workers), "--attempts", "100"]
-        return _Server(cmd, _env(), folder / "serve.log")
+        return _Server(cmd, _env({"BENCH_WORK_MS": str(work_ms)}), folder / "serve.log")
     from benchmarks.serve_sqlite_app import create
 
     db = folder / "bench.sqlite"
     create(str(db))
     cmd = [sys.executable, "-m", "benchmarks.serve_sqlite_app", "--port", "0", "--workers", str(workers)]
-    server = _Server(cmd, _env({"BENCH_SQLITE": str(db)}), folder / "uvicorn.log")
+    env = _env({"BENCH_SQLITE": str(db), "BENCH_WORK_MS": str(work_ms)})
+    server = _Server(cmd, env, folder / "uvicorn.log")
     _wait_up(server)
     return server
 
@@ -266,7 +274,7 @@ def _load_httpx(url: str, requests: int, concurrency: int) -> dict[str, Any]:
 def measure(system: str, workers: int, load: dict[str, Any]) -> dict[str, Any]:
     """One round of one system: a fresh store and server, warmed, then the measured load."""
     folder = Path(tempfile.mkdtemp(prefix=f"bench-serve-{system}-"))
-    server = start(system, workers, folder)
+    server = start(system, workers, folder, load["work_ms"])
     client, concurrency = load["client"], load["concurrency"]
     try:
         _settle(server.proc.pid)  # the worker processes have started (the socket queues before)
@@ -324,7 +332,9 @@ def run(workers_list: list[int], rounds: int, load: dict[str, Any]) -> dict[str,
 
 def report(data: dict[str, Any]) -> str:
     amount = (f"{data['seconds']:g} s" if data["client"] == "wrk" else f"{data['requests']} requests")
-    out = [f"One-entry updates over HTTP, {data['concurrency']} requests in flight from {data['client']}, "
+    work = f", {data['work_ms']:g} ms of Python work each" if data.get("work_ms") else ""
+    out = [f"One-entry updates over HTTP{work}, {data['concurrency']} requests in flight "
+           f"from {data['client']}, "
            f"{amount} x {data['rounds']} rounds per system (medians; {data['cpus']} CPUs)", "",
            "| workers | system | requests/s | p50 ms | p99 ms | errors | CPU ms/request: server, ZEO, "
            "client | cores busy | fsync ms | load |",
@@ -351,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, help="requests per round (default 1500)")
     p.add_argument("--seconds", type=float, help="seconds of load per round, with wrk (default 15)")
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--work-ms", type=float, default=0.0,
+                   help="CPU milliseconds of Python work per request before the update (default 0): "
+                        "where more worker processes pay off")
     p.add_argument("--client", choices=("wrk", "httpx"),
                    help="the load generator: wrk (the default when installed: apt-get install wrk), "
                         "or httpx in this process (5 ms of CPU a request: it competes with the servers)")
@@ -364,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.client is None:
         args.client = "wrk" if shutil.which("wrk") else "httpx"
     load = {"client": args.client, "concurrency": args.concurrency, "requests": args.requests,
-            "seconds": args.seconds}
+            "seconds": args.seconds, "work_ms": args.work_ms}
     data = run([int(w) for w in args.workers.split(",")], args.rounds, load)
     print(json.dumps(data, indent=2) if args.json else report(data))
     return 0
