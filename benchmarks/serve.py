@@ -190,7 +190,7 @@ def _tree(pid: int) -> dict[int, str]:
             cmd = Path(f"/proc/{p}/cmdline").read_bytes()
         except OSError:
             continue
-        out[p] = "zeo" if b"_zeo_child" in cmd or b"durable_heap\x00zeo" in cmd else "server"
+        out[p] = "zeo" if b'main(["zeo"' in cmd or b"durable_heap\x00zeo" in cmd else "server"
         todo += children.get(p, [])
     return out
 

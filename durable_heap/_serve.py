@@ -52,6 +52,7 @@ from typing import Any
 from ._errors import ConflictError, DurableHeapError, FunctionNotFoundError, JSONFormError, StorageError
 from ._http import Answer, Request, _Answer, _error, _json_answer, _status_headers, error_answer, render
 from ._jsonform import decode, dumps, resolve_loaded
+from ._parent import ZEO_CHILD
 from ._retry import call_note, conflict, pause
 from ._workflows import Workflow
 
@@ -574,65 +575,11 @@ def worker_app() -> Service:
     """The app factory of a worker process (``--workers``): its configuration comes in the environment."""
     parent = os.environ.get(_PARENT_ENV)
     if parent:
+        from ._parent import die_with_parent
+
         die_with_parent(int(parent))
     config = ServeConfig(**json.loads(os.environ[_CONFIG_ENV]))
     return Service(config)
-
-
-def die_with_parent(parent: int, sig: int | None = None) -> None:
-    """Have this process get `sig` (SIGTERM) when the process `parent` ends, even by SIGKILL.
-
-    A ``serve --workers N`` parent killed without a chance to stop its children
-    would otherwise leave the ZEO server holding the heap file's lock and the
-    workers serving the shared socket. On Linux the kernel does it
-    (``prctl(PR_SET_PDEATHSIG)``; it fires when the thread that started us
-    ends, and the parent starts its children from its main thread); elsewhere
-    a daemon thread watches for the parent to go (``getppid`` changes when
-    the process is re-parented). If the parent is gone already, the signal
-    comes now. SIGTERM lets each child stop as it does on a service manager's
-    SIGTERM: a worker drains its requests and closes the heap, the ZEO server
-    closes the file.
-    """
-    import signal
-
-    signum = signal.SIGTERM if sig is None else sig
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1  # <linux/prctl.h>
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            armed = libc.prctl(pr_set_pdeathsig, int(signum), 0, 0, 0) == 0
-        except (OSError, AttributeError):
-            armed = False
-        if armed:
-            if os.getppid() != parent:  # it ended before the signal was armed
-                os.kill(os.getpid(), signum)
-            return
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os.kill(os.getpid(), signum)
-
-    threading.Thread(target=watch, name="durable-heap-parent-watch", daemon=True).start()
-
-
-def _zeo_child(argv: list[str]) -> int:
-    """The ZEO server child of ``serve --workers``: ``PARENT_PID FOLDER zeo-args...``.
-
-    It dies with the parent (`die_with_parent`), then runs ``durable-heap zeo``,
-    and removes the private folder of its socket when it ends.
-    """
-    from .cli import main
-
-    parent, folder, *args = argv
-    die_with_parent(int(parent))
-    try:
-        return main(["zeo", *args])
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
 
 
 def check_host(config: ServeConfig, insecure: bool) -> None:
@@ -760,9 +707,8 @@ def _zeo_for(config: ServeConfig) -> Iterator[str]:
             "not one. Several processes on a zeo:// heap: start each with --storage zeo://..."
         )
     folder = tempfile.mkdtemp(prefix="durable-heap-serve-")  # 0700: the socket is private
-    # It dies with this process, even a SIGKILLed one (`die_with_parent`).
-    cmd = [sys.executable, "-c", "import sys; from durable_heap._serve import _zeo_child; "
-           "sys.exit(_zeo_child(sys.argv[1:]))", str(os.getpid()), folder,
+    # It dies with this process, even a SIGKILLed one (`_parent.ZEO_CHILD`).
+    cmd = [sys.executable, "-c", ZEO_CHILD, str(os.getpid()), folder,
            "--storage", target.location, "--address", os.path.join(folder, "zeo.sock")]
     for pattern in config.allow:
         cmd += ["--allow", pattern]
