@@ -272,6 +272,7 @@ def test_every_error_has_its_status_and_a_failed_call_commits_nothing(served: Se
     assert "async with heap.transaction()" in error(websocket, 501, "WebSocketsNotSupported")["message"]
     conflict = error(served.post("/clash"), 409, "ConflictError")
     assert "10" in conflict["message"]  # the attempts it made
+    assert served.health()["conflicts"] == 10  # each try ended in a conflict
     # None of the failed calls changed the count (clash's other thread did, each try).
     clashes = served.post("/items").json()["result"]
     assert served.post("/count", [0]).json()["result"] == len(clashes) == 10
