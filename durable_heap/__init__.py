@@ -50,11 +50,11 @@ from ._heap import HeapStatus, active_heap, state
 from ._http import Request, Response
 from ._notes import redact
 from ._state import Object, State
+from ._timers import Timer
 from ._types import typed_state
 from ._versions import Program, Version
 from ._workflows import (
     Promise,
-    Timer,
     Workflow,
     emit,
     now,
