@@ -100,7 +100,8 @@ def test_quick_ops_benchmark() -> None:
     assert x["bytes"]["export_json"] == x["bytes"]["json_dump"] + 1  # the same JSON, and a newline
     assert x["peak_rss_mb"]["import"] > 0
 def test_quick_serve_benchmark_measures_both_systems() -> None:
-    out = run(["-m", "benchmarks.serve", "--quick", "--requests", "60", "--json"], timeout=300)
+    out = run(["-m", "benchmarks.serve", "--quick", "--client", "httpx", "--requests", "60", "--json"],
+              timeout=300)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert {r["system"] for r in data["rows"]} == {"durable_heap", "sqlite"}

@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("format", {"_format", "_options"}),
     # Targets and their options parsed (no storage opened); the one error map.
     ("storage primitives", {"_targets", "_errormap"}),
-    ("storage backends", {"_allow", "_integrity", "_filestorage", "_groupcommit", "_follow", "_zeo_client", "_zeo",
-                          "_relstorage"}),
+    ("storage backends", {"_allow", "_integrity", "_filestorage", "_groupcommit", "_follow",
+                          "_zeo_client", "_zeo", "_relstorage"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths", "_storable",
                 "_defaults"}),
@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("durable execution", {"_execution", "_workflows", "_timers", "_cron"}),
     ("programs", {"_program", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
-               "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect",
+               "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect", "_parent",
                "_ops", "_exchange", "_completion"}),
 ]
 
