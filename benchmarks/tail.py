@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.systems import DurableHeapDict, RawZODB, key
+from benchmarks.systems import DurableHeapDict, RawZODB
 
 
 class _Full:
@@ -141,7 +141,8 @@ def report(results: dict[int, dict[str, dict[str, Any]]], full: bool) -> list[st
     cache = "full caches (every record loaded first)" if full else "default caches, cold entries"
     lines = [
         f"### One-entry commit, durable_heap and raw ZODB interleaved in one process ({cache})", "",
-        "| size | system | median ms | p90 ms | CPU median / mean ms | loads per commit | commits with a GC |",
+        "| size | system | median ms | p90 ms | CPU median / mean ms | loads per commit "
+        "| commits with a GC |",
         "|---|---|---|---|---|---|---|",
     ]
     targets = []
@@ -149,7 +150,8 @@ def report(results: dict[int, dict[str, dict[str, Any]]], full: bool) -> list[st
         for name, x in r.items():
             lines.append(
                 f"| {n:,} | {name} | {x['median_ms']:.3f} | {x['p90_ms']:.3f} | "
-                f"{x['cpu_median_ms']:.3f} / {x['cpu_mean_ms']:.3f} | {x['loads']:.2f} | {x['gc_share']:.0%} |"
+                f"{x['cpu_median_ms']:.3f} / {x['cpu_mean_ms']:.3f} | {x['loads']:.2f} | "
+                f"{x['gc_share']:.0%} |"
             )
         dh, raw = r["durable_heap"], r["raw_zodb"]
         med, p90 = dh["median_ms"] / raw["median_ms"], dh["p90_ms"] / raw["p90_ms"]
@@ -163,7 +165,8 @@ def report(results: dict[int, dict[str, dict[str, Any]]], full: bool) -> list[st
             f"- {mark(med <= 1.2)}: at {n:,}, median wall {med:.2f}x raw ZODB (target <= 1.2x; "
             f"median CPU {cpu:.2f}x)",
             f"- {mark(p90 <= 1.3)}: at {n:,}, p90 wall {p90:.2f}x raw ZODB (target <= 1.3x)",
-            f"- {mark(tail <= 1.3)}: at {n:,}, durable_heap's mean CPU {tail:.2f}x its median (target <= 1.3x; "
+            f"- {mark(tail <= 1.3)}: at {n:,}, durable_heap's mean CPU {tail:.2f}x its median "
+            "(target <= 1.3x; "
             f"raw ZODB {raw['cpu_mean_ms'] / raw['cpu_median_ms']:.2f}x)",
         ]
     return [*lines, "", *targets, ""]
