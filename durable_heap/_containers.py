@@ -273,8 +273,8 @@ def _last_seq(entries: Any) -> int:
     node on the way to the last bucket fails (a lost ZEO server, a missing
     record), the process dies of a segfault (an assertion in debug builds)
     instead of raising. With a bound the search goes through
-    ``BTree_findRangeEnd``, which checks. Trees of more than about 2,500 entries
-    (64 buckets of 40) have such inner nodes.
+    ``BTree_findRangeEnd``, which checks. Trees of more than about 5,000 entries
+    have such inner nodes (a root splits at twice INNER_FANOUT buckets of about 20).
     """
     return entries.maxKey(_SEQ_MAX)  # type: ignore[no-any-return]
 
