@@ -8,6 +8,7 @@
     python -m benchmarks --sizes 10000,10000000
     python -m benchmarks --json results.json
     python -m benchmarks --report        also write docs/benchmarks.md and docs/img/*.png
+    python -m benchmarks --replot results.json   only redraw docs/img/*.png from a --json file
 
 Figures are medians (with p90 where a run has many samples) and ratios to
 durable_heap measured in the same run, so that a faster or slower machine shifts
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.one import summarize
+from benchmarks.style import style
 from benchmarks.systems import SYSTEMS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -425,24 +427,31 @@ def plots(results: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
         ("commit_latency.png", "median_ms", "median ms per one-entry commit"),
         ("bytes_per_commit.png", "bytes_per_commit", "bytes appended per one-entry commit"),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for system in SHOWN["commit"]:
-            row = results.get("commit", {}).get(system)
-            if not row or (key_ == "bytes_per_commit" and system == "fsync"):
-                continue
-            xs = sorted(row)
-            ax.plot(xs, [row[x][key_] for x in xs], marker="o", label=SYSTEMS[system].name)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("entries in the heap")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig = commit_figure(plt, results, key_, ylabel)
         fig.savefig(folder / fig_name, dpi=110)
         plt.close(fig)
         made.append(fig_name)
     return made
+
+
+def commit_figure(plt: Any, results: dict[str, Any], key_: str, ylabel: str) -> Any:
+    """One line per system of the commit workload, each in its own style (benchmarks.style)."""
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    for system in SHOWN["commit"]:
+        row = results.get("commit", {}).get(system)
+        if not row or (key_ == "bytes_per_commit" and system == "fsync"):
+            continue
+        xs = sorted(row, key=int)  # int keys, or str keys from a --json file
+        ax.plot([int(x) for x in xs], [row[x][key_] for x in xs], label=SYSTEMS[system].name,
+                **style(system))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("entries in the heap")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: no line hidden
+    fig.tight_layout()
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,7 +462,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", help=f"comma-separated systems (default all: {', '.join(SYSTEMS)})")
     p.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
     p.add_argument("--report", action="store_true", help="write docs/benchmarks.md and docs/img/*.png")
+    p.add_argument("--replot", metavar="PATH",
+                   help="only redraw docs/img/*.png from a --json file, measuring nothing")
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        made = plots(saved["results"], saved["sizes"], ROOT / "docs" / "img")
+        print("\n".join(f"docs/img/{m}" for m in made))
+        return 0 if made else 1
     if args.sizes:
         sizes = [int(s.replace("_", "")) for s in args.sizes.split(",")]
     else:

@@ -10,12 +10,15 @@
   dbos``, the ``bench`` extra; SQLite system database, as its docs configure it) runs the
   same workflows in its own process; rounds alternate between the systems, and the
   ratio to DBOS is taken round by round.
-- ``wake``: resolve -> the waiting workflow has run its next step, under a running
-  scheduler: in the same process (a scheduler thread, FileStorage), and from another
-  process over ZEO (the scheduler in one process, the resolves in another); p50, p99.
+- ``wake``: resolve -> the waiting workflow has run its next step (its commit returned),
+  under a running scheduler: in the same process (a scheduler thread, FileStorage), and
+  from another process over ZEO (the scheduler in one process, the resolves in another);
+  p50, p99, and a plain one-entry commit of the same process for scale (a wake is at least
+  two: the resolve's and the step's).
 - ``scale``: N waiting workflows and N pending timers (written in bulk): the time to
   open the heap and to call ``run_due()`` with nothing due, against an empty heap; the
-  time to fire one due timer among them; the process's RSS.
+  time to fire one due timer among them; the process's RSS; listing the workflows of
+  one status (none of them) and reading one by id, against reading every record.
 - ``replay``: resuming a workflow with 10, 100 and 1,000 journaled steps (the replay
   of its journal, then one new step).
 - ``deploy``: a deploy of a program with N waiting workflows whose function is
@@ -186,10 +189,21 @@ def bench_wake(quick: bool) -> dict[str, Any]:
         heap = dh.open(os.path.join(folder, "wake.fs"))
         with heap.transaction() as s:
             s.done = {}
+        seen = [threading.Event() for _ in range(n)]
+        committed = [0.0] * n
 
         @heap.action
         def mark(i: int) -> None:
             heap.state.done[i] = True
+
+            def note(ok: bool) -> None:  # the step's commit returned (in the scheduler's thread)
+                committed[i] = time.perf_counter()
+                seen[i].set()
+            heap.transaction_manager.get().addAfterCommitHook(note)
+
+        @heap.action
+        def put(i: int) -> None:
+            heap.state.done[-1] = i
 
         @heap.workflow
         def waits(i: int) -> None:
@@ -197,24 +211,31 @@ def bench_wake(quick: bool) -> dict[str, Any]:
             mark(i)
 
         handles = [waits(i) for i in range(n)]
+        plain = []
+        for i in range(n):  # the floor: a wake is two commits (the resolve's and the step's)
+            t0 = time.perf_counter()
+            put(i)
+            plain.append(time.perf_counter() - t0)
         stop = threading.Event()
         t = threading.Thread(target=heap.run_scheduler, kwargs={"stop": stop}, daemon=True)
         t.start()
+        time.sleep(0.05)
         lat, after = [], []
         for i in range(n):
+            time.sleep(0.002)  # the scheduler is asleep again
             t0 = time.perf_counter()
             dh.resolve(f"p{i}", i)
             t1 = time.perf_counter()
-            while not heap.state.done.get(i):  # outside a transaction: each read sees the latest commit
-                time.sleep(0.001)  # (a tighter loop takes the GIL from the scheduler thread)
-            lat.append(time.perf_counter() - t0)
-            after.append(time.perf_counter() - t1)
+            seen[i].wait(10)
+            lat.append(committed[i] - t0)
+            after.append(committed[i] - t1)
         stop.set()
         t.join(10)
         assert all(h.status == "done" for h in handles)
         heap.close()
         out["same_process_filestorage"] = {"p50_ms": _ms(lat), "p99_ms": _pct(lat, 0.99), "n": n,
-                                           "after_resolve_p50_ms": _ms(after)}
+                                           "after_resolve_p50_ms": _ms(after),
+                                           "plain_commit_ms": _ms(plain)}
         out["over_zeo"] = _wake_zeo(folder, n)
     return out
 
@@ -235,6 +256,9 @@ def waits(i):
 
 
 def _wake_zeo(folder: str, n: int) -> dict[str, Any]:
+    """Resolves in one process, the scheduler in another, the server in a third. The
+    probe polls for the step's change (reads between commits are local: only a change
+    pushed by the server loads anything)."""
     from durable_heap.testing import ZeoServer, subprocess_env
 
     Path(folder, "zapp.py").write_text(_ZEO_APP)
@@ -250,27 +274,32 @@ def _wake_zeo(folder: str, n: int) -> dict[str, Any]:
                 import json, time
                 import durable_heap as dh
                 from zapp import *
+                plain = []
+                for i in range({n}):
+                    t0 = time.perf_counter()
+                    mark(-1)
+                    plain.append(time.perf_counter() - t0)
+                time.sleep(0.5)
                 lat = []
                 for i in range({n}):
+                    time.sleep(0.002)
                     t0 = time.perf_counter()
                     dh.resolve(f"p{{i}}", i)
                     t1 = time.perf_counter()
-                    while True:
-                        with heap.transaction() as s:
-                            if s.done.get(i):
-                                break
-                        time.sleep(0.001)
+                    while not heap.state.done.get(i):  # outside a transaction: the latest commit
+                        time.sleep(0.0002)
                     lat.append((time.perf_counter() - t0, time.perf_counter() - t1))
-                print(json.dumps(lat))
+                print(json.dumps([lat, plain]))
             """)
             r = subprocess.run([sys.executable, "-c", probe], cwd=folder, env=env, capture_output=True,
                                text=True, timeout=600, check=True)
-            pairs = json.loads(r.stdout.strip().splitlines()[-1])
+            pairs, plain = json.loads(r.stdout.strip().splitlines()[-1])
         finally:
             sched.terminate()
             sched.wait(30)
     lat, after = [p[0] for p in pairs], [p[1] for p in pairs]
-    return {"p50_ms": _ms(lat), "p99_ms": _pct(lat, 0.99), "n": n, "after_resolve_p50_ms": _ms(after)}
+    return {"p50_ms": _ms(lat), "p99_ms": _pct(lat, 0.99), "n": n, "after_resolve_p50_ms": _ms(after),
+            "plain_commit_ms": _ms(plain)}
 
 
 # --- scale: many waiting workflows and timers ----------------------------------------------------
@@ -309,6 +338,19 @@ def scale_child(path: str, n: int, build: bool) -> dict[str, Any]:
         heap.run_due()
         samples.append(time.perf_counter() - t0)
     out["run_due_idle_ms"] = _ms(samples)
+    out["rss_mb"] = _rss_mb()  # before the listing below reads every record, on purpose
+    if n:  # listing: by status (the index) and by id, against reading every record (before it)
+        t0 = time.perf_counter()
+        assert heap.workflows(status="failed") == []
+        out["list_status_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        assert heap.workflow_by_id(f"wf{n // 2:07d}").info["status"] == "waiting"
+        out["by_id_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        with heap.transaction():
+            wfs = w._peek(heap.connection, w.WORKFLOWS_KEY)
+            assert not [r for r in wfs.values() if r.status == "failed"]
+        out["scan_all_ms"] = (time.perf_counter() - t0) * 1e3
 
     tick = heap.action(_tick)
     fire = []
@@ -319,7 +361,6 @@ def scale_child(path: str, n: int, build: bool) -> dict[str, Any]:
         fire.append(time.perf_counter() - t0)
     out["fire_one_ms"] = _ms(fire)
     out["timers"] = len(w._peek(heap.connection, w.TIMERS_KEY) or ())
-    out["rss_mb"] = _rss_mb()
     heap.close()
     return out
 
@@ -484,13 +525,19 @@ def _print(r: dict[str, Any]) -> None:
     if "wake" in r:
         for k, v in r["wake"].items():
             print(f"wake ({k}): p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms over {v['n']} "
-                  f"(after resolve returned: p50 {v['after_resolve_p50_ms']:.2f} ms)")
+                  f"(after resolve returned: p50 {v['after_resolve_p50_ms']:.2f} ms; a plain one-entry "
+                  f"commit {v['plain_commit_ms']:.2f} ms: the wake is "
+                  f"{v['p50_ms'] / v['plain_commit_ms']:.1f} of them)")
     if "scale" in r:
         s = r["scale"]
         print(f"scale, {s['n']:,} waiting workflows + {s['n']:,} timers vs an empty heap:")
         for k in ("open_ms", "run_due_idle_ms", "fire_one_ms"):
             print(f"  {k}: {s['full'][k]:.2f} vs {s['empty'][k]:.2f} ({s[k + '_ratio']:.2f}x)")
         print(f"  RSS {s['full']['rss_mb']:.0f} MB vs {s['empty']['rss_mb']:.0f} MB")
+        f = s["full"]
+        print(f"  workflows(status='failed'): {f['list_status_ms']:.2f} ms; workflow_by_id(...).info: "
+              f"{f['by_id_ms']:.2f} ms; reading every record (the listing before its index): "
+              f"{f['scan_all_ms']:.0f} ms")
     if "replay" in r:
         shown = ", ".join(f"{n}: {v:.1f} ms" for n, v in r["replay"].items())
         print(f"resume after N journaled steps: {shown}")

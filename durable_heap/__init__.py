@@ -60,11 +60,11 @@ if TYPE_CHECKING:  # the real imports, for type checkers; at run time they are l
     from ._http import Request, Response
     from ._notes import redact
     from ._state import Object, State
+    from ._timers import Timer
     from ._types import typed_state
     from ._versions import Program, Version
     from ._workflows import (
         Promise,
-        Timer,
         Workflow,
         emit,
         now,
@@ -100,11 +100,11 @@ _LAZY: dict[str, str] = {
     "redact": "_notes",
     "Object": "_state",
     "State": "_state",
+    "Timer": "_timers",
     "typed_state": "_types",
     "Program": "_versions",
     "Version": "_versions",
     "Promise": "_workflows",
-    "Timer": "_workflows",
     "Workflow": "_workflows",
     "emit": "_workflows",
     "now": "_workflows",

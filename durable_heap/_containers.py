@@ -35,18 +35,21 @@ import enum
 import hashlib
 import io
 import numbers
+import operator
 import pathlib
 import pickle
 import reprlib
 import struct
+import sys
 import uuid
 import weakref
+from _thread import get_ident
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 from random import getrandbits
-from types import GenericAlias
-from typing import Any
+from types import GenericAlias, MappingProxyType
+from typing import Any, TypeVar
 
 from BTrees.Length import Length
 from BTrees.LLBTree import LLBTree
@@ -783,13 +786,30 @@ class _Hashed(Persistent):
 # --- Dict ----------------------------------------------------------------------------
 
 
-class _DictKeys(cabc.KeysView):  # type: ignore[type-arg]
+class _View:
+    """What dict's views have beyond the ABC's: ``view.mapping``, a read-only proxy."""
+
     __slots__ = ()
     _mapping: Any  # set by collections.abc.MappingView
+
+    @property
+    def mapping(self) -> MappingProxyType[Any, Any]:
+        return MappingProxyType(self._mapping)
+
+
+# The views read the Dict's own storage, never a subclass's __getitem__ or
+# __contains__ (dict's views do not call them either).
+
+
+class _DictKeys(_View, cabc.KeysView):  # type: ignore[type-arg]
+    __slots__ = ()
 
     def __iter__(self) -> Iterator[Any]:
         for k, _ in self._mapping._iter_entries():
             yield k
+
+    def __contains__(self, key: object) -> bool:
+        return self._mapping._has(key)  # type: ignore[no-any-return]
 
     def __reversed__(self) -> Iterator[Any]:
         return self._mapping._reversed_keys()  # type: ignore[no-any-return]
@@ -798,34 +818,41 @@ class _DictKeys(cabc.KeysView):  # type: ignore[type-arg]
         return f"dict_keys({list(self)!r})"
 
 
-class _DictValues(cabc.ValuesView):  # type: ignore[type-arg]
+class _DictValues(_View, cabc.ValuesView):  # type: ignore[type-arg]
     __slots__ = ()
-    _mapping: Any  # set by collections.abc.MappingView
 
     def __iter__(self) -> Iterator[Any]:
         for _, v in self._mapping._iter_entries():
             yield v
 
+    def __contains__(self, value: object) -> bool:
+        return any(v is value or v == value for _, v in self._mapping._iter_entries())
+
     def __reversed__(self) -> Iterator[Any]:
         m = self._mapping
         for k in m._reversed_keys():
-            yield m[k]
+            yield Dict.__getitem__(m, k)
 
     def __repr__(self) -> str:
         return f"dict_values({list(self)!r})"
 
 
-class _DictItems(cabc.ItemsView):  # type: ignore[type-arg]
+class _DictItems(_View, cabc.ItemsView):  # type: ignore[type-arg]
     __slots__ = ()
-    _mapping: Any  # set by collections.abc.MappingView
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         return self._mapping._iter_entries()  # type: ignore[no-any-return]
 
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, tuple) or len(item) != 2:
+            return False  # only a pair can be an item (dict_items says False, not an error)
+        value = self._mapping._get(item[0], _MISSING)
+        return value is not _MISSING and (value is item[1] or value == item[1])
+
     def __reversed__(self) -> Iterator[tuple[Any, Any]]:
         m = self._mapping
         for k in m._reversed_keys():
-            yield k, m[k]
+            yield k, Dict.__getitem__(m, k)
 
     def __repr__(self) -> str:
         return f"dict_items({list(self)!r})"
@@ -846,8 +873,11 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
     __slots__ = ()
     __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._init_empty()
+    def __init__(self, /, *args: Any, **kwargs: Any) -> None:  # Dict(self=1), as dict(self=1)
+        try:
+            self._small  # noqa: B018 - called again on a Dict: dict.__init__ then only updates
+        except AttributeError:
+            self._init_empty()
         if args or kwargs:
             try:
                 self._update(args, kwargs)
@@ -866,7 +896,17 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
 
     @classmethod
     def fromkeys(cls, iterable: Iterable[Any], value: Any = None) -> Dict:  # type: ignore[override,misc]
-        return cls((k, value) for k in iterable)
+        """As ``dict.fromkeys``: ``cls()``, then ``d[key] = value`` for each key.
+
+        A subclass's constructor is called without arguments and its
+        ``__setitem__`` runs, as for a subclass of dict.
+        """
+        if cls is Dict:
+            return cls((k, value) for k in iterable)
+        d = cls()
+        for k in iterable:
+            d[k] = value
+        return d
 
     # -- reads -------------------------------------------------------------------------
 
@@ -912,6 +952,23 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
     def copy(self) -> dict[Any, Any]:
         """A plain ``dict`` with the same items (a shallow copy)."""
         return dict(self._iter_entries())
+
+    def __copy__(self) -> Dict:
+        """``copy.copy``: a new Dict of the same type with the same items.
+
+        Without it, copy.copy would go through persistent's ``__reduce__`` and give
+        the copy the original's own small dict or trees: changing one changed both.
+        """
+        new = type(self)._blank()
+        new._update((dict(self._iter_entries()),), {})
+        return _with_attrs(self, new, None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Dict:
+        from copy import deepcopy
+
+        new = memo[id(self)] = type(self)._blank()
+        new._update(([(deepcopy(k, memo), deepcopy(v, memo)) for k, v in self._iter_entries()],), {})
+        return _with_attrs(self, new, memo)
 
     @reprlib.recursive_repr("{...}")
     def __repr__(self) -> str:
@@ -985,6 +1042,7 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
     def __delitem__(self, key: Any) -> None:
         check_writable(self)
         if self._take(key) is _MISSING:
+            hash(key)  # unhashable: TypeError, as del of a dict (dict.pop of an empty one skips it)
             raise KeyError(key)
 
     def pop(self, key: Any, default: Any = _MISSING) -> Any:
@@ -1007,14 +1065,14 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         value = self._get(key, _MISSING)
         if value is not _MISSING:
             return value
-        self[key] = default
+        Dict.__setitem__(self, key, default)  # not a subclass's: dict.setdefault calls none
         return self._get(key, None)
 
     def clear(self) -> None:
         check_writable(self)
         self._reset()
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override,misc]
+    def update(self, /, *args: Any, **kwargs: Any) -> None:  # type: ignore[override,misc]
         check_writable(self)
         if len(args) > 1:
             raise TypeError(f"update expected at most 1 argument, got {len(args)}")
@@ -1029,14 +1087,22 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
         pairs: Iterable[Any]
         if args:
             source = args[0]
-            if isinstance(source, cabc.Mapping):
-                pairs = source.items()
+            # As dict.update: a dict or Dict that keeps its own iteration is read
+            # directly (overrides of keys/__getitem__ are not called, as in CPython's
+            # dict_merge); anything else with keys() is read by keys() and [key];
+            # the rest is an iterable of pairs.
+            distinct = 0
+            if isinstance(source, dict) and type(source).__iter__ is dict.__iter__:
+                pairs = dict.items(source)
+                distinct = len(pairs)
+            elif isinstance(source, Dict) and type(source).__iter__ is Dict.__iter__:
+                pairs = source._iter_entries()
+                distinct = Dict.__len__(source)
             elif hasattr(source, "keys"):
                 pairs = ((k, source[k]) for k in source.keys())
             else:
                 pairs = source
-            distinct = isinstance(source, (dict, Dict))
-            self._update_pairs(pairs, len(source) if distinct else 0, source)
+            self._update_pairs(pairs, distinct, source)
         if kwargs:
             self._update_pairs(kwargs.items(), len(kwargs))
 
@@ -1055,18 +1121,55 @@ class Dict(_Hashed, cabc.MutableMapping):  # type: ignore[type-arg,misc]
             return
         adopted = []  # all of them first: a refused value changes nothing
         for i, pair in enumerate(pairs):
-            try:
-                k, v = pair
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"cannot convert dictionary update sequence element #{i} to a sequence"
-                ) from None
+            k, v = pair if type(pair) is tuple and len(pair) == 2 else _pair(i, pair)
             adopted.append((k, self._stored_item(k, v)))
         for k, v in adopted:
             self._put(k, v)
 
 
+def _pair(i: int, element: Any) -> Any:
+    """Element #i of a dict update sequence as a (key, value) pair, or dict's error."""
+    try:
+        it = iter(element)
+    except TypeError:
+        msg = f"cannot convert dictionary update sequence element #{i} to a sequence"
+        raise TypeError(msg) from None
+    pair = list(it)
+    if len(pair) != 2:
+        msg = f"dictionary update sequence element #{i} has length {len(pair)}; 2 is required"
+        raise ValueError(msg)
+    return pair
+
+
+_C = TypeVar("_C")
+
+
+def _with_attrs(old: Any, new: _C, memo: dict[int, Any] | None) -> _C:
+    """`new` with a subclass instance's own attributes copied from `old` (deeply with a memo)."""
+    attrs = getattr(old, "__dict__", None)
+    if attrs:
+        if memo is not None:
+            from copy import deepcopy
+
+            attrs = deepcopy(attrs, memo)
+        new.__dict__.update(attrs)
+    return new
+
+
 # --- Set ------------------------------------------------------------------------------
+
+
+def _set_operand(other: Any) -> bool:
+    """What ``set``'s operators take: another set (the methods take any iterable)."""
+    return isinstance(other, (set, frozenset, Set))
+
+
+def _as_set(other: Any) -> Any:
+    return other if isinstance(other, (set, frozenset)) else set(other)
+
+
+#: (id, thread) of the Sets whose repr is being built: a Set reached again is "set(...)".
+_SET_REPRS: set[tuple[int, int]] = set()
 
 
 def _in_place(method: str) -> Any:
@@ -1094,7 +1197,9 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
     True
     """
 
-    __slots__ = ()
+    # A set can be weakly referenced. Not part of the record: ``__getstate__`` is
+    # our own, and persistent's slot handling (copyreg._slotnames) skips __weakref__.
+    __slots__ = ("__weakref__",)
     __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
     _kind = "Set"
 
@@ -1160,11 +1265,34 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
         """A plain ``set`` with the same members."""
         return set(self)
 
-    @reprlib.recursive_repr("{...}")
+    def __copy__(self) -> Set:
+        """``copy.copy``: a new Set of the same type (see `Dict.__copy__`)."""
+        new = type(self)._blank()
+        new._add_all([k for k, _ in self._iter_entries()])
+        return _with_attrs(self, new, None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Set:
+        from copy import deepcopy
+
+        new = memo[id(self)] = type(self)._blank()
+        new._add_all([deepcopy(k, memo) for k, _ in self._iter_entries()])
+        return _with_attrs(self, new, memo)
+
     def __repr__(self) -> str:
-        if not len(self):
-            return "set()"
-        return "{" + ", ".join(repr(k) for k in self) + "}"
+        # As set's: "set()", "{1, 2}", "set(...)" when it contains itself; a subclass
+        # names itself ("Tags({1})"), as a subclass of set does.
+        name = "set" if type(self) is Set else type(self).__name__
+        key = (id(self), get_ident())
+        if key in _SET_REPRS:
+            return f"{name}(...)"
+        _SET_REPRS.add(key)
+        try:
+            if not len(self):
+                return f"{name}()"
+            body = "{" + ", ".join(repr(k) for k, _ in self._iter_entries()) + "}"
+        finally:
+            _SET_REPRS.discard(key)
+        return body if name == "set" else f"{name}({body})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, cabc.Set):
@@ -1193,6 +1321,37 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
     def symmetric_difference(self, other: Iterable[Any]) -> set[Any]:
         return set(self).symmetric_difference(other)
 
+    # The operators take only sets, as set's do (``Set() | [1]`` is a TypeError);
+    # NotImplemented lets the other operand's reflected operator answer (dict views,
+    # other set types). A reflected result takes the type of the left operand, as
+    # ``frozenset | set`` is a frozenset.
+
+    def __or__(self, other: Any) -> Any:
+        return set(self).union(other) if _set_operand(other) else NotImplemented
+
+    def __ror__(self, other: Any) -> Any:
+        return _as_set(other) | set(self) if _set_operand(other) else NotImplemented
+
+    def __and__(self, other: Any) -> Any:
+        if not _set_operand(other):
+            return NotImplemented
+        return {m for m in other if m in self} if len(other) < len(self) else set(self) & _as_set(other)
+
+    def __rand__(self, other: Any) -> Any:
+        return _as_set(other) & set(self) if _set_operand(other) else NotImplemented
+
+    def __sub__(self, other: Any) -> Any:
+        return set(self).difference(other) if _set_operand(other) else NotImplemented
+
+    def __rsub__(self, other: Any) -> Any:
+        return _as_set(other) - set(self) if _set_operand(other) else NotImplemented
+
+    def __xor__(self, other: Any) -> Any:
+        return set(self).symmetric_difference(other) if _set_operand(other) else NotImplemented
+
+    def __rxor__(self, other: Any) -> Any:
+        return _as_set(other) ^ set(self) if _set_operand(other) else NotImplemented
+
     # -- changes ------------------------------------------------------------------------
 
     def add(self, member: Any) -> None:
@@ -1204,13 +1363,22 @@ class Set(_Hashed, cabc.MutableSet):  # type: ignore[type-arg,misc]
         if not self._has(member):
             self._put(member, None)
 
+    def _take_member(self, member: Any) -> Any:
+        try:
+            hash(member)  # first: dict.pop of an empty small form would not hash it
+        except TypeError:
+            if isinstance(member, (set, Set)):
+                return self._take(frozenset(member))  # as set does
+            raise
+        return self._take(member)
+
     def discard(self, member: Any) -> None:
         check_writable(self)
-        self._take(member)
+        self._take_member(member)
 
     def remove(self, member: Any) -> None:
         check_writable(self)
-        if self._take(member) is _MISSING:
+        if self._take_member(member) is _MISSING:
             raise KeyError(member)
 
     def pop(self) -> Any:
@@ -1325,6 +1493,12 @@ class _RefPickler(pickle.Pickler):
         return oid
 
 
+#: Types whose `==` between two values of exactly that type (not a subclass) is
+#: sameness: what the pickles would say, at a fraction of the cost (conflict merges
+#: of many entries compare every one). Not float: ``0.0 == -0.0``.
+_EXACT = frozenset({int, str, bytes, bool, type(None)})
+
+
 def _same(a: Any, b: Any) -> bool:
     """Exact sameness of two values in conflict resolution.
 
@@ -1334,8 +1508,15 @@ def _same(a: Any, b: Any) -> bool:
     """
     if a is b:
         return True
-    if type(a) is not type(b):
+    t = type(a)
+    if t is not type(b):
         return False
+    if t in _EXACT:  # `==` between two of exactly one of these types is sameness
+        return a == b  # type: ignore[no-any-return]
+    if t is tuple and len(a) == len(b) and all(
+        type(x) is type(y) and type(x) in _EXACT for x, y in zip(a, b, strict=True)
+    ):  # a bucket's (key, value) entries; types matched place by place (1 is not True)
+        return a == b  # type: ignore[no-any-return]
     try:
         buf_a, buf_b = io.BytesIO(), io.BytesIO()
         _RefPickler(buf_a, protocol=3).dump(a)
@@ -1420,7 +1601,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     def __len__(self) -> int:
         return self._size + len(self._tail)
 
-    def _index(self, i: Any) -> int:
+    def _index(self, i: Any, out: str = "list index out of range") -> int:
         try:
             i = i.__index__()
         except AttributeError:
@@ -1428,11 +1609,12 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
                 f"list indices must be integers or slices, not {type(i).__name__}"
             ) from None
         n = self._size + len(self._tail)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError("list index out of range")
-        return int(i)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            if not -sys.maxsize - 1 <= i <= sys.maxsize:
+                raise IndexError("cannot fit 'int' into an index-sized integer")  # as list
+            raise IndexError(out)
+        return int(j)
 
     def __getitem__(self, i: Any) -> Any:
         if type(i) is int and 0 <= i < self._size:
@@ -1454,37 +1636,49 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         return node.items[i]
 
     def _slice(self, s: slice) -> list[Any]:
-        start, stop, step = s.indices(len(self))
+        start, stop, step = s.indices(List.__len__(self))
         if step == 1:
             return list(islice(self._iter_from(start), max(0, stop - start)))
-        return [self[i] for i in range(start, stop, step)]
+        get = List.__getitem__
+        return [get(self, i) for i in range(start, stop, step)]
+
+    # Iteration, and every method that reads all items, uses the List's own
+    # __getitem__ and __len__, never a subclass's overrides: list's iterator and
+    # methods (==, repr, count, index, copy, +, *, sort) ignore them too. A
+    # subclass's __iter__ is used only by what calls iter() (list(sub), sorted).
 
     def __iter__(self) -> Iterator[Any]:
         return self._iter_from(0)
 
+    def _plain(self) -> list[Any]:
+        """The items as a plain list (List's own iteration, see above)."""
+        return list(self._iter_from(0))
+
     def _iter_from(self, start: int) -> Iterator[Any]:
-        n = len(self)
+        get, size = List.__getitem__, List.__len__
+        n = size(self)
         i = start
         if self._root is not None and start < self._size:
             for item in _walk(self._root, start):
                 yield item
                 i += 1
-                if len(self) != n:
+                if size(self) != n:
                     break  # changed under us: go on by index, as list does
-        while i < len(self):
-            yield self[i]
+        while i < size(self):
+            yield get(self, i)
             i += 1
 
     def __reversed__(self) -> Iterator[Any]:
-        for i in range(len(self) - 1, -1, -1):
-            if i < len(self):
-                yield self[i]
+        get, size = List.__getitem__, List.__len__
+        for i in range(size(self) - 1, -1, -1):
+            if i < size(self):
+                yield get(self, i)
 
     def __contains__(self, value: object) -> bool:
-        return any(v is value or v == value for v in self)
+        return any(v is value or v == value for v in self._iter_from(0))
 
     def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
-        n = len(self)
+        n = List.__len__(self)
         start, stop, _ = slice(start, stop).indices(n)
         for i, v in enumerate(islice(self._iter_from(start), stop - start), start):
             if v is value or v == value:
@@ -1492,22 +1686,40 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         raise ValueError(f"{value!r} is not in list")
 
     def count(self, value: Any) -> int:
-        return sum(1 for v in self if v is value or v == value)
+        return sum(1 for v in self._iter_from(0) if v is value or v == value)
 
     def copy(self) -> list[Any]:
         """A plain ``list`` with the same items (a shallow copy)."""
-        return list(self)
+        return self._plain()
+
+    def __copy__(self) -> List:
+        """``copy.copy``: a new List of the same type (see `Dict.__copy__`)."""
+        new = type(self)._blank()
+        new._extend(self._plain())
+        return _with_attrs(self, new, None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> List:
+        from copy import deepcopy
+
+        new = memo[id(self)] = type(self)._blank()
+        new._extend([deepcopy(v, memo) for v in self._iter_from(0)])
+        return _with_attrs(self, new, memo)
 
     @reprlib.recursive_repr("[...]")
     def __repr__(self) -> str:
-        return "[" + ", ".join(repr(v) for v in self) + "]"
+        return "[" + ", ".join(repr(v) for v in self._iter_from(0)) + "]"
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, (list, List)):
+        if isinstance(other, List):
+            theirs: Iterable[Any] = other._iter_from(0)
+            n = List.__len__(other)
+        elif isinstance(other, list):
+            theirs, n = other, list.__len__(other)
+        else:
             return NotImplemented
-        if len(self) != len(other):
+        if List.__len__(self) != n:
             return False
-        return all(a is b or a == b for a, b in zip(self, other, strict=True))
+        return all(a is b or a == b for a, b in zip(self._iter_from(0), theirs, strict=True))
 
     def __ne__(self, other: object) -> bool:
         eq = self.__eq__(other)
@@ -1515,39 +1727,38 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def _cmp_other(self, other: object) -> list[Any] | None:
         if isinstance(other, List):
-            return list(other)
+            return other._plain()
         if isinstance(other, list):
             return other
         return None
 
     def __lt__(self, other: object) -> bool:
         o = self._cmp_other(other)
-        return NotImplemented if o is None else list(self) < o
+        return NotImplemented if o is None else self._plain() < o
 
     def __le__(self, other: object) -> bool:
         o = self._cmp_other(other)
-        return NotImplemented if o is None else list(self) <= o
+        return NotImplemented if o is None else self._plain() <= o
 
     def __gt__(self, other: object) -> bool:
         o = self._cmp_other(other)
-        return NotImplemented if o is None else list(self) > o
+        return NotImplemented if o is None else self._plain() > o
 
     def __ge__(self, other: object) -> bool:
         o = self._cmp_other(other)
-        return NotImplemented if o is None else list(self) >= o
+        return NotImplemented if o is None else self._plain() >= o
 
     def __add__(self, other: Any) -> list[Any]:
-        if not isinstance(other, (list, List)):
-            return NotImplemented
-        return list(self) + list(other)
+        o = self._cmp_other(other)
+        return NotImplemented if o is None else self._plain() + o
 
     def __radd__(self, other: Any) -> list[Any]:
         if not isinstance(other, list):
             return NotImplemented
-        return other + list(self)
+        return other + self._plain()
 
     def __mul__(self, n: Any) -> list[Any]:
-        result: list[Any] = list(self) * n
+        result: list[Any] = self._plain() * n
         return result
 
     __rmul__ = __mul__
@@ -1581,7 +1792,8 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         self._public(self._extend, values)
 
     def _extend(self, values: Iterable[Any]) -> None:
-        items = self._adopt_all(values, len(self))  # all of them first: a refusal changes nothing
+        # all of them first: a refusal changes nothing
+        items = self._adopt_all(values, List.__len__(self))
         tail = self._tail
         for start in range(0, len(items), LEAF_MAX):
             tail.extend(items[start:start + LEAF_MAX])
@@ -1590,7 +1802,10 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         self._p_changed = True
 
     def _adopt_all(self, values: Iterable[Any], first: int) -> list[Any]:
-        items = list(values)
+        # Not list(values): it sizes its array by __length_hint__ first, and a wrong
+        # huge hint is a MemoryError (list.extend ignores one only when it would
+        # overflow). chain() has no hint, so the list grows as items come.
+        items = list(values) if type(values) in (list, tuple) else list(chain(values))
         if set(map(type, items)) <= _PLAIN:  # decided at C speed: nothing to convert
             return items
         return [self._adopt_at(f"[{i}]", v) for i, v in enumerate(items, first)]
@@ -1600,7 +1815,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         return self
 
     def __imul__(self, n: int) -> List:  # type: ignore[misc]
-        items = list(self) * n
+        items = self._plain() * n
         self._public(self._replace, items)
         return self
 
@@ -1608,8 +1823,8 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         self._public(self._insert, i, value)
 
     def _insert(self, i: int, value: Any) -> None:
-        n = len(self)
-        i = i.__index__()
+        n = List.__len__(self)
+        i = _as_index(i)
         if i < 0:
             i = max(0, i + n)
         i = min(i, n)
@@ -1636,7 +1851,7 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
             self._public(self._set_slice, i, value)
             return
         check_writable(self)
-        i = self._index(i)
+        i = self._index(i, "list assignment index out of range")
         try:
             value = self._adopt_at(f"[{i}]", value)
         except BadValue as err:
@@ -1653,17 +1868,17 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     def __delitem__(self, i: Any) -> None:
         check_writable(self)
         if isinstance(i, slice):
-            start, stop, step = i.indices(len(self))
+            start, stop, step = i.indices(List.__len__(self))
             indexes = range(start, stop, step)
             if len(indexes) > LEAF_MAX:
-                items = list(self)
+                items = self._plain()
                 del items[i]
                 self._replace(items)
                 return
             for k in sorted(indexes, reverse=True):
                 self._delete(k)
             return
-        self._delete(self._index(i))
+        self._delete(self._index(i, "list assignment index out of range"))
 
     def _delete(self, i: int) -> Any:
         size = self._size
@@ -1681,39 +1896,71 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
 
     def pop(self, i: int = -1) -> Any:
         check_writable(self)
-        if not len(self):
+        i = _as_index(i)
+        if not List.__len__(self):
             raise IndexError("pop from empty list")
         if i == -1:
             if not self._tail:
                 self._pull_leaf()
             self._p_changed = True
             return self._tail.pop()
-        return self._delete(self._index(i))
+        return self._delete(self._index(i, "pop index out of range"))
 
     def remove(self, value: Any) -> None:
         check_writable(self)
-        self._delete(self.index(value))
+        for i, v in enumerate(self._iter_from(0)):
+            if v is value or v == value:
+                self._delete(i)
+                return
+        raise ValueError("list.remove(x): x not in list")
 
     def clear(self) -> None:
         check_writable(self)
-        self._tail, self._root, self._size = [], None, 0
+        if self._root is not None or self._tail:  # an empty List keeps its tail (see sort)
+            self._tail, self._root, self._size = [], None, 0
         self._p_changed = True
 
     def reverse(self) -> None:
         check_writable(self)
-        items = list(self)
+        items = self._plain()
         items.reverse()
         self._replace(items)
 
     def sort(self, *, key: Any = None, reverse: bool = False) -> None:
+        """Sort in place, as ``list.sort``: stable; ``key`` and the comparisons see an
+        empty list meanwhile, and a change to it raises ``ValueError`` (the sorted
+        items are kept; the change is dropped)."""
         check_writable(self)
-        items = list(self)
-        items.sort(key=key, reverse=reverse)
+        original = self._plain()
+        items = list(original)  # sorted by list.sort itself: its order on any error too
+        saved = self._tail, self._root, self._size
+        meanwhile = _Sorting()
+        self._tail, self._root, self._size = meanwhile, None, 0
+        try:
+            items.sort(key=key, reverse=reverse)
+        except BaseException:
+            self._tail, self._root, self._size = saved
+            if any(a is not b for a, b in zip(items, original, strict=True)):
+                self._replace(items)  # a failed comparison leaves list.sort's partial work
+            raise
+        # Changed since: the tail grew (even if emptied again: list.sort notices
+        # any growth too) or was replaced. Changes that leave an empty list as it
+        # was (clear, reverse, sort) are none, as for list.sort.
+        changed = meanwhile.grown or self._tail is not meanwhile or self._root is not None
+        self._tail, self._root, self._size = saved
         self._replace(items)
+        if changed:
+            raise ValueError("list modified during sort")
 
     def _set_slice(self, s: slice, values: Iterable[Any]) -> None:
-        items = list(self)
-        start, stop, step = s.indices(len(self))
+        try:
+            iter(values)
+        except TypeError:
+            extended = s.step not in (None, 1)
+            msg = "must assign iterable to extended slice" if extended else "can only assign an iterable"
+            raise TypeError(msg) from None
+        items = self._plain()
+        start, stop, step = s.indices(List.__len__(self))
         new = self._adopt_all(values, start)  # all of them first: a refusal changes nothing
         items[s] = new  # raises exactly as list does (extended-slice sizes, ...)
         if step == 1 and len(new) + max(0, stop - start) <= LEAF_MAX:
@@ -1732,7 +1979,8 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
         """
         for node in _nodes(self._root):
             node._p_changed = True
-        self._tail, self._root, self._size = [], None, 0
+        if self._root is not None or self._tail:  # an empty List keeps its tail (see sort)
+            self._tail, self._root, self._size = [], None, 0
         self._extend(items)
         self._p_changed = True
 
@@ -1849,6 +2097,43 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
             yield from _loaded_nodes(self._root, 0)
         for i, v in enumerate(list(self._tail), self._size):
             yield f"[{i}]", v
+
+
+def _as_index(i: Any) -> int:
+    """`i` as list.insert and list.pop take it: an integer that fits a C ssize_t."""
+    n: int = operator.index(i)  # TypeError: 'str' object cannot be interpreted as an integer
+    if not -sys.maxsize - 1 <= n <= sys.maxsize:
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    return n
+
+
+class _Sorting(list):  # type: ignore[type-arg]
+    """The empty tail a List shows while it sorts: notes growth (see List.sort).
+
+    Items reach an empty List's tail only by these three methods. Pickled as a
+    plain list, should a savepoint happen in a key function.
+    """
+
+    __slots__ = ("grown",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grown = False
+
+    def append(self, value: Any) -> None:
+        self.grown = True
+        super().append(value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self.grown = True
+        super().extend(values)
+
+    def insert(self, i: Any, value: Any) -> None:
+        self.grown = True
+        super().insert(i, value)
+
+    def __reduce__(self) -> Any:
+        return (list, (list(self),))
 
 
 def _walk(node: Any, start: int) -> Iterator[Any]:

@@ -10,9 +10,9 @@ the engine last; Python's method order then runs each layer's override before
 the ones below it.
 
 A new layer adds one base (and its import) here, as the durable-execution layer
-(`_workflows`, between the engine and the version layer) does::
+(`_workflows` and `_timers`, between the engine and the version layer) does::
 
-    from ._workflows import WorkflowMethods
+    from ._timers import WorkflowMethods
 
     class Heap(Versions, WorkflowMethods, HeapEngine):
 
@@ -33,8 +33,9 @@ from ._allow import env_patterns
 from ._heap import DEFAULT_CACHE_SIZE, DEFAULT_MAX_ASYNC_TRANSACTIONS, HeapEngine
 from ._retry import DEFAULT_ATTEMPTS
 from ._targets import parse_target, target_read_only
+from ._timers import WorkflowMethods
 from ._versions import Versions
-from ._workflows import DEFAULT_LEASE, DEFAULT_RETENTION, WorkflowMethods
+from ._workflows import DEFAULT_LEASE, DEFAULT_RETENTION
 
 __all__ = ["Heap", "open"]
 

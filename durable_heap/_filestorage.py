@@ -13,8 +13,10 @@ an ``app.fs.trN`` file). The scratch file (``app.fs.tmp``) has the same buffer.
 So after a failed write the buffered file objects are dropped and reopened, and
 the data file is cut back to its last whole transaction: the transaction is
 aborted cleanly and the next commit starts from a clean file. A failed fsync in
-``tpc_finish`` is a different matter: FileStorage closes itself then (the file's
-durable state is unknown), and the heap layer reports that the heap must be reopened.
+``tpc_finish`` is a different matter: the storage closes itself then (the file's
+durable state is unknown; with group commit every transaction the fsync was to
+cover fails, see `durable_heap._groupcommit`), and the heap layer reports that
+the heap must be reopened.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from ZODB.FileStorage import FileStorage as _ZFileStorage
 from ZODB.FileStorage.FileStorage import TempFormatter
+
+from ._groupcommit import GroupCommitFileStorage
 
 __all__ = ["FileStorage"]
 
@@ -35,8 +38,9 @@ __all__ = ["FileStorage"]
 # ``_lock``, cutting back to ``_pos`` and flushing ``_files`` (FilePool): the fix
 # of its failed-write trap (see the module) has no public hook.
 # tests/test_zodb_internals.py pins every one.
-class FileStorage(_ZFileStorage):  # type: ignore[misc]
-    """`ZODB.FileStorage.FileStorage` that recovers from a failed write (see the module)."""
+class FileStorage(GroupCommitFileStorage):  # type: ignore[misc]
+    """`ZODB.FileStorage.FileStorage` that recovers from a failed write (see the module),
+    with group commit (`durable_heap._groupcommit`: concurrent commits share an fsync)."""
 
     _file: Any  # the data file, open for writing (FileStorage's)
     _tfile: Any  # the scratch file of the transaction being committed (FileStorage's)

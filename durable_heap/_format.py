@@ -24,6 +24,7 @@ and, once durable execution (`_workflows`, since 0.4) has been used::
     "durable_heap.crons"             -> OOBTree  cron id -> CronEntry
     "durable_heap.dead_letters"      -> OOBTree  seq -> TimerEntry
     "durable_heap.waiting"           -> OOBTree  (module, qualname, code hash, id) -> True
+    "durable_heap.by_status"         -> OOBTree  status -> OOBTree (created, id) -> True
 
 Record layouts (the attributes each persistent class pickles; ZODB stores
 ``(class path, state)`` per record, the state being the instance ``__dict__``
@@ -73,6 +74,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_KEY",
     "FORMAT_SINCE",
+    "IMPORTS_KEY",
     "INLINE_CLASSES",
     "PROGRAMS_KEY",
     "ROOT_KEY",
@@ -90,6 +92,10 @@ PROGRAMS_KEY = "durable_heap.programs"
 CLASSES_KEY = "durable_heap.classes"
 #: Key of the marker (True) that the registry lists users' classes too (since 0.3).
 COMPLETE_KEY = "durable_heap.classes.complete"
+#: Key of the imports being staged (`_exchange`): a Dict of import id -> {"started": a
+#: datetime, "target": the path, "data": the staged Dict or List}; absent or empty
+#: when no ``durable-heap import`` of a big file is under way.
+IMPORTS_KEY = "durable_heap.imports"
 
 #: The root keys of durable execution (`_workflows`), in the order listed above.
 WORKFLOW_KEYS: tuple[str, ...] = (
@@ -100,6 +106,7 @@ WORKFLOW_KEYS: tuple[str, ...] = (
     "durable_heap.crons",
     "durable_heap.dead_letters",
     "durable_heap.waiting",
+    "durable_heap.by_status",
 )
 
 #: The heap format this version writes. A heap of a higher format is refused.

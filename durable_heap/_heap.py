@@ -849,7 +849,13 @@ class HeapEngine:
         committed it. A local storage is then closed for good (`_fail`).
         """
         if self.status is not HeapStatus.OPEN:
-            return self._closed()  # failed (or closed) by another thread meanwhile
+            closed = self._closed()  # failed (or closed) by another thread meanwhile
+            if unknown and self.status is HeapStatus.FAILED:
+                # Group commit: this one waited on the same failed fsync (_groupcommit).
+                return StorageError(f"{closed} This transaction had been accepted too, and may "
+                                    "or may not have been committed: check before repeating it.",
+                                    outcome_unknown=True)
+            return closed
         if _disconnected(exc):
             return self._server_lost(note, unknown=unknown)
         what = f" during {note}" if note else ""

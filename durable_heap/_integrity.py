@@ -187,7 +187,10 @@ class ChecksumStorage:
         closure in the instance's ``__dict__`` it costs one plain call on top of
         the base's, and the common case (a current, sealed, intact record) is inline.
         """
-        base_load, last, slow = self.base.loadBefore, self.base.lastTransaction, self._loaded
+        # The last transaction written: with group commit (`_groupcommit`) one written
+        # but not yet durable is in the index already, and not yet lastTransaction().
+        last = getattr(self.base, "last_written", self.base.lastTransaction)
+        base_load, slow = self.base.loadBefore, self._loaded
         crc, sealed = _crc, _SEALED
 
         def loadBefore(oid: bytes, tid: bytes) -> Any:
@@ -330,8 +333,8 @@ class ChecksumStorage:
         # FileStorage's loadBefore skips revisions at or after the snapshot, so a
         # record whose transaction id was flipped upward would silently give the
         # previous revision (or no object). No record can be later than the last
-        # committed transaction (FileStorage updates both under its write lock).
-        last = self.base.lastTransaction()
+        # written transaction (FileStorage updates both under its write lock).
+        last = getattr(self.base, "last_written", self.base.lastTransaction)()
         return record_error(
             self._path, oid,
             f"names transaction {tid_repr(serial)}, later than the heap's last one "

@@ -36,6 +36,9 @@ tag, is an error, never read as data. The tags:
                       (or inside itself); later places are ``{"$ref": n}``
 ====================  =============================================================
 
+A big document can be read in pieces (``durable-heap import`` reads a file entry
+by entry) with one `Decoder`, which keeps the ``$shared`` values for each later ``$ref``.
+
 Durable containers (`Dict`, `List`, `Set`) are written as the builtins they
 equal, and read back as builtins (assigned into state, they become durable
 again). Reading ``$object`` and ``$enum`` names a class: only classes already
@@ -64,7 +67,7 @@ from ._counter import Counter
 from ._errors import JSONFormError
 from ._state import Object
 
-__all__ = ["decode", "dumps", "encode", "loads", "resolve_loaded"]
+__all__ = ["Decoder", "decode", "dump", "dumps", "encode", "loads", "resolve_loaded"]
 
 Resolve = Callable[[str], Any]
 
@@ -76,6 +79,13 @@ def dumps(value: Any, **kwargs: Any) -> str:
     """`value` as tagged JSON text (keyword arguments go to `json.dumps`)."""
     kwargs.setdefault("ensure_ascii", False)
     return json.dumps(encode(value), allow_nan=False, **kwargs)
+
+
+def dump(value: Any, fp: Any, **kwargs: Any) -> None:
+    """Write `value` as tagged JSON text to the text file `fp` (as `dumps`), in pieces:
+    the text is never held whole (``durable-heap export``)."""
+    kwargs.setdefault("ensure_ascii", False)
+    json.dump(encode(value), fp, allow_nan=False, **kwargs)
 
 
 def loads(text: str | bytes, *, resolve: Resolve | None = None) -> Any:
@@ -270,10 +280,32 @@ def decode(data: Any, *, resolve: Resolve | None = None) -> Any:
     return _Reader(resolve or resolve_loaded).read(data, "value")
 
 
+class Decoder:
+    """Reads many pieces of one document (``durable-heap import`` reads a big file entry by
+    entry): a ``{"$ref": n}`` in one piece finds the ``$shared`` value of an earlier one.
+
+    With ``durable=True`` a container met several times (``$shared``) is made as a
+    durable `Dict`, `List` or `Set` at once, so that pieces assigned into a heap one
+    by one (each assignment stores plain containers as copies of their own) keep
+    referring to one stored container.
+    """
+
+    def __init__(self, *, resolve: Resolve | None = None, durable: bool = False) -> None:
+        self._reader = _Reader(resolve or resolve_loaded, durable=durable)
+
+    def decode(self, data: Any, path: str = "value") -> Any:
+        """The value of one piece of JSON data; `path` names its place in errors."""
+        return self._reader.read(data, path)
+
+
 class _Reader:
-    def __init__(self, resolve: Resolve) -> None:
+    def __init__(self, resolve: Resolve, *, durable: bool = False) -> None:
         self.resolve = resolve
         self.shared: dict[int, Any] = {}
+        # Shared containers: builtins, or durable ones made at once (see `Decoder`).
+        self.new_list: Callable[[], Any] = List if durable else list
+        self.new_dict: Callable[[], Any] = Dict if durable else dict
+        self.durable = durable
 
     def read(self, d: Any, path: str) -> Any:
         if isinstance(d, list):
@@ -334,17 +366,17 @@ class _Reader:
     def _shared(self, n: int, inner: Any, path: str) -> Any:
         """A value met several times: made empty first where it can contain a `$ref` to itself."""
         if isinstance(inner, list):
-            out: Any = []
+            out: Any = self.new_list()
             self.shared[n] = out
             out.extend(self.read(item, f"{path}[{i}]") for i, item in enumerate(inner))
             return out
         if isinstance(inner, dict) and not any(str(k).startswith("$") for k in inner):
-            out = {}
+            out = self.new_dict()
             self.shared[n] = out
             out.update((k, self.read(item, f"{path}[{k!r}]")) for k, item in inner.items())
             return out
         if isinstance(inner, dict) and len(inner) == 1 and "$dict" in inner:
-            out = {}
+            out = self.new_dict()
             self.shared[n] = out
             for i, (k, item) in enumerate(_pairs(inner["$dict"])):
                 out[self._hashable(self.read(k, f"{path} (a key)"), path)] = self.read(item, f"{path}[{i}]")
@@ -352,6 +384,8 @@ class _Reader:
         if isinstance(inner, dict) and len(inner) == 1 and "$object" in inner:
             return self._object(inner["$object"], path, n)
         value = self.read(inner, path)  # a set or bytearray: cannot contain itself
+        if self.durable and isinstance(value, set):
+            value = Set(value)
         self.shared[n] = value
         return value
 

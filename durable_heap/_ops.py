@@ -296,12 +296,19 @@ class _Walk:
                 heapq.heappushpop(self.largest, item)
 
 
-def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
+#: What the history pass of `verify` learnt of a current record: (class, size, the oids
+#: it refers to, or None and what is wrong: "damaged: ..." (its seal fails: not counted)
+#: or "does not unpickle ..." (counted, its references unknown)).
+Known = dict[bytes, tuple[str, int, "list[bytes] | None", str]]
+
+
+def _walk(storage: Any, bar: Any, *, keep_largest: int = 0, known: Known | None = None) -> _Walk:
     """Read every record reachable from ZODB's root, once: check it (the storage checks
     each record's seal as it loads it) and that every reference resolves.
 
     The walk follows references in the records themselves (ZODB's `referencesf`),
-    not objects, so it loads no classes and needs no program.
+    not objects, so it loads no classes and needs no program. A record in `known`
+    (read already, by `verify`'s pass over the file) is not read again.
     """
     from ZODB.serialize import referencesf
     from ZODB.utils import z64
@@ -314,25 +321,41 @@ def _walk(storage: Any, bar: Any, *, keep_largest: int = 0) -> _Walk:
     queue = collections.deque([z64])
     while queue:
         oid = queue.popleft()
-        data = _load_checked(storage, oid, found)
-        if data is None:
-            continue
-        bar.update(1)
-        data = strip(data)
-        cls = _class_of(data)
-        found.count(oid, cls, len(data), keep_largest)
-        try:
-            refs = referencesf(data)
-        except Exception as exc:  # noqa: BLE001 - a record that does not unpickle
-            found.problems.append(Problem(oid, cls, f"does not unpickle ({type(exc).__name__}: {exc})",
-                                          parents.get(oid)))
-            continue
+        entry = known.get(oid) if known is not None else None
+        if entry is not None:
+            cls, size, refs_known, problem = entry
+            if refs_known is None and problem.startswith("is damaged"):
+                found.problems.append(Problem(oid, cls, problem, parents.get(oid)))
+                continue
+            bar.update(1)
+            found.count(oid, cls, size, keep_largest)
+            if refs_known is None:
+                found.problems.append(Problem(oid, cls, problem, parents.get(oid)))
+                continue
+            refs = refs_known
+        else:
+            data = _load_checked(storage, oid, found)
+            if data is None:
+                continue
+            bar.update(1)
+            data = strip(data)
+            cls = _class_of(data)
+            found.count(oid, cls, len(data), keep_largest)
+            try:
+                refs = referencesf(data)
+            except Exception as exc:  # noqa: BLE001 - a record that does not unpickle
+                found.problems.append(Problem(oid, cls, _unpickle_problem(exc), parents.get(oid)))
+                continue
         for ref in refs:
             if ref not in parents:
                 parents[ref] = oid
                 queue.append(ref)
     found.largest.sort(reverse=True)
     return found
+
+
+def _unpickle_problem(exc: BaseException) -> str:
+    return f"does not unpickle ({type(exc).__name__}: {exc})"
 
 
 def _load_checked(storage: Any, oid: bytes, found: _Walk) -> bytes | None:
@@ -386,11 +409,50 @@ def _raw_record(storage: Any, oid: bytes) -> bytes | None:
         return None
 
 
+def _is_current(fs: Any, record: Any) -> bool:
+    """Whether a record of FileStorage's iterator is its object's current revision.
+
+    -- PROTECTED: FileStorage internals (pinned by tests/test_zodb_internals.py): the
+    iterator's records carry their offset (``Record.pos``), and ``_lookup_pos`` is the
+    index's offset of the current revision (under ``_lock``: a follower's index moves).
+    """
+    from ZODB.POSException import POSKeyError
+
+    pos = getattr(record, "pos", None)
+    if pos is None:
+        return False
+    try:
+        with fs._lock:
+            return bool(fs._lookup_pos(record.oid) == pos)
+    except POSKeyError:
+        return False
+
+
+def _known(data: bytes, damage: str) -> tuple[str, int, list[bytes] | None, str]:
+    """What the walk needs of a current record read by the history pass."""
+    from ZODB.serialize import referencesf
+
+    from ._integrity import strip
+
+    body = strip(data)
+    cls = _class_of(body)
+    if damage:
+        return cls, len(body), None, damage
+    try:
+        return cls, len(body), referencesf(body), ""
+    except Exception as exc:  # noqa: BLE001 - a record that does not unpickle
+        return cls, len(body), None, _unpickle_problem(exc)
+
+
+def _reason_text(reason: str) -> str:
+    return f"is damaged: its record {reason}"
+
+
 def _reason(exc: BaseException) -> str:
     """The part of a `CorruptHeapError` message that says what is wrong with the record."""
     reason = getattr(exc, "_dh_reason", None)
     if reason:
-        return f"is damaged: its record {reason}"
+        return _reason_text(reason)
     text = str(exc).split(". Restore", 1)[0]
     return f"is damaged: {text}"
 
@@ -487,15 +549,22 @@ class VerifyReport:
 
 def verify(heap: Any) -> VerifyReport:
     """Read every current record (checked, references resolved) and, for a file heap, every
-    older revision in the file too (checked); name each damaged object where it can."""
+    older revision in the file too (checked); name each damaged object where it can.
+
+    A file heap is read once: the pass over the file notes what the walk needs of each
+    current record (`_verify_history`), so the walk loads only records it did not see
+    (one a writer added meanwhile)."""
     storage = heap.db.storage
     problems: list[Problem] = []
     history = 0
+    read: Known | None = None
     path = _file_path(heap)
-    if path is not None:
-        history, problems = _verify_history(storage, path)
+    if path is not None:  # one pass over the file: every revision checked, the current ones noted
+        read = {}
+        history, problems = _verify_history(storage, path, read)
     with progress(len(storage), "verify") as bar:
-        walk = _walk(storage, bar)
+        walk = _walk(storage, bar, known=read)
+    del read
     known = {(p.oid, p.tid) for p in problems}
     current = [p for p in walk.problems if (p.oid, None) not in known]
     # A revision found damaged in the history that is also current is reported once, as current.
@@ -506,9 +575,10 @@ def verify(heap: Any) -> VerifyReport:
     return VerifyReport(walk.records, history, problems)
 
 
-def _verify_history(storage: Any, path: str) -> tuple[int, list[Problem]]:
-    """Check the seal of every record in the file, old revisions included."""
-    from ._integrity import intact
+def _verify_history(storage: Any, path: str, known: Known) -> tuple[int, list[Problem]]:
+    """Check the seal of every record in the file, old revisions included, and note in
+    `known` what the walk needs of each current revision, so that it reads none again."""
+    from ._integrity import MARK, intact
 
     problems: list[Problem] = []
     count = 0
@@ -520,10 +590,15 @@ def _verify_history(storage: Any, path: str) -> tuple[int, list[Problem]]:
             for txn in it:
                 for r in txn:
                     count += 1
-                    if r.data and not intact(r.oid, r.data):
+                    whole = not r.data or intact(r.oid, r.data)
+                    if not whole:
                         problems.append(Problem(r.oid, _class_of(r.data), "an older revision fails its "
                                                 "checksum (history only: the current state is not "
                                                 "affected unless listed again)", None, tid=r.tid))
+                    if r.data and _is_current(base, r):
+                        damage = "" if whole else _reason_text("fails its checksum" if r.data[-2:] == MARK
+                                                               else "has a damaged checksum mark")
+                        known[r.oid] = _known(r.data, damage)
                 pos = int(getattr(it, "_pos", last) or last)  # FileIterator's offset
                 bar.update(max(0, pos - last))
                 last = pos

@@ -86,7 +86,7 @@ from ._retry import RETRIED, call_note, retry
 from ._state import State
 from ._types import apply_declared, declared_state
 from ._watch import view_changes, watched_plain_ids
-from ._workflows import deploy_check, set_resolver
+from ._workflows import deploy_check, set_globals_binder, set_resolver
 
 __all__ = [
     "PROGRAMS_KEY",
@@ -536,6 +536,45 @@ def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: Heap
         del durable[name]
 
 
+_globals_locks: dict[str, threading.RLock] = {}
+
+
+def _globals_lock(name: str) -> threading.RLock:
+    """The lock of program `name`'s durable globals, shared by its calls and its workflows'
+    steps: module globals are process-wide, bound to one thread's objects at a time."""
+    return _globals_locks.setdefault(name, threading.RLock())
+
+
+@contextlib.contextmanager
+def _bound_globals(heap: HeapEngine, name: str, save: bool) -> Iterator[None]:
+    """Durable execution's hook: program `name`'s durable globals bound while a workflow's
+    body (`save` False: it may not change them) or one of its steps runs (`save`: in the
+    step's transaction, whose changes to them are saved as a call's are)."""
+    module = sys.modules.get(name)
+    source = getattr(module, "__durable_source__", None)
+    durable = None
+    if module is not None and source is not None:
+        with read_transaction(heap) as conn:  # joins the step's transaction
+            rec = _record(conn, name)
+            if rec is not None and rec.current:
+                number = rec.current
+                if rec.versions[number].source_hash != source:  # another version is loaded here
+                    number = next((n for n in reversed(list(rec.versions.keys()))
+                                   if rec.versions[n].source_hash == source), 0)
+                durable = rec.globals.get(number)
+    if module is None or durable is None or not len(durable):
+        yield
+        return
+    with _globals_lock(name):
+        module.__dict__.update(durable.items())
+        yield
+        if save:
+            _save_globals(module, durable, heap.connection, heap)
+
+
+set_globals_binder(_bound_globals)
+
+
 # --- running the current version ----------------------------------------------------------
 
 
@@ -561,7 +600,7 @@ class Program:
         self._loaded: tuple[int, str] = (0, "")
         self._stamp: Any = None
         self._checked = 0.0
-        self._globals_lock = threading.RLock()
+        self._globals_lock = _globals_lock(self.name)
 
     def __repr__(self) -> str:
         return f"<durable_heap.Program {self.name} version {self._loaded[0] or '?'}>"

@@ -35,6 +35,7 @@ functions by those names.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import functools
@@ -44,7 +45,6 @@ import logging
 import marshal
 import os
 import random as _random
-import signal
 import sys
 import threading
 import time
@@ -58,7 +58,6 @@ from BTrees.IOBTree import IOBTree
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 
-from . import _cron
 from . import _heap as _engine
 from ._errors import (
     ConflictError,
@@ -77,11 +76,9 @@ __all__ = [
     "JournalEntry",
     "Promise",
     "PromiseRecord",
-    "Timer",
     "TimerEntry",
     "Workflow",
     "WorkflowFunction",
-    "WorkflowMethods",
     "WorkflowRecord",
     "emit",
     "now",
@@ -102,8 +99,11 @@ _log = logging.getLogger("durable_heap.workflows")
 # (module, qualname, code hash or "!blocked", id) -> True, lists the waiting and
 # blocked workflows by their function's code, so that a deploy replays only those
 # whose code changed, without reading the others.
+# STATUS_KEY's tree, status -> OOBTree (created, id) -> True, lists the workflows by
+# status, so that listing those of one status reads only them; one set per status, so
+# that the transient "running" one stays small and cheap to write.
 (WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY,
- WAITING_KEY) = WORKFLOW_KEYS
+ WAITING_KEY, STATUS_KEY) = WORKFLOW_KEYS
 
 #: Seconds a runner holds a running workflow between two of its transactions;
 #: after that a scheduler takes it over (its runner is presumed dead).
@@ -117,6 +117,9 @@ _FINAL = frozenset({"done", "failed", "cancelled"})
 
 #: The version layer's hook: (module, qualname) -> the function to call, or None.
 resolver: Callable[[str, str], Any] | None = None
+#: The version layer's hook: (heap, program, save) -> a context manager that binds the
+#: program's durable module globals (and with `save`, saves their changes at its end).
+globals_binder: Callable[[Any, str, bool], contextlib.AbstractContextManager[None]] | None = None
 #: Actions and workflows by (module, qualname), as decorated in this process.
 _named: dict[tuple[str, str], Any] = {}
 
@@ -163,6 +166,13 @@ class WorkflowRecord(Persistent):
         self.finished: float | None = None
         self.code = ""  # a hash of the workflow function's code that last ran it (see `code_hash`)
         self.indexed: tuple[str, str, str, str] | None = None  # its key in WAITING_KEY's tree
+
+    #: (status, created, id): where STATUS_KEY's index lists it (a class default: records
+    #: written before the index lack it, see `reindex`).
+    listed: tuple[str, float, str] | None = None
+    #: Steps last replayed with other arguments than their journal entry's: number (from
+    #: 0) -> the call as replayed. A class default: records written before it lack it.
+    replayed: dict[int, str] | None = None
 
 
 class JournalEntry:
@@ -419,7 +429,7 @@ class _Run:
 
     def __init__(self, heap: Any, wid: str, func: WorkflowFunction, entries: list[JournalEntry],
                  *, claim: tuple[float, str] | None, create: WorkflowRecord | None,
-                 check: bool = False) -> None:
+                 check: bool = False, promised: dict[str, Any] | None = None) -> None:
         self.heap = heap
         self.wid = wid
         self.func = func
@@ -429,6 +439,13 @@ class _Run:
         self.claim = claim  # the timer that woke it: removed by its first transaction
         self.create = create  # a record to store at the first transaction (a start outside one)
         self.check = check  # a deploy's read-only replay: stop at the first new thing
+        # Promises seen resolved (name -> value) where the run's journal was read: a
+        # resolved promise stays so, so `Promise.wait` needs no transaction of its own.
+        self.promised = promised or {}
+        # Steps replayed with other arguments than journaled (number from 0 -> the call
+        # now): reported, not refused (the body may read state, which moves on); kept
+        # in the record (`WorkflowRecord.replayed`) for inspection.
+        self.changed: dict[int, str] = {}
         self.in_step = False
         self.step_task: Any = None  # the asyncio task running an async step
         self.is_async = inspect.iscoroutinefunction(func.func)
@@ -452,6 +469,7 @@ class _Run:
             if kind == "step" and detail is not None and entry.detail != detail and not self.check:
                 _log.warning("workflow %s step %d (%s): arguments changed on replay: %s, was %s",
                              self.wid, self.cursor + 1, name, detail, entry.detail)
+                self.changed[self.cursor] = detail  # kept in the record by the next transaction
             self.cursor += 1
             return entry
         if self.check:
@@ -507,17 +525,20 @@ class _Run:
             rec.code = self.code
         for n, entry in enumerate(self.entries[self.committed:], self.committed):
             rec.journal[n] = entry
+        if self.changed:
+            known = rec.replayed or {}
+            if any(known.get(n) != d for n, d in self.changed.items()):
+                rec.replayed = {**known, **self.changed}
         return rec
 
     def _end(self, rec: WorkflowRecord, conn: Any, now: float) -> None:
-        """The end of each transaction of this run: its lease timer; the record's
-        heartbeat and length when it is written anyway (a step writes only the journal)."""
-        if rec._p_changed:
+        """The end of each transaction of this run: the record's heartbeat, length and
+        index entries when it is written anyway (a step writes only the journal, whose
+        last entry says when: `last_seen`). A running workflow holds no timer: a runner
+        that dies is found in the status index by a scheduler (`_timers._take_over`)."""
+        if rec._p_changed or rec._p_jar is None:  # (a new record is never "changed")
             rec.heartbeat, rec.length = now, journal_length(rec)
             reindex(conn, rec)
-        if rec.status == "running" and rec.timer is None:
-            rec.timer = _add_timer(conn, now + self.heap.lease, TimerEntry("run", self.wid, created=now,
-                                                                          origin="lease"))
 
     # what a body does -----------------------------------------------------------------
 
@@ -557,7 +578,8 @@ class _Run:
 
         def work(rec: WorkflowRecord, conn: Any, now: float) -> Any:
             try:
-                value = func(*args, **kwargs)
+                with _bound(self.heap, getattr(func, "__module__", None) or "", True):
+                    value = func(*args, **kwargs)
             except transaction.interfaces.TransientError:
                 raise
             except Exception as exc:
@@ -593,7 +615,8 @@ class _Run:
             now = _clock(heap)
             rec = self._begin(conn, now)
             try:
-                value = await func(*args, **kwargs)
+                with _bound(heap, getattr(func, "__module__", None) or "", True):
+                    value = await func(*args, **kwargs)
             except transaction.interfaces.TransientError:
                 raise
             except Exception as exc:
@@ -675,7 +698,22 @@ class _Run:
 
 
 def reindex(conn: Any, rec: WorkflowRecord) -> None:
-    """Keep `rec`'s entry in the waiting index (WAITING_KEY) in step with its status."""
+    """Keep `rec`'s entries in the waiting index (WAITING_KEY) and the status index
+    (STATUS_KEY) in step with its status."""
+    listed = (rec.status, float(rec.created), rec.id)
+    if rec.listed != listed:
+        by_status = _status_index(conn)
+        entry = listed[1:]
+        olds = [rec.listed[0]] if rec.listed is not None else STATUSES  # (before the index: any)
+        for status in olds:
+            members = by_status.get(status)
+            if members is not None and entry in members:
+                del members[entry]
+        members = by_status.get(rec.status)
+        if members is None:
+            members = by_status[rec.status] = OOBTree()
+        members[entry] = True
+        rec.listed = listed
     old = rec.indexed
     new = None
     if rec.status in ("waiting", "blocked"):
@@ -687,6 +725,22 @@ def reindex(conn: Any, rec: WorkflowRecord) -> None:
         if new is not None:
             tree[new] = True
         rec.indexed = new
+
+
+def _status_index(conn: Any) -> Any:
+    """STATUS_KEY's tree; made (in the transaction in progress) from every record when a
+    heap from before it lacks it: once, then kept in step by `reindex`."""
+    root = conn.root()
+    tree = root.get(STATUS_KEY)
+    if tree is None:
+        tree = root[STATUS_KEY] = OOBTree()
+        wfs = root.get(WORKFLOWS_KEY)
+        for rec in wfs.values() if wfs is not None else ():
+            members = tree.get(rec.status)
+            if members is None:
+                members = tree[rec.status] = OOBTree()
+            members[(float(rec.created), rec.id)] = True
+    return tree
 
 
 def journal_length(rec: WorkflowRecord) -> int:
@@ -767,6 +821,15 @@ class _StepScope(dict):  # type: ignore[type-arg]
 _bodies: dict[Any, Callable[..., Any]] = {}
 
 
+def _bound(heap: Any, module: str, save: bool) -> contextlib.AbstractContextManager[None]:
+    """A program's durable module globals bound around a workflow body (`save` False) or
+    a step, timer action or subscriber (`save`: in its transaction), as around a call."""
+    name = module.partition(".")[0]
+    if globals_binder is None or getattr(sys.modules.get(name), "__durable_source__", None) is None:
+        return contextlib.nullcontext()
+    return globals_binder(heap, name, save)
+
+
 def _program_body(func: Callable[..., Any]) -> Callable[..., Any]:
     """In a program, every module-level function called from a workflow is a step.
 
@@ -800,13 +863,19 @@ def _as_step(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _call_body(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with _bound(run.heap, getattr(run.func.func, "__module__", None) or "", False):
+        return _call_body_bound(run, args, kwargs)
+
+
+def _call_body_bound(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     func = _program_body(run.func.func)
     if not run.is_async:
         return func(*args, **kwargs)
     if _engine._running_task() is None:
         return _engine._asyncio().run(func(*args, **kwargs))
-    # Inside a running event loop (an async caller): the body gets a loop of its own,
-    # in a thread, with this context (the run) copied in.
+    # Inside a running event loop: only a read-only replay (`replay`, a deploy's check)
+    # gets here (a run is a task of that loop, `_in_task`), and a deploy is synchronous:
+    # the body gets a loop of its own, in a thread, with this context (the run) copied in.
     box: list[Any] = []
     ctx = contextvars.copy_context()
 
@@ -829,23 +898,112 @@ def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
              create: WorkflowRecord | None = None, known: tuple[Any, ...] | None = None) -> None:
     """Run workflow `wid` from the top until it ends or waits (outside any transaction).
 
-    `known`: its (args, kwargs, function, journal) as the scheduler just read them.
+    `known`: what `_known` read of it in the scheduler's transaction that found it due.
+    An ``async def`` body asked to run inside a running event loop runs as a task of
+    that loop instead (`_in_task`): this returns at once.
     """
+    prepared = _prepare(heap, wid, claim, create, known)
+    if prepared is None:
+        return
+    run, args, kwargs = prepared
+    if run.is_async and _engine._running_task() is not None:
+        _in_task(run, args, kwargs)
+        return
+    token = _current.set(run)
+    try:
+        with heap.activate():
+            try:
+                result = _call_body(run, args, kwargs)
+            except BaseException as exc:  # noqa: BLE001 - sorted out by _settle (re-raised there)
+                _settle(run, exc)
+                return
+            _settle_done(run, result)
+    except _Abandon:
+        return
+    finally:
+        _current.reset(token)
+
+
+async def _aexecute(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """`_execute` in a task of the caller's event loop: the body awaited in it."""
+    token = _current.set(run)
+    try:
+        with run.heap.activate():
+            try:
+                with _bound(run.heap, getattr(run.func.func, "__module__", None) or "", False):
+                    result = await _program_body(run.func.func)(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - sorted out by _settle (re-raised there)
+                _settle(run, exc)
+                return
+            _settle_done(run, result)
+    except _Abandon:
+        return
+    finally:
+        _current.reset(token)
+
+
+def _in_task(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Run an ``async def`` body as a task of the running loop (`Workflow` awaits it).
+
+    A workflow not yet stored (started outside a transaction) is first stored with
+    a start timer, in a transaction of its own, as one started inside a transaction
+    is: if the task never gets to run (the loop stops, the process dies), a
+    scheduler runs it. The task's first transaction removes that timer.
+    """
+    heap = run.heap
+    if run.create is not None:
+        record, run.create = run.create, None
+
+        def store(conn: Any) -> tuple[float, str]:
+            wfs = _tree(conn, WORKFLOWS_KEY)
+            if run.wid in wfs:
+                raise _Abandon  # started with the same id meanwhile, elsewhere
+            wfs[run.wid] = record
+            now = _clock(heap)
+            start = TimerEntry("run", run.wid, created=now, origin="start")
+            key = record.timer = _add_timer(conn, now, start)
+            reindex(conn, record)
+            return key
+
+        try:
+            run.claim = tuple(_txn(heap, store, f"workflow {run.wid}: start"))  # type: ignore[assignment]
+        except _Abandon:
+            return
+        starting.add(run.claim)
+    task = _engine._asyncio().get_running_loop().create_task(_aexecute(run, args, kwargs))
+    _tasks[run.wid] = task
+    claim = run.claim
+
+    def done(_: Any) -> None:
+        _tasks.pop(run.wid, None)
+        if claim is not None:
+            starting.discard(claim)
+    task.add_done_callback(done)
+
+
+#: The tasks running async workflow bodies in this process, by workflow id (`Workflow.__await__`).
+_tasks: dict[str, Any] = {}
+
+
+def _prepare(heap: Any, wid: str, claim: tuple[float, str] | None, create: WorkflowRecord | None,
+             known: tuple[Any, ...] | None) -> tuple[_Run, tuple[Any, ...], dict[str, Any]] | None:
+    """The run of `wid` about to start (its record read unless given), or None: nothing to run."""
+    promised: dict[str, Any] = {}
     if create is not None:
         rec_args, rec_kwargs, function, entries = create.args, create.kwargs, create.function, []
     elif known is not None:
-        rec_args, rec_kwargs, function, entries = known
+        rec_args, rec_kwargs, function, entries, promised = known
     else:
         def read(conn: Any) -> Any:
             wfs = _peek(conn, WORKFLOWS_KEY)
             rec = wfs.get(wid) if wfs is not None else None
             if rec is None or rec.status in _FINAL or rec.status == "blocked":
                 return None
-            return rec.args, rec.kwargs, rec.function, list(rec.journal.values())
+            return _known(conn, rec)
         found = _txn(heap, read, f"workflow {wid}: read")
         if found is None:
-            return
-        rec_args, rec_kwargs, function, entries = found
+            return None
+        rec_args, rec_kwargs, function, entries, promised = found
     try:
         wf = find(function)
         if not isinstance(wf, WorkflowFunction):
@@ -854,43 +1012,57 @@ def _execute(heap: Any, wid: str, *, claim: tuple[float, str] | None = None,
         if create is None:
             _block(heap, wid, str(exc), claim)
         raise
-    run = _Run(heap, wid, wf, entries, claim=claim, create=create)
-    token = _current.set(run)
-    try:
-        with heap.activate():
-            try:
-                result = _call_body(run, rec_args, rec_kwargs)
-            except (_Suspend, _Abandon):
-                return
-            except NonDeterminismError as exc:
-                run.finish("blocked", reason=str(exc))
-                _log.error("%s", exc)
-                return
-            except (ConflictError, StorageError):
-                raise  # the heap's trouble, not the workflow's: it stays running, its lease brings it back
-            except NoTransactionError as exc:
-                path = str(exc).split(" was changed", 1)[0]
-                msg = (
-                    f"the workflow {wf.label} changed {path} in its body, outside a step: a "
-                    "change there would be made again at every replay. Move it into an action "
-                    "(@heap.action) that the workflow calls: each call is a step, run once."
-                )
-                run.finish("failed", error=("durable_heap", "WorkflowError", (msg,), msg))
-                return
-            except Exception as exc:  # noqa: BLE001 - the workflow failed: kept in its record
-                run.finish("failed", error=_pack_error(exc))
-                return
-            try:
-                run.finish("done", result)
-            except (_Abandon, _Suspend):
-                return
-            except DurableHeapError as exc:  # its result cannot be stored
-                run.create = None
-                run.finish("failed", error=_pack_error(exc))
-    except _Abandon:
+    run = _Run(heap, wid, wf, entries, claim=claim, create=create, promised=promised)
+    return run, rec_args, rec_kwargs
+
+
+def _settle(run: _Run, exc: BaseException) -> None:
+    """What the body's exception makes of the workflow: waiting, blocked or failed (or
+    re-raised: the heap's trouble, or not an Exception)."""
+    if isinstance(exc, (_Suspend, _Abandon)):
         return
-    finally:
-        _current.reset(token)
+    if isinstance(exc, NonDeterminismError):
+        run.finish("blocked", reason=str(exc))
+        _log.error("%s", exc)
+        return
+    if isinstance(exc, (ConflictError, StorageError)):
+        raise exc  # the heap's trouble, not the workflow's: it stays running, its lease brings it back
+    if isinstance(exc, NoTransactionError):
+        path = str(exc).split(" was changed", 1)[0]
+        msg = (
+            f"the workflow {run.func.label} changed {path} in its body, outside a step: a "
+            "change there would be made again at every replay. Move it into an action "
+            "(@heap.action) that the workflow calls: each call is a step, run once."
+        )
+        run.finish("failed", error=("durable_heap", "WorkflowError", (msg,), msg))
+        return
+    if isinstance(exc, Exception):  # the workflow failed: kept in its record
+        run.finish("failed", error=_pack_error(exc))
+        return
+    raise exc
+
+
+def _settle_done(run: _Run, result: Any) -> None:
+    try:
+        run.finish("done", result)
+    except (_Abandon, _Suspend):
+        return
+    except DurableHeapError as exc:  # its result cannot be stored
+        run.create = None
+        run.finish("failed", error=_pack_error(exc))
+
+
+def _known(conn: Any, rec: WorkflowRecord) -> tuple[Any, ...]:
+    """What a run of `rec` starts from: (args, kwargs, function, journal, promised),
+    promised: the value of the promise it waits on, if resolved (read here, in the
+    same transaction, so that the wake needs no read of its own)."""
+    promised: dict[str, Any] = {}
+    if rec.waiting and rec.waiting[0] == "promise":
+        promises = _peek(conn, PROMISES_KEY)
+        prom = promises.get(rec.waiting[1]) if promises is not None else None
+        if prom is not None and prom.resolved:
+            promised[prom.name] = prom.value
+    return rec.args, rec.kwargs, rec.function, list(rec.journal.values()), promised
 
 
 def _block(heap: Any, wid: str, reason: str, claim: tuple[float, str] | None) -> None:
@@ -936,6 +1108,15 @@ def _after_commit(heap: Any) -> None:
         except Exception:  # noqa: BLE001 - the starting transaction committed: never fail it now
             # The workflow keeps its start timer: a scheduler runs it.
             _log.exception("workflow %s could not run after its start committed", wid)
+        finally:
+            if wid not in _tasks:  # (a task's end lets its timer go)
+                starting.discard(key)
+
+
+#: Start timers this process runs itself, right after their transaction commits (or in
+#: a task of an event loop): its own scheduler leaves them alone (a scheduler thread
+#: would otherwise race the starting thread for them). Another process's may take one.
+starting: set[tuple[float, str]] = set()
 
 
 _engine.after_commit.append(_after_commit)
@@ -987,9 +1168,13 @@ class WorkflowFunction:
                 return Workflow(heap, wid)
             wfs[wid] = record
             key = record.timer = _add_timer(conn, now, TimerEntry("run", wid, created=now, origin="start"))
+            reindex(conn, record)
             txn = heap.transaction_manager.get()
+            starting.add(key)
 
             def queue(ok: bool) -> None:
+                if not ok:
+                    starting.discard(key)
                 if ok:
                     starts = getattr(_after, "starts", None)
                     if starts is None:
@@ -1027,19 +1212,6 @@ def _call_action(heap: Any, func: Callable[..., Any], args: tuple[Any, ...], kwa
     return current.step(func, args, kwargs)
 
 
-def _on_action(heap: Any, func: Callable[..., Any], wrapper: Any) -> None:
-    """Give each action its timers (`invoke_in`, `invoke_at`, `cron`), and a name."""
-    try:
-        name: tuple[str, str] | None = name_of(func, "a timer")
-    except WorkflowError:
-        name = None  # a closure: fine as an action, refused as a timer's
-    if name is not None:
-        _named[name] = wrapper
-    wrapper.invoke_in = functools.partial(_invoke_in, heap, func)
-    wrapper.invoke_at = functools.partial(_invoke_at, heap, func)
-    wrapper.cron = functools.partial(_cron_of, heap, func)
-
-
 async def _call_async_action(heap: Any, func: Callable[..., Any], args: tuple[Any, ...],
                              kwargs: dict[str, Any], run: Callable[[], Any]) -> Any:
     current = _current.get()
@@ -1058,7 +1230,6 @@ async def _call_async_action(heap: Any, func: Callable[..., Any], args: tuple[An
 
 _engine.call_action = _call_action
 _engine.call_async_action = _call_async_action
-_engine.on_action.append(_on_action)
 
 
 def _in_transaction(heap: Any, what: str, func: Callable[[Any], Any]) -> Any:
@@ -1069,65 +1240,12 @@ def _in_transaction(heap: Any, what: str, func: Callable[[Any], Any]) -> Any:
     return _txn(heap, func, what)
 
 
-def _invoke_in(heap: Any, func: Callable[..., Any], seconds: float, /, *args: Any, **kwargs: Any) -> Timer:
-    """``action.invoke_in(seconds, *args)``: call the action then, in a scheduler."""
-    return _invoke_at(heap, func, _clock(heap) + float(seconds), *args, **kwargs)
-
-
 def _warn_if_main(name: tuple[str, str], what: str) -> None:
     if name[0] == "__main__":
         _log.warning(
             "%s: %s is defined in a plain script (__main__): only a scheduler in this process "
             "can find it by name; another process's scheduler keeps it as a dead letter. Define "
             "it in a module or program that the worker loads.", what, name[1])
-
-
-def _invoke_at(heap: Any, func: Callable[..., Any], when: datetime.datetime | float, /,
-               *args: Any, **kwargs: Any) -> Timer:
-    """``action.invoke_at(when, *args)``: call the action at `when` (a datetime, naive
-    meaning UTC, or a timestamp)."""
-    name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.invoke_at")
-    _warn_if_main(name, "a timer")
-    deadline = _timestamp(when)
-    seq = _seq()
-
-    def add(conn: Any) -> tuple[float, str]:
-        return _add_timer(conn, deadline, TimerEntry("call", name, args, kwargs, created=_clock(heap),
-                                                     origin="invoke"), seq)
-
-    key = _in_transaction(heap, f"timer {name[1]} at {_utc(deadline).isoformat()}", add)
-    return Timer(heap, tuple(key))
-
-
-def _cron_of(heap: Any, func: Callable[..., Any], spec: str, /, *args: Any, tz: str | None = None,
-             id: str | None = None, missed: str = "once", **kwargs: Any) -> Timer:  # noqa: A002
-    """``action.cron(spec, *args, tz=None, id=None, missed="once")``: call it at each tick."""
-    name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.cron")
-    _warn_if_main(name, "a cron")
-    _cron.check(spec, tz, missed)
-    cid = id or f"{name[0]}.{name[1]} {spec} {call_note('', args, kwargs)}" + (f" {tz}" if tz else "")
-    entry = CronEntry(name, spec, args, kwargs, tz, missed)
-
-    def declare(conn: Any) -> tuple[float, str] | None:
-        crons = _peek(conn, CRONS_KEY)
-        old = crons.get(cid) if crons is not None else None
-        if old is not None and old.same(entry) and old.key is not None:
-            # declared already (a top level runs at every load)
-            return tuple(old.key)  # type: ignore[return-value]
-        crons = _tree(conn, CRONS_KEY)
-        if old is not None and old.key is not None:
-            timers = _tree(conn, TIMERS_KEY)
-            if old.key in timers:
-                del timers[old.key]
-        now = _clock(heap)
-        entry.key = _add_timer(conn, _cron.next_tick(spec, tz, now), TimerEntry("cron", cid, created=now,
-                                                                               origin="cron"))
-        crons[cid] = entry
-        return entry.key
-
-    key = _read_then_write(heap, f"cron {cid}", declare)
-    _declare(heap, cid)
-    return Timer(heap, tuple(key), cron=cid)
 
 
 def _declare(heap: Any, what: Any) -> None:
@@ -1211,6 +1329,8 @@ class Promise:
 
     def _outcome(self, run: _Run, deadline: float | None) -> JournalEntry | None:
         now = _clock(run.heap)
+        if self.name in run.promised:  # read with the journal (a wake by its resolve)
+            return JournalEntry("got", self.name, deadline, run.promised[self.name], at=now)
 
         def read(conn: Any) -> Any:
             promises = _peek(conn, PROMISES_KEY)
@@ -1367,6 +1487,14 @@ class Workflow:
     def __repr__(self) -> str:
         return f"<durable_heap.Workflow {self.id} {self.status}>"
 
+    def __await__(self) -> Any:
+        """``await handle``: until the run of an ``async def`` body started from this
+        event loop (a task of it) has ended or first waits; the handle."""
+        task = _tasks.get(self.id)
+        if task is not None:
+            yield from _engine._asyncio().shield(task).__await__()
+        return self
+
     def _read(self, func: Callable[[WorkflowRecord], Any]) -> Any:
         def read(conn: Any) -> Any:
             wfs = _peek(conn, WORKFLOWS_KEY)
@@ -1401,7 +1529,8 @@ class Workflow:
                 "steps": max(rec.length, journal_length(rec)),
                 "journal": [
                     {"number": n + 1, "kind": e.kind, "name": e.name, "detail": e.detail,
-                     "error": _describe(e.error)} for n, e in rec.journal.items()
+                     "error": _describe(e.error), "replayed": (rec.replayed or {}).get(n)}
+                    for n, e in rec.journal.items()
                 ],
             }
         return self._read(describe)  # type: ignore[no-any-return]
@@ -1413,6 +1542,12 @@ class Workflow:
 
     def result(self, timeout: float | None = None) -> Any:
         """Its result once done (waiting up to `timeout` seconds); raises what it raised."""
+        task = _tasks.get(self.id)
+        if task is not None and not task.done() and _engine._running_task() is not None:
+            raise WorkflowError(
+                f"the workflow {self.id} runs as a task of this event loop, which result() "
+                "would block: await the handle first (await handle), then call result()"
+            )
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             status, result, error, reason = self._read(lambda r: (r.status, r.result, r.error, r.reason))
@@ -1469,372 +1604,42 @@ def _waiting(waiting: tuple[Any, ...] | None) -> dict[str, Any] | None:
     return {waiting[0]: _utc(waiting[1])}
 
 
-class Timer:
-    """A handle on one timer (`id`, `due`); `cancel()`; for a dead letter `retry()`."""
-
-    def __init__(self, heap: Any, key: tuple[float, str], *, cron: str | None = None,
-                 entry: TimerEntry | None = None, dead: bool = False) -> None:
-        self.heap = heap
-        self.key = key
-        self.id = cron or key[1]
-        self.due = _utc(key[0])
-        self.cron = cron
-        self.dead = dead
-        self.kind = entry.kind if entry is not None else ("cron" if cron else "call")
-        self.target = entry.target if entry is not None else None
-        self.attempts = entry.attempts if entry is not None else 0
-        self.error = entry.error if entry is not None else ""
-        self.origin = entry.origin if entry is not None else ""
-
-    def __repr__(self) -> str:
-        what = "dead letter" if self.dead else f"due {self.due.isoformat()}"
-        return f"<durable_heap.Timer {self.id} {self.kind} {self.target!r} {what}>"
-
-    def cancel(self) -> bool:
-        """Remove the timer (a cron: the cron; a dead letter: drop it); True if it was there."""
-        def work(conn: Any) -> bool:
-            if self.dead:
-                dead = _tree(conn, DEAD_KEY)
-                if self.key[1] in dead:
-                    del dead[self.key[1]]
-                    return True
-                return False
-            timers = _tree(conn, TIMERS_KEY)
-            if self.cron is not None:
-                crons = _tree(conn, CRONS_KEY)
-                entry = crons.get(self.cron)
-                if entry is None:
-                    return False
-                if entry.key in timers:
-                    del timers[entry.key]
-                del crons[self.cron]
-                return True
-            for key in _keys_of(timers, self.key):
-                del timers[key]
-                return True
-            return False
-        return bool(_in_transaction(self.heap, f"cancel timer {self.id}", work))
-
-    def retry(self) -> bool:
-        """Queue a dead letter again, due now, with its attempts reset."""
-        def work(conn: Any) -> bool:
-            dead = _tree(conn, DEAD_KEY)
-            entry = dead.get(self.key[1])
-            if entry is None:
-                return False
-            del dead[self.key[1]]
-            entry.attempts, entry.error = 0, ""
-            _add_timer(conn, _clock(self.heap), entry, self.key[1])
-            return True
-        return bool(_in_transaction(self.heap, f"retry timer {self.id}", work))
+def _listed(conn: Any, status: str | None) -> list[tuple[float, str]]:
+    """(created, id) of the workflows (of `status`), oldest first: from the status index,
+    reading no record (a heap from before it, not yet written to: every record)."""
+    by_status = _peek(conn, STATUS_KEY)
+    if by_status is None:
+        wfs = _peek(conn, WORKFLOWS_KEY)
+        if wfs is None:
+            return []
+        return sorted((rec.created, wid) for wid, rec in wfs.items()
+                      if status is None or rec.status == status)
+    if status is not None:
+        return list(by_status.get(status, {}).keys())  # sorted: (created, id)
+    return sorted(entry for members in by_status.values() for entry in members.keys())
 
 
-def _keys_of(timers: Any, key: tuple[float, str]) -> list[tuple[float, str]]:
-    """The timer's key: where it was made, or where a retry moved it (same seq)."""
-    if key in timers:
-        return [key]
-    return [k for k in timers.keys() if k[1] == key[1]][:1]
+def summaries(heap: Any, status: str | None = None) -> list[dict[str, Any]]:
+    """What `durable-heap workflows` lists of each workflow (of `status`), in one
+    transaction: its record only, not its journal."""
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
 
-
-# --- the scheduler ---------------------------------------------------------------------------------
-
-
-class _ActionFailed(Exception):  # noqa: N818 - internal: aborts the firing transaction
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(str(exc))
-        self.exc = exc
-
-
-def _due_key(conn: Any, now: float) -> tuple[float, str] | None:
-    """One due timer: picked at random among the first few, so that several
-    schedulers mostly take different ones instead of conflicting."""
-    timers = _peek(conn, TIMERS_KEY)
-    if not timers:  # a BTree's truth is O(1); its len() walks every bucket
-        return None
-    first = timers.minKey()
-    if first[0] > now:
-        return None
-    keys = []
-    for key in timers.keys(max=(now, "\uffff")):
-        keys.append(key)
-        if len(keys) >= 8:
-            break
-    return tuple(_random.choice(keys))  # type: ignore[return-value]
-
-
-def _fire_one(heap: Any) -> int | None:
-    """Fire one due timer: None when nothing is due, else how many items ran (0 or 1)."""
-    state: dict[str, Any] = {}
-
-    def fire(conn: Any) -> Any:
-        state.clear()
+    def read(conn: Any) -> list[dict[str, Any]]:
+        wfs = _peek(conn, WORKFLOWS_KEY)
         now = _clock(heap)
-        key = _due_key(conn, now)
-        if key is None:
-            return None
-        timers = _tree(conn, TIMERS_KEY)
-        entry = timers[key]
-        state["key"], state["entry"] = key, entry
-        if entry.kind == "run":
-            rec = _tree(conn, WORKFLOWS_KEY).get(entry.target)
-            if rec is None or rec.status in _FINAL or rec.status == "blocked" or rec.timer != key:
-                del timers[key]  # stale
-                return 0
-            seen = last_seen(rec)
-            if rec.status == "running" and entry.origin == "lease" and seen + heap.lease > now:
-                del timers[key]  # its runner is alive: look again when the lease runs out
-                rec.timer = _add_timer(conn, seen + heap.lease, entry)
-                return 0
-            state["run"] = entry.target
-            state["known"] = (rec.args, rec.kwargs, rec.function, list(rec.journal.values()))
-            return 1  # the run's first transaction removes the timer (a wake is one transaction)
-        if entry.kind == "prune":
-            del timers[key]
-            rec = _tree(conn, WORKFLOWS_KEY).get(entry.target)
-            if rec is not None and rec.timer == key:
-                rec.timer = None
-                rec.length = journal_length(rec)
-                rec.journal = Journal()  # the finished workflow keeps status and result
-            return 1
-        del timers[key]
-        if entry.kind == "cron":
-            cron = _tree(conn, CRONS_KEY).get(entry.target)
-            if cron is None or cron.key != key:
-                return 0  # dropped or replaced
-            run_it, nxt = _cron.plan(cron.spec, cron.tz, cron.missed, key[0], now)
-            cron.key = _add_timer(conn, nxt, TimerEntry("cron", entry.target, created=now, origin="cron"))
-            _tree(conn, CRONS_KEY)[entry.target] = cron  # inline: store the new key
-            if not run_it:
-                return 0
-            target, args, kwargs = cron.action, cron.args, cron.kwargs
-        else:
-            target, args, kwargs = entry.target, entry.args, entry.kwargs
-        try:
-            func = find(target)
-            func(*args, **kwargs)
-        except transaction.interfaces.TransientError:
-            raise
-        except Exception as exc:
-            raise _ActionFailed(exc) from exc
-        return 1
-
-    try:
-        with heap.activate():
-            done = _txn(heap, fire, "durable_heap: fire a timer")
-    except _ActionFailed as failed:
-        _failed(heap, state["key"], state["entry"], failed.exc)
-        return 1
-    except ConflictError as exc:  # it stays due: tried again at a later round
-        _log.warning("timer %s: %s", state.get("key", ("", "?"))[1], exc)
-        return 0
-    if "run" in state:
-        try:
-            _execute(heap, state["run"], claim=state["key"], known=state["known"])
-        except WorkflowError:
-            _log.exception("workflow %s could not run", state["run"])
-        except (ConflictError, StorageError) as exc:
-            # Not the workflow's failure: its lease (or its timer) brings it back.
-            _log.warning("workflow %s stopped: %s", state["run"], exc)
-    return done  # type: ignore[no-any-return]
-
-
-def _failed(heap: Any, key: tuple[float, str], entry: TimerEntry, exc: BaseException) -> None:
-    """Retry a failed timer with backoff; after `TIMER_ATTEMPTS`, keep it as a dead letter."""
-    _log.warning("timer %s (%s %r) failed: %s", key[1], entry.kind, entry.target, _describe(_pack_error(exc)))
-
-    def work(conn: Any) -> None:
-        timers = _tree(conn, TIMERS_KEY)
-        if key in timers:
-            del timers[key]
-        now = _clock(heap)
-        if entry.kind == "cron":
-            entry.target = entry.target  # the cron's next tick is already set; this tick is retried
-        entry.attempts += 1
-        entry.error = _describe(_pack_error(exc))
-        if entry.attempts >= TIMER_ATTEMPTS:
-            _tree(conn, DEAD_KEY)[key[1]] = entry
-        else:
-            _add_timer(conn, now + min(3600.0, 2.0 ** entry.attempts), entry, key[1])
-
-    if entry.kind == "cron":
-        # The tick's next occurrence was scheduled with the failed firing, which was
-        # aborted: schedule it again, and retry this tick as a plain call.
-        def work_cron(conn: Any) -> None:
-            cron = _tree(conn, CRONS_KEY).get(entry.target)
-            timers = _tree(conn, TIMERS_KEY)
-            if key in timers:
-                del timers[key]
-            if cron is None:
-                return
-            now = _clock(heap)
-            _, nxt = _cron.plan(cron.spec, cron.tz, cron.missed, key[0], now)
-            cron.key = _add_timer(conn, nxt, TimerEntry("cron", entry.target, created=now, origin="cron"))
-            _tree(conn, CRONS_KEY)[entry.target] = cron
-            call = TimerEntry("call", cron.action, cron.args, cron.kwargs, created=now,
-                              origin=f"cron {entry.target}")
-            call.attempts, call.error = 1, _describe(_pack_error(exc))
-            _add_timer(conn, now + 2.0, call)
-        _txn(heap, work_cron, f"timer {key[1]} failed")
-        return
-    _txn(heap, work, f"timer {key[1]} failed")
-
-
-# --- heap methods ------------------------------------------------------------------------------------
-
-
-class WorkflowMethods:
-    """The heap's durable-execution methods (mixed into the public `Heap`)."""
-
-    clock: Callable[[], float]
-    lease: float
-    retention: float
-    _wf_wake: threading.Event
-    _wf_declared: tuple[Any, set[Any]] | None
-
-    def __init__(self, *args: Any, clock: Callable[[], float] | None = None,
-                 lease: float = DEFAULT_LEASE, retention: float = DEFAULT_RETENTION,
-                 **kwargs: Any) -> None:
-        #: The heap's time (epoch seconds): `time.time`, or a test's `durable_heap.testing.Clock`.
-        self.clock = clock if clock is not None else time.time
-        self.lease = float(lease)
-        self.retention = float(retention)
-        self._wf_wake = threading.Event()
-        self._wf_declared = None  # (transaction, crons and subscriptions it declared): `_declared_in`
-        super().__init__(*args, **kwargs)
-
-    def workflow(self, func: Callable[..., Any] | None = None, /, *,
-                 retention: float | None = None) -> Any:
-        """Decorator: a workflow of this heap (see `durable_heap._workflows`).
-
-        >>> import durable_heap as dh
-        >>> heap = dh.open("memory://")
-        >>> @heap.workflow
-        ... def hello(name):
-        ...     return f"hello {name}"
-        >>> hello("ann").result()
-        'hello ann'
-        >>> heap.close()
-        """
-        def decorate(f: Callable[..., Any]) -> WorkflowFunction:
-            return WorkflowFunction(f, self, retention=retention)
-        return decorate(func) if func is not None else decorate
-
-    def on(self, topic: str) -> Callable[[Callable[..., Any]], Any]:
-        """Decorator: subscribe an action to `topic`; each `emit` reaches it once."""
-        def decorate(func: Callable[..., Any]) -> Any:
-            action = func if hasattr(func, "invoke_in") else self.action(func)  # type: ignore[attr-defined]
-            name = name_of(func, f"@heap.on({topic!r})")
-            _warn_if_main(name, f"a subscription to {topic!r}")
-
-            def subscribe(conn: Any) -> None:
-                subs = _peek(conn, SUBSCRIPTIONS_KEY)
-                if subs is not None and name in subs.get(topic, ()):
-                    return
-                subs = _tree(conn, SUBSCRIPTIONS_KEY)
-                subs[topic] = (*subs.get(topic, ()), name)
-
-            _read_then_write(self, f"subscribe {name[1]} to {topic}", subscribe)
-            _declare(self, (topic, name))
-            return action
-        return decorate
-
-    def run_due(self, limit: int | None = None) -> int:
-        """Run everything due now (timers, wakes, event deliveries); return how many ran."""
-        if self.in_transaction:  # type: ignore[attr-defined]
-            raise WorkflowError(
-                "run_due() runs each due item in a transaction of its own, so it cannot run "
-                "inside a transaction or an action: call it outside them"
-            )
-        count = 0
-        idle = 0
-        while limit is None or count < limit:
-            done = _fire_one(self)
-            if done is None:
-                break
-            count += done
-            idle = idle + 1 if not done else 0
-            if idle > 1000:
-                break  # only stale timers: the rest next time
-        return count
-
-    def run_scheduler(self, *, stop: threading.Event | None = None, poll: float = 0.005,
-                      tick: Callable[[], Any] | None = None) -> None:
-        """Run due work until `stop` is set (or SIGTERM / SIGINT in the main thread).
-
-        Between rounds it sleeps until the next deadline, a commit in this
-        process that adds work, or `poll` seconds (commits of other processes,
-        over ZEO, are seen at the next poll). `tick` is called about once a
-        second (the worker loads a newly deployed version there).
-        """
-        stop = stop or threading.Event()
-        handlers: list[tuple[signal.Signals, Any]] = []
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                handlers.append((sig, signal.signal(sig, lambda *_: stop.set())))
-        ticked = time.monotonic()
-        try:
-            while not stop.is_set():
-                if tick is not None and time.monotonic() - ticked >= 1.0:
-                    ticked = time.monotonic()
-                    tick()
-                self._wf_wake.clear()
-                try:
-                    if self.run_due(limit=100):
-                        continue
-                except DurableHeapError as exc:  # a lost ZEO server, a full disk: keep going
-                    _log.error("scheduler round failed (retrying in a second): %s", exc)
-                    stop.wait(1.0)
-                    continue
-                nxt = self._next_deadline()
-                wait = poll if nxt is None else max(0.0, min(poll, nxt - _clock(self)))
-                if self.clock is not time.time:
-                    wait = poll  # a test clock moves by itself: poll
-                self._wf_wake.wait(wait)
-        finally:
-            for sig, old in handlers:
-                signal.signal(sig, old)
-
-    def _next_deadline(self) -> float | None:
-        def read(conn: Any) -> float | None:
-            timers = _peek(conn, TIMERS_KEY)
-            return timers.minKey()[0] if timers else None
-        return _txn(self, read, "durable_heap: next deadline")  # type: ignore[no-any-return]
-
-    def workflows(self, status: str | None = None) -> list[Workflow]:
-        """Handles on the heap's workflows (those of one `status`), oldest first."""
-        if status is not None and status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
-
-        def read(conn: Any) -> list[tuple[float, str]]:
-            wfs = _peek(conn, WORKFLOWS_KEY)
-            if wfs is None:
-                return []
-            return sorted((rec.created, wid) for wid, rec in wfs.items()
-                          if status is None or rec.status == status)
-        return [Workflow(self, wid) for _, wid in _txn(self, read, "durable_heap: list workflows")]
-
-    def workflow_by_id(self, wid: str) -> Workflow:
-        """The handle of workflow `wid` (`WorkflowError` if there is none)."""
-        handle = Workflow(self, wid)
-        handle.status  # noqa: B018 - raises for an unknown id
-        return handle
-
-    def timers(self, *, dead: bool | None = None) -> list[Timer]:
-        """Pending timers by due time, then dead letters (`dead`: only those, or none)."""
-        def read(conn: Any) -> list[Timer]:
-            out: list[Timer] = []
-            crons = _peek(conn, CRONS_KEY) or {}
-            by_key = {c.key: cid for cid, c in crons.items()}
-            if dead is not True:
-                timers = _peek(conn, TIMERS_KEY)
-                for key, entry in (timers.items() if timers is not None else ()):
-                    out.append(Timer(self, key, cron=by_key.get(key), entry=entry))
-            if dead is not False:
-                letters = _peek(conn, DEAD_KEY)
-                for seq, entry in (letters.items() if letters is not None else ()):
-                    out.append(Timer(self, (0.0, seq), entry=entry, dead=True))
-            return out
-        return _txn(self, read, "durable_heap: list timers")  # type: ignore[no-any-return]
+        out = []
+        for _, wid in _listed(conn, status):
+            rec = wfs.get(wid) if wfs is not None else None
+            if rec is not None:
+                out.append({
+                    "id": rec.id, "function": f"{rec.function[0]}.{rec.function[1]}",
+                    "status": rec.status, "since": _utc(rec.since),
+                    "stuck": rec.status == "running" and last_seen(rec) + heap.lease < now,
+                    "waiting_on": _waiting(rec.waiting),
+                })
+        return out
+    return _txn(heap, read, "durable_heap: list workflows")  # type: ignore[no-any-return]
 
 
 def deploy_check(heap: Any, program: str, *, force: bool) -> None:
@@ -2031,6 +1836,15 @@ def _replay_check(heap: Any, rec: WorkflowRecord) -> str:
         return (f"the new code ended after step {run.cursor} of {len(run.entries)} journaled "
                 "(it no longer reaches the workflow's wait)")
     return ""
+
+
+Binder = Callable[[Any, str, bool], contextlib.AbstractContextManager[None]]
+
+
+def set_globals_binder(func: Binder | None) -> None:
+    """Register the version layer's binding of a program's durable globals (see `_bound`)."""
+    global globals_binder
+    globals_binder = func
 
 
 def set_resolver(func: Callable[[str, str], Any] | None) -> None:

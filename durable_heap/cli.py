@@ -16,6 +16,9 @@
     durable-heap workflows PROGRAM [--id ID]       list workflows (--cancel ID, --retry ID)
     durable-heap timers PROGRAM                    list timers and dead letters (--retry, --drop)
     durable-heap pack|backup|restore|verify|log|stats ...  operations (docs/operations.md)
+    durable-heap export PROGRAM [--path P] > FILE  the state (or a part) as JSON
+    durable-heap import PROGRAM FILE [--path P]    load JSON: merged, or --replace; all or nothing
+    durable-heap completion bash|zsh               a shell completion script
 
 PROGRAM is a ``.py`` file or a package folder. Options may come anywhere
 (``--storage TARGET``, ``--traceback``, ``--allow PATTERN``: a class the heap's
@@ -89,6 +92,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                       "a positional argument containing '=' stays positional")
     call.add_argument("--no-deploy", action="store_true",
                       help="run the current version even if the file changed")
+    call.add_argument("--each", metavar="FILE",
+                      help="call FUNCTION once per line of FILE (- : stdin), each line's JSON array "
+                      "(positional) or object (keyword) arguments after ARGS; one action each, "
+                      "results one per line (durable_heap._exchange.call_each)")
     dep = command("deploy", "deploy the program file as its next version")
     dep.add_argument("--note", help="a note recorded with the version")
     dep.add_argument("--force", action="store_true",
@@ -134,6 +141,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     from ._ops import add_commands as add_operations
 
     commands.update(add_operations(sub, common))
+    # --- export, import (durable_heap._exchange) -------------------------------------------
+    from ._exchange import add_commands as add_exchange
+
+    commands.update(add_exchange(sub, common))
+    from ._completion import add_command as add_completion  # durable-heap completion bash|zsh
+
+    commands["completion"] = add_completion(sub, lambda: _parser()[0])
     return parser, commands
 
 
@@ -151,7 +165,8 @@ def _count(text: str) -> int:
 #: The example at the end of each command's --help.
 EXAMPLES = {
     "call": "example:\n  durable-heap call tracker.py add_task web 'fix login' -k assignee=ann\n"
-            "  durable-heap call counter.py count --storage zeo://127.0.0.1:8100",
+            "  durable-heap call counter.py count --storage zeo://127.0.0.1:8100\n"
+            "  durable-heap call tracker.py add_task --each tasks.jsonl   # a line: [\"web\", \"fix login\"]",
     "deploy": "example:\n  durable-heap deploy tracker.py --note 'owner field'",
     "versions": "example:\n  durable-heap versions tracker.py",
     "rollback": "example:\n  durable-heap rollback tracker.py --to 3",
@@ -358,8 +373,11 @@ def _call(args: argparse.Namespace) -> int:
     _check_program(args, file_required=False)
     # The result alone on stdout: what the program prints (its top level, migrate,
     # the function) goes to stderr, so that scripts can parse the result.
+    stdout = sys.stdout
     with _open(args) as heap, contextlib.redirect_stdout(sys.stderr):
         program = load(heap, args.program, deploy=not args.no_deploy, on_deploy=_announce)
+        if args.each is not None:
+            return _call_each(args, program, values, kwargs, stdout)
         try:
             # One transaction: the program's top level (when loaded), the function,
             # and the result's rendering (it may read durable objects).
@@ -371,6 +389,37 @@ def _call(args: argparse.Namespace) -> int:
         if isinstance(text, durable_heap.Workflow):  # a workflow started: it ran after the commit
             text = f"{text.id} {text.status}"
     print(text)
+    return 0
+
+
+def _call_each(args: argparse.Namespace, program: Any, values: list[Any], kwargs: dict[str, Any],
+               out: Any) -> int:
+    """``call --each FILE``: one action per line (see `durable_heap._exchange.call_each`)."""
+    import contextlib
+
+    import durable_heap
+
+    from ._errors import DurableHeapError
+    from ._exchange import call_each, file_size
+    from ._ops import UsageError, progress
+
+    def invoke(more: tuple[Any, ...], extra: dict[str, Any]) -> str:
+        try:
+            text = program._call(args.function, (*values, *more), {**kwargs, **extra}, _format_call)
+        except DurableHeapError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's function failed
+            raise _FunctionFailed(f"{args.function}()", exc) from exc
+        return f"{text.id} {text.status}" if isinstance(text, durable_heap.Workflow) else str(text)
+
+    stdin = args.each == "-"
+    if not stdin and not os.path.isfile(args.each):
+        raise UsageError(f"--each {args.each!r}: there is no such file")
+    name = "stdin" if stdin else args.each
+    lines = contextlib.nullcontext(sys.stdin) if stdin else open(args.each, encoding="utf-8")  # noqa: SIM115
+    with lines as f, progress(None if stdin else file_size(args.each), f"call {args.function}", "B") as bar:
+        done = call_each(invoke, f, name=name, bar=bar, out=out)
+    print(f"durable-heap: {done:,} call{'s' if done != 1 else ''} of {args.function}", file=sys.stderr)
     return 0
 
 
@@ -751,11 +800,14 @@ def _workflows(args: argparse.Namespace) -> int:
             for e in info["journal"]:
                 error = f"  raised {e['error']}" if e["error"] else ""
                 detail = e["detail"] if e["kind"] == "step" else ""
+                if e.get("replayed"):
+                    detail += f" (replayed as {e['replayed']}: its arguments changed)"
                 print(f"{e['number']:>9}. {e['kind']} {e['name']} {detail}{error}".rstrip())
             return 0
         print(f"{'id':<32}  {'status':<9}  {'since (UTC)':<19}  {'function':<24}  waits on")
-        for handle in heap.workflows(status=args.status):
-            info = handle.info
+        from ._workflows import summaries
+
+        for info in summaries(heap, args.status):  # records only, from the status index
             status = "stuck" if info["stuck"] else info["status"]
             print(f"{info['id']:<32}  {status:<9}  {_when(info['since'])}  {info['function']:<24}  "
                   f"{_waits(info)}")

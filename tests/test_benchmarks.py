@@ -43,6 +43,19 @@ def test_zeo_loads_counts_the_messages_of_a_commit() -> None:
     assert raw.startswith("raw ZEO") and "ping" not in raw and "vote (round trip) 1" in raw
 
 
+def test_quick_threads_benchmark() -> None:
+    """Threads committing at once, on this disk and with the 2 ms fsync library."""
+    out = run(["-m", "benchmarks.threads", "--quick", "--json", "-"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    runs = json.loads(out.stdout.splitlines()[-1])["runs"]
+    assert sorted(runs) == sorted(f"{d}|{n}|{s}" for d in (0.0, 2.0) for n in (2,)
+                                  for s in ("durable_heap", "raw_zodb", "sqlite"))
+    for key, (r,) in runs.items():
+        assert r["commits_per_s"] > 0, key
+        if not key.endswith("sqlite"):  # sqlite's fsyncs are in C: not counted
+            assert 0 < r["fsyncs_per_commit"] <= 1.5, (key, r)  # counted over the same interval
+
+
 def test_quick_follow_benchmark() -> None:
     out = run(["-m", "benchmarks.follow", "--quick", "--json"], timeout=300)
     assert out.returncode == 0 and out.stderr == "", out.stderr
@@ -119,3 +132,35 @@ def test_cold_start_benchmark_runs_every_case() -> None:
     assert cases == ["bare", "import", "open sqlite3", "open raw ZODB", "open durable_heap",
                      "call python", "call cli"]
     assert "`import durable_heap`" in out.stdout and "`durable-heap call`" in out.stdout
+
+
+def test_every_system_has_its_own_plot_colour() -> None:
+    from benchmarks.style import COLOURS, SPARE, colour, style
+    from benchmarks.systems import SYSTEMS
+
+    assert set(SYSTEMS) <= set(COLOURS)
+    given = [colour(s) for s in SYSTEMS]
+    assert len(set(given)) == len(given), "two systems share a plot colour"
+    assert not set(SPARE) & set(COLOURS.values())
+    assert colour("a_new_system") in SPARE and colour("a_new_system") == colour("a_new_system")
+    markers = [style(s)["marker"] for s in COLOURS]
+    assert len(set(markers)) == len(markers)
+
+
+def test_the_commit_plot_draws_each_system_in_its_own_colour() -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")  # the bench extra
+    from benchmarks.__main__ import commit_figure
+    from benchmarks.style import colour
+
+    results = {"commit": {s: {"10000": {"median_ms": 1.0 + i, "bytes_per_commit": 100.0 + i},
+                              "100000": {"median_ms": 2.0 + i, "bytes_per_commit": 200.0 + i}}
+                          for i, s in enumerate(SHOWN["commit"])}}
+    fig = commit_figure(plt, results, "median_ms", "ms")
+    try:
+        lines = fig.axes[0].get_lines()
+        assert len(lines) == len(SHOWN["commit"]) > 10  # more than matplotlib's ten-colour cycle
+        colours = [line.get_color() for line in lines]
+        assert colours == [colour(s) for s in SHOWN["commit"]] and len(set(colours)) == len(colours)
+        assert [line.get_xdata().tolist() for line in lines][0] == [10000, 100000]
+    finally:
+        plt.close(fig)

@@ -93,12 +93,13 @@ def test_root_keys_and_format_version() -> None:
     assert _format.PROGRAMS_KEY == "durable_heap.programs"
     assert _format.CLASSES_KEY == "durable_heap.classes"
     assert _format.COMPLETE_KEY == "durable_heap.classes.complete"
+    assert _format.IMPORTS_KEY == "durable_heap.imports"  # durable-heap import's staging
     assert _format.FORMAT == 2 and _format.FORMAT_SINCE == {1: "0.2", 2: "0.3"}
     assert max(_format.FORMAT_SINCE) == _format.FORMAT
     assert _format.WORKFLOW_KEYS == (
         "durable_heap.workflows", "durable_heap.timers", "durable_heap.promises",
         "durable_heap.subscriptions", "durable_heap.crons", "durable_heap.dead_letters",
-        "durable_heap.waiting")
+        "durable_heap.waiting", "durable_heap.by_status")
 
 
 def test_a_new_heap_stores_the_pinned_keys(tmp_path: Path) -> None:

@@ -10,14 +10,14 @@ import pytest
 from ZODB.POSException import ConflictError as ZODBConflictError
 
 import durable_heap as dh
-from durable_heap import _facade, _heap, _registry, _retry, _versions, _workflows
+from durable_heap import _facade, _heap, _registry, _retry, _timers, _versions
 from durable_heap._targets import parse_target
 from tests.conftest import write
 
 
 def test_the_public_heap_is_the_facade_over_the_engine(tmp_path: Path) -> None:
     assert dh.Heap is _facade.Heap and dh.open is _facade.open
-    assert dh.Heap.__mro__[1:] == (_versions.Versions, _workflows.WorkflowMethods, _heap.HeapEngine, object)
+    assert dh.Heap.__mro__[1:] == (_versions.Versions, _timers.WorkflowMethods, _heap.HeapEngine, object)
     with dh.open(tmp_path / "h.fs") as heap:
         assert isinstance(heap, dh.Heap) and isinstance(heap, _heap.HeapEngine)
         assert repr(heap).startswith("<durable_heap.Heap ")

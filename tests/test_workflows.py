@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import subprocess
@@ -306,6 +307,36 @@ def test_async_workflows_await_their_waits(wheap: dh.Heap, clock: Clock) -> None
     wheap.run_due()
     assert h.result() == "yes"
     assert wheap.state.counts["async"] == 1
+
+
+def test_an_async_workflow_started_in_a_running_loop_runs_as_a_task_of_that_loop(
+        wheap: dh.Heap, clock: Clock) -> None:
+    import asyncio
+
+    bump = _counter(wheap)
+    threads: list[int] = []
+
+    @wheap.workflow
+    async def flow(n: int) -> int:
+        threads.append(threading.get_ident())
+        bump("task")
+        await dh.sleep(5)
+        return n
+
+    async def main() -> dh.Workflow:
+        h = flow(3)
+        assert h.status == "running"  # stored (with its start timer); its task runs when we await
+        with pytest.raises(dh.WorkflowError, match="await the handle first"):
+            h.result()  # would block the loop its task needs
+        assert await h is h
+        assert h.status == "waiting" and wheap.state.counts["task"] == 1
+        return h
+
+    h = asyncio.run(main())
+    assert threads == [threading.get_ident()]  # the caller's loop, not a thread of its own
+    clock.advance(5)
+    assert wheap.run_due() == 1
+    assert h.result() == 3 and wheap.state.counts["task"] == 1
 
 
 def test_async_actions_are_steps_and_concurrent_steps_are_refused(wheap: dh.Heap, clock: Clock) -> None:
@@ -705,6 +736,48 @@ def test_two_schedulers_over_zeo_fire_each_timer_once(tmp_path: Path) -> None:
             assert sum(heap.state.by.values()) == 200
 
 
+ZEO_WAKE = """
+import sys
+import durable_heap as dh
+heap = dh.open(sys.argv[1])
+
+@heap.workflow
+def waits():
+    return dh.promise("go").wait()
+"""
+
+
+@pytest.mark.slow
+def test_a_resolve_from_another_process_wakes_a_scheduler_over_zeo_at_once(tmp_path: Path) -> None:
+    """Not at its next poll: the ZEO server's invalidation rings the scheduler (poll: 60 s here)."""
+    (tmp_path / "zw.py").write_text(ZEO_WAKE)
+    with ZeoServer(tmp_path / "zeo.fs") as server:
+        env = subprocess_env({"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+        start = "import sys\nfrom zw import *\nprint(waits().id)\n"
+        wid = subprocess.run([sys.executable, "-c", start, server.url], cwd=tmp_path, env=env, check=True,
+                             timeout=60, capture_output=True, text=True).stdout.split()[-1]
+        sched = ("import sys, threading\nfrom zw import *\n"
+                 "threading.Timer(1.0, lambda: print('ready', flush=True)).start()\n"
+                 "heap.run_scheduler(poll=60)\n")
+        proc = subprocess.Popen([sys.executable, "-c", sched, server.url], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            with dh.open(server.url) as heap:
+                with heap.activate():
+                    assert dh.resolve("go", 7)
+                t0 = time.monotonic()
+                handle = heap.workflow_by_id(wid)
+                while handle.status != "done" and time.monotonic() - t0 < 20:
+                    time.sleep(0.01)
+                assert handle.status == "done" and handle.result() == 7
+                assert time.monotonic() - t0 < 20  # its poll would have taken 60 s
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+
+
 # --- the issue's example, in process with the fake clock -----------------------------------------------
 
 
@@ -783,6 +856,48 @@ def test_inspection(wheap: dh.Heap) -> None:
     assert wheap.timers() == []
     with pytest.raises(ValueError, match="status must be one of"):
         wheap.workflows(status="sleeping")
+
+
+def _loaded_records(heap: dh.Heap) -> int:
+    """WorkflowRecords this thread's connection has loaded (not ghosts)."""
+    from durable_heap._workflows import WorkflowRecord
+
+    return sum(1 for _, obj in heap.connection._cache.items()
+               if isinstance(obj, WorkflowRecord) and obj._p_status != "ghost")
+
+
+def test_listing_by_status_reads_only_those_records_and_an_older_heap_gets_its_index(tmp_path: Path) -> None:
+    from durable_heap import _workflows as w
+
+    path = tmp_path / "many.fs"
+    with dh.open(path) as heap:
+        @heap.workflow
+        def waits(i: int) -> Any:
+            return dh.promise(f"many{i}").wait()
+
+        @heap.workflow
+        def fails() -> None:
+            raise ValueError("no")
+
+        waiting = [waits(i).id for i in range(300)]
+        failed = fails().id
+        assert [h.id for h in heap.workflows(status="waiting")] == waiting  # oldest first
+    with dh.open(path) as heap:
+        assert [h.id for h in heap.workflows(status="failed")] == [failed]
+        assert [s["id"] for s in w.summaries(heap, "failed")] == [failed]
+        assert _loaded_records(heap) == 1  # not the 300 waiting ones
+        assert len(heap.workflows()) == 301
+        # A heap from before the index: listed by reading every record, and indexed
+        # from them at its first change to a workflow.
+        with heap.transaction():
+            del heap.connection.root()[w.STATUS_KEY]
+        assert [h.id for h in heap.workflows(status="failed")] == [failed]
+        with heap.activate():
+            dh.resolve("many0", "x")
+        heap.run_due()
+        assert [h.id for h in heap.workflows(status="done")] == [waiting[0]]
+        assert len(heap.workflows(status="waiting")) == 299
+        assert w.STATUS_KEY in heap.connection.root()
 
 
 def test_retention_drops_the_journal_of_finished_workflows(wheap: dh.Heap, clock: Clock) -> None:
@@ -1018,6 +1133,66 @@ def test_the_worker_runs_wakes_and_stops_on_sigterm(tmp_path: Path, zeo_server: 
         out, err = worker.communicate(timeout=30)
     assert worker.returncode == 0, err
     assert "worker stopped" in err
+
+
+GLOBALS = """
+import durable_heap as dh
+from durable_heap import state
+
+state.setdefault("n", 0)
+hits = []      # durable module globals of the program
+count = 0
+
+def hit(name):
+    global count
+    hits.append(name)
+    count += 1
+
+def bump_n():
+    state.n += 1
+
+def note(n):
+    pass
+
+@dh.workflow
+def visit(name):
+    hit(name)                    # a step: sees the durable globals, and changes them
+    note(state.n)                # the body reads state: this step's argument moves on
+    dh.sleep(0.5)
+    hit(name + "!")
+    return [list(hits), count]   # the body reads them too
+
+@dh.on("later")
+def on_later(name):
+    hits.append(name)
+
+def later(name):
+    dh.emit("later", name + "?")
+
+def report():
+    return [list(hits), count]
+"""
+
+
+@pytest.mark.slow
+def test_a_programs_durable_globals_are_bound_in_workflows_steps_and_subscribers(tmp_path: Path) -> None:
+    """And a step replayed with other arguments shows both in `workflows --id`."""
+    app = write(tmp_path / "app.py", GLOBALS)
+    wid, status = cli("call", str(app), "visit", "ann", cwd=tmp_path).stdout.split()
+    assert status == "waiting"
+    assert cli("call", str(app), "report", cwd=tmp_path).stdout.strip() == '[["ann"], 1]'
+    assert cli("call", str(app), "bump_n", cwd=tmp_path).returncode == 0
+    time.sleep(0.6)
+    r = cli("run-due", str(app), cwd=tmp_path)  # a process that only loaded the program
+    assert r.stdout.strip() == "1", r.stderr
+    r = cli("workflows", str(app), "--id", wid, cwd=tmp_path)
+    assert 'result: [["ann", "ann!"], 2]' in r.stdout, r.stdout
+    assert "step note note(0) (replayed as note(1): its arguments changed)" in r.stdout, r.stdout
+    assert cli("call", str(app), "later", "bob", cwd=tmp_path).returncode == 0
+    r = cli("run-due", str(app), cwd=tmp_path)  # a subscriber (a timer's action runs the same way)
+    assert r.stdout.strip() == "1", r.stderr
+    r = cli("call", str(app), "report", cwd=tmp_path)
+    assert json.loads(r.stdout) == [["ann", "ann!", "bob?"], 2], r.stdout
 
 
 MAIN_SCRIPT = """

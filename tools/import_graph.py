@@ -26,18 +26,18 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("format", {"_format", "_options"}),
     # Targets and their options parsed (no storage opened); the one error map.
     ("storage primitives", {"_targets", "_errormap"}),
-    ("storage backends", {"_allow", "_integrity", "_filestorage", "_follow", "_zeo_client", "_zeo",
+    ("storage backends", {"_allow", "_integrity", "_filestorage", "_groupcommit", "_follow", "_zeo_client", "_zeo",
                           "_relstorage"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths", "_storable",
                 "_defaults"}),
     ("containers and state", {"_containers", "_counter", "_state", "_jsonform"}),
     ("heap engine", {"_retry", "_notes", "_heap", "_engine"}),
-    ("durable execution", {"_execution", "_workflows", "_cron"}),
+    ("durable execution", {"_execution", "_workflows", "_timers", "_cron"}),
     ("programs", {"_program", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
                "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect",
-               "_ops"}),
+               "_ops", "_exchange", "_completion"}),
 ]
 
 

@@ -14,7 +14,7 @@ import zoneinfo
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import durable_heap as dh
@@ -50,51 +50,63 @@ class Thing(dh.Object):
         self.more = more
 
 
-zones = st.sampled_from([None, datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=-3)),
-                         zoneinfo.ZoneInfo("Europe/Paris"), zoneinfo.ZoneInfo("Asia/Tokyo")])
-atoms = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**80), max_value=2**80),
-    st.floats(),  # nan and the infinities too
-    st.text(max_size=6),
-    st.text(alphabet="$ab", max_size=3),  # strings that look like tags
-    st.binary(max_size=6),
-    st.binary(max_size=4).map(bytearray),
-    st.dates(),
-    st.times(),
-    st.datetimes(timezones=zones),
-    st.timedeltas(),
-    st.decimals(allow_nan=False, places=None),
-    st.decimals(allow_nan=False, places=2),  # digits after the point kept (quantize() of a huge one raises)
-    st.fractions(),
-    st.complex_numbers(allow_nan=False),
-    st.uuids(),
-    st.sampled_from([*Color, *Level]),
-    st.integers(-100, 100).map(dh.Counter),
-)
-hashables = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=3), st.binary(max_size=2),
-              st.dates(), st.uuids(), st.sampled_from([*Color, *Level]), st.text(alphabet="$", max_size=2)),
-    lambda inner: st.one_of(st.tuples(inner, inner), st.frozensets(inner, max_size=3)),
-    max_leaves=4,
-)
-values = st.recursive(
-    atoms,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4),
-        st.dictionaries(st.text(max_size=4), inner, max_size=4),
-        st.dictionaries(hashables, inner, max_size=3),  # keys JSON objects cannot have
-        st.sets(hashables, max_size=3),
-        st.frozensets(hashables, max_size=3),
-        st.tuples(inner, inner),
-        st.builds(Point, st.integers(-3, 3), inner),
-        st.builds(Frozen, inner, inner),
-        st.builds(Slotted, inner),
-        st.builds(Thing, inner, inner),
-    ),
-    max_leaves=12,
-)
+fixed_zones = [None, datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=-3))]
+zones = st.sampled_from([*fixed_zones, zoneinfo.ZoneInfo("Europe/Paris"), zoneinfo.ZoneInfo("Asia/Tokyo")])
+
+
+def value_strategy(zones: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Every kind of value, its datetimes in `zones`."""
+    atoms = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**80), max_value=2**80),
+        st.floats(),  # nan and the infinities too
+        st.text(max_size=6),
+        st.text(alphabet="$ab", max_size=3),  # strings that look like tags
+        st.binary(max_size=6),
+        st.binary(max_size=4).map(bytearray),
+        st.dates(),
+        st.times(),
+        st.datetimes(timezones=zones),
+        st.timedeltas(),
+        st.decimals(allow_nan=False, places=None),
+        st.decimals(allow_nan=False, places=2),  # digits kept (quantize() of a huge one raises)
+        st.fractions(),
+        st.complex_numbers(allow_nan=False),
+        st.uuids(),
+        st.sampled_from([*Color, *Level]),
+        st.integers(-100, 100).map(dh.Counter),
+    )
+    hashables = st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=3),
+                  st.binary(max_size=2), st.dates(), st.uuids(), st.sampled_from([*Color, *Level]),
+                  st.text(alphabet="$", max_size=2)),
+        lambda inner: st.one_of(st.tuples(inner, inner), st.frozensets(inner, max_size=3)),
+        max_leaves=4,
+    )
+    values = st.recursive(
+        atoms,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4),
+            st.dictionaries(st.text(max_size=4), inner, max_size=4),
+            st.dictionaries(hashables, inner, max_size=3),  # keys JSON objects cannot have
+            st.sets(hashables, max_size=3),
+            st.frozensets(hashables, max_size=3),
+            st.tuples(inner, inner),
+            st.builds(Point, st.integers(-3, 3), inner),
+            st.builds(Frozen, inner, inner),
+            st.builds(Slotted, inner),
+            st.builds(Thing, inner, inner),
+        ),
+        max_leaves=12,
+    )
+    return values
+
+
+values = value_strategy(zones)
+# A datetime in a zoneinfo zone cannot be stored in a heap (noticed, not ours: ZODB's
+# pickler fails on ZoneInfo's reducer), so the heap round trip uses fixed offsets.
+heap_values = value_strategy(st.sampled_from(fixed_zones))
 
 
 def same(a: Any, b: Any, pairs: dict[int, int] | None = None) -> bool:
@@ -249,3 +261,38 @@ def test_values_of_every_tag_read_as_documented() -> None:
     assert decode({"$uuid": str(uuid.UUID(int=1))}) == uuid.UUID(int=1)
     assert decode({"$complex": [1, {"$float": "nan"}]}).real == 1
     assert decode({"$counter": 3}).value == 3
+
+
+# --- export -> import into a fresh heap -> export (durable-heap export / import) ----------------
+
+names = st.text(alphabet="abcxyz", min_size=1, max_size=4).map(lambda s: f"a_{s}")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(names, heap_values, max_size=5), st.sampled_from([1, 2, 5000]))
+def test_export_import_export_gives_the_same_json_across_commit_and_reopen(
+        tmp_path_factory: pytest.TempPathFactory, attrs: dict[str, Any], batch: int) -> None:
+    """What a heap exports, imported into a fresh heap (in batches of 1, 2, or at once)
+    and read back after a reopen, exports the same JSON, and its values are equal."""
+    import io
+
+    from durable_heap._exchange import export_data, import_data
+
+    folder = tmp_path_factory.mktemp("exchange")
+    with dh.open(folder / "a.fs") as heap, heap.transaction() as state:
+        for k, v in attrs.items():
+            state[k] = v
+    with dh.open(folder / "a.fs", read_only=True) as heap:
+        text = io.StringIO()
+        export_data(heap, "state", text)
+        first = text.getvalue()
+    with dh.open(folder / "b.fs") as heap:
+        import_data(heap, io.BytesIO(first.encode()), batch=batch)
+    with dh.open(folder / "b.fs", read_only=True) as heap:
+        text = io.StringIO()
+        export_data(heap, "state", text)
+        assert text.getvalue() == first
+        with dh.open(folder / "a.fs", read_only=True) as old, old.transaction() as a, heap.transaction() as b:
+            assert list(a) == list(b)
+            for k in a:
+                assert same(dh.to_builtin(a[k]), dh.to_builtin(b[k])), k

@@ -1,0 +1,259 @@
+"""Group commit for FileStorage: one fsync makes many concurrent commits durable.
+
+ZODB's FileStorage fsyncs every transaction inside ``tpc_finish``, holding its
+commit lock (and its file pool's write lock, which stops every load) across the
+fsync, so N threads commit at most once per fsync between them. Here
+``_finish_finish`` only flushes the transaction to the OS; once the locks are
+released, each committer waits until some fsync has covered its transaction. The
+first to find no fsync running becomes the leader: it fsyncs everything written so
+far (its own transaction and every one that finished meanwhile) while the next
+transactions are written, then wakes the ones it covered. The file format is
+FileStorage's, byte for byte: existing heaps use it, and a heap written with it
+opens without it.
+
+The contract (docs/performance.md, "Group commit"):
+
+* **Acknowledged means fsynced.** ``tpc_finish`` (so ``transaction.commit()``, a
+  ``heap.transaction()`` block, an action) returns only after ``os.fsync`` of the
+  data file returned for a range that includes the transaction. SIGKILL loses only
+  the page cache of a process the kernel survives, so it loses nothing written;
+  a power loss loses only what was never fsynced, which was never acknowledged.
+* **Durable before visible.** A commit's invalidations reach the other connections
+  of the process, and ``lastTransaction()`` moves to it, only once it is durable:
+  the leader delivers them after its fsync, in commit order (ZODB's order: the
+  invalidations, then the last transaction id). So no connection reads, and no
+  answer can show, a commit that a power loss could still take back. The next
+  committer does see it at once where it must: FileStorage's index (conflict
+  detection, ``loadSerial`` for conflict resolution) is updated under the commit
+  lock as before, so a commit that would overwrite it gets a ConflictError (a
+  retry, or a merge by ``_p_resolveConflict``), never a lost update. A process
+  that reads the same file (`durable_heap._follow`) sees what the OS has been
+  given, as with ZODB's own FileStorage during its fsync.
+* **A failed fsync fails every waiter.** The file's durable state is unknown then:
+  every transaction the failed fsync was to cover raises the OSError (its outcome
+  is unknown), the storage is closed (as ZODB's ``_finish`` closes it), and every
+  later commit fails; the heap layer reports that the heap must be opened again.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ZODB.FileStorage import FileStorage as _ZFileStorage
+
+__all__ = ["GroupCommitFileStorage"]
+
+logger = logging.getLogger("durable_heap.groupcommit")
+
+_Callback = Callable[[bytes], Any]
+
+
+# -- PROTECTED: ZODB.FileStorage.FileStorage internals (ZODB 6.4) --
+# ``tpc_finish`` calls ``f(tid)`` (the invalidations) under ``_files.write_lock()``
+# and ``_lock``, then ``_finish``, which writes the status byte and calls
+# ``_finish_finish`` (flush, fsync, then ``_pos``, ``_index``, ``_ltid``,
+# ``_blob_tpc_finish``), and releases ``_commit_lock``; ``_nextpos`` and ``_tindex``
+# hold the finished transaction's end and records; ``_file`` is the data file
+# (replaced by pack and by `_filestorage`'s recovery: hence the fsync of a dup of
+# its descriptor, taken under ``_lock``). ``lastTransaction()`` reads ``_ltid``.
+# tests/test_group_commit.py (test_the_zodb_internals_group_commit_relies_on) pins them.
+class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
+    """FileStorage whose concurrent commits share one fsync (see the module)."""
+
+    _file: Any
+    _lock: Any
+    _ltid: bytes
+    _pos: int
+    _nextpos: int
+    _index: Any
+    _tindex: dict[bytes, int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # All under _dh_cond: _dh_finished counts the transactions flushed to the OS
+        # (numbered in commit order), _dh_synced those covered by a finished fsync;
+        # _dh_pending holds (number, tid, invalidation callback) of each flushed
+        # transaction not yet delivered; _dh_leading is True while a leader fsyncs;
+        # _dh_failed is the OSError of a failed fsync (every later wait raises it).
+        self._dh_cond = threading.Condition(threading.Lock())
+        self._dh_finished = 0
+        self._dh_synced = 0
+        self._dh_pending: collections.deque[tuple[int, bytes, _Callback | None]] = collections.deque()
+        self._dh_leading = False
+        self._dh_failed: OSError | None = None
+        self._dh_closed = False
+        # The dup of the data file's descriptor that the leader fsyncs, and the file
+        # object it was taken from (only the leader touches these).
+        self._dh_fd = -1
+        self._dh_fd_of: Any = None
+        # The invalidation callback and the waiter's slot of the transaction being
+        # finished: set by `_defer` and used by `_finish_finish`, both under the locks.
+        self._dh_callback: tuple[_Callback | None, list[int]] | None = None
+        # The tid of the last transaction written (None: none since the open).
+        self._dh_written: bytes | None = None
+        super().__init__(*args, **kwargs)
+
+    # -- IStorage: the commit ---------------------------------------------------------------
+
+    def tpc_finish(self, transaction: Any, f: _Callback | None = None) -> Any:
+        """Finish the transaction and return its tid once it is durable (see the module)."""
+        slot: list[int] = []
+
+        def defer(tid: bytes) -> None:
+            # Called by FileStorage under its locks, where it would invalidate.
+            self._dh_callback = (f, slot)
+
+        tid = super().tpc_finish(transaction, defer)
+        if slot:  # finished (FileStorage raised otherwise): wait for the fsync
+            self._wait_durable(slot[0])
+        return tid
+
+    def tpc_abort(self, transaction: Any) -> None:
+        """Abort; then wait until the commits written before are visible.
+
+        A transaction aborted in the storage is most often one that hit a conflict
+        (``store``: a ConflictError, unless ``_p_resolveConflict`` merged it) with a
+        commit that may not be durable, so not visible, yet: its retry would start
+        from the same snapshot and conflict again. Waiting here (the commit lock is
+        released: about one fsync) gives the retry a snapshot that includes it.
+        """
+        mine = transaction is self._transaction  # only we can change it: we hold the commit lock
+        super().tpc_abort(transaction)
+        if mine:
+            with self._dh_cond:
+                target = self._dh_finished
+            with contextlib.suppress(OSError):  # a failed fsync: every later commit fails anyway
+                self._wait_durable(target)
+
+    def _finish_finish(self, tid: bytes) -> None:
+        # FileStorage's, without the fsync and with the last transaction id left to
+        # the leader. Flush first: a failed flush is a failed _finish (closed).
+        self._file.flush()
+        self._pos = self._nextpos
+        self._index.update(self._tindex)
+        self._blob_tpc_finish()
+        callback, slot = self._dh_callback or (None, [])
+        self._dh_callback = None
+        self._dh_written = tid
+        with self._dh_cond:
+            self._dh_finished += 1
+            self._dh_pending.append((self._dh_finished, tid, callback))
+            slot.append(self._dh_finished)
+
+    def last_written(self) -> bytes:
+        """The id of the last transaction written, durable or not: no record in the
+        file is later (`durable_heap._integrity` checks loads against it)."""
+        # No lock: it is read on loads, while committers hold _lock through conflict
+        # resolution; both attributes only move forward, each read is atomic.
+        w, last = self._dh_written, self._ltid
+        return w if w is not None and w > last else last
+
+    def pack(self, *args: Any, **kwargs: Any) -> Any:
+        # ZODB trap: FileStorage's pack renames a packed copy over the file without
+        # an fsync of the copy; the transactions it copied are made durable here.
+        r = super().pack(*args, **kwargs)
+        with self._dh_cond:
+            self._dh_finished += 1  # a pseudo-transaction: the packed file itself
+            target = self._dh_finished
+        self._wait_durable(target)
+        return r
+
+    def close(self) -> None:
+        # Make durable what was written (each waiter then returns), then close.
+        with self._dh_cond:
+            target = self._dh_finished
+            failed = self._dh_failed is not None or self._dh_closed
+        if not failed and target and not self._is_read_only:
+            try:
+                self._wait_durable(target)
+            except OSError:
+                logger.exception("The last fsync before closing %s failed", self._file_name)
+        with self._dh_cond:
+            self._dh_closed = True
+            self._dh_cond.notify_all()
+            if self._dh_fd >= 0:
+                os.close(self._dh_fd)
+                self._dh_fd = -1
+        super().close()
+
+    # -- the group commit -------------------------------------------------------------------
+
+    def _wait_durable(self, number: int) -> None:
+        """Return once transaction `number` is durable, fsyncing as the leader if none is."""
+        with self._dh_cond:
+            while True:
+                if self._dh_synced >= number:
+                    return
+                if self._dh_failed is not None:
+                    raise _failed_again(self._dh_failed)
+                if self._dh_closed:
+                    raise OSError(f"{self._file_name} was closed before its fsync")
+                if not self._dh_leading:
+                    break
+                self._dh_cond.wait()
+            self._dh_leading = True
+            target = self._dh_finished  # every transaction flushed so far
+        try:
+            self._sync()
+        except OSError as exc:
+            with self._dh_cond:
+                self._dh_failed = exc
+                self._dh_leading = False
+                self._dh_pending.clear()  # never delivered: not durable
+                self._dh_cond.notify_all()
+            logger.critical("fsync of %s failed: closing it", self._file_name, exc_info=True)
+            self.close()
+            raise
+        except BaseException:
+            with self._dh_cond:
+                self._dh_leading = False
+                self._dh_cond.notify_all()
+            raise
+        with self._dh_cond:
+            covered = []
+            while self._dh_pending and self._dh_pending[0][0] <= target:
+                covered.append(self._dh_pending.popleft())
+        try:
+            self._deliver(covered)
+        finally:
+            with self._dh_cond:
+                self._dh_synced = max(self._dh_synced, target)
+                self._dh_leading = False
+                self._dh_cond.notify_all()
+
+    def _sync(self) -> None:
+        """fsync the data file (a dup of its descriptor: pack or a recovery may replace it)."""
+        with self._lock:
+            if self._file is not self._dh_fd_of:
+                fd = os.dup(self._file.fileno())
+                if self._dh_fd >= 0:
+                    os.close(self._dh_fd)
+                self._dh_fd, self._dh_fd_of = fd, self._file
+            fd = self._dh_fd
+        os.fsync(fd)  # looked up at each call: a test may make it fail (tests/test_group_commit.py)
+
+    def _deliver(self, covered: list[tuple[int, bytes, _Callback | None]]) -> None:
+        """Make durable transactions visible, in commit order: invalidations, then the tid."""
+        for _, tid, callback in covered:
+            with self._lock:
+                try:
+                    if callback is not None:
+                        callback(tid)
+                except Exception:  # the commit is durable: deliver the others all the same
+                    logger.exception("Delivering the invalidations of a durable commit failed")
+                self._ltid = tid
+
+
+# -- end PROTECTED --
+
+
+def _failed_again(exc: OSError) -> OSError:
+    """The error of a waiter whose fsync failed in another thread: the same errno."""
+    again = OSError(exc.errno, exc.strerror)
+    again.filename = getattr(exc, "filename", None)
+    return again

@@ -1,0 +1,390 @@
+"""Group commit (`durable_heap._groupcommit`): concurrent commits share an fsync, an
+acknowledged commit is fsynced, a commit is visible only once durable, a failed fsync
+fails every waiter.
+
+Real FileStorage files, real threads, a real SIGKILLed subprocess. The only thing
+injected is ``os.fsync`` (a gate, a counter, a failure, a record of how much of the
+file each fsync covered), which group commit looks up at each call: nothing of the
+storage is mocked.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transaction
+import ZODB
+from persistent import Persistent
+from ZODB.FileStorage import FileStorage as ZODBFileStorage
+
+import durable_heap as dh
+from durable_heap._storage import open_storage
+from durable_heap._targets import parse_target
+from durable_heap.testing import subprocess_env
+
+
+class Item(Persistent):
+    def __init__(self) -> None:
+        self.n = 0
+
+
+def _db(path: Path) -> Any:
+    """A ZODB database on durable_heap's FileStorage (checked and checksummed)."""
+    return ZODB.DB(open_storage(parse_target(str(path))))
+
+
+def _filestorage(db: Any) -> Any:
+    return db.storage.base  # the group-committing FileStorage under the checksum wrapper
+
+
+def _items(db: Any, n: int) -> None:
+    with db.transaction() as conn:
+        for i in range(n):
+            conn.root()[f"i{i}"] = Item()
+
+
+class _Gate:
+    """An os.fsync that counts its calls and can be held shut (test threads wait on it)."""
+
+    def __init__(self) -> None:
+        self.real = os.fsync
+        self.calls = 0
+        self.entered = threading.Semaphore(0)
+        self.open = threading.Event()
+        self.open.set()
+
+    def shut(self) -> None:
+        """Hold every later fsync until `open` is set; count from here."""
+        self.open.clear()
+        self.entered = threading.Semaphore(0)
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        self.entered.release()
+        assert self.open.wait(30)
+        self.real(fd)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Gate]:
+    g = _Gate()
+    monkeypatch.setattr(os, "fsync", g)
+    yield g
+    g.open.set()
+
+
+def _bump(db: Any, key: str, done: list[str] | None = None) -> None:
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    try:
+        for attempt in tm.attempts(50):  # a conflict (same Item) is retried
+            with attempt:
+                conn.root()[key].n += 1
+        if done is not None:
+            done.append(key)
+    finally:
+        conn.close()
+
+
+def _wait_for(cond: Any, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_commits_waiting_for_one_fsync_share_the_next(tmp_path: Path, gate: _Gate) -> None:
+    """While one commit's fsync runs, five more commit (the commit lock is free) and
+    wait; one fsync then covers all five: 6 commits, 2 fsyncs. ZODB's FileStorage holds
+    its commit lock across the fsync, so the five could not even write."""
+    db = _db(tmp_path / "app.fs")
+    fs = _filestorage(db)
+    _items(db, 6)
+    gate.shut()
+    done: list[str] = []
+    first = threading.Thread(target=_bump, args=(db, "i0", done))
+    first.start()
+    assert gate.entered.acquire(timeout=20)  # the first commit's fsync has begun
+    others = [threading.Thread(target=_bump, args=(db, f"i{i}", done)) for i in range(1, 6)]
+    for t in others:
+        t.start()
+    _wait_for(lambda: len(fs._dh_pending) == 6)  # all six written, none acknowledged
+    assert done == [] and gate.calls == 1
+    gate.open.set()
+    for t in [first, *others]:
+        t.join(20)
+    assert sorted(done) == [f"i{i}" for i in range(6)]
+    assert gate.calls == 2  # one for the first, one for the five
+    with db.transaction() as conn:
+        assert [conn.root()[f"i{i}"].n for i in range(6)] == [1] * 6
+    db.close()
+
+
+def test_a_commit_is_visible_to_other_connections_only_once_durable(tmp_path: Path, gate: _Gate) -> None:
+    """Durable before visible: during the fsync another connection still reads the old
+    value (and can read: loads are not stopped), and ``lastTransaction()`` has not moved;
+    once the commit returns, the next transaction sees it."""
+    db = _db(tmp_path / "app.fs")
+    _items(db, 1)
+    before = db.lastTransaction()
+    tm = transaction.TransactionManager()
+    reader = db.open(tm)
+    gate.shut()
+    writer = threading.Thread(target=_bump, args=(db, "i0"))
+    writer.start()
+    assert gate.entered.acquire(timeout=20)
+    tm.begin()
+    assert reader.root()["i0"].n == 0  # not yet durable: not yet visible
+    assert db.lastTransaction() == before
+    tm.abort()
+    gate.open.set()
+    writer.join(20)
+    tm.begin()
+    assert reader.root()["i0"].n == 1
+    assert db.lastTransaction() > before
+    tm.abort()
+    reader.close()
+    db.close()
+
+
+def test_a_failed_fsync_fails_every_waiter_and_closes_the_heap(
+    heap_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four threads' commits wait on one fsync that fails (EIO): each gets the heap's
+    "may or may not have been committed" error, none is acknowledged, the heap is
+    FAILED, and it opens again with every commit acknowledged before."""
+    heap = dh.open(heap_path)
+    with heap.transaction() as state:
+        state.counts = dict.fromkeys(range(1000), 0)  # tree form: keys 0-3 share a bucket
+    real = os.fsync
+    entered = threading.Event()
+    release = threading.Event()
+
+    def failing_fsync(fd: int) -> None:
+        entered.set()
+        assert release.wait(30)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    errors: dict[int, BaseException] = {}
+    acked: list[int] = []
+
+    def bump(i: int) -> None:
+        try:
+            with heap.transaction() as state:
+                state.counts[i] += 1  # one bucket: the waiters' commits merge with the first
+            acked.append(i)
+        except BaseException as exc:  # noqa: BLE001 - collected and checked below
+            errors[i] = exc
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    threads = [threading.Thread(target=bump, args=(i,)) for i in range(4)]
+    threads[0].start()
+    assert entered.wait(20)
+    fs = heap.db.storage.base
+    for t in threads[1:]:
+        t.start()
+    _wait_for(lambda: fs._dh_finished - fs._dh_synced >= 4)  # all four written, waiting
+    release.set()
+    for t in threads:
+        t.join(30)
+    monkeypatch.setattr(os, "fsync", real)
+    assert acked == [] and sorted(errors) == [0, 1, 2, 3]
+    for exc in errors.values():
+        assert isinstance(exc, dh.StorageError), repr(exc)
+        assert exc.outcome_unknown is True
+    leader = [e for e in errors.values() if "may or may not have been committed" in str(e)]
+    assert leader and all("input/output error (EIO)" in str(e) for e in errors.values())
+    assert heap.status is dh.HeapStatus.FAILED
+    with pytest.raises(dh.StorageError, match="open it again with durable_heap.open"):
+        with heap.transaction() as state:
+            state.counts[0] = 5
+    heap.close()
+    with dh.open(heap_path) as again:
+        assert all(again.state.counts[i] in (0, 1) for i in range(4))
+        with again.transaction() as state:
+            state.counts[0] += 10
+
+
+def test_pack_during_concurrent_commits_loses_nothing(tmp_path: Path) -> None:
+    """Pack replaces the data file under the committers (the fsync follows it)."""
+    db = _db(tmp_path / "app.fs")
+    _items(db, 4)
+    for _ in range(20):
+        _bump(db, "i0")
+    stop = threading.Event()
+    counts = [0] * 4
+
+    def work(i: int) -> None:
+        while not stop.is_set():
+            _bump(db, f"i{i}")
+            counts[i] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    db.pack()
+    time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    db.close()
+    db = _db(tmp_path / "app.fs")
+    with db.transaction() as conn:
+        assert [conn.root()[f"i{i}"].n for i in range(4)] == [counts[0] + 20, *counts[1:]]
+    db.close()
+
+
+def test_a_group_committed_file_opens_with_zodbs_own_filestorage(tmp_path: Path) -> None:
+    """The same file format: ZODB's FileStorage reads what group commit wrote."""
+    db = _db(tmp_path / "app.fs")
+    _items(db, 3)
+    threads = [threading.Thread(target=_bump, args=(db, f"i{i % 3}")) for i in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    db.close()
+    size = (tmp_path / "app.fs").stat().st_size
+    plain = ZODBFileStorage(str(tmp_path / "app.fs"), read_only=True)
+    try:  # its own scan read every transaction to the end, each finished (status " ")
+        assert [t.status for t in plain.iterator()] == [" "] * 11  # root, items, 9 commits
+        assert plain.getSize() == size
+    finally:
+        plain.close()
+    db = _db(tmp_path / "app.fs")
+    with db.transaction() as conn:
+        assert [conn.root()[f"i{i}"].n for i in range(3)] == [3, 3, 3]
+    db.close()
+
+
+WRITER = """
+import os, sys, threading
+import durable_heap as dh
+
+path, nthreads = sys.argv[1], int(sys.argv[2])
+out_lock = threading.Lock()
+real_fsync = os.fsync
+
+def say(line):
+    with out_lock:
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
+
+def recording_fsync(fd):
+    # What a power loss would keep: the file as far as it was when an fsync that
+    # has returned began. Reported before the fsync returns, so before any
+    # commit it covers is acknowledged.
+    size = os.fstat(fd).st_size
+    real_fsync(fd)
+    say(f"durable {size}")
+
+os.fsync = recording_fsync
+heap = dh.open(path)
+
+def work(i):
+    n = heap.state.counts[i]
+    while True:
+        n += 1
+        with heap.transaction() as state:
+            state.counts[i] = n
+        say(f"ack {i} {n}")   # acknowledged: the commit returned
+
+for i in range(nthreads):
+    threading.Thread(target=work, args=(i,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_concurrent_commits_loses_no_acknowledged_commit(tmp_path: Path) -> None:
+    """Six threads commit in a real subprocess, SIGKILLed at a random moment, five times.
+
+    SIGKILL loses only the process (the kernel keeps its page cache): every
+    acknowledged commit is in the file. A power loss keeps only what an fsync made
+    durable: the file is also cut to the size the last fsync that returned covered
+    (reported before it returned), and every acknowledged commit is in that too."""
+    path = tmp_path / "app.fs"
+    nthreads = 6
+    with dh.open(path) as heap, heap.transaction() as state:
+        state.counts = dict.fromkeys(range(1000), 0)  # tree form: one bucket merges
+    acked = dict.fromkeys(range(nthreads), 0)
+    for round_ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(nthreads)],
+                                stdout=subprocess.PIPE, text=True, env=subprocess_env())
+        assert proc.stdout is not None
+        stdout, got = proc.stdout, queue.Queue()  # type: ignore[var-annotated]
+        threading.Thread(target=lambda: [*map(got.put, stdout), got.put("")], daemon=True).start()
+        lines: list[str] = []
+        acks = 0
+        while acks < 60 + 40 * round_:
+            line = got.get(timeout=60)  # a writer that hangs fails the test
+            assert line, "the writer stopped"
+            lines.append(line)
+            acks += line.startswith("ack")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        while line := got.get(timeout=30):
+            lines.append(line)
+        durable = 0
+        for line in lines:
+            word, *rest = line.split()
+            if word == "durable":
+                durable = max(durable, int(rest[0]))
+            elif word == "ack":
+                acked[int(rest[0])] = max(acked[int(rest[0])], int(rest[1]))
+        # the power-loss model: a copy cut to what the fsyncs covered
+        lost_power = tmp_path / f"power{round_}.fs"
+        shutil.copyfile(path, lost_power)
+        os.truncate(lost_power, durable)
+        for target in (path, lost_power):
+            with dh.open(target) as heap:
+                counts = heap.state.counts
+                for i in range(nthreads):
+                    assert counts[i] >= acked[i], (target.name, i, counts[i], acked[i])
+        with dh.open(path) as heap:  # the next round starts from the file's counts
+            acked = {i: heap.state.counts[i] for i in range(nthreads)}
+    assert min(acked.values()) > 0
+
+
+def test_the_merge_check_fast_path_tells_equal_values_of_other_types_apart() -> None:
+    """Concurrent commits to one bucket are merged (`_EntryBucket._p_resolveConflict`);
+    its check compares entries exactly, now with ``==`` for plain ints, strings and
+    tuples of them (no pickling): never 1 for True, 0.0 for -0.0, place by place."""
+    from durable_heap._containers import _same
+
+    assert _same(("k", 1), ("k", 1)) and _same(7, 7) and _same("a", "a")
+    assert not _same(("k", 1), ("k", True)) and not _same(("k", True), ("k", 1))
+    assert not _same(1, True) and not _same(0.0, -0.0) and not _same((0.0,), (-0.0,))
+    assert not _same(("k", 1), ("k", 2)) and not _same(("k", 1), ("k", 1, 2))
+
+
+def test_the_zodb_internals_group_commit_relies_on() -> None:
+    """`_groupcommit`'s PROTECTED block: FileStorage's tpc_finish(transaction, f) calls
+    f under its locks and then _finish, whose _finish_finish(tid) does the flush and
+    fsync; _nextpos, _tindex, _blob_tpc_finish and _ltid are what it moves."""
+    import inspect
+
+    zfs = ZODBFileStorage
+    assert list(inspect.signature(zfs.tpc_finish).parameters) == ["self", "transaction", "f"]
+    assert list(inspect.signature(zfs._finish_finish).parameters) == ["self", "tid"]
+    assert list(inspect.signature(zfs._finish).parameters) == ["self", "tid", "u", "d", "e"]
+    source = inspect.getsource(zfs._finish_finish)
+    for name in ("self._file.flush()", "fsync(", "self._pos = self._nextpos",
+                 "self._index.update(self._tindex)", "self._ltid = tid", "self._blob_tpc_finish()"):
+        assert name in source, name
+    finish = inspect.getsource(zfs.tpc_finish)
+    assert finish.index("f(tid)") < finish.index("self._finish(") < finish.index("_commit_lock.release()")
