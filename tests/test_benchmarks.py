@@ -93,7 +93,8 @@ def test_quick_ops_benchmark() -> None:
     assert all(data["seconds"][k] > 0 for k in ("verify", "fsrefs", "backup", "repozo"))
     assert data["verify_over_fsrefs"] > 0 and data["backup_over_repozo"] > 0
 def test_quick_serve_benchmark_measures_both_systems() -> None:
-    out = run(["-m", "benchmarks.serve", "--quick", "--requests", "60", "--json"], timeout=300)
+    out = run(["-m", "benchmarks.serve", "--quick", "--client", "httpx", "--requests", "60", "--json"],
+              timeout=300)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert {r["system"] for r in data["rows"]} == {"durable_heap", "sqlite"}
