@@ -123,6 +123,25 @@ def test_quick_workflows_benchmark() -> None:
     assert data["deploy"]["unchanged_s"] > 0 and data["deploy"]["changed_s"] > 0
 
 
+def test_tail_benchmark_interleaves_both_systems() -> None:
+    out = run(["-m", "benchmarks.tail", "--sizes", "2000", "--commits", "20"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 2,000 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["durable_heap", "raw_zodb"]
+    assert all(r.split("|")[6].strip() == "0.00" for r in rows)  # full caches: nothing loaded
+    assert out.stdout.count("median wall") == 1 and "mean CPU" in out.stdout
+
+
+@pytest.mark.slow
+def test_cold_start_benchmark_runs_every_case() -> None:
+    out = run(["-m", "benchmarks.cold", "--rounds", "1", "--size", "1000"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    cases = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ")][1:]
+    assert cases == ["bare", "import", "open sqlite3", "open raw ZODB", "open durable_heap",
+                     "call python", "call cli"]
+    assert "`import durable_heap`" in out.stdout and "`durable-heap call`" in out.stdout
+
+
 def test_every_system_has_its_own_plot_colour() -> None:
     from benchmarks.style import COLOURS, SPARE, colour, style
     from benchmarks.systems import SYSTEMS
