@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib
+import inspect
 import os
 import sys
 import threading
@@ -770,8 +771,11 @@ class Program:
     # -- PROTECTED: for the CLI (`durable-heap call`); not public API ----------------------
 
     def _call(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-              then: Callable[[Any], Any] | None) -> Any:
-        """`call`, and ``then(result)`` in the same transaction (it may read durable objects)."""
+              then: Callable[[Any], Any] | None, attempts: int | None = None) -> Any:
+        """`call`, and ``then(result)`` in the same transaction (it may read durable objects).
+
+        `attempts`: tries on conflicts (default: the heap's).
+        """
         if self.watch:
             self.deploy_if_changed()
         # Before its version is loaded, a function's redact marks are unknown: the note
@@ -783,7 +787,7 @@ class Program:
         with _modules.calling():
             try:
                 return run(self._in_transaction, (function, args, kwargs, then, False), {}, note,
-                           self.heap.max_attempts)
+                           attempts or self.heap.max_attempts)
             except _MustReload:
                 if self.heap.in_transaction:
                     raise ProgramError(
@@ -794,7 +798,7 @@ class Program:
         # A new version to load (or the first call): with no other call in flight.
         with _modules.swapping():
             return run(self._in_transaction, (function, args, kwargs, then, True), {}, note,
-                       self.heap.max_attempts)
+                       attempts or self.heap.max_attempts)
 
     # -- running the current version ------------------------------------------------------
 
@@ -821,6 +825,8 @@ class Program:
                 if durable is not None:
                     module.__dict__.update(durable.items())
                 result = func(*args, **kwargs)
+                if inspect.iscoroutine(result):  # an ``async def`` function: run in this transaction
+                    result = _run_coroutine(function, result)
                 if durable is not None:
                     _save_globals(module, durable, conn, self.heap)
                 return then(result) if then is not None else result
@@ -1267,3 +1273,25 @@ def _program_function(module: str, qualname: str) -> Any:
 
 set_resolver(_program_function)
 
+
+
+def _run_coroutine(function: str, coro: Any) -> Any:
+    """Run an ``async def`` program function's coroutine to its end, in this thread's transaction.
+
+    It gets an event loop of its own (``asyncio.run``); the heap finds no task
+    transaction there, so ``state`` is the call's transaction, and the actions
+    and ``async with heap.transaction()`` blocks it runs join it (they are
+    nested). A thread that already runs an event loop cannot run another one.
+    """
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise ProgramError(
+        f"the program function {function} is async def, and it was called from a coroutine "
+        "(an event loop runs in this thread): await it in an async action of your own, or "
+        "call it from a thread with no event loop"
+    )
