@@ -336,7 +336,9 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[str]:
         for s in sizes:
             if s in dh and s in raw:
                 r = dh[s]["median_ms"] / raw[s]["median_ms"]
-                line(f"one-entry commit at {s:,}: {r:.2f}x raw ZODB (target <= 1.3x)", r <= 1.3)
+                line(f"one-entry commit at {s:,}: {r:.2f}x raw ZODB (target <= 1.2x)", r <= 1.2)
+                r = dh[s]["p90_ms"] / raw[s]["p90_ms"]
+                line(f"  its p90 at {s:,}: {r:.2f}x raw ZODB's (target <= 1.3x)", r <= 1.3)
     if dh and sql and big in dh and big in sql:
         r = dh[big]["median_ms"] / sql[big]["median_ms"]
         line(f"one-entry commit at {big:,}: {r:.2f}x sqlite3 FULL (target <= 1.5x)", r <= 1.5)
@@ -357,12 +359,12 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[str]:
     for s in sizes:
         if s in zdh and s in zraw:
             r = zdh[s]["median_ms"] / zraw[s]["median_ms"]
-            line(f"one-entry commit over ZEO at {s:,}: {r:.2f}x raw ZEO (target <= 1.3x)", r <= 1.3)
+            line(f"one-entry commit over ZEO at {s:,}: {r:.2f}x raw ZEO (target <= 1.2x)", r <= 1.2)
             zsync = zc.get("raw_zodb_zeo_sync", {})
             if s in zsync:
                 r = zdh[s]["median_ms"] / zsync[s]["median_ms"]
                 text = f"  the same against raw ZEO with server_sync=True (equal freshness): {r:.2f}x"
-                line(text, r <= 1.3)
+                line(text, r <= 1.2)
     pk = c.get("pickle", {})
     if dh and pk and 1_000_000 in pk and 1_000_000 in dh:
         r = pk[1_000_000]["median_ms"] / dh[1_000_000]["median_ms"]

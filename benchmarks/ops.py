@@ -195,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10,000 entries, 2 rounds")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--only", choices=["verify", "exchange"], help="measure only these")
+    parser.add_argument("--entries", type=int, help="entries in the heap (default 100,000; quick 10,000)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3; quick 2)")
     args = parser.parse_args(argv)
     entries, rounds = (10_000, 2) if args.quick else (100_000, 3)
+    entries, rounds = args.entries or entries, args.rounds or rounds
     folder = tempfile.mkdtemp(prefix="durable-heap-ops-bench-")
     result: dict[str, Any] = {}
     try:

@@ -41,11 +41,18 @@ ROOT = Path(__file__).resolve().parent.parent
 KEYS = 1000
 
 PROGRAM = """
+import os
+import time
+
 from durable_heap import state
 
 state.setdefault("items", {f"k{i}": 0 for i in range(1000)})
+WORK = float(os.environ.get("BENCH_WORK_MS", "0")) / 1000
 
 def bump(key):
+    end = time.thread_time() + WORK  # Python work of the request's own, before the update
+    while time.thread_time() < end:
+        pass
     state.items[key] += 1
     return state.items[key]
 """
@@ -91,19 +98,20 @@ class _Server:
         self.log.close()
 
 
-def start(system: str, workers: int, folder: Path) -> _Server:
+def start(system: str, workers: int, folder: Path, work_ms: float = 0) -> _Server:
     if system == "durable_heap":
         program = folder / "bench_app.py"
         program.write_text(textwrap.dedent(PROGRAM))
         cmd = [sys.executable, "-m", "durable_heap", "serve", str(program), "--port", "0", "--no-watch",
                "--storage", str(folder / "bench.fs"), "--workers", str(workers), "--attempts", "100"]
-        return _Server(cmd, _env(), folder / "serve.log")
+        return _Server(cmd, _env({"BENCH_WORK_MS": str(work_ms)}), folder / "serve.log")
     from benchmarks.serve_sqlite_app import create
 
     db = folder / "bench.sqlite"
     create(str(db))
     cmd = [sys.executable, "-m", "benchmarks.serve_sqlite_app", "--port", "0", "--workers", str(workers)]
-    server = _Server(cmd, _env({"BENCH_SQLITE": str(db)}), folder / "uvicorn.log")
+    env = _env({"BENCH_SQLITE": str(db), "BENCH_WORK_MS": str(work_ms)})
+    server = _Server(cmd, env, folder / "uvicorn.log")
     _wait_up(server)
     return server
 
@@ -155,25 +163,152 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def measure(system: str, workers: int, requests: int, concurrency: int) -> dict[str, Any]:
-    folder = Path(tempfile.mkdtemp(prefix=f"bench-serve-{system}-"))
-    server = start(system, workers, folder)
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (Linux /proc; 0 elsewhere or once gone)."""
     try:
-        asyncio.run(_load(server.url, min(100, requests), concurrency))  # warm: connections, caches
-        seconds, lat, errors = asyncio.run(_load(server.url, requests, concurrency))
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree(pid: int) -> dict[int, str]:
+    """`pid` and its descendants, each with its role: ``zeo`` (the ZEO server) or ``server``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        out[p] = "zeo" if b'main(["zeo"' in cmd or b"durable_heap\x00zeo" in cmd else "server"
+        todo += children.get(p, [])
+    return out
+
+
+def _cpu_by_role(pid: int) -> dict[str, float]:
+    totals: dict[str, float] = {"server": 0.0, "zeo": 0.0}
+    for p, role in _tree(pid).items():
+        totals[role] += _cpu_seconds(p)
+    return totals
+
+
+def _settle(pid: int, timeout: float = 90) -> None:
+    """Wait until the server's processes are idle: started, not still importing and loading.
+
+    The address is printed (and the socket listens) before N worker processes
+    have started; measured from there, a round of 4 workers counted their start.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = sum(_cpu_by_role(pid).values())
+        time.sleep(0.5)
+        if sum(_cpu_by_role(pid).values()) - before < 0.05:  # under a tenth of a core
+            return
+
+
+def _fsync_ms(folder: Path, n: int = 100) -> float:
+    """The median time of one small append + fsync in `folder`: the floor of a durable commit."""
+    samples = []
+    with open(folder / "fsync-probe", "ab") as f:
+        for _ in range(n):
+            f.write(b"x" * 200)
+            f.flush()
+            t0 = time.perf_counter()
+            os.fsync(f.fileno())
+            samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples)
+
+
+#: wrk's script: a random one of the KEYS entries per request (the same sequence each run),
+#: and its figures as one JSON line at the end.
+WRK_SCRIPT = """
+math.randomseed(1)
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+request = function()
+  return wrk.format(nil, "/bump", nil, '["k' .. math.random(0, %(last)d) .. '"]')
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %%d, "seconds": %%f, "errors": %%d, "p50_ms": %%f, "p99_ms": %%f}\\n',
+    summary.requests, summary.duration / 1e6, e.status + e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+""".replace("%(last)d", str(KEYS - 1)).replace("%%", "%")
+
+
+def _load_wrk(url: str, seconds: float, concurrency: int, folder: Path) -> dict[str, Any]:
+    """`seconds` of updates from wrk (one thread, `concurrency` keep-alive connections)."""
+    import resource
+
+    script = folder / "bump.lua"
+    script.write_text(WRK_SCRIPT)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped meanwhile
+    wrk = shutil.which("wrk") or "wrk"
+    out = subprocess.run([wrk, "-t", "1", "-c", str(concurrency), "-d", f"{seconds:g}s", "--timeout", "60s",
+                          "-s", str(script), url], capture_output=True, text=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures["client_cpu"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return dict(figures)
+
+
+def _load_httpx(url: str, requests: int, concurrency: int) -> dict[str, Any]:
+    """`requests` updates from httpx in this process (its CPU: `time.process_time`)."""
+    cpu0 = time.process_time()
+    seconds, lat, errors = asyncio.run(_load(url, requests, concurrency))
+    return {"requests": requests, "seconds": seconds, "errors": errors, "p50_ms": _pct(lat, 50),
+            "p99_ms": _pct(lat, 99), "client_cpu": time.process_time() - cpu0}
+
+
+def measure(system: str, workers: int, load: dict[str, Any]) -> dict[str, Any]:
+    """One round of one system: a fresh store and server, warmed, then the measured load."""
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-serve-{system}-"))
+    server = start(system, workers, folder, load["work_ms"])
+    client, concurrency = load["client"], load["concurrency"]
+    try:
+        _settle(server.proc.pid)  # the worker processes have started (the socket queues before)
+        if client == "wrk":  # warm: connections, caches, the workers' first loads
+            _load_wrk(server.url, 2, concurrency, folder)
+        else:
+            _load_httpx(server.url, min(100, load["requests"]), concurrency)
+        before = _cpu_by_role(server.proc.pid)
+        if client == "wrk":
+            got = _load_wrk(server.url, load["seconds"], concurrency, folder)
+        else:
+            got = _load_httpx(server.url, load["requests"], concurrency)
+        after = _cpu_by_role(server.proc.pid)
+        fsync = _fsync_ms(folder)
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
-    return {"system": system, "workers": workers, "requests": requests, "errors": errors,
-            "rps": requests / seconds, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99)}
+    requests = max(1, got["requests"])
+    cpu = {role: (after[role] - before[role]) * 1000 / requests for role in after}
+    cpu["client"] = got["client_cpu"] * 1000 / requests
+    seconds = got["seconds"]
+    return {"system": system, "workers": workers, "requests": requests, "errors": got["errors"],
+            "rps": requests / seconds, "p50_ms": got["p50_ms"], "p99_ms": got["p99_ms"],
+            # CPU milliseconds per request, by process; and the cores they kept busy.
+            "cpu_ms": cpu, "cores_busy": sum(cpu.values()) * requests / 1000 / seconds,
+            "fsync_ms": fsync, "load": os.getloadavg()[0]}
 
 
-def run(workers_list: list[int], rounds: int, requests: int, concurrency: int) -> dict[str, Any]:
+def run(workers_list: list[int], rounds: int, load: dict[str, Any]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for workers in workers_list:
         for r in range(rounds):
             order = ["durable_heap", "sqlite"] if r % 2 == 0 else ["sqlite", "durable_heap"]
-            pair = {s: measure(s, workers, requests, concurrency) for s in order}
+            pair = {s: measure(s, workers, load) for s in order}
             for s in order:
                 rows.append({**pair[s], "round": r})
     summary: list[dict[str, Any]] = []
@@ -183,26 +318,34 @@ def run(workers_list: list[int], rounds: int, requests: int, concurrency: int) -
             mine = [x for x in rows if x["system"] == system and x["workers"] == workers]
             line[system] = {k: statistics.median(x[k] for x in mine) for k in ("rps", "p50_ms", "p99_ms")}
             line[system]["errors"] = sum(x["errors"] for x in mine)
+            for role in ("server", "zeo", "client"):
+                line[system][f"cpu_{role}_ms"] = statistics.median(x["cpu_ms"][role] for x in mine)
+            for k in ("cores_busy", "fsync_ms", "load"):
+                line[system][k] = statistics.median(x[k] for x in mine)
         pairs = [(a, b) for a in rows for b in rows if a["workers"] == b["workers"] == workers
                  and a["round"] == b["round"] and a["system"] == "durable_heap" and b["system"] == "sqlite"]
         line["rps_ratio"] = statistics.median(a["rps"] / b["rps"] for a, b in pairs)
         line["p50_ratio"] = statistics.median(a["p50_ms"] / b["p50_ms"] for a, b in pairs)
         summary.append(line)
-    return {"rows": rows, "summary": summary, "concurrency": concurrency, "requests": requests,
-            "rounds": rounds, "cpus": os.cpu_count()}
+    return {"rows": rows, "summary": summary, **load, "rounds": rounds, "cpus": os.cpu_count()}
 
 
 def report(data: dict[str, Any]) -> str:
-    out = [f"One-entry updates over HTTP, {data['concurrency']} requests in flight, "
-           f"{data['requests']} requests x {data['rounds']} rounds per system (medians; "
-           f"{data['cpus']} CPUs)", "",
-           "| workers | system | requests/s | p50 ms | p99 ms | errors |",
-           "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    amount = (f"{data['seconds']:g} s" if data["client"] == "wrk" else f"{data['requests']} requests")
+    work = f", {data['work_ms']:g} ms of Python work each" if data.get("work_ms") else ""
+    out = [f"One-entry updates over HTTP{work}, {data['concurrency']} requests in flight "
+           f"from {data['client']}, "
+           f"{amount} x {data['rounds']} rounds per system (medians; {data['cpus']} CPUs)", "",
+           "| workers | system | requests/s | p50 ms | p99 ms | errors | CPU ms/request: server, ZEO, "
+           "client | cores busy | fsync ms | load |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for line in data["summary"]:
         for system, label in (("durable_heap", "durable-heap serve"), ("sqlite", "FastAPI + sqlite3")):
             s = line[system]
+            cpu = f"{s['cpu_server_ms']:.2f}, {s['cpu_zeo_ms']:.2f}, {s['cpu_client_ms']:.2f}"
             out.append(f"| {line['workers']} | {label} | {s['rps']:.0f} | {s['p50_ms']:.1f} | "
-                       f"{s['p99_ms']:.1f} | {s['errors']} |")
+                       f"{s['p99_ms']:.1f} | {s['errors']} | {cpu} | {s['cores_busy']:.2f} | "
+                       f"{s['fsync_ms']:.1f} | {s['load']:.1f} |")
     out.append("")
     for line in data["summary"]:
         out.append(f"- {line['workers']} worker(s): durable_heap/sqlite throughput {line['rps_ratio']:.2f}x, "
@@ -216,15 +359,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", help="comma-separated worker counts (default 1,4)")
     p.add_argument("--rounds", type=int, help="rounds per system (default 3)")
     p.add_argument("--requests", type=int, help="requests per round (default 1500)")
+    p.add_argument("--seconds", type=float, help="seconds of load per round, with wrk (default 15)")
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--work-ms", type=float, default=0.0,
+                   help="CPU milliseconds of Python work per request before the update (default 0): "
+                        "where more worker processes pay off")
+    p.add_argument("--client", choices=("wrk", "httpx"),
+                   help="the load generator: wrk (the default when installed: apt-get install wrk), "
+                        "or httpx in this process (5 ms of CPU a request: it competes with the servers)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
-    quick = {"workers": "1", "rounds": 1, "requests": 150}
-    full = {"workers": "1,4", "rounds": 3, "requests": 1500}
+    quick = {"workers": "1", "rounds": 1, "requests": 150, "seconds": 3.0}
+    full = {"workers": "1,2,4", "rounds": 3, "requests": 1500, "seconds": 15.0}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    data = run([int(w) for w in args.workers.split(",")], args.rounds, args.requests, args.concurrency)
+    if args.client is None:
+        args.client = "wrk" if shutil.which("wrk") else "httpx"
+    load = {"client": args.client, "concurrency": args.concurrency, "requests": args.requests,
+            "seconds": args.seconds, "work_ms": args.work_ms}
+    data = run([int(w) for w in args.workers.split(",")], args.rounds, load)
     print(json.dumps(data, indent=2) if args.json else report(data))
     return 0
 

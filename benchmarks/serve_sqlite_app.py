@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 
 from fastapi import Body, FastAPI
 
 KEYS = 1000
+#: CPU seconds of Python work per request (``$BENCH_WORK_MS``, see `benchmarks.serve --work-ms`).
+WORK = float(os.environ.get("BENCH_WORK_MS", "0")) / 1000
 
 app = FastAPI()
 _local = threading.local()
@@ -41,6 +44,9 @@ def create(path: str) -> None:
 
 @app.post("/bump")
 def bump(args: list[str] = Body(...)) -> dict[str, int]:  # noqa: B008 - FastAPI's way
+    end = time.thread_time() + WORK  # the same Python work as the durable_heap program's
+    while time.thread_time() < end:
+        pass
     conn = _conn()
     conn.execute("BEGIN IMMEDIATE")
     try:

@@ -16,8 +16,8 @@ is persisted, incrementally and atomically, at the end of each transaction.
 >>> heap.close()
 """
 
-from ._containers import Dict, List, Set, to_builtin
-from ._counter import Counter
+import importlib
+
 from ._errors import (
     ClassNotAllowedError,
     ConflictError,
@@ -45,29 +45,96 @@ from ._errors import (
     VersionNotFoundError,
     WorkflowError,
 )
-from ._facade import Heap, open  # noqa: A004 - dh.open is the API
-from ._heap import HeapStatus, active_heap, state
-from ._http import Request, Response
-from ._notes import redact
-from ._state import Object, State
-from ._timers import Timer
-from ._types import typed_state
-from ._versions import Program, Version
-from ._workflows import (
-    Promise,
-    Workflow,
-    emit,
-    now,
-    on,
-    patched,
-    promise,
-    random,
-    resolve,
-    sleep,
-    step_key,
-    uuid4,
-    workflow,
-)
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:  # the real imports, for type checkers; at run time they are lazy
+    from ._containers import (
+        Dict,
+        List,
+        Set,
+        to_builtin,
+    )
+    from ._counter import Counter
+    from ._facade import Heap, open  # noqa: A004 - dh.open is the API
+    from ._heap import HeapStatus, active_heap, state
+    from ._http import Request, Response
+    from ._migrations import migration
+    from ._notes import redact
+    from ._state import Object, State
+    from ._timers import Timer
+    from ._types import typed_state
+    from ._versions import Program, Version
+    from ._workflows import (
+        Promise,
+        Workflow,
+        emit,
+        now,
+        on,
+        patched,
+        promise,
+        random,
+        resolve,
+        sleep,
+        step_key,
+        uuid4,
+        workflow,
+    )
+
+#: Public name -> the module that defines it, imported on first use (PEP 562), so
+#: that ``import durable_heap`` costs almost nothing and each operation imports only
+#: what it needs: opening a heap brings in ZODB and BTrees, ``Program`` the program
+#: layer, a workflow durable execution. tools/import_graph.py reads this table as
+#: import edges (a lazy import is still an import).
+_LAZY: dict[str, str] = {
+    "Dict": "_containers",
+    "List": "_containers",
+    "Set": "_containers",
+    "to_builtin": "_containers",
+    "Counter": "_counter",
+    "Heap": "_facade",
+    "open": "_facade",
+    "HeapStatus": "_heap",
+    "active_heap": "_heap",
+    "state": "_heap",
+    "Request": "_http",
+    "Response": "_http",
+    "migration": "_migrations",
+    "redact": "_notes",
+    "Object": "_state",
+    "State": "_state",
+    "Timer": "_timers",
+    "typed_state": "_types",
+    "Program": "_versions",
+    "Version": "_versions",
+    "Promise": "_workflows",
+    "Workflow": "_workflows",
+    "emit": "_workflows",
+    "now": "_workflows",
+    "on": "_workflows",
+    "patched": "_workflows",
+    "promise": "_workflows",
+    "random": "_workflows",
+    "resolve": "_workflows",
+    "sleep": "_workflows",
+    "step_key": "_workflows",
+    "uuid4": "_workflows",
+    "workflow": "_workflows",
+}
+
+if not TYPE_CHECKING:  # hidden from type checkers: they see the imports above, typos stay errors
+
+    def __getattr__(name: str) -> object:
+        """A public name, imported from its module on first use (then a plain attribute)."""
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'durable_heap' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.3.0"
 
@@ -114,6 +181,7 @@ __all__ = [
     "WorkflowError",
     "active_heap",
     "emit",
+    "migration",
     "now",
     "on",
     "open",

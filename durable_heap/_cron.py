@@ -18,9 +18,6 @@ from now.
 from __future__ import annotations
 
 import datetime
-import zoneinfo
-
-from cronsim import CronSim, CronSimError
 
 from ._errors import WorkflowError
 
@@ -31,9 +28,15 @@ GRACE = 60.0
 MISSED = ("once", "all", "skip")
 
 
+# cronsim and zoneinfo are imported on first use: opening a heap imports durable
+# execution (the Heap class has its methods), and most heaps never hold a cron.
+
+
 def _zone(tz: str | None) -> datetime.tzinfo:
     if tz is None:
         return datetime.timezone.utc
+    import zoneinfo
+
     try:
         return zoneinfo.ZoneInfo(tz)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
@@ -46,6 +49,8 @@ def check(spec: str, tz: str | None, missed: str) -> None:
     """Raise `WorkflowError` for a spec that does not parse, an unknown zone or policy."""
     if missed not in MISSED:
         raise WorkflowError(f"missed must be one of {', '.join(map(repr, MISSED))}, not {missed!r}")
+    from cronsim import CronSim, CronSimError
+
     zone = _zone(tz)
     try:
         CronSim(spec, datetime.datetime.now(zone))
@@ -58,6 +63,8 @@ def check(spec: str, tz: str | None, missed: str) -> None:
 
 def next_tick(spec: str, tz: str | None, after: float) -> float:
     """The first tick strictly after the timestamp `after`."""
+    from cronsim import CronSim
+
     zone = _zone(tz)
     start = datetime.datetime.fromtimestamp(after, zone)
     return next(CronSim(spec, start)).timestamp()

@@ -15,6 +15,14 @@ The ZODB root (a ``persistent.mapping.PersistentMapping``, oid 0) holds::
     "durable_heap.classes"           -> OOBTree  class path -> True (the class registry)
     "durable_heap.classes.complete"  -> True     the registry lists users' classes too (0.3)
 
+and, once a program declared named migrations or rewrote renamed classes (0.4)::
+
+    "durable_heap.migrations"        -> OOBTree  program -> OOBTree  migration name ->
+                                        (version number int, UTC datetime): ran once
+    "durable_heap.rewrites"          -> OOBTree  old class path -> OOBTree {"new": path,
+                                        "started"/"finished": UTC datetime | None,
+                                        "records": int}: `durable-heap rewrite-classes`
+
 and, once durable execution (`_workflows`, since 0.4) has been used::
 
     "durable_heap.workflows"         -> OOBTree  id -> WorkflowRecord
@@ -82,8 +90,10 @@ __all__ = [
     "IMPORTS_KEY",
     "INLINE_CLASSES",
     "INLINE_FORMAT",
+    "MIGRATIONS_KEY",
     "NEWEST_FORMAT",
     "PROGRAMS_KEY",
+    "REWRITES_KEY",
     "ROOT_KEY",
     "STORED_CLASSES",
     "WORKFLOW_KEYS",
@@ -99,6 +109,12 @@ PROGRAMS_KEY = "durable_heap.programs"
 CLASSES_KEY = "durable_heap.classes"
 #: Key of the marker (True) that the registry lists users' classes too (since 0.3).
 COMPLETE_KEY = "durable_heap.classes.complete"
+#: Key of the named migrations that ran (`_migrations`), per program, in the ZODB root.
+MIGRATIONS_KEY = "durable_heap.migrations"
+#: Key of the class-path rewrites of renamed classes (`_rewrite`) in the ZODB root. Each
+#: entry is its own record, written when the rewrite starts and again when it finishes:
+#: while the first revision survives, history from before the rewrite does too.
+REWRITES_KEY = "durable_heap.rewrites"
 #: Key of the imports being staged (`_exchange`): a Dict of import id -> {"started": a
 #: datetime, "target": the path, "data": the staged Dict or List}; absent or empty
 #: when no ``durable-heap import`` of a big file is under way.

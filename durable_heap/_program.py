@@ -46,6 +46,7 @@ __all__ = [
     "read_source",
     "restore",
     "swap_out",
+    "top_level_names",
     "where",
 ]
 
@@ -229,6 +230,29 @@ def _renames(tree: ast.Module, filename: str) -> dict[str, str]:
                 )
             return dict(table)  # type: ignore[arg-type]
     return {}
+
+
+def top_level_names(compiled: Compiled) -> dict[str, set[str]]:
+    """Per module of `compiled`, the names its top level binds (classes, functions,
+    imports, assignments), read from its syntax: what it defines once it has run,
+    whether or not it ran to the end."""
+    names: dict[str, set[str]] = {}
+    for rel, text in compiled.source.files.items():
+        found: set[str] = set()
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:  # compile_source reported it already
+            continue
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                found.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                found.update((a.asname or a.name).partition(".")[0] for a in node.names)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                found.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        names[compiled.source.module_of(rel)] = found
+    return names
 
 
 class _StoredFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

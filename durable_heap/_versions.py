@@ -14,11 +14,15 @@ version stays in force):
 3. run the new top level (``state.setdefault(...)`` initialisation); a
    program that declares ``class State(durable_heap.State)`` gets its root
    made an instance of it, missing annotated names set from their defaults;
-4. call ``migrate(state, previous)`` if the program defines it and a version
-   came before;
-5. refuse if stored objects use a class the new version no longer defines
-   (the class registry of `_values` answers without a scan), unless forced;
-6. record the version and the new version's durable globals.
+4. refuse if stored objects use a class the new version no longer defines
+   (the class registry of `_values` answers without a scan), unless forced:
+   before any migration, which would fail on those broken objects instead;
+5. run the named migrations (`_migrations`) the heap has not recorded, in
+   definition order, and record them (a first deploy records them unrun, a
+   rollback neither runs nor records any);
+6. call ``migrate(state, previous)`` if the program defines it and a version
+   came before (at every deploy, rollbacks included);
+7. record the version and the new version's durable globals.
 
 Durable globals are the module-level data of a version (``hits = []``): kept
 in the heap per version, bound into the module at the start of each call and
@@ -35,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib
+import inspect
 import os
 import sys
 import threading
@@ -53,6 +58,8 @@ from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.DB import getTID
 
+from . import _migrations as migrations
+from . import _rewrite as rewriting
 from ._containers import Dict
 from ._errormap import translate_storage_error
 from ._errors import (
@@ -79,6 +86,7 @@ from ._program import (
     read_source,
     restore,
     swap_out,
+    top_level_names,
     where,
 )
 from ._registry import ensure_registry, program_roots, stored_classes
@@ -98,6 +106,7 @@ __all__ = [
     "deploy",
     "load",
     "load_discarded",
+    "rewrite_classes",
     "rollback",
     "state_at",
     "versions",
@@ -332,7 +341,8 @@ def rollback(heap: HeapEngine, program: str | os.PathLike[str], to: int, *, note
     source, current = _read(heap, source_of)
     if current:
         return _read(heap, lambda conn: (_version_of(_existing(conn, name, heap), to), False))  # type: ignore[no-any-return]
-    return _deploy(heap, source, note=note or f"rollback to version {to}", force=force, from_file=False)
+    return _deploy(heap, source, note=note or f"rollback to version {to}", force=force, from_file=False,
+                   rolling_back=True)
 
 
 def _existing(conn: Any, name: str, heap: HeapEngine) -> _ProgramRecord:
@@ -348,7 +358,7 @@ def _span(rec: _ProgramRecord) -> str:
 
 
 def _deploy(heap: HeapEngine, source: Source, *, note: str, force: bool,
-            from_file: bool) -> tuple[Version, bool]:
+            from_file: bool, rolling_back: bool = False) -> tuple[Version, bool]:
     _outside_transactions(heap, "a deploy")
     try:
         compiled = compile_source(source)
@@ -357,12 +367,12 @@ def _deploy(heap: HeapEngine, source: Source, *, note: str, force: bool,
         current = rec.current if rec is not None else 0
         raise DeployError(f"{exc}; {_kept(source.name, current)}", exc.cause) from exc.cause
     with _modules.swapping():
-        return retry(lambda: _deploy_once(heap, compiled, note, force, from_file),
+        return retry(lambda: _deploy_once(heap, compiled, note, force, from_file, rolling_back),
                      attempts=heap.max_attempts, note=f"deploy {source.name}")
 
 
 def _deploy_once(heap: HeapEngine, compiled: Compiled, note: str, force: bool,
-                 from_file: bool) -> tuple[Version, bool]:
+                 from_file: bool, rolling_back: bool = False) -> tuple[Version, bool]:
     source = compiled.source
     name = source.name
     local = heap._thread()
@@ -376,7 +386,7 @@ def _deploy_once(heap: HeapEngine, compiled: Compiled, note: str, force: bool,
             txn_note = f"deploy {name}: {note}" if note else f"deploy {name}"
             with heap._transaction(local, txn_note), heap.activate():
                 return _deploy_in_transaction(heap, local.conn, compiled, note, force, from_file,
-                                              progress), True
+                                              progress, rolling_back), True
     except (RETRIED, DeployError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever failed, the deploy did
@@ -401,31 +411,43 @@ class _Progress:
 
 
 def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note: str,
-                           force: bool, from_file: bool, progress: _Progress) -> Version:
-    """Steps 3-6 of a deploy (see the module's docstring), in its transaction."""
+                           force: bool, from_file: bool, progress: _Progress,
+                           rolling_back: bool = False) -> Version:
+    """Steps 3-7 of a deploy (see the module's docstring), in its transaction."""
     source = compiled.source
     name = source.name
     rec = _record(conn, name)
     current = progress.current = rec.current if rec is not None else 0
-    module = install(compiled)
+    module = _install_or_refuse(heap, conn, compiled, force, current)
     previous = _version_of(rec, current) if rec is not None and current else None
+    progress.stage = ""
+    # Before any migration runs: one that touches objects of a class this version
+    # dropped would fail on a broken object (AttributeError) and hide the reason.
+    ensure_registry(conn)  # a heap from before the registry: scanned once, here
+    rewriting.forget(conn, [p for p in _unresolved(conn, name, heap.renames) if _rewritten_away(conn, p)])
+    declared = declared_state(module)
+    # A former declared State of the program leaves the registry by `apply_declared` below.
+    removed = [p for p in broken_classes(conn, name, heap.renames)
+               if declared is not None or p.rpartition(".")[2] != "State"]
+    if removed and not force:
+        raise DeployError(_removed_message(conn, name, removed, current, source.origin), removed=removed)
+    number = rec.versions.maxKey() + 1 if rec is not None and len(rec.versions) else 1
+    _run_migrations(heap, conn, compiled, number, previous is None, rolling_back, progress)
     migrate = module.__dict__.get("migrate")
     if callable(migrate) and previous is not None:  # a first deploy has nothing to migrate
         progress.stage = "migrate()"
         migrate(heap.state, previous)
     progress.stage = ""
-    apply_declared(conn, declared_state(module), name)
-    ensure_registry(conn)  # a heap from before the registry: scanned once, here
-    removed = broken_classes(conn, name, heap.renames)
+    apply_declared(conn, declared, name)
+    removed = broken_classes(conn, name, heap.renames)  # as before migrations, State included
     if removed and not force:
-        raise DeployError(_removed_message(name, removed, current), removed=removed)
+        raise DeployError(_removed_message(conn, name, removed, current, source.origin), removed=removed)
     deploy_check(heap, name, force=force)  # waiting workflows, timers, crons (`_workflows`)
     if rec is None:
         programs = conn.root().get(PROGRAMS_KEY)
         if programs is None:
             programs = conn.root()[PROGRAMS_KEY] = OOBTree()
         rec = programs[name] = _ProgramRecord(name)
-    number = rec.versions.maxKey() + 1 if len(rec.versions) else 1
     rec.versions[number] = _VersionRecord(number, source, note)
     rec.current = number
     if from_file:
@@ -433,6 +455,48 @@ def _deploy_in_transaction(heap: HeapEngine, conn: Any, compiled: Compiled, note
     durable = rec.globals[number] = Dict()
     _save_globals(module, durable, conn, heap)
     return _version_of(rec, number)
+
+
+def _install_or_refuse(heap: HeapEngine, conn: Any, compiled: Compiled, force: bool,
+                       current: int) -> types.ModuleType:
+    """`install` the new version (its top level runs); when that raises while stored
+    objects use classes the version dropped, refuse for that reason first."""
+    source = compiled.source
+    try:
+        return install(compiled)
+    except RETRIED:
+        raise
+    except Exception as exc:
+        # A top level that touches objects of a class this version dropped fails on a
+        # broken object: say so first, as after it (`_dropped_while_failing`).
+        removed = _dropped_while_failing(conn, compiled, heap.renames)
+        if removed and not force:
+            files = [source.filename(rel) for rel in source.files]
+            also = (f"its top level raised {where(exc, files)}, perhaps on one of those objects "
+                    "(they load as broken objects, without their attributes)")
+            message = _removed_message(conn, source.name, removed, current, source.origin, also)
+            raise DeployError(message, exc, removed=removed) from exc
+        raise
+
+
+def _run_migrations(heap: HeapEngine, conn: Any, compiled: Compiled, number: int, first: bool,
+                    rolling_back: bool, progress: _Progress) -> None:
+    """Run the version's named migrations not yet recorded, recording each (`_migrations`):
+    a first deploy records them all unrun (the top level made today's shape), a
+    rollback neither runs nor records any (it keeps today's state)."""
+    name = compiled.source.name
+    try:
+        named = migrations.defined([m for k, m in list(sys.modules.items()) if k in compiled.code])
+    except DeployError as exc:
+        raise DeployError(f"deploy of {name} failed: {exc}; {_kept(name, progress.current)}") from None
+    if first:
+        migrations.record(conn, name, [n for n, _ in named], number)
+    elif not rolling_back:
+        for migration_name, func in migrations.pending(conn, name, named):
+            progress.stage = f"migration {migration_name}"
+            func(heap.state)
+            migrations.record(conn, name, [migration_name], number)
+    progress.stage = ""
 
 
 def _kept(name: str, current: int) -> str:
@@ -450,22 +514,100 @@ def _deploy_error(name: str, stage: str, exc: BaseException, source: Source, cur
     return DeployError(f"deploy of {name} failed: {what}; {_kept(name, current)}", exc)
 
 
-def _removed_message(name: str, removed: list[str], current: int) -> str:
+def _removed_message(conn: Any, name: str, removed: list[str], current: int, origin: str,
+                     also: str = "") -> str:
     listed = ", ".join(removed)
+    hints = [hint for path in removed if (hint := _rename_hint(conn, name, path, origin))]
+    also = f"; {also}" if also else ""
+    if hints:
+        return (
+            f"deploy of {name} refused: stored objects use classes this version no longer defines: "
+            f"{listed}. {' '.join(hints)} Or deploy with force (--force) to leave those objects "
+            f"unloadable (their data is kept){also}; {_kept(name, current)}"
+        )
     return (
         f"deploy of {name} refused: stored objects use classes this version no longer defines: "
         f"{listed}. Keep those classes, map them to their new names in __durable_renames__ "
         f"(e.g. {{'{removed[0]}': '{name}.NewName'}}), or deploy with force (--force) to leave "
-        f"those objects unloadable (their data is kept); {_kept(name, current)}"
+        f"those objects unloadable (their data is kept){also}; {_kept(name, current)}"
     )
 
 
+def _rename_hint(conn: Any, name: str, path: str, origin: str) -> str:
+    """What to do about the removed class `path` if it was renamed (by an earlier
+    version's ``__durable_renames__``, or a rewrite); "" if it was not."""
+    marker = rewriting.entry(conn, path)
+    new = _earlier_rename(conn, name, path) or (marker.get("new") if marker is not None else None)
+    if new is None:
+        return ""
+    keep = f"keep {{'{path}': '{new}'}} in __durable_renames__"
+    program = os.path.basename(origin.rstrip(os.sep))
+    if marker is not None and marker.get("finished") is not None:
+        when = marker["finished"].strftime("%Y-%m-%d %H:%M:%S")
+        return (
+            f"Every stored {path} object was rewritten as {new} (durable-heap rewrite-classes, "
+            f"finished {when} UTC), but the history from before then still names {path}: "
+            f"{keep} until a pack removes that history (durable-heap pack {program} --days 0, or "
+            f"any pack once the rewrite is older than its --days); then the entry can go."
+        )
+    return (
+        f"{path} was renamed to {new} by __durable_renames__, and stored records still name "
+        f"{path}: {keep} until `durable-heap rewrite-classes {program}` has written them all "
+        f"under {new} and a pack has removed the history from before that rewrite; then the "
+        f"entry can go."
+    )
+
+
+def _earlier_rename(conn: Any, name: str, path: str) -> str | None:
+    """The new path that the latest earlier version of `name` mapping `path` gave it."""
+    rec = _record(conn, name)
+    if rec is None:
+        return None
+    for number in reversed(list(rec.versions.keys())):
+        try:
+            table = compile_source(rec.versions[number].source(name), definitions_only=True).renames
+        except DeployError:
+            continue
+        if path in table:
+            return table[path]
+    return None
+
+
 def broken_classes(conn: Any, name: str, renames: dict[str, str]) -> list[str]:
-    """Stored class paths of program `name` that the loaded code no longer defines."""
+    """Stored class paths of program `name` that the loaded code no longer defines.
+
+    Not those whose objects were all rewritten under their new path (`_rewrite`)
+    with no history left from before the rewrite: nothing names them any more.
+    """
+    return [path for path in _unresolved(conn, name, renames) if not _rewritten_away(conn, path)]
+
+
+def _dropped_while_failing(conn: Any, compiled: Compiled, renames: dict[str, str]) -> list[str]:
+    """`broken_classes` of a version whose top level raised part way: of the classes that
+    do not resolve, those its source never defines (the others it did not reach)."""
+    defined = top_level_names(compiled)
+    removed = []
+    for path in broken_classes(conn, compiled.source.name, renames):
+        module, _, rest = renames.get(path, path).rpartition(".")
+        while module and module not in defined:  # a nested class: Outer.Inner
+            module, _, outer = module.rpartition(".")
+            rest = f"{outer}.{rest}"
+        if rest.partition(".")[0] not in defined.get(module, set()):
+            removed.append(path)
+    return removed
+
+
+def _unresolved(conn: Any, name: str, renames: dict[str, str]) -> list[str]:
     return sorted(
         path for path in stored_classes(conn)
         if path.partition(".")[0] == name and not _resolves(renames.get(path, path))
     )
+
+
+def _rewritten_away(conn: Any, path: str) -> bool:
+    marker = rewriting.entry(conn, path)
+    return (marker is not None and marker.get("finished") is not None
+            and not rewriting.history_remains(conn, marker))
 
 
 def _resolves(path: str) -> bool:
@@ -629,8 +771,11 @@ class Program:
     # -- PROTECTED: for the CLI (`durable-heap call`); not public API ----------------------
 
     def _call(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-              then: Callable[[Any], Any] | None) -> Any:
-        """`call`, and ``then(result)`` in the same transaction (it may read durable objects)."""
+              then: Callable[[Any], Any] | None, attempts: int | None = None) -> Any:
+        """`call`, and ``then(result)`` in the same transaction (it may read durable objects).
+
+        `attempts`: tries on conflicts (default: the heap's).
+        """
         if self.watch:
             self.deploy_if_changed()
         # Before its version is loaded, a function's redact marks are unknown: the note
@@ -642,7 +787,7 @@ class Program:
         with _modules.calling():
             try:
                 return run(self._in_transaction, (function, args, kwargs, then, False), {}, note,
-                           self.heap.max_attempts)
+                           attempts or self.heap.max_attempts)
             except _MustReload:
                 if self.heap.in_transaction:
                     raise ProgramError(
@@ -653,7 +798,7 @@ class Program:
         # A new version to load (or the first call): with no other call in flight.
         with _modules.swapping():
             return run(self._in_transaction, (function, args, kwargs, then, True), {}, note,
-                       self.heap.max_attempts)
+                       attempts or self.heap.max_attempts)
 
     # -- running the current version ------------------------------------------------------
 
@@ -680,6 +825,8 @@ class Program:
                 if durable is not None:
                     module.__dict__.update(durable.items())
                 result = func(*args, **kwargs)
+                if inspect.iscoroutine(result):  # an ``async def`` function: run in this transaction
+                    result = _run_coroutine(function, result)
                 if durable is not None:
                     _save_globals(module, durable, conn, self.heap)
                 return then(result) if then is not None else result
@@ -760,11 +907,16 @@ def file_stamp(path: str) -> Any:
 
 def _function(module: types.ModuleType, function: str) -> Callable[..., Any]:
     func = getattr(module, function, None)
+    if migrations.is_migration(func):
+        raise FunctionNotFoundError(
+            f"{module.__name__}.{function} is a migration (@durable_heap.migration): it runs once, "
+            "at the deploy that brings it, and cannot be called"
+        )
     if func is None or not callable(func) or function.startswith("_"):
         names = sorted(
             n for n, v in vars(module).items()
             if isinstance(v, types.FunctionType) and not n.startswith("_")
-            and v.__module__ == module.__name__ and n != "migrate"
+            and v.__module__ == module.__name__ and n != "migrate" and not migrations.is_migration(v)
         )
         listed = ", ".join(names) if names else "none"
         raise FunctionNotFoundError(
@@ -875,6 +1027,24 @@ def install_stored_definitions(heap: HeapEngine, conn: Any, name: str) -> str:
     except Exception:  # noqa: BLE001 - a definition that needs the top level: broken objects
         return "failed"
     return "installed"
+
+
+def rewrite_classes(heap: HeapEngine, program: str | os.PathLike[str], *, batch: int = 1000,
+                    on_progress: Callable[[int, int], None] | None = None) -> rewriting.RewriteReport:
+    """Write every stored record that names a class renamed by the current version's
+    ``__durable_renames__`` again, under the new path (`_rewrite.rewrite`)."""
+    _outside_transactions(heap, "a rewrite of renamed classes")
+    name = module_name(program)
+
+    def current(conn: Any) -> Source:
+        rec = _existing(conn, name, heap)
+        return rec.versions[rec.current].source(name)  # type: ignore[no-any-return]
+
+    renames = compile_source(_read(heap, current), definitions_only=True).renames
+    with _modules.swapping():
+        load_discarded(heap, program)  # the current version's classes and rename table, here
+    with _modules.calling():  # a deploy in this process waits: the classes must stay
+        return rewriting.rewrite(heap, name, renames, batch=batch, on_progress=on_progress)
 
 
 def version_at(heap: HeapEngine, program: str | os.PathLike[str], when: datetime.datetime) -> int | None:
@@ -1029,7 +1199,8 @@ class Versions(HeapEngine):
                force: bool = False) -> Version:
         """Deploy a program file or package as its next version, in one transaction.
 
-        Runs the new top level and its ``migrate(state, previous)``; raises
+        Runs the new top level, its named migrations not yet run here
+        (``@durable_heap.migration``) and its ``migrate(state, previous)``; raises
         `DeployError` (and commits nothing) when anything fails. Source equal to
         the current version's deploys nothing and returns the current version.
         `force` deploys although stored objects use classes the code dropped.
@@ -1038,8 +1209,20 @@ class Versions(HeapEngine):
 
     def rollback(self, program: str | os.PathLike[str], to: int, *, note: str | None = None,
                  force: bool = False) -> Version:
-        """Deploy version `to`'s stored source again, as a new version (state is kept)."""
+        """Deploy version `to`'s stored source again, as a new version: today's state is
+        kept (no down-migration), no named migration runs."""
         return rollback(self, program, to, note=note, force=force)[0]
+
+    def rewrite_classes(self, program: str | os.PathLike[str], *, batch: int = 1000,
+                        on_progress: Callable[[int, int], None] | None = None) -> rewriting.RewriteReport:
+        """Write every stored object of a class that the current version renames (its
+        ``__durable_renames__``) again under the new path, and every record that refers
+        to one, `batch` records per transaction (``on_progress(done, total)`` after each).
+
+        Once a pack has removed the history from before it, a deploy may drop those
+        rename entries. Safe while the heap is in use (a conflicting batch is retried).
+        """
+        return rewrite_classes(self, program, batch=batch, on_progress=on_progress)
 
     def versions(self, program: str | os.PathLike[str]) -> list[Version]:
         """Every deployed version of a program (a path or module name), oldest first."""
@@ -1090,3 +1273,25 @@ def _program_function(module: str, qualname: str) -> Any:
 
 set_resolver(_program_function)
 
+
+
+def _run_coroutine(function: str, coro: Any) -> Any:
+    """Run an ``async def`` program function's coroutine to its end, in this thread's transaction.
+
+    It gets an event loop of its own (``asyncio.run``); the heap finds no task
+    transaction there, so ``state`` is the call's transaction, and the actions
+    and ``async with heap.transaction()`` blocks it runs join it (they are
+    nested). A thread that already runs an event loop cannot run another one.
+    """
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise ProgramError(
+        f"the program function {function} is async def, and it was called from a coroutine "
+        "(an event loop runs in this thread): await it in an async action of your own, or "
+        "call it from a thread with no event loop"
+    )

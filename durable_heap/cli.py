@@ -6,6 +6,7 @@
     durable-heap rollback PROGRAM --to N           deploy version N's source again
     durable-heap inspect PROGRAM [--at N|TIME]     print the program's state
     durable-heap check PROGRAM                     list stored classes the code lost
+    durable-heap rewrite-classes PROGRAM           rewrite objects of renamed classes
     durable-heap watch PROGRAM                     deploy the file whenever it changes
     durable-heap types PROGRAM [--write|--check]   a typed State stub; check declared types
     durable-heap zeo --storage FILE [--address A]  serve a heap to other processes
@@ -122,6 +123,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     # durable-heap serve (durable_heap._serve)
     _serve_options(command("serve", "serve a program over HTTP: POST /<function>, endpoint(), /_health"))
     _workflow_commands(command)
+    from ._rewrite_cli import add_command as add_rewrite  # durable-heap rewrite-classes
+
+    add_rewrite(command, _open_existing)
     for p in commands.values():
         common(p)
 
@@ -169,7 +173,11 @@ EXAMPLES = {
             "  durable-heap call tracker.py add_task --each tasks.jsonl   # a line: [\"web\", \"fix login\"]",
     "deploy": "example:\n  durable-heap deploy tracker.py --note 'owner field'",
     "versions": "example:\n  durable-heap versions tracker.py",
-    "rollback": "example:\n  durable-heap rollback tracker.py --to 3",
+    "rollback": "The state stays as it is today: a rollback runs the old code on today's state,\n"
+                "with no down-migration, and runs no named migration (@durable_heap.migration);\n"
+                "the old version's migrate(state, previous) is called, with previous the version\n"
+                "rolled back from. Undo data changes with a forward deploy instead.\n\n"
+                "example:\n  durable-heap rollback tracker.py --to 3",
     "inspect": "example:\n  durable-heap inspect tracker.py --depth 2 --limit 5\n"
                "  durable-heap inspect tracker.py --at 2026-11-30T12:00",
     "check": "example:\n  durable-heap check tracker.py",

@@ -87,13 +87,21 @@ def test_quick_checksum_benchmark() -> None:
 
 
 def test_quick_ops_benchmark() -> None:
-    out = run(["-m", "benchmarks.ops", "--quick", "--json"], timeout=300)
+    out = run(["-m", "benchmarks.ops", "--quick", "--only", "verify", "--json"], timeout=300)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert all(data["seconds"][k] > 0 for k in ("verify", "fsrefs", "backup", "repozo"))
     assert data["verify_over_fsrefs"] > 0 and data["backup_over_repozo"] > 0
+    out = run(["-m", "benchmarks.ops", "--only", "exchange", "--entries", "500", "--rounds", "1", "--json"],
+              timeout=300)
+    assert out.returncode == 0, out.stderr
+    x = json.loads(out.stdout)["exchange"]
+    assert all(x["seconds"][k] > 0 for k in ("export", "json_dump", "import", "sqlite"))
+    assert x["bytes"]["export_json"] == x["bytes"]["json_dump"] + 1  # the same JSON, and a newline
+    assert x["peak_rss_mb"]["import"] > 0
 def test_quick_serve_benchmark_measures_both_systems() -> None:
-    out = run(["-m", "benchmarks.serve", "--quick", "--requests", "60", "--json"], timeout=300)
+    out = run(["-m", "benchmarks.serve", "--quick", "--client", "httpx", "--requests", "60", "--json"],
+              timeout=300)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert {r["system"] for r in data["rows"]} == {"durable_heap", "sqlite"}
@@ -113,6 +121,32 @@ def test_quick_workflows_benchmark() -> None:
     assert data["scale"]["full"]["timers"] >= 2 * data["scale"]["n"]  # its timers are all there
     assert set(data["replay"]) == {"10", "100"}
     assert data["deploy"]["unchanged_s"] > 0 and data["deploy"]["changed_s"] > 0
+
+
+def test_quick_rewrite_benchmark() -> None:
+    out = run(["-m", "benchmarks.rewrite", "--quick", "--reps", "1", "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)["rows"]
+    assert row["size"] == 2_000 and row["durable_heap_s"] > 0 and row["raw_zodb_s"] > 0
+
+
+def test_tail_benchmark_interleaves_both_systems() -> None:
+    out = run(["-m", "benchmarks.tail", "--sizes", "2000", "--commits", "20"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| 2,000 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["durable_heap", "raw_zodb"]
+    assert all(r.split("|")[6].strip() == "0.00" for r in rows)  # full caches: nothing loaded
+    assert out.stdout.count("median wall") == 1 and "mean CPU" in out.stdout
+
+
+@pytest.mark.slow
+def test_cold_start_benchmark_runs_every_case() -> None:
+    out = run(["-m", "benchmarks.cold", "--rounds", "1", "--size", "1000"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    cases = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ")][1:]
+    assert cases == ["bare", "import", "open sqlite3", "open raw ZODB", "open durable_heap",
+                     "call python", "call cli"]
+    assert "`import durable_heap`" in out.stdout and "`durable-heap call`" in out.stdout
 
 
 def test_every_system_has_its_own_plot_colour() -> None:

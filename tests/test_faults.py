@@ -295,12 +295,14 @@ def test_a_lost_server_while_a_big_dict_finds_its_last_entry_is_an_error_not_a_c
     zeo_server: ZeoServer,
 ) -> None:
     """BTrees' ``maxKey()`` dereferences NULL when loading an inner node fails (the
-    segfault the kill loop met): a new key in a Dict of 3,000 entries, whose tree's
+    segfault the kill loop met): a new key in a Dict of 6,000 entries, whose tree's
     inner nodes are not loaded yet, with the server gone, must fail cleanly."""
     from tests.conftest import run
 
     with dh.open(zeo_server.url) as heap, heap.transaction() as state:
-        state.table = {f"k{i}": i for i in range(3000)}  # its entries tree has inner nodes
+        # Its entries tree has inner nodes: a root splits at twice INNER_FANOUT children
+        # (256 buckets of about 20 entries).
+        state.table = {f"k{i}": i for i in range(6000)}
     script = zeo_server.storage.parent / "last_entry.py"
     script.write_text(_LAST_ENTRY)
     assert zeo_server.proc is not None

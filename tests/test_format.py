@@ -93,6 +93,8 @@ def test_root_keys_and_format_version() -> None:
     assert _format.PROGRAMS_KEY == "durable_heap.programs"
     assert _format.CLASSES_KEY == "durable_heap.classes"
     assert _format.COMPLETE_KEY == "durable_heap.classes.complete"
+    assert _format.MIGRATIONS_KEY == "durable_heap.migrations"
+    assert _format.REWRITES_KEY == "durable_heap.rewrites"
     assert _format.IMPORTS_KEY == "durable_heap.imports"  # durable-heap import's staging
     assert _format.FORMAT == 2 and _format.FORMAT_SINCE == {1: "0.2", 2: "0.3", 3: "0.4"}
     assert _format.INLINE_FORMAT == 3 == _format.NEWEST_FORMAT  # heaps holding inline values

@@ -473,7 +473,11 @@ def test_ctrl_c_while_waiting_for_a_server(app: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "durable_heap", "verify", str(app), "--storage",
                              f"zeo://127.0.0.1:{port}?wait_timeout=30"], stderr=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=subprocess_env(), text=True)
-    time.sleep(2)
+    # Interrupt once it says it is waiting (a fixed sleep raced the start under load:
+    # a SIGINT before the command runs is Python's own, exit -2).
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    assert "waiting for the ZEO server" in first, first
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130

@@ -43,3 +43,25 @@ def test_py_typed_is_shipped() -> None:
     from importlib import resources
 
     assert resources.files("durable_heap").joinpath("py.typed").is_file()
+
+
+def test_import_is_lazy_and_every_name_resolves() -> None:
+    """``import durable_heap`` loads no ZODB (issue 18: cold start); each name loads on use."""
+    code = (
+        "import sys, durable_heap as dh\n"
+        "heavy = ('BTrees', 'ZODB', 'persistent', 'transaction', 'durable_heap._containers',\n"
+        "         'durable_heap._heap', 'durable_heap._workflows', 'durable_heap._versions')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+        "missing = [n for n in dh.__all__ if n not in dir(dh)]\n"
+        "from durable_heap import Dict\n"
+        "print('BTrees' in sys.modules, missing, all(getattr(dh, n) is not None for n in dh.__all__))\n"
+        "print(dh.Dict is Dict is sys.modules['durable_heap._containers'].Dict)\n"
+        "try:\n"
+        "    dh.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "[]", "True [] True", "True", "module 'durable_heap' has no attribute 'no_such_name'",
+    ]

@@ -1,8 +1,10 @@
 """The package's import graph: cycles, imports that go up the layers, sizes.
 
 Run from the checkout: ``python tools/import_graph.py`` (``--json`` for the figures).
-Every import counts, lazy ones inside functions too; only those under
-``if TYPE_CHECKING:`` are left out (they never run). `LAYERS` is the intended
+Every import counts, lazy ones inside functions too, and so do the modules named
+in a lazy table (``_LAZY = {name: module}``, as ``__init__`` imports its public
+names on first use); only those under ``if TYPE_CHECKING:`` are left out (they
+never run). `LAYERS` is the intended
 order, bottom first: a module may import its own layer and those below it.
 tests/test_quality.py asserts that the graph has no cycle and no upward edge.
 """
@@ -24,18 +26,18 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("format", {"_format", "_options"}),
     # Targets and their options parsed (no storage opened); the one error map.
     ("storage primitives", {"_targets", "_errormap"}),
-    ("storage backends", {"_allow", "_integrity", "_filestorage", "_groupcommit", "_follow", "_zeo_client", "_zeo",
-                          "_relstorage"}),
+    ("storage backends", {"_allow", "_integrity", "_filestorage", "_groupcommit", "_follow",
+                          "_zeo_client", "_zeo", "_relstorage"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths", "_storable",
                 "_defaults"}),
     ("containers and state", {"_containers", "_counter", "_inline", "_state", "_jsonform"}),
     ("heap engine", {"_retry", "_notes", "_heap", "_engine"}),
     ("durable execution", {"_execution", "_workflows", "_timers", "_cron"}),
-    ("programs", {"_program", "_stubs", "_types", "_versions"}),
+    ("programs", {"_program", "_migrations", "_rewrite", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
-               "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect",
-               "_ops", "_exchange", "_completion"}),
+               "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect", "_parent",
+               "_ops", "_exchange", "_completion", "_rewrite_cli"}),
 ]
 
 
@@ -50,6 +52,17 @@ def _type_checking_lines(tree: ast.AST) -> set[int]:
             for n in node.body:
                 lines.update(range(n.lineno, (n.end_lineno or n.lineno) + 1))
     return lines
+
+
+def _is_lazy_table(node: ast.AST) -> bool:
+    """``_LAZY = {...}`` (or annotated): public name -> the module imported on first use."""
+    if isinstance(node, ast.AnnAssign):
+        target = node.target
+    elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target = node.targets[0]
+    else:
+        return False
+    return isinstance(target, ast.Name) and target.id == "_LAZY" and isinstance(node.value, ast.Dict)
 
 
 def graph() -> tuple[dict[str, set[str]], list[tuple[int, str]]]:
@@ -78,6 +91,9 @@ def graph() -> tuple[dict[str, set[str]], list[tuple[int, str]]]:
                 for a in node.names:
                     if a.name.startswith(PKG + "."):
                         deps.add(a.name.split(".")[1])
+            elif _is_lazy_table(node):
+                deps.update(v.value for v in node.value.values  # type: ignore[attr-defined]
+                            if isinstance(v, ast.Constant) and isinstance(v.value, str))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 functions.append((node.end_lineno - node.lineno + 1, f"{name}.{node.name}"))  # type: ignore[operator]
         edges[name] = {d for d in deps if d in mods and d != name}
