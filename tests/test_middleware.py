@@ -224,12 +224,25 @@ class _Waitress:
     def __init__(self, app: Any) -> None:
         self.server = waitress_server.create_server(app, host="127.0.0.1", port=0, threads=8)
         self.port = self.server.effective_port
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def _run(self) -> None:
+        # waitress has no stop call, and its close() from another thread races the
+        # select of its loop (OSError: Bad file descriptor in the server's thread):
+        # the loop runs in short slices here, and the server closes in this thread.
+        server = self.server
+        try:
+            while not self._stop.is_set():
+                server.asyncore.loop(timeout=0.05, map=server._map, count=1)
+        finally:
+            server.close()
+            server.task_dispatcher.shutdown()
+
     def close(self) -> None:
-        self.server.close()
+        self._stop.set()
         self.thread.join(30)
 
 
