@@ -84,15 +84,25 @@ def _naming(storage: Any, old: set[str], *, exact: bool = True) -> Iterator[byte
         except Exception:  # noqa: BLE001 - a record that does not parse names nothing
             return False
 
-    cursor = None
-    while True:
-        # IStorageIteration's record_iternext: FileStorage, ZEO's ClientStorage and
-        # RelStorage all have it (the current revision of every object, by oid).
-        oid, _, data, cursor = storage.record_iternext(cursor)
-        if names(data):
-            yield oid
-        if cursor is None:
-            break
+    # RelStorage trap: its record_iternext reads through the storage's load
+    # connection, a snapshot as of that connection's last poll, which our own commits
+    # (made by the DB's per-Connection instances) never move: a scan after a rewrite
+    # would still see the old records. A fresh instance reads the current state.
+    fresh = storage.new_instance() if hasattr(storage, "new_instance") else None
+    source = fresh if fresh is not None else storage
+    try:
+        cursor = None
+        while True:
+            # IStorageIteration's record_iternext: FileStorage, ZEO's ClientStorage and
+            # RelStorage all have it (the current revision of every object, by oid).
+            oid, _, data, cursor = source.record_iternext(cursor)
+            if names(data):
+                yield oid
+            if cursor is None:
+                break
+    finally:
+        if fresh is not None:
+            fresh.release()
 
 
 def entry(conn: Any, path: str) -> Any:

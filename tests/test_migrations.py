@@ -411,3 +411,20 @@ def test_rewrite_names_the_broken_objects_it_cannot_write(tmp_path: Path) -> Non
         # Not finished: dropping the table is still refused with the rewrite step to take.
         with pytest.raises(dh.DeployError, match="until `durable-heap rewrite-classes ledger.py`"):
             heap.deploy(write(app, renamed(with_table=False, name="ledger")), force=False)
+
+
+def test_rewrite_on_postgresql_lets_the_table_go_after_a_pack(postgresql_url: str, tmp_path: Path) -> None:
+    """The same end to end on RelStorage: its record_iternext, its pack, its history."""
+    url = postgresql_url
+    app = write(tmp_path / "app.py", R1)
+    ok("call", str(app), "add", "ann", "--storage", url)
+    write(app, renamed(with_table=True))
+    ok("deploy", str(app), "--storage", url)
+    out = cli("rewrite-classes", str(app), "--storage", url)
+    assert out.returncode == 0 and "rewrote 4 records in 1 transaction" in out.stdout, out.stderr + out.stdout
+    write(app, renamed(with_table=False))
+    out = cli("deploy", str(app), "--storage", url)
+    assert out.returncode == 1 and "Every stored app.User object was rewritten" in out.stderr, out.stderr
+    ok("pack", str(app), "--days", "0", "--storage", url)
+    assert ok("deploy", str(app), "--storage", url) == "3"
+    assert json.loads(ok("call", str(app), "kinds", "--storage", url)) == ["Member", "Tag"]
