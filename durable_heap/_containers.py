@@ -498,12 +498,46 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, complex})
 _ONLY_DICT = {dict}
 
 
+def _refuse_unstored_attributes(cls: type) -> None:
+    """Make a user's subclass of `Dict`, `Set` or `List` refuse instance attributes.
+
+    ZODB trap: Persistent marks the record changed on any attribute assignment, but
+    the containers' ``__getstate__`` stores their items only, so ``tags.label = "x"``
+    on a subclass instance (which has a ``__dict__``, or slots of its own) was
+    accepted and silently gone at the next load. Refused with a clear error instead;
+    our own slots, ``_p_``/``_v_`` names and properties (their setters decide) pass.
+    """
+    if cls.__module__ == __name__ or "__setattr__" in cls.__dict__:
+        return
+    own = frozenset(name for base in cls.__mro__ if base.__module__ in (__name__, "persistent")
+                    for name in getattr(base, "__slots__", ()))
+    kind = next(b.__name__ for b in cls.__mro__
+                if b.__module__ == __name__ and not b.__name__.startswith("_"))
+
+    def refuse(self: Any, name: str, value: Any) -> None:
+        if (name in own or name.startswith(("_p_", "_v_"))
+                or isinstance(getattr(type(self), name, None), property)):
+            Persistent.__setattr__(self, name, value)
+            return
+        raise AttributeError(
+            f"{type(self).__qualname__}.{name} cannot be set: a {kind} subclass stores its "
+            f"items, not attributes of its instances, so {name!r} would be lost at the next "
+            f"load. Keep it as an item, or in a durable_heap.Object that holds the {kind}"
+        )
+
+    cls.__setattr__ = refuse  # type: ignore[method-assign,assignment]
+
+
 class _Hashed(Persistent):
     """Storage shared by `Dict` and `Set`: small form, or the hashed tree form."""
 
     __slots__ = ("_small", "_index", "_entries", "_coll", "_len", "_v_hot", "_v_mods", "_v_inline")
     __hash__ = None  # type: ignore[assignment]  # mutable, like dict and set
     _kind = "dictionary"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _refuse_unstored_attributes(cls)
 
     def _init_empty(self) -> None:
         self._small: dict[Any, Any] | None = {}
@@ -1762,6 +1796,10 @@ class List(Persistent, cabc.MutableSequence):  # type: ignore[type-arg,misc]
     __slots__ = ("_tail", "_root", "_size", "_v_inline")
     __hash__ = None  # type: ignore[assignment]
     __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _refuse_unstored_attributes(cls)
 
     def __init__(self, iterable: Iterable[Any] = _NOTHING) -> None:
         self._tail: list[Any] = []

@@ -614,9 +614,8 @@ def test_copy_copy_and_deepcopy_are_independent_as_the_builtins(n: int) -> None:
             else:
                 twin.add("new")
                 assert "new" not in original
-    d = Named(a=1)
-    d.note = "kept"  # type: ignore[attr-defined]
-    assert copy.copy(d).note == "kept" and copy.deepcopy(d).note == "kept"  # type: ignore[attr-defined]
+    d = Named(a=1)  # a subclass keeps its type (its instances take no attributes: see below)
+    assert type(copy.copy(d)) is Named and type(copy.deepcopy(d)) is Named and copy.copy(d) == d
     loop = List([1])
     loop.append(loop)
     again = copy.deepcopy(loop)
@@ -644,3 +643,51 @@ def test_init_called_again_is_the_builtins(n: int) -> None:
         ref.__init__(more)  # type: ignore[misc]
         ours.__init__(more)
         assert ours == ref and len(ours) == len(ref), kind
+
+
+# --- attributes of subclass instances: refused, never silently dropped ---------------
+
+
+class LabelledTags(Set):
+    @property
+    def size(self) -> int:
+        return len(self)
+
+    @size.setter
+    def size(self, n: int) -> None:  # a property's setter decides: it keeps items
+        self.clear()
+        self.update(range(n))
+
+
+class LabelledList(List):
+    pass
+
+
+class LabelledDict(Dict):
+    pass
+
+
+def test_an_attribute_on_a_subclass_instance_is_refused_not_lost(tmp_path: Path) -> None:
+    """The containers store their items only: an attribute would vanish at the next load."""
+    with dh.open(tmp_path / "app.fs") as heap:
+        with heap.transaction() as state:
+            state.tags, state.items, state.named = LabelledTags({1}), LabelledList([1]), LabelledDict(a=1)
+        for name, kind in (("tags", "Set"), ("items", "List"), ("named", "Dict")):
+            with pytest.raises(AttributeError, match=rf"\.label cannot be set: a {kind} subclass stores its "
+                                                     rf"items.*would be lost at the next load"):
+                with heap.transaction() as state:
+                    getattr(state, name).label = "x"
+        with heap.transaction() as state:
+            state.tags.size = 3  # a property: allowed
+            state.tags._v_cache = "volatile"  # volatile names: allowed, never stored
+    with dh.open(tmp_path / "app.fs") as heap:
+        state = heap.state
+        assert state.tags == {0, 1, 2} and state.items == [1] and state.named == {"a": 1}
+        assert type(state.tags) is LabelledTags and not hasattr(state.tags, "label")
+        assert copy_of(state.tags) == {0, 1, 2}
+
+
+def copy_of(value: Any) -> Any:
+    import copy
+
+    return copy.copy(value)
