@@ -129,7 +129,13 @@ class Link:
 
 
 def _link(obj: Any) -> Link | None:
-    return getattr(obj, "_v_inline", None)  # None also for a ghost (slots are cleared)
+    # ZODB trap: reading any attribute of a ghost but its _p_ ones loads it, _v_ names
+    # too; a ghost is never a view (a view has no record of its own), so it is not
+    # loaded here. Loading it could even break it: a program's top level that reads
+    # state before its classes are defined would make its objects broken ones.
+    if getattr(obj, "_p_changed", False) is None:
+        return None
+    return getattr(obj, "_v_inline", None)
 
 
 def is_view(obj: Any) -> bool:

@@ -562,3 +562,38 @@ def test_concurrent_changes_to_different_inline_items_of_a_list_merge(heap: dh.H
         t.join()
     assert tries == [1, 1]
     assert heap.state.lst[1]["l"] == [3, 1, 2, 1] and heap.state.lst[2]["l"] == [3, 1, 2, 2]
+
+
+EARLY_READS = """
+    import dataclasses
+    import durable_heap as dh
+    from durable_heap import state
+
+    state.setdefault("tasks", [])          # reads state before Task is defined below
+
+    @dataclasses.dataclass
+    class Point:                            # a plain object in state: watched by snapshot
+        x: int
+
+    class Task(dh.Object):
+        def __init__(self, title):
+            self.title = title
+
+    def fill():
+        state.tasks = [Task("a"), Task("b")]
+        state.where = Point(1)
+
+    def titles():
+        return [t.title for t in state.tasks]
+"""
+
+
+def test_a_top_level_reading_state_before_its_classes_loads_no_ghost(tmp_path: Path) -> None:
+    """The view check of a stored container must not load it: loaded while the program's
+    top level runs, before its classes exist, its objects would come back broken."""
+    from tests.conftest import cli, write
+
+    app = write(tmp_path / "app.py", EARLY_READS)
+    assert cli("call", str(app), "fill", cwd=tmp_path).returncode == 0
+    out = cli("call", str(app), "titles", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == '["a", "b"]', out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -122,12 +123,23 @@ def test_trees_stored_with_the_old_fanout_keep_working(
             assert max(sizes) > 64  # a node written under 64 grew past it
 
 
+@dataclasses.dataclass
+class _Point:
+    x: int
+
+
 def test_the_bucket_watch_fast_path_agrees_with_holds_watched() -> None:
     from durable_heap._kinds import holds_watched
 
-    for entries in ([("a", 1), ("b", 2.5)], [("a", [1])], [("a", {"x": 1})], [(1, None), ("c", b"x")]):
-        state = (tuple(x for seq, e in enumerate(entries) for x in (seq, e)),)
+    def state_of(entries: list[tuple[Any, Any]]) -> tuple[Any, ...]:
+        return (tuple(x for seq, e in enumerate(entries) for x in (seq, e)),)
+
+    for entries in ([("a", 1), ("b", 2.5)], [(1, None), ("c", b"x")], [("a", _Point(1))]):
+        state = state_of(entries)
         assert _entries_watched(state) == holds_watched(_containers._bucket_values(state))
+    assert _entries_watched(state_of([("a", _Point(1))]))  # a plain object: watched
+    for raw in ([1], {"x": 1}):  # a raw list or dict in a bucket is an inline value: the
+        assert not _entries_watched(state_of([("a", raw)]))  # bucket's own data, not watched
     bucket = _EntryBucket()
     bucket.__setstate__(((1, ("a", 1)),))
     assert bucket[1] == ("a", 1)
