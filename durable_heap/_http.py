@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +28,19 @@ from ._errors import (
     StorageError,
 )
 
-__all__ = ["Answer", "Request", "Response", "error_answer", "render"]
+__all__ = ["Answer", "Request", "Response", "error_answer", "render", "send_answer"]
 
 #: (status, headers, body): an answer ready to send.
 Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
+async def send_answer(send: Callable[[dict[str, Any]], Awaitable[None]], answer: Answer) -> None:
+    """Send `answer` through an ASGI ``send``: the start with its length, then the body."""
+    status, headers, body = answer
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    raw.append((b"content-length", str(len(body)).encode("ascii")))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 @dataclass(frozen=True)

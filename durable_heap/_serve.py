@@ -50,7 +50,17 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from ._errors import ConflictError, DurableHeapError, FunctionNotFoundError, JSONFormError, StorageError
-from ._http import Answer, Request, _Answer, _error, _json_answer, _status_headers, error_answer, render
+from ._http import (
+    Answer,
+    Request,
+    _Answer,
+    _error,
+    _json_answer,
+    _status_headers,
+    error_answer,
+    render,
+    send_answer,
+)
 from ._jsonform import decode, dumps, resolve_loaded
 from ._parent import ZEO_CHILD
 from ._retry import call_note, conflict, pause
@@ -203,12 +213,12 @@ class Service:
         try:
             body = await _read_body(receive)
         except _Answer as exc:
-            await _send(send, exc.answer)
+            await send_answer(send, exc.answer)
             return
         request = Request(scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"),
                           _headers(scope), body)
         if request.headers.get("upgrade", "").lower() == "websocket":
-            await _send(send, _NO_WEBSOCKETS)
+            await send_answer(send, _NO_WEBSOCKETS)
             return
         client = scope.get("client")
         loop = asyncio.get_running_loop()
@@ -219,7 +229,7 @@ class Service:
         except RuntimeError:  # the pool was shut down: the service is stopping
             answer = _error(503, "ServiceStopping", "the service is stopping: nothing was run; "
                             "retry against a running instance", outcome="not committed")
-        await _send(send, answer)
+        await send_answer(send, answer)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -532,14 +542,6 @@ async def _read_body(receive: Receive) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def _send(send: Send, answer: Answer) -> None:
-    status, headers, body = answer
-    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    raw.append((b"content-length", str(len(body)).encode("ascii")))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _headers(scope: Scope) -> dict[str, str]:

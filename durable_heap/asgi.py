@@ -37,7 +37,7 @@ from transaction.interfaces import TransientError
 
 from ._errors import ConflictError, ReadOnlyRequestError
 from ._facade import Heap
-from ._http import Answer, error_answer
+from ._http import Answer, error_answer, send_answer
 from ._requests import RequestScope, excluder, read_only_answer, request_note
 from ._retry import backoff_delay
 
@@ -102,7 +102,7 @@ class TransactionMiddleware:
             if answer is None:
                 await _forward(send, held)
             else:
-                await _send_answer(send, answer)
+                await send_answer(send, answer)
             return
 
     async def _attempt(self, scope: Scope, body: bytes, disconnected: bool, held: list[Message],
@@ -196,11 +196,3 @@ async def _read_body(receive: Receive) -> tuple[bytes, bool]:
 async def _forward(send: Send, held: list[Message]) -> None:
     for message in held:
         await send(message)
-
-
-async def _send_answer(send: Send, answer: Answer) -> None:
-    status, headers, body = answer
-    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    raw.append((b"content-length", str(len(body)).encode("ascii")))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
