@@ -1455,9 +1455,10 @@ def _hand_over(heap: Any, rec: WorkflowRecord, promised: dict[str, Any]) -> None
     what it would read again to run it (its journal, the promise's value), once this
     transaction commits: the scheduler skips its transaction that finds the timer due.
 
-    Only while a scheduler runs in this process (`run_scheduler`), and only plain
-    values (`_plain`): a persistent object belongs to this thread's connection, and
-    the scheduler's thread must load it from its own. The timer stays the wake's
+    Only while a scheduler runs in this process (`run_scheduler`), and only
+    immutable builtin values (`_frozen`): a persistent object belongs to this
+    thread's connection (the scheduler's thread must load it from its own), and a
+    list or dict would be shared between the two threads. The timer stays the wake's
     durable record: the wake's first transaction removes it (or finds it gone, fired
     by another scheduler, and stops), as for a timer the scheduler found itself.
     """
@@ -1467,7 +1468,8 @@ def _hand_over(heap: Any, rec: WorkflowRecord, promised: dict[str, Any]) -> None
     if journal_length(rec) > HAND_OVER_ENTRIES:
         return
     entries = list(rec.journal.values())
-    if not _plain((rec.args, rec.kwargs, promised, [(e.detail, e.value, e.error) for e in entries])):
+    if not (_frozen(rec.args) and _frozen(tuple(rec.kwargs.values())) and _frozen(tuple(promised.values()))
+            and all(_frozen((e.detail, e.value, e.error)) for e in entries)):
         return
     item = (rec.id, rec.timer, (rec.args, rec.kwargs, rec.function, entries, promised))
 
@@ -1481,17 +1483,14 @@ _ATOMS = (str, int, float, bool, bytes, complex, type(None), datetime.datetime, 
           datetime.timedelta)
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
-    """True for builtin atoms and builtin containers of them (no object of a connection)."""
+def _frozen(value: Any, depth: int = 0) -> bool:
+    """True for builtin immutable atoms and tuples (frozensets) of them: nothing of a
+    connection, nothing another thread could change."""
     tp = type(value)
     if tp in _ATOMS:
         return True
-    if depth > 8:
-        return False
-    if tp is tuple or tp is list or tp is set or tp is frozenset:
-        return all(_plain(v, depth + 1) for v in value)
-    if tp is dict:
-        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    if (tp is tuple or tp is frozenset) and depth < 8:
+        return all(_frozen(v, depth + 1) for v in value)
     return False
 
 

@@ -105,6 +105,19 @@ def test_no_hand_over_without_a_scheduler_or_with_a_persistent_argument(heap: dh
     assert not heap._wf_handed  # the scheduler's thread loads it from its own connection
     assert heap.run_due() == 1 and h2.result() == 2
 
+    @heap.workflow
+    def listed(items: list[int]) -> Any:
+        return dh.promise("go3").wait() + len(items)
+
+    h3 = listed([1, 2])  # a list would be shared by two threads
+    heap._wf_schedulers += 1
+    try:
+        dh.resolve("go3", 1)
+    finally:
+        heap._wf_schedulers -= 1
+    assert not heap._wf_handed
+    assert heap.run_due() == 1 and h3.result() == 3
+
 
 def test_a_scheduler_thread_runs_the_handed_wake(heap: dh.Heap) -> None:
     waits, _ = _waiting(heap)
