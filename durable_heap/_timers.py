@@ -261,6 +261,9 @@ def _fire_one(heap: Any) -> int | None:
 
     def fire(conn: Any) -> Any:
         state.clear()
+        rung, heap._wf_rung = heap._wf_rung, None
+        if rung:  # over ZEO: the records of the commit that rang, loaded in parallel
+            conn.prefetch(rung)
         now = _clock(heap)
         key = _due_key(conn, now)
         if key is None:
@@ -439,6 +442,8 @@ DEFAULT_POLL = 1.0
 #: The same on PostgreSQL, which pushes nothing: another process's work (a resolve,
 #: a start, a timer due first) is seen at the next poll.
 UNRUNG_POLL = 0.1
+#: At most this many records of a commit that rang the scheduler over ZEO are prefetched.
+PREFETCH = 32
 #: Seconds between looks at `run_scheduler`'s `stop` while it sleeps (no transaction).
 STOP_CHECK = 0.1
 #: The same under a test clock (`durable_heap.testing.Clock`), which moves without
@@ -534,6 +539,9 @@ def _ring_on_invalidation(heap: Any) -> None:
         original(tid, oids)
         watched = heap._wf_watched
         if watched is None or not watched.isdisjoint(oids):
+            # What the woken round will read first (a resolve's wake: the timers'
+            # bucket, the workflow's record, the promise): fetched at once, together.
+            heap._wf_rung = list(oids)[:PREFETCH]
             wake.set()
 
     adapter.invalidate = invalidate  # type: ignore[union-attr]
@@ -572,6 +580,7 @@ class WorkflowMethods:
         self._wf_wake = threading.Event()
         self._wf_leases_at: float | None = None  # the heap clock's time of the last `_take_over`
         self._wf_schedulers = 0  # `run_scheduler` loops running in this process
+        self._wf_rung: list[bytes] | None = None  # oids of the commit that last rang it (ZEO)
         self._wf_stopping: threading.Event | None = None  # the `stop` of the one in the main thread
         # Wakes handed over by this process's resolves: (id, timer key, what `_known` reads).
         self._wf_handed: collections.deque[tuple[str, tuple[float, str], tuple[Any, ...]]] = \
