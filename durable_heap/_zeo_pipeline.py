@@ -37,7 +37,6 @@ fsync on the loop, as ZEO does it): for the side-by-side benchmark only
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -48,7 +47,6 @@ from ZEO.StorageServer import StorageServer, ZEOStorage
 
 __all__ = ["PipelinedStorageServer", "pipelining_enabled"]
 
-logger = logging.getLogger("durable_heap.zeo")
 
 
 def pipelining_enabled() -> bool:
@@ -129,8 +127,15 @@ class _PipelinedZEOStorage(ZEOStorage):  # type: ignore[misc]
             call_soon(delay.reply, tid)
 
         def failed(exc: BaseException) -> None:
-            logger.critical("A commit's fsync failed: its client gets the error (%s)", exc)
-            call_soon(delay.error, (type(exc), exc, exc.__traceback__))
+            # The fsync's OSError (group commit logged it and closed the storage), or
+            # the storage closed first. A ZEO client rebuilds only ZODB's errors; any
+            # other arrives as ServerException(class, args): the args carry the words.
+            errno = getattr(exc, "errno", None)
+            why = getattr(exc, "strerror", None) or str(exc)
+            told = OSError(errno, f"{why}: the ZEO server could not make this commit durable (its "
+                           "fsync failed or the heap was closed first); the server closed the heap: "
+                           "fix the disk, restart the server")
+            call_soon(delay.error, (OSError, told, exc.__traceback__))
 
         _, number = self.storage.tpc_finish_nowait(self.transaction, durable)
         self.async_("info", self.get_size_info())

@@ -140,11 +140,11 @@ def _server(storage: Path, **options: Any) -> Iterator[_Server]:
         server.stop()
 
 
-def _wait_for(cond: Any, timeout: float = 30, what: str = "") -> None:
+def _wait_for(cond: Any, timeout: float = 30, what: str = "", every: float = 0.005) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+        time.sleep(every)
 
 
 def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
@@ -216,7 +216,7 @@ def test_the_loop_serves_other_clients_while_a_commit_waits_for_its_fsync(tmp_pa
                 return 1
 
             tc, out_c = _in_thread(bump_b)
-            _wait_for(lambda: _commits(server.url) >= 2, what="the second commit to finish")
+            _wait_for(lambda: _commits(server.url) >= 2, what="the second commit to finish", every=0.05)
             assert out_a == [] and out_c == []  # both written, neither acknowledged
             server.flag("hold", False)
             ta.join(30)
@@ -229,14 +229,13 @@ def test_the_loop_serves_other_clients_while_a_commit_waits_for_its_fsync(tmp_pa
 
 
 def test_concurrent_client_processes_share_fsyncs(tmp_path: Path) -> None:
-    """Four client processes commit at once on a slow disk (30 ms per fsync): their
-    commits share fsyncs (ZEO's own tpc_finish gives one fsync per commit), every
-    commit lands, and every fsync that returned was reported before its commits'
-    acknowledgements (the order the power-loss test relies on)."""
+    """Four client processes commit at once on a slow disk (100 ms per fsync): their
+    commits share fsyncs (ZEO's own tpc_finish gives one fsync per commit: 40 of 40),
+    and every commit lands."""
     path = tmp_path / "server" / "app.fs"
     path.parent.mkdir()
     _make(path)
-    with _server(path, delay=0.03) as server:
+    with _server(path, delay=0.1) as server:
         procs = [subprocess.Popen([sys.executable, "-c", CLIENT, server.url, str(i)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=subprocess_env())
                  for i in range(4)]
@@ -249,7 +248,7 @@ def test_concurrent_client_processes_share_fsyncs(tmp_path: Path) -> None:
                 assert p.stdin is not None
                 p.stdin.write("go\n")
                 p.stdin.flush()
-            _wait_for(lambda: _commits(server.url) - start >= 100, timeout=60, what="100 commits")
+            _wait_for(lambda: _commits(server.url) - start >= 40, timeout=60, what="40 commits", every=0.05)
         finally:
             for p in procs:
                 p.kill()
@@ -257,8 +256,7 @@ def test_concurrent_client_processes_share_fsyncs(tmp_path: Path) -> None:
                 p.communicate()
         commits = _commits(server.url) - start
         fsyncs = len(server.fsyncs()) - before
-    print("FSYNCS", fsyncs, commits)
-    assert fsyncs <= 0.8 * commits, (fsyncs, commits)
+    assert fsyncs <= 0.75 * commits, (fsyncs, commits)
     with dh.open(path) as heap:
         assert sum(heap.state.counts[i] for i in range(4)) >= commits - 4  # the killed in-flight ones
 
@@ -284,7 +282,7 @@ def test_a_failed_fsync_fails_every_client_waiting_on_it(tmp_path: Path) -> None
                 return run
 
             runs = [_in_thread(bump(h, i * 300)) for i, h in enumerate(heaps)]
-            _wait_for(lambda: _commits(server.url) - start >= 3, what="three commits waiting")
+            _wait_for(lambda: _commits(server.url) - start >= 3, what="three commits waiting", every=0.05)
             server.flag("fail", True)
             server.flag("hold", False)
             for t, _ in runs:
@@ -294,6 +292,7 @@ def test_a_failed_fsync_fails_every_client_waiting_on_it(tmp_path: Path) -> None
                 assert isinstance(exc, dh.StorageError), repr(exc)
                 assert exc.outcome_unknown is True, repr(exc)
                 assert "may or may not have been committed" in str(exc), str(exc)
+                assert "could not make this commit durable" in str(exc), str(exc)
         finally:
             for h in heaps:
                 with contextlib.suppress(Exception):
@@ -301,9 +300,8 @@ def test_a_failed_fsync_fails_every_client_waiting_on_it(tmp_path: Path) -> None
         log = server.log.read_text()
         assert "fsync" in log and "failed" in log, log[-3000:]
     with dh.open(path) as heap:
-        assert [heap.state.counts[i * 300] for i in range(3)] in ([0, 0, 0], [1, 0, 0], [1, 1, 1],
-                                                                 [0, 1, 1], [1, 1, 0], [0, 1, 0],
-                                                                 [0, 0, 1], [1, 0, 1])
+        # in the file or not (written, never fsynced): the outcome the clients were told is unknown
+        assert all(heap.state.counts[i * 300] in (0, 1) for i in range(3))
 
 
 @pytest.mark.slow
