@@ -13,9 +13,9 @@ no two commits ever share one. Here a commit is finished in two halves:
 * **Off the loop:** one thread per served storage (`_Syncer`) waits for each
   finished transaction to be durable (``wait_durable``: it runs the fsync, which
   covers every transaction finished so far). The storage then calls the
-  transaction's callback, in commit order: it sends the invalidations to the
-  other clients and then the committing client's ``tpc_finish`` answer, both
-  through the loop (``call_soon_threadsafe``, first in, first out).
+  transaction's callback, in commit order, which hands it back to the loop
+  (``call_soon_threadsafe``, first in, first out): there the invalidations go to
+  the other clients and then the committing client's ``tpc_finish`` answer.
 
 So the contract of `_groupcommit` holds over ZEO:
 
@@ -90,9 +90,10 @@ class _Syncer:
 # replaces; ``_clear_transaction`` releases ZEO's commit lock (``lock_manager``)
 # and forgets the transaction; ``invalidated`` holds the oids the transaction
 # stored; ``StorageServer.invalidate(zs, storage_id, tid, oids)`` queues the
-# invalidations to every client but `zs` through ``async_threadsafe`` (loop's
-# ``call_soon_threadsafe``: first in, first out, and safe from any thread, as
-# ZEO's fan-out calls it); ``call_soon_threadsafe`` is the connection's.
+# invalidations to every client but `zs` through ``async_threadsafe`` (the loop's
+# ``call_soon_threadsafe``: first in, first out), walking ZEO's list of
+# connections, which the loop changes: so it is called on the loop only, and so
+# is ``Delay.reply``; ``call_soon_threadsafe`` is the connection's.
 # ``StorageServer.create_client_handler`` makes the ZEOStorage of each connection.
 # A method may return a ``Delay`` (``ZEO.asyncio.server``): the loop registers it
 # (``set_sender``) when it would have sent the answer, and ``reply``/``error``,
@@ -121,8 +122,16 @@ class _PipelinedZEOStorage(ZEOStorage):  # type: ignore[misc]
         server, storage_id = self.server, self.storage_id
 
         def durable(tid: bytes) -> None:
-            # In commit order, by the thread whose fsync covered the transaction:
-            # the others' invalidations first, then this client's answer.
+            # Called in commit order by the thread whose fsync covered the transaction
+            # (the syncer, or the loop's own in a tpc_abort): the rest runs on the loop.
+            call_soon(visible, tid)
+
+        def visible(tid: bytes) -> None:
+            # On the loop, where ZEO keeps its lists of clients and invalidations
+            # (StorageServer.invalidate walks the list that connections join and
+            # leave: from another thread a client leaving could make it skip one).
+            # Both are queued (first in, first out): the others' invalidations
+            # go out first, then this client's answer.
             server.invalidate(self, storage_id, tid, invalidated)
             call_soon(delay.reply, tid)
 
