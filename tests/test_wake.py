@@ -285,3 +285,27 @@ def test_journal_timer_and_cron_entries_pickle_as_before() -> None:
     for e in entries:
         back = pickle.loads(pickle.dumps(e, 3))
         assert type(back) is type(e) and back.__getstate__() == e.__getstate__()
+
+
+def test_the_zodb_and_zeo_hooks_the_scheduler_uses() -> None:
+    """PROTECTED uses (`_timers`): the DB's MVCC adapter's ``invalidate(tid, oids)`` and
+    ``invalidateCache()`` (shadowed per instance to ring the scheduler), a connection's
+    ``prefetch(oids)``, ZEO's ``ClientStorage.is_connected()`` and ``prefetch(oids, tid)``."""
+    import inspect
+
+    import ZEO.ClientStorage
+    import ZODB
+    import ZODB.Connection
+    from ZODB.MappingStorage import MappingStorage
+
+    db = ZODB.DB(MappingStorage())
+    try:
+        adapter = db._mvcc_storage
+        assert list(inspect.signature(adapter.invalidate).parameters)[1] == "oids"  # (tid, oids)
+        assert not inspect.signature(adapter.invalidateCache).parameters
+    finally:
+        db.close()
+    assert callable(ZODB.Connection.Connection.prefetch)
+    client = ZEO.ClientStorage.ClientStorage
+    assert callable(client.is_connected)
+    assert list(inspect.signature(client.prefetch).parameters) == ["self", "oids", "tid"]
