@@ -209,25 +209,32 @@ class _EntryBucket(LOBucket):
         equality is exact sameness (issue 18: comparing the entries themselves,
         with `_same`, was a third of a merge's time).
         """
-        tokens = _Tokens()
+        states = (old, committed, new)
+        if _uniform_exact(states):  # compared as they are: exactly, without tokens
+            tokens, (was, theirs, ours) = None, states
+        else:
+            tokens = _Tokens()
+            was, theirs, ours = tokens.buckets(states)
         # On a plain LOBucket: the C merge builds instances of its argument's class,
         # and ours would watch the token states.
-        was, theirs, ours = (_bucket_tokens(s, tokens.token) for s in (old, committed, new))
         merged = LOBucket._p_resolveConflict(LOBucket(), was, theirs, ours)
-        before, other, mine, result = (_bucket_dict(s) for s in (was, theirs, ours, merged))
-        seqs = before.keys() | other.keys() | mine.keys()
-        if result.keys() - seqs:
-            raise _ZConflictError("a merge that made an entry neither side made")
-        for seq in seqs:
-            w, m, o = before.get(seq, -1), mine.get(seq, -1), other.get(seq, -1)  # -1: absent
-            if m != w:
-                if o != w:
-                    raise _ZConflictError("concurrent changes to the same entry")
-                if result.get(seq, -1) != m:
-                    raise _ZConflictError("concurrent changes that ZODB would merge by equality")
-            elif result.get(seq, -1) != o:
-                raise _ZConflictError("concurrent changes that ZODB would merge by equality")
-        return _bucket_tokens(merged, tokens.back.__getitem__)
+        before, other, mine = _bucket_dict(was), _bucket_dict(theirs), _bucket_dict(ours)
+        # Entries compare exactly here (tokens, or pairs of one `_EXACT` type each):
+        # the seqs each side changed, added or removed, and the merge must hold each
+        # entry from the side that did.
+        by_mine = {seq for seq, _ in before.items() ^ mine.items()}
+        by_other = {seq for seq, _ in before.items() ^ other.items()}
+        if by_mine & by_other:
+            raise _ZConflictError("concurrent changes to the same entry")
+        expected = dict(before)
+        for seq, side in chain(((s, other) for s in by_other), ((s, mine) for s in by_mine)):
+            if seq in side:
+                expected[seq] = side[seq]
+            else:
+                del expected[seq]
+        if _bucket_dict(merged) != expected:
+            raise _ZConflictError("a merge that is not exactly the changes each side made")
+        return merged if tokens is None else _bucket_tokens(merged, tokens.back.__getitem__)
 
     def _dh_children(self) -> Iterator[tuple[str, Any]]:
         """For error paths: the entries, if this bucket is in memory."""
@@ -317,17 +324,85 @@ class _Tokens:
 
     def token(self, entry: Any) -> int:
         """The token of `entry` (ConflictError for an entry that cannot be pickled)."""
-        if type(entry) is tuple and len(entry) == 2:
-            k, v = entry
-            tk, tv = type(k), type(v)
-            key: Any = (tk, k, tv, v) if tk in _EXACT and tv in _EXACT else _pickled(entry)
-        else:
-            key = _pickled(entry)
+        key = _entry_key(entry)
         found = self.table.get(key)
         if found is None:
             found = self.table[key] = len(self.back)
             self.back.append(entry)
         return found
+
+    def buckets(self, states: Iterable[Any]) -> list[Any]:
+        """Bucket states ``((seq, entry, ...), [next])`` with each entry's token, for
+        states met first (`back` is then complete): for a bucket of plain entries
+        the keys are found by C loops (``map``, ``zip``) rather than entry by entry."""
+        found = []
+        for state in states:
+            entries = state[0][1::2] if state else ()
+            keys = _exact_keys(entries)
+            found.append((state, entries, [_entry_key(e) for e in entries] if keys is None else keys))
+        # key -> an entry with that key (the last one met: all of them are the same);
+        # in the order keys were first met, so the n-th key's token is n.
+        one = dict(zip(chain.from_iterable(f[2] for f in found),
+                       chain.from_iterable(f[1] for f in found), strict=True))
+        self.back = list(one.values())
+        self.table = {key: n for n, key in enumerate(one)}
+        out = []
+        for state, _, keys in found:
+            if not state:
+                out.append(state)
+                continue
+            items = list(state[0])
+            items[1::2] = map(self.table.__getitem__, keys)
+            out.append((tuple(items), *state[1:]))
+        return out
+
+
+def _entry_key(entry: Any) -> Any:
+    """What `_Tokens` tells entries apart by: types and values, or else the pickle."""
+    if type(entry) is tuple and len(entry) == 2:
+        k, v = entry
+        tk, tv = type(k), type(v)
+        if tk in _EXACT and tv in _EXACT:
+            return (tk, k, tv, v)
+    return _pickled(entry)
+
+
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _uniform_exact(states: Iterable[Any]) -> bool:
+    """Whether every entry of these bucket states is a pair ``(key, value)`` whose keys
+    are all of one `_EXACT` type and whose values are all of one (maybe another).
+
+    Then BTrees' C merge compares entries exactly and without error: ``==`` between
+    two values of exactly one of these types is sameness, and ``<`` (tuples order
+    by their first unequal item) only ever meets two values of one type, which
+    order (``None`` is never unequal to ``None``). A Dict of ints, or of strings.
+    """
+    key_types: set[type] = set()
+    value_types: set[type] = set()
+    for state in states:
+        entries = state[0][1::2] if state else ()
+        if not entries:
+            continue
+        if set(map(type, entries)) != {tuple} or set(map(len, entries)) != {2}:
+            return False
+        key_types.update(map(type, map(_first, entries)))
+        value_types.update(map(type, map(_second, entries)))
+    return len(key_types) <= 1 and len(value_types) <= 1 and key_types | value_types <= _EXACT
+
+
+def _exact_keys(entries: Any) -> list[Any] | None:
+    """`_entry_key` of each entry when every entry is a pair of `_EXACT` types, else None."""
+    if not entries:
+        return []
+    if set(map(type, entries)) != {tuple} or set(map(len, entries)) != {2}:
+        return None
+    ks, vs = list(map(_first, entries)), list(map(_second, entries))
+    tks, tvs = list(map(type, ks)), list(map(type, vs))
+    if not set(tks).union(tvs) <= _EXACT:
+        return None
+    return list(zip(tks, ks, tvs, vs, strict=True))
 
 
 def _pickled(entry: Any) -> bytes:
