@@ -15,6 +15,9 @@ it measures, never changes, what runs):
 * CPU of the thread (``time.thread_time``) in the guard's check, in ZODB's resolver
   outside the class's merge, and in ``_EntryBucket._p_resolveConflict``;
 * loads (``loadBefore``) and ``loadSerial`` calls per commit;
+* wall time and CPU with the commit lock held (commits are serial there: the wall
+  time bounds the commits per second; the rest of it is waiting for the GIL and the
+  disk);
 * wall time waiting for the commit lock (``tpc_begin``), in ``tpc_finish`` (the
   fsync wait of group commit) and in ``tpc_abort`` (its wait for the commits
   before to become visible), and sleeping in the retry back-off.
@@ -79,6 +82,26 @@ def _timed(tally: _Tally, name: str, fn: Callable[..., Any],
     return wrapper
 
 
+class _TimedLock:
+    """The storage's commit lock, timing how long each commit holds it (wall and CPU):
+    commits are serial there, so the wall time held bounds the commits per second."""
+
+    def __init__(self, lock: Any, tally: _Tally) -> None:
+        self.lock, self.tally = lock, tally
+        self.since = (0.0, 0.0)
+
+    def acquire(self, *args: Any) -> Any:
+        got = self.lock.acquire(*args)
+        self.since = (time.perf_counter(), time.thread_time())
+        return got
+
+    def release(self) -> None:
+        wall, cpu = self.since
+        self.tally.add("commit lock held (wall)", time.perf_counter() - wall)
+        self.tally.add("commit lock held (CPU)", time.thread_time() - cpu)
+        self.lock.release()
+
+
 def run(nthreads: int, seconds: float, spread: int, entries: int, profile: int) -> dict[str, Any]:
     """Measure once in this process; return the figures (and print a profile if asked)."""
     import durable_heap as dh
@@ -101,10 +124,14 @@ def run(nthreads: int, seconds: float, spread: int, entries: int, profile: int) 
     base.tryToResolveConflict = _timed(tally, "conflict", guard, cpu)
     base.loadSerial = _timed(tally, "loadSerial", base.loadSerial, cpu)
     wrapper.loadBefore = _timed(tally, "load", wrapper.loadBefore, cpu)
-    for name in ("tpc_begin", "tpc_finish", "tpc_abort"):
+    for name in ("tpc_begin", "tpc_finish", "tpc_abort", "tpc_vote"):
         fn = _timed(tally, name, getattr(base, name), wall)
+        if name == "tpc_vote":
+            fn = _timed(tally, "tpc_vote (CPU)", fn, cpu)
         setattr(base, name, fn)
         setattr(wrapper, name, fn)  # ChecksumStorage bound the base's at its creation
+    base.store = _timed(tally, "store (CPU)", _timed(tally, "store", base.store, wall), cpu)
+    base._commit_lock = _TimedLock(base._commit_lock, tally)
     real_merge = _containers._EntryBucket._p_resolveConflict
     _containers._EntryBucket._p_resolveConflict = _timed(  # type: ignore[method-assign]
         tally, "bucket merge", real_merge, cpu)

@@ -204,10 +204,12 @@ class _EntryBucket(LOBucket):
 
         The C merge decides what changed with ``==``; a change to an equal but
         different value (``True`` for ``1``, an entity equal by id) would be
-        dropped. So it runs on exact tokens (`_Tokens`), and each entry of the
-        merge must be exactly what one side made: checked on the tokens, whose
-        equality is exact sameness (issue 18: comparing the entries themselves,
-        with `_same`, was a third of a merge's time).
+        dropped. So it runs on entries that compare exactly: a bucket of plain
+        values of one type each (`_uniform_exact`: a Dict of ints) as it is, any
+        other on exact tokens (`_Tokens`); and each entry of the merge must be
+        exactly what one side made, checked on those. Issue 18: pickling every
+        entry to compare it made a merge of 40 ints cost about 0.9 ms, most of the
+        CPU of a commit of threads changing neighbouring keys; now about 0.05 ms.
         """
         states = (old, committed, new)
         if _uniform_exact(states):  # compared as they are: exactly, without tokens

@@ -127,6 +127,43 @@ def test_the_guard_reads_a_stored_revision_once_and_checks_its_globals_at_each_m
         db.close()
 
 
+def test_a_revision_read_for_a_merge_is_read_from_the_file_once_and_forgotten_by_pack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """durable_heap's FileStorage keeps the revisions ``loadSerial`` read last (every
+    merge on a hot bucket reads the same ones); a pack forgets them, so a revision it
+    removed is gone as it is from ZODB's own FileStorage."""
+    from durable_heap._filestorage import FileStorage as Ours
+
+    reads: list[bytes] = []
+    real = FileStorage.loadSerial
+
+    def counted(self: Any, oid: bytes, serial: bytes) -> bytes:
+        reads.append(serial)
+        return real(self, oid, serial)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(FileStorage, "loadSerial", counted)  # ZODB's: what reads the file
+    db = ZODB.DB(Ours(str(tmp_path / "app.fs")))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        bucket = conn.root()["b"] = OOBucket({"n": 1})
+        tm.commit()
+        oid, first = bucket._p_oid, bucket._p_serial
+        bucket["n"] = 2
+        tm.commit()
+        storage = db.storage
+        data = storage.loadSerial(oid, first)
+        assert storage.loadSerial(oid, first) == data and reads == [first]
+        assert storage.loadSerial(oid, bucket._p_serial) != data and len(reads) == 2
+        conn.close()
+        db.pack()  # the first revision is no longer needed: pack removes it
+        with pytest.raises(ZODB.POSException.POSKeyError):
+            storage.loadSerial(oid, first)
+    finally:
+        db.close()
+
+
 def test_threads_on_neighbouring_keys_keep_every_increment(tmp_path: Path) -> None:
     """Six threads add 1 to their own neighbouring key at once, each commit merged into
     the shared bucket: every increment is there, the others' entries untouched."""
