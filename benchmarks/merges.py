@@ -51,6 +51,15 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _sys_cpu() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
+def _switches() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_nvcsw + r.ru_nivcsw
+
+
 class _Tally:
     """Counts and summed seconds, by name (one lock: the figures, not the speed, matter here)."""
 
@@ -174,19 +183,21 @@ def run(nthreads: int, seconds: float, spread: int, entries: int, profile: int) 
     start.wait()
     tally.on = True
     base_retries = sum(retries)
-    cpu0, t0 = _cpu(), wall()
+    cpu0, sys0, switches0, t0 = _cpu(), _sys_cpu(), _switches(), wall()
     time.sleep(seconds)
     stop.set()
     tally.on = False
     total = sum(done)
     used, elapsed = _cpu() - cpu0, wall() - t0
+    system, switches = _sys_cpu() - sys0, _switches() - switches0
     nretries = sum(retries) - base_retries
     for th in threads:
         th.join()
     heap.close()
     out: dict[str, Any] = {
         "threads": nthreads, "spread": spread, "commits": total, "commits_per_s": total / elapsed,
-        "cpu_ms_per_commit": used / total * 1e3, "retries_per_commit": nretries / total,
+        "cpu_ms_per_commit": used / total * 1e3, "system_cpu_ms_per_commit": system / total * 1e3,
+        "context_switches_per_commit": switches / total, "retries_per_commit": nretries / total,
     }
     for name in sorted(tally.n):
         out[name] = {"per_commit": tally.n[name] / total, "ms_each": tally.t[name] / tally.n[name] * 1e3,
@@ -204,7 +215,9 @@ def run(nthreads: int, seconds: float, spread: int, entries: int, profile: int) 
 
 def _print(r: dict[str, Any]) -> None:
     print(f"{r['threads']} threads, keys {r['spread']} apart: {r['commits_per_s']:,.0f} commits/s, "
-          f"CPU {r['cpu_ms_per_commit']:.3f} ms/commit, retries {r['retries_per_commit']:.3f}/commit")
+          f"CPU {r['cpu_ms_per_commit']:.3f} ms/commit (system {r['system_cpu_ms_per_commit']:.3f}), "
+          f"{r['context_switches_per_commit']:.1f} context switches/commit, "
+          f"retries {r['retries_per_commit']:.3f}/commit")
     print("| what | per commit | ms each | ms per commit |")
     print("|---|---|---|---|")
     for name, v in r.items():
