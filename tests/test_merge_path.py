@@ -10,6 +10,7 @@ decides is property-tested against a reference in tests/property/test_bucket_mer
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -195,3 +196,17 @@ def test_threads_on_neighbouring_keys_keep_every_increment(tmp_path: Path) -> No
         d = heap.state.d
         assert [d[t] for t in range(nthreads)] == [per_thread] * nthreads
         assert all(d[k] == 0 for k in range(nthreads, 200)) and len(d) == 200
+
+
+def test_the_merges_benchmark_counts_the_conflict_path() -> None:
+    """`python -m benchmarks.merges` runs and reports where the commits went."""
+    from tests.conftest import run
+
+    out = run(["-m", "benchmarks.merges", "--threads", "2", "--seconds", "1", "--entries", "500",
+               "--json"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.splitlines()[-1])
+    assert r["commits"] > 0 and r["retries_per_commit"] == 0
+    assert r["conflict"]["per_commit"] > 0  # two threads on neighbouring keys do conflict
+    assert r["bucket merge"]["per_commit"] == pytest.approx(r["conflict"]["per_commit"])
+    assert r["commit lock held (wall)"]["per_commit"] == pytest.approx(1, abs=0.05)  # once a commit
