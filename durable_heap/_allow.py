@@ -738,9 +738,11 @@ class _GuardedResolver:
         untransform = getattr(storage, "_crs_untransform_record_data", lambda data: data)
         # -- end PROTECTED --
         self.check_record(untransform(newpickle), oid)
-        for serial, data in ((old_serial, b""), (committed_serial, committed_data)):
+        if committed_data:  # handed over with the call (a ZEO client's own merge): checked as given
+            self.check_record(untransform(committed_data), oid)
+        for serial in (old_serial,) if committed_data else (old_serial, committed_serial):
             if not self._stored_ok(oid, serial):
-                named = self._checked(untransform(data or storage.loadSerial(oid, serial)), oid)
+                named = self._checked(untransform(storage.loadSerial(oid, serial)), oid)
                 if named is not None:
                     if len(self._names) >= _NAMES_KEPT:
                         self._names.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import threading
 import types
@@ -117,6 +118,11 @@ def test_the_guard_reads_a_stored_revision_once_and_checks_its_globals_at_each_m
         assert sorted(reads) == sorted([old_serial, committed_serial])
         assert guard(oid, committed_serial, old_serial, newpickle) == b"merged"
         assert len(reads) == 2  # the second merge against the same revisions read none
+        # A committed record handed over with the call (a ZEO client's own merge) is
+        # checked as given, whatever was remembered of the stored one.
+        crafted = pickle.dumps(OOBucket, 3) + pickle.dumps(((("x", os.getcwd),),), 3)
+        with pytest.raises(ZODB.POSException.ConflictError):
+            guard(oid, committed_serial, old_serial, newpickle, crafted)
 
         deployed = types.ModuleType(PROGRAM)  # a new version: Thing is no class of its own
         deployed.Thing = os.system  # type: ignore[attr-defined]
