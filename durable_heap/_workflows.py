@@ -581,10 +581,10 @@ class _Run:
         detail = _step_note(name, args, kwargs, func)
         entry = self._journaled_step(name, detail, "called")
         if entry is not None:
-            return entry.value
+            return _fresh(entry.value)
         self.in_step = True
         try:
-            return self._run_step(func, name, detail, args, kwargs)
+            return _fresh(self._run_step(func, name, detail, args, kwargs))
         finally:
             self.in_step = False
 
@@ -638,7 +638,7 @@ class _Run:
         detail = _step_note(name, args, kwargs, func)
         entry = self._journaled_step(name, detail, "started")
         if entry is not None:
-            return entry.value
+            return _fresh(entry.value)
         heap = self.heap
         number = len(self.entries) + 1
         failure: list[BaseException] = []
@@ -677,7 +677,7 @@ class _Run:
         self.claim = self.create = None
         self.entries.append(JournalEntry("step", name, detail, value))
         self.cursor += 1
-        return value
+        return _fresh(value)
 
     def _journal_error(self, name: str, detail: str, number: int, exc: BaseException) -> None:
         packed = _pack_error(exc)
@@ -1385,7 +1385,8 @@ class Promise:
                     f"the promise {self.name!r} was not resolved within its timeout "
                     f"(deadline {_utc(got.detail).isoformat()})"
                 )
-            return _Done(got.value) if run.is_async else got.value
+            value = _fresh(got.value)
+            return _Done(value) if run.is_async else value
 
     def _outcome(self, run: _Run, deadline: float | None) -> JournalEntry | None:
         now = _clock(run.heap)
@@ -1481,6 +1482,40 @@ def _hand_over(heap: Any, rec: WorkflowRecord, promised: dict[str, Any]) -> None
 
 _ATOMS = (str, int, float, bool, bytes, complex, type(None), datetime.datetime, datetime.date,
           datetime.timedelta)
+
+
+def _fresh(value: Any, memo: dict[int, Any] | None = None) -> Any:
+    """`value` with its plain lists, dicts, sets and bytearrays copied (nested in tuples
+    too, aliasing kept), for a workflow body: what a step returned, or a promise's
+    value, is kept in the journal, and a body that changes what it got would change the
+    journal's copy cached in this process, so a later replay here would read the
+    changed value and take another path than the first run. Other objects (atoms, the
+    heap's own containers, a user's instances) are handed over as they are."""
+    tp = type(value)
+    if tp in _ATOMS or not (tp is list or tp is dict or tp is set or tp is tuple or tp is bytearray):
+        return value
+    if memo is None:
+        memo = {}
+    done = memo.get(id(value))
+    if done is not None:
+        return done
+    out: Any
+    if tp is list:
+        out = memo[id(value)] = []
+        out.extend(_fresh(v, memo) for v in value)
+    elif tp is dict:
+        out = memo[id(value)] = {}
+        for k, v in value.items():
+            out[k] = _fresh(v, memo)
+    elif tp is set:
+        out = memo[id(value)] = set(value)  # its items are hashable: not plain mutables
+    elif tp is bytearray:
+        out = memo[id(value)] = bytearray(value)
+    else:
+        items = tuple(_fresh(v, memo) for v in value)
+        out = value if all(a is b for a, b in zip(items, value, strict=True)) else items
+        memo[id(value)] = out
+    return out
 
 
 def _frozen(value: Any, depth: int = 0) -> bool:
