@@ -60,6 +60,7 @@ from ZODB.POSException import ConflictError as _ZConflictError
 
 from . import _inline
 from ._counter import Counter
+from ._fastpickle import PLAIN_ATOMS
 from ._inline import holds_watched  # raw (inline) values in a container's storage are not watched
 from ._kinds import ATOMIC, CONVERTERS, BadValue
 from ._storable import public_error
@@ -194,6 +195,14 @@ class _EntryBucket(LOBucket):
             watch(self, state)
         return state
 
+    @staticmethod
+    def _dh_plain_refs(state: Any) -> tuple[Any, ...] | None:
+        """For `_fastpickle`: the next bucket (or nothing), when every entry is a
+        tuple of plain atoms; None when the state holds anything else."""
+        entries = state[0][1::2]
+        if {type(e) for e in entries} <= _TUPLE and {type(x) for e in entries for x in e} <= PLAIN_ATOMS:
+            return state[1:]  # type: ignore[no-any-return]  # ((seq, entry, ...), next): (next,)
+        return None
 
     def _dh_watched(self) -> bool:
         state = LOBucket.__getstate__(self)
@@ -352,6 +361,7 @@ def _entries_watched(state: Any) -> bool:
 
 
 _ATOMIC_OR_RAW = ATOMIC | _inline.RAW
+_TUPLE = frozenset({tuple})
 
 
 def _bucket_values(state: Any) -> list[Any]:
