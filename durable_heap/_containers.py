@@ -380,7 +380,7 @@ def _inline_watched(state: Any) -> bool:
 
 
 def _replace_entry(tree: Any, seq: int, entry: Any) -> None:
-    """``tree[seq] = entry`` for a `seq` the tree holds: set in its bucket, found by hand.
+    """``tree[seq] = entry`` for a `seq` the tree holds, without ``readCurrent`` of inner nodes.
 
     BTrees' own set calls ``readCurrent`` on every inner node on the way down
     (BTreeTemplate.c, ``_BTree_set``): an insert must not land in a bucket that a
@@ -390,22 +390,28 @@ def _replace_entry(tree: Any, seq: int, entry: Any) -> None:
     there needs no such guard: a concurrent change that moves or removes the key
     (a split, a delete) rewrites its bucket, so the two commits conflict on the
     bucket, and the bucket merge refuses a change to a key the other side removed.
-    A tree whose only bucket is inline in its own record is set through the tree.
+    Callers pass a `seq` they have just found in this tree (`_Hashed._find`): a
+    missing one would be an insert, which needs the guard.
+
+    ZODB trap used on purpose: persistent's C ``readCurrent`` (what BTrees call)
+    looks ``readCurrent`` up as an attribute of the connection, so an instance
+    attribute shadows the method for the duration of this one set. BTrees then
+    find the bucket in C; walking the inner nodes by hand (``__getstate__`` of
+    each, a tuple of up to 255 items) cost about 17 us more per commit at 100k.
     """
-    node = tree
-    while True:
-        state = LOBTree.__getstate__(node)  # unghostifies `node`
-        if not state or len(state) == 1:  # empty, or one bucket kept inline
-            break
-        data = state[0]
-        child = data[2 * bisect_right(data[1::2], seq)]  # (child0, key1, child1, key2, ...)
-        if isinstance(child, LOBucket):
-            if seq in child:
-                child[seq] = entry
-                return
-            break  # not where BTrees would look: let BTrees do it
-        node = child
-    tree[seq] = entry
+    jar = tree._p_jar
+    if jar is None or "readCurrent" in jar.__dict__:  # not stored; or shadowed already
+        tree[seq] = entry
+        return
+    jar.readCurrent = _no_read_current
+    try:
+        tree[seq] = entry
+    finally:
+        del jar.readCurrent
+
+
+def _no_read_current(obj: Any) -> None:
+    """`_replace_entry`'s stand-in for ``Connection.readCurrent``: nothing to check."""
 
 
 def _walk_buckets(tree: Any) -> Iterator[Any]:
