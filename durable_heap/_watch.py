@@ -281,8 +281,16 @@ def check_before_commit(conn: Any) -> None:
         if not types <= _LIBRARY_TYPES:
             noted.update(class_paths(types - _LIBRARY_TYPES))
             _LIBRARY_TYPES.update(t for t in types if t.__module__.partition(".")[0] in _LIBRARY_ROOTS)
-    # After the watch's own hook, which may snapshot (and note) more values.
-    conn.transaction_manager.get().addBeforeCommitHook(register_pending, (conn,))
+    # After the watch's own hook, which may snapshot (and note) more values: that hook
+    # registers them itself at its end, so another pass is needed only when hooks
+    # added after it (in the transaction's body) run later still.
+    txn = conn.transaction_manager.get()
+    last = None
+    for last in txn.getBeforeCommitHooks():
+        pass
+    w = conn.__dict__.get("_dh_watch")
+    if last is None or w is None or last[0] != w._before_commit:
+        txn.addBeforeCommitHook(register_pending, (conn,))
     for obj in changed:
         watched = getattr(type(obj), "_dh_watched", None)
         if watched is None or obj._p_changed is None or not watched(obj):
