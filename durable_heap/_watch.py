@@ -24,6 +24,7 @@ read-only view).
 
 from __future__ import annotations
 
+import collections
 import gc
 import sys
 import weakref
@@ -285,11 +286,9 @@ def check_before_commit(conn: Any) -> None:
     # registers them itself at its end, so another pass is needed only when hooks
     # added after it (in the transaction's body) run later still.
     txn = conn.transaction_manager.get()
-    last = None
-    for last in txn.getBeforeCommitHooks():
-        pass
+    last = collections.deque(txn.getBeforeCommitHooks(), maxlen=1)
     w = conn.__dict__.get("_dh_watch")
-    if last is None or w is None or last[0] != w._before_commit:
+    if not last or w is None or last[0][0] != w._before_commit:
         txn.addBeforeCommitHook(register_pending, (conn,))
     for obj in changed:
         watched = getattr(type(obj), "_dh_watched", None)
