@@ -64,8 +64,11 @@ def speed_up(writer: Any) -> None:
         pickler.persistent_id = table.get
         try:
             return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
+        except TypeError:  # something unhashable after all: ZODB's way (``_dump`` starts afresh)
+            pass
         finally:
             pickler.persistent_id = pid
+        return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
 
     writer._dump = dump
 # -- end PROTECTED --
