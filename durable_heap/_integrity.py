@@ -267,7 +267,11 @@ class ChecksumStorage:
             _, serial = self.base.load(oid)
         except ZODB.POSException.POSKeyError:
             return
-        if serial > self.base.lastTransaction():
+        # Against the last transaction written, not lastTransaction(): with group
+        # commit that one moves only once durable, and a record of a commit that
+        # waits for its fsync is newer (a reader whose snapshot predates it, or a
+        # ZEO client served while it waits, was told its sound record was damaged).
+        if serial > getattr(self.base, "last_written", self.base.lastTransaction)():
             raise self._future(oid, serial)
 
     def _unreadable(self, oid: bytes) -> BaseException:
