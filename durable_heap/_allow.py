@@ -58,6 +58,8 @@ import ZODB.Connection
 
 from ._errors import ClassNotAllowedError
 from ._format import INLINE_CLASSES, STORED_CLASSES
+from ._zones import ZONE_CLASS
+from ._zones import ensure as ensure_zones
 
 __all__ = [
     "DB",
@@ -124,6 +126,7 @@ DEFAULT_ALLOWED: frozenset[str] = frozenset(
         "datetime.time",
         "datetime.timedelta",
         "datetime.timezone",
+        ZONE_CLASS,  # a zoned datetime's zone, stored by its key (see `_zones`)
         "decimal.Decimal",
         "fractions.Fraction",
         "pathlib.Path",
@@ -411,6 +414,8 @@ class Allowlist:
         if _never(module, name):
             return _MISS
         if path in self._exact:
+            if path == ZONE_CLASS:
+                ensure_zones()  # a loaded zone pickles again by key (a merge, a copy)
             return None if self._resolves_safely(module, name, None) else _MISS
         for package in self._packages:
             if module == package or module.startswith(package + "."):

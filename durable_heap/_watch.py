@@ -38,6 +38,7 @@ from ._paths import durable_children, path_of
 from ._registry import class_paths, ensure_registry, per_thread, stored_classes
 from ._snapshot import snapshot
 from ._storable import unpicklable_error
+from ._zones import ensure as ensure_zones
 
 __all__ = [
     "BEFORE_COMMIT",
@@ -186,6 +187,7 @@ class _Watch:
             self.hooked = txn
 
     def _before_commit(self) -> None:
+        ensure_zones()  # a ZoneInfo made since the last commit pickles by key (see `_zones`)
         if self.orphans:
             self._check_orphans()
         for obj, base in list(self.items.values()):
@@ -274,6 +276,7 @@ def check_before_commit(conn: Any) -> None:
     value it was. Reads ZODB's private lists of changed and added objects
     (`changed_objects`).
     """
+    ensure_zones()  # before any trial pickling below (see `_zones`)
     changed = changed_objects(conn)
     noted = notes_of(conn)
     if noted is not None:
