@@ -30,6 +30,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+# Imported for what it registers, before any heap opens: the converters of plain dicts,
+# lists and sets into Dict, List and Set (`_kinds.CONVERTERS`) and the inline values'
+# before-commit hook. Without it, a plain dict stored into state stays a plain (watched)
+# dict. The version layer used to import it; it is no longer imported by `open`.
+from . import _containers  # noqa: F401
 from ._allow import env_patterns
 from ._heap import DEFAULT_CACHE_SIZE, DEFAULT_MAX_ASYNC_TRANSACTIONS, HeapEngine
 from ._retry import DEFAULT_ATTEMPTS

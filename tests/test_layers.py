@@ -38,7 +38,10 @@ LEAN = """
     with dh.open(sys.argv[1], clock=lambda: 5.0, lease=9) as heap:
         with heap.transaction() as state:
             state.n = state.get("n", 0) + 1
+            state.d = {"a": [1]}
         print("after open, a commit and a read:", sorted(upper & set(sys.modules)))
+        with heap.transaction() as state:
+            print(type(state.d).__name__, type(state.d["a"]).__name__)  # converted, as always
         print(heap.missing if hasattr(heap, "missing") else "no attribute missing")
         print("after hasattr:", sorted(upper & set(sys.modules)))
         print(heap.clock(), heap.lease, isinstance(heap, dh.Heap))
@@ -61,7 +64,7 @@ def test_open_imports_neither_the_program_nor_the_workflow_layer(tmp_path: Path)
     out = run([str(script), str(tmp_path / "h.fs")])
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        "after open, a commit and a read: []", "no attribute missing",
+        "after open, a commit and a read: []", "Dict List", "no attribute missing",
         "after hasattr: ['durable_heap._migrations', 'durable_heap._program', 'durable_heap._timers', "
         "'durable_heap._types', 'durable_heap._versions', 'durable_heap._workflows']",
         "5.0 9.0 True", "2 True"]
