@@ -79,13 +79,12 @@ def register_pending(conn: Any) -> None:
     """Add the class paths noted for this transaction that the registry lacks
     (a before-commit hook; see `note_class`)."""
     w = _watch_of(conn)
-    loose = per_thread.loose
-    if w is None or not (w.noted or loose) or conn.isReadOnly():
+    if w is None or not w.noted or conn.isReadOnly():
         return
     known: set[str] | None = conn.__dict__.get("_dh_classes")
     if known is None:
         known = conn._dh_classes = stored_classes(conn)
-    new = (w.noted | loose) - known
+    new = w.noted - known
     # Notes made from here on (ZODB pickling new objects at commit) are kept for
     # the next transaction if this one commits, and dropped with it otherwise.
     w.noted = set()
