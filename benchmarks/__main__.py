@@ -521,12 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
     p.add_argument("--report", action="store_true", help="write docs/benchmarks.md and docs/img/*.png")
     p.add_argument("--note", action="append", default=[], help="a line atop the report (repeatable)")
+    p.add_argument("--out", metavar="DIR", default=str(ROOT / "docs"),
+                   help="where --report writes benchmarks.md and img/*.png (default: docs/)")
     p.add_argument("--replot", metavar="PATH",
                    help="only redraw docs/img/*.png from a --json file, measuring nothing")
     args = p.parse_args(argv)
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
-        made = plots(saved["results"], saved["sizes"], ROOT / "docs" / "img", saved.get("sections"))
+        made = plots(saved["results"], saved["sizes"], Path(args.out) / "img", saved.get("sections"))
         print("\n".join(f"docs/img/{m}" for m in made))
         return 0 if made else 1
     if args.sizes:
@@ -555,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"sizes": sizes, "results": results, "sections": ran,
                                                "load": load}, indent=1))
     if args.report:
-        made = plots(results, sizes, ROOT / "docs" / "img", ran)
+        out_dir = Path(args.out)
+        made = plots(results, sizes, out_dir / "img", ran)
         pics = [f"![{m}](img/{m})" for m in made]
         command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
         doc = [
@@ -580,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             *goals,
             "",
         ]
-        (ROOT / "docs" / "benchmarks.md").write_text("\n".join(doc))
+        (out_dir / "benchmarks.md").write_text("\n".join(doc))
     return 0
 
 
