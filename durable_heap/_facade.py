@@ -9,19 +9,26 @@ overriding one of the engine's hook methods (the version layer overrides
 the engine last; Python's method order then runs each layer's override before
 the ones below it.
 
-A new layer adds one base (and its import) here, as the durable-execution layer
-(`_workflows` and `_timers`, between the engine and the version layer) does::
+The mixins are imported on demand (`_LazyHeap`, `_full_class`): `open` makes a
+heap of the engine alone, which takes on the mixins in place at the first use of
+one of their attributes, so a script that only reads and commits never imports
+the version layer or durable execution. A new layer adds one base (and its
+import) in `_full_class`, as the durable-execution layer (`_workflows` and
+`_timers`, between the engine and the version layer) does::
 
     from ._timers import WorkflowMethods
 
-    class Heap(Versions, WorkflowMethods, HeapEngine):
+    class _FullHeap(Versions, WorkflowMethods, _LazyHeap):
 
-and the layer below never imports this module (it receives the heap as
-``self``; for type hints only, under ``if TYPE_CHECKING:``). A mixin may
-subclass `HeapEngine` (as `Versions` does, so that type checkers know what
-``self`` has) or not; one with options of its own takes them in its
-``__init__`` and passes the rest on (``super().__init__(target, **rest)``),
-and adds ``**options`` to `open`, which passes them to `Heap` (the engine takes none).
+and in the ``TYPE_CHECKING`` definition of `Heap` (what type checkers see), and
+the layer below never imports this module (it receives the heap as ``self``; for
+type hints only, under ``if TYPE_CHECKING:``). A mixin may subclass `HeapEngine`
+(as `Versions` does, so that type checkers know what ``self`` has) or not; one
+with options of its own takes them in its ``__init__`` and passes the rest on
+(``super().__init__(target, **rest)``), and adds ``**options`` to `open` and to
+`_LazyHeap.__init__`, which keeps them for the upgrade (the engine takes none).
+A hook the engine calls while records load, before any upper attribute was used,
+is overridden in `_LazyHeap` itself with a lazy import (`install_definitions`).
 """
 
 from __future__ import annotations
