@@ -195,6 +195,7 @@ def test_quick_inline_benchmark() -> None:
     assert all(v > 0 for v in data["ratios"].values())
 
 
+@pytest.mark.slow
 def test_the_runner_folds_sections_into_its_report(tmp_path: Path) -> None:
     """`python -m benchmarks --only SECTION` runs that benchmark module and puts its table and
     each target's met / NOT met line into the report it writes, and the threads plot."""
