@@ -163,6 +163,7 @@ else:
     ...         state.count = 1
     ...     heap.state.count
     1
+
     """ + _LazyHeap.__doc__.partition("\n\n")[2]
 
 
