@@ -508,6 +508,19 @@ def commit_figure(plt: Any, results: dict[str, Any], key_: str, ylabel: str) -> 
     return fig
 
 
+def _shown(argv: list[str]) -> list[str]:
+    """The arguments that decide what was measured (not where it was written, nor the notes)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--note", "--json", "--out"):
+            skip = True
+        elif not arg.startswith(("--note=", "--json=", "--out=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI smoke run)")
@@ -560,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args.out)
         made = plots(results, sizes, out_dir / "img", ran)
         pics = [f"![{m}](img/{m})" for m in made]
-        command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks " + " ".join(_shown(argv if argv is not None else sys.argv[1:]))
         doc = [
             "# Benchmarks",
             "",
