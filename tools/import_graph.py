@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("format", {"_format", "_options", "_zones"}),
     # Targets and their options parsed (no storage opened); the one error map.
     ("storage primitives", {"_targets", "_errormap"}),
-    ("storage backends", {"_allow", "_integrity", "_filestorage", "_groupcommit", "_follow",
+    ("storage backends", {"_allow", "_integrity", "_filestorage", "_groupcommit", "_revisions",
+                          "_follow",
                           "_zeo_client", "_zeo", "_relstorage"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths", "_storable",
@@ -36,7 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("durable execution", {"_execution", "_workflows", "_timers", "_cron"}),
     ("programs", {"_program", "_migrations", "_rewrite", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
-               "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect", "_parent",
+               "_zeo_pipeline", "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect", "_parent",
                "_ops", "_exchange", "_completion", "_rewrite_cli"}),
 ]
 
