@@ -4,11 +4,20 @@
                                          and 10 GB of memory, most for raw ZODB at 10M)
     python -m benchmarks --quick         a smoke run of every row (10k entries, few repetitions)
     python -m benchmarks --only commit   one workload (bulk, open, read, iterate, commit,
-                                         commit_warm, zeo_commit, zeo_clients)
+                                         commit_warm, zeo_commit, zeo_clients) or section
+                                         (threads, inline, tail, zeo_loads, cold, workflows,
+                                         serve: the other modules, see benchmarks/sections.py)
+    python -m benchmarks --skip serve    all but these workloads or sections (repeatable)
     python -m benchmarks --sizes 10000,10000000
     python -m benchmarks --json results.json
     python -m benchmarks --report        also write docs/benchmarks.md and docs/img/*.png
     python -m benchmarks --replot results.json   only redraw docs/img/*.png from a --json file
+    python -m benchmarks --report --note "the machine was loaded"   a line atop the report
+
+A full run also runs every section (`benchmarks.sections`): the modules of the
+later issues, each in its own process, folded into the report with its targets.
+`--quick` alone runs the main workloads only (CI's smoke run); `--quick --only
+tail` runs that section with its module's smoke arguments.
 
 Figures are medians (with p90 where a run has many samples) and ratios to
 durable_heap measured in the same run, so that a faster or slower machine shifts
@@ -31,6 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks import sections as sec
 from benchmarks.one import summarize
 from benchmarks.style import style
 from benchmarks.systems import SYSTEMS
@@ -393,7 +403,7 @@ def targets(results: dict[str, Any], sizes: list[int]) -> list[str]:
     return out
 
 
-def machine() -> list[str]:
+def machine(load: tuple[float, float] | None = None) -> list[str]:
     versions = []
     for pkg in ("durable-heap", "ZODB", "persistent", "BTrees", "transaction", "ZEO"):
         try:
@@ -409,10 +419,15 @@ def machine() -> list[str]:
         "they measure opening from memory-cached files.",
         "- fsync is fast on this virtual disk (about 0.12 ms); on real disks every durable system's "
         "commit costs more, alike, and the ratios move toward 1.",
+        *([f"- Load average (1 min) at the start {load[0]:.1f}, at the end {load[1]:.1f}, on "
+           f"{os.cpu_count()} cores: when it is above the core count, other processes shared the "
+           "machine, absolute times are inflated and only ratios within one run (systems "
+           "alternating round by round) mean much."] if load else []),
     ]
 
 
-def plots(results: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
+def plots(results: dict[str, Any], sizes: list[int], folder: Path,
+          sections: dict[str, Any] | None = None) -> list[str]:
     try:
         import matplotlib
 
@@ -431,7 +446,46 @@ def plots(results: dict[str, Any], sizes: list[int], folder: Path) -> list[str]:
         fig.savefig(folder / fig_name, dpi=110)
         plt.close(fig)
         made.append(fig_name)
+    threads = (sections or {}).get("threads", {}).get("output")
+    if isinstance(threads, dict) and threads.get("runs"):
+        fig = threads_figure(plt, threads["runs"])
+        fig.savefig(folder / "threads.png", dpi=110)
+        plt.close(fig)
+        made.append("threads.png")
     return made
+
+
+#: The threads section's systems, as `benchmarks.style` names them (one colour each).
+THREAD_STYLES = {"durable_heap": "durable_heap", "durable_heap_spread": "durable_heap_spread",
+                 "raw_zodb": "raw_zodb", "raw_zodb_gc": "raw_zodb_gc", "sqlite": "sqlite_full"}
+THREAD_LABELS = {"durable_heap": "durable_heap Dict, neighbouring keys",
+                 "durable_heap_spread": "durable_heap Dict, keys in distinct buckets",
+                 "raw_zodb": "raw ZODB (Persistent items in an OOBTree)",
+                 "raw_zodb_gc": "raw ZODB on durable_heap's group-commit FileStorage",
+                 "sqlite": "sqlite3 (WAL, synchronous=FULL)"}
+
+
+def threads_figure(plt: Any, runs: dict[str, list[dict[str, Any]]]) -> Any:
+    """Commits/s against threads, one panel per disk, one line and colour per system."""
+    delays = sorted({float(k.split("|")[0]) for k in runs})
+    systems = [s for s in THREAD_STYLES if any(k.endswith(f"|{s}") for k in runs)]
+    fig, axes = plt.subplots(1, len(delays), figsize=(5.2 * len(delays) + 2.5, 4.0), squeeze=False)
+    for ax, delay in zip(axes[0], delays, strict=True):
+        for system in systems:
+            points = sorted((int(k.split("|")[1]), statistics.median(r["commits_per_s"] for r in rows))
+                            for k, rows in runs.items()
+                            if float(k.split("|")[0]) == delay and k.split("|")[2] == system)
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], label=THREAD_LABELS[system],
+                        **style(THREAD_STYLES[system]))
+        ax.set_title("this disk" if not delay else f"fsync + {delay:g} ms", fontsize=9)
+        ax.set_xlabel("threads committing at once")
+        ax.set_ylabel("commits per second")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
 
 
 def commit_figure(plt: Any, results: dict[str, Any], key_: str, ylabel: str) -> Any:
@@ -454,58 +508,95 @@ def commit_figure(plt: Any, results: dict[str, Any], key_: str, ylabel: str) -> 
     return fig
 
 
+def _shown(argv: list[str]) -> list[str]:
+    """The arguments that decide what was measured (not where it was written, nor the notes)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--note", "--json", "--out"):
+            skip = True
+        elif not arg.startswith(("--note=", "--json=", "--out=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI smoke run)")
-    p.add_argument("--only", choices=ORDER, action="append", help="run only this workload (repeatable)")
+    names = [*ORDER, *sec.SECTIONS]
+    p.add_argument("--only", choices=names, action="append",
+                   help="run only this workload or section (repeatable)")
+    p.add_argument("--skip", choices=names, action="append", default=[],
+                   help="leave this workload or section out (repeatable)")
     p.add_argument("--sizes", help="comma-separated heap sizes")
     p.add_argument("--systems", help=f"comma-separated systems (default all: {', '.join(SYSTEMS)})")
     p.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
     p.add_argument("--report", action="store_true", help="write docs/benchmarks.md and docs/img/*.png")
+    p.add_argument("--note", action="append", default=[], help="a line atop the report (repeatable)")
+    p.add_argument("--out", metavar="DIR", default=str(ROOT / "docs"),
+                   help="where --report writes benchmarks.md and img/*.png (default: docs/)")
     p.add_argument("--replot", metavar="PATH",
                    help="only redraw docs/img/*.png from a --json file, measuring nothing")
     args = p.parse_args(argv)
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
-        made = plots(saved["results"], saved["sizes"], ROOT / "docs" / "img")
+        made = plots(saved["results"], saved["sizes"], Path(args.out) / "img", saved.get("sections"))
         print("\n".join(f"docs/img/{m}" for m in made))
         return 0 if made else 1
     if args.sizes:
         sizes = [int(s.replace("_", "")) for s in args.sizes.split(",")]
     else:
         sizes = [10_000] if args.quick else [10_000, 100_000, 1_000_000, 10_000_000]
-    workloads = args.only or ORDER
+    chosen = args.only or [*ORDER, *([] if args.quick else sec.SECTIONS)]
+    chosen = [n for n in chosen if n not in args.skip]
+    workloads = [w for w in chosen if w in ORDER]
+    section_names = [n for n in sec.SECTIONS if n in chosen]
     only = set(args.systems.split(",")) if args.systems else None
     if only and not only <= set(SYSTEMS):
         p.error(f"unknown systems: {', '.join(sorted(only - set(SYSTEMS)))}")
-    results = measure(workloads, sizes, args.quick, only)
-    body = tables(results, sizes)
-    goals = targets(results, sizes)
+    load_start = os.getloadavg()[0]
+    results = measure(workloads, sizes, args.quick, only) if workloads else {}
+    ran: dict[str, Any] = {}
+    for name in section_names:
+        print(f"  section {name}", file=sys.stderr, flush=True)
+        ran[name] = sec.run_section(name, args.quick)
+    load = (load_start, os.getloadavg()[0])
+    body = tables(results, sizes) + sec.report_lines(ran)
+    goals = targets(results, sizes) + sec.goal_lines(ran)
     text = "\n".join(body + ["### Targets", ""] + goals + [""])
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"sizes": sizes, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"sizes": sizes, "results": results, "sections": ran,
+                                               "load": load}, indent=1))
     if args.report:
-        made = plots(results, sizes, ROOT / "docs" / "img")
+        out_dir = Path(args.out)
+        made = plots(results, sizes, out_dir / "img", ran)
         pics = [f"![{m}](img/{m})" for m in made]
+        command = "python -m benchmarks " + " ".join(_shown(argv if argv is not None else sys.argv[1:]))
         doc = [
             "# Benchmarks",
             "",
-            "Written by `python -m benchmarks --report` (the whole suite, every system side by side "
-            "in one run, each measurement in its own process). Medians, p90 where there are many "
-            "samples, and ratios to durable_heap in the same run.",
+            f"Written by `{command.strip()}`: every system side by side in one run, each "
+            "measurement in its own process, then the sections (`benchmarks/sections.py`: the "
+            "modules of the later issues, each run as the command it shows). Medians, p90 where "
+            "there are many samples, and ratios to durable_heap in the same run.",
             "",
-            *machine(),
+            *[f"**{n}**" for n in args.note],
+            *([""] if args.note else []),
+            *machine(load),
             "",
             *pics,
             "",
             *body,
             "### Targets",
             "",
+            "Every target of the issues measured in this run, met or not.",
+            "",
             *goals,
             "",
         ]
-        (ROOT / "docs" / "benchmarks.md").write_text("\n".join(doc))
+        (out_dir / "benchmarks.md").write_text("\n".join(doc))
     return 0
 
 

@@ -31,12 +31,15 @@ COLOURS = {
     "diskcache": "#bcbd22",               # olive
     "fsync": "#000000",                   # black
     "dict": "#d62728",                    # red
+    # the threads section's (benchmarks.threads)
+    "durable_heap_spread": "#08306b",     # navy
+    "raw_zodb_gc": "#d94801",             # dark orange
 }
 
 #: For systems without a colour above, in order of first use.
 SPARE = ["#843c39", "#637939", "#e7969c", "#7b4173", "#bd9e39", "#5254a3", "#ad494a", "#8ca252"]
 
-_MARKERS = "osD^vP*Xhp<>d8H+x"  # one per named system
+_MARKERS = "osD^vP*Xhp<>d8H+x12"  # one per named system
 _spare_given: dict[str, str] = {}
 
 

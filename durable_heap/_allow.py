@@ -59,6 +59,8 @@ import ZODB.Connection
 from ._errors import ClassNotAllowedError
 from ._fastpickle import speed_up
 from ._format import INLINE_CLASSES, STORED_CLASSES
+from ._zones import ZONE_CLASS
+from ._zones import ensure as ensure_zones
 
 __all__ = [
     "DB",
@@ -92,6 +94,11 @@ _SAFE_BUILTINS = (
     "issubclass", "len", "max", "min", "oct", "ord", "repr", "round", "sorted", "sum",
 )
 
+#: The BTrees package's families (key and value types: O object, I/L int 32/64 bits,
+#: U/Q unsigned, F float): module ``BTrees.<fam>BTree``.
+_BTREE_FAMILIES = ("OO", "IO", "OI", "II", "IF", "LO", "OL", "LL", "LF", "UU", "UO", "OU", "UI",
+                   "IU", "UF", "QQ", "QO", "OQ", "QF")
+
 #: Globals every heap may load: exact names, each a class (or a reconstructor
 #: that only calls the classes it is given, which are checked themselves).
 DEFAULT_ALLOWED: frozenset[str] = frozenset(
@@ -102,9 +109,13 @@ DEFAULT_ALLOWED: frozenset[str] = frozenset(
         # ZODB's root, and the persistent containers of raw ZODB code
         "persistent.mapping.PersistentMapping",
         "persistent.list.PersistentList",
-        # the BTrees families our containers, registry and versions use
-        *(f"BTrees.{fam}BTree.{fam}{kind}" for fam in ("OO", "IO", "LL", "LO", "OL")
-          for kind in ("BTree", "Bucket")),
+        # Every BTrees family and kind: our containers, registry and versions use
+        # five families' trees and buckets, and users store any of them in state
+        # (an OOTreeSet, an IIBTree...): refused here, a value that was accepted and
+        # committed could not be read back. Their state is plain keys and values,
+        # set by C code that calls nothing of the record's.
+        *(f"BTrees.{fam}BTree.{fam}{kind}" for fam in _BTREE_FAMILIES
+          for kind in ("BTree", "Bucket", "TreeSet", "Set")),
         "BTrees.Length.Length",
         # plain data of the standard library
         "collections.Counter",
@@ -116,6 +127,7 @@ DEFAULT_ALLOWED: frozenset[str] = frozenset(
         "datetime.time",
         "datetime.timedelta",
         "datetime.timezone",
+        ZONE_CLASS,  # a zoned datetime's zone, stored by its key (see `_zones`)
         "decimal.Decimal",
         "fractions.Fraction",
         "pathlib.Path",
@@ -403,6 +415,8 @@ class Allowlist:
         if _never(module, name):
             return _MISS
         if path in self._exact:
+            if path == ZONE_CLASS:
+                ensure_zones()  # a loaded zone pickles again by key (a merge, a copy)
             return None if self._resolves_safely(module, name, None) else _MISS
         for package in self._packages:
             if module == package or module.startswith(package + "."):

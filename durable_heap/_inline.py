@@ -350,6 +350,13 @@ def bulk_raw(source: dict[Any, Any], holder: Any) -> list[tuple[Any, Any]] | Non
         return list(zip(source, map(marshal.loads, blobs), strict=True))
 
 
+#: Threads inside `gc_paused` now, and whether the first of them turned the GC off
+#: (it was on): the last one out turns it back on. Guarded by `_pause_lock`.
+_pausers = 0
+_paused_by_us = False
+_pause_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """The cyclic GC paused, for C-level bulk work on plain data (no user code runs).
@@ -358,14 +365,29 @@ def gc_paused() -> Iterator[None]:
     them) would run the collector over and over, each full pass walking every
     live container: a third of a bulk load's time. Nothing made meanwhile is
     garbage, so nothing is left for later.
+
+    Python's GC switch is process-wide: while one thread bulk-loads, no thread's
+    cycles are collected (they are at the next collection after it; reference
+    counting frees everything else as usual). So the pause is counted: with
+    several threads bulk-loading at once, the GC comes back on when the last one
+    is done, not when the first one is (which would run the collector inside the
+    others' loads), and only if it was on before the first one paused it. A GC
+    the program switched off before stays off.
     """
-    paused = gc.isenabled()
-    gc.disable()
+    global _pausers, _paused_by_us
+    with _pause_lock:
+        if _pausers == 0:
+            _paused_by_us = gc.isenabled()
+        _pausers += 1
+        gc.disable()
     try:
         yield
     finally:
-        if paused:
-            gc.enable()
+        with _pause_lock:
+            _pausers -= 1
+            if _pausers == 0 and _paused_by_us:
+                _paused_by_us = False
+                gc.enable()
 
 
 def _flat_dict_copy(value: dict[Any, Any]) -> Any:

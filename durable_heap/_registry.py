@@ -20,6 +20,7 @@ from ._format import CLASSES_KEY, COMPLETE_KEY
 __all__ = [
     "CLASSES_KEY",
     "COMPLETE_KEY",
+    "adopt_loose",
     "class_paths",
     "ensure_registry",
     "note_class",
@@ -79,10 +80,15 @@ program_roots: set[str] = set()
 # connection's objects take values (`stored_form` with their jar) or are pickled (the
 # watch's snapshots, `check_before_commit`). The commit registers them in that transaction;
 # an abort drops them, and storing the class again notes it again. A note made
-# for an object in no heap yet goes to its thread's `_Local.loose`, which every
-# commit of the thread registers where it is missing: at worst a class is
-# registered in a heap that never stored it (a deploy removing it then needs
-# ``force``), never left out of one that did.
+# for an object in no heap yet (``User()`` whose ``__init__`` sets attributes) goes
+# to its thread's `_Local.loose`; when the thread stores an object that is in no
+# heap yet into a heap's object (`adopt_loose`, from `stored_form`), all of them join
+# that transaction's notes. So a heap that is given such an object registers every
+# class the thread noted outside a heap (at worst one it never stored: a deploy
+# removing it then needs ``force``), never misses one it did; a heap that is given
+# none registers none of them (they used to go into every later commit of the
+# thread, in any heap). Not covered: an object built in one thread and stored by
+# another (its notes are the first thread's).
 
 
 def note_class(cls: Any) -> None:
@@ -92,6 +98,14 @@ def note_class(cls: Any) -> None:
     if paths:
         sink = per_thread.sink
         (sink if sink is not None else per_thread.loose).update(paths)
+
+
+def adopt_loose() -> None:
+    """An object in no heap yet is being stored into a heap's object: the notes this thread
+    made outside any heap join the notes of the transaction being built (see above)."""
+    local = per_thread
+    if local.loose and local.sink is not None:
+        local.sink.update(local.loose)
 
 
 def _class_paths(cls: Any) -> tuple[str, ...]:

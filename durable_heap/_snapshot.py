@@ -14,7 +14,7 @@ from typing import Any
 from persistent import Persistent
 
 from ._kinds import ATOMIC
-from ._registry import note_class, program_roots
+from ._registry import adopt_loose, note_class, program_roots
 
 __all__ = ["snapshot"]
 
@@ -32,6 +32,10 @@ class _SnapshotPickler(pickle.Pickler):
                 # writes this reference, never a copy that diverges.
                 stored(obj)
             oid = obj._p_oid
+            if obj._p_jar is None:
+                # In no heap yet, held by a plain object stored now (a dataclass): the
+                # notes made for it come along, as in `stored_form` (see `_registry`).
+                adopt_loose()
             return oid if oid is not None else id(obj)
         return None
 

@@ -24,6 +24,7 @@ from ._format import CLASSES_KEY, COMPLETE_KEY, ROOT_KEY
 from ._kinds import ATOMIC, CONVERTERS, BadValue, SharedInline, holds_watched, is_atomic
 from ._paths import holder_path, path_of
 from ._registry import (
+    adopt_loose,
     ensure_registry,
     note_class,
     program_roots,
@@ -146,6 +147,8 @@ def _stored_form(value: Any, tp: type, memo: dict[int, tuple[Any, Any]]) -> Any:
         if why is not None:
             raise BadValue(value, why)
         note_class(tp)
+        if value._p_jar is None:  # (reading _p_jar never loads a ghost)
+            adopt_loose()  # in no heap yet: the notes made for it come along (see `_registry`)
         stored = getattr(tp, "_dh_stored", None)  # on the class: a ghost is not loaded
         if stored is not None:
             stored(value)  # an inline value stored into a second place becomes a record

@@ -39,6 +39,7 @@ from ._paths import durable_children, path_of
 from ._registry import class_paths, ensure_registry, per_thread, stored_classes
 from ._snapshot import snapshot
 from ._storable import unpicklable_error
+from ._zones import ensure as ensure_zones
 
 __all__ = [
     "BEFORE_COMMIT",
@@ -79,13 +80,12 @@ def register_pending(conn: Any) -> None:
     """Add the class paths noted for this transaction that the registry lacks
     (a before-commit hook; see `note_class`)."""
     w = _watch_of(conn)
-    loose = per_thread.loose
-    if w is None or not (w.noted or loose) or conn.isReadOnly():
+    if w is None or not w.noted or conn.isReadOnly():
         return
     known: set[str] | None = conn.__dict__.get("_dh_classes")
     if known is None:
         known = conn._dh_classes = stored_classes(conn)
-    new = (w.noted | loose) - known
+    new = w.noted - known
     # Notes made from here on (ZODB pickling new objects at commit) are kept for
     # the next transaction if this one commits, and dropped with it otherwise.
     w.noted = set()
@@ -187,6 +187,7 @@ class _Watch:
             self.hooked = txn
 
     def _before_commit(self) -> None:
+        ensure_zones()  # a ZoneInfo made since the last commit pickles by key (see `_zones`)
         if self.orphans:
             self._check_orphans()
         for obj, base in list(self.items.values()):
@@ -275,6 +276,7 @@ def check_before_commit(conn: Any) -> None:
     value it was. Reads ZODB's private lists of changed and added objects
     (`changed_objects`).
     """
+    ensure_zones()  # before any trial pickling below (see `_zones`)
     changed = changed_objects(conn)
     noted = notes_of(conn)
     if noted is not None:

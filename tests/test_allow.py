@@ -771,3 +771,32 @@ def test_the_legacy_scan_reads_opcodes_so_string_data_names_no_class(tmp_path: P
     finally:
         storage.close()
     assert "userdata.Point" in found and "userdata.Evil" not in found
+
+
+def test_every_btrees_type_a_user_stores_loads_back(tmp_path: Path) -> None:
+    """Users store BTrees types in state (an OOTreeSet, an IIBTree...): each family's tree,
+    bucket, tree set and set loads again after a reopen, its buckets too (big enough
+    to split into records). They were accepted and committed, then refused at load."""
+    import importlib
+
+    families = ("OO", "IO", "OI", "II", "IF", "LO", "OL", "LL", "LF", "UU", "UO", "OU", "UI", "IU",
+                "UF", "QQ", "QO", "OQ", "QF")
+    expected: dict[str, list[Any]] = {}
+    with dh.open(tmp_path / "h.fs") as heap, heap.transaction() as state:
+        for fam in families:
+            module = importlib.import_module(f"BTrees.{fam}BTree")
+            keys = [f"k{i:04d}" if fam[0] == "O" else i for i in range(300)]
+            value = {"O": "v", "F": 0.5}.get(fam[1], 7)
+            for kind in ("BTree", "Bucket", "TreeSet", "Set"):
+                made = getattr(module, f"{fam}{kind}")()
+                for k in keys:
+                    if kind.endswith("Set"):
+                        made.add(k)
+                    else:
+                        made[k] = value
+                state[f"{fam}{kind}"] = made
+                expected[f"{fam}{kind}"] = list(made.items()) if hasattr(made, "items") else list(made)
+    with dh.open(tmp_path / "h.fs") as heap, heap.transaction() as state:
+        for name, items in expected.items():
+            got = state[name]
+            assert (list(got.items()) if hasattr(got, "items") else list(got)) == items, name

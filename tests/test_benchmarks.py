@@ -194,3 +194,46 @@ def test_quick_inline_benchmark() -> None:
         assert data[system]["cpu_s"] > 0 and data[system]["bytes_per_commit"] > 0, system
     assert data["nested"]["file_mb"] < data["records"]["file_mb"]  # inline: fewer bytes
     assert all(v > 0 for v in data["ratios"].values())
+
+
+@pytest.mark.slow
+def test_the_runner_folds_sections_into_its_report(tmp_path: Path) -> None:
+    """`python -m benchmarks --only SECTION` runs that benchmark module and puts its table and
+    each target's met / NOT met line into the report it writes, and the threads plot."""
+    out_json = tmp_path / "results.json"
+    out = run(["-m", "benchmarks", "--quick", "--only", "tail", "--only", "threads", "--report",
+               "--out", str(tmp_path), "--note", "a loaded machine", "--json", str(out_json)], timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out_json.read_text())
+    assert data["results"] == {} and set(data["sections"]) == {"tail", "threads"}  # no main workload
+    for name, section in data["sections"].items():
+        assert section["returncode"] == 0 and section["command"].startswith(f"python -m benchmarks.{name} ")
+        assert section["goals"] and all(g.startswith(("- met", "- NOT met", "- not measured"))
+                                        for g in section["goals"]), section["goals"]
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "**a loaded machine**" in report and "Load average (1 min)" in report
+    assert "### The one-entry commit and its tail" in report and "### Threads committing at once" in report
+    targets = report.split("### Targets")[1]
+    assert "median wall" in targets and "raw ZODB (target >= 2x)" in targets
+    assert "![threads.png](img/threads.png)" in report and (tmp_path / "img" / "threads.png").stat().st_size
+
+
+def test_the_threads_plot_draws_each_system_in_its_own_colour() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.__main__ import THREAD_STYLES, threads_figure
+    from benchmarks.style import colour
+
+    runs = {f"{d}|{n}|{s}": [{"commits_per_s": 100.0 * n + i}] for d in (0.0, 2.0) for n in (1, 8)
+            for i, s in enumerate(THREAD_STYLES)}
+    fig = threads_figure(plt, runs)
+    try:
+        for ax in fig.axes:
+            colours = [line.get_color() for line in ax.get_lines()]
+            assert colours == [colour(THREAD_STYLES[s]) for s in THREAD_STYLES]
+            assert len(set(colours)) == len(THREAD_STYLES)
+    finally:
+        plt.close(fig)

@@ -597,3 +597,42 @@ def test_a_top_level_reading_state_before_its_classes_loads_no_ghost(tmp_path: P
     assert cli("call", str(app), "fill", cwd=tmp_path).returncode == 0
     out = cli("call", str(app), "titles", cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == '["a", "b"]', out.stderr
+
+
+def test_overlapping_gc_pauses_turn_the_gc_back_on_when_the_last_one_ends() -> None:
+    """`gc_paused` is process-wide: a bulk load in one thread must not turn the GC back on
+    while another thread's bulk load is still running, and must not leave it off after."""
+    import gc
+
+    assert gc.isenabled()
+    first_in, second_in, first_out, second_out = (threading.Event() for _ in range(4))
+    seen: dict[str, bool] = {}
+
+    def first() -> None:
+        with _inline.gc_paused():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with _inline.gc_paused():
+            second_in.set()
+            first_out.wait(10)
+            seen["inside the second after the first ended"] = gc.isenabled()
+        second_out.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"inside the second after the first ended": False}
+    assert gc.isenabled()
+    gc.disable()  # switched off by the program: a pause leaves it off
+    try:
+        with _inline.gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

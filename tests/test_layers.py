@@ -10,18 +10,64 @@ import pytest
 from ZODB.POSException import ConflictError as ZODBConflictError
 
 import durable_heap as dh
-from durable_heap import _facade, _heap, _registry, _retry, _timers, _versions
+from durable_heap import _facade, _heap, _registry, _retry, _timers, _versions, _workflows
 from durable_heap._targets import parse_target
-from tests.conftest import write
+from tests.conftest import run, write
 
 
 def test_the_public_heap_is_the_facade_over_the_engine(tmp_path: Path) -> None:
     assert dh.Heap is _facade.Heap and dh.open is _facade.open
-    assert dh.Heap.__mro__[1:] == (_versions.Versions, _timers.WorkflowMethods, _heap.HeapEngine, object)
+    assert dh.Heap.__mro__[1:] == (_heap.HeapEngine, object)  # the upper layers come on demand
     with dh.open(tmp_path / "h.fs") as heap:
         assert isinstance(heap, dh.Heap) and isinstance(heap, _heap.HeapEngine)
         assert repr(heap).startswith("<durable_heap.Heap ")
         assert dh.active_heap() is heap
+        assert heap.versions("nothing") == []  # an upper layer's method: the heap takes them on
+        assert type(heap).__mro__[1:] == (_versions.Versions, _timers.WorkflowMethods, dh.Heap,
+                                          _heap.HeapEngine, object)
+        assert isinstance(heap, dh.Heap) and heap.lease == _workflows.DEFAULT_LEASE
+    assert (_facade.DEFAULT_LEASE, _facade.DEFAULT_RETENTION) == (
+        _workflows.DEFAULT_LEASE, _workflows.DEFAULT_RETENTION)
+
+
+LEAN = """
+    import sys
+    import durable_heap as dh
+    upper = {"durable_heap._versions", "durable_heap._program", "durable_heap._timers",
+             "durable_heap._workflows", "durable_heap._types", "durable_heap._migrations"}
+    with dh.open(sys.argv[1], clock=lambda: 5.0, lease=9) as heap:
+        with heap.transaction() as state:
+            state.n = state.get("n", 0) + 1
+            state.d = {"a": [1]}
+        print("after open, a commit and a read:", sorted(upper & set(sys.modules)))
+        with heap.transaction() as state:
+            print(type(state.d).__name__, type(state.d["a"]).__name__)  # converted, as always
+        print(heap.missing if hasattr(heap, "missing") else "no attribute missing")
+        print("after hasattr:", sorted(upper & set(sys.modules)))
+        print(heap.clock(), heap.lease, isinstance(heap, dh.Heap))
+
+        @heap.action
+        def bump() -> int:
+            state = heap.state
+            state.n += 1
+            return state.n
+
+        print(bump(), callable(bump.invoke_in))
+"""
+
+
+def test_open_imports_neither_the_program_nor_the_workflow_layer(tmp_path: Path) -> None:
+    """`dh.open`, a commit and a read import only the engine and the containers; the first
+    use of an upper layer's method (an attribute lookup the engine cannot answer) imports
+    them and gives the heap their methods and options, in place (issue 18, part 4)."""
+    script = write(tmp_path / "lean.py", LEAN)
+    out = run([str(script), str(tmp_path / "h.fs")])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "after open, a commit and a read: []", "Dict List", "no attribute missing",
+        "after hasattr: ['durable_heap._migrations', 'durable_heap._program', 'durable_heap._timers', "
+        "'durable_heap._types', 'durable_heap._versions', 'durable_heap._workflows']",
+        "5.0 9.0 True", "2 True"]
 
 
 def test_the_engine_alone_runs_transactions_and_installs_no_programs() -> None:

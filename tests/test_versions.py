@@ -1065,3 +1065,62 @@ with dh.open(sys.argv[1]) as heap:
     assert out.returncode == 0, out.stderr
     # The process has the current version's classes, also for what history shows.
     assert json.loads(out.stdout) == ["v2 ann", "v2 ann", "v2 bob"]
+
+
+LOOSE = """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import durable_heap as dh
+    from loosemod import Box, Meta, Tag, Wrap
+
+    def registry(heap):
+        with heap.transaction():
+            root = heap.connection.root()
+            return sorted(k for k in root["durable_heap.classes"].keys() if k.startswith("loosemod"))
+
+    box = Box()  # in no heap yet: its attribute's class is noted outside any heap
+    box.meta = Meta()
+    inner = Box()
+    inner.tag = Tag()
+    with dh.open(sys.argv[2]) as other:
+        with other.transaction() as state:
+            state.n = 1  # given no object from outside a heap
+        print("other:", registry(other))
+    with dh.open(sys.argv[3]) as mine:
+        with mine.transaction() as state:
+            state.wrap = Wrap(inner)  # reached only through a plain object (a dataclass)
+        print("mine:", registry(mine))
+        with mine.transaction() as state:
+            state.box = box
+        print("mine:", registry(mine))
+    with dh.open(sys.argv[3]) as mine, mine.transaction() as state:
+        print(type(state.box.meta).__name__, type(state.wrap.box.tag).__name__)
+"""
+
+
+def test_classes_noted_outside_a_heap_go_only_where_the_object_is_stored(tmp_path: Path) -> None:
+    """A thread's notes of classes used by objects built outside a heap are registered by the
+    heap that is given such an object, not by every later commit of the thread in any heap."""
+    write(tmp_path / "loosemod.py", """
+        import dataclasses
+        from durable_heap import Object
+
+        class Meta:
+            pass
+
+        class Tag:
+            pass
+
+        class Box(Object):
+            pass
+
+        @dataclasses.dataclass
+        class Wrap:
+            box: Box
+    """)
+    script = write(tmp_path / "loose.py", LOOSE)
+    out = run([str(script), str(tmp_path), str(tmp_path / "other.fs"), str(tmp_path / "mine.fs")])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "other: []", "mine: ['loosemod.Box', 'loosemod.Meta', 'loosemod.Tag', 'loosemod.Wrap']",
+        "mine: ['loosemod.Box', 'loosemod.Meta', 'loosemod.Tag', 'loosemod.Wrap']", "Meta Tag"]

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Bottom first. A module not listed is reported (every module has a place).
 LAYERS: list[tuple[str, set[str]]] = [
     ("errors", {"_errors"}),
-    ("format", {"_format", "_options"}),
+    ("format", {"_format", "_options", "_zones"}),
     # Targets and their options parsed (no storage opened); the one error map.
     ("storage primitives", {"_targets", "_errormap"}),
     ("storage backends", {"_fastpickle", "_allow", "_integrity", "_filestorage", "_groupcommit",
