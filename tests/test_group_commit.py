@@ -434,7 +434,7 @@ def _explain(path: Path, nthreads: int, i: int, value: int) -> str:
 
 
 def _kill_rounds(tmp_path: Path, nthreads: int, rounds: int, acks: int = 60, more: int = 40,
-                 keep: Path | None = None) -> int:
+                 keep: Path | None = None, progress: bool = False) -> int:
     """`rounds` times: `nthreads` threads commit in a real writer process, SIGKILLed
     once it has acknowledged `acks` (+ `more` per round) commits; every commit it
     acknowledged must be in the file (SIGKILL) and in a copy cut to what its fsyncs
@@ -516,6 +516,8 @@ def _kill_rounds(tmp_path: Path, nthreads: int, rounds: int, acks: int = 60, mor
             begun = heap.db.lastTransaction()  # its history is checked from here
         for f in (lost_power, killed, *tmp_path.glob(f"power{round_}.fs.*")):
             f.unlink(missing_ok=True)
+        if progress and round_ % 10 == 9:
+            print(f"{round_ + 1} rounds, {checked} acknowledged commits checked", flush=True)
     assert min(acked.values()) > 0
     return checked
 
@@ -550,7 +552,7 @@ def test_soak_sigkill_during_concurrent_commits(tmp_path: Path) -> None:
     try:
         started = time.monotonic()
         checked = _kill_rounds(tmp_path, nthreads=nthreads, rounds=rounds, acks=20, more=60,
-                               keep=Path(keep) if keep else None)
+                               keep=Path(keep) if keep else None, progress=True)
     finally:
         for p in burners:
             p.kill()
