@@ -63,6 +63,8 @@ _Callback = Callable[[bytes], Any]
 # hold the finished transaction's end and records; ``_file`` is the data file
 # (replaced by pack and by `_filestorage`'s recovery: hence the fsync of a dup of
 # its descriptor, taken under ``_lock``). ``lastTransaction()`` reads ``_ltid``.
+# ``pack`` calls the static ``packer(storage, referencesf, stop, gc)``, which returns
+# holding the commit lock with ``NAME.pack`` written and closed, then renames it.
 # tests/test_group_commit.py (test_the_zodb_internals_group_commit_relies_on) pins them.
 class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
     """FileStorage whose concurrent commits share one fsync (see the module)."""

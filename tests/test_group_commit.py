@@ -576,7 +576,8 @@ def test_the_merge_check_fast_path_tells_equal_values_of_other_types_apart() -> 
 def test_the_zodb_internals_group_commit_relies_on() -> None:
     """`_groupcommit`'s PROTECTED block: FileStorage's tpc_finish(transaction, f) calls
     f under its locks and then _finish, whose _finish_finish(tid) does the flush and
-    fsync; _nextpos, _tindex, _blob_tpc_finish and _ltid are what it moves."""
+    fsync; _nextpos, _tindex, _blob_tpc_finish and _ltid are what it moves; pack calls
+    the packer before it renames the packed copy over the file."""
     import inspect
 
     zfs = ZODBFileStorage
@@ -589,3 +590,7 @@ def test_the_zodb_internals_group_commit_relies_on() -> None:
         assert name in source, name
     finish = inspect.getsource(zfs.tpc_finish)
     assert finish.index("f(tid)") < finish.index("self._finish(") < finish.index("_commit_lock.release()")
+    # pack: the packer (a static method, called with the storage) returns before the rename
+    assert list(inspect.signature(zfs.packer).parameters) == ["storage", "referencesf", "stop", "gc"]
+    pack = inspect.getsource(zfs.pack)
+    assert pack.index("self.packer(self,") < pack.index("os.rename(self._file_name + '.pack'")
