@@ -339,7 +339,7 @@ WRITER = """
 import os, sys, threading
 import durable_heap as dh
 
-path, nthreads = sys.argv[1], int(sys.argv[2])
+path, nthreads, shared = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 out_lock = threading.Lock()
 real_fsync = os.fsync
 data_file = os.stat(path).st_ino  # no pack here: the data file stays this inode
@@ -374,13 +374,29 @@ def work(i):
         say(f"died {i} {exc!r}".replace("\\n", " "))
         raise
 
+def work_shared(j):
+    # `shared` threads add 1 to one more count: conflicts no merge resolves, so
+    # aborts (tpc_abort) and retries
+    try:
+        while True:
+            for attempt in heap.attempts(500, note=f"s{j}"):
+                with attempt as state:
+                    state.counts[nthreads] += 1
+                    n = state.counts[nthreads]
+            say(f"ack {nthreads} {n}")
+    except BaseException as exc:
+        say(f"died s{j} {exc!r}".replace("\\n", " "))
+        raise
+
 for i in range(nthreads):
     threading.Thread(target=work, args=(i,), daemon=True).start()
+for j in range(shared):
+    threading.Thread(target=work_shared, args=(j,), daemon=True).start()
 threading.Event().wait()
 """
 
 
-def _bucket_history(path: Path, nthreads: int,
+def _bucket_history(path: Path, keys: int,
                     start: bytes | None = None) -> list[tuple[str, str, dict[int, int]]]:
     """Every record of a bucket holding the writers' counts, in file order from the
     transaction `start` on: (tid, note, {key: value}), read straight from the file
@@ -416,7 +432,7 @@ def _bucket_history(path: Path, nthreads: int,
                     entries = dict(items[1::2])
                 except Exception:  # noqa: BLE001, S112 - not a bucket of (key, value) entries
                     continue
-                seen = {k: v for k, v in entries.items() if isinstance(k, int) and k < nthreads}
+                seen = {k: v for k, v in entries.items() if isinstance(k, int) and k < keys}
                 if seen:
                     out.append((txn.tid.hex(), txn.description.decode(), seen))
     finally:
@@ -424,9 +440,9 @@ def _bucket_history(path: Path, nthreads: int,
     return out
 
 
-def _explain(path: Path, nthreads: int, i: int, value: int) -> str:
-    """The last records of thread `i`'s count up to the first that held `value`, and after."""
-    history = _bucket_history(path, nthreads)
+def _explain(path: Path, keys: int, i: int, value: int) -> str:
+    """The last records of count `i` up to the first that held `value`, and after."""
+    history = _bucket_history(path, keys)
     first = next((n for n, (_, _, seen) in enumerate(history) if seen.get(i, -1) >= value),
                  len(history))
     shown = history[max(0, first - 3):first + 8]
@@ -434,7 +450,7 @@ def _explain(path: Path, nthreads: int, i: int, value: int) -> str:
 
 
 def _kill_rounds(tmp_path: Path, nthreads: int, rounds: int, acks: int = 60, more: int = 40,
-                 keep: Path | None = None, progress: bool = False) -> int:
+                 keep: Path | None = None, progress: bool = False, shared: int = 2) -> int:
     """`rounds` times: `nthreads` threads commit in a real writer process, SIGKILLed
     once it has acknowledged `acks` (+ `more` per round) commits; every commit it
     acknowledged must be in the file (SIGKILL) and in a copy cut to what its fsyncs
@@ -447,11 +463,12 @@ def _kill_rounds(tmp_path: Path, nthreads: int, rounds: int, acks: int = 60, mor
     path = tmp_path / "app.fs"
     with dh.open(path) as heap, heap.transaction() as state:
         state.counts = dict.fromkeys(range(1000), 0)  # tree form: one bucket merges
-    acked = dict.fromkeys(range(nthreads), 0)
+    keys = nthreads + 1  # count `nthreads`: the one the `shared` threads all add to
+    acked = dict.fromkeys(range(keys), 0)
     checked = 0
     begun = None
     for round_ in range(rounds):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(nthreads)],
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(nthreads), str(shared)],
                                 stdout=subprocess.PIPE, text=True, env=subprocess_env())
         assert proc.stdout is not None
         stdout, got = proc.stdout, queue.Queue()  # type: ignore[var-annotated]
@@ -480,7 +497,7 @@ def _kill_rounds(tmp_path: Path, nthreads: int, rounds: int, acks: int = 60, mor
         # No lost update, durable or not: in commit order each count only grows
         # (its thread writes 1, 2, 3...; a merge by another thread carries it).
         last: dict[int, tuple[int, str]] = {}
-        for tid, note, seen in _bucket_history(path, nthreads, begun):
+        for tid, note, seen in _bucket_history(path, keys, begun):
             for i, v in seen.items():
                 was, by = last.get(i, (v, ""))
                 assert v >= was, (f"round {round_}: count {i} went from {was} ({by}) to {v} in "
@@ -498,8 +515,8 @@ def _kill_rounds(tmp_path: Path, nthreads: int, rounds: int, acks: int = 60, mor
         shutil.copyfile(path, killed)
         for target in (path, lost_power):
             with dh.open(target) as heap:
-                counts = {i: heap.state.counts[i] for i in range(nthreads)}
-            short = {i: (counts[i], acked[i]) for i in range(nthreads) if counts[i] < acked[i]}
+                counts = {i: heap.state.counts[i] for i in range(keys)}
+            short = {i: (counts[i], acked[i]) for i in range(keys) if counts[i] < acked[i]}
             if short:
                 i, (had, want) = next(iter(short.items()))
                 where = lost_power if target == lost_power else killed
@@ -509,10 +526,10 @@ def _kill_rounds(tmp_path: Path, nthreads: int, rounds: int, acks: int = 60, mor
                 pytest.fail(
                     f"round {round_}, {target.name} (of {size} bytes; fsyncs covered {durable}): "
                     f"(thread: had, acknowledged) {short}; thread {i}'s count in {where.name}:\n"
-                    + _explain(where, nthreads, i, want)
+                    + _explain(where, keys, i, want)
                 )
         with dh.open(path) as heap:  # the next round starts from the file's counts
-            acked = {i: heap.state.counts[i] for i in range(nthreads)}
+            acked = {i: heap.state.counts[i] for i in range(keys)}
             begun = heap.db.lastTransaction()  # its history is checked from here
         for f in (lost_power, killed, *tmp_path.glob(f"power{round_}.fs.*")):
             f.unlink(missing_ok=True)
@@ -524,7 +541,8 @@ def _kill_rounds(tmp_path: Path, nthreads: int, rounds: int, acks: int = 60, mor
 
 @pytest.mark.slow
 def test_sigkill_during_concurrent_commits_loses_no_acknowledged_commit(tmp_path: Path) -> None:
-    """Six threads commit in a real subprocess, SIGKILLed at a random moment, five times.
+    """Six threads commit in a real subprocess, SIGKILLed at a random moment, five times;
+    two more add to one shared count (conflicts no merge resolves: aborts and retries).
 
     SIGKILL loses only the process (the kernel keeps its page cache): every
     acknowledged commit is in the file. A power loss keeps only what an fsync made
