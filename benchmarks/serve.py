@@ -3,6 +3,7 @@
     python -m benchmarks.serve                  1 and 4 workers, 3 rounds of 1500 requests per system
     python -m benchmarks.serve --quick          1 worker, 1 round of 150 requests (seconds)
     python -m benchmarks.serve --workers 1,2,4 --rounds 5 --requests 3000 --concurrency 32 --json
+    python -m benchmarks.serve --workers 2,4 --compare-zeo-pipeline   also ZEO's fsync on its loop (before)
 
 Each request increments one of 1000 entries, chosen at random: ``POST /bump``
 with ``["k123"]``. durable_heap serves a program whose ``bump(key)`` does
@@ -17,6 +18,10 @@ connection each) and records each request's latency; throughput is requests
 over wall time. Systems alternate round by round (and which goes first), each
 round on a fresh store; figures are medians over rounds, with the ratio
 durable_heap / sqlite of each round's pair. Nothing here asserts a time.
+
+``--compare-zeo-pipeline`` adds a third system, durable_heap with the ZEO
+server's fsync on its event loop (``DURABLE_HEAP_ZEO_PIPELINE=0``, ZEO's own
+``tpc_finish``: the "before" of `durable_heap._zeo_pipeline`), in the same rounds.
 """
 
 from __future__ import annotations
@@ -98,13 +103,21 @@ class _Server:
         self.log.close()
 
 
+#: The systems, as the report names them; `LOOP_FSYNC` only with --compare-zeo-pipeline.
+LOOP_FSYNC = "durable_heap_loop_fsync"
+LABELS = {"durable_heap": "durable-heap serve", LOOP_FSYNC: "durable-heap serve, ZEO fsync on its loop",
+          "sqlite": "FastAPI + sqlite3"}
+
+
 def start(system: str, workers: int, folder: Path, work_ms: float = 0) -> _Server:
-    if system == "durable_heap":
+    if system in ("durable_heap", LOOP_FSYNC):
         program = folder / "bench_app.py"
         program.write_text(textwrap.dedent(PROGRAM))
         cmd = [sys.executable, "-m", "durable_heap", "serve", str(program), "--port", "0", "--no-watch",
                "--storage", str(folder / "bench.fs"), "--workers", str(workers), "--attempts", "100"]
-        return _Server(cmd, _env({"BENCH_WORK_MS": str(work_ms)}), folder / "serve.log")
+        env = {"BENCH_WORK_MS": str(work_ms),
+               "DURABLE_HEAP_ZEO_PIPELINE": "0" if system == LOOP_FSYNC else "1"}
+        return _Server(cmd, _env(env), folder / "serve.log")
     from benchmarks.serve_sqlite_app import create
 
     db = folder / "bench.sqlite"
@@ -303,18 +316,22 @@ def measure(system: str, workers: int, load: dict[str, Any]) -> dict[str, Any]:
             "fsync_ms": fsync, "load": os.getloadavg()[0]}
 
 
-def run(workers_list: list[int], rounds: int, load: dict[str, Any]) -> dict[str, Any]:
+def run(workers_list: list[int], rounds: int, load: dict[str, Any],
+        systems: tuple[str, ...] = ("durable_heap", "sqlite")) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for workers in workers_list:
+        # One worker has no ZEO server: the loop-fsync variant is the same system then.
+        mine = [s for s in systems if not (s == LOOP_FSYNC and workers == 1)]
         for r in range(rounds):
-            order = ["durable_heap", "sqlite"] if r % 2 == 0 else ["sqlite", "durable_heap"]
+            order = mine[r % len(mine):] + mine[:r % len(mine)]  # each system first in turn
             pair = {s: measure(s, workers, load) for s in order}
             for s in order:
                 rows.append({**pair[s], "round": r})
     summary: list[dict[str, Any]] = []
     for workers in workers_list:
         line: dict[str, Any] = {"workers": workers}
-        for system in ("durable_heap", "sqlite"):
+        present = [s for s in systems if any(x["system"] == s and x["workers"] == workers for x in rows)]
+        for system in present:
             mine = [x for x in rows if x["system"] == system and x["workers"] == workers]
             line[system] = {k: statistics.median(x[k] for x in mine) for k in ("rps", "p50_ms", "p99_ms")}
             line[system]["errors"] = sum(x["errors"] for x in mine)
@@ -326,8 +343,14 @@ def run(workers_list: list[int], rounds: int, load: dict[str, Any]) -> dict[str,
                  and a["round"] == b["round"] and a["system"] == "durable_heap" and b["system"] == "sqlite"]
         line["rps_ratio"] = statistics.median(a["rps"] / b["rps"] for a, b in pairs)
         line["p50_ratio"] = statistics.median(a["p50_ms"] / b["p50_ms"] for a, b in pairs)
+        if LOOP_FSYNC in present:  # pipelined against the fsync on the loop, round by round
+            pipe = [(a, b) for a in rows for b in rows if a["workers"] == b["workers"] == workers
+                    and a["round"] == b["round"] and a["system"] == "durable_heap"
+                    and b["system"] == LOOP_FSYNC]
+            line["pipeline_rps_ratio"] = statistics.median(a["rps"] / b["rps"] for a, b in pipe)
         summary.append(line)
-    return {"rows": rows, "summary": summary, **load, "rounds": rounds, "cpus": os.cpu_count()}
+    return {"rows": rows, "summary": summary, **load, "rounds": rounds, "cpus": os.cpu_count(),
+            "systems": list(systems)}
 
 
 def report(data: dict[str, Any]) -> str:
@@ -340,7 +363,9 @@ def report(data: dict[str, Any]) -> str:
            "client | cores busy | fsync ms | load |",
            "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for line in data["summary"]:
-        for system, label in (("durable_heap", "durable-heap serve"), ("sqlite", "FastAPI + sqlite3")):
+        for system, label in LABELS.items():
+            if system not in line:
+                continue
             s = line[system]
             cpu = f"{s['cpu_server_ms']:.2f}, {s['cpu_zeo_ms']:.2f}, {s['cpu_client_ms']:.2f}"
             out.append(f"| {line['workers']} | {label} | {s['rps']:.0f} | {s['p50_ms']:.1f} | "
@@ -350,6 +375,9 @@ def report(data: dict[str, Any]) -> str:
     for line in data["summary"]:
         out.append(f"- {line['workers']} worker(s): durable_heap/sqlite throughput {line['rps_ratio']:.2f}x, "
                    f"p50 latency {line['p50_ratio']:.2f}x")
+        if "pipeline_rps_ratio" in line:
+            out.append(f"- {line['workers']} worker(s): ZEO fsync off its loop / on it: throughput "
+                       f"{line['pipeline_rps_ratio']:.2f}x")
     return "\n".join(out)
 
 
@@ -367,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client", choices=("wrk", "httpx"),
                    help="the load generator: wrk (the default when installed: apt-get install wrk), "
                         "or httpx in this process (5 ms of CPU a request: it competes with the servers)")
+    p.add_argument("--compare-zeo-pipeline", action="store_true",
+                   help="also run durable_heap with the ZEO server's fsync on its event loop (the "
+                        "\"before\" of the pipelined commits), alternating with the others")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     quick = {"workers": "1", "rounds": 1, "requests": 150, "seconds": 3.0}
@@ -378,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         args.client = "wrk" if shutil.which("wrk") else "httpx"
     load = {"client": args.client, "concurrency": args.concurrency, "requests": args.requests,
             "seconds": args.seconds, "work_ms": args.work_ms}
-    data = run([int(w) for w in args.workers.split(",")], args.rounds, load)
+    systems = ("durable_heap", *([LOOP_FSYNC] if args.compare_zeo_pipeline else []), "sqlite")
+    data = run([int(w) for w in args.workers.split(",")], args.rounds, load, systems)
     print(json.dumps(data, indent=2) if args.json else report(data))
     return 0
 

@@ -110,6 +110,19 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
 
     def tpc_finish(self, transaction: Any, f: _Callback | None = None) -> Any:
         """Finish the transaction and return its tid once it is durable (see the module)."""
+        tid, number = self.tpc_finish_nowait(transaction, f)
+        self._wait_durable(number)
+        return tid
+
+    def tpc_finish_nowait(self, transaction: Any, f: _Callback | None = None) -> tuple[bytes, int]:
+        """Finish the transaction without waiting for its fsync: ``(tid, number)``.
+
+        The commit lock is released on return; the transaction is durable once
+        ``wait_durable(number)`` returned, and ``f(tid)`` is called then, in commit
+        order, by whichever thread ran the fsync that covered it (never if that
+        fsync failed). The ZEO server (`durable_heap._zeo_pipeline`) answers its
+        client from `f` and runs `wait_durable` off its event loop.
+        """
         slot: list[int] = []
 
         def defer(tid: bytes) -> None:
@@ -117,9 +130,16 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
             self._dh_callback = (f, slot)
 
         tid = super().tpc_finish(transaction, defer)
-        if slot:  # finished (FileStorage raised otherwise): wait for the fsync
-            self._wait_durable(slot[0])
-        return tid
+        # Finished (FileStorage raised otherwise); no slot: nothing to wait for.
+        return tid, slot[0] if slot else 0
+
+    def wait_durable(self, number: int) -> None:
+        """Return once transaction `number` (from `tpc_finish_nowait`) is durable.
+
+        Raises the OSError of a failed fsync that was to cover it (the storage is
+        closed then), or OSError if the storage was closed before its fsync.
+        """
+        self._wait_durable(number)
 
     def tpc_abort(self, transaction: Any) -> None:
         """Abort; then wait until the commits written before are visible.

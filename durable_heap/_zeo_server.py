@@ -168,9 +168,11 @@ def _start_server(target: Target, addr: Address, tls: Any, read_only: bool,
     allowlist.read_registry_from(storage)  # the classes stored through durable_heap
     guard_conflicts(storage, allowlist)  # the server resolves conflicts: only allowed classes
     try:
-        from ZEO.StorageServer import StorageServer
+        from ._zeo_pipeline import PipelinedStorageServer, pipelining_enabled
 
-        return StorageServer(addr, {"1": storage}, read_only=read_only, ssl=tls)
+        # Commits answered once fsynced, the fsync off the event loop (see _zeo_pipeline).
+        return PipelinedStorageServer(addr, {"1": storage}, read_only=read_only, ssl=tls,
+                                      pipeline=pipelining_enabled())
     except OSError as exc:
         storage.close()
         if not existed:  # leave no empty heap behind a server that never ran

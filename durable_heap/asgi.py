@@ -14,7 +14,8 @@ What it promises, per HTTP request:
   exception. A commit that fails answers an error instead (409 conflict, 422
   not persistable, 503 nothing committed, 500 with ``"outcome": "unknown"``).
 * A conflict re-runs the whole request (its body is kept for that) while
-  nothing was sent, up to `attempts` times.
+  nothing was sent, up to `attempts` times; after a conflict a request's retries
+  queue, one at a time in the process (as `durable-heap serve`'s calls do).
 * Requests of a `read_only_methods` method (GET, HEAD, OPTIONS) run in a
   transaction that is never committed; one that changes state is answered 500
   (`ReadOnlyRequestError`) and its changes are dropped.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -72,6 +74,12 @@ class TransactionMiddleware:
         self.read_only_methods = frozenset(m.upper() for m in read_only_methods)
         self.attempts = attempts or heap.max_attempts
         self._excluded: Callable[[Scope], bool] = excluder(exclude, lambda scope: str(scope.get("path", "")))
+        #: Held by a request's retries after a conflict: one at a time in this process,
+        #: as `durable-heap serve` does (`_serve.Service._call`): under a storm on one
+        #: hot record, a retry then meets at most the first tries of new requests. One
+        #: lock per event loop (an asyncio.Lock belongs to the loop it was first used in).
+        self._retrying: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._excluded(scope):
@@ -85,7 +93,11 @@ class TransactionMiddleware:
         for attempt in range(1, self.attempts + 1):
             held: list[Message] = []
             try:
-                answer = await self._attempt(scope, body, disconnected, held, read_only, note)
+                if attempt == 1:  # a first try takes no lock: requests that do not conflict never wait
+                    answer = await self._attempt(scope, body, disconnected, held, read_only, note)
+                else:
+                    async with self._retry_lock():
+                        answer = await self._attempt(scope, body, disconnected, held, read_only, note)
             except ConflictError as exc:
                 if attempt < self.attempts and not getattr(exc, "partial", False):
                     await asyncio.sleep(backoff_delay(attempt))
@@ -104,6 +116,13 @@ class TransactionMiddleware:
             else:
                 await send_answer(send, answer)
             return
+
+    def _retry_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._retrying.get(loop)
+        if lock is None:
+            lock = self._retrying[loop] = asyncio.Lock()
+        return lock
 
     async def _attempt(self, scope: Scope, body: bytes, disconnected: bool, held: list[Message],
                        read_only: bool, note: str) -> Answer | None:

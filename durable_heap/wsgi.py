@@ -13,7 +13,9 @@ What it promises, per request (the same as `durable_heap.asgi`):
   the status is below `commit_below` (500) and rolls back on a 5xx or an
   exception. A commit that fails answers an error instead (409, 422, 503, or
   500 with ``"outcome": "unknown"``): never the 200 the app meant to send.
-* A conflict re-runs the whole request (its body is kept) up to `attempts` times.
+* A conflict re-runs the whole request (its body is kept) up to `attempts` times;
+  after a conflict a request's retries queue, one at a time in the process (as
+  `durable-heap serve`'s calls do).
 * `read_only_methods` (GET, HEAD, OPTIONS) never commit; one that changes state
   is answered 500 (`ReadOnlyRequestError`), its changes dropped.
 * Streaming responses opt out through `exclude` (path prefixes or a predicate
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -64,6 +67,10 @@ class TransactionMiddleware:
         self.attempts = attempts or heap.max_attempts
         self._excluded: Callable[[Environ], bool] = excluder(
             exclude, lambda env: str(env.get("PATH_INFO", "")))
+        #: Held by a request's retries after a conflict: one at a time in this process,
+        #: as `durable-heap serve` does (`_serve.Service._call`): under a storm on one
+        #: hot record, a retry then meets at most the first tries of new requests.
+        self._retrying = threading.Lock()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self._excluded(environ):
@@ -78,7 +85,11 @@ class TransactionMiddleware:
             env["wsgi.input"] = io.BytesIO(body)
             held: dict[str, Any] = {}
             try:
-                status, headers, chunks = self._attempt(env, held, read_only, note, method)
+                if attempt == 1:  # a first try takes no lock: requests that do not conflict never wait
+                    status, headers, chunks = self._attempt(env, held, read_only, note, method)
+                else:
+                    with self._retrying:
+                        status, headers, chunks = self._attempt(env, held, read_only, note, method)
             except ConflictError as exc:
                 if attempt < self.attempts:
                     time.sleep(backoff_delay(attempt))

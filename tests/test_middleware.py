@@ -67,7 +67,7 @@ def counted(heap: dh.Heap) -> dh.Heap:
 # --- the apps: the same routes in FastAPI and in Flask ------------------------------------
 
 
-def fastapi_app(heap: dh.Heap, zeo: ZeoServer | None = None) -> Any:
+def fastapi_app(heap: dh.Heap, zeo: ZeoServer | None = None, attempts: int | None = 40) -> Any:
     from fastapi import FastAPI, HTTPException
 
     from durable_heap import state
@@ -129,12 +129,13 @@ def fastapi_app(heap: dh.Heap, zeo: ZeoServer | None = None) -> Any:
         return {"count": state.count}
 
     # One hot record for every request: sync views keep their transaction open from
-    # the thread until the answer, so they meet more conflicts than the default 10 tries.
-    app.add_middleware(TransactionMiddleware, heap=heap, attempts=40)
+    # the thread until the answer, so they meet more conflicts than the default 10 tries
+    # (attempts=None: the heap's default, with the retries queued one at a time).
+    app.add_middleware(TransactionMiddleware, heap=heap, attempts=attempts)
     return app
 
 
-def flask_app(heap: dh.Heap, zeo: ZeoServer | None = None) -> Any:
+def flask_app(heap: dh.Heap, zeo: ZeoServer | None = None, attempts: int | None = 40) -> Any:
     from flask import Flask, abort, jsonify
 
     from durable_heap import state
@@ -195,7 +196,7 @@ def flask_app(heap: dh.Heap, zeo: ZeoServer | None = None) -> Any:
         heap.transaction_manager.get().join(_KillAtVote(zeo))
         return jsonify(count=state.count)
 
-    app.wsgi_app = TransactionMiddleware(app.wsgi_app, heap, attempts=40)  # type: ignore[method-assign]
+    app.wsgi_app = TransactionMiddleware(app.wsgi_app, heap, attempts=attempts)  # type: ignore[method-assign]
     return app
 
 
@@ -364,3 +365,26 @@ def test_a_commit_lost_with_the_server_answers_500_outcome_unknown(framework: st
         server.close()
         heap.close()
         zeo.close()
+
+
+@pytest.mark.parametrize("path", ["/count", "/count_sync"])
+def test_a_storm_of_50_requests_on_one_entry_all_commit_with_the_default_attempts(
+    framework: str, counted: dh.Heap, path: str
+) -> None:
+    """50 requests at once on one hot entry, the heap's default 10 tries: after a
+    conflict a request's retries queue, one at a time in the process (as serve's do),
+    so each retry meets at most new first tries; every request commits, exact total."""
+    make, server_class = APPS[framework]
+    server = server_class(make(counted, attempts=None))
+    try:
+        def one(_: int) -> int:
+            r = httpx.post(server.url + path, timeout=120)
+            assert r.status_code == 200, r.text
+            return int(r.json()["count"])
+
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            counts = list(pool.map(one, range(50)))
+    finally:
+        server.close()
+    assert sorted(counts) == list(range(1, 51))
+    assert _count(counted) == 50

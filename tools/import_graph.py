@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("durable execution", {"_execution", "_workflows", "_timers", "_cron"}),
     ("programs", {"_program", "_migrations", "_rewrite", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
-               "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect", "_parent",
+               "_zeo_pipeline", "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect", "_parent",
                "_ops", "_exchange", "_completion", "_rewrite_cli"}),
 ]
 

@@ -1,0 +1,193 @@
+"""The ZEO server's commits, pipelined: the fsync runs off the event loop.
+
+ZEO's server (``ZEO.StorageServer``) runs every client's requests on one asyncio
+event loop, and its ``tpc_finish`` calls the storage's ``tpc_finish`` there: with
+group commit (`durable_heap._groupcommit`) that call waits for the fsync, so the
+loop (every client's loads, votes and finishes) stands still for each fsync, and
+no two commits ever share one. Here a commit is finished in two halves:
+
+* **On the loop, as before:** the storage finishes the transaction
+  (``tpc_finish_nowait``: written and flushed to the OS, FileStorage's index
+  updated, its commit lock released) and ZEO's commit lock is released, so the
+  next client's vote runs at once. The client is not answered yet.
+* **Off the loop:** one thread per served storage (`_Syncer`) waits for each
+  finished transaction to be durable (``wait_durable``: it runs the fsync, which
+  covers every transaction finished so far). The storage then calls the
+  transaction's callback, in commit order, which hands it back to the loop
+  (``call_soon_threadsafe``, first in, first out): there the invalidations go to
+  the other clients and then the committing client's ``tpc_finish`` answer.
+
+So the contract of `_groupcommit` holds over ZEO:
+
+* **Acknowledged means fsynced:** a client's ``tpc_finish`` returns only after an
+  fsync that covered its transaction returned.
+* **Durable before visible:** other clients receive the invalidations (and
+  ``lastTransaction()`` moves) only then; a client that was answered and then
+  tells another (which syncs with the server, as durable_heap's ZEO clients do
+  before each transaction) finds the commit there, because the invalidations were
+  written to that client's connection before the answer was written to the first.
+* **A failed fsync fails every client waiting on it:** each gets the OSError as
+  the error of its ``tpc_finish`` (so durable_heap's "may or may not have been
+  committed"), and the storage closes itself, as in one process.
+
+``DURABLE_HEAP_ZEO_PIPELINE=0`` in the server's environment turns this off (the
+fsync on the loop, as ZEO does it): for the side-by-side benchmark only
+(``python -m benchmarks.serve --compare-zeo-pipeline``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any
+
+from ZEO.asyncio.server import Delay
+from ZEO.StorageServer import StorageServer, ZEOStorage
+
+__all__ = ["PipelinedStorageServer", "pipelining_enabled"]
+
+
+
+def pipelining_enabled() -> bool:
+    """False when ``DURABLE_HEAP_ZEO_PIPELINE=0`` (the benchmark's "before")."""
+    return os.environ.get("DURABLE_HEAP_ZEO_PIPELINE", "1") != "0"
+
+
+class _Syncer:
+    """The thread that waits, in commit order, for each finished transaction's fsync.
+
+    One thread is enough to group commits: while its fsync runs, the loop
+    finishes more transactions, and the next ``wait_durable`` covers them all.
+    """
+
+    def __init__(self, storage: Any, name: str) -> None:
+        self.storage = storage
+        self.jobs: queue.SimpleQueue[tuple[int, Any] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"durable-heap fsync ({name})", daemon=True)
+        self.thread.start()
+
+    def put(self, number: int, failed: Any) -> None:
+        """Wait for transaction `number`; on an error call ``failed(exc)`` (in this thread)."""
+        self.jobs.put((number, failed))
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(30)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            number, failed = job
+            try:
+                self.storage.wait_durable(number)
+            except Exception as exc:  # noqa: BLE001 - the fsync's OSError, or the storage closed
+                failed(exc)
+
+
+# -- PROTECTED: ZEO.StorageServer internals (ZEO 6.2) --
+# ``ZEOStorage.tpc_finish`` (``_check_tid``, ``locked``, ``stats.commits``, the
+# ``info`` message, then ``Result(tid, self._clear_transaction)``), which this
+# replaces; ``_clear_transaction`` releases ZEO's commit lock (``lock_manager``)
+# and forgets the transaction; ``invalidated`` holds the oids the transaction
+# stored; ``StorageServer.invalidate(zs, storage_id, tid, oids)`` queues the
+# invalidations to every client but `zs` through ``async_threadsafe`` (the loop's
+# ``call_soon_threadsafe``: first in, first out), walking ZEO's list of
+# connections, which the loop changes: so it is called on the loop only, and so
+# is ``Delay.reply``; ``call_soon_threadsafe`` is the connection's.
+# ``StorageServer.create_client_handler`` makes the ZEOStorage of each connection.
+# A method may return a ``Delay`` (``ZEO.asyncio.server``): the loop registers it
+# (``set_sender``) when it would have sent the answer, and ``reply``/``error``,
+# called on the loop later, send it. ZODB trap: a ZEO client's cache refuses a
+# last tid lower than one it has seen (``ClientCache.setLastTid`` raises
+# ValueError), so a client must never receive a later transaction's invalidations
+# before its own ``tpc_finish`` answer: answers and invalidations go out
+# transaction by transaction, in commit order, from the storage's callback.
+# tests/test_zeo_pipeline.py (test_the_zeo_internals_the_pipeline_relies_on) pins them.
+class _PipelinedZEOStorage(ZEOStorage):  # type: ignore[misc]
+    """ZEO's per-connection handler whose ``tpc_finish`` answers once durable."""
+
+    server: PipelinedStorageServer
+
+    def tpc_finish(self, id: bytes) -> Any:  # noqa: A002 - ZEO's name
+        syncer = self.server.syncer_for(self.storage_id)
+        if syncer is None:  # not a group-committing storage, or turned off: ZEO's own
+            return super().tpc_finish(id)
+        if not self._check_tid(id):
+            return None
+        assert self.locked, "finished called wo lock"
+        self.stats.commits += 1
+        delay = Delay()
+        invalidated = self.invalidated  # the next tpc_begin makes a new list
+        call_soon = self.call_soon_threadsafe
+        server, storage_id = self.server, self.storage_id
+
+        def durable(tid: bytes) -> None:
+            # Called in commit order by the thread whose fsync covered the transaction
+            # (the syncer, or the loop's own in a tpc_abort): the rest runs on the loop.
+            call_soon(visible, tid)
+
+        def visible(tid: bytes) -> None:
+            # On the loop, where ZEO keeps its lists of clients and invalidations
+            # (StorageServer.invalidate walks the list that connections join and
+            # leave: from another thread a client leaving could make it skip one).
+            # Both are queued (first in, first out): the others' invalidations
+            # go out first, then this client's answer.
+            server.invalidate(self, storage_id, tid, invalidated)
+            call_soon(delay.reply, tid)
+
+        def failed(exc: BaseException) -> None:
+            # The fsync's OSError (group commit logged it and closed the storage), or
+            # the storage closed first. A ZEO client rebuilds only ZODB's errors; any
+            # other arrives as ServerException(class, args): the args carry the words.
+            errno = getattr(exc, "errno", None)
+            why = getattr(exc, "strerror", None) or str(exc)
+            told = OSError(errno, f"{why}: the ZEO server could not make this commit durable (its "
+                           "fsync failed or the heap was closed first); the server closed the heap: "
+                           "fix the disk, restart the server")
+            call_soon(delay.error, (OSError, told, exc.__traceback__))
+
+        _, number = self.storage.tpc_finish_nowait(self.transaction, durable)
+        self.async_("info", self.get_size_info())
+        self._clear_transaction()  # ZEO's commit lock: the next vote may run now
+        syncer.put(number, failed)
+        return delay
+
+
+class PipelinedStorageServer(StorageServer):  # type: ignore[misc]
+    """ZEO's StorageServer whose commits wait for their fsync off the event loop."""
+
+    def __init__(self, *args: Any, pipeline: bool = True, **kwargs: Any) -> None:
+        # Made before ZEO's constructor: it listens (and may accept) at its end.
+        self._dh_syncers: dict[str, _Syncer] = {}
+        storages = args[1] if len(args) > 1 else kwargs["storages"]
+        if pipeline:
+            for name, storage in storages.items():
+                if hasattr(storage, "tpc_finish_nowait") and not storage.isReadOnly():
+                    self._dh_syncers[name] = _Syncer(storage, name)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._stop_syncers()
+            raise
+
+    def create_client_handler(self) -> ZEOStorage:
+        return _PipelinedZEOStorage(self, self.read_only)
+
+    def syncer_for(self, storage_id: str) -> _Syncer | None:
+        return self._dh_syncers.get(storage_id)
+
+    def close(self, join_timeout: int = 1) -> None:
+        # ZEO's close closes the storages, which fsync what was written (each
+        # waiting transaction is then durable and its callback queued).
+        try:
+            super().close(join_timeout)
+        finally:
+            self._stop_syncers()
+
+    def _stop_syncers(self) -> None:
+        for syncer in self._dh_syncers.values():
+            syncer.stop()
+        self._dh_syncers = {}
+
+
+# -- end PROTECTED --
