@@ -7,7 +7,8 @@ process, and their commits alternate one by one: a machine that slows down (othe
 processes on a shared machine) slows both alike, so the ratios hold where absolute
 times drift. Each system changes one random entry to a new value per commit (a
 durable commit: fsync). Per commit it records the wall time, this thread's CPU time,
-the records loaded and whether Python's cyclic GC ran.
+the records loaded and whether Python's cyclic GC ran; over the run, the bytes the
+storage grew by per commit.
 
 ``--cache full`` (the default) first loads every record of both stores, with caches
 big enough to keep them: the steady state of a long-running process, where a commit
@@ -107,6 +108,7 @@ def measure(n: int, commits: int, full: bool, folder: str) -> dict[str, dict[str
             for _ in range(5):
                 s.change(rnd.randrange(n), rnd.randrange(10**9))
             _conn(s).getTransferCounts(True)
+        sizes = {name: _conn(s).db().storage.getSize() for name, s in systems.items()}
         for _ in range(commits):
             i = rnd.randrange(n)
             for name in names if rnd.random() < 0.5 else names[::-1]:  # either may go first
@@ -118,6 +120,8 @@ def measure(n: int, commits: int, full: bool, folder: str) -> dict[str, dict[str
                 rec["cpu"].append((time.thread_time() - c0) * 1e3)
                 rec["loads"].append(_conn(s).getTransferCounts(True)[0])
                 rec["gc"].append(len(ran_gc) - before)
+        for name, s in systems.items():
+            samples[name]["bytes"] = [(_conn(s).db().storage.getSize() - sizes[name]) / commits]
     finally:
         gc.callbacks.pop()
         for s in systems.values():
@@ -134,6 +138,7 @@ def summary(rec: dict[str, list[float]]) -> dict[str, Any]:
         "cpu_median_ms": statistics.median(cpu), "cpu_p90_ms": cpu[p90], "cpu_mean_ms": statistics.mean(cpu),
         "loads": statistics.mean(rec["loads"]), "gc_share": len(with_gc) / len(cpu),
         "cpu_with_gc_ms": statistics.mean(with_gc) if with_gc else 0.0,
+        "bytes": rec["bytes"][0] if rec.get("bytes") else 0.0,
     }
 
 
@@ -142,8 +147,8 @@ def report(results: dict[int, dict[str, dict[str, Any]]], full: bool) -> list[st
     lines = [
         f"### One-entry commit, durable_heap and raw ZODB interleaved in one process ({cache})", "",
         "| size | system | median ms | p90 ms | CPU median / mean ms | loads per commit "
-        "| commits with a GC |",
-        "|---|---|---|---|---|---|---|",
+        "| commits with a GC | bytes per commit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     targets = []
     for n, r in results.items():
@@ -151,7 +156,7 @@ def report(results: dict[int, dict[str, dict[str, Any]]], full: bool) -> list[st
             lines.append(
                 f"| {n:,} | {name} | {x['median_ms']:.3f} | {x['p90_ms']:.3f} | "
                 f"{x['cpu_median_ms']:.3f} / {x['cpu_mean_ms']:.3f} | {x['loads']:.2f} | "
-                f"{x['gc_share']:.0%} |"
+                f"{x['gc_share']:.0%} | {x['bytes']:,.0f} |"
             )
         dh, raw = r["durable_heap"], r["raw_zodb"]
         med, p90 = dh["median_ms"] / raw["median_ms"], dh["p90_ms"] / raw["p90_ms"]

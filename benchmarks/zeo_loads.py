@@ -1,6 +1,6 @@
 """Why a commit over ZEO costs what it does: records loaded and server messages per commit.
 
-    python -m benchmarks.zeo_loads [--size 100000] [--warm 5] [--commits 200]
+    python -m benchmarks.zeo_loads [--size 100000] [--warm 5] [--commits 200] [--systems A,B]
 
 For durable_heap's Dict and raw ZEO (the systems of the `zeo_commit` workload), each
 over its own ``durable-heap zeo`` server on 127.0.0.1: builds the store, makes
@@ -72,8 +72,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=100_000)
     p.add_argument("--warm", type=int, default=5, help="commits before counting (4000: a warm client)")
     p.add_argument("--commits", type=int, default=200)
+    p.add_argument("--systems", default="durable_heap_zeo,raw_zodb_zeo",
+                   help="comma-separated, of durable_heap_zeo, durable_heap_zeo_nosync (server_sync=0), "
+                        "raw_zodb_zeo, raw_zodb_zeo_sync (server_sync=True, explicit begin)")
     args = p.parse_args()
-    for name in ("durable_heap_zeo", "raw_zodb_zeo"):
+    for name in args.systems.split(","):
         r = measure(name, args.size, args.warm, args.commits)
         sent = ", ".join(f"{k} {v:g}" for k, v in r["sent"].items())
         print(f"{SYSTEMS[name].name}: {r['ms']:.2f} ms/commit ({r['cpu_ms']:.2f} ms of it on the client's "

@@ -57,6 +57,7 @@ import ZODB
 import ZODB.Connection
 
 from ._errors import ClassNotAllowedError
+from ._fastpickle import speed_up
 from ._format import INLINE_CLASSES, STORED_CLASSES
 
 __all__ = [
@@ -686,6 +687,10 @@ class StoredRegistry:
 _log = logging.getLogger("durable_heap.allow")
 
 
+#: Stored records whose globals a guard remembers (`_GuardedResolver._stored_ok`).
+_NAMES_KEPT = 256
+
+
 class _GuardedResolver:
     """A storage's ``tryToResolveConflict``, run only on records the allowlist admits.
 
@@ -702,6 +707,10 @@ class _GuardedResolver:
 
     def __init__(self, storage: Any, resolve: Callable[..., Any], allowlist: Allowlist) -> None:
         self.storage, self.resolve, self.allowlist = storage, resolve, allowlist
+        # (oid, serial) -> the globals that stored record names, for records already
+        # read here (see `_stored_ok`). Only called inside the storage's store, under
+        # its lock; a dict's get and set are atomic besides.
+        self._names: dict[tuple[bytes, bytes], frozenset[tuple[str, str]]] = {}
 
     def __call__(self, oid: bytes, committed_serial: bytes, old_serial: bytes, newpickle: bytes,
                  committed_data: bytes = b"") -> Any:
@@ -729,21 +738,42 @@ class _GuardedResolver:
         # tests/test_damage.py and tests/test_zodb_internals.py.
         untransform = getattr(storage, "_crs_untransform_record_data", lambda data: data)
         # -- end PROTECTED --
-        records = [
-            newpickle,
-            storage.loadSerial(oid, old_serial),
-            committed_data or storage.loadSerial(oid, committed_serial),
-        ]
-        for record in records:
-            self.check_record(untransform(record), oid)
+        self.check_record(untransform(newpickle), oid)
+        if committed_data:  # handed over with the call (a ZEO client's own merge): checked as given
+            self.check_record(untransform(committed_data), oid)
+        for serial in (old_serial,) if committed_data else (old_serial, committed_serial):
+            if not self._stored_ok(oid, serial):
+                named = self._checked(untransform(storage.loadSerial(oid, serial)), oid)
+                if named is not None:
+                    if len(self._names) >= _NAMES_KEPT:
+                        self._names.clear()
+                    self._names[oid, serial] = frozenset(named)
+
+    def _stored_ok(self, oid: bytes, serial: bytes) -> bool:
+        """Whether the stored record of `oid` at `serial`, read here before, names only
+        globals the allowlist admits now.
+
+        A stored record never changes (FileStorage writes each revision once; pack
+        drops old revisions and never rewrites one; undo writes new revisions under
+        new tids), so what it names is remembered: the concurrent commits to one
+        bucket are merged against the same old and committed revisions again and
+        again (issue 18: reading them was a fifth of a merge). The names are checked
+        against the allowlist at every use: a deploy may replace a program's module.
+        """
+        named = self._names.get((oid, serial))
+        return named is not None and all(self.allowlist.allows(None, m, n) for m, n in named)
 
     def check_record(self, record: bytes, oid: bytes | None = None) -> None:
         """Raise `ClassNotAllowedError` if conflict resolution may not unpickle `record`
         (as ZODB stored it, untransformed): for resolvers that hand records over one by
         one (RelStorage's, see `durable_heap._relstorage`)."""
+        self._checked(record, oid)
+
+    def _checked(self, record: bytes, oid: bytes | None) -> set[tuple[str, str]] | None:
+        """`check_record`; the globals the record names when its fast path decided."""
         named = _named_globals(record)
         if named is not None and all(self.allowlist.allows(None, m, n) for m, n in named):
-            return  # every global passes as a used one: the scan cannot refuse it
+            return named  # every global passes as a used one: the scan cannot refuse it
         used, referenced = _resolution_globals_seen(record)
         for path in used:
             if path == "?":
@@ -766,6 +796,7 @@ class _GuardedResolver:
             if _never(module, name) or (module not in sys.modules and _importable(module)):
                 if not self.allowlist.allows(None, module, name):
                     raise refused(path, oid)
+        return None
 
 
 def _importable(module: str) -> bool:
@@ -859,6 +890,13 @@ class Connection(ZODB.Connection.Connection):
             if refusal is None:
                 raise
             raise _located(refusal, obj._p_oid) from None
+
+    def _store_objects(self, writer: Any, transaction: Any) -> None:
+        # PROTECTED: ZODB's Connection stores every record of a commit (or a
+        # savepoint) through an ObjectWriter handed to this method (``_commit``):
+        # plain bucket states pickle faster through it (see `_fastpickle`).
+        speed_up(writer)
+        super()._store_objects(writer, transaction)
 
     def get(self, oid: bytes) -> Any:
         try:

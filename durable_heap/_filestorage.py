@@ -27,6 +27,7 @@ from typing import Any
 from ZODB.FileStorage.FileStorage import TempFormatter
 
 from ._groupcommit import GroupCommitFileStorage
+from ._revisions import RecentRevisions
 
 __all__ = ["FileStorage"]
 
@@ -38,9 +39,10 @@ __all__ = ["FileStorage"]
 # ``_lock``, cutting back to ``_pos`` and flushing ``_files`` (FilePool): the fix
 # of its failed-write trap (see the module) has no public hook.
 # tests/test_zodb_internals.py pins every one.
-class FileStorage(GroupCommitFileStorage):  # type: ignore[misc]
+class FileStorage(RecentRevisions, GroupCommitFileStorage):  # type: ignore[misc]
     """`ZODB.FileStorage.FileStorage` that recovers from a failed write (see the module),
-    with group commit (`durable_heap._groupcommit`: concurrent commits share an fsync)."""
+    with group commit (`durable_heap._groupcommit`: concurrent commits share an fsync)
+    and the revisions conflict resolution read last kept (`durable_heap._revisions`)."""
 
     _file: Any  # the data file, open for writing (FileStorage's)
     _tfile: Any  # the scratch file of the transaction being committed (FileStorage's)

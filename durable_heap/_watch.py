@@ -24,6 +24,7 @@ read-only view).
 
 from __future__ import annotations
 
+import collections
 import gc
 import sys
 import weakref
@@ -277,9 +278,18 @@ def check_before_commit(conn: Any) -> None:
     changed = changed_objects(conn)
     noted = notes_of(conn)
     if noted is not None:
-        noted.update(class_paths(type(obj) for obj in changed))
-    # After the watch's own hook, which may snapshot (and note) more values.
-    conn.transaction_manager.get().addBeforeCommitHook(register_pending, (conn,))
+        types = {type(obj) for obj in changed}
+        if not types <= _LIBRARY_TYPES:
+            noted.update(class_paths(types - _LIBRARY_TYPES))
+            _LIBRARY_TYPES.update(t for t in types if t.__module__.partition(".")[0] in _LIBRARY_ROOTS)
+    # After the watch's own hook, which may snapshot (and note) more values: that hook
+    # registers them itself at its end, so another pass is needed only when hooks
+    # added after it (in the transaction's body) run later still.
+    txn = conn.transaction_manager.get()
+    last = collections.deque(txn.getBeforeCommitHooks(), maxlen=1)
+    w = conn.__dict__.get("_dh_watch")
+    if not last or w is None or last[0][0] != w._before_commit:
+        txn.addBeforeCommitHook(register_pending, (conn,))
     for obj in changed:
         watched = getattr(type(obj), "_dh_watched", None)
         if watched is None or obj._p_changed is None or not watched(obj):
@@ -288,6 +298,13 @@ def check_before_commit(conn: Any) -> None:
             snapshot_for(conn, obj.__getstate__())
         except Exception as exc:  # noqa: BLE001 - name the value that fails
             raise unpicklable_error(obj, exc) from None
+
+
+#: Module roots whose classes are never registered (`_registry.note_class`: the
+#: library's and ZODB's family's, which no program can be named after), and the
+#: types of changed records from them met so far: `check_before_commit` skips them.
+_LIBRARY_ROOTS = frozenset({"durable_heap", "BTrees", "persistent", "ZODB"})
+_LIBRARY_TYPES: set[type] = set()
 
 
 def _watch_of(jar: Any) -> _Watch | None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copyreg
 import datetime
 import functools
 import importlib
@@ -51,7 +52,7 @@ import time
 import types
 import uuid as _uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, SupportsIndex
 
 import transaction.interfaces
 from BTrees.IOBTree import IOBTree
@@ -114,6 +115,7 @@ DEFAULT_RETENTION = 7 * 86400.0
 TIMER_ATTEMPTS = 5
 STATUSES = ("running", "waiting", "done", "failed", "blocked", "cancelled")
 _FINAL = frozenset({"done", "failed", "cancelled"})
+_ENDED = _FINAL | {"blocked"}  # a run stops at its next transaction (`_Run._begin`)
 
 #: The version layer's hook: (module, qualname) -> the function to call, or None.
 resolver: Callable[[str, str], Any] | None = None
@@ -125,6 +127,9 @@ _named: dict[tuple[str, str], Any] = {}
 
 
 # --- stored records ---------------------------------------------------------------------
+
+
+_newobj = copyreg.__newobj__  # type: ignore[attr-defined]  # (pickle emits NEWOBJ for it)
 
 
 class Journal(IOBTree):
@@ -192,6 +197,15 @@ class JournalEntry:
     def __getstate__(self) -> tuple[Any, ...]:
         return (self.kind, self.name, self.detail, self.value, self.error, self.at)
 
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        if int(protocol) < 2:
+            return object.__reduce_ex__(self, protocol)
+        # What object.__reduce_ex__ gives, so the same bytes (the stored format), without
+        # its detour through copyreg and a call of __getstate__: a step pickles each entry
+        # of its journal's bucket again.
+        return (_newobj, (JournalEntry,), (self.kind, self.name, self.detail, self.value, self.error,
+                                           self.at))
+
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self.kind, self.name, self.detail, self.value, self.error, self.at = state
 
@@ -220,6 +234,14 @@ class TimerEntry:
     def __getstate__(self) -> tuple[Any, ...]:
         return (self.kind, self.target, self.args, self.kwargs, self.attempts, self.created,
                 self.error, self.origin)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        if int(protocol) < 2:
+            return object.__reduce_ex__(self, protocol)
+        # As `JournalEntry.__reduce_ex__`: each commit that adds or removes a timer
+        # pickles every entry of its bucket again.
+        return (_newobj, (TimerEntry,), (self.kind, self.target, self.args, self.kwargs, self.attempts,
+                                         self.created, self.error, self.origin))
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         (self.kind, self.target, self.args, self.kwargs, self.attempts, self.created,
@@ -254,6 +276,11 @@ class CronEntry:
 
     def __getstate__(self) -> tuple[Any, ...]:
         return (self.action, self.spec, self.args, self.kwargs, self.tz, self.missed, self.key)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        if int(protocol) < 2:
+            return object.__reduce_ex__(self, protocol)
+        return (_newobj, (CronEntry,), self.__getstate__())  # as `JournalEntry.__reduce_ex__`
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self.action, self.spec, self.args, self.kwargs, self.tz, self.missed, self.key = state
@@ -450,6 +477,7 @@ class _Run:
         self.step_task: Any = None  # the asyncio task running an async step
         self.is_async = inspect.iscoroutinefunction(func.func)
         self.code = code_hash(func.func)
+        self._wfs: Any = None  # the workflows tree, as last read by `_begin`
 
     # journal -----------------------------------------------------------------------
 
@@ -504,13 +532,18 @@ class _Run:
     def _begin(self, conn: Any, now: float) -> WorkflowRecord:
         """The start of each transaction of this run: checks that it still owns the
         workflow, removes the timer that woke it, writes the pending entries."""
-        wfs = _tree(conn, WORKFLOWS_KEY)
+        wfs = self._wfs
+        # The same stored tree again (conn.root() costs a few µs a step); not one made in
+        # a transaction that then aborted (a failed first step): ZODB took it back, and
+        # one not committed yet has no jar.
+        if wfs is None or wfs._p_jar is not conn:
+            wfs = self._wfs = _tree(conn, WORKFLOWS_KEY)
         rec: WorkflowRecord | None = wfs.get(self.wid)
         if self.create is not None:
             if rec is not None:
                 raise _Abandon  # started with the same id meanwhile, elsewhere
             rec = wfs[self.wid] = self.create
-        elif rec is None or rec.status in _FINAL | {"blocked"} or journal_length(rec) != self.committed:
+        elif rec is None or rec.status in _ENDED or journal_length(rec) != self.committed:
             raise _Abandon
         if self.claim is not None:
             timers = _tree(conn, TIMERS_KEY)
@@ -545,13 +578,13 @@ class _Run:
     def step(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
              label: str | None = None) -> Any:
         name = label or func.__qualname__
-        detail = call_note(name, args, kwargs)
+        detail = _step_note(name, args, kwargs, func)
         entry = self._journaled_step(name, detail, "called")
         if entry is not None:
-            return entry.value
+            return _fresh(entry.value)
         self.in_step = True
         try:
-            return self._run_step(func, name, detail, args, kwargs)
+            return _fresh(self._run_step(func, name, detail, args, kwargs))
         finally:
             self.in_step = False
 
@@ -602,10 +635,10 @@ class _Run:
     async def astep(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """`step` for an ``async def`` action awaited in an ``async def`` workflow."""
         name = func.__qualname__
-        detail = call_note(name, args, kwargs)
+        detail = _step_note(name, args, kwargs, func)
         entry = self._journaled_step(name, detail, "started")
         if entry is not None:
-            return entry.value
+            return _fresh(entry.value)
         heap = self.heap
         number = len(self.entries) + 1
         failure: list[BaseException] = []
@@ -644,7 +677,7 @@ class _Run:
         self.claim = self.create = None
         self.entries.append(JournalEntry("step", name, detail, value))
         self.cursor += 1
-        return value
+        return _fresh(value)
 
     def _journal_error(self, name: str, detail: str, number: int, exc: BaseException) -> None:
         packed = _pack_error(exc)
@@ -695,6 +728,28 @@ class _Run:
                                                                               origin="retention"))
 
         self.transact(work, f"workflow {self.wid} {status}")
+
+
+_SHORT = (int, float, bool, str, type(None))
+
+
+def _step_note(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], func: Any) -> str:
+    """A step's journaled call, ``put(3, 'a')``: `call_note`'s text (arguments shortened, and
+    hidden where the action is marked with `durable_heap.redact`: the journal and the
+    transaction's note are history too), built directly for a few short plain arguments."""
+    if not kwargs and len(args) <= 4 and not hasattr(func, "__durable_redact__") and \
+            not hasattr(getattr(func, "__wrapped__", None), "__durable_redact__"):
+        parts = []
+        for a in args:
+            if type(a) not in _SHORT:
+                break
+            r = repr(a)
+            if len(r) > 40:  # reprlib's limit (`_notes._note_repr`): shortened there
+                break
+            parts.append(r)
+        else:
+            return f"{name}({', '.join(parts)})"
+    return call_note(name, args, kwargs, func)
 
 
 def reindex(conn: Any, rec: WorkflowRecord) -> None:
@@ -821,12 +876,17 @@ class _StepScope(dict):  # type: ignore[type-arg]
 _bodies: dict[Any, Callable[..., Any]] = {}
 
 
+_UNBOUND = contextlib.nullcontext()  # stateless: one for every call
+
+
 def _bound(heap: Any, module: str, save: bool) -> contextlib.AbstractContextManager[None]:
     """A program's durable module globals bound around a workflow body (`save` False) or
     a step, timer action or subscriber (`save`: in its transaction), as around a call."""
     name = module.partition(".")[0]
-    if globals_binder is None or getattr(sys.modules.get(name), "__durable_source__", None) is None:
-        return contextlib.nullcontext()
+    # (the module's __dict__, not getattr: a missing attribute raises and catches inside)
+    if globals_binder is None or getattr(sys.modules.get(name), "__dict__", {}).get(
+            "__durable_source__") is None:
+        return _UNBOUND
     return globals_binder(heap, name, save)
 
 
@@ -1325,7 +1385,8 @@ class Promise:
                     f"the promise {self.name!r} was not resolved within its timeout "
                     f"(deadline {_utc(got.detail).isoformat()})"
                 )
-            return _Done(got.value) if run.is_async else got.value
+            value = _fresh(got.value)
+            return _Done(value) if run.is_async else value
 
     def _outcome(self, run: _Run, deadline: float | None) -> JournalEntry | None:
         now = _clock(run.heap)
@@ -1379,10 +1440,93 @@ def resolve(name: str, value: Any = None) -> bool:
                 _drop_timer(conn, rec)
                 wake = TimerEntry("run", wid, created=now, origin=f"promise {name}")
                 rec.timer = _add_timer(conn, now, wake)
+                _hand_over(heap, rec, {name: value})
         prom.waiters = ()
         return True
 
     return bool(_in_transaction(heap, f"resolve {name}", work))
+
+
+#: Journal entries beyond which a wake is not handed over (`_hand_over`): the scheduler reads it.
+HAND_OVER_ENTRIES = 256
+
+
+def _hand_over(heap: Any, rec: WorkflowRecord, promised: dict[str, Any]) -> None:
+    """Hand the wake just queued for `rec` straight to this process's scheduler, with
+    what it would read again to run it (its journal, the promise's value), once this
+    transaction commits: the scheduler skips its transaction that finds the timer due.
+
+    Only while a scheduler runs in this process (`run_scheduler`), and only
+    immutable builtin values (`_frozen`): a persistent object belongs to this
+    thread's connection (the scheduler's thread must load it from its own), and a
+    list or dict would be shared between the two threads. The timer stays the wake's
+    durable record: the wake's first transaction removes it (or finds it gone, fired
+    by another scheduler, and stops), as for a timer the scheduler found itself.
+    """
+    handed = getattr(heap, "_wf_handed", None)
+    if handed is None or not heap._wf_schedulers:
+        return
+    if journal_length(rec) > HAND_OVER_ENTRIES:
+        return
+    entries = list(rec.journal.values())
+    if not (_frozen(rec.args) and _frozen(tuple(rec.kwargs.values())) and _frozen(tuple(promised.values()))
+            and all(_frozen((e.detail, e.value, e.error)) for e in entries)):
+        return
+    item = (rec.id, rec.timer, (rec.args, rec.kwargs, rec.function, entries, promised))
+
+    def hand(ok: bool) -> None:
+        if ok:
+            handed.append(item)  # (the engine's after-commit hook then rings the scheduler)
+    heap.transaction_manager.get().addAfterCommitHook(hand)
+
+
+_ATOMS = (str, int, float, bool, bytes, complex, type(None), datetime.datetime, datetime.date,
+          datetime.timedelta)
+
+
+def _fresh(value: Any, memo: dict[int, Any] | None = None) -> Any:
+    """`value` with its plain lists, dicts, sets and bytearrays copied (nested in tuples
+    too, aliasing kept), for a workflow body: what a step returned, or a promise's
+    value, is kept in the journal, and a body that changes what it got would change the
+    journal's copy cached in this process, so a later replay here would read the
+    changed value and take another path than the first run. Other objects (atoms, the
+    heap's own containers, a user's instances) are handed over as they are."""
+    tp = type(value)
+    if tp in _ATOMS or not (tp is list or tp is dict or tp is set or tp is tuple or tp is bytearray):
+        return value
+    if memo is None:
+        memo = {}
+    done = memo.get(id(value))
+    if done is not None:
+        return done
+    out: Any
+    if tp is list:
+        out = memo[id(value)] = []
+        out.extend(_fresh(v, memo) for v in value)
+    elif tp is dict:
+        out = memo[id(value)] = {}
+        for k, v in value.items():
+            out[k] = _fresh(v, memo)
+    elif tp is set:
+        out = memo[id(value)] = set(value)  # its items are hashable: not plain mutables
+    elif tp is bytearray:
+        out = memo[id(value)] = bytearray(value)
+    else:
+        items = tuple(_fresh(v, memo) for v in value)
+        out = value if all(a is b for a, b in zip(items, value, strict=True)) else items
+        memo[id(value)] = out
+    return out
+
+
+def _frozen(value: Any, depth: int = 0) -> bool:
+    """True for builtin immutable atoms and tuples (frozensets) of them: nothing of a
+    connection, nothing another thread could change."""
+    tp = type(value)
+    if tp in _ATOMS:
+        return True
+    if (tp is tuple or tp is frozenset) and depth < 8:
+        return all(_frozen(v, depth + 1) for v in value)
+    return False
 
 
 def emit(topic: str, payload: Any = None) -> int:

@@ -721,8 +721,9 @@ if __name__ == "__main__":  # pragma: no cover
 def _workflow_commands(command: Any) -> None:
     """Add the durable-execution commands (`command(name, help)` makes a subparser)."""
     w = command("worker", "run the program's scheduler: timers, wakes, events (until SIGTERM)")
-    w.add_argument("--poll", type=float, default=0.005,
-                   help="seconds between looks for work committed by other processes (default 0.005)")
+    w.add_argument("--poll", type=float, default=None,
+                   help="seconds between looks for work that nothing rang the worker for (default 1; "
+                        "0.1 on PostgreSQL, which pushes nothing: other processes' work waits for it)")
     command("run-due", "run the program's due timers, wakes and events once; print how many ran")
     wf = command("workflows", "list the program's workflows: status, what each waits on, since when")
     wf.add_argument("--id", help="show one workflow in full, with its journal")

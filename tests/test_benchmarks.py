@@ -136,6 +136,7 @@ def test_tail_benchmark_interleaves_both_systems() -> None:
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 2,000 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["durable_heap", "raw_zodb"]
     assert all(r.split("|")[6].strip() == "0.00" for r in rows)  # full caches: nothing loaded
+    assert all(int(r.split("|")[8].strip().replace(",", "")) > 0 for r in rows)  # bytes per commit
     assert out.stdout.count("median wall") == 1 and "mean CPU" in out.stdout
 
 

@@ -1221,3 +1221,35 @@ def test_a_plain_scripts_timer_says_why_another_process_cannot_run_it(tmp_path: 
             clock.advance(3600)
         (dead,) = heap.timers(dead=True)
         assert "plain script (__main__)" in dead.error and "another process cannot find by name" in dead.error
+
+
+def test_a_body_that_changes_what_a_step_returned_replays_the_same(wheap: dh.Heap, clock: Clock) -> None:
+    """The journal keeps what a step returned; a body that changes the list it got must not
+    change the journal's copy cached in this process, or the replay at its wake reads the
+    changed one and the body takes another path than its first run."""
+
+    @wheap.action
+    def tags() -> list[Any]:
+        return ["a", {"k": [1]}]
+
+    seen: list[Any] = []
+
+    @wheap.workflow
+    def edits() -> int:
+        got = tags()
+        seen.append(repr(got))
+        got.append("added by the body")
+        got[1]["k"].append(2)
+        dh.sleep(60)
+        later = dh.promise("edits").wait()
+        later.append("changed")
+        return len(got)
+
+    h = edits()
+    assert h.status == "waiting"
+    clock.advance(60)
+    assert wheap.run_due() == 1  # the wake replays the body: the step from the journal
+    assert dh.resolve("edits", ["v"]) is True
+    assert wheap.run_due() == 1
+    assert h.result() == 3
+    assert seen == ["['a', {'k': [1]}]"] * 3  # first run, and each replay

@@ -124,6 +124,27 @@ def test_db_klass_and_the_load_hooks() -> None:
     assert "Couldn't load state" in inspect.getsource(ZODB.Connection.Connection.setstate)
 
 
+def test_object_writer_internals_of_fastpickle(db: Any) -> None:
+    """`_fastpickle.speed_up` replaces ``_dump`` on an ObjectWriter that
+    ``Connection._store_objects`` gets, and swaps its pickler's ``persistent_id``."""
+    assert _params(ZODB.Connection.Connection._store_objects) == ["self", "writer", "transaction"]
+    assert "self._store_objects(ObjectWriter(obj), transaction)" in inspect.getsource(
+        ZODB.Connection.Connection._commit)
+    assert "writer.serialize(obj)" in inspect.getsource(ZODB.Connection.Connection._store_objects)
+    assert _params(ZODB.serialize.ObjectWriter._dump) == ["self", "classmeta", "state"]
+    assert "self._dump(meta, obj.__getstate__())" in inspect.getsource(ZODB.serialize.ObjectWriter.serialize)
+    conn = db.open()
+    try:
+        obj = conn.root()
+        writer = ZODB.serialize.ObjectWriter(obj)
+        assert writer._p.persistent_id == writer.persistent_id
+        table: dict[Any, Any] = {}
+        writer._p.persistent_id = table.get  # a C callable is accepted
+        assert writer._p.persistent_id == table.get
+    finally:
+        conn.close()
+
+
 def test_pickler_and_unpickler_of_zodb_compat() -> None:
     """`_allow` pickles and reads records with ZODB's own (zodbpickle) classes."""
     from ZODB._compat import PersistentPickler, PersistentUnpickler

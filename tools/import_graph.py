@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("format", {"_format", "_options"}),
     # Targets and their options parsed (no storage opened); the one error map.
     ("storage primitives", {"_targets", "_errormap"}),
-    ("storage backends", {"_allow", "_integrity", "_filestorage", "_groupcommit", "_follow",
+    ("storage backends", {"_fastpickle", "_allow", "_integrity", "_filestorage", "_groupcommit",
+                          "_revisions", "_follow",
                           "_zeo_client", "_zeo", "_relstorage"}),
     ("storage", {"_storage"}),
     ("values", {"_values", "_kinds", "_snapshot", "_registry", "_watch", "_paths", "_storable",

@@ -1,0 +1,74 @@
+"""A faster pickling of records that hold only plain atoms (issue 18, the one-entry commit).
+
+ZODB's pickler (``ZODB.serialize.ObjectWriter``) calls its ``persistent_id``, a
+Python method, for every object it pickles: the C pickler has no other hook
+(zodbpickle's ``save`` calls it before looking at the type, ints and strs
+included). A bucket of a `Dict`'s entries holds about 20 entries of
+``seq: (key, value)``: some 85 objects, so those calls were most of the cost of
+pickling it (measured: 41 us against 5 us with no ``persistent_id``), and the
+largest single difference between our one-entry commit and raw ZODB's, which
+rewrites a tiny ``Persistent`` item of 4 objects.
+
+A class whose records are often made of plain atoms says so with a
+``_dh_plain_refs(state)`` static method: it returns the persistent objects the
+state references (the next bucket of a bucket), or None when the state holds
+anything else. For such a state ZODB's own ``persistent_id`` is called once per
+referenced object (assigning oids to new ones and queueing them to be stored,
+exactly as it would while pickling), and the pickler then uses the C method
+``dict.get`` of a table of those answers: ``None`` for every atom, as ZODB's
+method returns for them, and the same reference for the persistent objects. The
+record is byte for byte what ZODB writes (tests/test_fastpickle.py).
+
+Why the atoms must be hashable and exact: ``dict.get`` hashes what it is given,
+so only exact builtin atoms (`PLAIN_ATOMS`) and tuples of them qualify; a state
+holding anything else (a list, an inline dict, a user's object, a `Dict`) is
+pickled by ZODB's own method, unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ZODB.serialize import ObjectWriter
+
+__all__ = ["PLAIN_ATOMS", "speed_up"]
+
+#: Exact types that ZODB's ``persistent_id`` answers None for and that hash
+#: without calling user code.
+PLAIN_ATOMS: frozenset[type] = frozenset({int, str, float, bool, bytes, type(None)})
+
+_dump = ObjectWriter._dump
+
+
+# -- PROTECTED: ZODB.serialize.ObjectWriter internals (ZODB 6.4) --
+# ``serialize(obj)`` ends in ``self._dump(classmeta, state)``, looked up on the
+# instance; ``_p`` is its pickler, whose ``persistent_id`` attribute is the
+# callback (zodbpickle's C pickler: any callable); ``persistent_id`` is ZODB's
+# method. tests/test_zodb_internals.py pins them.
+def speed_up(writer: Any) -> None:
+    """Make `writer` (an ``ObjectWriter`` about to store records) pickle plain states fast."""
+
+    def dump(classmeta: Any, state: Any) -> bytes:
+        plain_refs = getattr(classmeta, "_dh_plain_refs", None)  # format 1: meta is the class
+        refs = plain_refs(state) if plain_refs is not None else None
+        if refs is None:
+            return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
+        pid = writer.persistent_id
+        try:
+            table = {classmeta: pid(classmeta)}
+            for ref in refs:
+                table[ref] = pid(ref)
+        except TypeError:  # an unhashable reference: ZODB's way (pid did nothing twice)
+            return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
+        pickler = writer._p
+        pickler.persistent_id = table.get
+        try:
+            return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
+        except TypeError:  # something unhashable after all: ZODB's way (``_dump`` starts afresh)
+            pass
+        finally:
+            pickler.persistent_id = pid
+        return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
+
+    writer._dump = dump
+# -- end PROTECTED --

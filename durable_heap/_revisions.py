@@ -1,0 +1,68 @@
+"""The last revisions conflict resolution read, kept: concurrent commits to one record
+merge against the same few revisions.
+
+Threads changing neighbouring keys of one Dict all commit to one bucket record,
+and nearly every such commit is merged inside FileStorage's ``store``, with the
+commit lock held (commits are serial there): ZODB's resolver
+(``ZODB.ConflictResolution.tryToResolveConflict``) reads the revision the
+transaction started from and the one committed since with ``loadSerial``, and
+the allowlist guard (`durable_heap._allow`) reads them too. Each read is a seek
+and a read of the data file, each a system call that lets go of the GIL, so the
+committer holding the lock waits for another thread's Python code to let go of
+it again (issue 18: the lock was held about twice as long as the CPU it used).
+The same revisions come back merge after merge (one commit's revision is the
+next merge's committed one, then later ones' old one), so the last ones read are
+kept here, keyed by (oid, serial).
+
+A revision never changes once written: FileStorage appends, pack drops old
+revisions and never rewrites one, and undo writes new revisions under new tids.
+Pack is the one thing that makes a kept revision one the file no longer has (a
+``loadSerial`` of it would raise POSKeyError), so a pack forgets them all, and a
+read racing the pack does not keep what it read (`_dh_generation`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["RecentRevisions"]
+
+#: Revisions kept (the oldest read goes first), and the largest one kept: the hot
+#: records of concurrent commits are buckets of a few hundred bytes.
+KEPT = 64
+LARGEST = 16 * 1024
+
+
+class RecentRevisions:
+    """Mixin for a FileStorage: ``loadSerial`` answers from the revisions it read last."""
+
+    _lock: Any  # FileStorage's (an RLock: loadSerial runs under it inside store, too)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._dh_revisions: dict[bytes, bytes] = {}
+        self._dh_generation = 0  # moved by pack, under _lock: reads from before it are not kept
+        super().__init__(*args, **kwargs)
+
+    def loadSerial(self, oid: bytes, serial: bytes) -> bytes:  # noqa: N802 - ZODB's name
+        key = oid + serial
+        data = self._dh_revisions.get(key)
+        if data is not None:
+            return data
+        generation = self._dh_generation
+        data = super().loadSerial(oid, serial)  # type: ignore[misc]
+        if len(data) <= LARGEST:
+            with self._lock:
+                if generation == self._dh_generation:
+                    revisions = self._dh_revisions
+                    if len(revisions) >= KEPT:
+                        del revisions[next(iter(revisions))]
+                    revisions[key] = data
+        return data  # type: ignore[no-any-return]
+
+    def pack(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().pack(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            with self._lock:
+                self._dh_generation += 1
+                self._dh_revisions.clear()
