@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -62,6 +63,8 @@ _Callback = Callable[[bytes], Any]
 # hold the finished transaction's end and records; ``_file`` is the data file
 # (replaced by pack and by `_filestorage`'s recovery: hence the fsync of a dup of
 # its descriptor, taken under ``_lock``). ``lastTransaction()`` reads ``_ltid``.
+# ``pack`` calls the static ``packer(storage, referencesf, stop, gc)``, which returns
+# holding the commit lock with ``NAME.pack`` written and closed, then renames it.
 # tests/test_group_commit.py (test_the_zodb_internals_group_commit_relies_on) pins them.
 class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
     """FileStorage whose concurrent commits share one fsync (see the module)."""
@@ -87,10 +90,15 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         self._dh_leading = False
         self._dh_failed: OSError | None = None
         self._dh_closed = False
-        # The dup of the data file's descriptor that the leader fsyncs, and the file
-        # object it was taken from (only the leader touches these).
+        # The dup of the data file's descriptor that the leader fsyncs, the file
+        # object it was taken from and its inode (only the leader touches these, and
+        # close once no leader runs).
         self._dh_fd = -1
         self._dh_fd_of: Any = None
+        self._dh_ino = -1
+        # A data file this open creates: its folder is fsynced with the first commit.
+        name = args[0] if args else kwargs.get("file_name", "")
+        self._dh_created = bool(kwargs.get("create")) or not os.path.exists(name)
         # The invalidation callback and the waiter's slot of the transaction being
         # finished: set by `_defer` and used by `_finish_finish`, both under the locks.
         self._dh_callback: tuple[_Callback | None, list[int]] | None = None
@@ -173,9 +181,25 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         w, last = self._dh_written, self._ltid
         return w if w is not None and w > last else last
 
+    @staticmethod
+    def packer(storage: Any, referencesf: Any, stop: Any, gc: Any) -> Any:
+        """FileStorage's packer; then the packed copy is fsynced, before pack renames it
+        over the file (and its transactions, some acknowledged by an fsync of the old
+        file only, become the heap's).
+
+        ZODB trap: FileStorage's pack renames ``NAME.pack`` over the file without an
+        fsync of it: a power loss after a rename that reached the disk could leave a
+        file whose data never did. The packer returns holding the commit lock, with
+        everything copied and the copy closed: nothing is written in between.
+        """
+        r = _ZFileStorage.packer(storage, referencesf, stop, gc)
+        if r is not None:
+            _fsync_path(storage._file_name + ".pack")
+        return r
+
     def pack(self, *args: Any, **kwargs: Any) -> Any:
-        # ZODB trap: FileStorage's pack renames a packed copy over the file without
-        # an fsync of the copy; the transactions it copied are made durable here.
+        # The packed file replaced the data file: the next fsync (here) is of the new
+        # file and of its folder (`_sync`), so that the rename is durable too.
         r = super().pack(*args, **kwargs)
         with self._dh_cond:
             self._dh_finished += 1  # a pseudo-transaction: the packed file itself
@@ -196,10 +220,18 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         with self._dh_cond:
             self._dh_closed = True
             self._dh_cond.notify_all()
-            if self._dh_fd >= 0:
-                os.close(self._dh_fd)
-                self._dh_fd = -1
+            # A leader that began meanwhile (a commit written after `target`) is
+            # fsyncing the descriptor: it closes it when done. Closed under its feet,
+            # its fsync would fail, or fsync whatever file took the number.
+            if not self._dh_leading:
+                self._close_fd()
         super().close()
+
+    def _close_fd(self) -> None:
+        """Close the duplicate descriptor (under _dh_cond, no leader running)."""
+        if self._dh_fd >= 0:
+            os.close(self._dh_fd)
+            self._dh_fd = -1
 
     # -- the group commit -------------------------------------------------------------------
 
@@ -232,6 +264,8 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         except BaseException:
             with self._dh_cond:
                 self._dh_leading = False
+                if self._dh_closed:
+                    self._close_fd()
                 self._dh_cond.notify_all()
             raise
         with self._dh_cond:
@@ -244,17 +278,30 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
             with self._dh_cond:
                 self._dh_synced = max(self._dh_synced, target)
                 self._dh_leading = False
+                if self._dh_closed:  # closed while this fsync ran (see close)
+                    self._close_fd()
                 self._dh_cond.notify_all()
 
     def _sync(self) -> None:
-        """fsync the data file (a dup of its descriptor: pack or a recovery may replace it)."""
+        """fsync the data file (a dup of its descriptor: pack or a recovery may replace it).
+
+        A data file that is another file than the last one fsynced (pack renamed its
+        packed copy over it), or that this open created, has its folder fsynced first:
+        its name is then durable too, and no commit written to it is acknowledged
+        before (an fsync of a file does not make its directory entry durable).
+        """
+        new_name = False
         with self._lock:
             if self._file is not self._dh_fd_of:
                 fd = os.dup(self._file.fileno())
+                ino = os.fstat(fd).st_ino
                 if self._dh_fd >= 0:
                     os.close(self._dh_fd)
-                self._dh_fd, self._dh_fd_of = fd, self._file
+                new_name = ino != self._dh_ino if self._dh_ino != -1 else self._dh_created
+                self._dh_fd, self._dh_fd_of, self._dh_ino = fd, self._file, ino
             fd = self._dh_fd
+        if new_name:
+            _fsync_path(os.path.dirname(self._file_name), folder=True)
         os.fsync(fd)  # looked up at each call: a test may make it fail (tests/test_group_commit.py)
 
     def _deliver(self, covered: list[tuple[int, bytes, _Callback | None]]) -> None:
@@ -270,6 +317,22 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
 
 
 # -- end PROTECTED --
+
+
+def _fsync_path(path: str, *, folder: bool = False) -> None:
+    """fsync a file or a folder by its path (a folder: the names in it are then durable).
+
+    A file system that cannot fsync a folder says EINVAL (POSIX allows it): nothing
+    more can be done there, and it is not a failed fsync.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # looked up at each call, as in _sync
+    except OSError as exc:
+        if not (folder and exc.errno == errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _failed_again(exc: OSError) -> OSError:

@@ -478,7 +478,7 @@ _AHEAD = 1440 << 32  # the upper 32 bits of a tid count minutes
 # -- PROTECTED: FileStorage._restore_index and the state around it (ZODB 6.4) --
 # The checked scan is hooked into ``_restore_index``, the one method FileStorage's
 # constructor calls between opening the file and ``read_index`` (see the class's
-# docstring), and uses ``_newIndexes``, ``_save_index``, ``_is_read_only``,
+# docstring), and uses ``_newIndexes``, ``_initIndex``, ``_save_index``, ``_is_read_only``,
 # ``_pos`` and ``_file``; `_close_quietly` closes ``_file``, ``_files``,
 # ``_lock_file`` and ``_tfile`` after a failed constructor. tests/test_damage.py
 # and tests/test_zodb_internals.py pin them.
@@ -528,7 +528,13 @@ class CheckedFileStorage(FileStorage):
             return r  # not a FileStorage file, or empty: FileStorage decides
         pos, ltid = reached
         if r is None and not self._is_read_only:
-            self._pos = pos  # what FileStorage does after its own scan: save the index
+            # What FileStorage does after its own scan: save the index. Trap:
+            # _save_index saves self._index, at this point the constructor's empty
+            # one (it installs ours only once this returns): saved empty, the .index
+            # of a process that then crashed was refused at the next open, which
+            # scanned the whole file again.
+            self._initIndex(index, self._tindex)
+            self._pos = pos
             self._save_index()
         return index, pos, ltid
 

@@ -13,12 +13,15 @@ import random
 import shutil
 import stat
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import durable_heap as dh
+from durable_heap.testing import subprocess_env
 from tests.conftest import ZeoServer
 
 TRANS = struct.Struct(">8sQcHHH")  # ZODB/FileStorage/format.py: tid, length, status, ul, dl, el
@@ -95,6 +98,31 @@ def built(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 # --- opening: never cut more than a torn last transaction --------------------------------
+
+
+def test_the_index_saved_at_an_open_without_one_holds_the_records(
+    built: tuple[Path, dict[str, Any]]
+) -> None:
+    """An open without a valid .index scans the file and saves the index it built, so
+    that a process that then crashes leaves one the next open can use. It used to save
+    an empty index (FileStorage's own before the scan's was installed): refused as
+    insane by the next open, which scanned the whole file again."""
+    from ZODB.FileStorage import FileStorage as ZODBFileStorage
+    from ZODB.fsIndex import fsIndex
+
+    path, expected = built
+    code = ("import os, signal, sys, durable_heap as dh\n"
+            "h = dh.open(sys.argv[1])\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")  # never closed: the open's .index stays
+    subprocess.run([sys.executable, "-c", code, str(path)], env=subprocess_env(), timeout=60)
+    saved = fsIndex.load(str(path) + ".index")
+    assert saved["pos"] == path.stat().st_size and len(saved["index"]) > 30
+    plain = ZODBFileStorage(str(path), read_only=True)
+    try:
+        assert plain._used_index == 1  # ZODB's own sanity check accepts it
+    finally:
+        plain.close()
+    assert read_all(path) == expected
 
 
 @pytest.mark.parametrize("damage", ["length", "status", "short"])
