@@ -141,6 +141,12 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         """
         self._wait_durable(number)
 
+    #: Whether `tpc_abort` waits for the commits written before it to be visible. The
+    #: ZEO server (`durable_heap._zeo_pipeline`) turns it off: there the abort runs on
+    #: the event loop, which the wait would stop for an fsync, and a ZEO client's retry
+    #: starts from the invalidations it receives, not from this storage's snapshot.
+    abort_waits = True
+
     def tpc_abort(self, transaction: Any) -> None:
         """Abort; then wait until the commits written before are visible.
 
@@ -152,7 +158,7 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         """
         mine = transaction is self._transaction  # only we can change it: we hold the commit lock
         super().tpc_abort(transaction)
-        if mine:
+        if mine and self.abort_waits:
             with self._dh_cond:
                 target = self._dh_finished
             with contextlib.suppress(OSError):  # a failed fsync: every later commit fails anyway

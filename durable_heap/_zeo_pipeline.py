@@ -153,6 +153,16 @@ class _PipelinedZEOStorage(ZEOStorage):  # type: ignore[misc]
         return delay
 
 
+def _abort_without_wait(storage: Any) -> None:
+    """Turn off the group-commit storage's wait in ``tpc_abort`` (it runs on the loop
+    here, which the wait would stop for an fsync): set on the storage itself, under
+    the wrappers (`_integrity.ChecksumStorage`) that pass attribute reads through."""
+    while not hasattr(type(storage), "abort_waits") and hasattr(storage, "base"):
+        storage = storage.base
+    if hasattr(type(storage), "abort_waits"):
+        storage.abort_waits = False
+
+
 class PipelinedStorageServer(StorageServer):  # type: ignore[misc]
     """ZEO's StorageServer whose commits wait for their fsync off the event loop."""
 
@@ -164,6 +174,7 @@ class PipelinedStorageServer(StorageServer):  # type: ignore[misc]
             for name, storage in storages.items():
                 if hasattr(storage, "tpc_finish_nowait") and not storage.isReadOnly():
                     self._dh_syncers[name] = _Syncer(storage, name)
+                    _abort_without_wait(storage)
         try:
             super().__init__(*args, **kwargs)
         except BaseException:

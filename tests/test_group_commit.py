@@ -581,21 +581,14 @@ def test_sigkill_during_concurrent_commits_loses_no_acknowledged_commit(tmp_path
     acknowledged commit is in the file. A power loss keeps only what an fsync made
     durable: the file is also cut to the size the last fsync that returned covered
     (reported before it returned), and every acknowledged commit is in that too.
-    DURABLE_HEAP_SOAK=1: `test_soak_sigkill_during_concurrent_commits`."""
-    _kill_rounds(tmp_path, nthreads=6, rounds=5)
 
-
-def _burners(n: int) -> list[subprocess.Popen[bytes]]:
-    """`n` processes that keep a core busy (a loaded machine)."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-
-
-@pytest.mark.skipif(not SOAK, reason="the soak: DURABLE_HEAP_SOAK=1")
-def test_soak_sigkill_during_concurrent_commits(tmp_path: Path) -> None:
-    """The SIGKILL and power-loss check above, soak-sized: DURABLE_HEAP_SOAK_ROUNDS
-    rounds (200), DURABLE_HEAP_SOAK_THREADS threads (12), DURABLE_HEAP_SOAK_BURN
-    processes spinning meanwhile (2). A failed round's files are kept in
-    DURABLE_HEAP_SOAK_KEEP (a folder) when it is set."""
+    DURABLE_HEAP_SOAK=1 makes it the soak: DURABLE_HEAP_SOAK_ROUNDS rounds (200),
+    DURABLE_HEAP_SOAK_THREADS threads (12), DURABLE_HEAP_SOAK_BURN processes spinning
+    meanwhile (2). A failed round's files are kept in DURABLE_HEAP_SOAK_KEEP (a
+    folder) when it is set."""
+    if not SOAK:
+        _kill_rounds(tmp_path, nthreads=6, rounds=5)
+        return
     rounds = int(os.environ.get("DURABLE_HEAP_SOAK_ROUNDS", "200"))
     nthreads = int(os.environ.get("DURABLE_HEAP_SOAK_THREADS", "12"))
     keep = os.environ.get("DURABLE_HEAP_SOAK_KEEP")
@@ -610,6 +603,11 @@ def test_soak_sigkill_during_concurrent_commits(tmp_path: Path) -> None:
             p.wait()
     print(f"\n{rounds} rounds of {nthreads} threads SIGKILLed, {checked} acknowledged commits "
           f"checked, none lost ({time.monotonic() - started:.0f} s)")
+
+
+def _burners(n: int) -> list[subprocess.Popen[bytes]]:
+    """`n` processes that keep a core busy (a loaded machine)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
 def test_the_merge_check_fast_path_tells_equal_values_of_other_types_apart() -> None:

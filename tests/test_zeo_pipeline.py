@@ -228,6 +228,61 @@ def test_the_loop_serves_other_clients_while_a_commit_waits_for_its_fsync(tmp_pa
             b.close()
 
 
+def test_a_conflict_while_a_commit_waits_for_its_fsync_does_not_stop_the_loop(tmp_path: Path) -> None:
+    """A commit that conflicts with one still waiting for its fsync is aborted on the
+    server's loop: the abort must not wait there for that fsync (group commit's
+    ``tpc_abort`` waits in one process), or every other client stands still with it.
+    Fails with the wait: the third client's read never returns while the fsync is held."""
+    path = tmp_path / "server" / "app.fs"
+    path.parent.mkdir()
+    _make(path)
+    with _server(path) as server:
+        a, b, c = dh.open(server.url), dh.open(server.url), dh.open(server.url)
+        try:
+            with b.transaction() as state:  # b reads the entry now: its change will conflict
+                assert state.counts[0] == 0
+            server.flag("hold", True)
+            held = len(server.fsyncs("enter"))
+
+            def set_a() -> int:
+                with a.transaction() as state:
+                    state.counts[0] = 1
+                return 1
+
+            ta, out_a = _in_thread(set_a)
+            _wait_for(lambda: len(server.fsyncs("enter")) > held, what="the held fsync")
+
+            def set_b() -> str:  # the same entry to another value: no merge, a ConflictError
+                try:
+                    with b.transaction() as state:  # tried once: the conflict is raised
+                        state.counts[0] = 2
+                except dh.ConflictError:
+                    return "conflict"  # voted, refused, aborted on the server
+                return "committed"
+
+            tb, out_b = _in_thread(set_b)
+            tb.join(30)
+            assert out_b == ["conflict"]
+
+            def read_c() -> int:
+                with c.transaction() as state:
+                    return int(state.counts[500])
+
+            tc, out_c = _in_thread(read_c)
+            tc.join(10)
+            assert out_c == [0], "the loop stood still in an abort while an fsync was held"
+            server.flag("hold", False)
+            ta.join(30)
+            tb.join(30)
+            assert out_a == [1]
+            with c.transaction() as state:
+                assert state.counts[0] == 1
+        finally:
+            a.close()
+            b.close()
+            c.close()
+
+
 def test_concurrent_client_processes_share_fsyncs(tmp_path: Path) -> None:
     """Four client processes commit at once on a slow disk (100 ms per fsync): their
     commits share fsyncs (ZEO's own tpc_finish gives one fsync per commit: 40 of 40),
