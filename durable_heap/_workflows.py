@@ -348,7 +348,15 @@ def _peek(conn: Any, key: str) -> Any:
     return conn.root().get(key)
 
 
-_added = threading.local()
+class _Added(threading.local):
+    """Per thread: whether this transaction added a timer (the scheduler is rung after
+    the commit). A class default, so the engine's after-commit hook, which runs after
+    every commit of the heap, reads it without raising and catching an AttributeError."""
+
+    flag = False
+
+
+_added = _Added()
 
 
 def _add_timer(conn: Any, deadline: float, entry: TimerEntry, seq: str | None = None) -> tuple[float, str]:
@@ -1145,7 +1153,13 @@ def _block(heap: Any, wid: str, reason: str, claim: tuple[float, str] | None) ->
 # --- starting: in a transaction (after its commit) or inline --------------------------------------
 
 
-_after = threading.local()
+class _After(threading.local):
+    """Per thread: the workflows started in the transaction, run once it commits."""
+
+    starts: list[tuple[Any, str, Any]] | None = None
+
+
+_after = _After()
 
 
 def _after_commit(heap: Any) -> None:
