@@ -17,19 +17,56 @@ aborted cleanly and the next commit starts from a clean file. A failed fsync in
 durable state is unknown; with group commit every transaction the fsync was to
 cover fails, see `durable_heap._groupcommit`), and the heap layer reports that
 the heap must be reopened.
+
+Two more things are made safe here:
+
+* **A current load shows no commit waiting for its fsync.** Group commit puts a
+  finished transaction in FileStorage's index before its fsync, and ZODB's
+  ``load(oid)`` reads the index: it returned that record (and the checksum layer,
+  which compares with ``lastTransaction()``, called it damaged). `FileStorage.load`
+  returns the revision current at ``lastTransaction()`` instead: the one every
+  other connection sees (durable before visible, `durable_heap._groupcommit`).
+* **A pack cut off between its two renames.** FileStorage's pack renames the file
+  to ``NAME.old``, then the packed copy ``NAME.pack`` to ``NAME``: a crash (or a
+  power loss) between the two leaves no ``NAME``, and ZODB's FileStorage would then
+  create a new, empty heap in its place. Opening refuses instead
+  (`interrupted_pack`), and says which file to rename: both hold every acknowledged
+  commit (the packed copy was fsynced before the first rename).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 from ZODB.FileStorage.FileStorage import TempFormatter
+from ZODB.POSException import POSKeyError
+from ZODB.utils import p64, u64
 
+from ._errors import StorageError
 from ._groupcommit import GroupCommitFileStorage
 from ._revisions import RecentRevisions
 
-__all__ = ["FileStorage"]
+__all__ = ["FileStorage", "interrupted_pack"]
+
+
+def interrupted_pack(file_name: str) -> StorageError | None:
+    """The error for a heap file that a pack left renamed away (see the module), or None.
+
+    ``NAME`` missing with both ``NAME.old`` and ``NAME.pack`` present happens only
+    between pack's two renames (a finished pack leaves ``NAME`` and ``NAME.old``).
+    """
+    old, packed = file_name + ".old", file_name + ".pack"
+    if os.path.exists(file_name) or not (os.path.exists(old) and os.path.exists(packed)):
+        return None
+    return StorageError(
+        f"{file_name} is missing, and {old} and {packed} are there: a pack was cut off "
+        f"between its two renames (a crash or a power loss). Both files hold every "
+        f"acknowledged commit. To finish the pack: mv {packed} {file_name}; or, to undo "
+        f"it: mv {old} {file_name}. Then open the heap again (it was not opened, so as "
+        f"not to create an empty heap in its place)"
+    )
 
 
 # -- PROTECTED: ZODB.FileStorage.FileStorage internals (ZODB 6.4) --
@@ -46,6 +83,29 @@ class FileStorage(RecentRevisions, GroupCommitFileStorage):  # type: ignore[misc
 
     _file: Any  # the data file, open for writing (FileStorage's)
     _tfile: Any  # the scratch file of the transaction being committed (FileStorage's)
+
+    def __init__(self, file_name: str, *args: Any, **kwargs: Any) -> None:
+        if not (args[0] if args else kwargs.get("create")):  # create: a new, empty file is meant
+            error = interrupted_pack(str(file_name))
+            if error is not None:
+                raise error
+        super().__init__(file_name, *args, **kwargs)
+
+    def load(self, oid: bytes, version: str = "") -> tuple[bytes, bytes]:
+        """The object's revision as of ``lastTransaction()`` (see the module).
+
+        ZODB's connections read through ``loadBefore`` at their snapshot; ``load`` is
+        for tools (``durable-heap inspect``, the class allowlist, the integrity checks).
+        """
+        data, serial = super().load(oid, version)
+        last = self._ltid
+        if serial <= last or serial > self.last_written():
+            return data, serial  # visible; or later than anything written: damage, for the checks
+        # Written by a commit still waiting for its fsync: the revision before it.
+        r = self.loadBefore(oid, p64(u64(last) + 1))
+        if r is None:
+            raise POSKeyError(oid)  # created by that commit: not there yet
+        return r[0], r[1]
 
     def tpc_vote(self, transaction: Any) -> Any:
         try:

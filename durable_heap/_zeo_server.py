@@ -240,5 +240,19 @@ def run_server(args: Any) -> int:
         server.close()
         if isinstance(addr, str) and os.path.exists(addr):
             os.unlink(addr)
+    failure = getattr(server, "failure", None)
+    if failure is not None:
+        # A failed fsync (or finish) closed the heap: serving it on would fail every
+        # commit. Exit non-zero, so that a service manager restarts the server, which
+        # reopens the file with every acknowledged commit (docs/operations.md).
+        why = getattr(failure, "strerror", None) or str(failure)
+        error = StorageError(
+            f"the server stopped: it could not make a commit durable ({type(failure).__name__}: "
+            f"{why}) and closed {target.location}; the clients waiting were told \"may or may "
+            "not have been committed\". Fix the disk, then start the server again: it reopens "
+            "the heap with every acknowledged commit"
+        )
+        error.exit_code = 1  # type: ignore[attr-defined]  # the CLI's EXIT_FAILED: the heap, not the usage
+        raise error
     log.info("stopped: %s closed (index written, lock released)", target.location)
     return 0

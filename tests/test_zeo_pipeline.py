@@ -319,7 +319,9 @@ def test_concurrent_client_processes_share_fsyncs(tmp_path: Path) -> None:
 def test_a_failed_fsync_fails_every_client_waiting_on_it(tmp_path: Path) -> None:
     """Three clients' commits wait on one held fsync, which then fails (EIO): each
     client gets durable_heap's "may or may not have been committed" error, none is
-    acknowledged, and the heap file opens afterwards with the earlier commits."""
+    acknowledged, the server then exits with status 1 and says why (it kept serving
+    a closed heap before: every later commit failed until someone restarted it), and
+    the heap file opens afterwards with the earlier commits."""
     path = tmp_path / "server" / "app.fs"
     path.parent.mkdir()
     _make(path)
@@ -348,12 +350,21 @@ def test_a_failed_fsync_fails_every_client_waiting_on_it(tmp_path: Path) -> None
                 assert exc.outcome_unknown is True, repr(exc)
                 assert "may or may not have been committed" in str(exc), str(exc)
                 assert "could not make this commit durable" in str(exc), str(exc)
+            # The heap is closed: the server stops (a service manager restarts it),
+            # exit status 1, saying why, rather than fail every later commit.
+            try:
+                code = server.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("the server kept running with a closed heap") from None
+            assert code == 1, code
         finally:
             for h in heaps:
                 with contextlib.suppress(Exception):
                     h.close()
         log = server.log.read_text()
         assert "fsync" in log and "failed" in log, log[-3000:]
+        assert "the server stopped: it could not make a commit durable" in log, log[-3000:]
+        assert "start the server again" in log, log[-3000:]
     with dh.open(path) as heap:
         # in the file or not (written, never fsynced): the outcome the clients were told is unknown
         assert all(heap.state.counts[i * 300] in (0, 1) for i in range(3))
@@ -453,6 +464,18 @@ def test_the_zeo_internals_the_pipeline_relies_on() -> None:
     for name in ("reply", "error", "set_sender"):
         assert callable(getattr(Delay, name)), name
     assert "must be greater than" in inspect.getsource(ClientCache.setLastTid)
+    # The reads answered from the last visible transaction (see the PROTECTED block).
+    delegation = inspect.getsource(ZEOStorage.setup_delegation)
+    for text in ("self.getTid = storage.getTid", "self.lastTransaction = storage.lastTransaction"):
+        assert text in delegation, text
+    register = inspect.getsource(ZEOStorage.register)
+    assert register.index("self.setup_delegation()") < register.index("return self.lastTransaction()")
+    assert "self.stats.loads += 1" in inspect.getsource(ZEOStorage.loadBefore)
+    assert list(inspect.signature(ZEOStorage.history).parameters) == ["self", "tid", "size"]
+    assert "self.storage.iterator(start, stop)" in inspect.getsource(ZEOStorage.iterator_start)
+    from ZEO.asyncio.server import Acceptor
+    assert "self.event_loop = loop = new_event_loop()" in inspect.getsource(Acceptor.__init__)
+    assert "self.acceptor = self.loop = None" in inspect.getsource(StorageServer.close)
     assert list(inspect.signature(GroupCommitFileStorage.tpc_finish_nowait).parameters) == [
         "self", "transaction", "f"]
     assert list(inspect.signature(GroupCommitFileStorage.wait_durable).parameters) == ["self", "number"]
