@@ -218,6 +218,14 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         with self._dh_cond:
             target = self._dh_finished
             failed = self._dh_failed is not None or self._dh_closed
+        # ZODB trap: after a failed write of a transaction's status byte, ZODB's
+        # `_finish` calls close() holding `_lock`, which a leader needs to deliver:
+        # waiting for it here waited for ever (tests/test_finish_failure.py). The file's
+        # state is unknown then: nothing more is waited for; the running leader still
+        # acknowledges what its fsync covers, every other waiter fails ("closed").
+        owned = getattr(self._lock, "_is_owned", None)  # threading.RLock's
+        if owned is not None and owned():
+            failed = True
         if not failed and target and not self._is_read_only:
             try:
                 self._wait_durable(target)
