@@ -74,7 +74,11 @@ def interrupted_pack(file_name: str) -> StorageError | None:
 # tpc_finish), and replaces the buffered files FileStorage keeps: ``_file``,
 # ``_tfile`` with its ``_tfmt`` (a ``TempFormatter``) and ``_tindex``, under
 # ``_lock``, cutting back to ``_pos`` and flushing ``_files`` (FilePool): the fix
-# of its failed-write trap (see the module) has no public hook.
+# of its failed-write trap (see the module) has no public hook. ``load`` reads the
+# current record through the index (``_lookup_pos``), which group commit updates
+# before the fsync, while ``_ltid`` moves after it. ``pack`` renames ``NAME`` to
+# ``NAME.old`` and then ``NAME.pack`` to ``NAME``, and ``__init__`` creates a missing
+# file (tests/test_pack_crash.py pins both).
 # tests/test_zodb_internals.py pins every one.
 class FileStorage(RecentRevisions, GroupCommitFileStorage):  # type: ignore[misc]
     """`ZODB.FileStorage.FileStorage` that recovers from a failed write (see the module),

@@ -26,7 +26,7 @@ So the contract of `_groupcommit` holds over ZEO:
   tells another (which syncs with the server, as durable_heap's ZEO clients do
   before each transaction) finds the commit there, because the invalidations were
   written to that client's connection before the answer was written to the first.
-* **Nothing a client can ask shows a commit before it is durable:** ``loadBefore``
+* **A client's reads show no commit before it is durable:** ``loadBefore``
   (a ZEO client's ``load()`` asks for the revision before the largest tid; FileStorage
   already has the record in its index), ``lastTransaction`` and ``register`` (what a
   client connecting meanwhile starts from), ``getTid``, ``history`` and

@@ -160,3 +160,23 @@ def test_a_failed_finish_while_a_commit_waits_for_its_fsync_hangs_no_one(tmp_pat
     assert check.returncode == 0, check.stderr[-3000:]
     a, b = map(int, check.stdout.split())
     assert a == 1 and b in (0, 1), check.stdout
+
+
+def test_the_zodb_internals_the_fix_relies_on() -> None:
+    """ZODB's ``_finish`` closes the storage in its ``except`` (called by
+    ``tpc_finish`` holding ``_lock``), and that lock tells whether this thread holds
+    it (``_is_owned``, which group commit's close asks)."""
+    import inspect
+
+    from ZODB.BaseStorage import BaseStorage
+    from ZODB.FileStorage import FileStorage as ZODBFileStorage
+
+    finish = inspect.getsource(ZODBFileStorage._finish)
+    assert finish.index("self._finish_finish(tid)") < finish.index("self.close()")
+    assert "with self._lock:" in inspect.getsource(BaseStorage.tpc_finish)
+    assert "self._finish(" in inspect.getsource(BaseStorage.tpc_finish)
+    storage = ZODBFileStorage.__new__(ZODBFileStorage)
+    BaseStorage.__init__(storage, "x")
+    assert storage._lock._is_owned() is False
+    with storage._lock:
+        assert storage._lock._is_owned() is True

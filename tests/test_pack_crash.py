@@ -70,3 +70,19 @@ def test_a_pack_cut_off_between_its_renames_is_refused_and_says_what_to_do(
     os.rename(f"{heap_path}{keep}", heap_path)
     with dh.open(heap_path) as heap:
         assert dict(heap.state.counts) == {i: i for i in range(20)}
+
+
+def test_the_zodb_internals_the_check_relies_on() -> None:
+    """FileStorage's pack renames the file to ``.old`` before it renames ``.pack`` over
+    it (the window the check covers), and its constructor creates a missing file (why
+    the check must come first); its ``load`` reads the current record by the index."""
+    import inspect
+
+    from ZODB.FileStorage import FileStorage as ZODBFileStorage
+
+    pack = inspect.getsource(ZODBFileStorage.pack)
+    first = pack.index("os.rename(self._file_name, oldpath)")
+    assert first < pack.index("os.rename(self._file_name + '.pack', self._file_name)")
+    init = inspect.getsource(ZODBFileStorage.__init__)
+    assert "if exc.errno == errno.ENOENT:" in init and "create = 1" in init  # a missing file is made
+    assert "_lookup_pos(oid)" in inspect.getsource(ZODBFileStorage.load)
