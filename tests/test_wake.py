@@ -282,6 +282,36 @@ def test_a_wake_rung_over_zeo_asks_the_server_only_what_it_needs(zeo_server: Zeo
     assert used == [2, 4], used
 
 
+def test_a_resolve_over_zeo_asks_for_the_timers_first_bucket_with_the_promise(zeo_server: ZeoServer) -> None:
+    """The wake's timer lands in the timers' first bucket: asked for before the promise
+    and the waiting record load, so that it is not a third round trip after them."""
+    with dh.open(zeo_server.url) as a, dh.open(zeo_server.url) as b, a.activate():
+        @a.workflow
+        def waits(name: str) -> Any:
+            return dh.promise(name).wait(timeout=3600)  # (a timer each)
+
+        handles = [waits(f"p{i}") for i in range(40)]  # the timers tree: several buckets
+        with a.transaction():
+            timers = a.connection.root()[w.TIMERS_KEY]
+            state = timers.__getstate__()
+            assert len(state) == 2  # ((children and keys), first bucket)
+            first = state[1]._p_oid
+        storage: Any = b.db.storage
+        asked: list[bytes] = []
+        prefetch = storage.prefetch
+
+        def spy(oids: Any, tid: bytes) -> Any:
+            oids = list(oids)
+            asked.extend(oids)
+            return prefetch(oids, tid)
+
+        storage.prefetch = spy
+        with b.activate():
+            assert dh.resolve("p7", 7)
+        assert first in asked
+        assert a.run_due() >= 1 and handles[7].result(timeout=20) == 7
+
+
 # --- SIGTERM while the ZEO server is gone ---------------------------------------------------------------
 
 LOST = """
