@@ -12,7 +12,8 @@
   ratio to DBOS is taken round by round.
 - ``wake``: resolve -> the waiting workflow has run its next step (its commit returned),
   under a running scheduler: in the same process (a scheduler thread, FileStorage), and
-  from another process over ZEO (the scheduler in one process, the resolves in another);
+  from another process over ZEO (the scheduler in one process, the resolves in another,
+  timed to the scheduler's step commit on the machine's monotonic clock);
   p50, p99, and a plain one-entry commit of the same process for scale (a wake is at least
   two: the resolve's and the step's).
 - ``scale``: N waiting workflows and N pending timers (written in bulk): the time to
@@ -268,12 +269,16 @@ def bench_wake(quick: bool) -> dict[str, Any]:
 
 
 _ZEO_APP = """
-import durable_heap as dh, os
+import durable_heap as dh, os, sys, time
 heap = dh.open(os.environ["BENCH_TARGET"])
 
 @heap.action
 def mark(i):
     heap.state.done[i] = True
+    if os.environ.get("BENCH_REPORT"):  # the scheduler: the step's commit returned, when
+        def note(ok):
+            print(i, time.clock_gettime(time.CLOCK_MONOTONIC), flush=True)
+        heap.transaction_manager.get().addAfterCommitHook(note)
 
 @heap.workflow
 def waits(i):
@@ -281,11 +286,21 @@ def waits(i):
     mark(i)
 """
 
+#: Seconds between one wake's step and the next resolve: the workflow's last transaction
+#: (its end) is done and the scheduler asleep again, as in process.
+_ZEO_GAP = 0.01
+
 
 def _wake_zeo(folder: str, n: int) -> dict[str, Any]:
-    """Resolves in one process, the scheduler in another, the server in a third. The
-    probe polls for the step's change (reads between commits are local: only a change
-    pushed by the server loads anything)."""
+    """Resolves in one process, the scheduler in another, the server in a third.
+
+    Timed as in process: from the resolve's call to the scheduler's step commit
+    returning (the scheduler prints it, on CLOCK_MONOTONIC, which every process of the
+    machine shares). The resolver waits for that line on a pipe: it sends nothing to
+    the server meanwhile (polling the heap would ask the server at every look, under
+    server_sync, and charge the wake for the probe's own round trips and CPU). At the
+    end the resolver checks that it sees every step's change.
+    """
     from durable_heap.testing import ZeoServer, subprocess_env
 
     Path(folder, "zapp.py").write_text(_ZEO_APP)
@@ -295,36 +310,51 @@ def _wake_zeo(folder: str, n: int) -> dict[str, Any]:
                  f"[waits(i) for i in range({n})]\n")
         subprocess.run([sys.executable, "-c", setup], cwd=folder, env=env, check=True, timeout=300)
         sched = subprocess.Popen([sys.executable, "-c", "from zapp import *\nheap.run_scheduler()"],
-                                 cwd=folder, env=env)
+                                 cwd=folder, env={**env, "BENCH_REPORT": "1"}, stdout=subprocess.PIPE,
+                                 text=True)
+        probe_src = textwrap.dedent(f"""
+            import json, sys, time
+            import durable_heap as dh
+            from zapp import *
+            clock = lambda: time.clock_gettime(time.CLOCK_MONOTONIC)
+            plain = []
+            for i in range({n}):
+                t0 = time.perf_counter()
+                mark(-1)
+                plain.append(time.perf_counter() - t0)
+            print(json.dumps(plain), flush=True)
+            for line in sys.stdin:  # "resolve i"
+                i = int(line.split()[1])
+                t0 = clock()
+                dh.resolve(f"p{{i}}", i)
+                print(t0, clock(), flush=True)
+            missing = [i for i in range({n}) if not heap.state.done.get(i)]
+            print(json.dumps(missing), flush=True)
+        """)
+        probe = subprocess.Popen([sys.executable, "-c", probe_src], cwd=folder, env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert probe.stdin is not None and probe.stdout is not None and sched.stdout is not None
         try:
-            probe = textwrap.dedent(f"""
-                import json, time
-                import durable_heap as dh
-                from zapp import *
-                plain = []
-                for i in range({n}):
-                    t0 = time.perf_counter()
-                    mark(-1)
-                    plain.append(time.perf_counter() - t0)
-                time.sleep(0.5)
-                lat = []
-                for i in range({n}):
-                    time.sleep(0.002)
-                    t0 = time.perf_counter()
-                    dh.resolve(f"p{{i}}", i)
-                    t1 = time.perf_counter()
-                    while not heap.state.done.get(i):  # outside a transaction: the latest commit
-                        time.sleep(0.0002)
-                    lat.append((time.perf_counter() - t0, time.perf_counter() - t1))
-                print(json.dumps([lat, plain]))
-            """)
-            r = subprocess.run([sys.executable, "-c", probe], cwd=folder, env=env, capture_output=True,
-                               text=True, timeout=600, check=True)
-            pairs, plain = json.loads(r.stdout.strip().splitlines()[-1])
+            plain = json.loads(probe.stdout.readline())
+            time.sleep(0.5)
+            lat, after = [], []
+            for i in range(n):
+                time.sleep(_ZEO_GAP)
+                probe.stdin.write(f"resolve {i}\n")
+                probe.stdin.flush()
+                t0, t1 = map(float, probe.stdout.readline().split())
+                j, committed = sched.stdout.readline().split()
+                assert int(j) == i, (j, i)
+                lat.append(float(committed) - t0)
+                after.append(float(committed) - t1)
+            probe.stdin.close()
+            missing = json.loads(probe.stdout.readline())
+            assert not missing, f"the resolver does not see the steps of {missing}"
+            probe.wait(60)
         finally:
+            probe.kill()
             sched.terminate()
             sched.wait(30)
-    lat, after = [p[0] for p in pairs], [p[1] for p in pairs]
     return {"p50_ms": _ms(lat), "p99_ms": _pct(lat, 0.99), "n": n, "after_resolve_p50_ms": _ms(after),
             "plain_commit_ms": _ms(plain)}
 

@@ -21,6 +21,7 @@ here are what fires them:
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import functools
 import logging
@@ -80,6 +81,7 @@ from ._workflows import (
     reindex,
     starting,
 )
+from ._zeo import trusting_pushed
 
 __all__ = ["Timer", "WorkflowMethods"]
 
@@ -263,7 +265,7 @@ def _fire_one(heap: Any) -> int | None:
         state.clear()
         rung, heap._wf_rung = heap._wf_rung, None
         if rung:  # over ZEO: the records of the commit that rang, loaded in parallel
-            conn.prefetch(rung)
+            conn.prefetch(rung)  # (unless `_ring_on_invalidation` asked for them already)
         now = _clock(heap)
         key = _due_key(conn, now)
         if key is None:
@@ -284,6 +286,8 @@ def _fire_one(heap: Any) -> int | None:
                 reindex(conn, rec)  # (makes the index, from every record, on a heap without it)
                 return 0
             state["run"] = entry.target
+            if rung is not None:  # over ZEO: its journal comes while `_known` reads the promise
+                conn.prefetch(rec.journal)
             state["known"] = _known(conn, rec)
             return 1  # the run's first transaction removes the timer (a wake is one transaction)
         if entry.kind == "prune":
@@ -317,8 +321,12 @@ def _fire_one(heap: Any) -> int | None:
             raise _ActionFailed(exc) from exc
         return 1
 
+    # Rung by another process's commit (over ZEO): what it added is in this process's
+    # view already, so the round then begins its first transaction without asking the
+    # server for later commits (`_zeo.trusting_pushed`), and so does the wake it finds.
+    rung = heap._wf_rung is not None
     try:
-        with heap.activate():
+        with heap.activate(), trusting_pushed() if rung else contextlib.nullcontext():
             done = _txn(heap, fire, "durable_heap: fire a timer")
     except _ActionFailed as failed:
         _failed(heap, state["key"], state["entry"], failed.exc)
@@ -328,7 +336,8 @@ def _fire_one(heap: Any) -> int | None:
         return 0
     if "run" in state:
         try:
-            _execute(heap, state["run"], claim=state["key"], known=state["known"])
+            with trusting_pushed() if rung else contextlib.nullcontext():
+                _execute(heap, state["run"], claim=state["key"], known=state["known"])
         except WorkflowError:
             _log.exception("workflow %s could not run", state["run"])
         except (ConflictError, StorageError) as exc:
@@ -515,6 +524,25 @@ def _front_oids(conn: Any, timers: Any) -> frozenset[bytes]:
     return frozenset(oids)
 
 
+def _prefetch(heap: Any, oids: list[bytes], tid: bytes) -> bool:
+    """Ask the ZEO server now for `oids` as of commit `tid` (in ZEO's IO thread, as it
+    reports that commit): the records the rung round's transaction loads first. Keyed
+    as that transaction's loads are (``loadBefore(oid, tid + 1)``: it sees `tid` and no
+    later commit, unless one arrives meanwhile, when it just loads again), so a load
+    whose answer is still on its way waits for it instead of asking again. False when
+    not asked (another storage, or a client closing): the round prefetches them."""
+    # -- PROTECTED: ZEO.ClientStorage.prefetch(oids, tid) (ZEO's own, not ZODB's API):
+    # it only queues the loads on the IO thread's loop, so it may be called from there. --
+    prefetch = getattr(getattr(heap.db, "storage", None), "prefetch", None)
+    if prefetch is None:
+        return False
+    try:
+        prefetch(oids, (int.from_bytes(tid, "big") + 1).to_bytes(8, "big"))
+    except Exception:  # noqa: BLE001 - disconnected or closing: the round loads them itself
+        return False
+    return True
+
+
 def _ring_on_invalidation(heap: Any) -> None:
     """Wake `heap`'s scheduler when another process's commit changed the start of the timers tree.
 
@@ -540,8 +568,10 @@ def _ring_on_invalidation(heap: Any) -> None:
         watched = heap._wf_watched
         if watched is None or not watched.isdisjoint(oids):
             # What the woken round will read first (a resolve's wake: the timers'
-            # bucket, the workflow's record, the promise): fetched at once, together.
-            heap._wf_rung = list(oids)[:PREFETCH]
+            # bucket, the workflow's record, the promise): fetched at once, together,
+            # from here (ZEO's IO thread), while the scheduler's thread wakes up.
+            rung = list(oids)[:PREFETCH]
+            heap._wf_rung = [] if _prefetch(heap, rung, tid) else rung
             wake.set()
 
     adapter.invalidate = invalidate  # type: ignore[union-attr]
@@ -580,7 +610,9 @@ class WorkflowMethods:
         self._wf_wake = threading.Event()
         self._wf_leases_at: float | None = None  # the heap clock's time of the last `_take_over`
         self._wf_schedulers = 0  # `run_scheduler` loops running in this process
-        self._wf_rung: list[bytes] | None = None  # oids of the commit that last rang it (ZEO)
+        # Over ZEO, the oids of the commit that last rang it, for its next round to prefetch
+        # ([] when they were asked for at once); None: not rung by another process.
+        self._wf_rung: list[bytes] | None = None
         self._wf_stopping: threading.Event | None = None  # the `stop` of the one in the main thread
         # Wakes handed over by this process's resolves: (id, timer key, what `_known` reads).
         self._wf_handed: collections.deque[tuple[str, tuple[float, str], tuple[Any, ...]]] = \

@@ -16,14 +16,17 @@ Client options (the query of a ``zeo://`` target)::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from ._errormap import storage_errors
 from ._errors import StorageError, UnknownTargetError
 from ._targets import OPTIONS, Address, Target, option, parse_address, private_files
 
-__all__ = ["CLIENT_OPTIONS", "DEFAULT_WAIT", "client_tls", "open_client", "tls_context"]
+__all__ = ["CLIENT_OPTIONS", "DEFAULT_WAIT", "client_tls", "open_client", "tls_context", "trusting_pushed"]
 
 #: Seconds a client waits for its server (to connect, or to reconnect) unless told.
 DEFAULT_WAIT = 30.0
@@ -73,6 +76,38 @@ def client_tls(options: dict[str, str], addr: Address) -> tuple[Any, str | None]
 # --- the client ----------------------------------------------------------------------
 
 
+class _Pushed(threading.local):
+    """Per thread: whether the next transaction begun here skips server_sync's round trip."""
+
+    once = False
+
+
+_pushed = _Pushed()
+
+
+@contextlib.contextmanager
+def trusting_pushed() -> Iterator[None]:
+    """The first transaction this thread begins inside skips server_sync's round trip.
+
+    With ``server_sync`` (the default) a ZEO client asks its server at each
+    transaction's begin for the commits it has not heard of yet (a ``ping``:
+    the answer comes after every invalidation sent before it), so that a
+    transaction sees every commit acknowledged before it began. Without that
+    round trip it sees every commit whose invalidation has arrived, in commit
+    order: for a transaction begun *because* of one (a scheduler rung by another
+    process's commit), everything up to that commit and all before it, which is
+    what it acts on; commits after it are concurrent with it either way. Writes
+    are checked against the latest records at the vote in both cases, so a
+    stale read still ends in a conflict, and a retry asks the server again
+    (only the first begin skips it). Outside ZEO, or without server_sync: no effect.
+    """
+    _pushed.once = True
+    try:
+        yield
+    finally:
+        _pushed.once = False
+
+
 def open_client(target: Target, *, read_only: bool = False) -> Any:
     """ZEO's ClientStorage for a checked ``zeo://`` target; waits for the server."""
     addr = parse_address(target.location)
@@ -116,8 +151,10 @@ _client: type | None = None
 
 
 # -- PROTECTED: ZEO.ClientStorage.ClientStorage internals (ZEO 6.2) --
-# The subclass below overrides ``notify_connected(conn, info)`` and
-# ``tpc_abort(txn, timeout)``, and reads ``_oids`` (the prefetched oids, a list),
+# The subclass below overrides ``notify_connected(conn, info)`` (which sets the
+# instance attribute ``sync = ping`` under ``server_sync``: taken out again, for
+# the class's ``sync``), ``sync()``, and ``tpc_abort(txn, timeout)``, reads
+# ``server_sync`` and calls ``ping()``, and reads ``_oids`` (the prefetched oids, a list),
 # ``_connection_generation``, ``txn.data(self)`` (the TransactionBuffer, or None
 # after tpc_finish) with its ``connection_generation``, and calls ``tpc_end``:
 # ZEO has no public way to drop prefetched oids or to skip a doomed abort (see
@@ -150,6 +187,20 @@ def _client_class() -> type:
                 # on the old connection fails anyway (ZEO checks its generation).
                 del self._oids[:]
                 super().notify_connected(conn, info)
+                # ZEO sets ``self.sync = self.ping`` here under server_sync: our `sync`
+                # below instead (ZODB's MVCC adapter binds ``storage.sync`` at each
+                # connection's open: the method, so it reads the flag at each begin).
+                self.__dict__.pop("sync", None)
+
+            def sync(self) -> None:
+                # server_sync's round trip at each transaction's begin, unless this
+                # thread's next begin trusts what the server pushed (`trusting_pushed`).
+                if _pushed.once:
+                    _pushed.once = False
+                    return
+                ping = getattr(self, "ping", None)  # (set at the first connect)
+                if self.server_sync and ping is not None:
+                    ping()
 
             def tpc_abort(self, txn: Any, timeout: Any = None) -> None:
                 try:

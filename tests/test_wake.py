@@ -193,6 +193,125 @@ def test_default_poll_by_storage(tmp_path: Path) -> None:
     assert _timers.default_poll(Unrung()) == _timers.UNRUNG_POLL == 0.1  # PostgreSQL pushes nothing
 
 
+# --- over ZEO: a wake rung by another process's commit ---------------------------------------------
+
+
+def _pings(heap: dh.Heap) -> list[int]:
+    """Count the server_sync round trips (``ping``) of `heap`'s ZEO client."""
+    storage: Any = heap.db.storage
+    count = [0]
+    ping = storage.ping
+
+    def counted() -> Any:
+        count[0] += 1
+        return ping()
+
+    storage.ping = counted
+    return count
+
+
+def test_trusting_pushed_skips_one_server_sync_round_trip(zeo_server: ZeoServer) -> None:
+    from durable_heap._zeo import trusting_pushed
+
+    with dh.open(zeo_server.url) as heap:
+        pings = _pings(heap)
+        with heap.transaction():
+            pass
+        assert pings[0] == 1  # server_sync (the default): each begin asks the server
+        with trusting_pushed():
+            with heap.transaction():
+                pass
+            with heap.transaction():
+                pass
+        assert pings[0] == 2  # the first begin inside trusted what the server pushed
+        with trusting_pushed():
+            pass  # unused: nothing left over for the next begin
+        with heap.transaction():
+            pass
+        assert pings[0] == 3
+    with dh.open(zeo_server.url + "?server_sync=0") as heap:
+        pings = _pings(heap)
+        with heap.transaction():
+            pass
+        assert pings[0] == 0
+
+
+def test_a_wake_rung_over_zeo_asks_the_server_only_what_it_needs(zeo_server: ZeoServer) -> None:
+    """The round that another process's resolve rang: its records are asked for as the
+    invalidation arrives (ZEO's IO thread), and neither the transaction that finds the
+    wake due nor the wake's step spends a server_sync round trip (the commit that rang is
+    in view already); the workflow's end, and a round nobody rang, still ask."""
+    with dh.open(zeo_server.url) as a, dh.open(zeo_server.url) as b, a.activate():
+        with a.transaction() as s:
+            s.counts = {}
+        @a.action
+        def count(name: str) -> None:
+            a.state.counts[name] = a.state.counts.get(name, 0) + 1
+
+        @a.workflow
+        def waits(name: str) -> Any:
+            value = dh.promise(name).wait()
+            count("after")
+            return value
+
+        _timers._ring_on_invalidation(a)  # as run_scheduler does
+        pings = _pings(a)
+        used = []
+        for rung in (True, False):
+            with a.transaction() as s:
+                s.counts = {}
+            h = waits(f"go {rung}")
+            a._wf_rung = None
+            with b.activate():
+                assert dh.resolve(f"go {rung}", rung)
+            for _ in range(500):  # its invalidation arrives in ZEO's IO thread
+                if a._wf_rung is not None:
+                    break
+                time.sleep(0.01)
+            assert a._wf_rung == []  # rung, and its records asked for already
+            if not rung:
+                a._wf_rung = None  # as if found by a poll
+            before = pings[0]
+            a._wf_leases_at = a.clock()  # (no look at expired leases in this round)
+            assert a.run_due() == 1
+            used.append(pings[0] - before)
+            assert h.result(timeout=20) == rung
+            with a.transaction() as s:
+                assert s.counts == {"after": 1}
+    # unrung: the round's look, the step, the end, the round's last look; rung: two fewer
+    assert used == [2, 4], used
+
+
+def test_a_resolve_over_zeo_asks_for_the_timers_first_bucket_with_the_promise(zeo_server: ZeoServer) -> None:
+    """The wake's timer lands in the timers' first bucket: asked for before the promise
+    and the waiting record load, so that it is not a third round trip after them."""
+    with dh.open(zeo_server.url) as a, dh.open(zeo_server.url) as b, a.activate():
+        @a.workflow
+        def waits(name: str) -> Any:
+            return dh.promise(name).wait(timeout=3600)  # (a timer each)
+
+        handles = [waits(f"p{i}") for i in range(40)]  # the timers tree: several buckets
+        with a.transaction():
+            timers = a.connection.root()[w.TIMERS_KEY]
+            state = timers.__getstate__()
+            assert len(state) == 2  # ((children and keys), first bucket)
+            first = state[1]._p_oid
+        storage: Any = b.db.storage
+        asked: list[bytes] = []
+        prefetch = storage.prefetch
+
+        def spy(oids: Any, tid: bytes) -> Any:
+            oids = list(oids)
+            asked.extend(oids)
+            return prefetch(oids, tid)
+
+        storage.prefetch = spy
+        with b.activate():
+            assert dh.resolve("p7", 7)
+        assert first in asked
+        assert a.run_due() >= 1 and handles[7].result(timeout=20) == 7
+
+
 # --- SIGTERM while the ZEO server is gone ---------------------------------------------------------------
 
 LOST = """
@@ -290,7 +409,8 @@ def test_journal_timer_and_cron_entries_pickle_as_before() -> None:
 def test_the_zodb_and_zeo_hooks_the_scheduler_uses() -> None:
     """PROTECTED uses (`_timers`): the DB's MVCC adapter's ``invalidate(tid, oids)`` and
     ``invalidateCache()`` (shadowed per instance to ring the scheduler), a connection's
-    ``prefetch(oids)``, ZEO's ``ClientStorage.is_connected()`` and ``prefetch(oids, tid)``."""
+    ``prefetch(oids)``, ZEO's ``ClientStorage.is_connected()`` and ``prefetch(oids, tid)``,
+    and ``notify_connected`` setting ``sync`` to ``ping`` (`_zeo._client_class`)."""
     import inspect
 
     import ZEO.ClientStorage
@@ -309,3 +429,8 @@ def test_the_zodb_and_zeo_hooks_the_scheduler_uses() -> None:
     client = ZEO.ClientStorage.ClientStorage
     assert callable(client.is_connected)
     assert list(inspect.signature(client.prefetch).parameters) == ["self", "oids", "tid"]
+    # `_zeo._client_class` takes out the ``sync = ping`` that notify_connected sets under
+    # server_sync, and calls ``ping`` itself (`trusting_pushed`)
+    connected = inspect.getsource(client.notify_connected)
+    assert "self.sync = self.ping" in connected and "self.server_sync" in connected
+    assert "self.ping = " in connected
