@@ -4,6 +4,7 @@
     python -m benchmarks.serve --quick          1 worker, 1 round of 150 requests (seconds)
     python -m benchmarks.serve --workers 1,2,4 --rounds 5 --requests 3000 --concurrency 32 --json
     python -m benchmarks.serve --workers 2,4 --compare-zeo-pipeline   also ZEO's fsync on its loop (before)
+    python -m benchmarks.serve --workers 2,4 --compare-zeo-client     also ZEO's client commit lock (before)
 
 Each request increments one of 1000 entries, chosen at random: ``POST /bump``
 with ``["k123"]``. durable_heap serves a program whose ``bump(key)`` does
@@ -18,6 +19,10 @@ connection each) and records each request's latency; throughput is requests
 over wall time. Systems alternate round by round (and which goes first), each
 round on a fresh store; figures are medians over rounds, with the ratio
 durable_heap / sqlite of each round's pair. Nothing here asserts a time.
+
+``--compare-zeo-client`` adds durable_heap with ZEO's own client ``tpc_finish``
+(``DURABLE_HEAP_ZEO_EARLY_RELEASE=0`` in the workers: the client's commit lock held
+until the server answered, the "before" of `durable_heap._zeo._finish_co`).
 
 ``--compare-zeo-pipeline`` adds a third system, durable_heap with the ZEO
 server's fsync on its event loop (``DURABLE_HEAP_ZEO_PIPELINE=0``, ZEO's own
@@ -105,18 +110,21 @@ class _Server:
 
 #: The systems, as the report names them; `LOOP_FSYNC` only with --compare-zeo-pipeline.
 LOOP_FSYNC = "durable_heap_loop_fsync"
+#: ... and `CLIENT_LOCK` only with --compare-zeo-client.
+CLIENT_LOCK = "durable_heap_client_lock"
 LABELS = {"durable_heap": "durable-heap serve", LOOP_FSYNC: "durable-heap serve, ZEO fsync on its loop",
-          "sqlite": "FastAPI + sqlite3"}
+          CLIENT_LOCK: "durable-heap serve, ZEO's client commit lock", "sqlite": "FastAPI + sqlite3"}
 
 
 def start(system: str, workers: int, folder: Path, work_ms: float = 0) -> _Server:
-    if system in ("durable_heap", LOOP_FSYNC):
+    if system in ("durable_heap", LOOP_FSYNC, CLIENT_LOCK):
         program = folder / "bench_app.py"
         program.write_text(textwrap.dedent(PROGRAM))
         cmd = [sys.executable, "-m", "durable_heap", "serve", str(program), "--port", "0", "--no-watch",
                "--storage", str(folder / "bench.fs"), "--workers", str(workers), "--attempts", "100"]
         env = {"BENCH_WORK_MS": str(work_ms),
-               "DURABLE_HEAP_ZEO_PIPELINE": "0" if system == LOOP_FSYNC else "1"}
+               "DURABLE_HEAP_ZEO_PIPELINE": "0" if system == LOOP_FSYNC else "1",
+               "DURABLE_HEAP_ZEO_EARLY_RELEASE": "0" if system == CLIENT_LOCK else "1"}
         return _Server(cmd, _env(env), folder / "serve.log")
     from benchmarks.serve_sqlite_app import create
 
@@ -321,7 +329,7 @@ def run(workers_list: list[int], rounds: int, load: dict[str, Any],
     rows: list[dict[str, Any]] = []
     for workers in workers_list:
         # One worker has no ZEO server: the loop-fsync variant is the same system then.
-        mine = [s for s in systems if not (s == LOOP_FSYNC and workers == 1)]
+        mine = [s for s in systems if not (s in (LOOP_FSYNC, CLIENT_LOCK) and workers == 1)]
         for r in range(rounds):
             order = mine[r % len(mine):] + mine[:r % len(mine)]  # each system first in turn
             pair = {s: measure(s, workers, load) for s in order}
@@ -348,6 +356,11 @@ def run(workers_list: list[int], rounds: int, load: dict[str, Any],
                     and a["round"] == b["round"] and a["system"] == "durable_heap"
                     and b["system"] == LOOP_FSYNC]
             line["pipeline_rps_ratio"] = statistics.median(a["rps"] / b["rps"] for a, b in pipe)
+        if CLIENT_LOCK in present:  # the early release against ZEO's client lock, round by round
+            early = [(a, b) for a in rows for b in rows if a["workers"] == b["workers"] == workers
+                     and a["round"] == b["round"] and a["system"] == "durable_heap"
+                     and b["system"] == CLIENT_LOCK]
+            line["client_rps_ratio"] = statistics.median(a["rps"] / b["rps"] for a, b in early)
         summary.append(line)
     return {"rows": rows, "summary": summary, **load, "rounds": rounds, "cpus": os.cpu_count(),
             "systems": list(systems)}
@@ -375,6 +388,9 @@ def report(data: dict[str, Any]) -> str:
     for line in data["summary"]:
         out.append(f"- {line['workers']} worker(s): durable_heap/sqlite throughput {line['rps_ratio']:.2f}x, "
                    f"p50 latency {line['p50_ratio']:.2f}x")
+        if "client_rps_ratio" in line:
+            out.append(f"- {line['workers']} worker(s): ZEO client lock released at the finish / held "
+                       f"to its answer: throughput {line['client_rps_ratio']:.2f}x")
         if "pipeline_rps_ratio" in line:
             out.append(f"- {line['workers']} worker(s): ZEO fsync off its loop / on it: throughput "
                        f"{line['pipeline_rps_ratio']:.2f}x")
@@ -398,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-zeo-pipeline", action="store_true",
                    help="also run durable_heap with the ZEO server's fsync on its event loop (the "
                         "\"before\" of the pipelined commits), alternating with the others")
+    p.add_argument("--compare-zeo-client", action="store_true",
+                   help="also run durable_heap with ZEO's own client tpc_finish (its commit lock "
+                        "held until the server answered: the \"before\"), alternating with the others")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     quick = {"workers": "1", "rounds": 1, "requests": 150, "seconds": 3.0}
@@ -409,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         args.client = "wrk" if shutil.which("wrk") else "httpx"
     load = {"client": args.client, "concurrency": args.concurrency, "requests": args.requests,
             "seconds": args.seconds, "work_ms": args.work_ms}
-    systems = ("durable_heap", *([LOOP_FSYNC] if args.compare_zeo_pipeline else []), "sqlite")
+    systems = ("durable_heap", *([LOOP_FSYNC] if args.compare_zeo_pipeline else []),
+               *([CLIENT_LOCK] if args.compare_zeo_client else []), "sqlite")
     data = run([int(w) for w in args.workers.split(",")], args.rounds, load, systems)
     print(json.dumps(data, indent=2) if args.json else report(data))
     return 0

@@ -149,6 +149,63 @@ def open_client(target: Target, *, read_only: bool = False) -> Any:
 
 _client: type | None = None
 
+#: ``DURABLE_HEAP_ZEO_EARLY_RELEASE=0`` gives ZEO's own ``tpc_finish`` (the commit lock
+#: held until the answer): only for ``python -m benchmarks.serve --compare-zeo-client``.
+_EARLY_RELEASE = os.environ.get("DURABLE_HEAP_ZEO_EARLY_RELEASE", "1") != "0"
+
+
+def _no_callback(tid: bytes) -> None:
+    return None
+
+
+async def _finish_co(client: Any, txn_id: int, updates: Any, f: Any, release: Any) -> Any:
+    """ZEO's ``ClientIO.tpc_finish_co`` (ZEO 6.2), on the IO thread, with `release` added.
+
+    ZEO's client runs one commit at a time: ``tpc_begin`` takes the client's commit
+    lock and ZEO releases it only when the server has answered ``tpc_finish``. The
+    answer waits for the server's fsync (and, in durable_heap's server, for the
+    fsyncs of the commits before it: `durable_heap._zeo_pipeline`), so each client
+    process committed at most once per fsync round trip (a ``serve --workers``
+    worker's request threads waited on that lock about half the time, session 7).
+    Here the lock is released as soon as the finish message is written. That is
+    safe because the server takes a connection's messages in order: it finishes
+    this transaction (and forgets it: ZEO's ``_clear_transaction``, at once in
+    ZEO's own server and in the pipelined one) before it reads this client's next
+    ``tpc_begin``, so it never sees two transactions of one connection at once.
+    What the lock no longer covers needs no cover: the answers of this client's
+    commits come back in commit order (the server answers in commit order), and
+    this coroutine, on the one IO thread, applies each to the cache before the
+    next, as ZEO does with other clients' invalidations meanwhile.
+    The guarantees stay: the committing thread still waits for the answer (so a
+    commit is acknowledged only once the server made it durable), and a failed
+    finish closes the connection as in ZEO, failing this client's next
+    transaction if it began meanwhile (it began on the lost connection).
+    """
+    from ZEO.Exceptions import ClientDisconnected
+
+    if not client.operational:
+        raise ClientDisconnected()
+    try:
+        answer = client.protocol.server_call("tpc_finish", txn_id)  # written now, in order
+        release()
+        tid = await answer
+        cache = client.cache
+        # As ZEO: the cache invalidation here and in ``invalidateTransaction`` both
+        # run on the IO thread; ``lastTransaction`` moves only after ``f``.
+        for oid, data, resolved in updates:
+            cache.invalidate(oid, tid)
+            if data and not resolved:
+                cache.store(oid, tid, None, data)
+        with cache._lock:
+            cache.setLastTid(tid)
+            f(tid)
+        return tid
+    except Exception:
+        # As ZEO: the cache may be inconsistent now; reconnect to recover.
+        client.protocol.close()
+        client.disconnected(client.protocol)
+        raise
+
 
 # -- PROTECTED: ZEO.ClientStorage.ClientStorage internals (ZEO 6.2) --
 # The subclass below overrides ``notify_connected(conn, info)`` (which sets the
@@ -159,6 +216,14 @@ _client: type | None = None
 # after tpc_finish) with its ``connection_generation``, and calls ``tpc_end``:
 # ZEO has no public way to drop prefetched oids or to skip a doomed abort (see
 # the docstring). tests/test_zodb_internals.py fails when any of them changes.
+# ``tpc_finish(txn, f)`` is overridden too: it is ZEO's ``ClientStorage.tpc_finish``
+# with ``tpc_end`` inlined, and ZEO's ``ClientIO.tpc_finish_co`` (run on the IO
+# thread through ``ClientRunner.io_call``) with one line added; it reads
+# ``_commit_lock``, ``_check_trans``, ``_iterator_gc``, ``_update_blob_cache``,
+# ``_server`` (the ClientRunner: ``io_call``, ``client``) and the ClientIO's
+# ``operational``, ``protocol.server_call``, ``cache`` (``invalidate``,
+# ``store``, ``setLastTid``, ``_lock``), ``disconnected``; tests/test_serve.py
+# (test_the_zeo_client_internals_its_finish_relies_on) pins them.
 
 
 def _client_class() -> type:
@@ -214,6 +279,28 @@ def _client_class() -> type:
                     self.tpc_end(txn)  # releases the client's commit lock
                     return
                 super().tpc_abort(txn, timeout)
+
+            def tpc_finish(self, txn: Any, f: Any = _no_callback) -> Any:
+                # ZEO's own, but the client's commit lock is released once the
+                # finish is written to the server, not once it is answered.
+                if not _EARLY_RELEASE:  # the benchmark's "before" (benchmarks.serve)
+                    return super().tpc_finish(txn, f)
+                tbuf = self._check_trans(txn, "tpc_finish")
+                guard = threading.Lock()
+
+                def release() -> None:  # exactly once: on the IO thread once sent, or below
+                    if guard.acquire(blocking=False):
+                        self._commit_lock.release()
+
+                try:
+                    tid = self._server.io_call(_finish_co(self._server.client, id(txn), tbuf, f, release))
+                finally:
+                    tbuf.close()  # ZEO's tpc_end, with the lock released by `release`
+                    txn.set_data(self, None)
+                    release()
+                    self._iterator_gc()
+                self._update_blob_cache(tbuf, tid)
+                return tid
 
         _client = ClientStorage
     return _client
