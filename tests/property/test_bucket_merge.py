@@ -197,3 +197,81 @@ def test_a_change_to_an_equal_value_of_another_type_is_kept(was: Any, mine: Any)
     for tree in (False, True):
         check(old, theirs, ours, tree=tree, must_merge=True)
         check(old, ours, theirs, tree=tree, must_merge=True)
+
+
+# --- the guard's resolver is ZODB's, byte for byte ---------------------------------------------
+
+
+def _record(state: Any) -> bytes:
+    """A stored record of `_EntryBucket` holding `state`, as ZODB pickles it (each
+    `PersistentReference` a reference by its oid and class)."""
+    import io
+
+    from ZODB._compat import PersistentPickler
+    from ZODB.ConflictResolution import persistent_id
+
+    buf = io.BytesIO()
+    pickler = PersistentPickler(persistent_id, buf, 3)
+    pickler.dump(c._EntryBucket)
+    pickler.dump(state)
+    return buf.getvalue()
+
+
+def _stored(storage: Any, oid: bytes, serial: bytes, data: bytes) -> bytes:
+    """Store `data` as the next revision of `oid` (a real FileStorage commit); its serial."""
+    from ZODB.Connection import TransactionMetaData
+
+    txn = TransactionMetaData()
+    storage.tpc_begin(txn)
+    storage.store(oid, serial, data, "", txn)
+    storage.tpc_vote(txn)
+    return storage.tpc_finish(txn)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def plain_storage(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """ZODB's own FileStorage, unguarded: its ``tryToResolveConflict`` is ZODB's."""
+    from ZODB.FileStorage import FileStorage
+
+    storage = FileStorage(str(tmp_path_factory.mktemp("merge") / "raw.fs"))
+    yield storage
+    storage.close()
+
+
+def _with_next(state: Any, nxt: int | None) -> Any:
+    if state is None or nxt is None:
+        return state
+    return (state[0], PersistentReference((nxt.to_bytes(8, "big"), c._EntryBucket)))
+
+
+@SETTINGS
+@given(cases(only_values=False), st.one_of(st.none(), st.integers(1, 3)))
+def test_the_guards_resolver_is_zodbs_byte_for_byte(plain_storage: Any, case: Any, nxt: int | None) -> None:
+    """`_allow._resolve_checked` (which checks each global as it unpickles) returns what
+    ZODB's own ``tryToResolveConflict`` returns for the same stored records, byte for
+    byte, or raises the same ConflictError; it may leave a merge to the full path
+    (None) only where ZODB's own resolver refuses it too."""
+    from ZODB.ConflictResolution import tryToResolveConflict
+    from ZODB.utils import z64
+
+    from durable_heap import _allow
+
+    old, theirs, ours = (_with_next(bucket_state(s), nxt) for s in case)
+    oid = plain_storage.new_oid()
+    old_serial = _stored(plain_storage, oid, z64, _record(old))
+    committed_serial = _stored(plain_storage, oid, old_serial, _record(theirs))
+    newpickle = _record(ours)
+
+    def outcome(resolve: Any) -> Any:
+        try:
+            return resolve()
+        except ConflictError as exc:
+            return ("conflict", exc.oid, exc.serials)
+
+    zodb = outcome(lambda: tryToResolveConflict(plain_storage, oid, committed_serial, old_serial, newpickle))
+    ours_ = outcome(lambda: _allow._resolve_checked(plain_storage, _allow.Allowlist(), oid, committed_serial,
+                                                   old_serial, newpickle, b""))
+    if ours_ is None:
+        assert isinstance(zodb, tuple), "a merge ZODB makes was left to the full path"
+    else:
+        assert ours_ == zodb
