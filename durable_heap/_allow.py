@@ -737,12 +737,14 @@ class _GuardedResolver:
         # read here (see `_stored_ok`). Only called inside the storage's store, under
         # its lock; a dict's get and set are atomic besides.
         self._names: dict[tuple[bytes, bytes], frozenset[tuple[str, str]]] = {}
+        #: Stored records' states unpickled by `_resolve_checked` (see `_States`).
+        self._states = _States()
 
     def __call__(self, oid: bytes, committed_serial: bytes, old_serial: bytes, newpickle: bytes,
                  committed_data: bytes = b"") -> Any:
         if getattr(self.resolve, "__func__", None) is _zodb_resolve and not _EXTENSIONS:
             merged = _resolve_checked(self.storage, self.allowlist, oid, committed_serial, old_serial,
-                                      newpickle, committed_data)
+                                      newpickle, committed_data, self._states)
             if merged is not None:
                 return merged
         try:
@@ -850,8 +852,60 @@ class _Slot:
     __slots__ = ()
 
 
+class _States:
+    """The states of stored records that merges unpickled, by the record's bytes; and the
+    references all of them share.
+
+    The merges of concurrent commits to one bucket unpickle the same stored revisions
+    again and again (one commit's revision is the next merge's committed one, then
+    later ones' old one). A state kept here is one that nothing can change: a tuple of
+    plain atoms, tuples of them and references (`_plain_table`), which is what a
+    Dict's bucket of plain values holds. Kept by the stored bytes, as the storage
+    returns them (a kept revision comes back as the same object, its hash computed
+    once): equal bytes, equal state. With it the globals the record named, checked
+    against the allowlist again at every use (a deploy may drop a class).
+
+    Trap: BTrees' C merge of buckets compares the three states' next-bucket
+    references by identity (``PersistentReference`` does not hash, and ZODB's
+    resolver gives equal references one object per merge, through one
+    ``PersistentReferenceFactory``). So every state unpickled here, the new one too,
+    takes its references from one factory that lives as long as the states kept: a
+    reference met again is the same object, as within one merge in ZODB's resolver.
+    """
+
+    KEPT = 64
+
+    def __init__(self) -> None:
+        self.references = _References()
+        self.kept: dict[bytes, tuple[tuple[tuple[str, str], ...], Any]] = {}
+
+    def get(self, data: bytes, check: Callable[[Any, str, str], None]) -> Any:
+        """The state of stored `data` if kept, its globals checked again; else _MISS."""
+        found = self.kept.get(data)
+        if found is None:
+            return _MISS
+        names, state = found
+        for module, name in names:
+            check(None, module, name)  # ClassNotAllowedError: the full path decides
+        return state
+
+    def keep(self, data: bytes, names: list[tuple[str, str]], state: Any, references: Any) -> None:
+        """Keep `state` (unpickled from stored `data` with `references`, naming `names`)
+        if it cannot change and its references are the factory's of now."""
+        if references is not self.references or _plain_table(state) is None:
+            return
+        if len(self.kept) >= self.KEPT:
+            # Forget the states and the references together: a kept state's
+            # references must be the factory's own.
+            self.kept = {}
+            self.references = _References()
+            return
+        self.kept[data] = (tuple(names), state)
+
+
 def _resolve_checked(storage: Any, allowlist: Allowlist, oid: bytes, committed_serial: bytes,
-                     old_serial: bytes, newpickle: bytes, committed_data: bytes) -> bytes | None:
+                     old_serial: bytes, newpickle: bytes, committed_data: bytes,
+                     states: _States | None = None) -> bytes | None:
     """ZODB's ``tryToResolveConflict``, with every global the three records name checked
     against `allowlist` as the unpickler meets it; None to leave the merge to the
     guarded full path (`_GuardedResolver._check`, then ZODB's own resolver).
@@ -873,20 +927,33 @@ def _resolve_checked(storage: Any, allowlist: Allowlist, oid: bytes, committed_s
     reference only) leaves the merge to the full path, which decides and logs it.
     Everything else is ZODB's resolver as it is: the same unpickler, references,
     class, ``_p_resolveConflict``, pickler (byte for byte, `_plain_pickle`) and the
-    same ConflictError when the class refuses the merge.
+    same ConflictError when the class refuses the merge. The old and committed states
+    may come from `states` (stored records unpickled before, `_States`).
     """
     check = allowlist.check
+    named: list[tuple[str, str]] = []
 
     def find_global(module: str, name: str) -> Any:
         check(None, module, name)  # ClassNotAllowedError: the full path decides
+        named.append((module, name))
         return _zodb_find_global(module, name)
 
-    untransform = getattr(storage, "_crs_untransform_record_data", None)
-    transform = getattr(storage, "_crs_transform_record_data", None)
+    def stored_state(data: bytes) -> Any:
+        if states is None:
+            return _state(untransform(data), find_global, references)
+        state = states.get(data, check)
+        if state is _MISS:
+            named.clear()
+            state = _state(untransform(data), find_global, references)
+            states.keep(data, named, state, references)
+        return state
+
+    untransform: Any = getattr(storage, "_crs_untransform_record_data", None)
+    transform: Any = getattr(storage, "_crs_transform_record_data", None)
     if untransform is None or transform is None:
         return None
     try:
-        references = _References()
+        references = _References() if states is None else states.references
         new = untransform(newpickle)
         unpickler = PersistentUnpickler(find_global, references.persistent_load, io.BytesIO(new))
         meta = unpickler.load()
@@ -905,8 +972,7 @@ def _resolve_checked(storage: Any, allowlist: Allowlist, oid: bytes, committed_s
         if not committed_data:
             committed_data = storage.loadSerial(oid, committed_serial)
         newstate = unpickler.load()
-        old, committed = (_state(untransform(data), find_global, references)
-                          for data in (old_data, committed_data))
+        old, committed = stored_state(old_data), stored_state(committed_data)
     except Exception:  # noqa: BLE001 - a refusal, or anything unusual: the full path decides
         return None
     try:
@@ -952,6 +1018,16 @@ def _plain_pickle(meta: Any, state: Any) -> bytes:
     return out.getvalue()
 
 
+def _plain_items(items: tuple[Any, ...]) -> bool:
+    """Whether `items` holds plain atoms only, or (a bucket's ``seq, entry, ...``) plain
+    atoms at even places and tuples of plain atoms at odd ones: passes in C."""
+    kinds = set(map(type, items[0::2]))
+    odd = set(map(type, items[1::2]))
+    if odd == {tuple}:
+        odd = set(map(type, chain.from_iterable(items[1::2])))
+    return kinds <= _PLAIN_ATOMS and odd <= _PLAIN_ATOMS
+
+
 def _plain_table(state: Any) -> tuple[dict[Any, Any], Any] | None:
     """(ZODB's answers by `_Slot`, `state` with its references as slots), or None."""
     if type(state) is not tuple:
@@ -964,13 +1040,7 @@ def _plain_table(state: Any) -> tuple[dict[Any, Any], Any] | None:
             answers[slot] = part.data
             parts.append(slot)
             continue
-        if type(part) is not tuple:
-            return None
-        kinds = set(map(type, part))
-        if tuple in kinds:
-            kinds.discard(tuple)
-            kinds.update(map(type, chain.from_iterable(p for p in part if type(p) is tuple)))
-        if not kinds <= _PLAIN_ATOMS:
+        if type(part) is not tuple or not _plain_items(part):
             return None
         parts.append(part)
     return answers, tuple(parts)

@@ -404,3 +404,25 @@ def test_with_a_copyreg_extension_registered_the_guard_takes_its_full_check(
             db.close()
     finally:
         copyreg.remove_extension("os", "system", 0x7EED)
+
+
+def test_a_kept_state_is_checked_again_at_each_use(program: types.ModuleType) -> None:
+    """The states merges keep (`_allow._States`) come back only while every global their
+    record named is still allowed: after a deploy that drops the class, the merge takes
+    the full path, which refuses it."""
+    from ZODB.ConflictResolution import PersistentReference
+
+    allowlist = _allow.Allowlist(programs={PROGRAM})
+    states = _allow._States()
+    state = (("a", 1), PersistentReference((b"\0" * 8, program.Thing)))  # type: ignore[attr-defined]
+    states.keep(b"record", [(PROGRAM, "Thing")], state, states.references)
+    assert states.get(b"record", allowlist.check) is state
+    assert states.get(b"another", allowlist.check) is _allow._MISS
+    deployed = types.ModuleType(PROGRAM)
+    deployed.Thing = types.SimpleNamespace  # type: ignore[attr-defined]
+    sys.modules[PROGRAM] = deployed
+    with pytest.raises(dh.ClassNotAllowedError):
+        states.get(b"record", allowlist.check)
+    mutable = ([1], PersistentReference((b"\0" * 8, program.Thing)))  # type: ignore[attr-defined]
+    states.keep(b"mutable", [], mutable, states.references)
+    assert states.get(b"mutable", allowlist.check) is _allow._MISS  # only states nothing can change

@@ -269,9 +269,21 @@ def test_the_guards_resolver_is_zodbs_byte_for_byte(plain_storage: Any, case: An
             return ("conflict", exc.oid, exc.serials)
 
     zodb = outcome(lambda: tryToResolveConflict(plain_storage, oid, committed_serial, old_serial, newpickle))
-    ours_ = outcome(lambda: _allow._resolve_checked(plain_storage, _allow.Allowlist(), oid, committed_serial,
-                                                   old_serial, newpickle, b""))
-    if ours_ is None:
-        assert isinstance(zodb, tuple), "a merge ZODB makes was left to the full path"
-    else:
-        assert ours_ == zodb
+    # Without kept states, then twice with the states kept across examples (the second
+    # time old and committed come from there, with references from the shared factory).
+    for states in (None, _KEPT, _KEPT):
+        ours_ = outcome(lambda: _allow._resolve_checked(  # noqa: B023 - called at once
+            plain_storage, _allow.Allowlist(), oid, committed_serial, old_serial, newpickle, b"", states))
+        if ours_ is None:
+            assert isinstance(zodb, tuple), "a merge ZODB makes was left to the full path"
+        else:
+            assert ours_ == zodb
+
+
+def _kept_states() -> Any:
+    from durable_heap import _allow
+
+    return _allow._States()
+
+
+_KEPT = _kept_states()
