@@ -852,6 +852,10 @@ class _Slot:
     __slots__ = ()
 
 
+class _Uncommon(Exception):
+    """A reference whose data is not ``(oid, class)``: not for `_States` (see there)."""
+
+
 class _States:
     """The states of stored records that merges unpickled, by the record's bytes; and the
     references all of them share.
@@ -871,6 +875,11 @@ class _States:
     ``PersistentReferenceFactory``). So every state unpickled here, the new one too,
     takes its references from one factory that lives as long as the states kept: a
     reference met again is the same object, as within one merge in ZODB's resolver.
+    Only references of the usual form ``(oid, class)``: the pickle of the merge then
+    does not depend on which merge made a reference (the class is one object, and the
+    pickler's memo would otherwise tell equal strings of references made by different
+    merges from one string, as in the names of a class that cannot be imported); a
+    merge meeting any other form is made without kept states.
     """
 
     KEPT = 64
@@ -928,7 +937,7 @@ def _resolve_checked(storage: Any, allowlist: Allowlist, oid: bytes, committed_s
     Everything else is ZODB's resolver as it is: the same unpickler, references,
     class, ``_p_resolveConflict``, pickler (byte for byte, `_plain_pickle`) and the
     same ConflictError when the class refuses the merge. The old and committed states
-    may come from `states` (stored records unpickled before, `_States`).
+    may come from `states` (stored records unpickled before, or merged here: `_States`).
     """
     check = allowlist.check
     named: list[tuple[str, str]] = []
@@ -940,22 +949,36 @@ def _resolve_checked(storage: Any, allowlist: Allowlist, oid: bytes, committed_s
 
     def stored_state(data: bytes) -> Any:
         if states is None:
-            return _state(untransform(data), find_global, references)
+            return _state(untransform(data), find_global, persistent_load)
         state = states.get(data, check)
         if state is _MISS:
-            named.clear()
-            state = _state(untransform(data), find_global, references)
-            states.keep(data, named, state, references)
+            start = len(named)
+            state = _state(untransform(data), find_global, persistent_load)
+            states.keep(data, named[start:], state, references)
         return state
 
     untransform: Any = getattr(storage, "_crs_untransform_record_data", None)
     transform: Any = getattr(storage, "_crs_transform_record_data", None)
     if untransform is None or transform is None:
         return None
+    if states is None:
+        references = _References()
+        persistent_load = references.persistent_load
+    else:
+        references = states.references
+        shared_load = references.persistent_load
+
+        def persistent_load(ref: Any) -> Any:
+            found = shared_load(ref)
+            data = found.data
+            if not (type(data) is tuple and len(data) == 2 and type(data[0]) is bytes
+                    and isinstance(data[1], type)):
+                raise _Uncommon
+            return found
+
     try:
-        references = _References() if states is None else states.references
         new = untransform(newpickle)
-        unpickler = PersistentUnpickler(find_global, references.persistent_load, io.BytesIO(new))
+        unpickler = PersistentUnpickler(find_global, persistent_load, io.BytesIO(new))
         meta = unpickler.load()
         if isinstance(meta, tuple):
             klass, newargs = meta[0], meta[1] or ()
@@ -973,6 +996,9 @@ def _resolve_checked(storage: Any, allowlist: Allowlist, oid: bytes, committed_s
             committed_data = storage.loadSerial(oid, committed_serial)
         newstate = unpickler.load()
         old, committed = stored_state(old_data), stored_state(committed_data)
+    except _Uncommon:  # a reference kept states cannot share: this merge without them
+        return _resolve_checked(storage, allowlist, oid, committed_serial, old_serial, newpickle,
+                                committed_data)
     except Exception:  # noqa: BLE001 - a refusal, or anything unusual: the full path decides
         return None
     try:
@@ -983,14 +1009,20 @@ def _resolve_checked(storage: Any, allowlist: Allowlist, oid: bytes, committed_s
     except Exception:  # noqa: BLE001 - ZODB logs and refuses it: its own path does so
         return None
     try:
-        return transform(_plain_pickle(meta, resolved))  # type: ignore[no-any-return]
+        merged: bytes = transform(_plain_pickle(meta, resolved))
     except Exception:  # noqa: BLE001 - ZODB's path reports it
         return None
+    if states is not None:
+        # The record stored now is the committed one of the next merge on this bucket:
+        # its state is this one (unpickling those bytes gives it back, exactly: plain
+        # atoms and tuples), and what it names is among what this merge named.
+        states.keep(merged, list(dict.fromkeys(named)), resolved, references)
+    return merged
 
 
-def _state(data: bytes, find_global: Callable[..., Any], references: Any) -> Any:
+def _state(data: bytes, find_global: Callable[..., Any], persistent_load: Callable[..., Any]) -> Any:
     """A record's state, as ``ZODB.ConflictResolution.state`` reads it."""
-    unpickler = PersistentUnpickler(find_global, references.persistent_load, io.BytesIO(data))
+    unpickler = PersistentUnpickler(find_global, persistent_load, io.BytesIO(data))
     unpickler.load()  # the class
     return unpickler.load()
 

@@ -251,10 +251,7 @@ def test_the_guards_resolver_is_zodbs_byte_for_byte(plain_storage: Any, case: An
     ZODB's own ``tryToResolveConflict`` returns for the same stored records, byte for
     byte, or raises the same ConflictError; it may leave a merge to the full path
     (None) only where ZODB's own resolver refuses it too."""
-    from ZODB.ConflictResolution import tryToResolveConflict
     from ZODB.utils import z64
-
-    from durable_heap import _allow
 
     old, theirs, ours = (_with_next(bucket_state(s), nxt) for s in case)
     oid = plain_storage.new_oid()
@@ -262,22 +259,47 @@ def test_the_guards_resolver_is_zodbs_byte_for_byte(plain_storage: Any, case: An
     committed_serial = _stored(plain_storage, oid, old_serial, _record(theirs))
     newpickle = _record(ours)
 
+    zodb = _compare_merges(plain_storage, oid, committed_serial, old_serial, newpickle)
+    if isinstance(zodb, bytes):
+        # As on a hot bucket: the merge is stored, and the next one merges against it
+        # (its state kept by the first merge) from the revision before.
+        merged_serial = _stored(plain_storage, oid, committed_serial, zodb)
+        _compare_merges(plain_storage, oid, merged_serial, committed_serial, newpickle)
+
+
+def _compare_merges(storage: Any, oid: bytes, committed_serial: bytes, old_serial: bytes,
+                    newpickle: bytes) -> Any:
+    """ZODB's resolver's outcome, checked to be `_resolve_checked`'s in every way."""
+    from ZODB.ConflictResolution import tryToResolveConflict
+
+    from durable_heap import _allow
+
     def outcome(resolve: Any) -> Any:
         try:
             return resolve()
         except ConflictError as exc:
             return ("conflict", exc.oid, exc.serials)
 
-    zodb = outcome(lambda: tryToResolveConflict(plain_storage, oid, committed_serial, old_serial, newpickle))
+    zodb = outcome(lambda: tryToResolveConflict(storage, oid, committed_serial, old_serial, newpickle))
     # Without kept states, then twice with the states kept across examples (the second
     # time old and committed come from there, with references from the shared factory).
     for states in (None, _KEPT, _KEPT):
         ours_ = outcome(lambda: _allow._resolve_checked(  # noqa: B023 - called at once
-            plain_storage, _allow.Allowlist(), oid, committed_serial, old_serial, newpickle, b"", states))
+            storage, _allow.Allowlist(), oid, committed_serial, old_serial, newpickle, b"", states))
         if ours_ is None:
             assert isinstance(zodb, tuple), "a merge ZODB makes was left to the full path"
         else:
             assert ours_ == zodb
+        if states is not None and isinstance(ours_, bytes):
+            # The merged state kept for the next merge is the stored record's, exactly,
+            # with the shared factory's references.
+            kept = states.get(ours_, _allow.Allowlist().check)
+            if kept is not _allow._MISS:
+                assert _allow._plain_pickle(c._EntryBucket, kept) == ours_
+                for part in kept:
+                    if isinstance(part, PersistentReference):
+                        assert states.references.data[tuple(part.data)] is part
+    return zodb
 
 
 def _kept_states() -> Any:
