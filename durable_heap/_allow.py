@@ -746,7 +746,7 @@ class _GuardedResolver:
             merged = _resolve_checked(self.storage, self.allowlist, oid, committed_serial, old_serial,
                                       newpickle, committed_data, self._states)
             if merged is not None:
-                return merged
+                return self._noted(oid, merged)
         try:
             self._check(oid, committed_serial, old_serial, newpickle, committed_data)
         except Exception as exc:  # noqa: BLE001 - any doubt: leave the conflict unresolved
@@ -757,7 +757,15 @@ class _GuardedResolver:
             what = str(exc) if isinstance(exc, ClassNotAllowedError) else f"{type(exc).__name__}: {exc}"
             _log.warning("conflict on record 0x%s not resolved: %s", oid.hex().lstrip("0") or "0", what)
             raise ConflictError(oid=oid, serials=(committed_serial, old_serial), data=newpickle) from None
-        return self.resolve(oid, committed_serial, old_serial, newpickle, committed_data)
+        return self._noted(oid, self.resolve(oid, committed_serial, old_serial, newpickle, committed_data))
+
+    def _noted(self, oid: bytes, merged: Any) -> Any:
+        """`merged`, first handed to a storage that keeps the records it stores
+        (`durable_heap._revisions`: ``store`` writes it, and cannot tell what it was)."""
+        note = getattr(self.storage, "_dh_note_merge", None)
+        if note is not None and type(merged) is bytes:
+            note(oid, merged)
+        return merged
 
     def _check(self, oid: bytes, committed_serial: bytes, old_serial: bytes, newpickle: bytes,
                committed_data: bytes) -> None:

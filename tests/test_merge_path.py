@@ -138,8 +138,9 @@ def test_a_revision_read_for_a_merge_is_read_from_the_file_once_and_forgotten_by
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """durable_heap's FileStorage keeps the revisions ``loadSerial`` read last (every
-    merge on a hot bucket reads the same ones); a pack forgets them, so a revision it
-    removed is gone as it is from ZODB's own FileStorage."""
+    merge on a hot bucket reads the same ones) and the records it stored last (the next
+    merge's committed revision); a pack forgets them, so a revision it removed is gone
+    as it is from ZODB's own FileStorage."""
     from durable_heap._filestorage import FileStorage as Ours
 
     reads: list[bytes] = []
@@ -151,18 +152,28 @@ def test_a_revision_read_for_a_merge_is_read_from_the_file_once_and_forgotten_by
 
     monkeypatch.setattr(FileStorage, "loadSerial", counted)  # ZODB's: what reads the file
     db = ZODB.DB(Ours(str(tmp_path / "app.fs")))
+    with db.transaction() as conn:
+        conn.root()["b"] = OOBucket({"n": 1})
+    with db.transaction() as conn:
+        bucket = conn.root()["b"]
+        bucket._p_activate()
+        oid, first = bucket._p_oid, bucket._p_serial
+        bucket["n"] = 2
+    db.close()
+    db = ZODB.DB(Ours(str(tmp_path / "app.fs")))  # opened again: nothing kept
     try:
         tm = transaction.TransactionManager()
         conn = db.open(transaction_manager=tm)
-        bucket = conn.root()["b"] = OOBucket({"n": 1})
-        tm.commit()
-        oid, first = bucket._p_oid, bucket._p_serial
-        bucket["n"] = 2
-        tm.commit()
+        bucket = conn.root()["b"]
+        bucket._p_activate()  # its first load: loadBefore, not loadSerial
         storage = db.storage
         data = storage.loadSerial(oid, first)
         assert storage.loadSerial(oid, first) == data and reads == [first]
         assert storage.loadSerial(oid, bucket._p_serial) != data and len(reads) == 2
+        bucket["n"] = 3
+        tm.commit()  # the record stored is kept too: the next merge's committed revision
+        assert storage.loadSerial(oid, bucket._p_serial) == real(storage, oid, bucket._p_serial)
+        assert len(reads) == 2
         conn.close()
         db.pack()  # the first revision is no longer needed: pack removes it
         with pytest.raises(ZODB.POSException.POSKeyError):

@@ -348,3 +348,18 @@ def test_conflict_resolution_steps_the_guards_resolver_repeats() -> None:
     ref = ZODB.ConflictResolution.PersistentReference((b"\0" * 8, None))
     assert ZODB.ConflictResolution.persistent_id(ref) is ref.data
     assert ZODB.ConflictResolution.persistent_id(1) is None
+
+
+def test_filestorage_store_and_finish_as_recent_revisions_uses_them() -> None:
+    """`_revisions.RecentRevisions` keeps what ``store`` wrote as the revision of ``_tid``
+    (the merge when the oid was appended to ``_resolved``) once ``_finish(tid, ...)``
+    ran: the internals it reads are these."""
+    store = inspect.getsource(ZODB.FileStorage.FileStorage.store)
+    for step in ("data = self.tryToResolveConflict(oid, committed_tid,", "self._resolved.append(oid)",
+                 "new = DataHeader(oid, self._tid, old, pos, 0, len(data))", "self._tfile.write(data)"):
+        assert step in store, step
+    finish = inspect.getsource(ZODB.FileStorage.FileStorage._finish)
+    assert "def _finish(self, tid, u, d, e):" in finish and "self._finish_finish(tid)" in finish
+    tpc_finish = inspect.getsource(ZODB.FileStorage.FileStorage.tpc_finish)
+    assert "with self._lock:" in tpc_finish and "tid = self._tid" in tpc_finish
+    assert "self._finish(tid, *self._ude)" in tpc_finish
