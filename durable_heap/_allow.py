@@ -41,6 +41,7 @@ ZEO peers must still be trusted.
 from __future__ import annotations
 
 import builtins
+import copyreg
 import functools
 import io
 import logging
@@ -51,12 +52,23 @@ import re
 import sys
 import types
 from collections.abc import Callable, Collection, Iterable
+from itertools import chain
 from typing import Any
 
 import ZODB
 import ZODB.Connection
+from ZODB._compat import PersistentPickler, PersistentUnpickler
+from ZODB.ConflictResolution import BadClassName as _BadClassName
+from ZODB.ConflictResolution import PersistentReference as _PersistentReference
+from ZODB.ConflictResolution import PersistentReferenceFactory as _References
+from ZODB.ConflictResolution import _unresolvable
+from ZODB.ConflictResolution import find_global as _zodb_find_global
+from ZODB.ConflictResolution import persistent_id as _zodb_persistent_id
+from ZODB.ConflictResolution import tryToResolveConflict as _zodb_resolve  # noqa: N813 - ZODB's name
+from ZODB.POSException import ConflictError
 
 from ._errors import ClassNotAllowedError
+from ._fastpickle import PLAIN_ATOMS as _PLAIN_ATOMS
 from ._fastpickle import speed_up
 from ._format import INLINE_CLASSES, STORED_CLASSES
 from ._zones import ZONE_CLASS
@@ -725,9 +737,16 @@ class _GuardedResolver:
         # read here (see `_stored_ok`). Only called inside the storage's store, under
         # its lock; a dict's get and set are atomic besides.
         self._names: dict[tuple[bytes, bytes], frozenset[tuple[str, str]]] = {}
+        #: Stored records' states unpickled by `_resolve_checked` (see `_States`).
+        self._states = _States()
 
     def __call__(self, oid: bytes, committed_serial: bytes, old_serial: bytes, newpickle: bytes,
                  committed_data: bytes = b"") -> Any:
+        if getattr(self.resolve, "__func__", None) is _zodb_resolve and not _EXTENSIONS:
+            merged = _resolve_checked(self.storage, self.allowlist, oid, committed_serial, old_serial,
+                                      newpickle, committed_data, self._states)
+            if merged is not None:
+                return self._noted(oid, merged)
         try:
             self._check(oid, committed_serial, old_serial, newpickle, committed_data)
         except Exception as exc:  # noqa: BLE001 - any doubt: leave the conflict unresolved
@@ -738,7 +757,15 @@ class _GuardedResolver:
             what = str(exc) if isinstance(exc, ClassNotAllowedError) else f"{type(exc).__name__}: {exc}"
             _log.warning("conflict on record 0x%s not resolved: %s", oid.hex().lstrip("0") or "0", what)
             raise ConflictError(oid=oid, serials=(committed_serial, old_serial), data=newpickle) from None
-        return self.resolve(oid, committed_serial, old_serial, newpickle, committed_data)
+        return self._noted(oid, self.resolve(oid, committed_serial, old_serial, newpickle, committed_data))
+
+    def _noted(self, oid: bytes, merged: Any) -> Any:
+        """`merged`, first handed to a storage that keeps the records it stores
+        (`durable_heap._revisions`: ``store`` writes it, and cannot tell what it was)."""
+        note = getattr(self.storage, "_dh_note_merge", None)
+        if note is not None and type(merged) is bytes:
+            note(oid, merged)
+        return merged
 
     def _check(self, oid: bytes, committed_serial: bytes, old_serial: bytes, newpickle: bytes,
                committed_data: bytes) -> None:
@@ -811,6 +838,253 @@ class _GuardedResolver:
                 if not self.allowlist.allows(None, module, name):
                     raise refused(path, oid)
         return None
+
+
+# -- PROTECTED: ZODB.ConflictResolution internals (ZODB 6.4) --
+# ``tryToResolveConflict`` (the function storages bind as their method),
+# ``find_global``, ``state``'s way of reading a revision, ``PersistentReferenceFactory``,
+# ``persistent_id``, ``_unresolvable``, and ``ZODB._compat``'s pickler and unpickler
+# at protocol 3. `_resolve_checked` is ZODB's resolver step by step; pinned by
+# tests/test_zodb_internals.py and proven byte for byte by tests/test_merge_path.py
+# (imported at the top of this module).
+
+_resolve_log = logging.getLogger("ZODB.ConflictResolution")
+#: copyreg's registered extension codes (the dict itself: copyreg changes it in place).
+_EXTENSIONS: dict[int, Any] = vars(copyreg)["_inverted_registry"]
+
+
+class _Slot:
+    """Stands for a `PersistentReference` (which cannot be hashed) in a state pickled by
+    `_plain_pickle`'s table: compared by identity."""
+
+    __slots__ = ()
+
+
+class _Uncommon(Exception):
+    """A reference whose data is not ``(oid, class)``: not for `_States` (see there)."""
+
+
+class _States:
+    """The states of stored records that merges unpickled, by the record's bytes; and the
+    references all of them share.
+
+    The merges of concurrent commits to one bucket unpickle the same stored revisions
+    again and again (one commit's revision is the next merge's committed one, then
+    later ones' old one). A state kept here is one that nothing can change: a tuple of
+    plain atoms, tuples of them and references (`_plain_table`), which is what a
+    Dict's bucket of plain values holds. Kept by the stored bytes, as the storage
+    returns them (a kept revision comes back as the same object, its hash computed
+    once): equal bytes, equal state. With it the globals the record named, checked
+    against the allowlist again at every use (a deploy may drop a class).
+
+    Trap: BTrees' C merge of buckets compares the three states' next-bucket
+    references by identity (``PersistentReference`` does not hash, and ZODB's
+    resolver gives equal references one object per merge, through one
+    ``PersistentReferenceFactory``). So every state unpickled here, the new one too,
+    takes its references from one factory that lives as long as the states kept: a
+    reference met again is the same object, as within one merge in ZODB's resolver.
+    Only references of the usual form ``(oid, class)``: the pickle of the merge then
+    does not depend on which merge made a reference (the class is one object, and the
+    pickler's memo would otherwise tell equal strings of references made by different
+    merges from one string, as in the names of a class that cannot be imported); a
+    merge meeting any other form is made without kept states.
+    """
+
+    KEPT = 64
+
+    def __init__(self) -> None:
+        self.references = _References()
+        self.kept: dict[bytes, tuple[tuple[tuple[str, str], ...], Any]] = {}
+
+    def get(self, data: bytes, check: Callable[[Any, str, str], None]) -> Any:
+        """The state of stored `data` if kept, its globals checked again; else _MISS."""
+        found = self.kept.get(data)
+        if found is None:
+            return _MISS
+        names, state = found
+        for module, name in names:
+            check(None, module, name)  # ClassNotAllowedError: the full path decides
+        return state
+
+    def keep(self, data: bytes, names: list[tuple[str, str]], state: Any, references: Any) -> None:
+        """Keep `state` (unpickled from stored `data` with `references`, naming `names`)
+        if it cannot change and its references are the factory's of now."""
+        if references is not self.references or _plain_table(state) is None:
+            return
+        if len(self.kept) >= self.KEPT:
+            # Forget the states and the references together: a kept state's
+            # references must be the factory's own.
+            self.kept = {}
+            self.references = _References()
+            return
+        self.kept[data] = (tuple(names), state)
+
+
+def _resolve_checked(storage: Any, allowlist: Allowlist, oid: bytes, committed_serial: bytes,
+                     old_serial: bytes, newpickle: bytes, committed_data: bytes,
+                     states: _States | None = None) -> bytes | None:
+    """ZODB's ``tryToResolveConflict``, with every global the three records name checked
+    against `allowlist` as the unpickler meets it; None to leave the merge to the
+    guarded full path (`_GuardedResolver._check`, then ZODB's own resolver).
+
+    Issue 18: the full path read each record twice, once for the check (an opcode
+    scan in Python whenever the record held a byte that may be a protocol-4 opcode:
+    any int or text byte from 0x82 to 0x98, one record in three of a Dict of ints) and
+    once for the merge, and re-pickled the merged state through ZODB's Python
+    ``persistent_id``, called for every object (86 calls for a bucket of 40 entries).
+
+    Why it is as strict as the check: ZODB's unpickler (zodbpickle's, protocol 3) looks
+    up every global a record names through its ``find_class``, here the allowlist's
+    check before ZODB's ``find_global`` (which imports), as a use; it does not read
+    protocol 4's opcodes at all (STACK_GLOBAL fails). copyreg's extension codes, the
+    one way a pickle names a global without that lookup (a code already in
+    ``copyreg._extension_cache`` skips it), work only while an extension is
+    registered: the caller then takes the full path, which refuses them. A global
+    the allowlist refuses here (even one the full path admits, as the class of a
+    reference only) leaves the merge to the full path, which decides and logs it.
+    Everything else is ZODB's resolver as it is: the same unpickler, references,
+    class, ``_p_resolveConflict``, pickler (byte for byte, `_plain_pickle`) and the
+    same ConflictError when the class refuses the merge. The old and committed states
+    may come from `states` (stored records unpickled before, or merged here: `_States`).
+    """
+    check = allowlist.check
+    named: list[tuple[str, str]] = []
+
+    def find_global(module: str, name: str) -> Any:
+        check(None, module, name)  # ClassNotAllowedError: the full path decides
+        named.append((module, name))
+        return _zodb_find_global(module, name)
+
+    def stored_state(data: bytes) -> Any:
+        if states is None:
+            return _state(untransform(data), find_global, persistent_load)
+        state = states.get(data, check)
+        if state is _MISS:
+            start = len(named)
+            state = _state(untransform(data), find_global, persistent_load)
+            states.keep(data, named[start:], state, references)
+        return state
+
+    untransform: Any = getattr(storage, "_crs_untransform_record_data", None)
+    transform: Any = getattr(storage, "_crs_transform_record_data", None)
+    if untransform is None or transform is None:
+        return None
+    if states is None:
+        references = _References()
+        persistent_load = references.persistent_load
+    else:
+        references = states.references
+        shared_load = references.persistent_load
+
+        def persistent_load(ref: Any) -> Any:
+            found = shared_load(ref)
+            data = found.data
+            if not (type(data) is tuple and len(data) == 2 and type(data[0]) is bytes
+                    and isinstance(data[1], type)):
+                raise _Uncommon
+            return found
+
+    try:
+        new = untransform(newpickle)
+        unpickler = PersistentUnpickler(find_global, persistent_load, io.BytesIO(new))
+        meta = unpickler.load()
+        if isinstance(meta, tuple):
+            klass, newargs = meta[0], meta[1] or ()
+            if isinstance(klass, tuple):
+                klass = find_global(*klass)
+        else:
+            klass, newargs = meta, ()
+        if klass in _unresolvable:
+            return None
+        resolve = getattr(klass.__new__(klass, *newargs), "_p_resolveConflict", None)
+        if resolve is None:
+            return None
+        old_data = storage.loadSerial(oid, old_serial)
+        if not committed_data:
+            committed_data = storage.loadSerial(oid, committed_serial)
+        newstate = unpickler.load()
+        old, committed = stored_state(old_data), stored_state(committed_data)
+    except _Uncommon:  # a reference kept states cannot share: this merge without them
+        return _resolve_checked(storage, allowlist, oid, committed_serial, old_serial, newpickle,
+                                committed_data)
+    except Exception:  # noqa: BLE001 - a refusal, or anything unusual: the full path decides
+        return None
+    try:
+        resolved = resolve(old, committed, newstate)
+    except (ConflictError, _BadClassName) as exc:  # the class refused the merge: as ZODB reports it
+        _resolve_log.debug("Conflict resolution on %s failed with %s: %s", klass, type(exc).__name__, exc)
+        raise ConflictError(oid=oid, serials=(committed_serial, old_serial), data=new) from None
+    except Exception:  # noqa: BLE001 - ZODB logs and refuses it: its own path does so
+        return None
+    try:
+        merged: bytes = transform(_plain_pickle(meta, resolved))
+    except Exception:  # noqa: BLE001 - ZODB's path reports it
+        return None
+    if states is not None:
+        # The record stored now is the committed one of the next merge on this bucket:
+        # its state is this one (unpickling those bytes gives it back, exactly: plain
+        # atoms and tuples), and what it names is among what this merge named.
+        states.keep(merged, list(dict.fromkeys(named)), resolved, references)
+    return merged
+
+
+def _state(data: bytes, find_global: Callable[..., Any], persistent_load: Callable[..., Any]) -> Any:
+    """A record's state, as ``ZODB.ConflictResolution.state`` reads it."""
+    unpickler = PersistentUnpickler(find_global, persistent_load, io.BytesIO(data))
+    unpickler.load()  # the class
+    return unpickler.load()
+
+
+def _plain_pickle(meta: Any, state: Any) -> bytes:
+    """The record ZODB's resolver pickles, byte for byte, fast for a bucket of plain atoms.
+
+    ZODB's pickler asks ``persistent_id`` (a Python function) about every object; it
+    answers None but for a `PersistentReference`. When `state` is a tuple of entries
+    of plain atoms (or tuples of them) and references (a bucket's state: entries, then
+    its next bucket), the pickler asks a dict's C ``get`` instead, each reference
+    standing in as a hashable `_Slot` keyed to ZODB's answer for it
+    (`durable_heap._fastpickle` does the same for the records a commit writes).
+    """
+    out = io.BytesIO()
+    pickler = PersistentPickler(_zodb_persistent_id, out, 3)
+    pickler.dump(meta)
+    table = _plain_table(state)
+    if table is None:
+        pickler.dump(state)
+    else:
+        answers, state = table
+        pickler.persistent_id = answers.get
+        pickler.dump(state)
+    return out.getvalue()
+
+
+def _plain_items(items: tuple[Any, ...]) -> bool:
+    """Whether `items` holds plain atoms only, or (a bucket's ``seq, entry, ...``) plain
+    atoms at even places and tuples of plain atoms at odd ones: passes in C."""
+    kinds = set(map(type, items[0::2]))
+    odd = set(map(type, items[1::2]))
+    if odd == {tuple}:
+        odd = set(map(type, chain.from_iterable(items[1::2])))
+    return kinds <= _PLAIN_ATOMS and odd <= _PLAIN_ATOMS
+
+
+def _plain_table(state: Any) -> tuple[dict[Any, Any], Any] | None:
+    """(ZODB's answers by `_Slot`, `state` with its references as slots), or None."""
+    if type(state) is not tuple:
+        return None
+    answers: dict[Any, Any] = {}
+    parts: list[Any] = []
+    for part in state:
+        if type(part) is _PersistentReference:
+            slot = _Slot()
+            answers[slot] = part.data
+            parts.append(slot)
+            continue
+        if type(part) is not tuple or not _plain_items(part):
+            return None
+        parts.append(part)
+    return answers, tuple(parts)
+# -- end PROTECTED --
 
 
 def _importable(module: str) -> bool:

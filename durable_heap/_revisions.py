@@ -14,6 +14,12 @@ The same revisions come back merge after merge (one commit's revision is the
 next merge's committed one, then later ones' old one), so the last ones read are
 kept here, keyed by (oid, serial).
 
+The record a commit stores is kept too, once its transaction is finished: on a hot
+bucket, the revision one commit writes is the committed one of the next merge, which
+would read it back from the file (with the commit lock held). What a merge stored is
+handed over by the allowlist guard (`_dh_note_merge`: FileStorage's ``store`` writes
+what the resolver returned, and does not say what it was).
+
 A revision never changes once written: FileStorage appends, pack drops old
 revisions and never rewrites one, and undo writes new revisions under new tids.
 Pack is the one thing that makes a kept revision one the file no longer has (a
@@ -38,10 +44,57 @@ class RecentRevisions:
 
     _lock: Any  # FileStorage's (an RLock: loadSerial runs under it inside store, too)
 
+    _resolved: list[bytes]  # FileStorage's: the oids store merged, this transaction
+    _tid: bytes  # FileStorage's: the transaction being committed (its records' serial)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._dh_revisions: dict[bytes, bytes] = {}
         self._dh_generation = 0  # moved by pack, under _lock: reads from before it are not kept
+        # The records stored by the transaction being committed (tid, oid -> data), and
+        # the last merge's record, from the guard (oid, data).
+        self._dh_stored: tuple[bytes | None, dict[bytes, bytes]] = (None, {})
+        self._dh_merged: tuple[bytes, bytes] | None = None
         super().__init__(*args, **kwargs)
+
+    def _dh_note_merge(self, oid: bytes, data: bytes) -> None:
+        """From the allowlist guard: the record conflict resolution returned for `oid`,
+        which ``store`` (running it, under the lock) writes next."""
+        self._dh_merged = (oid, data)
+
+    # -- PROTECTED: ZODB.FileStorage.FileStorage internals (ZODB 6.4) --
+    # ``store`` writes ``data``, or what ``tryToResolveConflict`` returned for it after
+    # appending the oid to ``_resolved``, as the revision of serial ``_tid``; ``_finish``
+    # runs under the lock once the transaction is written (its tid given), nothing of
+    # it having been visible before. tests/test_zodb_internals.py pins them.
+    def store(self, oid: bytes, oldserial: bytes, data: bytes, version: Any, transaction: Any) -> Any:
+        resolved = len(self._resolved)
+        self._dh_merged = None
+        result = super().store(oid, oldserial, data, version, transaction)  # type: ignore[misc]
+        if len(self._resolved) > resolved:  # merged: what was written is the merge
+            merged, self._dh_merged = self._dh_merged, None
+            if merged is None or merged[0] != oid:
+                return result
+            data = merged[1]
+        if len(data) <= LARGEST:
+            tid, stored = self._dh_stored
+            if tid != self._tid:
+                stored = {}
+                self._dh_stored = (self._tid, stored)
+            stored[oid] = data
+        return result
+
+    def _finish(self, tid: bytes, *args: Any) -> Any:
+        result = super()._finish(tid, *args)  # type: ignore[misc]
+        stored_tid, stored = self._dh_stored
+        self._dh_stored = (None, {})
+        if stored_tid == tid:
+            revisions = self._dh_revisions
+            for oid, data in stored.items():
+                if len(revisions) >= KEPT:
+                    del revisions[next(iter(revisions))]
+                revisions[oid + tid] = data
+        return result
+    # -- end PROTECTED --
 
     def loadSerial(self, oid: bytes, serial: bytes) -> bytes:  # noqa: N802 - ZODB's name
         key = oid + serial

@@ -319,3 +319,47 @@ def test_storage_server_acceptor() -> None:
         assert callable(server.loop)
     finally:
         server.close()
+
+
+def test_conflict_resolution_steps_the_guards_resolver_repeats() -> None:
+    """`_allow._resolve_checked` is ZODB's ``tryToResolveConflict`` step by step (with
+    each global checked as it is unpickled): the steps it repeats are these."""
+    import ZODB._compat
+
+    source = inspect.getsource(ZODB.ConflictResolution.tryToResolveConflict)
+    for step in ("newpickle = self._crs_untransform_record_data(newpickle)",
+                 "find_global, prfactory.persistent_load, file)",
+                 "klass = find_global(*klass)", "if klass in _unresolvable:",
+                 "inst = klass.__new__(klass, *newargs)", "resolve = inst._p_resolveConflict",
+                 "oldData = self.loadSerial(oid, oldSerial)",
+                 "committedData = self.loadSerial(oid, committedSerial)",
+                 "resolved = resolve(old, committed, newstate)",
+                 "pickler = PersistentPickler(persistent_id, file, _protocol)",
+                 "pickler.dump(meta)", "pickler.dump(resolved)",
+                 "return self._crs_transform_record_data(file.getvalue())",
+                 "except (ConflictError, BadClassName) as e:",
+                 "raise ConflictError(oid=oid, serials=(committedSerial, oldSerial),"):
+        assert step in source, step
+    state = inspect.getsource(ZODB.ConflictResolution.state)
+    assert "p = self._crs_untransform_record_data(p)" in state and "unpickler.load()  # skip" in state
+    assert ZODB.ConflictResolution.ConflictResolvingStorage.tryToResolveConflict is (
+        ZODB.ConflictResolution.tryToResolveConflict)
+    assert ZODB._compat._protocol == 3
+    ref = ZODB.ConflictResolution.PersistentReference((b"\0" * 8, None))
+    assert ZODB.ConflictResolution.persistent_id(ref) is ref.data
+    assert ZODB.ConflictResolution.persistent_id(1) is None
+
+
+def test_filestorage_store_and_finish_as_recent_revisions_uses_them() -> None:
+    """`_revisions.RecentRevisions` keeps what ``store`` wrote as the revision of ``_tid``
+    (the merge when the oid was appended to ``_resolved``) once ``_finish(tid, ...)``
+    ran: the internals it reads are these."""
+    store = inspect.getsource(ZODB.FileStorage.FileStorage.store)
+    for step in ("data = self.tryToResolveConflict(oid, committed_tid,", "self._resolved.append(oid)",
+                 "new = DataHeader(oid, self._tid, old, pos, 0, len(data))", "self._tfile.write(data)"):
+        assert step in store, step
+    finish = inspect.getsource(ZODB.FileStorage.FileStorage._finish)
+    assert "def _finish(self, tid, u, d, e):" in finish and "self._finish_finish(tid)" in finish
+    tpc_finish = inspect.getsource(ZODB.FileStorage.FileStorage.tpc_finish)
+    assert "with self._lock:" in tpc_finish and "tid = self._tid" in tpc_finish
+    assert "self._finish(tid, *self._ude)" in tpc_finish

@@ -197,3 +197,115 @@ def test_a_change_to_an_equal_value_of_another_type_is_kept(was: Any, mine: Any)
     for tree in (False, True):
         check(old, theirs, ours, tree=tree, must_merge=True)
         check(old, ours, theirs, tree=tree, must_merge=True)
+
+
+# --- the guard's resolver is ZODB's, byte for byte ---------------------------------------------
+
+
+def _record(state: Any) -> bytes:
+    """A stored record of `_EntryBucket` holding `state`, as ZODB pickles it (each
+    `PersistentReference` a reference by its oid and class)."""
+    import io
+
+    from ZODB._compat import PersistentPickler
+    from ZODB.ConflictResolution import persistent_id
+
+    buf = io.BytesIO()
+    pickler = PersistentPickler(persistent_id, buf, 3)
+    pickler.dump(c._EntryBucket)
+    pickler.dump(state)
+    return buf.getvalue()
+
+
+def _stored(storage: Any, oid: bytes, serial: bytes, data: bytes) -> bytes:
+    """Store `data` as the next revision of `oid` (a real FileStorage commit); its serial."""
+    from ZODB.Connection import TransactionMetaData
+
+    txn = TransactionMetaData()
+    storage.tpc_begin(txn)
+    storage.store(oid, serial, data, "", txn)
+    storage.tpc_vote(txn)
+    return storage.tpc_finish(txn)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def plain_storage(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """ZODB's own FileStorage, unguarded: its ``tryToResolveConflict`` is ZODB's."""
+    from ZODB.FileStorage import FileStorage
+
+    storage = FileStorage(str(tmp_path_factory.mktemp("merge") / "raw.fs"))
+    yield storage
+    storage.close()
+
+
+def _with_next(state: Any, nxt: int | None) -> Any:
+    if state is None or nxt is None:
+        return state
+    return (state[0], PersistentReference((nxt.to_bytes(8, "big"), c._EntryBucket)))
+
+
+@SETTINGS
+@given(cases(only_values=False), st.one_of(st.none(), st.integers(1, 3)))
+def test_the_guards_resolver_is_zodbs_byte_for_byte(plain_storage: Any, case: Any, nxt: int | None) -> None:
+    """`_allow._resolve_checked` (which checks each global as it unpickles) returns what
+    ZODB's own ``tryToResolveConflict`` returns for the same stored records, byte for
+    byte, or raises the same ConflictError; it may leave a merge to the full path
+    (None) only where ZODB's own resolver refuses it too."""
+    from ZODB.utils import z64
+
+    old, theirs, ours = (_with_next(bucket_state(s), nxt) for s in case)
+    oid = plain_storage.new_oid()
+    old_serial = _stored(plain_storage, oid, z64, _record(old))
+    committed_serial = _stored(plain_storage, oid, old_serial, _record(theirs))
+    newpickle = _record(ours)
+
+    zodb = _compare_merges(plain_storage, oid, committed_serial, old_serial, newpickle)
+    if isinstance(zodb, bytes):
+        # As on a hot bucket: the merge is stored, and the next one merges against it
+        # (its state kept by the first merge) from the revision before.
+        merged_serial = _stored(plain_storage, oid, committed_serial, zodb)
+        _compare_merges(plain_storage, oid, merged_serial, committed_serial, newpickle)
+
+
+def _compare_merges(storage: Any, oid: bytes, committed_serial: bytes, old_serial: bytes,
+                    newpickle: bytes) -> Any:
+    """ZODB's resolver's outcome, checked to be `_resolve_checked`'s in every way."""
+    from ZODB.ConflictResolution import tryToResolveConflict
+
+    from durable_heap import _allow
+
+    def outcome(resolve: Any) -> Any:
+        try:
+            return resolve()
+        except ConflictError as exc:
+            return ("conflict", exc.oid, exc.serials)
+
+    zodb = outcome(lambda: tryToResolveConflict(storage, oid, committed_serial, old_serial, newpickle))
+    # Without kept states, then twice with the states kept across examples (the second
+    # time old and committed come from there, with references from the shared factory).
+    for states in (None, _KEPT, _KEPT):
+        ours_ = outcome(lambda: _allow._resolve_checked(  # noqa: B023 - called at once
+            storage, _allow.Allowlist(), oid, committed_serial, old_serial, newpickle, b"", states))
+        if ours_ is None:
+            assert isinstance(zodb, tuple), "a merge ZODB makes was left to the full path"
+        else:
+            assert ours_ == zodb
+        if states is not None and isinstance(ours_, bytes):
+            # The merged state kept for the next merge is the stored record's, exactly,
+            # with the shared factory's references.
+            kept = states.get(ours_, _allow.Allowlist().check)
+            if kept is not _allow._MISS:
+                assert _allow._plain_pickle(c._EntryBucket, kept) == ours_
+                for part in kept:
+                    if isinstance(part, PersistentReference):
+                        assert states.references.data[tuple(part.data)] is part
+    return zodb
+
+
+def _kept_states() -> Any:
+    from durable_heap import _allow
+
+    return _allow._States()
+
+
+_KEPT = _kept_states()
