@@ -44,6 +44,7 @@ import importlib
 import inspect
 import logging
 import marshal
+import operator
 import os
 import random as _random
 import sys
@@ -52,13 +53,15 @@ import time
 import types
 import uuid as _uuid
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, SupportsIndex
 
 import transaction.interfaces
-from BTrees.IOBTree import IOBTree
+from BTrees.IOBTree import IOBTree, IOBucket
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 
+from . import _fastpickle
 from . import _heap as _engine
 from ._errors import (
     ConflictError,
@@ -142,6 +145,39 @@ class Journal(IOBTree):
     max_leaf_size = 8
     max_internal_size = 64
 
+    @staticmethod
+    def _dh_plain_refs(state: Any) -> tuple[Any, ...] | None:
+        """For `_fastpickle`: nothing, when the journal is one bucket held inline (of
+        up to 8 entries: the record a step rewrites until then) of plain entries; else
+        None. A split tree, ``((bucket, step, bucket, ...), first bucket)``, is written
+        only at a split and names its first bucket twice, which ZODB pickles as two
+        references (a table would give one, memoized: other bytes): ZODB's way."""
+        if state is None:  # empty
+            return ()
+        if len(state) == 1 and _plain_entries(state[0][0][0]):  # (((step, entry, ...),),)
+            return ()
+        return None
+
+
+def _journal_bucket_refs(state: Any) -> tuple[Any, ...] | None:
+    """`Journal._dh_plain_refs` for its buckets (``IOBucket``, a C type: `_fastpickle.register`),
+    state ``((step, entry, ...), [next bucket])``; any other ``IOBucket`` is left to ZODB."""
+    return state[1:] if _plain_entries(state[0]) else None  # type: ignore[no-any-return]
+
+
+_entry_fields = operator.attrgetter("kind", "name", "detail", "value", "error", "at")
+
+
+def _plain_entries(items: tuple[Any, ...]) -> bool:
+    """Whether a journal bucket's items ``(step, entry, ...)`` are `JournalEntry` objects
+    whose fields are plain atoms (or tuples of them): then `_fastpickle` pickles it
+    without a Python call per object (about 70 for a bucket of 8 entries), in the same
+    bytes. Looked at in C but for tuples (an error's arguments)."""
+    entries = items[1::2]
+    if not set(map(type, entries)) <= _JOURNAL_ENTRY:
+        return False
+    return _fastpickle.plain_values(tuple(chain.from_iterable(map(_entry_fields, entries))))
+
 
 class WorkflowRecord(Persistent):
     """One workflow: what it runs, where it is, and its journal (stored)."""
@@ -211,6 +247,10 @@ class JournalEntry:
 
     def label(self) -> str:
         return f"{self.kind} {self.name}" if self.name else self.kind
+
+
+_JOURNAL_ENTRY = frozenset({JournalEntry})
+_fastpickle.register(IOBucket, _journal_bucket_refs)
 
 
 class TimerEntry:
