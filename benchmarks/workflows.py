@@ -375,11 +375,12 @@ def scale_child(path: str, n: int, build: bool) -> dict[str, Any]:
         for start in range(0, n, 10_000):
             with heap.transaction():
                 conn = heap.connection
+                w._mark_journal_format(conn)  # (journal entries as tuples: heap format 4)
                 wfs = w._tree(conn, w.WORKFLOWS_KEY)
                 for i in range(start, min(n, start + 10_000)):
                     wid = f"wf{i:07d}"
                     rec = w.WorkflowRecord(wid, ("bench", "flow"), (i,), {}, now, w.DEFAULT_RETENTION)
-                    rec.journal[0] = w.JournalEntry("sleep", "", far, at=now)
+                    rec.journal[0] = w.JournalEntry("sleep", "", far, at=now).stored()
                     rec.length, rec.status, rec.waiting = 1, "waiting", ("sleep", far)
                     rec.timer = w._add_timer(conn, far + i, w.TimerEntry("run", wid, created=now))
                     wfs[wid] = rec
@@ -511,7 +512,7 @@ def deploy_child(folder: str, n: int) -> dict[str, Any]:
         conn = heap.connection
         wfs = w._tree(conn, w.WORKFLOWS_KEY)
         model = next(iter(wfs.values()))
-        code, entries = model.code, list(model.journal.values())
+        code, entries = model.code, w._read_journal(model.journal)
     now = time.time()
     for start in range(1, n, 10_000):
         with heap.transaction():
@@ -522,7 +523,7 @@ def deploy_child(folder: str, n: int) -> dict[str, Any]:
                 rec = w.WorkflowRecord(wid, ("bench_app", "flow"), (i,), {}, now, w.DEFAULT_RETENTION)
                 for k, e in enumerate(entries):  # as flow(i) journals them
                     detail = f"note({i})" if e.kind == "step" else e.detail
-                    rec.journal[k] = w.JournalEntry(e.kind, e.name, detail, e.value, at=now)
+                    rec.journal[k] = w.JournalEntry(e.kind, e.name, detail, e.value, at=now).stored()
                 rec.length, rec.status, rec.code = len(entries), "waiting", code
                 rec.waiting = ("sleep", entries[-1].detail)
                 wfs[wid] = rec

@@ -19,6 +19,9 @@ exactly as it would while pickling), and the pickler then uses the C method
 method returns for them, and the same reference for the persistent objects. The
 record is byte for byte what ZODB writes (tests/test_fastpickle.py).
 
+A class that cannot carry the method (a C type: the ``IOBucket`` records of a
+workflow's journal) is given one with `register`.
+
 Why the atoms must be hashable and exact: ``dict.get`` hashes what it is given,
 so only exact builtin atoms (`PLAIN_ATOMS`) and tuples of them qualify; a state
 holding anything else (a list, an inline dict, a user's object, a `Dict`) is
@@ -27,17 +30,43 @@ pickled by ZODB's own method, unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ZODB.serialize import ObjectWriter
 
-__all__ = ["PLAIN_ATOMS", "speed_up"]
+__all__ = ["PLAIN_ATOMS", "plain_values", "register", "speed_up"]
 
 #: Exact types that ZODB's ``persistent_id`` answers None for and that hash
 #: without calling user code.
 PLAIN_ATOMS: frozenset[type] = frozenset({int, str, float, bool, bytes, type(None)})
 
 _dump = ObjectWriter._dump
+
+_PLAIN_TUPLE = PLAIN_ATOMS | {tuple}
+
+#: ``_dh_plain_refs`` of classes that cannot carry it (C types), by class (`register`).
+_registered: dict[type, Callable[[Any], tuple[Any, ...] | None]] = {}
+
+
+def register(cls: type, plain_refs: Callable[[Any], tuple[Any, ...] | None]) -> None:
+    """Give `cls` (a C type, which takes no new attribute) a ``_dh_plain_refs``."""
+    _registered[cls] = plain_refs
+
+
+def plain_values(values: Any, depth: int = 0) -> bool:
+    """Whether every one of `values` is an exact plain atom or a tuple of them (nested).
+
+    A tuple must be looked into: one holding a persistent object is pickled as a
+    reference by ZODB, so the table (which answers None for what it does not hold)
+    would pickle that object by value instead.
+    """
+    kinds = set(map(type, values))
+    if kinds <= PLAIN_ATOMS:
+        return True
+    if not kinds <= _PLAIN_TUPLE or depth >= 8:
+        return False
+    return all(plain_values(v, depth + 1) for v in values if type(v) is tuple)
 
 
 # -- PROTECTED: ZODB.serialize.ObjectWriter internals (ZODB 6.4) --
@@ -49,7 +78,11 @@ def speed_up(writer: Any) -> None:
     """Make `writer` (an ``ObjectWriter`` about to store records) pickle plain states fast."""
 
     def dump(classmeta: Any, state: Any) -> bytes:
-        plain_refs = getattr(classmeta, "_dh_plain_refs", None)  # format 1: meta is the class
+        # Format 1: meta is the class; (class, args) for one with __getnewargs__ (not
+        # looked up: its args may not hash).
+        plain_refs = _registered.get(classmeta) if classmeta.__class__ is not tuple else None
+        if plain_refs is None:
+            plain_refs = getattr(classmeta, "_dh_plain_refs", None)
         refs = plain_refs(state) if plain_refs is not None else None
         if refs is None:
             return _dump(writer, classmeta, state)  # type: ignore[no-any-return]

@@ -66,11 +66,14 @@ unless the class says otherwise):
   ``kwargs``, ``status``, ``created``/``since``/``heartbeat``/``finished`` (epoch
   seconds), ``result``, ``error`` (type module, qualname, args, text), ``reason``,
   ``waiting`` tuple, ``timer`` key, ``journal`` a ``Journal`` (an IOBTree with
-  buckets of 8) step -> ``JournalEntry``,
+  buckets of 8) step -> entry: since format 4 a plain tuple ``(kind, name,
+  detail, value, error, at)`` (``JournalEntry.stored``); in format 3, a
+  ``JournalEntry`` (still read, and appended to with tuples),
   ``length``, ``retention``, ``code`` (its function's code hash), ``indexed`` key.
 * ``_workflows.PromiseRecord``: ``name``, ``resolved``, ``value``, ``at``, ``waiters``.
 * Inline (not persistent; pickled inside the bucket that holds them, state a tuple):
-  ``_workflows.JournalEntry`` (kind, name, detail, value, error, at),
+  ``_workflows.JournalEntry`` (kind, name, detail, value, error, at; written
+  until format 3),
   ``_workflows.TimerEntry`` (kind, target, args, kwargs, attempts, created, error,
   origin), ``_workflows.CronEntry`` (action, spec, args, kwargs, tz, missed, key).
 
@@ -90,6 +93,7 @@ __all__ = [
     "IMPORTS_KEY",
     "INLINE_CLASSES",
     "INLINE_FORMAT",
+    "JOURNAL_FORMAT",
     "MIGRATIONS_KEY",
     "NEWEST_FORMAT",
     "PROGRAMS_KEY",
@@ -138,12 +142,17 @@ FORMAT = 2
 #: by the first commit that stores one, so that heaps that never do stay
 #: readable by older versions, and older versions refuse the ones that do.
 INLINE_FORMAT = 3
+#: The format of a heap whose workflow journals hold plain tuples (`_workflows.JournalEntry.stored`)
+#: instead of ``JournalEntry`` records: raised (from 2 or 3) by the first transaction of a
+#: workflow run, so that versions that read journal entries as objects refuse it.
+JOURNAL_FORMAT = 4
 #: The newest format this version reads. A heap of a higher format is refused.
-NEWEST_FORMAT = INLINE_FORMAT
+NEWEST_FORMAT = JOURNAL_FORMAT
 #: The first durable_heap to write each format: 1 (0.2; heaps of 0.1 have no
 #: marker and count as 1); 2 (0.3: records carry checksums, see `_integrity`);
-#: 3 (0.4: small dicts and lists stored inline in their holder's record, see `_inline`).
-FORMAT_SINCE = {1: "0.2", 2: "0.3", 3: "0.4"}
+#: 3 (0.4: small dicts and lists stored inline in their holder's record, see `_inline`);
+#: 4 (0.4: journal entries as plain tuples, see `JOURNAL_FORMAT`).
+FORMAT_SINCE = {1: "0.2", 2: "0.3", 3: "0.4", 4: "0.4"}
 
 #: Every persistent class of durable_heap whose path records name. Never move,
 #: rename or drop one: pickles name these paths, and a ZEO server imports them.

@@ -44,6 +44,7 @@ import importlib
 import inspect
 import logging
 import marshal
+import operator
 import os
 import random as _random
 import sys
@@ -52,13 +53,15 @@ import time
 import types
 import uuid as _uuid
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, SupportsIndex
 
 import transaction.interfaces
-from BTrees.IOBTree import IOBTree
+from BTrees.IOBTree import IOBTree, IOBucket
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 
+from . import _fastpickle
 from . import _heap as _engine
 from ._errors import (
     ConflictError,
@@ -69,7 +72,7 @@ from ._errors import (
     StorageError,
     WorkflowError,
 )
-from ._format import WORKFLOW_KEYS
+from ._format import FORMAT_KEY, JOURNAL_FORMAT, WORKFLOW_KEYS
 from ._retry import call_note
 
 __all__ = [
@@ -142,6 +145,43 @@ class Journal(IOBTree):
     max_leaf_size = 8
     max_internal_size = 64
 
+    @staticmethod
+    def _dh_plain_refs(state: Any) -> tuple[Any, ...] | None:
+        """For `_fastpickle`: nothing, when the journal is one bucket held inline (of
+        up to 8 entries: the record a step rewrites until then) of plain entries; else
+        None. A split tree, ``((bucket, step, bucket, ...), first bucket)``, is written
+        only at a split and names its first bucket twice, which ZODB pickles as two
+        references (a table would give one, memoized: other bytes): ZODB's way."""
+        if state is None:  # empty
+            return ()
+        if len(state) == 1 and _plain_entries(state[0][0][0]):  # (((step, entry, ...),),)
+            return ()
+        return None
+
+
+def _journal_bucket_refs(state: Any) -> tuple[Any, ...] | None:
+    """`Journal._dh_plain_refs` for its buckets (``IOBucket``, a C type: `_fastpickle.register`),
+    state ``((step, entry, ...), [next bucket])``; any other ``IOBucket`` is left to ZODB."""
+    return state[1:] if _plain_entries(state[0]) else None  # type: ignore[no-any-return]
+
+
+_entry_fields = operator.attrgetter("kind", "name", "detail", "value", "error", "at")
+
+
+def _plain_entries(items: tuple[Any, ...]) -> bool:
+    """Whether a journal bucket's items ``(step, entry, ...)`` are stored entries
+    (tuples; or `JournalEntry` objects, format 3) of plain atoms (or tuples of them):
+    then `_fastpickle` pickles it without a Python call per object (about 70 for a
+    bucket of 8 entries), in the same bytes. Looked at in C but for tuples (an error's
+    arguments)."""
+    entries = items[1::2]
+    kinds = set(map(type, entries))
+    if kinds == _TUPLE:  # format 4
+        return _fastpickle.plain_values(tuple(chain.from_iterable(entries)))
+    if kinds <= _JOURNAL_ENTRY:  # format 3 (a journal written before)
+        return _fastpickle.plain_values(tuple(chain.from_iterable(map(_entry_fields, entries))))
+    return False  # both (an old journal appended to): ZODB's way
+
 
 class WorkflowRecord(Persistent):
     """One workflow: what it runs, where it is, and its journal (stored)."""
@@ -181,7 +221,12 @@ class WorkflowRecord(Persistent):
 
 
 class JournalEntry:
-    """One thing a workflow did: a step, a wait, a journaled value (stored inline)."""
+    """One thing a workflow did: a step, a wait, a journaled value.
+
+    Stored (since heap format 4, `_format.JOURNAL_FORMAT`) as the plain tuple of
+    `stored`, which `_fastpickle` pickles without a Python call per object; records
+    of format 3 hold JournalEntry objects (inline), still read (`_entry`).
+    """
 
     __slots__ = ("at", "detail", "error", "kind", "name", "value")
 
@@ -197,6 +242,10 @@ class JournalEntry:
     def __getstate__(self) -> tuple[Any, ...]:
         return (self.kind, self.name, self.detail, self.value, self.error, self.at)
 
+    #: What the journal stores (format 4): ``(kind, name, detail, value, error, at)``,
+    #: in the order of ``__init__``'s parameters (`_entry` makes the entry back).
+    stored = __getstate__
+
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         if int(protocol) < 2:
             return object.__reduce_ex__(self, protocol)
@@ -211,6 +260,35 @@ class JournalEntry:
 
     def label(self) -> str:
         return f"{self.kind} {self.name}" if self.name else self.kind
+
+
+_JOURNAL_ENTRY = frozenset({JournalEntry})
+_TUPLE = frozenset({tuple})
+_fastpickle.register(IOBucket, _journal_bucket_refs)
+
+
+def _entry(stored: Any) -> JournalEntry:
+    """A journal entry as stored (a tuple; a `JournalEntry` in heaps of format 3) made an entry."""
+    return stored if type(stored) is JournalEntry else JournalEntry(*stored)
+
+
+def _read_journal(journal: Journal) -> list[JournalEntry]:
+    """The entries of a stored journal, in order (a run's copy: `_Run.entries`)."""
+    return list(map(_entry, journal.values()))
+
+
+def _mark_journal_format(conn: Any) -> None:
+    """Raise the heap's format marker to `JOURNAL_FORMAT` in this transaction (one that
+    writes journal entries as tuples), so that an older durable_heap, which would read
+    them as `JournalEntry` objects, refuses the heap instead. Once the committed marker
+    says so, the connection remembers it: one dict lookup per transaction then."""
+    root = conn.root()
+    found = root.get(FORMAT_KEY, 1)
+    if isinstance(found, int) and found >= JOURNAL_FORMAT:
+        if root._p_changed is False:  # committed (not only raised in this transaction)
+            conn._dh_journal_format = True
+        return
+    root[FORMAT_KEY] = JOURNAL_FORMAT
 
 
 class TimerEntry:
@@ -525,14 +603,16 @@ class _Run:
         how many journal entries `work` adds."""
         heap = self.heap
 
-        def body(conn: Any) -> Any:
+        def body() -> Any:  # (`_txn`'s, inlined: a step is on the hot path)
+            conn = heap.connection
             now = _clock(heap)
             rec = self._begin(conn, now)
             result = work(rec, conn, now)
-            self._end(rec, conn, now)
+            if rec._p_changed or rec._p_jar is None:  # (`_end`'s test: most steps need not call it)
+                self._end(rec, conn, now)
             return result
 
-        result = _txn(heap, body, note)
+        result = heap._run(body, (), {}, note, heap.max_attempts)
         self.committed = len(self.entries) + appended
         self.claim = self.create = None
         return result
@@ -551,7 +631,8 @@ class _Run:
             if rec is not None:
                 raise _Abandon  # started with the same id meanwhile, elsewhere
             rec = wfs[self.wid] = self.create
-        elif rec is None or rec.status in _ENDED or journal_length(rec) != self.committed:
+        elif rec is None or rec.status in _ENDED or (
+                rec.journal.maxKey() + 1 if rec.journal else rec.length) != self.committed:  # journal_length
             raise _Abandon
         if self.claim is not None:
             timers = _tree(conn, TIMERS_KEY)
@@ -564,8 +645,10 @@ class _Run:
             rec.status, rec.waiting, rec.since = "running", None, now
         if rec.code != self.code:
             rec.code = self.code
+        if not conn.__dict__.get("_dh_journal_format"):
+            _mark_journal_format(conn)
         for n, entry in enumerate(self.entries[self.committed:], self.committed):
-            rec.journal[n] = entry
+            rec.journal[n] = entry.stored()
         if self.changed:
             known = rec.replayed or {}
             if any(known.get(n) != d for n, d in self.changed.items()):
@@ -587,14 +670,19 @@ class _Run:
              label: str | None = None) -> Any:
         name = label or func.__qualname__
         detail = _step_note(name, args, kwargs, func)
-        entry = self._journaled_step(name, detail, "called")
-        if entry is not None:
-            return _fresh(entry.value)
+        # A new step (past the journal's end, in a run that may run it): `_journaled_step`
+        # would find nothing, so it is not called.
+        if self.in_step or self.cursor < len(self.entries) or self.check:
+            entry = self._journaled_step(name, detail, "called")
+            if entry is not None:
+                value = entry.value
+                return value if type(value) in _ATOM_TYPES else _fresh(value)
         self.in_step = True
         try:
-            return _fresh(self._run_step(func, name, detail, args, kwargs))
+            value = self._run_step(func, name, detail, args, kwargs)
         finally:
             self.in_step = False
+        return value if type(value) in _ATOM_TYPES else _fresh(value)
 
     def _journaled_step(self, name: str, detail: str, verb: str) -> JournalEntry | None:
         """The journal's entry for the step about to run (its error re-raised), or None: run it.
@@ -616,17 +704,25 @@ class _Run:
                   kwargs: dict[str, Any]) -> Any:
         failure: list[BaseException] = []
         number = len(self.entries) + 1
+        made: list[tuple[Any, ...]] = []  # the entry of the attempt that committed (the last)
+        module = getattr(func, "__module__", None) or ""
+        binds = _binds(module)
 
         def work(rec: WorkflowRecord, conn: Any, now: float) -> Any:
             try:
-                with _bound(self.heap, getattr(func, "__module__", None) or "", True):
+                if not binds:  # (no `with _UNBOUND`: nullcontext's two calls, on the hot path)
                     value = func(*args, **kwargs)
+                else:
+                    with _bound(self.heap, module, True):  # one per attempt (a generator's)
+                        value = func(*args, **kwargs)
             except transaction.interfaces.TransientError:
                 raise
             except Exception as exc:
                 failure.append(exc)
                 raise
-            rec.journal[len(self.entries)] = JournalEntry("step", name, detail, value, at=now)
+            stored = ("step", name, detail, value, None, now)  # (JournalEntry.stored)
+            rec.journal[len(self.entries)] = stored
+            made.append(stored)
             return value
 
         try:
@@ -636,7 +732,7 @@ class _Run:
                 raise  # the commit failed, not the step: nothing was journaled
             self._journal_error(name, detail, number, exc)
             raise
-        self.entries.append(JournalEntry("step", name, detail, value))
+        self.entries.append(JournalEntry(*made[-1]))
         self.cursor += 1
         return value
 
@@ -663,7 +759,7 @@ class _Run:
             except Exception as exc:
                 failure.append(exc)
                 raise
-            rec.journal[len(self.entries)] = JournalEntry("step", name, detail, value, at=now)
+            rec.journal[len(self.entries)] = ("step", name, detail, value, None, now)  # JournalEntry.stored
             self._end(rec, conn, now)
             return value
 
@@ -692,7 +788,7 @@ class _Run:
         now = _clock(self.heap)
 
         def journal_error(rec: WorkflowRecord, conn: Any, at: float) -> None:
-            rec.journal[len(self.entries)] = JournalEntry("step", name, detail, error=packed, at=at)
+            rec.journal[len(self.entries)] = ("step", name, detail, None, packed, at)  # JournalEntry.stored
 
         self.transact(journal_error, f"workflow {self.wid} step {number} failed: {detail}", appended=1)
         self.entries.append(JournalEntry("step", name, detail, error=packed, at=now))
@@ -817,7 +913,7 @@ def last_seen(rec: WorkflowRecord) -> float:
     journal = rec.journal
     if not journal:
         return float(rec.heartbeat)
-    return max(float(rec.heartbeat), float(journal[journal.maxKey()].at))
+    return max(float(rec.heartbeat), float(_entry(journal[journal.maxKey()]).at))
 
 
 def _drop_timer(conn: Any, rec: WorkflowRecord) -> None:
@@ -890,12 +986,17 @@ _UNBOUND = contextlib.nullcontext()  # stateless: one for every call
 def _bound(heap: Any, module: str, save: bool) -> contextlib.AbstractContextManager[None]:
     """A program's durable module globals bound around a workflow body (`save` False) or
     a step, timer action or subscriber (`save`: in its transaction), as around a call."""
-    name = module.partition(".")[0]
-    # (the module's __dict__, not getattr: a missing attribute raises and catches inside)
-    if globals_binder is None or getattr(sys.modules.get(name), "__dict__", {}).get(
-            "__durable_source__") is None:
+    if not _binds(module):
         return _UNBOUND
-    return globals_binder(heap, name, save)
+    assert globals_binder is not None
+    return globals_binder(heap, module.partition(".")[0], save)
+
+
+def _binds(module: str) -> bool:
+    """Whether `_bound` binds anything for a function of `module` (a program's)."""
+    # (the module's __dict__, not getattr: a missing attribute raises and catches inside)
+    return globals_binder is not None and getattr(sys.modules.get(module.partition(".")[0]), "__dict__",
+                                                  {}).get("__durable_source__") is not None
 
 
 def _program_body(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -1130,7 +1231,7 @@ def _known(conn: Any, rec: WorkflowRecord) -> tuple[Any, ...]:
         prom = promises.get(rec.waiting[1]) if promises is not None else None
         if prom is not None and prom.resolved:
             promised[prom.name] = prom.value
-    return rec.args, rec.kwargs, rec.function, list(rec.journal.values()), promised
+    return rec.args, rec.kwargs, rec.function, _read_journal(rec.journal), promised
 
 
 def _block(heap: Any, wid: str, reason: str, claim: tuple[float, str] | None) -> None:
@@ -1501,7 +1602,7 @@ def _hand_over(heap: Any, rec: WorkflowRecord, promised: dict[str, Any]) -> None
         return
     if journal_length(rec) > HAND_OVER_ENTRIES:
         return
-    entries = list(rec.journal.values())
+    entries = _read_journal(rec.journal)
     if not (_frozen(rec.args) and _frozen(tuple(rec.kwargs.values())) and _frozen(tuple(promised.values()))
             and all(_frozen((e.detail, e.value, e.error)) for e in entries)):
         return
@@ -1515,6 +1616,7 @@ def _hand_over(heap: Any, rec: WorkflowRecord, promised: dict[str, Any]) -> None
 
 _ATOMS = (str, int, float, bool, bytes, complex, type(None), datetime.datetime, datetime.date,
           datetime.timedelta)
+_ATOM_TYPES = frozenset(_ATOMS)  # (what `_fresh` returns as they are, looked up in one step)
 
 
 def _fresh(value: Any, memo: dict[int, Any] | None = None) -> Any:
@@ -1707,7 +1809,7 @@ class Workflow:
                 "journal": [
                     {"number": n + 1, "kind": e.kind, "name": e.name, "detail": e.detail,
                      "error": _describe(e.error), "replayed": (rec.replayed or {}).get(n)}
-                    for n, e in rec.journal.items()
+                    for n, e in zip(rec.journal.keys(), _read_journal(rec.journal), strict=True)
                 ],
             }
         return self._read(describe)  # type: ignore[no-any-return]
@@ -1974,7 +2076,7 @@ def replay(heap: Any, wid: str) -> Any:
         if rec is None:
             raise WorkflowError(f"there is no workflow {wid!r} in the heap {heap.target}")
         wf = find(rec.function)
-        run = _Run(heap, wid, wf, list(rec.journal.values()), claim=None, create=None, check=True)
+        run = _Run(heap, wid, wf, _read_journal(rec.journal), claim=None, create=None, check=True)
         token = _current.set(run)
         try:
             result = _call_body(run, rec.args, rec.kwargs)
@@ -1996,7 +2098,7 @@ def _replay_check(heap: Any, rec: WorkflowRecord) -> str:
         return str(exc)
     if not isinstance(wf, WorkflowFunction):
         return f"{rec.function[1]} is no longer a workflow"
-    run = _Run(heap, rec.id, wf, list(rec.journal.values()), claim=None, create=None, check=True)
+    run = _Run(heap, rec.id, wf, _read_journal(rec.journal), claim=None, create=None, check=True)
     token = _current.set(run)
     try:
         _call_body(run, rec.args, rec.kwargs)

@@ -503,7 +503,7 @@ def test_a_heap_of_a_newer_format_is_refused(tmp_path: Path) -> None:
         with pytest.raises(dh.StorageError) as err:
             dh.open(path, read_only=read_only)
         msg = str(err.value)
-        assert "format 99" in msg and "formats 1 to 3" in msg and "upgrade durable_heap" in msg
+        assert "format 99" in msg and "formats 1 to 4" in msg and "upgrade durable_heap" in msg
     assert path.read_bytes() == before
 
 

@@ -134,3 +134,110 @@ def test_an_unhashable_entry_is_pickled_by_zodbs_way() -> None:
     writer = ZODB.serialize.ObjectWriter()
     speed_up(writer)
     assert writer.serialize(bucket) == theirs
+
+
+# --- a workflow's journal (issue 14: a step's cost) ----------------------------------------
+
+
+def _journal_records(journal: Any) -> list[Any]:
+    """The Journal and each of its buckets (every record a step may rewrite)."""
+    from BTrees.IOBTree import IOBucket
+
+    records = [journal]
+    state = journal.__getstate__()
+    if state is not None and len(state) == 2:  # split: its buckets are records of their own
+        bucket = state[1]
+        while bucket is not None:
+            assert type(bucket) is IOBucket
+            records.append(bucket)
+            bucket = bucket.__getstate__()[1] if len(bucket.__getstate__()) > 1 else None
+    return records
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        lambda i: i,
+        lambda i: None,
+        lambda i: f"s{i}",
+        lambda i: (i, ("a", 1.5)),  # nested tuples of atoms: fast
+        lambda i: (i, dh.Object()),  # a persistent object in a tuple: ZODB's path (a reference)
+        lambda i: [i],  # a list: ZODB's path
+        lambda i: {"i": i},
+        lambda i: Point(i, i),
+    ],
+    ids=["int", "none", "str", "tuples", "object-in-tuple", "list", "dict", "dataclass"],
+)
+@pytest.mark.parametrize("n", [0, 3, 8, 30])
+def test_a_journal_record_is_byte_for_byte_zodbs(tmp_path: Path, value: Any, n: int) -> None:
+    """The Journal (one bucket held inline, or split) and its ``IOBucket`` records, with
+    entries of plain values, failed steps (an error tuple) and values that are not
+    plain, pickle to exactly ZODB's bytes."""
+    from durable_heap._workflows import Journal, JournalEntry
+
+    with dh.open(tmp_path / "h.fs") as heap:
+        with heap.transaction() as state:
+            state.j = journal = Journal()
+            for i in range(n):
+                if i % 5 == 4:
+                    entry = JournalEntry("step", "put", f"put({i})",
+                                         error=("builtins", "ValueError", (i, "bad"), "ValueError"), at=1.5)
+                else:
+                    entry = JournalEntry("step", "put", f"put({i})", value(i), at=float(i))
+                journal[i] = entry
+        with heap.transaction() as state:
+            records = _journal_records(state.j)
+            assert len(records) > 1 or n <= 8
+            for record in records:
+                theirs, ours = _both_ways(record)
+                assert ours == theirs
+
+
+def test_a_step_calls_zodbs_persistent_id_a_few_times(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step rewrites its journal's bucket of up to 8 entries: about 70 Python calls of
+    ZODB's ``persistent_id`` for pickling it before; now one, for its class."""
+    from durable_heap._workflows import Journal
+
+    heap = dh.open(tmp_path / "h.fs")
+    with heap.transaction() as state:
+        state.box = {}
+
+    @heap.action
+    def put(i: int) -> int:
+        heap.state.box["k"] = i
+        return i
+
+    calls: list[Any] = []
+    counting = [False]
+    real = ZODB.serialize.ObjectWriter.persistent_id
+
+    def persistent_id(self: Any, obj: Any) -> Any:
+        if counting[0]:
+            calls.append(obj)
+        return real(self, obj)
+
+    monkeypatch.setattr(ZODB.serialize.ObjectWriter, "persistent_id", persistent_id)
+
+    @heap.workflow
+    def flow(n: int) -> int:
+        for i in range(n):
+            counting[0] = i == n - 1  # the last step: its journal is one bucket of 8 entries
+            put(i)
+            counting[0] = False
+        return n
+
+    try:
+        flow(8)
+        journal = [c for c in calls if c is Journal]
+        assert journal == [Journal]  # the step pickled the journal's record
+        # The Dict's record (its small form: ZODB's way, 5 calls) and the journal's (1).
+        assert len(calls) <= 8, calls  # before: about 80
+    finally:
+        heap.close()
+    with dh.open(tmp_path / "h.fs") as heap:  # read back from the file
+        (wf,) = heap.workflows()
+        assert wf.status == "done" and wf.result() == 8
+        journal = wf.info["journal"]
+        assert [e["detail"].rpartition(".")[2] for e in journal] == [f"put({i})" for i in range(8)]
+        assert heap.state.box["k"] == 7

@@ -13,6 +13,7 @@ import pkgutil
 import shutil
 from pathlib import Path
 
+import pytest
 from persistent import Persistent
 from ZODB.FileStorage import FileStorage
 
@@ -96,8 +97,9 @@ def test_root_keys_and_format_version() -> None:
     assert _format.MIGRATIONS_KEY == "durable_heap.migrations"
     assert _format.REWRITES_KEY == "durable_heap.rewrites"
     assert _format.IMPORTS_KEY == "durable_heap.imports"  # durable-heap import's staging
-    assert _format.FORMAT == 2 and _format.FORMAT_SINCE == {1: "0.2", 2: "0.3", 3: "0.4"}
-    assert _format.INLINE_FORMAT == 3 == _format.NEWEST_FORMAT  # heaps holding inline values
+    assert _format.FORMAT == 2 and _format.FORMAT_SINCE == {1: "0.2", 2: "0.3", 3: "0.4", 4: "0.4"}
+    assert _format.INLINE_FORMAT == 3  # heaps holding inline values
+    assert _format.JOURNAL_FORMAT == 4 == _format.NEWEST_FORMAT  # journals of plain tuples
     assert max(_format.FORMAT_SINCE) == _format.NEWEST_FORMAT
     assert _format.WORKFLOW_KEYS == (
         "durable_heap.workflows", "durable_heap.timers", "durable_heap.promises",
@@ -130,3 +132,135 @@ def test_the_0_1_heap_names_only_pinned_classes_and_opens(tmp_path: Path) -> Non
     with dh.open(path) as heap:
         assert len(heap.state.users) == 101
         assert heap.connection.root()[_format.FORMAT_KEY] == _format.FORMAT  # raised at open
+
+
+# --- heap format 4: journal entries as plain tuples (issue 14, a step's cost) ------------------
+
+JOURNAL_FIXTURE = ROOT / "tests" / "fixtures" / "journal-format3.fs"
+#: main before journal entries became tuples (it reads heap formats 1 to 3).
+BEFORE_TUPLES = "eb25013"
+
+
+def _named_classes(path: Path) -> set[str]:
+    storage = FileStorage(str(path), read_only=True)
+    named: set[str] = set()
+    try:
+        for txn in storage.iterator():
+            for record in txn:
+                if record.data:
+                    named.update(_allow.record_globals(record.data))
+    finally:
+        storage.close()
+    return named
+
+
+def _marker(path: Path) -> object:
+    with dh.open(path, read_only=True) as heap:
+        return heap.connection.root()[_format.FORMAT_KEY]
+
+
+def test_a_format_3_heap_with_waiting_workflows_replays_its_journal_and_finishes(tmp_path: Path) -> None:
+    """tests/fixtures/journal-format3.fs (made by tests/fixtures/journal_flows.py with the code
+    before format 4) holds two workflows waiting on a sleep, their journals of
+    `JournalEntry` records (5 entries in one inline bucket; 12 in bucket records): steps,
+    a failed step, a journaled time. The new code wakes them (replaying the old entries,
+    appending tuples), resolves their promises and finishes them, each step once."""
+    from durable_heap.testing import Clock
+    from tests.fixtures import journal_flows as flows
+
+    path = tmp_path / "journal.fs"
+    shutil.copy(JOURNAL_FIXTURE, path)
+    assert "durable_heap._workflows.JournalEntry" in _named_classes(path)  # the old form, really
+    clock = Clock(flows.START)
+    with dh.open(path, clock=clock) as heap:
+        assert heap.connection.root()[_format.FORMAT_KEY] < _format.JOURNAL_FORMAT
+        flows.bind(heap)
+        a, b = sorted(heap.workflows(status="waiting"), key=lambda h: len(h.info["journal"]))
+        assert [len(h.info["journal"]) for h in (a, b)] == [5, 12]  # started as flow("a", 2), flow("b", 9)
+        assert heap.run_due() == 0  # its sleep is not over
+        clock.advance(3600)
+        assert heap.run_due() == 2
+        assert a.waiting_on is not None and a.waiting_on["promise"] == "reply:a"
+        assert b.waiting_on is not None and b.waiting_on["promise"] == "reply:b"
+        assert heap.connection.root()[_format.FORMAT_KEY] == _format.JOURNAL_FORMAT  # raised
+        assert dh.resolve("reply:a", 100) and dh.resolve("reply:b", 200)
+        heap.run_due()
+        assert a.result(timeout=10) == ([1, 2], "no a", flows.START, 12, 112)
+        assert b.result(timeout=10) == (list(range(1, 10)), "no b", flows.START, 19, 219)
+        assert dict(heap.state.counts) == {"a": 112, "b": 219}  # every step once
+        kinds = [e["kind"] for e in a.info["journal"]]
+        assert kinds == ["step", "step", "step", "now", "sleep", "step", "wait", "got", "step"]
+        assert a.info["journal"][2]["error"].startswith("ValueError")
+    names = _named_classes(path)
+    assert "durable_heap._workflows.JournalEntry" in names  # the old entries stay as they were
+    assert _marker(path) == _format.JOURNAL_FORMAT
+    with dh.open(path) as heap:  # and read back from the file
+        flows.bind(heap)
+        assert sorted(h.status for h in heap.workflows()) == ["done", "done"]
+        assert dict(heap.state.counts) == {"a": 112, "b": 219}
+
+
+def test_the_format_is_raised_to_4_by_a_workflows_first_transaction_only(tmp_path: Path) -> None:
+    path = tmp_path / "h.fs"
+    with dh.open(path) as heap, heap.transaction() as s:
+        s.n = 1
+    assert _marker(path) == _format.FORMAT  # no workflow: unchanged
+    with dh.open(path) as heap:
+        @heap.action
+        def put(i: int) -> int:
+            heap.state.n = i
+            return i
+
+        @heap.workflow
+        def flow() -> int:
+            return put(2) + put(3)
+
+        assert flow().result() == 5
+        assert heap.connection.root()[_format.FORMAT_KEY] == _format.JOURNAL_FORMAT
+        journal = heap.connection.root()["durable_heap.workflows"].values()[0].journal
+        assert [type(e) for e in journal.values()] == [tuple, tuple]
+        assert journal[0][:4] == ("step", put.__qualname__, f"{put.__qualname__}(2)", 2)
+    assert "durable_heap._workflows.JournalEntry" not in _named_classes(path)
+
+
+def test_an_older_version_refuses_a_heap_whose_journal_holds_tuples(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    from durable_heap.testing import subprocess_env
+
+    plain, tuples = tmp_path / "plain.fs", tmp_path / "tuples.fs"
+    with dh.open(plain) as heap, heap.transaction() as s:
+        s.n = 1
+    with dh.open(tuples) as heap:
+        with heap.transaction() as s:
+            s.n = 1
+
+        @heap.workflow
+        def flow() -> int:
+            return 1
+
+        assert flow().result() == 1
+    archive = tmp_path / "older.tar"
+    try:
+        subprocess.run(["git", "archive", "-o", str(archive), BEFORE_TUPLES, "durable_heap"],  # noqa: S607
+                       cwd=ROOT, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"git archive {BEFORE_TUPLES} failed (a clone with history is needed): {exc}")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "older", filter="data")
+    older = tmp_path / "older"
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(older), env.get("PYTHONPATH", "")])
+    script = ("import sys, durable_heap as dh\n"
+              "assert dh.__file__.startswith(sys.argv[2]), dh.__file__\n"
+              "h = dh.open(sys.argv[1]); print(h.state.n); h.close()\n")
+    ok = subprocess.run([sys.executable, "-c", script, str(plain), str(older)],
+                        env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run([sys.executable, "-c", script, str(tuples), str(older)],
+                             env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "heap format 4" in refused.stderr and "newer durable_heap" in refused.stderr
