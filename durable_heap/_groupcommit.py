@@ -146,7 +146,9 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         # Finished (FileStorage raised otherwise); no slot: nothing to wait for.
         return tid, slot[0] if slot else 0
 
-    def _finish_nowait(self, transaction: Any, f: _Callback | None, may_lead: bool) -> tuple[bytes, list[Any]]:
+    def _finish_nowait(
+        self, transaction: Any, f: _Callback | None, may_lead: bool
+    ) -> tuple[bytes, list[Any]]:
         """FileStorage's tpc_finish with `f` deferred: ``(tid, [number, leads])``,
         or an empty list if the transaction was not finished (FileStorage raised)."""
         slot: list[Any] = []
