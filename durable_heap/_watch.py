@@ -150,6 +150,8 @@ class _Watch:
             self.noted = set()  # aborted: nothing was stored (see `register_pending`)
         self.forget_reads()
         items, self.items, self.hooked = self.items, {}, None
+        if not items:  # nothing watched (most commits): nothing to ghost, no orphan made
+            return
         values: list[tuple[Any, bytes, str]] = []
         for obj, _ in items.values():
             # Ghost it: the next transaction reloads (and watches) it, and an
