@@ -83,7 +83,14 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         # _dh_pending holds (number, tid, invalidation callback) of each flushed
         # transaction not yet delivered; _dh_leading is True while a leader fsyncs;
         # _dh_failed is the OSError of a failed fsync (every later wait raises it).
-        self._dh_cond = threading.Condition(threading.Lock())
+        # _dh_lock is _dh_cond's own lock: ``with self._dh_lock`` is the same mutual
+        # exclusion without Condition's Python-level __enter__/__exit__ (the hot path
+        # takes it twice per commit); _dh_waiting counts the threads in _dh_cond.wait(),
+        # so that a leader wakes no one (notify_all costs three Python calls) when no
+        # one waits.
+        self._dh_lock = threading.Lock()
+        self._dh_cond = threading.Condition(self._dh_lock)
+        self._dh_waiting = 0
         self._dh_finished = 0
         self._dh_synced = 0
         self._dh_pending: collections.deque[tuple[int, bytes, _Callback | None]] = collections.deque()
@@ -99,9 +106,10 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         # A data file this open creates: its folder is fsynced with the first commit.
         name = args[0] if args else kwargs.get("file_name", "")
         self._dh_created = bool(kwargs.get("create")) or not os.path.exists(name)
-        # The invalidation callback and the waiter's slot of the transaction being
-        # finished: set by `_defer` and used by `_finish_finish`, both under the locks.
-        self._dh_callback: tuple[_Callback | None, list[int]] | None = None
+        # The invalidation callback, the waiter's slot and whether it may lead, of the
+        # transaction being finished: set by `defer` (in `tpc_finish_nowait`) and used
+        # by `_finish_finish`, both under the locks.
+        self._dh_callback: tuple[_Callback | None, list[Any], bool] | None = None
         # The tid of the last transaction written (None: none since the open).
         self._dh_written: bytes | None = None
         super().__init__(*args, **kwargs)
@@ -109,9 +117,20 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
     # -- IStorage: the commit ---------------------------------------------------------------
 
     def tpc_finish(self, transaction: Any, f: _Callback | None = None) -> Any:
-        """Finish the transaction and return its tid once it is durable (see the module)."""
-        tid, number = self.tpc_finish_nowait(transaction, f)
-        self._wait_durable(number)
+        """Finish the transaction and return its tid once it is durable (see the module).
+
+        The single committer's fast path: a transaction written while no fsync runs
+        and none waits takes the lead already in `_finish_finish` (under the locks),
+        and fsyncs here, after the locks are released, with no wait on the
+        condition: the same steps as a leader found in `_wait_durable`, for the
+        commit of one thread at a time (`_lead`).
+        """
+        tid, slot = self._finish_nowait(transaction, f, True)
+        if slot:
+            if slot[1]:
+                self._lead()
+            else:
+                self._wait_durable(slot[0])
         return tid
 
     def tpc_finish_nowait(self, transaction: Any, f: _Callback | None = None) -> tuple[bytes, int]:
@@ -123,15 +142,32 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         fsync failed). The ZEO server (`durable_heap._zeo_pipeline`) answers its
         client from `f` and runs `wait_durable` off its event loop.
         """
-        slot: list[int] = []
+        tid, slot = self._finish_nowait(transaction, f, False)
+        # Finished (FileStorage raised otherwise); no slot: nothing to wait for.
+        return tid, slot[0] if slot else 0
+
+    def _finish_nowait(
+        self, transaction: Any, f: _Callback | None, may_lead: bool
+    ) -> tuple[bytes, list[Any]]:
+        """FileStorage's tpc_finish with `f` deferred: ``(tid, [number, leads])``,
+        or an empty list if the transaction was not finished (FileStorage raised)."""
+        slot: list[Any] = []
 
         def defer(tid: bytes) -> None:
             # Called by FileStorage under its locks, where it would invalidate.
-            self._dh_callback = (f, slot)
+            self._dh_callback = (f, slot, may_lead)
 
-        tid = super().tpc_finish(transaction, defer)
-        # Finished (FileStorage raised otherwise); no slot: nothing to wait for.
-        return tid, slot[0] if slot else 0
+        try:
+            tid = super().tpc_finish(transaction, defer)
+        except BaseException:
+            if slot and slot[1]:  # written, then FileStorage raised: give the lead back
+                self._dh_callback = None
+                with self._dh_lock:
+                    self._dh_leading = False
+                    if self._dh_waiting:
+                        self._dh_cond.notify_all()
+            raise
+        return tid, slot
 
     def wait_durable(self, number: int) -> None:
         """Return once transaction `number` (from `tpc_finish_nowait`) is durable.
@@ -159,7 +195,7 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         mine = transaction is self._transaction  # only we can change it: we hold the commit lock
         super().tpc_abort(transaction)
         if mine and self.abort_waits:
-            with self._dh_cond:
+            with self._dh_lock:
                 target = self._dh_finished
             with contextlib.suppress(OSError):  # a failed fsync: every later commit fails anyway
                 self._wait_durable(target)
@@ -171,13 +207,18 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         self._pos = self._nextpos
         self._index.update(self._tindex)
         self._blob_tpc_finish()
-        callback, slot = self._dh_callback or (None, [])
+        callback, slot, may_lead = self._dh_callback or (None, [], False)
         self._dh_callback = None
         self._dh_written = tid
-        with self._dh_cond:
+        with self._dh_lock:
             self._dh_finished += 1
             self._dh_pending.append((self._dh_finished, tid, callback))
-            slot.append(self._dh_finished)
+            # The lead, if no fsync runs (nor failed, nor the storage closed): the
+            # committer fsyncs once the locks are released (`tpc_finish`, `_lead`).
+            lead = may_lead and not self._dh_leading and self._dh_failed is None and not self._dh_closed
+            if lead:
+                self._dh_leading = True
+            slot += (self._dh_finished, lead)
 
     def last_written(self) -> bytes:
         """The id of the last transaction written, durable or not: no record in the
@@ -251,7 +292,7 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
 
     def _wait_durable(self, number: int) -> None:
         """Return once transaction `number` is durable, fsyncing as the leader if none is."""
-        with self._dh_cond:
+        with self._dh_lock:
             while True:
                 if self._dh_synced >= number:
                     return
@@ -261,13 +302,23 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
                     raise OSError(f"{self._file_name} was closed before its fsync")
                 if not self._dh_leading:
                     break
-                self._dh_cond.wait()
+                self._dh_waiting += 1
+                try:
+                    self._dh_cond.wait()
+                finally:
+                    self._dh_waiting -= 1
             self._dh_leading = True
+        self._lead()
+
+    def _lead(self) -> None:
+        """As the leader (``_dh_leading`` set by the caller): fsync everything written so
+        far, deliver it in commit order, then hand the lead back and wake the waiters."""
+        with self._dh_lock:
             target = self._dh_finished  # every transaction flushed so far
         try:
             self._sync()
         except OSError as exc:
-            with self._dh_cond:
+            with self._dh_lock:
                 self._dh_failed = exc
                 self._dh_leading = False
                 self._dh_pending.clear()  # never delivered: not durable
@@ -276,25 +327,33 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
             self.close()
             raise
         except BaseException:
-            with self._dh_cond:
+            with self._dh_lock:
                 self._dh_leading = False
                 if self._dh_closed:
                     self._close_fd()
                 self._dh_cond.notify_all()
             raise
-        with self._dh_cond:
-            covered = []
-            while self._dh_pending and self._dh_pending[0][0] <= target:
-                covered.append(self._dh_pending.popleft())
+        pending = self._dh_pending
         try:
-            self._deliver(covered)
+            # Make the durable transactions visible, in commit order: invalidations,
+            # then the tid. Only the leader pops (committers append, under _dh_lock).
+            while pending and pending[0][0] <= target:
+                _, tid, callback = pending.popleft()
+                with self._lock:
+                    try:
+                        if callback is not None:
+                            callback(tid)
+                    except Exception:  # the commit is durable: deliver the others all the same
+                        logger.exception("Delivering the invalidations of a durable commit failed")
+                    self._ltid = tid
         finally:
-            with self._dh_cond:
+            with self._dh_lock:
                 self._dh_synced = max(self._dh_synced, target)
                 self._dh_leading = False
                 if self._dh_closed:  # closed while this fsync ran (see close)
                     self._close_fd()
-                self._dh_cond.notify_all()
+                if self._dh_waiting:
+                    self._dh_cond.notify_all()
 
     def _sync(self) -> None:
         """fsync the data file (a dup of its descriptor: pack or a recovery may replace it).
@@ -317,18 +376,6 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         if new_name:
             _fsync_path(os.path.dirname(self._file_name), folder=True)
         os.fsync(fd)  # looked up at each call: a test may make it fail (tests/test_group_commit.py)
-
-    def _deliver(self, covered: list[tuple[int, bytes, _Callback | None]]) -> None:
-        """Make durable transactions visible, in commit order: invalidations, then the tid."""
-        for _, tid, callback in covered:
-            with self._lock:
-                try:
-                    if callback is not None:
-                        callback(tid)
-                except Exception:  # the commit is durable: deliver the others all the same
-                    logger.exception("Delivering the invalidations of a durable commit failed")
-                self._ltid = tid
-
 
 # -- end PROTECTED --
 

@@ -732,65 +732,16 @@ class HeapEngine:
         return gate
 
     # -- PROTECTED: used by the layers above (_versions: a deploy's transactions) -------------
-    @contextlib.contextmanager
-    def _transaction(self, local: _Slot, note: str | None) -> Iterator[None]:
+    def _transaction(self, local: _Slot, note: str | None) -> contextlib.AbstractContextManager[None]:
         """The outermost transaction; TransientError propagates (for retries).
 
         A fault (`_is_fault`: the storage or the link to it failed) in any phase
         throws the connection away (`_discard`) and raises our error (`_fault`),
         which says whether the transaction may have been committed. Conflicts and
         the program's own errors abort as ZODB intends, on the same connection.
+        (`_Transaction`: a class, not a generator, on every commit's path.)
         """
-        tm = local.tm
-        try:
-            txn = tm.begin()  # under ZEO, asks the server for the latest commits
-        except BaseException as exc:
-            # A begin that failed half-way may have dropped invalidations on the floor.
-            self._discard(local)
-            if _disconnected(exc) or self.status is not HeapStatus.OPEN:
-                raise self._fault(exc, note, unknown=False) from exc
-            raise
-        if note:
-            txn.note(note)
-        local.depth = 1
-        try:
-            yield
-        except BaseException as exc:
-            local.depth = 0
-            if _is_fault(exc, in_program=True) or self.status is not HeapStatus.OPEN:
-                self._discard(local)  # a load failed: nothing was sent to be committed
-                if _disconnected(exc) or self.status is not HeapStatus.OPEN:
-                    raise self._fault(exc, note, unknown=False) from exc
-                raise
-            try:
-                tm.abort()
-            except BaseException:
-                self._discard(local)
-                raise
-            raise
-        local.depth = 0
-        try:
-            check_before_commit(local.conn)
-            tm.commit()
-        except RETRIED as exc:
-            if _disconnected(exc):  # transient to ZEO, but a retry could commit twice
-                unknown = _voted(txn)
-                self._discard(local)
-                raise self._fault(exc, note, unknown=unknown) from exc
-            tm.abort()
-            raise
-        except BaseException as exc:
-            if _is_fault(exc) or self.status is not HeapStatus.OPEN:
-                unknown = _voted(txn)
-                self._discard(local)
-                raise self._fault(exc, note, unknown=unknown) from exc
-            err = translate_storage_error(exc, str(self.target), action="commit")
-            tm.abort()
-            if err is exc:
-                raise
-            raise err from exc
-        for hook in after_commit:
-            hook(self)
+        return _Transaction(self, local, note)
 
     def _discard(self, local: _Slot) -> None:
         """Throw this thread's connection away after a fault: it is never used again.
@@ -921,7 +872,7 @@ class HeapEngine:
         """
         if note is None:  # as for `transaction`: where the loop was written
             caller = sys._getframe(1)
-            note = _notes.block_note(caller.f_code, caller.f_lineno)
+            note = _block_note(caller.f_code, caller.f_lineno)
         total = attempts or self.max_attempts
         for n in range(1, total + 1):
             attempt = _Attempt(self, n, total, note)
@@ -1114,6 +1065,82 @@ class _Attempt:
         return False
 
 
+class _Transaction:
+    """`HeapEngine._transaction`'s context manager (see there).
+
+    Written out as ``__enter__``/``__exit__`` rather than a ``contextlib``
+    generator: the generator's machinery (its object, ``next``, ``throw``) was
+    about a fifth of the ``heap.transaction()`` block's own cost at every commit.
+    ``__exit__`` returns None after aborting, so the body's exception goes on
+    as it is (as the generator's bare ``raise`` did); the errors it raises
+    itself replace it, chained to it.
+    """
+
+    __slots__ = ("heap", "local", "note", "tm", "txn")
+
+    def __init__(self, heap: HeapEngine, local: _Slot, note: str | None) -> None:
+        self.heap, self.local, self.note = heap, local, note
+        self.tm: Any = None
+        self.txn: Any = None
+
+    def __enter__(self) -> None:
+        heap, local = self.heap, self.local
+        self.tm = tm = local.tm
+        try:
+            txn = tm.begin()  # under ZEO, asks the server for the latest commits
+        except BaseException as exc:
+            # A begin that failed half-way may have dropped invalidations on the floor.
+            heap._discard(local)
+            if _disconnected(exc) or heap.status is not HeapStatus.OPEN:
+                raise heap._fault(exc, self.note, unknown=False) from exc
+            raise
+        if self.note:
+            txn.note(self.note)
+        self.txn = txn
+        local.depth = 1
+
+    def __exit__(self, tp: Any, value: Any, tb: Any) -> None:
+        heap, local, note, tm = self.heap, self.local, self.note, self.tm
+        local.depth = 0
+        if tp is not None:
+            if value is None:  # called by hand with a type only
+                value = tp()
+            if _is_fault(value, in_program=True) or heap.status is not HeapStatus.OPEN:
+                heap._discard(local)  # a load failed: nothing was sent to be committed
+                if _disconnected(value) or heap.status is not HeapStatus.OPEN:
+                    raise heap._fault(value, note, unknown=False) from value
+                return
+            try:
+                tm.abort()
+            except BaseException:
+                heap._discard(local)
+                raise
+            return
+        txn = self.txn
+        try:
+            check_before_commit(local.conn)
+            tm.commit()
+        except RETRIED as exc:
+            if _disconnected(exc):  # transient to ZEO, but a retry could commit twice
+                unknown = _voted(txn)
+                heap._discard(local)
+                raise heap._fault(exc, note, unknown=unknown) from exc
+            tm.abort()
+            raise
+        except BaseException as exc:
+            if _is_fault(exc) or heap.status is not HeapStatus.OPEN:
+                unknown = _voted(txn)
+                heap._discard(local)
+                raise heap._fault(exc, note, unknown=unknown) from exc
+            err = translate_storage_error(exc, str(heap.target), action="commit")
+            tm.abort()
+            if err is exc:
+                raise
+            raise err from exc
+        for hook in after_commit:
+            hook(heap)
+
+
 class _Block:
     """What `Heap.transaction` returns: a ``with`` block, or an ``async with`` one.
 
@@ -1140,13 +1167,16 @@ class _Block:
             self._joined = local
         else:
             if self.note is None:
-                self.note = _notes.block_note(self.where, self.line)
-            cm = heap._outermost(local, _running_task(), self.note)
+                self.note = _block_note(self.where, self.line)
+            task = _running_task()
+            cm = heap._outermost(local, task, self.note)
             try:
                 cm.__enter__()
             except RETRIED as exc:
                 raise conflict(1, self.note, exc, None, retried=False) from exc
             self._sync = cm
+            if task is None and local.state is not None:
+                return local.state  # this thread's slot, in its transaction: what heap.state gives
         try:
             return heap.state
         except BaseException as exc:
@@ -1170,7 +1200,7 @@ class _Block:
         if self._sync is not None or self._joined is not None or self._async is not None:
             raise self._in_use()
         if self.note is None:
-            self.note = _notes.block_note(self.where, self.line)
+            self.note = _block_note(self.where, self.line)
         self._async = self.heap._async_block(self.note)
         try:
             return await self._async.__aenter__()  # type: ignore[no-any-return]
@@ -1188,6 +1218,25 @@ class _Block:
             "transaction of one task, so write `with heap.transaction()` for each block, "
             "not one object shared by several"
         )
+
+
+#: `_block_note`'s cache: (id of the code, line) -> (the code, its note).
+_BLOCK_NOTES: dict[tuple[int, int], tuple[Any, str | None]] = {}
+
+
+def _block_note(code: Any, line: int) -> str | None:
+    """`_notes.block_note`, looked up by the code's identity. Its own cache hashes the code
+    object, which CPython computes afresh each time over the code's name, bytecode and
+    constants: about 14k instructions, 2% of a one-entry commit."""
+    key = (id(code), line)
+    hit = _BLOCK_NOTES.get(key)
+    if hit is not None and hit[0] is code:  # the code is kept alive: its id is not reused
+        return hit[1]
+    note = _notes.block_note(code, line)
+    if len(_BLOCK_NOTES) >= 4096:
+        _BLOCK_NOTES.clear()
+    _BLOCK_NOTES[key] = (code, note)
+    return note
 
 
 class _Activation:

@@ -24,7 +24,6 @@ read-only view).
 
 from __future__ import annotations
 
-import collections
 import gc
 import sys
 import weakref
@@ -151,6 +150,8 @@ class _Watch:
             self.noted = set()  # aborted: nothing was stored (see `register_pending`)
         self.forget_reads()
         items, self.items, self.hooked = self.items, {}, None
+        if not items:  # nothing watched (most commits): nothing to ghost, no orphan made
+            return
         values: list[tuple[Any, bytes, str]] = []
         for obj, _ in items.values():
             # Ghost it: the next transaction reloads (and watches) it, and an
@@ -278,20 +279,20 @@ def check_before_commit(conn: Any) -> None:
     """
     ensure_zones()  # before any trial pickling below (see `_zones`)
     changed = changed_objects(conn)
-    noted = notes_of(conn)
-    if noted is not None:
-        types = {type(obj) for obj in changed}
+    w = _watch_of(conn)
+    if w is not None:
+        types = set(map(type, changed))  # in C: a comprehension runs bytecode per object
         if not types <= _LIBRARY_TYPES:
-            noted.update(class_paths(types - _LIBRARY_TYPES))
+            w.noted.update(class_paths(types - _LIBRARY_TYPES))
             _LIBRARY_TYPES.update(t for t in types if t.__module__.partition(".")[0] in _LIBRARY_ROOTS)
     # After the watch's own hook, which may snapshot (and note) more values: that hook
     # registers them itself at its end, so another pass is needed only when hooks
     # added after it (in the transaction's body) run later still.
-    txn = conn.transaction_manager.get()
-    last = collections.deque(txn.getBeforeCommitHooks(), maxlen=1)
-    w = conn.__dict__.get("_dh_watch")
-    if not last or w is None or last[0][0] != w._before_commit:
-        txn.addBeforeCommitHook(register_pending, (conn,))
+    last = None
+    for last in conn.transaction_manager.get().getBeforeCommitHooks():  # noqa: B007 - the last one
+        pass
+    if last is None or w is None or last[0] != w._before_commit:
+        conn.transaction_manager.get().addBeforeCommitHook(register_pending, (conn,))
     for obj in changed:
         watched = getattr(type(obj), "_dh_watched", None)
         if watched is None or obj._p_changed is None or not watched(obj):

@@ -138,6 +138,45 @@ def test_commits_waiting_for_one_fsync_share_the_next(tmp_path: Path, gate: _Gat
     db.close()
 
 
+class _CountingCondition(threading.Condition):
+    """A Condition on the storage's own lock that counts its uses."""
+
+    def __init__(self, lock: Any) -> None:
+        super().__init__(lock)
+        self.uses = 0
+
+    def __enter__(self) -> bool:
+        self.uses += 1
+        return super().__enter__()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.uses += 1
+        return super().wait(timeout)
+
+    def notify_all(self) -> None:
+        self.uses += 1
+        super().notify_all()
+
+
+def test_a_lone_committer_fsyncs_without_the_condition(tmp_path: Path) -> None:
+    """The single committer's fast path: a commit written while no fsync runs leads at
+    once (no wait, no wake-up of anyone, the condition's lock taken as a plain lock),
+    and each commit is still fsynced before it returns and visible after."""
+    db = _db(tmp_path / "app.fs")
+    fs = _filestorage(db)
+    _items(db, 1)
+    cond = fs._dh_cond = _CountingCondition(fs._dh_cond._lock)  # the same lock: _dh_lock
+    synced = fs._dh_synced
+    for _ in range(5):
+        _bump(db, "i0")
+        assert fs._dh_synced == fs._dh_finished  # acknowledged: covered by an fsync
+    assert fs._dh_synced == synced + 5
+    assert cond.uses == 0
+    with db.transaction() as conn:
+        assert conn.root()["i0"].n == 5
+    db.close()
+
+
 def test_a_commit_is_visible_to_other_connections_only_once_durable(tmp_path: Path, gate: _Gate) -> None:
     """Durable before visible: during the fsync another connection still reads the old
     value (and can read: loads are not stopped), and ``lastTransaction()`` has not moved;
