@@ -731,8 +731,8 @@ def _run_workers(config: ServeConfig) -> int:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    with _zeo_for(config) as url:
-        worker_config = dataclasses.replace(config, target=url)
+    with _zeo_for(config) as zeo:
+        worker_config = dataclasses.replace(config, target=zeo.url)
         # Deploy once here, so a broken program is one error now, not N workers failing.
         Service(dataclasses.replace(worker_config, watch=False)).close()
         os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(worker_config))
@@ -746,12 +746,30 @@ def _run_workers(config: ServeConfig) -> int:
         _announce(config, sock, None)
         _quiet_sigterm()
         Multiprocess(uconfig, sockets=[sock]).run()
+    if zeo.lost is not None:
+        print(f"durable-heap serve stopped: its ZEO server stopped (exit status {zeo.lost}), "
+              "see its last lines above; every commit it acknowledged is in the heap file. "
+              "Start serve again (a service manager's restart does it).", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
+@dataclasses.dataclass
+class _ZeoChild:
+    """The ZEO server `serve --workers` runs: its URL, and its exit status if it stopped
+    while serving (after a failed fsync it exits 1 rather than serve a closed heap)."""
+
+    url: str
+    lost: int | None = None
+
+
 @contextlib.contextmanager
-def _zeo_for(config: ServeConfig) -> Iterator[str]:
-    """``durable-heap zeo`` for the heap file, on a unix socket in a private folder: its URL."""
+def _zeo_for(config: ServeConfig) -> Iterator[_ZeoChild]:
+    """``durable-heap zeo`` for the heap file, on a unix socket in a private folder.
+
+    If the server stops while the workers serve, every later commit would fail: this
+    process then stops its workers (SIGTERM to itself, so uvicorn drains them) and exits 1,
+    so that a service manager restarts the whole service on a fresh server."""
     import signal
     import subprocess
     import tempfile
@@ -778,7 +796,22 @@ def _zeo_for(config: ServeConfig) -> Iterator[str]:
             zeo.wait(timeout=30)
             raise StorageError(f"the ZEO server for {target.location} did not start (exit "
                                f"{zeo.returncode}); its error is above")
-        yield line
+        child = _ZeoChild(line)
+        stopping = threading.Event()
+
+        def watch() -> None:
+            code = zeo.wait()
+            if not stopping.is_set():
+                child.lost = code
+                log.error("the ZEO server for %s stopped (exit status %s): stopping the workers",
+                          target.location, code)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="durable-heap-serve-zeo-watch", daemon=True).start()
+        try:
+            yield child
+        finally:
+            stopping.set()
     finally:
         if zeo.poll() is None:
             zeo.send_signal(signal.SIGTERM)

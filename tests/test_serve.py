@@ -570,6 +570,25 @@ def test_a_sigkilled_workers_parent_takes_its_zeo_server_and_workers_with_it(cou
     assert _count(counter) == 6  # the ZEO server stopped and released the file; nothing lost
 
 
+def test_workers_stop_with_exit_status_1_when_their_zeo_server_stops(counter: Path) -> None:
+    """A ZEO server that stopped (it exits 1 after a failed fsync) would leave the workers
+    failing every commit: serve stops them and exits 1, so a service manager restarts it."""
+    s = Served(counter, "--workers", "2")
+    try:
+        for _ in range(4):
+            assert s.post("/count_pid").status_code == 200
+        servers = [p for p in _children(s.proc.pid)
+                   if b"--address" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(servers) == 1, servers
+        os.kill(servers[0], signal.SIGKILL)
+        code = s.proc.wait(90)  # without the watch, serve runs on: this wait times out
+    finally:
+        s.stop()
+    assert code == 1
+    assert "its ZEO server stopped" in s.log.read_text()
+    assert _count(counter) == 4  # every acknowledged commit is in the file
+
+
 def test_a_public_host_without_tls_is_refused(counter: Path) -> None:
     out = cli("serve", str(counter), "--host", "0.0.0.0", "--port", "0")  # noqa: S104 - refused
     assert out.returncode != 0
