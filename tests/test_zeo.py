@@ -31,10 +31,12 @@ def _env(extra_path: Path | None = None) -> dict[str, str]:
     return env
 
 
-def _start_workers(mode: str, url: str, n: int, count: int) -> list[subprocess.Popen[str]]:
+def _start_workers(mode: str, url: str, n: int, count: int,
+                   env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
     procs = [
         subprocess.Popen([*WORKER, mode, url, str(n), str(k)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**_env(), **(env or {})}, cwd=ROOT)
         for k in range(count)
     ]
     for p in procs:  # every worker has its heap open...

@@ -12,13 +12,16 @@ Counter), ``dict`` (a new key in ``state.big`` and an item appended to
 until a line ``stop`` on stdin, each bumping a plain int and a Counter, appending to
 a List and writing a Dict, while the test kills and restarts the server; the summary
 lists which actions were acknowledged, in doubt, or not committed, and counts every
-other error by kind).
+other error by kind; with ``DURABLE_HEAP_TEST_MET`` set to a folder, the worker
+creates the file ``<folder>/<wid>`` at its first ServerUnavailableError, so the test
+can go on restarting the server until every worker has met a restart).
 """
 
 from __future__ import annotations
 
 import faulthandler
 import json
+import os
 import sys
 import threading
 import time
@@ -51,6 +54,7 @@ def faults(url: str, wid: str) -> None:
     errors: dict[str, int] = {}
     examples: dict[str, str] = {}
     last = ""
+    met = os.environ.get("DURABLE_HEAP_TEST_MET")
     i = after_stop = 0
     while True:
         if stop.is_set():  # go on until an action succeeds: the test checks each worker recovered
@@ -67,6 +71,8 @@ def faults(url: str, wid: str) -> None:
             kind = f"ServerUnavailableError({'unknown' if unknown else 'none'})"
             errors[kind] = errors.get(kind, 0) + 1
             examples.setdefault(kind, str(exc))
+            if met and last != kind:
+                open(os.path.join(met, wid), "a").close()
             last = kind
         except Exception as exc:  # noqa: BLE001 - every other error is what the test looks for
             in_doubt.append(i)  # whatever it was, it may have committed
