@@ -27,6 +27,7 @@ from . import _heap
 from ._errors import ConflictError
 from ._heap import HeapEngine, _close_quietly, _TaskSlot
 from ._paths import path_of
+from ._retry import conflict
 from ._watch import view_changes
 
 __all__ = ["RequestScope", "changed_in", "excluder", "read_only_answer", "request_note"]
@@ -176,6 +177,16 @@ class RequestScope:
         with self.heap._lock:
             self.heap._conns.discard(conn)
         _close_quietly(conn)
+
+
+def conflict_after(exc: ConflictError, attempts: int, note: str) -> ConflictError:
+    """A middleware's 409 after its last try: how many tries and what to do.
+
+    `exc` is the last try's error, which says "tried once, use @heap.action":
+    advice for a lone transaction, wrong for a request the middleware retried.
+    """
+    err = conflict(attempts, note, exc.__cause__, how="TransactionMiddleware(app, heap, attempts=N)")
+    return ConflictError(f"{err} Nothing of the request was committed.")
 
 
 class _Dropped(Exception):

@@ -15,7 +15,8 @@ What it promises, per HTTP request:
   not persistable, 503 nothing committed, 500 with ``"outcome": "unknown"``).
 * A conflict re-runs the whole request (its body is kept for that) while
   nothing was sent, up to `attempts` times; after a conflict a request's retries
-  queue, one at a time in the process (as `durable-heap serve`'s calls do).
+  queue, one at a time in the process, and while one request is retrying the
+  first tries of new ones queue too (as `durable-heap serve`'s calls do).
 * Requests of a `read_only_methods` method (GET, HEAD, OPTIONS) run in a
   transaction that is never committed; one that changes state is answered 500
   (`ReadOnlyRequestError`) and its changes are dropped.
@@ -40,7 +41,7 @@ from transaction.interfaces import TransientError
 from ._errors import ConflictError, ReadOnlyRequestError
 from ._facade import Heap
 from ._http import Answer, error_answer, send_answer
-from ._requests import RequestScope, excluder, read_only_answer, request_note
+from ._requests import RequestScope, conflict_after, excluder, read_only_answer, request_note
 from ._retry import backoff_delay
 
 __all__ = ["TransactionMiddleware"]
@@ -74,11 +75,9 @@ class TransactionMiddleware:
         self.read_only_methods = frozenset(m.upper() for m in read_only_methods)
         self.attempts = attempts or heap.max_attempts
         self._excluded: Callable[[Scope], bool] = excluder(exclude, lambda scope: str(scope.get("path", "")))
-        #: Held by a request's retries after a conflict: one at a time in this process,
-        #: as `durable-heap serve` does (`_serve.Service._call`): under a storm on one
-        #: hot record, a retry then meets at most the first tries of new requests. One
-        #: lock per event loop (an asyncio.Lock belongs to the loop it was first used in).
-        self._retrying: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+        #: The retry queue of each event loop (an asyncio.Lock belongs to the loop it
+        #: was first used in): see `_Queue`.
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
             weakref.WeakKeyDictionary())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,39 +89,48 @@ class TransactionMiddleware:
         method = str(scope.get("method", "GET")).upper()
         read_only = method in self.read_only_methods
         note = request_note(method, str(scope.get("path", "")))
-        for attempt in range(1, self.attempts + 1):
-            held: list[Message] = []
-            try:
-                if attempt == 1:  # a first try takes no lock: requests that do not conflict never wait
-                    answer = await self._attempt(scope, body, disconnected, held, read_only, note)
-                else:
-                    async with self._retry_lock():
+        queue = self._queue()
+        hot = False  # this request has conflicted: counted in queue.hot until it ends
+        try:
+            for attempt in range(1, self.attempts + 1):
+                held: list[Message] = []
+                try:
+                    if attempt == 1 and (read_only or not queue.hot):  # reads never queue
                         answer = await self._attempt(scope, body, disconnected, held, read_only, note)
-            except ConflictError as exc:
-                if attempt < self.attempts and not getattr(exc, "partial", False):
-                    await asyncio.sleep(backoff_delay(attempt))
-                    continue
-                partial = getattr(exc, "partial", False)
-                answer = error_answer(exc if partial else _conflict_after(exc, attempt))
-            except _Failed as failed:
-                if failed.held:
-                    await _forward(send, failed.held)  # the app's own error answer, rolled back
-                raise failed.exc from None
-            except Exception as exc:  # noqa: BLE001 - the commit failed: an error, never a 200
-                log.error("%s %s: %s", method, scope.get("path"), exc)
-                answer = error_answer(exc)
-            if answer is None:
-                await _forward(send, held)
-            else:
-                await send_answer(send, answer)
-            return
+                    else:
+                        async with queue.lock:
+                            answer = await self._attempt(scope, body, disconnected, held, read_only, note)
+                except ConflictError as exc:
+                    if not hot:
+                        hot = True
+                        queue.hot += 1
+                    partial = getattr(exc, "partial", False)
+                    if attempt < self.attempts and not partial:
+                        await asyncio.sleep(backoff_delay(attempt))
+                        continue
+                    answer = error_answer(exc if partial else conflict_after(exc, attempt, note))
+                except _Failed as failed:
+                    if failed.held:
+                        await _forward(send, failed.held)  # the app's own error answer, rolled back
+                    raise failed.exc from None
+                except Exception as exc:  # noqa: BLE001 - the commit failed: an error, never a 200
+                    log.error("%s %s: %s", method, scope.get("path"), exc)
+                    answer = error_answer(exc)
+                break
+        finally:
+            if hot:
+                queue.hot -= 1
+        if answer is None:
+            await _forward(send, held)
+        else:
+            await send_answer(send, answer)
 
-    def _retry_lock(self) -> asyncio.Lock:
+    def _queue(self) -> _Queue:
         loop = asyncio.get_running_loop()
-        lock = self._retrying.get(loop)
-        if lock is None:
-            lock = self._retrying[loop] = asyncio.Lock()
-        return lock
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = _Queue()
+        return queue
 
     async def _attempt(self, scope: Scope, body: bytes, disconnected: bool, held: list[Message],
                        read_only: bool, note: str) -> Answer | None:
@@ -173,6 +181,26 @@ class TransactionMiddleware:
         return None
 
 
+class _Queue:
+    """One event loop's conflict queue, as `durable-heap serve` has (`_serve.Service._call`).
+
+    A request's retries after a conflict hold `lock`: one at a time in the
+    process. Under a storm on one hot record (50 requests at once on one entry)
+    every try otherwise meets the others' commits and requests ran out of tries;
+    queued, each round one of them commits and a try is spent only on a real
+    chance. While a request is between its first conflict and its end (`hot`
+    counts them), new requests' first tries queue too: with several commits of a
+    process in flight (a ZEO client releases its commit lock at the finish,
+    `durable_heap._zeo`), a queued retry otherwise met fresh first tries each
+    round. While nothing conflicts no request waits, and read-only requests
+    (which never commit, so never conflict) never wait.
+    """
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.hot = 0
+
+
 class _Rollback(Exception):
     """Internal: leave the transaction without committing it, then answer `answer` (None: as held)."""
 
@@ -187,10 +215,6 @@ class _Failed(Exception):
     def __init__(self, exc: Exception, held: list[Message]) -> None:
         super().__init__(str(exc))
         self.exc, self.held = exc, held
-
-
-def _conflict_after(exc: ConflictError, attempts: int) -> ConflictError:
-    return ConflictError(f"{exc} The request was run {attempts} times; nothing of it was committed.")
 
 
 def _status(held: list[Message]) -> int | None:

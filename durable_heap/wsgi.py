@@ -14,7 +14,8 @@ What it promises, per request (the same as `durable_heap.asgi`):
   exception. A commit that fails answers an error instead (409, 422, 503, or
   500 with ``"outcome": "unknown"``): never the 200 the app meant to send.
 * A conflict re-runs the whole request (its body is kept) up to `attempts` times;
-  after a conflict a request's retries queue, one at a time in the process (as
+  after a conflict a request's retries queue, one at a time in the process, and
+  while one request is retrying the first tries of new ones queue too (as
   `durable-heap serve`'s calls do).
 * `read_only_methods` (GET, HEAD, OPTIONS) never commit; one that changes state
   is answered 500 (`ReadOnlyRequestError`), its changes dropped.
@@ -34,7 +35,7 @@ from typing import Any
 from ._errors import ConflictError, ReadOnlyRequestError
 from ._facade import Heap
 from ._http import Answer, error_answer
-from ._requests import changed_in, excluder, read_only_answer, request_note
+from ._requests import changed_in, conflict_after, excluder, read_only_answer, request_note
 from ._retry import backoff_delay
 
 __all__ = ["TransactionMiddleware"]
@@ -68,9 +69,12 @@ class TransactionMiddleware:
         self._excluded: Callable[[Environ], bool] = excluder(
             exclude, lambda env: str(env.get("PATH_INFO", "")))
         #: Held by a request's retries after a conflict: one at a time in this process,
-        #: as `durable-heap serve` does (`_serve.Service._call`): under a storm on one
-        #: hot record, a retry then meets at most the first tries of new requests.
+        #: as `durable-heap serve` does (`_serve.Service._call`, and the ASGI
+        #: middleware's `_Queue`, which says why). While `_hot` requests are between
+        #: their first conflict and their end, new requests' first tries queue too.
         self._retrying = threading.Lock()
+        self._hot = 0
+        self._hot_lock = threading.Lock()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self._excluded(environ):
@@ -80,35 +84,45 @@ class TransactionMiddleware:
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         note = request_note(method, str(environ.get("PATH_INFO", "")))
         read_only = method in self.read_only_methods
-        for attempt in range(1, self.attempts + 1):
-            env = dict(environ)
-            env["wsgi.input"] = io.BytesIO(body)
-            held: dict[str, Any] = {}
-            try:
-                if attempt == 1:  # a first try takes no lock: requests that do not conflict never wait
-                    status, headers, chunks = self._attempt(env, held, read_only, note, method)
-                else:
-                    with self._retrying:
+        hot = False  # this request has conflicted: counted in self._hot until it ends
+        try:
+            for attempt in range(1, self.attempts + 1):
+                env = dict(environ)
+                env["wsgi.input"] = io.BytesIO(body)
+                held: dict[str, Any] = {}
+                try:
+                    if attempt == 1 and (read_only or not self._hot):  # reads never queue
                         status, headers, chunks = self._attempt(env, held, read_only, note, method)
-            except ConflictError as exc:
-                if attempt < self.attempts:
-                    time.sleep(backoff_delay(attempt))
-                    continue
-                answer = error_answer(ConflictError(
-                    f"{exc} The request was run {attempt} times; nothing of it was committed."))
-            except _Failed as failed:
-                if "status" in failed.held:  # the app's own error answer: sent, rolled back
-                    start_response(failed.held["status"], failed.held["headers"], failed.held.get("exc_info"))
-                    sent: list[bytes] = failed.held.get("chunks", [])
-                    return sent
-                raise failed.exc from None
-            except Exception as exc:  # noqa: BLE001 - the commit failed: an error, never a 200
-                log.error("%s %s: %s", method, environ.get("PATH_INFO"), exc)
-                answer = error_answer(exc)
-            else:
-                start_response(status, headers)
-                return chunks
-            return _send_answer(start_response, answer)
+                    else:
+                        with self._retrying:
+                            status, headers, chunks = self._attempt(env, held, read_only, note, method)
+                except ConflictError as exc:
+                    if not hot:
+                        hot = True
+                        with self._hot_lock:
+                            self._hot += 1
+                    if attempt < self.attempts:
+                        time.sleep(backoff_delay(attempt))
+                        continue
+                    answer = error_answer(conflict_after(exc, attempt, note))
+                except _Failed as failed:
+                    if "status" in failed.held:  # the app's own error answer: sent, rolled back
+                        held = failed.held
+                        start_response(held["status"], held["headers"], held.get("exc_info"))
+                        sent: list[bytes] = held.get("chunks", [])
+                        return sent
+                    raise failed.exc from None
+                except Exception as exc:  # noqa: BLE001 - the commit failed: an error, never a 200
+                    log.error("%s %s: %s", method, environ.get("PATH_INFO"), exc)
+                    answer = error_answer(exc)
+                else:
+                    start_response(status, headers)
+                    return chunks
+                return _send_answer(start_response, answer)
+        finally:
+            if hot:
+                with self._hot_lock:
+                    self._hot -= 1
         raise AssertionError("unreachable")
 
     def _attempt(self, env: Environ, held: dict[str, Any], read_only: bool, note: str,
