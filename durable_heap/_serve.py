@@ -330,7 +330,7 @@ class Service:
                            "an array (positional arguments) or an object (keyword arguments)")
             return _status_headers(wrong, [("allow", "POST")])
         args, kwargs = self._arguments(request)
-        self._check_binds(name, args, kwargs)
+        self._check_binds(name, args, kwargs, load_current=True)
         program = self.program
         served: list[int] = []
 
@@ -379,10 +379,30 @@ class Service:
             return None
         return resolve_loaded(name)
 
-    def _check_binds(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    def _check_binds(self, name: str, args: list[Any], kwargs: dict[str, Any], *,
+                     load_current: bool = False) -> None:
+        """A 404 (no such public function) or 400 (the arguments do not bind) before the call.
+
+        The module loaded in this process may be older than the heap's current
+        version: a deploy (by the watcher, or by another process) is loaded at the
+        next call, and it may add the function or change its signature. So with
+        `load_current` (before the call) a miss loads the current version
+        (``program.module``; waiting for the calls in flight) and checks against it.
+        """
         module = self.program._module
         if module is None:
             return  # not loaded yet: the call finds out
+        try:
+            self._bind(module, name, args, kwargs)
+        except (FunctionNotFoundError, _Answer):
+            if not load_current:
+                raise
+            current = self.program.module
+            if current is module:
+                raise
+            self._bind(current, name, args, kwargs)
+
+    def _bind(self, module: types.ModuleType, name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
         signature = self._signature(module, name)
         try:
             signature.bind(*args, **kwargs)
