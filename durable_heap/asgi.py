@@ -110,8 +110,11 @@ class TransactionMiddleware:
                         continue
                     answer = error_answer(exc if partial else conflict_after(exc, attempt, note))
                 except _Failed as failed:
-                    if failed.held:
+                    if _complete(failed.held):
                         await _forward(send, failed.held)  # the app's own error answer, rolled back
+                    # A response cut off by the exception (a stream's body that raised) is
+                    # not sent: the client would get a 200 and a torn body. The exception
+                    # goes on up, to the framework's error handler (a 500) or the server's.
                     raise failed.exc from None
                 except Exception as exc:  # noqa: BLE001 - the commit failed: an error, never a 200
                     log.error("%s %s: %s", method, scope.get("path"), exc)
@@ -234,6 +237,13 @@ async def _read_body(receive: Receive) -> tuple[bytes, bool]:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks), False
+
+
+def _complete(held: list[Message]) -> bool:
+    """The held messages are a whole response: its start and its last body message."""
+    last = held[-1] if held else None
+    return (last is not None and last.get("type") == "http.response.body"
+            and not last.get("more_body", False) and _status(held) is not None)
 
 
 async def _forward(send: Send, held: list[Message]) -> None:
