@@ -68,8 +68,29 @@ def fastapi_app(heap: dh.Heap, seen: dict[str, Any], **options: Any) -> Any:
 
         return StreamingResponse(stream(), media_type="text/plain")
 
+    from fastapi import Depends
+
+    async def note_it() -> None:  # an async dependency: runs in the request's task
+        state.log.append("dependency")
+
+    @app.post("/two_parts", dependencies=[Depends(note_it)])
+    def two_parts() -> dict[str, int]:  # a sync view: its thread's own transaction
+        n = heap.state.count
+        _bump(heap)  # a concurrent commit: this part conflicts at its commit
+        heap.state.count = n + 1
+        return {"count": heap.state.count}
+
     app.add_middleware(TransactionMiddleware, heap=heap, **options)
     return app
+
+
+def _bump(heap: dh.Heap) -> None:
+    def run() -> None:
+        with heap.transaction() as s:
+            s.count += 1000
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
 
 
 def flask_app(heap: dh.Heap, seen: dict[str, Any], **options: Any) -> Any:
@@ -118,6 +139,7 @@ def framework(request: pytest.FixtureRequest) -> str:
 def counted(heap: dh.Heap) -> dh.Heap:
     with heap.transaction() as s:
         s.count = 0
+        s.log = []
     return heap
 
 
@@ -187,3 +209,20 @@ def test_a_held_stream_that_raises_is_answered_500_whole_not_a_torn_200(counted:
         server.close()
     assert r.status_code == 500 and b"one" not in r.content
     assert _count(counted) == 0
+
+
+def test_an_async_part_and_a_sync_view_that_conflicts_answer_409_without_a_rerun(counted: dh.Heap) -> None:
+    """docs/api.md: the async part (a dependency) and the sync view commit as two
+    transactions, the async one first; a conflict in the second after the first
+    committed is answered 409 without running the request again (that would repeat
+    the committed part), and the message says so."""
+    server = _serve("fastapi", counted, {})
+    try:
+        r = httpx.post(server.url + "/two_parts", timeout=60)
+    finally:
+        server.close()
+    assert r.status_code == 409, r.text
+    assert "committed already, so it is not run again" in r.json()["error"]["message"]
+    with counted.transaction() as s:
+        assert list(s.log) == ["dependency"]  # committed once: not re-run
+        assert s.count == 1000  # the concurrent commit only: the view's part was not
