@@ -226,3 +226,36 @@ def test_an_async_part_and_a_sync_view_that_conflicts_answer_409_without_a_rerun
     with counted.transaction() as s:
         assert list(s.log) == ["dependency"]  # committed once: not re-run
         assert s.count == 1000  # the concurrent commit only: the view's part was not
+
+
+@pytest.mark.parametrize("framework_name", sorted(APPS))
+def test_a_storage_gone_before_the_commit_is_503_not_committed(framework_name: str, tmp_path: Any) -> None:
+    """The ZEO server is down when the request comes: 503, `"outcome": "not committed"`,
+    `retry-after`: a client may retry blindly. (500 "unknown" is for a commit in doubt:
+    test_middleware.)"""
+    from durable_heap.testing import ZeoServer
+
+    zeo = ZeoServer(tmp_path / "zeo" / "app.fs")
+    zeo.start()
+    heap = dh.open(zeo.url + "?wait_timeout=2")
+    server = None
+    try:
+        with heap.transaction() as s:
+            s.count = 0
+            s.log = []
+        server = _serve(framework_name, heap, {})
+        assert httpx.put(server.url + "/change", timeout=60).json() == {"count": 1}
+        zeo.close()
+        r = httpx.put(server.url + "/change", timeout=60)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1"
+        error = r.json()["error"]
+        assert error["type"] == "ServerUnavailableError" and error["outcome"] == "not committed"
+        assert "nothing of it was committed" in error["message"]
+        zeo.start()
+        assert _count(heap) == 1
+    finally:
+        if server is not None:
+            server.close()
+        heap.close()
+        zeo.close()
