@@ -187,6 +187,17 @@ class Service:
         log.info("deployed %s version %s (source %s)", version.program, version.number,
                     version.source_hash[:12])
 
+    def _in_force(self) -> int | str:
+        """The number of the version that serves the next calls: the heap's current one.
+
+        Not the one loaded in this process, which may be older (a deploy is loaded at
+        the next call): the log said "version 2 stays in force; version 1 keeps serving".
+        """
+        try:
+            return int(self.program.version.number)
+        except Exception:  # noqa: BLE001 - only for a log line
+            return self.program._loaded[0] or "?"
+
     def _watch(self) -> None:
         """Deploy the program file when it changes; a broken one is reported, the old version serves."""
         program = self.program
@@ -196,7 +207,7 @@ class Service:
                 program.deploy_if_changed()
             except DurableHeapError as exc:
                 self.deploy_error, self.deploy_error_at = str(exc), time.time()
-                log.error("%s; version %s keeps serving", exc, program._loaded[0] or "?")
+                log.error("%s; version %s keeps serving", exc, self._in_force())
                 continue
             except Exception:  # noqa: BLE001 - the watcher must outlive one bad check
                 log.exception("the deploy check failed")

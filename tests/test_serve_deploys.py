@@ -73,3 +73,27 @@ def test_the_first_call_after_a_deploy_reaches_a_new_function_and_a_new_signatur
         assert served.post("/count", [0]).json() == {"result": 7}  # the misses changed nothing
     finally:
         assert served.stop() == 0, served.text()
+
+
+def test_a_broken_deploy_logs_the_version_in_force_as_the_one_serving(tmp_path: Path) -> None:
+    """Version 2 deployed, not yet loaded by a call, then a broken file: the log named
+    the version loaded in the process ("version 2 stays in force; version 1 keeps
+    serving"); the next calls are served by version 2."""
+    program = tmp_path / "app.py"
+    program.write_text(textwrap.dedent(V1))
+    served = Served(program)
+    try:
+        assert served.post("/count").json() == {"result": 1}
+        program.write_text(textwrap.dedent(V2))
+        _deployed(served, 2)
+        program.write_text(textwrap.dedent(V2) + "\ndef broken(:\n")
+        deadline = time.monotonic() + 60
+        while served.health()["deploy"]["ok"]:
+            assert time.monotonic() < deadline, served.text()
+            time.sleep(0.1)
+        log = served.text()
+        assert "version 2 stays in force; version 2 keeps serving" in log, log
+        r = served.post("/hello", ["bo"])
+        assert r.status_code == 200 and r.headers["x-durable-heap-version"] == "2"
+    finally:
+        assert served.stop() == 0, served.text()
