@@ -76,8 +76,24 @@ class Request:
         return self.body.decode("utf-8", errors="replace")
 
     def json(self) -> Any:
-        """The body parsed as JSON (plain JSON: the endpoint owns its format)."""
-        return json.loads(self.body) if self.body.strip() else None
+        """The body parsed as JSON (plain JSON: the endpoint owns its format).
+
+        A body that is not JSON raises `BadRequestBody` (a ``json.JSONDecodeError``),
+        which, left uncaught, answers 400: the client's fault, not the program's 500.
+        """
+        if not self.body.strip():
+            return None
+        try:
+            return json.loads(self.body)
+        except json.JSONDecodeError as exc:
+            raise BadRequestBody(exc.msg, exc.doc, exc.pos) from None
+
+
+class BadRequestBody(json.JSONDecodeError):
+    """`Request.json()` of a body that is not JSON: answered 400 ``BadRequest`` unless caught."""
+
+    def __str__(self) -> str:
+        return f"the request body is not JSON: {super().__str__()}"
 
 
 @dataclass
@@ -121,6 +137,8 @@ def error_answer(exc: BaseException, *, debug: bool = False) -> Answer:
     message = str(exc)
     if isinstance(exc, _Answer):
         return exc.answer
+    if isinstance(exc, BadRequestBody):
+        return _error(400, "BadRequest", message)
     if isinstance(exc, FunctionNotFoundError):
         return _error(404, kind, message)
     if isinstance(exc, NotPersistableError):
