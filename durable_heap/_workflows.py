@@ -1916,6 +1916,8 @@ def summaries(heap: Any, status: str | None = None) -> list[dict[str, Any]]:
                     "status": rec.status, "since": _utc(rec.since),
                     "stuck": rec.status == "running" and last_seen(rec) + heap.lease < now,
                     "waiting_on": _waiting(rec.waiting),
+                    # what the listing prints for a blocked or failed one
+                    "reason": rec.reason, "error": _describe(rec.error),
                 })
         return out
     return _txn(heap, read, "durable_heap: list workflows")  # type: ignore[no-any-return]

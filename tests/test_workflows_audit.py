@@ -1,0 +1,54 @@
+"""Issue 14 tried as a new user would (the acceptance audit): what that turned up, kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import cli, write
+
+FLOWS = """
+import durable_heap as dh
+from durable_heap import state
+
+state.setdefault("log", [])
+
+def a(x):
+    state.log.append(["a", x])
+
+def b(x):
+    state.log.append(["b", x])
+
+@dh.workflow
+def flow(x):
+    a(x)
+    return dh.promise(f"p:{x}").wait()
+
+@dh.workflow
+def changes_state(x):
+    state.log.append(x)          # in the body, outside a step: refused
+"""
+
+
+@pytest.mark.slow
+def test_the_workflows_listing_shows_failed_and_blocked_ones(tmp_path: Path) -> None:
+    """`durable-heap workflows app.py` lists a failed and a blocked workflow with why
+    (it raised KeyError on both: the listing's records lacked the error and the reason)."""
+    app = write(tmp_path / "app.py", FLOWS)
+    failed, status = cli("call", str(app), "changes_state", "1", cwd=tmp_path).stdout.split()
+    assert status == "failed"
+    waiting, status = cli("call", str(app), "flow", "1", cwd=tmp_path).stdout.split()
+    assert status == "waiting"
+    r = cli("workflows", str(app), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in r.stdout.splitlines() if line.startswith(failed))
+    assert "failed: durable_heap.WorkflowError: the workflow changes_state changed state.log" in line, line
+    app.write_text(app.read_text().replace("    a(x)\n", "    b(x)\n"))
+    assert cli("deploy", str(app), cwd=tmp_path).returncode == 1
+    assert cli("deploy", str(app), "--force", cwd=tmp_path).returncode == 0
+    for args in ((), ("--status", "blocked")):
+        r = cli("workflows", str(app), *args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        line = next(line for line in r.stdout.splitlines() if line.startswith(waiting))
+        assert "blocked" in line and "the journal has 'step a', the new code does 'step b'" in line, line
