@@ -52,3 +52,13 @@ def test_the_workflows_listing_shows_failed_and_blocked_ones(tmp_path: Path) -> 
         assert r.returncode == 0, r.stderr
         line = next(line for line in r.stdout.splitlines() if line.startswith(waiting))
         assert "blocked" in line and "the journal has 'step a', the new code does 'step b'" in line, line
+
+
+def test_an_unknown_status_is_a_usage_error_naming_the_statuses(tmp_path: Path) -> None:
+    """Not "internal error: ValueError"."""
+    from durable_heap._workflows import STATUSES
+
+    app = write(tmp_path / "app.py", FLOWS)
+    r = cli("workflows", str(app), "--status", "bogus", cwd=tmp_path)
+    assert r.returncode == 2 and "internal error" not in r.stderr, r.stderr
+    assert f"invalid choice: 'bogus' (choose from {', '.join(map(repr, STATUSES))})" in r.stderr, r.stderr
