@@ -62,3 +62,43 @@ def test_an_unknown_status_is_a_usage_error_naming_the_statuses(tmp_path: Path) 
     r = cli("workflows", str(app), "--status", "bogus", cwd=tmp_path)
     assert r.returncode == 2 and "internal error" not in r.stderr, r.stderr
     assert f"invalid choice: 'bogus' (choose from {', '.join(map(repr, STATUSES))})" in r.stderr, r.stderr
+
+
+TIMED_PROGRAM = """
+import durable_heap as dh
+from durable_heap import state
+
+state.setdefault("log", [])
+
+def digest():
+    state.log.append("digest")
+
+def remind(user):
+    state.log.append(f"remind {user}")
+
+weekly = dh.active_heap().action(digest).cron("0 9 * * 1", tz="Europe/Paris")
+
+def remind_later(user):
+    return dh.active_heap().action(remind).invoke_in(0.2, user).id
+
+def log():
+    return list(state.log)
+"""
+
+
+@pytest.mark.slow
+def test_a_programs_timers_as_docs_workflows_md_shows_them(tmp_path: Path) -> None:
+    """docs/workflows.md, Timers on actions, "In a program": a cron at the top level, a timer
+    from a call, fired by another process that only loaded the program."""
+    import time
+
+    app = write(tmp_path / "app.py", TIMED_PROGRAM)
+    r = cli("call", str(app), "remind_later", "ann", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = cli("timers", str(app), cwd=tmp_path)
+    assert "app.digest 0 9 * * 1 () Europe/Paris" in r.stdout and "app.remind (invoke)" in r.stdout, r.stdout
+    time.sleep(0.3)
+    assert cli("run-due", str(app), cwd=tmp_path).stdout.strip() == "1"
+    assert cli("call", str(app), "log", cwd=tmp_path).stdout.strip() == '["remind ann"]'
+    r = cli("timers", str(app), cwd=tmp_path)
+    assert "app.remind" not in r.stdout and r.stdout.count("app.digest") == 2, r.stdout  # the cron, once
