@@ -1216,9 +1216,30 @@ def _settle_done(run: _Run, result: Any) -> None:
         run.finish("done", result)
     except (_Abandon, _Suspend):
         return
-    except DurableHeapError as exc:  # its result cannot be stored
-        run.create = None
-        run.finish("failed", error=_pack_error(exc))
+    except Exception as exc:  # noqa: BLE001 - re-raised unless its result cannot be stored
+        error = _unstorable_result(run, result, exc)
+        if error is None:
+            raise
+        # (`run.create` is kept: a start outside a transaction whose first transaction was
+        # this one stored nothing, and the failed record is created here instead.)
+        run.finish("failed", error=_pack_error(error))
+
+
+def _unstorable_result(run: _Run, result: Any, exc: Exception) -> Exception | None:
+    """The error a workflow whose result cannot be stored fails with, or None when the
+    result is not what failed. ZODB trap: the record is pickled at commit, and a value
+    that does not pickle fails there with pickle's bare TypeError or PicklingError
+    (no `NotPersistableError`: the library's records are not watched)."""
+    if isinstance(exc, DurableHeapError):
+        return exc
+    from ._kinds import BadValue
+    from ._storable import public_error, refuse_or_accept
+
+    try:
+        refuse_or_accept(result)
+    except BadValue as bad:
+        return public_error(bad, None, base=f"the result of the workflow {run.func.label}")
+    return None
 
 
 def _known(conn: Any, rec: WorkflowRecord) -> tuple[Any, ...]:

@@ -102,3 +102,45 @@ def test_a_programs_timers_as_docs_workflows_md_shows_them(tmp_path: Path) -> No
     assert cli("call", str(app), "log", cwd=tmp_path).stdout.strip() == '["remind ann"]'
     r = cli("timers", str(app), cwd=tmp_path)
     assert "app.remind" not in r.stdout and r.stdout.count("app.digest") == 2, r.stdout  # the cron, once
+
+
+def _other() -> None:
+    import durable_heap as dh
+
+    dh.active_heap().state.other = True
+
+
+def test_a_result_that_cannot_be_stored_fails_the_workflow_clearly(tmp_path: Path) -> None:
+    """A workflow returning a generator: `failed` with an error naming its result, not
+    pickle's bare TypeError out of every later `run_due()` (the wake's timer stayed due, and
+    each scheduler round raised it again), nor (started outside a transaction) no record at all."""
+    import durable_heap as dh
+    from durable_heap.testing import Clock
+
+    clock = Clock()
+    with dh.open(tmp_path / "r.fs", clock=clock) as heap:
+        other = heap.action(_other)
+
+        @heap.workflow
+        def after_a_sleep() -> object:
+            dh.sleep(1)
+            return (i for i in range(3))
+
+        @heap.workflow
+        def at_once() -> object:
+            return (i for i in range(3))
+
+        h = after_a_sleep()
+        assert h.status == "waiting"
+        other.invoke_in(2)
+        clock.advance(5)
+        assert heap.run_due() == 2  # the wake, and the timer due behind it
+        assert heap.state.other is True
+        for handle in (h, at_once()):
+            assert handle.status == "failed"
+            error = handle.info["error"]
+            assert "NotPersistableError: the result of the workflow " in error, error
+            assert "cannot be stored: a generator" in error, error
+            with pytest.raises(dh.DurableHeapError, match="the result of the workflow .* cannot be stored"):
+                handle.result()
+        assert heap.run_due() == 0
