@@ -42,6 +42,7 @@ import datetime
 import functools
 import importlib
 import inspect
+import io
 import logging
 import marshal
 import operator
@@ -73,7 +74,9 @@ from ._errors import (
     WorkflowError,
 )
 from ._format import FORMAT_KEY, JOURNAL_FORMAT, WORKFLOW_KEYS
+from ._kinds import ATOMIC as _ATOMIC
 from ._retry import call_note
+from ._snapshot import _NotingPickler
 
 __all__ = [
     "CronEntry",
@@ -1239,7 +1242,44 @@ def _unstorable_result(run: _Run, result: Any, exc: Exception) -> Exception | No
         refuse_or_accept(result)
     except BadValue as bad:
         return public_error(bad, None, base=f"the result of the workflow {run.func.label}")
+    except Exception:  # noqa: BLE001 - the search failed: then the commit's own error is the one
+        return None
     return None
+
+
+def storable(what: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+    """Refuse at the call a value that cannot be stored (`NotPersistableError` naming
+    `what` it was given to). ZODB trap: the record holding it is pickled only at
+    commit, where a lambda fails with pickle's bare TypeError, naming nothing; inside
+    a caller's transaction, in the caller's commit. Plain atoms pass at once; other
+    values are trial-pickled as the heap's snapshots are, durable objects as references
+    (nothing of theirs is touched)."""
+    values = [v for v in (chain(args, kwargs.values()) if kwargs else args) if type(v) not in _ATOMIC]
+    if not values:
+        return
+    try:
+        _TrialPickler(io.BytesIO(), protocol=3).dump(values)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is the caller's value
+        from ._errors import NotPersistableError
+        from ._kinds import BadValue
+        from ._storable import public_error, refuse_or_accept
+
+        for value in values:
+            try:
+                refuse_or_accept(value)  # names the part that fails (`[0]['cb']`)
+            except BadValue as bad:
+                raise public_error(bad, None, base=what) from None
+            except Exception:  # noqa: BLE001,S110 - then the trial's own error says it
+                pass
+        raise NotPersistableError(what, values[0], f"pickling failed: {exc}") from None
+
+
+class _TrialPickler(_NotingPickler):
+    """`storable`'s pickler: the heap's snapshot pickling, with durable objects
+    as bare references (no promotion of inline values, no adoption)."""
+
+    def persistent_id(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
+        return 1 if isinstance(obj, Persistent) and not isinstance(obj, type) else None
 
 
 def _known(conn: Any, rec: WorkflowRecord) -> tuple[Any, ...]:
@@ -1353,6 +1393,7 @@ class WorkflowFunction:
                 f"{self.label} was started in the body of the workflow {run.wid}: start it "
                 "from an action that the workflow calls (a step), so that it starts once"
             )
+        storable(f"the arguments of the workflow {self.label}", args, kwargs)
         wid = workflow_id or _uuid.uuid4().hex
         retention = self.retention if self.retention is not None else float(heap.retention)
         now = _clock(heap)
@@ -1557,6 +1598,7 @@ def resolve(name: str, value: Any = None) -> bool:
     A resolve before the wait is kept. The waiting workflow's wake is queued in
     this transaction (its own outside one) and runs in a scheduler.
     """
+    storable(f"the value resolving the promise {name!r}", (value,))
     run = _current.get()
     heap = run.heap if run is not None else _engine.active_heap()
 
@@ -1691,6 +1733,7 @@ def emit(topic: str, payload: Any = None) -> int:
     One delivery per subscriber is written in this transaction (its own outside
     one); the subscribers run in a scheduler.
     """
+    storable(f"the payload of the event {topic!r}", (payload,))
     run = _current.get()
     heap = run.heap if run is not None else _engine.active_heap()
 

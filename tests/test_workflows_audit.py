@@ -144,3 +144,49 @@ def test_a_result_that_cannot_be_stored_fails_the_workflow_clearly(tmp_path: Pat
             with pytest.raises(dh.DurableHeapError, match="the result of the workflow .* cannot be stored"):
                 handle.result()
         assert heap.run_due() == 0
+
+
+def _hold(value: object) -> object:
+    return dh_active().state
+
+
+def dh_active() -> object:
+    import durable_heap as dh
+
+    return dh.active_heap()
+
+
+def test_arguments_values_and_payloads_that_cannot_be_stored_are_refused_at_the_call(tmp_path: Path) -> None:
+    """A lambda given to a workflow's start, a resolve, an emit or a timer: a
+    NotPersistableError naming what it was given to, at the call, inside a transaction as
+    outside one (it was pickle's bare "cannot pickle 'function' object", raised by the
+    commit), and nothing stored."""
+    import durable_heap as dh
+
+    with dh.open(tmp_path / "a.fs") as heap:
+        @heap.workflow
+        def flow(x: object) -> object:
+            return dh.promise("p").wait()
+
+        hold = heap.action(_hold)
+        bad = lambda: 1  # noqa: E731 - what a user passes by mistake
+        calls = {
+            "the arguments of the workflow test_arguments_values_and_payloads_that_cannot_be_stored"
+            "_are_refused_at_the_call.<locals>.flow": lambda: flow({"cb": bad}),
+            "the value resolving the promise 'p'": lambda: dh.resolve("p", [bad]),
+            "the payload of the event 'topic'": lambda: dh.emit("topic", bad),
+            "the arguments of the timer for _hold": lambda: hold.invoke_in(5, bad),
+            "the arguments of the cron for _hold": lambda: hold.cron("0 9 * * 1", x=bad),
+        }
+        for what, call in calls.items():
+            for inside in (False, True):
+                with pytest.raises(dh.NotPersistableError) as info:
+                    if inside:
+                        with heap.transaction():
+                            call()
+                    else:
+                        call()
+                assert str(info.value).startswith(what), (str(info.value), what)
+                assert "a lambda has no name" in str(info.value), str(info.value)
+        assert heap.workflows() == [] and heap.timers() == []
+        assert dh.resolve("p", 1) is True  # the refused resolve did not resolve it
