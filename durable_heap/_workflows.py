@@ -223,6 +223,15 @@ class WorkflowRecord(Persistent):
     replayed: dict[int, str] | None = None
 
 
+def _pristine(rec: WorkflowRecord) -> WorkflowRecord:
+    """A fresh copy of the record that a start outside a transaction stores with its
+    first transaction, for each attempt at that transaction after the first. ZODB trap: an aborted
+    transaction takes back its changes to stored records, not to new ones: the record
+    a failed attempt was creating stays filled in memory (the journal entry of a step
+    whose changes were undone), and storing it then would replay that step as done."""
+    return WorkflowRecord(rec.id, rec.function, rec.args, rec.kwargs, rec.created, rec.retention)
+
+
 class JournalEntry:
     """One thing a workflow did: a step, a wait, a journaled value.
 
@@ -554,6 +563,7 @@ class _Run:
         self.cursor = 0  # the next entry replay reads
         self.claim = claim  # the timer that woke it: removed by its first transaction
         self.create = create  # a record to store at the first transaction (a start outside one)
+        self.created = False  # whether an attempt at that transaction stored `create` already
         self.check = check  # a deploy's read-only replay: stop at the first new thing
         # Promises seen resolved (name -> value) where the run's journal was read: a
         # resolved promise stays so, so `Promise.wait` needs no transaction of its own.
@@ -633,7 +643,9 @@ class _Run:
         if self.create is not None:
             if rec is not None:
                 raise _Abandon  # started with the same id meanwhile, elsewhere
-            rec = wfs[self.wid] = self.create
+            # (the first attempt stores `create` itself; a later one a fresh copy: `_pristine`)
+            rec = wfs[self.wid] = self.create if not self.created else _pristine(self.create)
+            self.created = True
         elif rec is None or rec.status in _ENDED or (
                 rec.journal.maxKey() + 1 if rec.journal else rec.length) != self.committed:  # journal_length
             raise _Abandon
@@ -731,8 +743,12 @@ class _Run:
         try:
             value = self.transact(work, f"workflow {self.wid} step {number}: {detail}", appended=1)
         except Exception as exc:
-            if not failure or failure[-1] is not exc:
-                raise  # the commit failed, not the step: nothing was journaled
+            if not failure or failure[-1] is not exc:  # the commit failed, not the step: nothing journaled
+                what = f"the result of step {number} ({detail})"
+                error = _unstorable(what, made[-1][3], exc) if made else None
+                if error is None or isinstance(exc, DurableHeapError):
+                    raise
+                raise error from None
             self._journal_error(name, detail, number, exc)
             raise
         self.entries.append(JournalEntry(*made[-1]))
@@ -1220,7 +1236,7 @@ def _settle_done(run: _Run, result: Any) -> None:
     except (_Abandon, _Suspend):
         return
     except Exception as exc:  # noqa: BLE001 - re-raised unless its result cannot be stored
-        error = _unstorable_result(run, result, exc)
+        error = _unstorable(f"the result of the workflow {run.func.label}", result, exc)
         if error is None:
             raise
         # (`run.create` is kept: a start outside a transaction whose first transaction was
@@ -1228,11 +1244,12 @@ def _settle_done(run: _Run, result: Any) -> None:
         run.finish("failed", error=_pack_error(error))
 
 
-def _unstorable_result(run: _Run, result: Any, exc: Exception) -> Exception | None:
-    """The error a workflow whose result cannot be stored fails with, or None when the
-    result is not what failed. ZODB trap: the record is pickled at commit, and a value
-    that does not pickle fails there with pickle's bare TypeError or PicklingError
-    (no `NotPersistableError`: the library's records are not watched)."""
+def _unstorable(what: str, result: Any, exc: Exception) -> Exception | None:
+    """The error for a commit that failed with `exc` because `result` (`what`: a
+    workflow's or a step's result) cannot be stored, or None when the result is not what
+    failed. ZODB trap: the record is pickled at commit, and a value that does not pickle
+    fails there with pickle's bare TypeError or PicklingError (no `NotPersistableError`:
+    the library's records are not watched)."""
     if isinstance(exc, DurableHeapError):
         return exc
     from ._kinds import BadValue
@@ -1241,7 +1258,7 @@ def _unstorable_result(run: _Run, result: Any, exc: Exception) -> Exception | No
     try:
         refuse_or_accept(result)
     except BadValue as bad:
-        return public_error(bad, None, base=f"the result of the workflow {run.func.label}")
+        return public_error(bad, None, base=what)
     except Exception:  # noqa: BLE001 - the search failed: then the commit's own error is the one
         return None
     return None

@@ -190,3 +190,66 @@ def test_arguments_values_and_payloads_that_cannot_be_stored_are_refused_at_the_
                 assert "a lambda has no name" in str(info.value), str(info.value)
         assert heap.workflows() == [] and heap.timers() == []
         assert dh.resolve("p", 1) is True  # the refused resolve did not resolve it
+
+
+def _gen() -> object:
+    return (i for i in range(3))
+
+
+def test_a_step_whose_result_cannot_be_stored_fails_its_workflow_naming_the_step(tmp_path: Path) -> None:
+    """(It failed with pickle's bare "cannot pickle 'generator' object".) The step's
+    changes are not committed."""
+    import durable_heap as dh
+
+    with dh.open(tmp_path / "s.fs") as heap:
+        gen = heap.action(_gen)
+
+        @heap.workflow
+        def flow() -> None:
+            gen()
+
+        h = flow()
+        assert h.status == "failed"
+        error = h.info["error"]
+        assert "NotPersistableError: the result of step 1 (_gen()) cannot be stored: a generator" in error, \
+            error
+        assert h.info["journal"] == [], h.info["journal"]
+
+
+BAD_RESULT = [True]
+
+
+def _count_then_maybe_gen() -> object:
+    import durable_heap as dh
+
+    dh.active_heap().state.n += 1
+    return (i for i in range(3)) if BAD_RESULT[0] else "ok"
+
+
+def test_a_first_step_whose_commit_failed_runs_again_when_retried(tmp_path: Path) -> None:
+    """Exactly once: a workflow started outside a transaction whose first step's commit
+    failed (its result did not pickle) kept that step in its journal, so `retry()`
+    replayed it as done and the step's effect (`n += 1`, undone with its transaction)
+    happened zero times. ZODB takes back an aborted transaction's changes to stored
+    records, not to new ones: the record that transaction was creating stayed filled."""
+    import durable_heap as dh
+
+    with dh.open(tmp_path / "f.fs") as heap:
+        with heap.transaction() as state:
+            state.n = 0
+        step = heap.action(_count_then_maybe_gen)
+
+        @heap.workflow
+        def flow() -> object:
+            step()
+            return "finished"
+
+        BAD_RESULT[0] = True
+        h = flow()
+        assert h.status == "failed" and heap.state.n == 0
+        assert h.info["journal"] == [], h.info["journal"]
+        BAD_RESULT[0] = False
+        assert h.retry()
+        heap.run_due()
+        assert h.result() == "finished"
+        assert heap.state.n == 1  # the step ran once, committed once
