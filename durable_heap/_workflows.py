@@ -1057,6 +1057,20 @@ def _call_body(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def _call_body_bound(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     func = _program_body(run.func.func)
+    if func is run.func.func:
+        return _call_body_in(run, func, args, kwargs)
+    try:  # a program's body
+        result = _call_body_in(run, func, args, kwargs)
+    except BaseException:
+        if not run.check:  # (a deploy's read-only replay refuses nothing of the kind)
+            _refuse_rebound(func)
+        raise
+    if not run.check:
+        _refuse_rebound(func)
+    return result
+
+
+def _call_body_in(run: _Run, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not run.is_async:
         return func(*args, **kwargs)
     if _engine._running_task() is None:
@@ -1119,7 +1133,12 @@ async def _aexecute(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         with run.heap.activate():
             try:
                 with _bound(run.heap, getattr(run.func.func, "__module__", None) or "", False):
-                    result = await _program_body(run.func.func)(*args, **kwargs)
+                    body = _program_body(run.func.func)
+                    try:
+                        result = await body(*args, **kwargs)
+                    finally:
+                        if body is not run.func.func:
+                            _refuse_rebound(body)
             except BaseException as exc:  # noqa: BLE001 - sorted out by _settle (re-raised there)
                 _settle(run, exc)
                 return
@@ -1215,10 +1234,13 @@ def _settle(run: _Run, exc: BaseException) -> None:
         return
     if isinstance(exc, (ConflictError, StorageError)):
         raise exc  # the heap's trouble, not the workflow's: it stays running, its lease brings it back
-    if isinstance(exc, NoTransactionError):
-        path = str(exc).split(" was changed", 1)[0]
+    if isinstance(exc, (NoTransactionError, _Rebound)):
+        if isinstance(exc, _Rebound):
+            changed = f"rebound the durable global {exc.args[0]}"
+        else:
+            changed = "changed " + _global_path(run, str(exc).split(" was changed", 1)[0])
         msg = (
-            f"the workflow {run.func.label} changed {path} in its body, outside a step: a "
+            f"the workflow {run.func.label} {changed} in its body, outside a step: a "
             "change there would be made again at every replay. Move it into an action "
             "(@heap.action) that the workflow calls: each call is a step, run once."
         )
@@ -1228,6 +1250,36 @@ def _settle(run: _Run, exc: BaseException) -> None:
         run.finish("failed", error=_pack_error(exc))
         return
     raise exc
+
+
+class _Rebound(Exception):  # noqa: N818 - internal: becomes the workflow's WorkflowError
+    """A program's workflow body rebound a module global (``global count; count = 1``)."""
+
+
+def _global_path(run: _Run, path: str) -> str:
+    """`path` (a changed object's, from `NoTransactionError`) named by the program's
+    durable global it is under: the globals' own record is not reachable from state,
+    so its path reads ``<Dict oid 0x7>['hits']``."""
+    if path.startswith("<") and "]" in path and "['" in path:
+        name = path.partition("['")[2].partition("']")[0]
+        module = sys.modules.get(getattr(run.func.func, "__module__", ""))
+        if name and module is not None and name in module.__dict__:
+            return f"the durable global {name}{path.partition(']')[2]}"
+    return path
+
+
+def _refuse_rebound(body: Callable[..., Any]) -> None:
+    """Raise `_Rebound` if the program's workflow body `body` rebound a module global.
+
+    Its globals are a `_StepScope`, read through ``__getitem__`` from the module, but
+    STORE_GLOBAL writes into the dict itself: a rebinding lands there, is seen by no
+    one and saved nowhere. Emptied, so that the next run starts clean."""
+    scope = body.__globals__
+    if isinstance(scope, _StepScope) and len(scope) > 1:  # (its one own key: __builtins__)
+        names = sorted(k for k in scope if k != "__builtins__")
+        for k in names:
+            del scope[k]
+        raise _Rebound(", ".join(names))
 
 
 def _settle_done(run: _Run, result: Any) -> None:

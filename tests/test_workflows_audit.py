@@ -253,3 +253,48 @@ def test_a_first_step_whose_commit_failed_runs_again_when_retried(tmp_path: Path
         heap.run_due()
         assert h.result() == "finished"
         assert heap.state.n == 1  # the step ran once, committed once
+
+
+GLOBALS_IN_BODY = """
+import durable_heap as dh
+
+hits = []
+count = 0
+
+@dh.workflow
+def appends():
+    hits.append(1)
+    return list(hits)
+
+@dh.workflow
+def rebinds():
+    global count
+    dh.sleep(0.2)
+    count = 5
+    return count
+
+def report():
+    return [hits, count]
+"""
+
+
+@pytest.mark.slow
+def test_a_body_that_changes_or_rebinds_a_durable_global_is_refused_naming_it(tmp_path: Path) -> None:
+    """Issue 14 point 3 for a program's durable globals: a change named by the global
+    (it was `<Dict oid 0x7>['hits']`), and a rebinding (`global count; count = 5`)
+    refused too (it was neither saved nor refused: "Not yet" in docs/workflows.md)."""
+    import time
+
+    app = write(tmp_path / "app.py", GLOBALS_IN_BODY)
+    appended, status = cli("call", str(app), "appends", cwd=tmp_path).stdout.split()
+    assert status == "failed"
+    rebound, status = cli("call", str(app), "rebinds", cwd=tmp_path).stdout.split()
+    assert status == "waiting"
+    time.sleep(0.3)
+    assert cli("run-due", str(app), cwd=tmp_path).stdout.strip() == "1"
+    r = cli("workflows", str(app), "--status", "failed", cwd=tmp_path)
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    outside = "in its body, outside a step"
+    assert f"the workflow appends changed the durable global hits {outside}" in lines[appended]
+    assert f"the workflow rebinds rebound the durable global count {outside}" in lines[rebound]
+    assert cli("call", str(app), "report", cwd=tmp_path).stdout.strip() == "[[], 0]"
