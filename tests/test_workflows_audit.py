@@ -298,3 +298,54 @@ def test_a_body_that_changes_or_rebinds_a_durable_global_is_refused_naming_it(tm
     assert f"the workflow appends changed the durable global hits {outside}" in lines[appended]
     assert f"the workflow rebinds rebound the durable global count {outside}" in lines[rebound]
     assert cli("call", str(app), "report", cwd=tmp_path).stdout.strip() == "[[], 0]"
+
+
+_TICKS: list[float] = []
+
+
+def _tick() -> None:
+    import durable_heap as dh
+
+    _TICKS.append(dh.active_heap().clock())
+
+
+def test_cron_daylight_saving_and_a_late_tick_follow_the_documented_rules(tmp_path: Path) -> None:
+    """docs/workflows.md, Cron: a tick in the hour skipped in spring runs once, when the
+    clocks jump; one in the hour repeated in autumn once, at its first occurrence; a tick
+    run late (within the grace) does not move the next one (no drift)."""
+    import datetime
+
+    import durable_heap as dh
+    from durable_heap.testing import Clock
+
+    utc = datetime.timezone.utc
+
+    def ticks_between(start: datetime.datetime, days: int) -> list[datetime.datetime]:
+        _TICKS.clear()
+        clock = Clock(start.timestamp())
+        with dh.open(tmp_path / f"dst-{start.month}.fs", clock=clock) as heap:
+            heap.action(_tick).cron("30 2 * * *", tz="Europe/Paris")
+            for _ in range(days * 24 * 4):  # the scheduler runs every 15 minutes
+                clock.advance(900)
+                heap.run_due()
+        return [datetime.datetime.fromtimestamp(t, utc) for t in _TICKS]
+
+    # 29 March 2026: 02:00 -> 03:00 in Paris. 02:30 does not exist: it runs at 03:00 (01:00 UTC)
+    spring = ticks_between(datetime.datetime(2026, 3, 28, 12, 0, tzinfo=utc), 3)
+    assert [t.isoformat() for t in spring] == [
+        "2026-03-29T01:00:00+00:00", "2026-03-30T00:30:00+00:00", "2026-03-31T00:30:00+00:00"]
+    # 25 October 2026: 03:00 -> 02:00. 02:30 happens twice: it runs at the first (00:30 UTC)
+    autumn = ticks_between(datetime.datetime(2026, 10, 24, 12, 0, tzinfo=utc), 3)
+    assert [t.isoformat() for t in autumn] == [
+        "2026-10-25T00:30:00+00:00", "2026-10-26T01:30:00+00:00", "2026-10-27T01:30:00+00:00"]
+
+    _TICKS.clear()
+    clock = Clock(datetime.datetime(2026, 3, 2, 8, 59, 30, tzinfo=utc).timestamp())
+    with dh.open(tmp_path / "late.fs", clock=clock) as heap:
+        t = heap.action(_tick).cron("* * * * *")  # every minute: first at 09:00:00
+        clock.advance(90)  # 09:01:00: the 09:00 tick is 60 s late, on time still (the grace)
+        # From the schedule, the next tick is 09:01:00, due now too: two ticks, the next at
+        # 09:02. (From now it would be 09:02: the 09:01 tick lost to the late run.)
+        assert heap.run_due() == 2 and len(_TICKS) == 2
+        (pending,) = heap.timers()
+        assert pending.due == t.due + datetime.timedelta(minutes=2)
