@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import cli, write
+from .conftest import ZeoServer, cli, write
 
 FLOWS = """
 import durable_heap as dh
@@ -349,3 +349,66 @@ def test_cron_daylight_saving_and_a_late_tick_follow_the_documented_rules(tmp_pa
         assert heap.run_due() == 2 and len(_TICKS) == 2
         (pending,) = heap.timers()
         assert pending.due == t.due + datetime.timedelta(minutes=2)
+
+
+ADOPTED = """
+import durable_heap as dh
+from durable_heap import state
+
+state.setdefault("log", [])
+
+def mark(x):
+    state.log.append(x)
+
+@dh.workflow
+def flow(x):
+    v = dh.promise(f"p:{x}").wait()
+    mark("v1:" + v)
+    return v
+
+def go(x, v):
+    return dh.resolve(f"p:{x}", v)
+
+def show():
+    return list(state.log)
+"""
+
+
+@pytest.mark.slow
+def test_a_running_worker_adopts_a_new_deploy(tmp_path: Path, zeo_server: ZeoServer) -> None:
+    """docs/workflows.md: `durable-heap worker app.py` loads each new version deployed
+    while it runs: a workflow waiting under version 1 finishes under version 2."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from durable_heap.testing import subprocess_env
+
+    from .conftest import ROOT
+
+    app = write(tmp_path / "app.py", ADOPTED)
+    storage = ["--storage", zeo_server.url]
+    assert cli("deploy", str(app), *storage, cwd=tmp_path).returncode == 0
+    worker = subprocess.Popen([sys.executable, "-m", "durable_heap", "worker", str(app), *storage],
+                              cwd=tmp_path, env=subprocess_env({"PYTHONPATH": str(ROOT)}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wid, status = cli("call", str(app), "flow", "1", *storage, cwd=tmp_path).stdout.split()
+        assert status == "waiting"
+        app.write_text(app.read_text().replace('"v1:"', '"v2:"'))
+        assert cli("deploy", str(app), *storage, cwd=tmp_path).returncode == 0
+        time.sleep(2.5)  # the worker looks for a new deploy at each poll (1 s)
+        r = cli("call", str(app), "go", "1", "a", "--no-deploy", *storage, cwd=tmp_path)
+        assert r.stdout.strip() == "true", r.stderr
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            r = cli("call", str(app), "show", "--no-deploy", *storage, cwd=tmp_path)
+            if r.stdout.strip() != "[]":
+                break
+            time.sleep(0.3)
+        assert r.stdout.strip() == '["v2:a"]', (r.stdout, r.stderr)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
