@@ -412,3 +412,70 @@ def test_a_running_worker_adopts_a_new_deploy(tmp_path: Path, zeo_server: ZeoSer
         worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=30)
     assert worker.returncode == 0, err
+
+
+CONFLICTED = """
+import os, threading, time
+import durable_heap as dh
+
+SKEW = float(os.environ.get("SKEW", "0"))  # a later process: as if its lease ran out
+heap = dh.open(os.environ["TARGET"], clock=lambda: time.time() + SKEW)
+ATTEMPTS = []
+
+def conflicting():
+    heap.state.n += 1
+    if not ATTEMPTS:  # the first attempt: another client commits to n first, a conflict
+        ATTEMPTS.append(1)
+        other = dh.open(os.environ["TARGET"])
+        def bump():
+            with other.transaction() as s:
+                s.n += 100
+        t = threading.Thread(target=bump)
+        t.start()
+        t.join()
+    return heap.state.n
+
+def dies():
+    if os.environ.get("DIE"):
+        os._exit(0)  # the runner dies between two steps
+    heap.state.n += 1000
+
+step, last = heap.action(conflicting), heap.action(dies)
+
+@heap.workflow
+def flow():
+    step()
+    last()
+    return "finished"
+"""
+
+
+@pytest.mark.slow
+def test_a_runner_that_dies_after_a_retried_first_transaction_is_taken_over(
+        tmp_path: Path, zeo_server: ZeoServer) -> None:
+    """Issue 14 point 6 after a conflict: a workflow started outside a transaction whose
+    first transaction (its first step) conflicted and was retried, and whose runner then
+    died, is taken over after its lease. The retried attempt stored the record the first
+    attempt had filled: marked as listed "running" already, it was left out of the status
+    index's running set, where takeovers look, so it stayed running for ever."""
+    import subprocess
+    import sys
+
+    from durable_heap.testing import subprocess_env
+
+    from .conftest import ROOT
+
+    (tmp_path / "conflicted.py").write_text(CONFLICTED)
+
+    def script(source: str, **env: str) -> str:
+        r = subprocess.run([sys.executable, "-c", "from conflicted import *\n" + source], cwd=tmp_path,
+                           env=subprocess_env({"PYTHONPATH": f"{tmp_path}:{ROOT}", "TARGET": zeo_server.url,
+                                               **env}), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    script("with heap.transaction() as s:\n    s.n = 0\nflow.start(workflow_id='w')\n", DIE="1")
+    look = "h = heap.workflow_by_id('w')\nprint(h.status, h.info['stuck'], heap.run_due(), h.status)\n"
+    assert script(look + "print(h.result(timeout=10), heap.state.n)", SKEW="120").split() == [
+        "running", "True", "1", "done",  # stuck, then taken over
+        "finished", "1101"]  # each step once (the conflicted first attempt undone)
