@@ -225,10 +225,13 @@ class WorkflowRecord(Persistent):
 
 def _pristine(rec: WorkflowRecord) -> WorkflowRecord:
     """A fresh copy of the record that a start outside a transaction stores with its
-    first transaction, for each attempt at that transaction after the first. ZODB trap: an aborted
-    transaction takes back its changes to stored records, not to new ones: the record
-    a failed attempt was creating stays filled in memory (the journal entry of a step
-    whose changes were undone), and storing it then would replay that step as done."""
+    first transaction, for each attempt at that transaction after the first.
+
+    ZODB trap: an aborted transaction takes back its changes to stored records, not
+    to new ones. The record a failed attempt was creating stays filled in memory: the
+    journal entry of a step whose changes were undone (stored, the step would replay
+    as done, its effect lost), and its status index key (a conflict's retry would
+    leave it out of the running set, where takeovers look)."""
     return WorkflowRecord(rec.id, rec.function, rec.args, rec.kwargs, rec.created, rec.retention)
 
 
@@ -1062,11 +1065,9 @@ def _call_body_bound(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     try:  # a program's body
         result = _call_body_in(run, func, args, kwargs)
     except BaseException:
-        if not run.check:  # (a deploy's read-only replay refuses nothing of the kind)
-            _refuse_rebound(func)
+        _refuse_rebound(func, refuse=not run.check)  # (a deploy's read-only replay refuses nothing)
         raise
-    if not run.check:
-        _refuse_rebound(func)
+    _refuse_rebound(func, refuse=not run.check)
     return result
 
 
@@ -1268,18 +1269,20 @@ def _global_path(run: _Run, path: str) -> str:
     return path
 
 
-def _refuse_rebound(body: Callable[..., Any]) -> None:
+def _refuse_rebound(body: Callable[..., Any], *, refuse: bool = True) -> None:
     """Raise `_Rebound` if the program's workflow body `body` rebound a module global.
 
     Its globals are a `_StepScope`, read through ``__getitem__`` from the module, but
     STORE_GLOBAL writes into the dict itself: a rebinding lands there, is seen by no
-    one and saved nowhere. Emptied, so that the next run starts clean."""
+    one and saved nowhere. Emptied (also when not `refuse`), so that the next run
+    starts clean."""
     scope = body.__globals__
     if isinstance(scope, _StepScope) and len(scope) > 1:  # (its one own key: __builtins__)
         names = sorted(k for k in scope if k != "__builtins__")
         for k in names:
             del scope[k]
-        raise _Rebound(", ".join(names))
+        if refuse:
+            raise _Rebound(", ".join(names))
 
 
 def _settle_done(run: _Run, result: Any) -> None:
