@@ -644,6 +644,9 @@ class WorkflowMethods:
 
     def on(self, topic: str) -> Callable[[Callable[..., Any]], Any]:
         """Decorator: subscribe an action to `topic`; each `emit` reaches it once."""
+        if not isinstance(topic, str) or not topic:  # (the subscriptions tree is keyed by str)
+            raise WorkflowError(f"an event's topic is a non-empty str, not {topic!r}")
+
         def decorate(func: Callable[..., Any]) -> Any:
             action = func if hasattr(func, "invoke_in") else self.action(func)  # type: ignore[attr-defined]
             name = name_of(func, f"@heap.on({topic!r})")

@@ -1670,6 +1670,8 @@ def resolve(name: str, value: Any = None) -> bool:
     A resolve before the wait is kept. The waiting workflow's wake is queued in
     this transaction (its own outside one) and runs in a scheduler.
     """
+    if not isinstance(name, str) or not name:  # (as `Promise`: the promises tree is keyed by str)
+        raise WorkflowError(f"a promise is named by a non-empty str, not {name!r}")
     storable(f"the value resolving the promise {name!r}", (value,))
     run = _current.get()
     heap = run.heap if run is not None else _engine.active_heap()
@@ -1805,6 +1807,8 @@ def emit(topic: str, payload: Any = None) -> int:
     One delivery per subscriber is written in this transaction (its own outside
     one); the subscribers run in a scheduler.
     """
+    if not isinstance(topic, str) or not topic:  # (as `on`: the subscriptions tree is keyed by str)
+        raise WorkflowError(f"an event's topic is a non-empty str, not {topic!r}")
     storable(f"the payload of the event {topic!r}", (payload,))
     run = _current.get()
     heap = run.heap if run is not None else _engine.active_heap()

@@ -479,3 +479,19 @@ def test_a_runner_that_dies_after_a_retried_first_transaction_is_taken_over(
     assert script(look + "print(h.result(timeout=10), heap.state.n)", SKEW="120").split() == [
         "running", "True", "1", "done",  # stuck, then taken over
         "finished", "1101"]  # each step once (the conflicted first attempt undone)
+
+
+def test_resolve_and_emit_refuse_a_name_that_is_not_a_str(tmp_path: Path) -> None:
+    """As `promise(123)` does (they raised the promises tree's bare "'<' not supported
+    between instances of 'str' and 'int'" once it held a str-named promise; `on` the same
+    once a str topic had subscribers; `emit` nothing)."""
+    import durable_heap as dh
+
+    with dh.open(tmp_path / "n.fs") as heap:
+        assert dh.resolve("a", 1) is True
+        with pytest.raises(dh.WorkflowError, match="a promise is named by a non-empty str, not 123"):
+            dh.resolve(123, 1)
+        with pytest.raises(dh.WorkflowError, match="an event's topic is a non-empty str, not 5"):
+            dh.emit(5, 1)
+        with pytest.raises(dh.WorkflowError, match="an event's topic is a non-empty str, not 5"):
+            heap.on(5)
