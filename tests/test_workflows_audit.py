@@ -495,3 +495,31 @@ def test_resolve_and_emit_refuse_a_name_that_is_not_a_str(tmp_path: Path) -> Non
             dh.emit(5, 1)
         with pytest.raises(dh.WorkflowError, match="an event's topic is a non-empty str, not 5"):
             heap.on(5)
+
+
+def _one() -> int:
+    return 1
+
+
+def test_a_heaps_retention_drops_finished_journals_after_it(tmp_path: Path) -> None:
+    """docs/workflows.md, Growth is bounded: `dh.open(target, retention=seconds)` (the
+    per-workflow `retention=` had a test, the heap's none)."""
+    import durable_heap as dh
+    from durable_heap.testing import Clock
+
+    clock = Clock()
+    with dh.open(tmp_path / "ret.fs", clock=clock, retention=60) as heap:
+        one = heap.action(_one)
+
+        @heap.workflow
+        def flow() -> int:
+            return int(one())
+
+        h = flow()
+        assert len(h.info["journal"]) == 1
+        clock.advance(59)
+        heap.run_due()
+        assert len(h.info["journal"]) == 1  # within its retention
+        clock.advance(2)
+        assert heap.run_due() == 1
+        assert h.info["journal"] == [] and h.info["steps"] == 1 and h.result() == 1
