@@ -590,6 +590,8 @@ def _print(r: dict[str, Any]) -> None:
                   f"{f'{ratio:.2f}x' if ratio else '-'} |")
         if "dbos" in s:
             print(f"DBOS start-up {s['dbos']['startup_s']:.2f} s, RSS {s['dbos']['rss_mb']:.0f} MB")
+        else:
+            print("DBOS: not installed, not measured (pip install -e '.[bench]' for the side by side)")
     if "wake" in r:
         for k, v in r["wake"].items():
             print(f"wake ({k}): p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms over {v['n']} "

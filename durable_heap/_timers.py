@@ -80,6 +80,7 @@ from ._workflows import (
     name_of,
     reindex,
     starting,
+    storable,
 )
 from ._zeo import trusting_pushed
 
@@ -118,6 +119,7 @@ def _invoke_at(heap: Any, func: Callable[..., Any], when: datetime.datetime | fl
     meaning UTC, or a timestamp)."""
     name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.invoke_at")
     _warn_if_main(name, "a timer")
+    storable(f"the arguments of the timer for {name[1]}", args, kwargs)
     deadline = _timestamp(when)
     seq = _seq()
 
@@ -135,6 +137,7 @@ def _cron_of(heap: Any, func: Callable[..., Any], spec: str, /, *args: Any, tz: 
     name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.cron")
     _warn_if_main(name, "a cron")
     _cron.check(spec, tz, missed)
+    storable(f"the arguments of the cron for {name[1]}", args, kwargs)
     cid = id or f"{name[0]}.{name[1]} {spec} {call_note('', args, kwargs)}" + (f" {tz}" if tz else "")
     entry = CronEntry(name, spec, args, kwargs, tz, missed)
 
@@ -641,6 +644,9 @@ class WorkflowMethods:
 
     def on(self, topic: str) -> Callable[[Callable[..., Any]], Any]:
         """Decorator: subscribe an action to `topic`; each `emit` reaches it once."""
+        if not isinstance(topic, str) or not topic:  # (the subscriptions tree is keyed by str)
+            raise WorkflowError(f"an event's topic is a non-empty str, not {topic!r}")
+
         def decorate(func: Callable[..., Any]) -> Any:
             action = func if hasattr(func, "invoke_in") else self.action(func)  # type: ignore[attr-defined]
             name = name_of(func, f"@heap.on({topic!r})")

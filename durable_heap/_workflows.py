@@ -42,6 +42,7 @@ import datetime
 import functools
 import importlib
 import inspect
+import io
 import logging
 import marshal
 import operator
@@ -73,7 +74,9 @@ from ._errors import (
     WorkflowError,
 )
 from ._format import FORMAT_KEY, JOURNAL_FORMAT, WORKFLOW_KEYS
+from ._kinds import ATOMIC as _ATOMIC
 from ._retry import call_note
+from ._snapshot import _NotingPickler
 
 __all__ = [
     "CronEntry",
@@ -218,6 +221,18 @@ class WorkflowRecord(Persistent):
     #: Steps last replayed with other arguments than their journal entry's: number (from
     #: 0) -> the call as replayed. A class default: records written before it lack it.
     replayed: dict[int, str] | None = None
+
+
+def _pristine(rec: WorkflowRecord) -> WorkflowRecord:
+    """A fresh copy of the record that a start outside a transaction stores with its
+    first transaction, for each attempt at that transaction after the first.
+
+    ZODB trap: an aborted transaction takes back its changes to stored records, not
+    to new ones. The record a failed attempt was creating stays filled in memory: the
+    journal entry of a step whose changes were undone (stored, the step would replay
+    as done, its effect lost), and its status index key (a conflict's retry would
+    leave it out of the running set, where takeovers look)."""
+    return WorkflowRecord(rec.id, rec.function, rec.args, rec.kwargs, rec.created, rec.retention)
 
 
 class JournalEntry:
@@ -551,6 +566,7 @@ class _Run:
         self.cursor = 0  # the next entry replay reads
         self.claim = claim  # the timer that woke it: removed by its first transaction
         self.create = create  # a record to store at the first transaction (a start outside one)
+        self.created = False  # whether an attempt at that transaction stored `create` already
         self.check = check  # a deploy's read-only replay: stop at the first new thing
         # Promises seen resolved (name -> value) where the run's journal was read: a
         # resolved promise stays so, so `Promise.wait` needs no transaction of its own.
@@ -630,7 +646,9 @@ class _Run:
         if self.create is not None:
             if rec is not None:
                 raise _Abandon  # started with the same id meanwhile, elsewhere
-            rec = wfs[self.wid] = self.create
+            # (the first attempt stores `create` itself; a later one a fresh copy: `_pristine`)
+            rec = wfs[self.wid] = self.create if not self.created else _pristine(self.create)
+            self.created = True
         elif rec is None or rec.status in _ENDED or (
                 rec.journal.maxKey() + 1 if rec.journal else rec.length) != self.committed:  # journal_length
             raise _Abandon
@@ -728,8 +746,12 @@ class _Run:
         try:
             value = self.transact(work, f"workflow {self.wid} step {number}: {detail}", appended=1)
         except Exception as exc:
-            if not failure or failure[-1] is not exc:
-                raise  # the commit failed, not the step: nothing was journaled
+            if not failure or failure[-1] is not exc:  # the commit failed, not the step: nothing journaled
+                what = f"the result of step {number} ({detail})"
+                error = _unstorable(what, made[-1][3], exc) if made else None
+                if error is None or isinstance(exc, DurableHeapError):
+                    raise
+                raise error from None
             self._journal_error(name, detail, number, exc)
             raise
         self.entries.append(JournalEntry(*made[-1]))
@@ -1038,6 +1060,18 @@ def _call_body(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def _call_body_bound(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     func = _program_body(run.func.func)
+    if func is run.func.func:
+        return _call_body_in(run, func, args, kwargs)
+    try:  # a program's body
+        result = _call_body_in(run, func, args, kwargs)
+    except BaseException:
+        _refuse_rebound(func, refuse=not run.check)  # (a deploy's read-only replay refuses nothing)
+        raise
+    _refuse_rebound(func, refuse=not run.check)
+    return result
+
+
+def _call_body_in(run: _Run, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not run.is_async:
         return func(*args, **kwargs)
     if _engine._running_task() is None:
@@ -1100,7 +1134,12 @@ async def _aexecute(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         with run.heap.activate():
             try:
                 with _bound(run.heap, getattr(run.func.func, "__module__", None) or "", False):
-                    result = await _program_body(run.func.func)(*args, **kwargs)
+                    body = _program_body(run.func.func)
+                    try:
+                        result = await body(*args, **kwargs)
+                    finally:
+                        if body is not run.func.func:
+                            _refuse_rebound(body)
             except BaseException as exc:  # noqa: BLE001 - sorted out by _settle (re-raised there)
                 _settle(run, exc)
                 return
@@ -1196,10 +1235,13 @@ def _settle(run: _Run, exc: BaseException) -> None:
         return
     if isinstance(exc, (ConflictError, StorageError)):
         raise exc  # the heap's trouble, not the workflow's: it stays running, its lease brings it back
-    if isinstance(exc, NoTransactionError):
-        path = str(exc).split(" was changed", 1)[0]
+    if isinstance(exc, (NoTransactionError, _Rebound)):
+        if isinstance(exc, _Rebound):
+            changed = f"rebound the durable global {exc.args[0]}"
+        else:
+            changed = "changed " + _global_path(run, str(exc).split(" was changed", 1)[0])
         msg = (
-            f"the workflow {run.func.label} changed {path} in its body, outside a step: a "
+            f"the workflow {run.func.label} {changed} in its body, outside a step: a "
             "change there would be made again at every replay. Move it into an action "
             "(@heap.action) that the workflow calls: each call is a step, run once."
         )
@@ -1211,14 +1253,105 @@ def _settle(run: _Run, exc: BaseException) -> None:
     raise exc
 
 
+class _Rebound(Exception):  # noqa: N818 - internal: becomes the workflow's WorkflowError
+    """A program's workflow body rebound a module global (``global count; count = 1``)."""
+
+
+def _global_path(run: _Run, path: str) -> str:
+    """`path` (a changed object's, from `NoTransactionError`) named by the program's
+    durable global it is under: the globals' own record is not reachable from state,
+    so its path reads ``<Dict oid 0x7>['hits']``."""
+    if path.startswith("<") and "]" in path and "['" in path:
+        name = path.partition("['")[2].partition("']")[0]
+        module = sys.modules.get(getattr(run.func.func, "__module__", ""))
+        if name and module is not None and name in module.__dict__:
+            return f"the durable global {name}{path.partition(']')[2]}"
+    return path
+
+
+def _refuse_rebound(body: Callable[..., Any], *, refuse: bool = True) -> None:
+    """Raise `_Rebound` if the program's workflow body `body` rebound a module global.
+
+    Its globals are a `_StepScope`, read through ``__getitem__`` from the module, but
+    STORE_GLOBAL writes into the dict itself: a rebinding lands there, is seen by no
+    one and saved nowhere. Emptied (also when not `refuse`), so that the next run
+    starts clean."""
+    scope = body.__globals__
+    if isinstance(scope, _StepScope) and len(scope) > 1:  # (its one own key: __builtins__)
+        names = sorted(k for k in scope if k != "__builtins__")
+        for k in names:
+            del scope[k]
+        if refuse:
+            raise _Rebound(", ".join(names))
+
+
 def _settle_done(run: _Run, result: Any) -> None:
     try:
         run.finish("done", result)
     except (_Abandon, _Suspend):
         return
-    except DurableHeapError as exc:  # its result cannot be stored
-        run.create = None
-        run.finish("failed", error=_pack_error(exc))
+    except Exception as exc:  # noqa: BLE001 - re-raised unless its result cannot be stored
+        error = _unstorable(f"the result of the workflow {run.func.label}", result, exc)
+        if error is None:
+            raise
+        # (`run.create` is kept: a start outside a transaction whose first transaction was
+        # this one stored nothing, and the failed record is created here instead.)
+        run.finish("failed", error=_pack_error(error))
+
+
+def _unstorable(what: str, result: Any, exc: Exception) -> Exception | None:
+    """The error for a commit that failed with `exc` because `result` (`what`: a
+    workflow's or a step's result) cannot be stored, or None when the result is not what
+    failed. ZODB trap: the record is pickled at commit, and a value that does not pickle
+    fails there with pickle's bare TypeError or PicklingError (no `NotPersistableError`:
+    the library's records are not watched)."""
+    if isinstance(exc, DurableHeapError):
+        return exc
+    from ._kinds import BadValue
+    from ._storable import public_error, refuse_or_accept
+
+    try:
+        refuse_or_accept(result)
+    except BadValue as bad:
+        return public_error(bad, None, base=what)
+    except Exception:  # noqa: BLE001 - the search failed: then the commit's own error is the one
+        return None
+    return None
+
+
+def storable(what: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+    """Refuse at the call a value that cannot be stored (`NotPersistableError` naming
+    `what` it was given to). ZODB trap: the record holding it is pickled only at
+    commit, where a lambda fails with pickle's bare TypeError, naming nothing; inside
+    a caller's transaction, in the caller's commit. Plain atoms pass at once; other
+    values are trial-pickled as the heap's snapshots are, durable objects as references
+    (nothing of theirs is touched)."""
+    values = [v for v in (chain(args, kwargs.values()) if kwargs else args) if type(v) not in _ATOMIC]
+    if not values:
+        return
+    try:
+        _TrialPickler(io.BytesIO(), protocol=3).dump(values)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is the caller's value
+        from ._errors import NotPersistableError
+        from ._kinds import BadValue
+        from ._storable import public_error, refuse_or_accept
+
+        for value in values:
+            try:
+                refuse_or_accept(value)  # names the part that fails (`[0]['cb']`)
+            except BadValue as bad:
+                raise public_error(bad, None, base=what) from None
+            except Exception:  # noqa: BLE001,S110 - then the trial's own error says it
+                pass
+        raise NotPersistableError(what, values[0], f"pickling failed: {exc}") from None
+
+
+class _TrialPickler(_NotingPickler):
+    """`storable`'s pickler: the heap's snapshot pickling, with durable objects
+    as bare references (no promotion of inline values, no adoption)."""
+
+    def persistent_id(self, obj: Any) -> Any:  # noqa: D102 - pickle protocol
+        return 1 if isinstance(obj, Persistent) and not isinstance(obj, type) else None
 
 
 def _known(conn: Any, rec: WorkflowRecord) -> tuple[Any, ...]:
@@ -1332,6 +1465,7 @@ class WorkflowFunction:
                 f"{self.label} was started in the body of the workflow {run.wid}: start it "
                 "from an action that the workflow calls (a step), so that it starts once"
             )
+        storable(f"the arguments of the workflow {self.label}", args, kwargs)
         wid = workflow_id or _uuid.uuid4().hex
         retention = self.retention if self.retention is not None else float(heap.retention)
         now = _clock(heap)
@@ -1536,6 +1670,9 @@ def resolve(name: str, value: Any = None) -> bool:
     A resolve before the wait is kept. The waiting workflow's wake is queued in
     this transaction (its own outside one) and runs in a scheduler.
     """
+    if not isinstance(name, str) or not name:  # (as `Promise`: the promises tree is keyed by str)
+        raise WorkflowError(f"a promise is named by a non-empty str, not {name!r}")
+    storable(f"the value resolving the promise {name!r}", (value,))
     run = _current.get()
     heap = run.heap if run is not None else _engine.active_heap()
 
@@ -1670,6 +1807,9 @@ def emit(topic: str, payload: Any = None) -> int:
     One delivery per subscriber is written in this transaction (its own outside
     one); the subscribers run in a scheduler.
     """
+    if not isinstance(topic, str) or not topic:  # (as `on`: the subscriptions tree is keyed by str)
+        raise WorkflowError(f"an event's topic is a non-empty str, not {topic!r}")
+    storable(f"the payload of the event {topic!r}", (payload,))
     run = _current.get()
     heap = run.heap if run is not None else _engine.active_heap()
 
@@ -1916,6 +2056,8 @@ def summaries(heap: Any, status: str | None = None) -> list[dict[str, Any]]:
                     "status": rec.status, "since": _utc(rec.since),
                     "stuck": rec.status == "running" and last_seen(rec) + heap.lease < now,
                     "waiting_on": _waiting(rec.waiting),
+                    # what the listing prints for a blocked or failed one
+                    "reason": rec.reason, "error": _describe(rec.error),
                 })
         return out
     return _txn(heap, read, "durable_heap: list workflows")  # type: ignore[no-any-return]

@@ -727,7 +727,8 @@ def _workflow_commands(command: Any) -> None:
     command("run-due", "run the program's due timers, wakes and events once; print how many ran")
     wf = command("workflows", "list the program's workflows: status, what each waits on, since when")
     wf.add_argument("--id", help="show one workflow in full, with its journal")
-    wf.add_argument("--status", help="only workflows of this status")
+    wf.add_argument("--status", help="only workflows of this status",  # _workflows.STATUSES
+                    choices=("running", "waiting", "done", "failed", "blocked", "cancelled"))
     wf.add_argument("--cancel", metavar="ID", help="cancel the workflow ID")
     wf.add_argument("--retry", metavar="ID", help="run the blocked or failed workflow ID again")
     t = command("timers", "list the heap's pending timers and dead letters")
