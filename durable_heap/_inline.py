@@ -325,7 +325,7 @@ def bulk_raw(source: dict[Any, Any], holder: Any) -> list[tuple[Any, Any]] | Non
     writes exactly these types and reads them back as new objects.
     """
     local = per_thread
-    if local.no_inline or local.memo is not None:
+    if local.no_inline:
         return None
     values = list(source.values())
     if not values or max(map(len, values)) > INLINE_ITEMS:
@@ -342,9 +342,27 @@ def bulk_raw(source: dict[Any, Any], holder: Any) -> list[tuple[Any, Any]] | Non
                 or not set(map(type, chain.from_iterable(lists))) <= _SCALARS
                 or len(set(map(id, lists))) != len(lists)):  # one list held twice: one by one
             return None
+    else:
+        lists = []
     blobs = list(map(marshal.dumps, values))
     if max(map(len, blobs)) > INLINE_BYTES:
         return None
+    memo = local.memo
+    if memo is not None:
+        # Inside one outermost stored_form (``state.users = {...}``): as in `_raw_copy`,
+        # a container met again must stay one object. A value held twice here, or
+        # converted already: item by item (which keeps it one record). Met again
+        # later: stored_form starts over without inline copies (`SharedInline`).
+        copied = dict(zip(map(id, values), values, strict=True))
+        copied.update(zip(map(id, lists), lists, strict=True))
+        if len(copied) != len(values) + len(lists) or not memo.keys().isdisjoint(copied):
+            return None
+        inlined = local.inlined
+        if inlined is None:
+            inlined = local.inlined = {}
+        elif not inlined.keys().isdisjoint(copied):
+            raise SharedInline
+        inlined.update(copied)  # keeps the values (and so the ids) alive
     _stored_into(holder)
     with gc_paused():
         return list(zip(source, map(marshal.loads, blobs), strict=True))
