@@ -42,7 +42,8 @@ CASES: list[tuple[str, Setup, Change, bool]] = [
      lambda s, t: s.x.__delitem__(t * 50), True),
     ("big Dict: removing neighbouring keys", lambda s: setattr(s, "x", dict.fromkeys(range(100), 0)),
      lambda s, t: s.x.__delitem__(t + 10), True),
-    ("big Dict: removing the first entry of a bucket", lambda s: setattr(s, "x", dict.fromkeys(range(100), 0)),
+    ("big Dict: removing the first entry of a bucket",
+     lambda s: setattr(s, "x", dict.fromkeys(range(100), 0)),
      lambda s, t: s.x.__delitem__(t), False),  # BTrees' merge refuses a bucket's first key gone
     ("big Set: different new members", lambda s: setattr(s, "x", set(range(100))),
      lambda s, t: s.x.add(f"new{t}"), False),
