@@ -637,6 +637,7 @@ def _replace_state(state: Any, value: Any) -> None:
 def _import_staged(heap: Any, steps: list[Step], source: _Source, first: list[Any], replace: bool,
                    name: str, batch: int, stops: _Interrupts) -> ImportReport:
     from ._containers import Dict, List
+    from ._inline import moved
     from ._jsonform import Decoder
 
     shown = _show(steps)
@@ -672,9 +673,11 @@ def _import_staged(heap: Any, steps: list[Step], source: _Source, first: list[An
                     if replace:
                         _put(state, steps, source.shape, staged, True)
                     elif source.shape == "pairs":
-                        _put(state, steps, "pairs", staged.items(), False)
+                        # Inline values as their raw plain values: copied inline into the
+                        # target, not promoted to records (the staged container goes).
+                        _put(state, steps, "pairs", [(k, moved(v)) for k, v in staged.items()], False)
                     else:
-                        _put(state, steps, "items", staged, False)
+                        _put(state, steps, "items", list(map(moved, staged)), False)
                     root = heap.connection.root()
                     del root[IMPORTS_KEY][import_id]
                     if not root[IMPORTS_KEY]:

@@ -118,7 +118,7 @@ class Link:
     the id is not reused meanwhile).
     """
 
-    __slots__ = ("parent", "key", "raw", "depth", "views")
+    __slots__ = ("parent", "key", "raw", "depth", "views", "prune_at")
 
     def __init__(self, parent: Any = None, key: Any = None, raw: Any = None, depth: int = 0) -> None:
         self.parent = parent
@@ -126,6 +126,9 @@ class Link:
         self.raw = raw
         self.depth = depth
         self.views: dict[int, Any] | None = None
+        #: `views` is pruned when it reaches this size: CACHE_MAX, or twice what a
+        #: prune kept (views still in use), so that keeping many costs O(1) each.
+        self.prune_at = CACHE_MAX
 
 
 def _link(obj: Any) -> Link | None:
@@ -142,6 +145,16 @@ def is_view(obj: Any) -> bool:
     """Whether `obj` is a container in inline mode (a view of a raw value)."""
     link = _link(obj)
     return link is not None and link.parent is not None
+
+
+def moved(obj: Any) -> Any:
+    """What to store for `obj` taken out of a holder that goes in the same transaction
+    (``durable-heap import``'s staged container): a view's raw value, a plain dict or
+    list that is copied inline again where it is stored (stored as the view, it would
+    become a record of its own, as a value stored into a second place does); anything
+    else as it is."""
+    link = _link(obj)
+    return link.raw if link is not None and link.parent is not None else obj
 
 
 def _depth(holder: Any) -> int:
@@ -325,7 +338,7 @@ def bulk_raw(source: dict[Any, Any], holder: Any) -> list[tuple[Any, Any]] | Non
     writes exactly these types and reads them back as new objects.
     """
     local = per_thread
-    if local.no_inline or local.memo is not None:
+    if local.no_inline:
         return None
     values = list(source.values())
     if not values or max(map(len, values)) > INLINE_ITEMS:
@@ -342,9 +355,27 @@ def bulk_raw(source: dict[Any, Any], holder: Any) -> list[tuple[Any, Any]] | Non
                 or not set(map(type, chain.from_iterable(lists))) <= _SCALARS
                 or len(set(map(id, lists))) != len(lists)):  # one list held twice: one by one
             return None
+    else:
+        lists = []
     blobs = list(map(marshal.dumps, values))
     if max(map(len, blobs)) > INLINE_BYTES:
         return None
+    memo = local.memo
+    if memo is not None:
+        # Inside one outermost stored_form (``state.users = {...}``): as in `_raw_copy`,
+        # a container met again must stay one object. A value held twice here, or
+        # converted already: item by item (which keeps it one record). Met again
+        # later: stored_form starts over without inline copies (`SharedInline`).
+        copied = dict(zip(map(id, values), values, strict=True))
+        copied.update(zip(map(id, lists), lists, strict=True))
+        if len(copied) != len(values) + len(lists) or not memo.keys().isdisjoint(copied):
+            return None
+        inlined = local.inlined
+        if inlined is None:
+            inlined = local.inlined = {}
+        elif not inlined.keys().isdisjoint(copied):
+            raise SharedInline
+        inlined.update(copied)  # keeps the values (and so the ids) alive
     _stored_into(holder)
     with gc_paused():
         return list(zip(source, map(marshal.loads, blobs), strict=True))
@@ -439,8 +470,9 @@ def view(holder: Any, raw: Any, key: Any) -> Any:
         found = views.get(id(raw))
         if found is not None:
             return found
-        if len(views) >= CACHE_MAX:
+        if len(views) >= link.prune_at:
             _prune(views)
+            link.prune_at = max(CACHE_MAX, 2 * len(views))
     depth = link.depth + 1 if link.parent is not None else 1
     made = MAKERS[type(raw)](raw, Link(holder, key, raw, depth))
     views[id(raw)] = made
@@ -451,10 +483,14 @@ def _prune(views: dict[int, Any]) -> None:
     """Drop the views only the cache holds: nobody can compare them any more.
 
     Trap: ``sys.getrefcount`` is CPython's (the only interpreter durable_heap
-    supports, see `_watch`): the dict's reference, the loop's and the argument.
+    supports, see `_watch`): here the dict's reference and the argument's. Not over
+    ``views.items()``: its iterator keeps the (key, view) tuple it reuses, one more
+    reference, so no view was ever found unused (the cache grew without bound, and
+    from CACHE_MAX on each new view scanned all of them).
     """
-    for k in [k for k, v in views.items() if sys.getrefcount(v) <= 3]:
-        del views[k]
+    for k in list(views):
+        if sys.getrefcount(views[k]) <= 2:
+            del views[k]
 
 
 def taken(holder: Any, raw: Any) -> Any:
