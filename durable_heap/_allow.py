@@ -69,7 +69,7 @@ from ZODB.POSException import ConflictError
 
 from ._errors import ClassNotAllowedError
 from ._fastpickle import PLAIN_ATOMS as _PLAIN_ATOMS
-from ._fastpickle import speed_up
+from ._fastpickle import BufferedObjectReader, speed_up
 from ._format import INLINE_CLASSES, STORED_CLASSES
 from ._zones import ZONE_CLASS
 from ._zones import ensure as ensure_zones
@@ -1178,6 +1178,12 @@ class Connection(ZODB.Connection.Connection):
             if refusal is None:
                 raise
             raise _located(refusal, obj._p_oid) from None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # PROTECTED: ZODB's Connection makes its ObjectReader here (``_reader``): the
+        # same, reading records through a buffered stream (`_fastpickle`).
+        self._reader.__class__ = BufferedObjectReader
 
     def _store_objects(self, writer: Any, transaction: Any) -> None:
         # PROTECTED: ZODB's Connection stores every record of a commit (or a

@@ -158,7 +158,8 @@ class Service:
         self._closed = False
         self.workflows = _Workflows(self)
         #: (the loaded module, its functions' signatures by name): see `_signature`.
-        self._signatures: tuple[types.ModuleType | None, dict[str, inspect.Signature]] = (None, {})
+        self._signatures: tuple[types.ModuleType | None,
+                                dict[str, tuple[inspect.Signature, int]]] = (None, {})
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -414,7 +415,9 @@ class Service:
             self._bind(current, name, args, kwargs)
 
     def _bind(self, module: types.ModuleType, name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
-        signature = self._signature(module, name)
+        signature, arity = self._signature(module, name)
+        if len(args) == arity and not kwargs:
+            return  # as many positional arguments as it has parameters, none with a default
         try:
             signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -422,8 +425,10 @@ class Service:
                                  f"{name}{signature}: "
                                  f"{exc}; nothing was run")) from None
 
-    def _signature(self, module: types.ModuleType, name: str) -> inspect.Signature:
-        """The signature of the program's public function `name`, cached per loaded module.
+    def _signature(self, module: types.ModuleType, name: str) -> tuple[inspect.Signature, int]:
+        """The signature of the program's public function `name`, cached per loaded module,
+        with its arity: the number of its parameters if each is a plain positional one
+        without a default (exactly that many positional arguments bind), else -1.
 
         `public_functions` and `inspect.signature` took about a tenth of serve's
         own CPU per request; a deploy (or a rollback, or another process's deploy)
@@ -441,7 +446,10 @@ class Service:
                 listed = ", ".join(sorted(public_functions(module))) or "none"
                 raise FunctionNotFoundError(
                     f"{self.program.name} has no function {name!r} (its functions: {listed})")
-            signature = cache[1][name] = inspect.signature(func)
+            sig = inspect.signature(func)
+            plain = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+                        for p in sig.parameters.values())
+            signature = cache[1][name] = (sig, len(sig.parameters) if plain else -1)
         return signature
 
     # -- endpoint(request) -------------------------------------------------------------------

@@ -635,14 +635,6 @@ _NOT_DATA = (types.ModuleType, type, type(state), HeapEngine)
 _MISSING = object()  # a marker nothing stores
 
 
-def _data_globals(module: types.ModuleType) -> Iterator[tuple[str, Any]]:
-    """The module's data globals: not dunders, functions, classes or modules."""
-    for name, value in list(vars(module).items()):
-        if name.startswith("__") or isinstance(value, _NOT_DATA) or callable(value):
-            continue
-        yield name, value
-
-
 def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: HeapEngine) -> None:
     """Store the data globals that differ from `durable`, binding the module to the
     stored twins: after a deploy's top level (all of them), after a call (those it
@@ -654,9 +646,13 @@ def _save_globals(module: types.ModuleType, durable: Dict, conn: Any, heap: Heap
     """
     held: set[int] | None = None
     names = set()
-    for name, value in _data_globals(module):
+    get = durable.get
+    # The data globals: not dunders, functions, classes or modules (after every call).
+    for name, value in list(vars(module).items()):
+        if name.startswith("__") or isinstance(value, _NOT_DATA) or callable(value):
+            continue
         names.add(name)
-        stored = durable.get(name, _MISSING)
+        stored = get(name, _MISSING)
         if stored is value or (
             is_atomic(value) and type(stored) is type(value) and stored == value
         ):
@@ -781,13 +777,16 @@ class Program:
         # Before its version is loaded, a function's redact marks are unknown: the note
         # hides every argument until the transaction names the function (_in_transaction).
         module = self._module
-        note = (call_note(function, args, kwargs, getattr(module, function, None)) if module is not None
+        # The function the note was made for (None: its marks unknown, every argument
+        # hidden): `_in_transaction` makes the note again only for another function.
+        noted = getattr(module, function, None) if module is not None else None
+        note = (call_note(function, args, kwargs, noted) if module is not None
                 else hidden_note(function, args, kwargs))
         run = self.heap._run
         with _modules.calling():
             try:
-                return run(self._in_transaction, (function, args, kwargs, then, False), {}, note,
-                           attempts or self.heap.max_attempts)
+                return run(self._in_transaction, (function, args, kwargs, then, False, noted, note), {},
+                           note, attempts or self.heap.max_attempts)
             except _MustReload:
                 if self.heap.in_transaction:
                     raise ProgramError(
@@ -797,22 +796,29 @@ class Program:
                     ) from None
         # A new version to load (or the first call): with no other call in flight.
         with _modules.swapping():
-            return run(self._in_transaction, (function, args, kwargs, then, True), {}, note,
-                       attempts or self.heap.max_attempts)
+            return run(self._in_transaction, (function, args, kwargs, then, True, noted, note), {},
+                       note, attempts or self.heap.max_attempts)
 
     # -- running the current version ------------------------------------------------------
 
     def _in_transaction(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                        then: Callable[[Any], Any] | None, may_swap: bool) -> Any:
-        loaded_here = self._ensure(may_swap)
+                        then: Callable[[Any], Any] | None, may_swap: bool,
+                        noted: Any = None, note: str | None = None) -> Any:
+        loaded_here, rec = self._ensure_record(may_swap)
         try:
             module = self._module
             assert module is not None
             func = _function(module, function)
-            # The note as the function's `redact` marks say, now that it is known.
-            self.heap.transaction_manager.get().description = call_note(function, args, kwargs, func)
+            # The note as the function's `redact` marks say, now that it is known: `_call`
+            # made it already for `noted` (the same function unless a version was loaded
+            # since); set again when nested, where the outer transaction's note was in force.
+            txn = self.heap.transaction_manager.get()
+            if func is not noted or note is None:
+                txn.description = call_note(function, args, kwargs, func)
+            elif txn.description != note:
+                txn.description = note
             conn = self.heap.connection
-            durable = self._globals(conn)
+            durable = rec.globals.get(self._loaded[0])
             # Module globals are process-wide but bound to this thread's objects:
             # a program with durable globals runs one call at a time.
             lock = self._globals_lock if durable is not None and len(durable) else contextlib.nullcontext()
@@ -835,10 +841,6 @@ class Program:
                 self._module = None  # its top level's changes are rolled back: run it again
             raise
 
-    def _globals(self, conn: Any) -> Dict | None:
-        rec = _record(conn, self.name)
-        return rec.globals.get(self._loaded[0]) if rec is not None else None
-
     def _loaded_is(self, number: int, source_hash: str) -> bool:
         return (
             self._module is not None
@@ -852,12 +854,16 @@ class Program:
         Loading swaps modules: without `may_swap` (the caller holds
         `_modules.swapping()`), raise `_MustReload`.
         """
+        return self._ensure_record(may_swap)[0]
+
+    def _ensure_record(self, may_swap: bool) -> tuple[bool, _ProgramRecord]:
+        """`_ensure`, and the program's record it read (a call reads its globals from it)."""
         heap = self.heap
         rec = _existing(heap.connection, self.name, heap)
         number = rec.current
         version = rec.versions[number]
         if self._loaded_is(number, version.source_hash):
-            return False
+            return False, rec
         if not may_swap:
             raise _MustReload
         compiled = compile_source(version.source(self.name))
@@ -873,7 +879,9 @@ class Program:
                 f"{self.name} version {number} raised at load: {where(exc, files)}"
             ) from exc
         self._loaded = (number, version.source_hash)
-        return True
+        # Read again: the swap reset the connection's caches (`_swapped_in`), so the
+        # record read above is no longer the one this connection holds.
+        return True, _existing(heap.connection, self.name, heap)
 
     def deploy_if_changed(self) -> Version | None:
         """Deploy the program file if it changed since it was last deployed from."""

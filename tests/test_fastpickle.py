@@ -241,3 +241,29 @@ def test_a_step_calls_zodbs_persistent_id_a_few_times(tmp_path: Path,
         journal = wf.info["journal"]
         assert [e["detail"].rpartition(".")[2] for e in journal] == [f"put({i})" for i in range(8)]
         assert heap.state.box["k"] == 7
+
+
+def test_records_load_through_a_buffered_stream_into_the_same_objects(tmp_path: Path) -> None:
+    """Every connection of a heap reads records through `BufferedObjectReader` (a stream
+    with ``peek``, so the C unpickler reads from memory, not one ``read()`` per opcode),
+    and each record loads into what ZODB's own reader makes of it. Fails without the
+    reader (the connection's reader is ZODB's ObjectReader)."""
+    from durable_heap._fastpickle import BufferedObjectReader
+
+    path = tmp_path / "app.fs"
+    with dh.open(path) as heap, heap.transaction() as state:
+        state.d = {f"k{i}": (i, f"v{i}", [i]) for i in range(500)}
+        state.p = Point(1, 2)
+    with dh.open(path) as heap:
+        with heap.transaction() as state:
+            reader = heap.connection._reader
+            assert type(reader) is BufferedObjectReader
+            assert [state.d[f"k{i}"] for i in (0, 250, 499)] == [(0, "v0", [0]), (250, "v250", [250]),
+                                                                  (499, "v499", [499])]
+            assert (state.p.x, state.p.y) == (1, 2)
+            conn = heap.connection
+            zodbs = ZODB.serialize.ObjectReader(conn, conn._cache, conn._db.classFactory)
+            for bucket in _buckets(state):
+                record = conn._storage.load(bucket._p_oid)[0]
+                assert reader.getClassName(record) == zodbs.getClassName(record)
+                assert reader.getState(record) == zodbs.getState(record)

@@ -92,6 +92,60 @@ def test_the_threads_of_one_client_share_fsyncs_and_keep_exact_totals(tmp_path: 
             heap.close()
 
 
+def test_the_threads_of_one_client_share_server_sync_round_trips(tmp_path: Path) -> None:
+    """One thread's server_sync ping is held before it is sent; meanwhile another client
+    commits (acknowledged), then 7 more threads of the first client begin: all 7 ride one
+    ping sent after them (2 pings for 8 begins), and each sees the commit acknowledged
+    before it began. Fails without the shared ping (8 pings, one per begin)."""
+    from durable_heap.testing import ZeoServer
+
+    path = tmp_path / "server" / "app.fs"
+    path.parent.mkdir()
+    _make(path, n=10)
+    server = ZeoServer(path, address=str(tmp_path / "zeo.sock"))
+    url = server.start()
+    heap, other = dh.open(url), dh.open(url)
+    try:
+        storage = heap.db.storage
+        real = storage.ping
+        pings: list[str] = []
+        sent, gate = threading.Event(), threading.Event()
+
+        def ping() -> None:  # the real round trip, the first one held before it is sent
+            pings.append(threading.current_thread().name)
+            if len(pings) == 1:
+                sent.set()
+                gate.wait(30)
+            real()
+
+        storage.ping = ping  # read by the client's sync() at each begin
+
+        def read() -> int:
+            with heap.transaction() as state:
+                return int(state.counts[0])
+
+        first, out_first = _in_thread(read)
+        _wait_for(sent.is_set, what="the first begin's ping")
+        with other.transaction() as state:
+            state.counts[0] = 1  # acknowledged before the others begin
+        threads = [_in_thread(read) for _ in range(7)]
+        shared = getattr(storage, "_dh_ping", None)
+        _wait_for(lambda: len(pings) >= 8 or (shared is not None and shared._asked >= 8),
+                  what="the 7 later begins")
+        gate.set()
+        first.join(30)
+        for t, _ in threads:
+            t.join(30)
+        assert [out for _, out in threads] == [[1]] * 7, "a begin missed a commit acknowledged before it"
+        assert out_first and not isinstance(out_first[0], BaseException)
+        assert len(pings) == 2, f"{len(pings)} pings for 8 begins"
+    finally:
+        gate.set()
+        heap.close()
+        other.close()
+        server.stop()
+
+
 def test_the_zeo_client_internals_its_finish_relies_on() -> None:
     """`_zeo._client_class().tpc_finish` is ZEO's ``ClientStorage.tpc_finish`` and
     ``ClientIO.tpc_finish_co`` with the commit lock released once the finish is

@@ -145,6 +145,36 @@ def test_object_writer_internals_of_fastpickle(db: Any) -> None:
         conn.close()
 
 
+def test_object_reader_internals_of_fastpickle(db: Any) -> None:
+    """`_fastpickle.BufferedObjectReader` overrides ``ObjectReader._get_unpickler`` (a copy
+    of ZODB's with a buffered stream); `_allow.Connection` sets it as the class of the
+    ``_reader`` that ``Connection.__init__`` makes; every load goes through it."""
+    import ZODB.serialize
+
+    from durable_heap._fastpickle import BufferedObjectReader
+
+    source = inspect.getsource(ZODB.serialize.ObjectReader._get_unpickler)
+    for part in ("file = BytesIO(pickle)", "factory = self._factory", "conn = self._conn",
+                 "return factory(conn, modulename, name)",
+                 "PersistentUnpickler(\n            find_global, self._persistent_load, file)"):
+        assert part in source, part
+    assert _params(ZODB.serialize.ObjectReader.__init__)[:4] == ["self", "conn", "cache", "factory"]
+    assert "self._reader = ObjectReader(self, self._cache, self._db.classFactory)" in inspect.getsource(
+        ZODB.Connection.Connection.__init__)
+    for method in ("getClassName", "getGhost", "getState"):
+        source = inspect.getsource(getattr(ZODB.serialize.ObjectReader, method))
+        assert "self._get_unpickler(pickle)" in source, method
+    assert "self.getState(pickle)" in inspect.getsource(ZODB.serialize.ObjectReader.setGhostState)
+    conn = db.open()
+    try:
+        assert type(conn._reader) is ZODB.serialize.ObjectReader  # ZODB's own connection: unchanged
+        conn._reader.__class__ = BufferedObjectReader
+        root = conn._storage.load(b"\0" * 8)[0]
+        assert conn._reader.getClassName(root) == "persistent.mapping.PersistentMapping"
+    finally:
+        conn.close()
+
+
 def test_pickler_and_unpickler_of_zodb_compat() -> None:
     """`_allow` pickles and reads records with ZODB's own (zodbpickle) classes."""
     from ZODB._compat import PersistentPickler, PersistentUnpickler
