@@ -25,19 +25,26 @@ workflow's journal) is given one with `register`.
 Why the atoms must be hashable and exact: ``dict.get`` hashes what it is given,
 so only exact builtin atoms (`PLAIN_ATOMS`) and tuples of them qualify; a state
 holding anything else (a list, an inline dict, a user's object, a `Dict`) is
-pickled by ZODB's own method, unchanged.
+pickled by ZODB's own method, unchanged. A state that references no persistent
+object anywhere (``_dh_plain_refs`` returns `NO_REFS`) is pickled with a C callable that
+answers None to anything, hashable or not: such a class may accept more than atoms, as
+long as ZODB's method answers None for each object (the heap's timer buckets: entries
+whose arguments are plain, with their empty kwargs dicts, `_workflows`).
 """
 
 from __future__ import annotations
 
 import io
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from BTrees.OOBTree import OOBTree, OOBucket
 from ZODB._compat import PersistentUnpickler
 from ZODB.serialize import ObjectReader, ObjectWriter
 
-__all__ = ["PLAIN_ATOMS", "BufferedObjectReader", "plain_values", "register", "speed_up"]
+__all__ = ["NO_REFS", "PLAIN_ATOMS", "BufferedObjectReader", "plain_bucket_refs", "plain_tree_refs",
+           "plain_values", "register", "speed_up"]
 
 #: Exact types that ZODB's ``persistent_id`` answers None for and that hash
 #: without calling user code.
@@ -46,6 +53,24 @@ PLAIN_ATOMS: frozenset[type] = frozenset({int, str, float, bool, bytes, type(Non
 _dump = ObjectWriter._dump
 
 _PLAIN_TUPLE = PLAIN_ATOMS | {tuple}
+
+class _NoRefs(tuple):  # type: ignore[type-arg]
+    """The type of `NO_REFS` (an empty tuple told apart from ``()`` by identity)."""
+
+    __slots__ = ()
+
+
+#: What a ``_dh_plain_refs`` rule returns for a state it has checked holds no
+#: persistent object, type or weak reference anywhere (inside dicts and lists too):
+#: ZODB's ``persistent_id`` answers None for each of its objects, hashable or not.
+#: (A rule that returns ``()`` promises less: the state's hashable objects are plain; an
+#: unhashable one, unlooked into, makes the table fail and ZODB pickle the record.)
+NO_REFS: tuple[Any, ...] = _NoRefs()
+
+#: A C callable that takes any one object and returns None, keeping nothing: ZODB's
+#: ``persistent_id`` answer for every object of a state that references no persistent
+#: object (see `speed_up`).
+_answer_none: Callable[[Any], None] = deque(maxlen=0).append
 
 #: ``_dh_plain_refs`` of classes that cannot carry it (C types), by class (`register`).
 _registered: dict[type, Callable[[Any], tuple[Any, ...] | None]] = {}
@@ -71,6 +96,34 @@ def plain_values(values: Any, depth: int = 0) -> bool:
     return all(plain_values(v, depth + 1) for v in values if type(v) is tuple)
 
 
+def plain_bucket_refs(state: Any) -> tuple[Any, ...] | None:
+    """``_dh_plain_refs`` of ``OOBucket``, state ``((key, value, ...), [next bucket])``:
+    its next bucket, when every key and value is plain; else None (ZODB's way)."""
+    return state[1:] if plain_values(state[0]) else None  # type: ignore[no-any-return]
+
+
+def plain_tree_refs(state: Any) -> tuple[Any, ...] | None:
+    """``_dh_plain_refs`` of ``OOBTree``: nothing, when it is empty or one bucket held
+    inline, ``((((key, value, ...),),),)``, of plain keys and values; else None. A split
+    tree, ``((bucket, key, bucket, ...), first bucket)``, names its first bucket twice,
+    which ZODB pickles as two references (the table would give one, memoized: other
+    bytes), so it is left to ZODB (and is written only at a split)."""
+    if state is None:
+        return ()
+    if len(state) == 1 and plain_values(state[0][0][0]):
+        return ()
+    return None
+
+
+# The heap's own trees are plain ``OOBTree``s (workflows' status and waiting indexes,
+# their members, the class registry, ...) of plain keys and values: a workflow's start
+# and end rewrite several of their buckets (about 30 entries, 150 objects each).
+# Exact classes only (`speed_up` looks them up by class): a subclass is not covered.
+# (`_workflows` registers rules that extend these, for the timers' buckets.)
+register(OOBucket, plain_bucket_refs)
+register(OOBTree, plain_tree_refs)
+
+
 # -- PROTECTED: ZODB.serialize.ObjectWriter internals (ZODB 6.4) --
 # ``serialize(obj)`` ends in ``self._dump(classmeta, state)``, looked up on the
 # instance; ``_p`` is its pickler, whose ``persistent_id`` attribute is the
@@ -89,13 +142,22 @@ def speed_up(writer: Any) -> None:
         if refs is None:
             return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
         pid = writer.persistent_id
+        pickler = writer._p
+        if refs is NO_REFS and pid(classmeta) is None:
+            # A state its rule checked through and through (`NO_REFS`): every answer is
+            # None, so a C callable that answers None to anything, which also takes what
+            # the table cannot hash (a timer's kwargs dict).
+            pickler.persistent_id = _answer_none
+            try:
+                return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
+            finally:
+                pickler.persistent_id = pid
         try:
             table = {classmeta: pid(classmeta)}
             for ref in refs:
                 table[ref] = pid(ref)
         except TypeError:  # an unhashable reference: ZODB's way (pid did nothing twice)
             return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
-        pickler = writer._p
         pickler.persistent_id = table.get
         try:
             return _dump(writer, classmeta, state)  # type: ignore[no-any-return]
