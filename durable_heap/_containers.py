@@ -192,6 +192,9 @@ class _EntryBucket(LOBucket):
     def __getstate__(self) -> Any:
         state = LOBucket.__getstate__(self)
         if state:
+            if _scanned_plain(state[0]):  # `_dh_watched` found these very entries plain
+                _PLAIN_STATE[0] = state
+                return state
             kinds = _entry_kinds(state)
             if kinds <= PLAIN_ATOMS:  # nothing watched; and `_dh_plain_refs` need not look again
                 _PLAIN_STATE[0] = state
@@ -216,7 +219,13 @@ class _EntryBucket(LOBucket):
 
     def _dh_watched(self) -> bool:
         state = LOBucket.__getstate__(self)
-        return bool(state) and _entries_watched(state)
+        if not state:
+            return False
+        kinds = _entry_kinds(state)
+        if kinds <= PLAIN_ATOMS:  # for the pickling that follows (`_scanned_plain`)
+            _PLAIN_ITEMS[0] = state[0]
+            return False
+        return not kinds <= _ATOMIC_OR_RAW and holds_watched(_bucket_values(state))
 
     def _p_resolveConflict(self, old: Any, committed: Any, new: Any) -> Any:
         """BTrees' merge of changes to different entries, checked strictly.
@@ -493,6 +502,26 @@ _ATOMIC_OR_RAW = ATOMIC | _inline.RAW
 #: pickling that follows (`_dh_plain_refs`). One slot for all threads: a state another
 #: thread put there instead only makes `_dh_plain_refs` look again.
 _PLAIN_STATE: list[Any] = [None]
+
+#: The items ``(seq, entry, ...)`` of the last bucket state `_EntryBucket._dh_watched`
+#: found to hold plain atoms only: `check_before_commit` scans each changed bucket, and
+#: the pickling of the same commit would scan it again (issue 18: each scan, a type per
+#: key and value, was about 28k instructions of a one-entry commit). One slot for all
+#: threads, like `_PLAIN_STATE`; it holds no persistent object (plain atoms only).
+_PLAIN_ITEMS: list[Any] = [None]
+
+
+def _scanned_plain(items: tuple[Any, ...]) -> bool:
+    """Whether `items` hold the very entries `_PLAIN_ITEMS` was found to hold (so plain
+    atoms only); takes it. Identity, not ``==``: an entry that compares equal may hold
+    other types (``(k, 1) == (k, True)``, or a value whose ``__eq__`` says so). Entries
+    are tuples, and the slot keeps the ones it saw alive, so an entry that is the same
+    object holds the same key and value, whose types cannot change."""
+    seen = _PLAIN_ITEMS[0]
+    if seen is None or len(seen) != len(items):
+        return False
+    _PLAIN_ITEMS[0] = None
+    return all(map(operator.is_, seen[1::2], items[1::2]))
 
 
 def _bucket_values(state: Any) -> list[Any]:

@@ -18,7 +18,11 @@ The record a commit stores is kept too, once its transaction is finished: on a h
 bucket, the revision one commit writes is the committed one of the next merge, which
 would read it back from the file (with the commit lock held). What a merge stored is
 handed over by the allowlist guard (`_dh_note_merge`: FileStorage's ``store`` writes
-what the resolver returned, and does not say what it was).
+what the resolver returned, and does not say what it was). Only once this storage has
+read a revision for a merge (`loadSerial`, which ZODB's resolver calls before it
+merges) or merged one: a storage whose commits never conflict (one thread, most
+heaps) pays no dict insert per record for revisions nobody reads (issue 18). Before
+that, nothing is kept and a merge reads the file, as ZODB's FileStorage does.
 
 A revision never changes once written: FileStorage appends, pack drops old
 revisions and never rewrites one, and undo writes new revisions under new tids.
@@ -54,11 +58,14 @@ class RecentRevisions:
         # the last merge's record, from the guard (oid, data).
         self._dh_stored: tuple[bytes | None, dict[bytes, bytes]] = (None, {})
         self._dh_merged: tuple[bytes, bytes] | None = None
+        # Whether stored records are kept: from the first revision read for a merge on.
+        self._dh_keep = False
         super().__init__(*args, **kwargs)
 
     def _dh_note_merge(self, oid: bytes, data: bytes) -> None:
         """From the allowlist guard: the record conflict resolution returned for `oid`,
         which ``store`` (running it, under the lock) writes next."""
+        self._dh_keep = True
         self._dh_merged = (oid, data)
 
     # -- PROTECTED: ZODB.FileStorage.FileStorage internals (ZODB 6.4) --
@@ -70,6 +77,8 @@ class RecentRevisions:
         resolved = len(self._resolved)
         self._dh_merged = None
         result = super().store(oid, oldserial, data, version, transaction)  # type: ignore[misc]
+        if not self._dh_keep:  # no merge yet in this storage: nobody reads them back
+            return result
         if len(self._resolved) > resolved:  # merged: what was written is the merge
             merged, self._dh_merged = self._dh_merged, None
             if merged is None or merged[0] != oid:
@@ -85,6 +94,8 @@ class RecentRevisions:
 
     def _finish(self, tid: bytes, *args: Any) -> Any:
         result = super()._finish(tid, *args)  # type: ignore[misc]
+        if not self._dh_keep:  # `store` kept nothing
+            return result
         stored_tid, stored = self._dh_stored
         self._dh_stored = (None, {})
         if stored_tid == tid:
@@ -101,6 +112,7 @@ class RecentRevisions:
         data = self._dh_revisions.get(key)
         if data is not None:
             return data
+        self._dh_keep = True  # a merge reads revisions: from now on keep what is stored
         generation = self._dh_generation
         data = super().loadSerial(oid, serial)  # type: ignore[misc]
         if len(data) <= LARGEST:

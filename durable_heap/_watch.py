@@ -191,20 +191,22 @@ class _Watch:
         ensure_zones()  # a ZoneInfo made since the last commit pickles by key (see `_zones`)
         if self.orphans:
             self._check_orphans()
-        for obj, base in list(self.items.values()):
-            if obj._p_changed is not False:
-                continue  # saved anyway, or a ghost again
-            try:
-                now = snapshot_for(obj._p_jar, obj.__getstate__())
-            except Exception as exc:  # noqa: BLE001 - report which value it is
-                raise unpicklable_error(obj, exc) from None
-            if now != base:
-                obj._p_changed = True
+        if self.items:  # most commits watch nothing
+            for obj, base in list(self.items.values()):
+                if obj._p_changed is not False:
+                    continue  # saved anyway, or a ghost again
+                try:
+                    now = snapshot_for(obj._p_jar, obj.__getstate__())
+                except Exception as exc:  # noqa: BLE001 - report which value it is
+                    raise unpicklable_error(obj, exc) from None
+                if now != base:
+                    obj._p_changed = True
         jar = self.jar()
         if jar is not None:
             for hook in BEFORE_COMMIT:
                 hook(jar)
-            register_pending(jar)  # last: the snapshots above may note classes
+            if self.noted:  # (`register_pending` has nothing to do otherwise)
+                register_pending(jar)  # last: the snapshots above may note classes
 
 
     def _check_orphans(self) -> None:

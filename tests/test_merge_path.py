@@ -182,6 +182,52 @@ def test_a_revision_read_for_a_merge_is_read_from_the_file_once_and_forgotten_by
         db.close()
 
 
+def test_records_are_kept_for_merges_only_once_this_storage_has_merged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage whose commits never merged keeps no record it stored (issue 18: a dict
+    insert per record at every commit, for revisions nobody reads back); once a merge
+    happened in it, a stored record is kept and served without a file read."""
+    from durable_heap._filestorage import FileStorage as Ours
+
+    reads: list[bytes] = []
+    real = FileStorage.loadSerial
+
+    def counted(self: Any, oid: bytes, serial: bytes) -> bytes:
+        reads.append(serial)
+        return real(self, oid, serial)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(FileStorage, "loadSerial", counted)  # ZODB's: what reads the file
+    db = ZODB.DB(Ours(str(tmp_path / "app.fs")))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        bucket = conn.root()["b"] = OOBucket({"a": 0, "b": 0})
+        tm.commit()
+        bucket["a"] = 1
+        tm.commit()
+        storage = db.storage
+        assert storage._dh_revisions == {}  # nothing merged: nothing kept
+        assert storage.loadSerial(bucket._p_oid, bucket._p_serial) and len(reads) == 1  # from the file
+        # Two connections change different keys of the bucket: the second commit merges.
+        tm2 = transaction.TransactionManager()
+        other = db.open(transaction_manager=tm2)
+        other.root()["b"]["b"] = 2
+        bucket["a"] = 2
+        tm.commit()
+        tm2.commit()  # merged by conflict resolution
+        assert dict(other.root()["b"]) == {"a": 2, "b": 2}
+        del reads[:]
+        other.root()["b"]["b"] = 3
+        tm2.commit()  # after a merge: the record stored is kept
+        oid, serial = bucket._p_oid, other.root()["b"]._p_serial
+        assert storage.loadSerial(oid, serial) == real(storage, oid, serial) and reads == []
+        conn.close()
+        other.close()
+    finally:
+        db.close()
+
+
 def test_threads_on_neighbouring_keys_keep_every_increment(tmp_path: Path) -> None:
     """Six threads add 1 to their own neighbouring key at once, each commit merged into
     the shared bucket: every increment is there, the others' entries untouched."""
