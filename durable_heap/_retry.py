@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ __all__ = [
     "LOOP_ATTEMPTS",
     "MORE_ATTEMPTS",
     "RETRIED",
+    "RetryQueue",
     "aretry",
     "backoff_delay",
     "call_note",
@@ -51,6 +53,33 @@ MORE_ATTEMPTS = "durable_heap.open(target, attempts=N)"
 ACTION_ATTEMPTS = "@heap.action(attempts=N), or durable_heap.open(target, attempts=N) for every action"
 LOOP_ATTEMPTS = "a larger N in heap.attempts(N)"
 
+
+
+class RetryQueue:
+    """A process's queue for the retries of calls that conflicted (`durable-heap
+    serve`'s calls, the WSGI middleware's requests; the ASGI middleware keeps one of
+    its own per event loop).
+
+    A call's retries hold `lock`: one at a time in the process. While `hot` calls
+    are between their first conflict and their end (`enter`, `leave`), new calls'
+    first tries take the lock too; otherwise a first try takes no lock, so while
+    nothing conflicts no call waits (`_serve.Service._call` says why).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hot = 0
+        self._count = threading.Lock()
+
+    def enter(self) -> None:
+        """A call of this process met its first conflict."""
+        with self._count:
+            self.hot += 1
+
+    def leave(self) -> None:
+        """A call that had entered ended."""
+        with self._count:
+            self.hot -= 1
 
 
 def backoff_delay(attempt: int) -> float:

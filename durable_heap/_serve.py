@@ -63,7 +63,7 @@ from ._http import (
 )
 from ._jsonform import decode, dumps, resolve_loaded
 from ._parent import ZEO_CHILD
-from ._retry import call_note, conflict, pause
+from ._retry import RetryQueue, call_note, conflict, pause
 from ._workflows import Workflow
 
 __all__ = ["ServeConfig", "Service", "public_functions", "run"]
@@ -147,11 +147,8 @@ class Service:
         self._pool = concurrent.futures.ThreadPoolExecutor(config.threads,
                                                            thread_name_prefix="durable-heap-call")
         self._stop = threading.Event()
-        #: Held by a call's retries after a conflict: one at a time in this process (`_call`).
-        self._retrying = threading.Lock()
-        #: Calls of this process between their first conflict and their end (`_call`).
-        self._hot = 0
-        self._hot_lock = threading.Lock()
+        #: The retries of calls that conflicted, one at a time in this process (`_call`).
+        self._retrying = RetryQueue()
         #: Tries of calls that ended in a conflict, since the start (``/_health``).
         self.conflicts = 0
         self._watcher: threading.Thread | None = None
@@ -292,13 +289,13 @@ class Service:
         Each call is tried up to the heap's attempts (``--attempts``, default
         10), backing off a growing random time between tries (`pause`), as
         everywhere. What serve adds: a call's retries run one at a time in this
-        process (`_retrying`). Under a storm on one hot record (50 requests on one
+        process (`_retrying.lock`). Under a storm on one hot record (50 requests on one
         entry across 4 worker processes) every try of every call otherwise meets
         the others' commits, and calls ran out of tries; queued, at most one
         retried call per process contends, one of them commits each round, and
         a try is spent only on a real chance (waiting in the queue is not a try).
         While a call of this process is between its first conflict and its end
-        (`_hot`), first tries queue too: ZEO's client no longer runs one commit at
+        (`_retrying.hot`), first tries queue too: ZEO's client no longer runs one commit at
         a time per process (`durable_heap._zeo._finish_co`), and a queued retry
         then met up to 16 fresh first tries of each worker per round and ran out
         of tries (the 4-worker storm of tests/test_serve.py). Otherwise a first
@@ -310,24 +307,22 @@ class Service:
         try:
             for n in range(1, attempts + 1):
                 try:
-                    if n == 1 and not self._hot:
+                    if n == 1 and not self._retrying.hot:
                         return program._call(name, args, kwargs, then, attempts=1)
-                    with self._retrying:
+                    with self._retrying.lock:
                         return program._call(name, args, kwargs, then, attempts=1)
                 except ConflictError as exc:
                     self.conflicts += 1
                     if not hot:
                         hot = True
-                        with self._hot_lock:
-                            self._hot += 1
+                        self._retrying.enter()
                     if n == attempts:
                         note = call_note(name, args, kwargs)
                         raise conflict(n, note, exc.__cause__, how="durable-heap serve --attempts N") from exc
                 pause(n)
         finally:
             if hot:
-                with self._hot_lock:
-                    self._hot -= 1
+                self._retrying.leave()
         raise AssertionError("unreachable")
 
     # -- POST /<function> ------------------------------------------------------------------

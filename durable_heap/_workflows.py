@@ -1353,14 +1353,20 @@ def _unstorable(what: str, result: Any, exc: Exception) -> Exception | None:
     the library's records are not watched)."""
     if isinstance(exc, DurableHeapError):
         return exc
+    return _refusal(what, result)
+
+
+def _refusal(what: str, value: Any) -> Exception | None:
+    """The `NotPersistableError` naming the part of `value` (given to `what`) that cannot
+    be stored, or None when the search finds none."""
     from ._kinds import BadValue
     from ._storable import public_error, refuse_or_accept
 
     try:
-        refuse_or_accept(result)
+        refuse_or_accept(value)  # names the part that fails (`[0]['cb']`)
     except BadValue as bad:
         return public_error(bad, None, base=what)
-    except Exception:  # noqa: BLE001 - the search failed: then the commit's own error is the one
+    except Exception:  # noqa: BLE001 - the search failed: then the caller's own error says it
         return None
     return None
 
@@ -1379,16 +1385,11 @@ def storable(what: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = N
         _TrialPickler(io.BytesIO(), protocol=3).dump(values)
     except Exception as exc:  # noqa: BLE001 - any pickling failure is the caller's value
         from ._errors import NotPersistableError
-        from ._kinds import BadValue
-        from ._storable import public_error, refuse_or_accept
 
         for value in values:
-            try:
-                refuse_or_accept(value)  # names the part that fails (`[0]['cb']`)
-            except BadValue as bad:
-                raise public_error(bad, None, base=what) from None
-            except Exception:  # noqa: BLE001,S110 - then the trial's own error says it
-                pass
+            error = _refusal(what, value)
+            if error is not None:
+                raise error from None
         raise NotPersistableError(what, values[0], f"pickling failed: {exc}") from None
 
 

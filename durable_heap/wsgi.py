@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,7 +35,7 @@ from ._errors import ConflictError, ReadOnlyRequestError
 from ._facade import Heap
 from ._http import Answer, error_answer
 from ._requests import changed_in, conflict_after, excluder, read_only_answer, request_note
-from ._retry import backoff_delay
+from ._retry import RetryQueue, backoff_delay
 
 __all__ = ["TransactionMiddleware"]
 
@@ -70,11 +69,9 @@ class TransactionMiddleware:
             exclude, lambda env: str(env.get("PATH_INFO", "")))
         #: Held by a request's retries after a conflict: one at a time in this process,
         #: as `durable-heap serve` does (`_serve.Service._call`, and the ASGI
-        #: middleware's `_Queue`, which says why). While `_hot` requests are between
+        #: middleware's `_Queue`, which says why). While `hot` requests are between
         #: their first conflict and their end, new requests' first tries queue too.
-        self._retrying = threading.Lock()
-        self._hot = 0
-        self._hot_lock = threading.Lock()
+        self._retrying = RetryQueue()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self._excluded(environ):
@@ -84,23 +81,22 @@ class TransactionMiddleware:
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         note = request_note(method, str(environ.get("PATH_INFO", "")))
         read_only = method in self.read_only_methods
-        hot = False  # this request has conflicted: counted in self._hot until it ends
+        hot = False  # this request has conflicted: counted in self._retrying.hot until it ends
         try:
             for attempt in range(1, self.attempts + 1):
                 env = dict(environ)
                 env["wsgi.input"] = io.BytesIO(body)
                 held: dict[str, Any] = {}
                 try:
-                    if attempt == 1 and (read_only or not self._hot):  # reads never queue
+                    if attempt == 1 and (read_only or not self._retrying.hot):  # reads never queue
                         status, headers, chunks = self._attempt(env, held, read_only, note, method)
                     else:
-                        with self._retrying:
+                        with self._retrying.lock:
                             status, headers, chunks = self._attempt(env, held, read_only, note, method)
                 except ConflictError as exc:
                     if not hot:
                         hot = True
-                        with self._hot_lock:
-                            self._hot += 1
+                        self._retrying.enter()
                     if attempt < self.attempts:
                         time.sleep(backoff_delay(attempt))
                         continue
@@ -121,8 +117,7 @@ class TransactionMiddleware:
                 return _send_answer(start_response, answer)
         finally:
             if hot:
-                with self._hot_lock:
-                    self._hot -= 1
+                self._retrying.leave()
         raise AssertionError("unreachable")
 
     def _attempt(self, env: Environ, held: dict[str, Any], read_only: bool, note: str,
