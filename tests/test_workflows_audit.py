@@ -523,3 +523,53 @@ def test_a_heaps_retention_drops_finished_journals_after_it(tmp_path: Path) -> N
         clock.advance(2)
         assert heap.run_due() == 1
         assert h.info["journal"] == [] and h.info["steps"] == 1 and h.result() == 1
+
+
+def test_an_async_workflow_whose_start_transaction_is_retried_stays_in_the_running_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``async def`` workflow started inside a running loop is first stored with a start
+    timer, in a transaction of its own (`_in_task`). When that transaction conflicted and
+    was retried, the retry stored the record the first attempt had filled: marked as
+    listed "running" already, it was left out of the status index's running set, where
+    takeovers look, so a runner that died before the task ran left it running for ever
+    (the same ZODB trap as `_pristine`'s: an abort takes back changes to stored records,
+    not to new ones)."""
+    import asyncio
+
+    from ZODB.POSException import ConflictError
+
+    import durable_heap as dh
+    from durable_heap import _workflows
+
+    heap = dh.open(tmp_path / "a.fs")
+
+    @heap.workflow
+    def first() -> int:
+        return 0
+
+    first()  # the trees and the status index exist
+
+    real_reindex = _workflows.reindex
+    calls: list[int] = []
+
+    def reindex(conn: object, rec: object) -> None:
+        real_reindex(conn, rec)  # type: ignore[arg-type]
+        calls.append(1)
+        if len(calls) == 1:  # what a commit that met another process's change raises
+            raise ConflictError("the start transaction met a conflicting commit")
+
+    monkeypatch.setattr(_workflows, "reindex", reindex)
+
+    @heap.workflow
+    async def flow() -> int:
+        await dh.sleep(5)
+        return 1
+
+    async def main() -> list[str]:
+        h = flow()
+        return [w.id for w in heap.workflows(status="running")] + [h.id]  # before its task ran
+
+    *running, wid = asyncio.run(main())
+    assert len(calls) >= 2  # the start transaction was retried
+    assert running == [wid]
+    heap.close()
