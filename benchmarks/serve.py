@@ -68,10 +68,19 @@ def bump(key):
 """
 
 
+#: With --fsync-delay-ms: the slow disk of `benchmarks.threads` (its LD_PRELOAD shim,
+#: which makes every fsync and fdatasync sleep that long after the real one), set here
+#: for every measured process alike: (shim path, delay in ms).
+_SLOW_DISK: tuple[str, float] | None = None
+
+
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("DURABLE_HEAP_STORAGE", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if _SLOW_DISK is not None:
+        env["LD_PRELOAD"] = _SLOW_DISK[0]
+        env["DH_BENCH_FSYNC_US"] = str(int(_SLOW_DISK[1] * 1000))
     env.update(extra or {})
     return env
 
@@ -116,15 +125,37 @@ LABELS = {"durable_heap": "durable-heap serve", LOOP_FSYNC: "durable-heap serve,
           CLIENT_LOCK: "durable-heap serve, ZEO's client commit lock", "sqlite": "FastAPI + sqlite3"}
 
 
+#: ... and ``durable_heap_threads_N`` (`serve --threads N`) with --compare-threads.
+THREADS = "durable_heap_threads_"
+
+
+#: ... and ``durable_heap_slots_N`` (N calls on the CPU at once, 0: no limit) with --compare-slots.
+SLOTS = "durable_heap_slots_"
+
+
+def label(system: str) -> str:
+    if system.startswith(THREADS):
+        return f"durable-heap serve --threads {system[len(THREADS):]}"
+    if system.startswith(SLOTS):
+        n = system[len(SLOTS):]
+        return f"durable-heap serve, {n} calls on the CPU at once" if n != "0" else \
+            "durable-heap serve, no limit on calls on the CPU"
+    return LABELS[system]
+
+
 def start(system: str, workers: int, folder: Path, work_ms: float = 0) -> _Server:
-    if system in ("durable_heap", LOOP_FSYNC, CLIENT_LOCK):
+    if system in ("durable_heap", LOOP_FSYNC, CLIENT_LOCK) or system.startswith((THREADS, SLOTS)):
         program = folder / "bench_app.py"
         program.write_text(textwrap.dedent(PROGRAM))
         cmd = [sys.executable, "-m", "durable_heap", "serve", str(program), "--port", "0", "--no-watch",
                "--storage", str(folder / "bench.fs"), "--workers", str(workers), "--attempts", "100"]
+        if system.startswith(THREADS):
+            cmd += ["--threads", system[len(THREADS):]]
         env = {"BENCH_WORK_MS": str(work_ms),
                "DURABLE_HEAP_ZEO_PIPELINE": "0" if system == LOOP_FSYNC else "1",
                "DURABLE_HEAP_ZEO_EARLY_RELEASE": "0" if system == CLIENT_LOCK else "1"}
+        if system.startswith(SLOTS):
+            env["DURABLE_HEAP_SERVE_CPU_SLOTS"] = system[len(SLOTS):]
         return _Server(cmd, _env(env), folder / "serve.log")
     from benchmarks.serve_sqlite_app import create
 
@@ -361,6 +392,11 @@ def run(workers_list: list[int], rounds: int, load: dict[str, Any],
                      and a["round"] == b["round"] and a["system"] == "durable_heap"
                      and b["system"] == CLIENT_LOCK]
             line["client_rps_ratio"] = statistics.median(a["rps"] / b["rps"] for a, b in early)
+        for system in present:  # each --compare-threads/--compare-slots count against sqlite
+            if system.startswith((THREADS, SLOTS)):
+                against = [(a, b) for a in rows for b in rows if a["workers"] == b["workers"] == workers
+                           and a["round"] == b["round"] and a["system"] == system and b["system"] == "sqlite"]
+                line[f"{system}_rps_ratio"] = statistics.median(a["rps"] / b["rps"] for a, b in against)
         summary.append(line)
     return {"rows": rows, "summary": summary, **load, "rounds": rounds, "cpus": os.cpu_count(),
             "systems": list(systems)}
@@ -369,6 +405,8 @@ def run(workers_list: list[int], rounds: int, load: dict[str, Any],
 def report(data: dict[str, Any]) -> str:
     amount = (f"{data['seconds']:g} s" if data["client"] == "wrk" else f"{data['requests']} requests")
     work = f", {data['work_ms']:g} ms of Python work each" if data.get("work_ms") else ""
+    if data.get("fsync_delay_ms"):
+        work += f", every fsync {data['fsync_delay_ms']:g} ms slower"
     out = [f"One-entry updates over HTTP{work}, {data['concurrency']} requests in flight "
            f"from {data['client']}, "
            f"{amount} x {data['rounds']} rounds per system (medians; {data['cpus']} CPUs)", "",
@@ -376,18 +414,22 @@ def report(data: dict[str, Any]) -> str:
            "client | cores busy | fsync ms | load |",
            "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for line in data["summary"]:
-        for system, label in LABELS.items():
+        for system in data["systems"]:
             if system not in line:
                 continue
             s = line[system]
             cpu = f"{s['cpu_server_ms']:.2f}, {s['cpu_zeo_ms']:.2f}, {s['cpu_client_ms']:.2f}"
-            out.append(f"| {line['workers']} | {label} | {s['rps']:.0f} | {s['p50_ms']:.1f} | "
+            out.append(f"| {line['workers']} | {label(system)} | {s['rps']:.0f} | {s['p50_ms']:.1f} | "
                        f"{s['p99_ms']:.1f} | {s['errors']} | {cpu} | {s['cores_busy']:.2f} | "
                        f"{s['fsync_ms']:.1f} | {s['load']:.1f} |")
     out.append("")
     for line in data["summary"]:
         out.append(f"- {line['workers']} worker(s): durable_heap/sqlite throughput {line['rps_ratio']:.2f}x, "
                    f"p50 latency {line['p50_ratio']:.2f}x")
+        for system in data["systems"]:
+            if f"{system}_rps_ratio" in line:
+                out.append(f"- {line['workers']} worker(s): {label(system)}/sqlite throughput "
+                           f"{line[f'{system}_rps_ratio']:.2f}x")
         if "client_rps_ratio" in line:
             out.append(f"- {line['workers']} worker(s): ZEO client lock released at the finish / held "
                        f"to its answer: throughput {line['client_rps_ratio']:.2f}x")
@@ -417,6 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-zeo-client", action="store_true",
                    help="also run durable_heap with ZEO's own client tpc_finish (its commit lock "
                         "held until the server answered: the \"before\"), alternating with the others")
+    p.add_argument("--compare-threads", metavar="N[,M]",
+                   help="also run durable-heap serve --threads N (each count) in the same rounds")
+    p.add_argument("--compare-slots", metavar="N[,M]",
+                   help="also run durable-heap serve with N calls on the CPU at once (0: no limit, "
+                        "the thread pool of earlier versions) in the same rounds")
+    p.add_argument("--fsync-delay-ms", type=float, default=0.0,
+                   help="a slower disk: every fsync of both systems' servers sleeps this long after it "
+                        "returns (benchmarks.threads' shim; needs cc)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     quick = {"workers": "1", "rounds": 1, "requests": 150, "seconds": 3.0}
@@ -429,8 +479,21 @@ def main(argv: list[str] | None = None) -> int:
     load = {"client": args.client, "concurrency": args.concurrency, "requests": args.requests,
             "seconds": args.seconds, "work_ms": args.work_ms}
     systems = ("durable_heap", *([LOOP_FSYNC] if args.compare_zeo_pipeline else []),
-               *([CLIENT_LOCK] if args.compare_zeo_client else []), "sqlite")
-    data = run([int(w) for w in args.workers.split(",")], args.rounds, load, systems)
+               *([CLIENT_LOCK] if args.compare_zeo_client else []),
+               *(f"{THREADS}{int(n)}" for n in (args.compare_threads or "").split(",") if n),
+               *(f"{SLOTS}{int(n)}" for n in (args.compare_slots or "").split(",") if n),
+               "sqlite")
+    global _SLOW_DISK
+    with tempfile.TemporaryDirectory(prefix="dh-serve-shim-") as shim_dir:
+        if args.fsync_delay_ms:
+            from benchmarks.threads import _shim
+
+            shim = _shim(shim_dir)
+            if shim is None:
+                p.error("--fsync-delay-ms needs a C compiler (cc) to build its shim")
+            _SLOW_DISK = (shim, args.fsync_delay_ms)
+            load["fsync_delay_ms"] = args.fsync_delay_ms
+        data = run([int(w) for w in args.workers.split(",")], args.rounds, load, systems)
     print(json.dumps(data, indent=2) if args.json else report(data))
     return 0
 

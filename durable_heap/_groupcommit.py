@@ -48,6 +48,8 @@ from typing import Any
 
 from ZODB.FileStorage import FileStorage as _ZFileStorage
 
+from ._waits import _waits
+
 __all__ = ["GroupCommitFileStorage"]
 
 logger = logging.getLogger("durable_heap.groupcommit")
@@ -127,10 +129,17 @@ class GroupCommitFileStorage(_ZFileStorage):  # type: ignore[misc]
         """
         tid, slot = self._finish_nowait(transaction, f, True)
         if slot:
-            if slot[1]:
-                self._lead()
-            else:
-                self._wait_durable(slot[0])
+            hooks = _waits.hooks
+            if hooks is not None:
+                hooks[0]()  # e.g. this thread's CPU slot, free while it waits (`durable_heap._waits`)
+            try:
+                if slot[1]:
+                    self._lead()
+                else:
+                    self._wait_durable(slot[0])
+            finally:
+                if hooks is not None:
+                    hooks[1]()
         return tid
 
     def tpc_finish_nowait(self, transaction: Any, f: _Callback | None = None) -> tuple[bytes, int]:

@@ -35,7 +35,6 @@ happens in `run`, so ``import durable_heap`` stays light.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import inspect
@@ -49,6 +48,7 @@ import types
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from ._callpool import CallPool
 from ._errors import ConflictError, DurableHeapError, FunctionNotFoundError, JSONFormError, StorageError
 from ._http import (
     Answer,
@@ -64,6 +64,7 @@ from ._http import (
 from ._jsonform import decode, dumps, resolve_loaded
 from ._parent import ZEO_CHILD
 from ._retry import RetryQueue, call_note, conflict, pause
+from ._waits import waiting
 from ._workflows import Workflow
 
 __all__ = ["ServeConfig", "Service", "public_functions", "run"]
@@ -118,6 +119,12 @@ def public_functions(module: types.ModuleType) -> dict[str, Any]:
     }
 
 
+#: Calls of a process on the CPU at once on a heap file (`CallPool`); 0: as many as
+#: --threads, a plain thread pool (``DURABLE_HEAP_SERVE_CPU_SLOTS=0``: only for
+#: ``python -m benchmarks.serve --compare-slots``).
+_CPU_SLOTS = int(os.environ.get("DURABLE_HEAP_SERVE_CPU_SLOTS", "1"))
+
+
 class Service:
     """One process's share of `durable-heap serve`: its heap, its program, the ASGI app.
 
@@ -144,8 +151,11 @@ class Service:
         except BaseException:
             self.heap.close()
             raise
-        self._pool = concurrent.futures.ThreadPoolExecutor(config.threads,
-                                                           thread_name_prefix="durable-heap-call")
+        # One call on the CPU at a time where commits announce their fsync waits (a heap
+        # file: `durable_heap._groupcommit`); elsewhere (a ZEO client, PostgreSQL) a plain
+        # pool, which measured faster there: a commit is several round trips.
+        slots = _CPU_SLOTS if self.heap.target.scheme == "file" else 0
+        self._pool = CallPool(config.threads, slots or config.threads)
         self._stop = threading.Event()
         #: The retries of calls that conflicted, one at a time in this process (`_call`).
         self._retrying = RetryQueue()
@@ -319,7 +329,8 @@ class Service:
                     if n == attempts:
                         note = call_note(name, args, kwargs)
                         raise conflict(n, note, exc.__cause__, how="durable-heap serve --attempts N") from exc
-                pause(n)
+                with waiting():  # (its CPU slot free meanwhile: `CallPool`)
+                    pause(n)
         finally:
             if hot:
                 self._retrying.leave()

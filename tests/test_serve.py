@@ -920,3 +920,61 @@ def test_the_listening_socket_is_tcp_so_asyncio_turns_nagle_off() -> None:
         assert asyncio.run(accepted_nodelay()) != 0
     finally:
         sock.close()
+
+
+SLOW_SERVICE = """
+import time
+
+import slowstats
+from durable_heap import state
+
+state.setdefault("calls", 0)
+
+def slow(ms):
+    with slowstats.running():
+        time.sleep(ms / 1000)  # a request to a slow service elsewhere: no CPU used
+        return state.calls
+
+def most():
+    return slowstats.seen()
+"""
+
+SLOW_STATS = """
+import contextlib
+import threading
+
+lock = threading.Lock()
+now = most = 0
+
+@contextlib.contextmanager
+def running():
+    global now, most
+    with lock:
+        now += 1
+        most = max(most, now)
+    try:
+        yield
+    finally:
+        with lock:
+            now -= 1
+
+def seen():
+    return most
+"""
+
+
+def test_calls_waiting_on_a_slow_service_run_at_once_not_one_after_the_other(tmp_path: Path) -> None:
+    """Serve runs one call on the CPU at a time on a heap file (`durable_heap._callpool`):
+    commits announce their fsync waits, and a call waiting on something else (a socket,
+    a sleep) is found waiting by the pool's watch and gives its slot up. Without that,
+    8 calls of 300 ms each to a slow service would run one after the other."""
+    write(tmp_path / "slowstats.py", SLOW_STATS)
+    s = Served(write(tmp_path / "slow.py", SLOW_SERVICE))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: s.post("/slow", [300]), range(8)))
+        assert [a.status_code for a in answers] == [200] * 8
+        r = s.post("/most")  # (the count lives in the serving process)
+        assert r.status_code == 200 and r.json()["result"] >= 6, r.json()
+    finally:
+        s.stop()

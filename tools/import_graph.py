@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("errors", {"_errors"}),
     ("format", {"_format", "_options", "_zones"}),
     # Targets and their options parsed (no storage opened); the one error map.
-    ("storage primitives", {"_targets", "_errormap"}),
+    ("storage primitives", {"_targets", "_errormap", "_waits"}),
     ("storage backends", {"_fastpickle", "_allow", "_integrity", "_filestorage", "_groupcommit",
                           "_revisions", "_follow",
                           "_zeo_client", "_zeo", "_relstorage"}),
@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("programs", {"_program", "_migrations", "_rewrite", "_stubs", "_types", "_versions"}),
     ("faces", {"_facade", "__init__", "__main__", "cli", "testing", "pytest_plugin", "_zeo_server", "_copy",
                "_zeo_pipeline", "asgi", "wsgi", "_http", "_requests", "_serve", "_inspect", "_parent",
-               "_ops", "_exchange", "_completion", "_rewrite_cli"}),
+               "_ops", "_exchange", "_completion", "_rewrite_cli", "_callpool"}),
 ]
 
 
