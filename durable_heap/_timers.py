@@ -110,14 +110,20 @@ _engine.on_action.append(_on_action)
 
 def _invoke_in(heap: Any, func: Callable[..., Any], seconds: float, /, *args: Any, **kwargs: Any) -> Timer:
     """``action.invoke_in(seconds, *args)``: call the action then, in a scheduler."""
-    return _invoke_at(heap, func, _clock(heap) + float(seconds), *args, **kwargs)
+    return _call_timer(heap, func, "invoke_in", _clock(heap) + float(seconds), args, kwargs)
 
 
 def _invoke_at(heap: Any, func: Callable[..., Any], when: datetime.datetime | float, /,
                *args: Any, **kwargs: Any) -> Timer:
     """``action.invoke_at(when, *args)``: call the action at `when` (a datetime, naive
     meaning UTC, or a timestamp)."""
-    name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.invoke_at")
+    return _call_timer(heap, func, "invoke_at", when, args, kwargs)
+
+
+def _call_timer(heap: Any, func: Callable[..., Any], method: str, when: datetime.datetime | float,
+                args: tuple[Any, ...], kwargs: dict[str, Any]) -> Timer:
+    """A timer calling `func` (its errors name the `method` the user called)."""
+    name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.{method}")
     _warn_if_main(name, "a timer")
     storable(f"the arguments of the timer for {name[1]}", args, kwargs)
     deadline = _timestamp(when)

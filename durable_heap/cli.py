@@ -207,7 +207,8 @@ def _serve_options(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--workers", type=int, default=1, metavar="N",
                      help="N processes on a ZEO server started for the heap file (default 1)")
     srv.add_argument("--threads", type=int, default=16, metavar="N",
-                     help="calls run at once per process (default 16)")
+                     help="calls in flight per process (default 16; on a heap file one is on the CPU "
+                          "at a time, the others wait for their fsync or elsewhere)")
     srv.add_argument("--attempts", type=int, metavar="N",
                      help="tries of a call that meets conflicts before it answers 409 (default 10)")
     srv.add_argument("--debug", action="store_true", help="tracebacks in error answers")

@@ -573,3 +573,22 @@ def test_an_async_workflow_whose_start_transaction_is_retried_stays_in_the_runni
     assert len(calls) >= 2  # the start transaction was retried
     assert running == [wid]
     heap.close()
+
+
+def test_a_timer_for_a_closure_is_refused_naming_the_method_called(tmp_path: Path) -> None:
+    """`invoke_in` said "invoke_at" in its error (it was built on it)."""
+    import durable_heap as dh
+
+    with dh.open(tmp_path / "t.fs") as heap:
+        def make() -> object:
+            @heap.action
+            def inner() -> None:
+                pass
+            return inner
+
+        inner = make()
+        with pytest.raises(dh.WorkflowError, match=r"inner\.invoke_in needs a function defined at the top"):
+            inner.invoke_in(5)  # type: ignore[attr-defined]
+        with pytest.raises(dh.WorkflowError, match=r"inner\.invoke_at needs a function defined at the top"):
+            inner.invoke_at(5.0)  # type: ignore[attr-defined]
+        assert heap.timers() == []
