@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -30,6 +31,26 @@ class _Running:
             self.now -= 1
 
 
+def _most_at_once(*, announced: bool) -> int:
+    """Six calls on a pool of one slot that each wait (saying so, or not) until all six
+    run or 10 s passed: how many ran at once."""
+    pool, running, go = CallPool(6, 1), _Running(), threading.Event()
+
+    def job() -> None:
+        with running, (waiting() if announced else contextlib.nullcontext()):
+            go.wait(10)
+
+    futures = [pool.submit(job) for _ in range(6)]
+    deadline = time.monotonic() + 10
+    while running.now < 6 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    go.set()
+    for f in futures:
+        f.result(10)
+    pool.shutdown()
+    return running.most
+
+
 def test_results_errors_and_shutdown_behave_as_an_executors() -> None:
     pool = CallPool(4, 1)
     assert pool.submit(pow, 2, 10).result(10) == 1024
@@ -45,21 +66,7 @@ def test_results_errors_and_shutdown_behave_as_an_executors() -> None:
 def test_calls_that_announce_their_waits_all_run_at_once_on_one_slot() -> None:
     """A commit waiting for its fsync gives its slot up (`durable_heap._waits`), so one slot
     still lets every thread's commit wait at once: they share fsyncs."""
-    pool, running, go = CallPool(6, 1), _Running(), threading.Event()
-
-    def job() -> None:
-        with running, waiting():
-            go.wait(10)
-
-    futures = [pool.submit(job) for _ in range(6)]
-    deadline = time.monotonic() + 10
-    while running.now < 6 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    go.set()
-    for f in futures:
-        f.result(10)
-    assert running.most == 6
-    pool.shutdown()
+    assert _most_at_once(announced=True) == 6
 
 
 def test_calls_on_the_cpu_are_held_to_the_slots() -> None:
@@ -83,21 +90,7 @@ def test_calls_on_the_cpu_are_held_to_the_slots() -> None:
 def test_calls_that_wait_without_saying_so_are_found_by_the_watch() -> None:
     """A call waiting on a socket, a sleep or a lock uses no CPU: the watch frees its
     slot, so calls to a slow service elsewhere do not run one at a time."""
-    pool, running, go = CallPool(6, 1), _Running(), threading.Event()
-
-    def job() -> None:
-        with running:
-            go.wait(10)  # (not announced)
-
-    futures = [pool.submit(job) for _ in range(6)]
-    deadline = time.monotonic() + 10
-    while running.now < 6 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    go.set()
-    for f in futures:
-        f.result(10)
-    assert running.most == 6
-    pool.shutdown()
+    assert _most_at_once(announced=False) == 6
 
 
 def test_a_group_commits_wait_for_its_fsync_is_announced(tmp_path: Path) -> None:
