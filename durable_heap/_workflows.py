@@ -1207,7 +1207,7 @@ def _in_task(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     heap = run.heap
     if run.create is not None:
         first, run.create = run.create, None
-        attempts: list[WorkflowRecord] = []
+        tried = [False]  # an attempt stored `first` already
 
         def store(conn: Any) -> tuple[float, str]:
             wfs = _tree(conn, WORKFLOWS_KEY)
@@ -1215,8 +1215,8 @@ def _in_task(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 raise _Abandon  # started with the same id meanwhile, elsewhere
             # A retried attempt stores a fresh copy (`_pristine`: the ZODB trap of a
             # new record filled in by an attempt that then aborted).
-            record = first if not attempts else _pristine(first)
-            attempts.append(record)
+            record = _pristine(first) if tried[0] else first
+            tried[0] = True
             wfs[run.wid] = record
             now = _clock(heap)
             start = TimerEntry("run", run.wid, created=now, origin="start")

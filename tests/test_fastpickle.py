@@ -22,6 +22,21 @@ class Point:
     y: int
 
 
+def _count_persistent_ids(monkeypatch: pytest.MonkeyPatch, counting: list[bool] | None = None) -> list[Any]:
+    """The objects ZODB's Python ``persistent_id`` is called for from now on (while
+    ``counting[0]``, when given)."""
+    calls: list[Any] = []
+    real = ZODB.serialize.ObjectWriter.persistent_id
+
+    def persistent_id(self: Any, obj: Any) -> Any:
+        if counting is None or counting[0]:
+            calls.append(obj)
+        return real(self, obj)
+
+    monkeypatch.setattr(ZODB.serialize.ObjectWriter, "persistent_id", persistent_id)
+    return calls
+
+
 def _buckets(state: Any) -> list[Any]:
     return [bucket for bucket, _ in _walk_buckets(state.d._entries)]
 
@@ -72,14 +87,7 @@ def test_a_one_entry_commit_calls_zodbs_persistent_id_a_few_times(tmp_path: Path
     with dh.open(tmp_path / "h.fs") as heap:
         with heap.transaction() as state:
             state.d = {f"k{i}": i for i in range(2_000)}
-        calls: list[Any] = []
-        real = ZODB.serialize.ObjectWriter.persistent_id
-
-        def counting(self: Any, obj: Any) -> Any:
-            calls.append(obj)
-            return real(self, obj)
-
-        monkeypatch.setattr(ZODB.serialize.ObjectWriter, "persistent_id", counting)
+        calls = _count_persistent_ids(monkeypatch)
         with heap.transaction() as state:
             state.d["k500"] = -1
         stored = [obj for obj in calls if isinstance(obj, type)]
@@ -208,16 +216,8 @@ def test_a_step_calls_zodbs_persistent_id_a_few_times(tmp_path: Path,
         heap.state.box["k"] = i
         return i
 
-    calls: list[Any] = []
     counting = [False]
-    real = ZODB.serialize.ObjectWriter.persistent_id
-
-    def persistent_id(self: Any, obj: Any) -> Any:
-        if counting[0]:
-            calls.append(obj)
-        return real(self, obj)
-
-    monkeypatch.setattr(ZODB.serialize.ObjectWriter, "persistent_id", persistent_id)
+    calls = _count_persistent_ids(monkeypatch, counting)
 
     @heap.workflow
     def flow(n: int) -> int:
@@ -360,14 +360,7 @@ def test_a_workflows_end_pickles_no_timer_through_zodbs_persistent_id(
 
     for i in range(20):
         flow(i)
-    calls: list[Any] = []
-    real = ZODB.serialize.ObjectWriter.persistent_id
-
-    def persistent_id(self: Any, obj: Any) -> Any:
-        calls.append(obj)
-        return real(self, obj)
-
-    monkeypatch.setattr(ZODB.serialize.ObjectWriter, "persistent_id", persistent_id)
+    calls = _count_persistent_ids(monkeypatch)
     try:
         flow(20)
         assert [c for c in calls if type(c) is TimerEntry] == []  # before: 21, one per timer

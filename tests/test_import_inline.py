@@ -18,18 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ZODB.FileStorage import FileStorage
 
 import durable_heap as dh
 from durable_heap._exchange import import_data
 
-
-def _records(path: Path) -> int:
-    storage = FileStorage(str(path), read_only=True)
-    try:
-        return len(storage)
-    finally:
-        storage.close()
+from .test_inline import _records
 
 
 def _file(data: Any) -> io.BytesIO:

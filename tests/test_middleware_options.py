@@ -18,6 +18,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("waitress")
 
 from tests.test_middleware import _Uvicorn, _Waitress  # noqa: E402 - after the skips
+from tests.test_middleware_queue import _bump  # noqa: E402
 
 
 def fastapi_app(heap: dh.Heap, seen: dict[str, Any], **options: Any) -> Any:
@@ -84,13 +85,6 @@ def fastapi_app(heap: dh.Heap, seen: dict[str, Any], **options: Any) -> Any:
     return app
 
 
-def _bump(heap: dh.Heap) -> None:
-    def run() -> None:
-        with heap.transaction() as s:
-            s.count += 1000
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
 
 
 def flask_app(heap: dh.Heap, seen: dict[str, Any], **options: Any) -> Any:

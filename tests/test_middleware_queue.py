@@ -166,18 +166,8 @@ APPS = {"fastapi": (fastapi_app, _Uvicorn), "flask": (flask_app, _Waitress)}
 
 
 @pytest.fixture
-def zeo(tmp_path: Path) -> Iterator[ZeoServer]:
-    server = ZeoServer(tmp_path / "zeo" / "app.fs")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def zeo_heap(zeo: ZeoServer) -> Iterator[dh.Heap]:
-    heap = dh.open(zeo.url)
+def zeo_heap(zeo_server: ZeoServer) -> Iterator[dh.Heap]:
+    heap = dh.open(zeo_server.url)
     try:
         with heap.transaction() as s:
             s.count = 0
@@ -295,7 +285,7 @@ def count_sync():                       # a sync view: FastAPI's thread pool
 
 @pytest.mark.slow
 def test_a_storm_through_the_middleware_in_four_uvicorn_workers_over_zeo_commits_every_request(
-    zeo: ZeoServer, zeo_heap: dh.Heap, tmp_path: Path
+    zeo_server: ZeoServer, zeo_heap: dh.Heap, tmp_path: Path
 ) -> None:
     """50 requests at once on one entry, twice per view kind, spread over four worker
     processes that share the heap through ZEO, with the default 10 tries: each request
@@ -305,7 +295,7 @@ def test_a_storm_through_the_middleware_in_four_uvicorn_workers_over_zeo_commits
     here, a request runs out of its 10 tries; docs/api.md says so.)"""
     (tmp_path / "storm_app.py").write_text(APP)
     port = _free_port()
-    env = {**os.environ, "DH_TEST_TARGET": zeo.url}
+    env = {**os.environ, "DH_TEST_TARGET": zeo_server.url}
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "storm_app:app", "--app-dir", str(tmp_path), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "4", "--log-level", "warning"],
