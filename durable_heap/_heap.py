@@ -110,6 +110,10 @@ after_commit: list[Callable[[HeapEngine], None]] = []
 on_action: list[Callable[[HeapEngine, Callable[..., Any], Callable[..., Any]], None]] = []
 call_action: Callable[..., Any] | None = None
 call_async_action: Callable[..., Awaitable[Any]] | None = None  # the same for async actions
+#: `begin(heap, conn)`, when set, runs before each outermost transaction begins on `conn`; it
+#: may raise (nothing is begun then), and what it returns, if not None, runs before that
+#: transaction's commit (a workflow body refuses changes made outside its steps).
+begin: Callable[[HeapEngine, Any], Callable[[], None] | None] | None = None
 
 
 class HeapStatus(enum.Enum):
@@ -1086,6 +1090,7 @@ class _Transaction:
     def __enter__(self) -> None:
         heap, local = self.heap, self.local
         self.tm = tm = local.tm
+        check = begin(heap, local.conn) if begin is not None else None
         try:
             txn = tm.begin()  # under ZEO, asks the server for the latest commits
         except BaseException as exc:
@@ -1096,6 +1101,8 @@ class _Transaction:
             raise
         if self.note:
             txn.note(self.note)
+        if check is not None:
+            txn.addBeforeCommitHook(check)
         self.txn = txn
         local.depth = 1
 

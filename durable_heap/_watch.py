@@ -43,6 +43,7 @@ from ._zones import ensure as ensure_zones
 __all__ = [
     "BEFORE_COMMIT",
     "ORPHANS_MAX",
+    "changed_outside",
     "check_writable",
     "forget_reads",
     "notes_of",
@@ -53,6 +54,7 @@ __all__ = [
     "view_changes",
     "watch",
     "watched_plain_ids",
+    "watched_records",
 ]
 
 
@@ -437,15 +439,58 @@ def view_changes(jar: Any) -> str | None:
         return path_of(changed[0])
     w = jar.__dict__.get("_dh_watch")
     for obj, base in list(w.items.values()) if w is not None else ():
-        if obj._p_changed is False:
-            try:
-                same = snapshot(obj.__getstate__()) == base
-            except Exception:  # noqa: BLE001 - changed into something unpicklable
-                same = False
-            if not same:
-                plain = _plain_values(obj)
-                return path_of(obj) + (plain[0][0] if len(plain) == 1 else "")
+        path = _changed_in_place(obj, base)
+        if path is not None:
+            return path
     return None
+
+
+def _changed_in_place(obj: Any, base: bytes) -> str | None:
+    """The path of the plain value of watched record `obj` changed in place since its
+    snapshot `base` was taken, or None (unchanged, saved anyway, or a ghost again)."""
+    if obj._p_changed is not False:
+        return None
+    try:
+        same = snapshot(obj.__getstate__()) == base
+    except Exception:  # noqa: BLE001 - changed into something unpicklable
+        same = False
+    if same:
+        return None
+    plain = _plain_values(obj)
+    return path_of(obj) + (plain[0][0] if len(plain) == 1 else "")
+
+
+def watched_records(jar: Any) -> frozenset[int]:
+    """Ids of the records `jar`'s watch holds now (to leave to `changed_outside` later)."""
+    w = jar.__dict__.get("_dh_watch")
+    return frozenset(w.items) if w is not None and w.items else frozenset()
+
+
+def changed_outside(jar: Any, keep: frozenset[int] = frozenset()) -> str | None:
+    """The path of a plain value changed in place outside any transaction, or None.
+
+    A plain object (a dataclass) cannot refuse a change as durable objects do
+    (`check_writable`): one read from state outside a transaction and changed
+    there would be saved by the next transaction of the thread, which the watch
+    hooks (concepts.md says so). A workflow body must not change state at all
+    (`durable_heap._workflows`): before each transaction begun in one, this finds
+    such a change by its record's snapshot and drops it, ghosting the record (the
+    next read loads it afresh), so that no commit can save it. `keep`: ids of
+    records watched before (`watched_records`), not looked at.
+    """
+    w = jar.__dict__.get("_dh_watch")
+    if w is None or not w.items:  # the common case: nothing read outside a transaction
+        return None
+    found = None
+    for key, (obj, base) in list(w.items.items()):
+        if key in keep:
+            continue
+        path = _changed_in_place(obj, base)
+        if path is not None:
+            found = found or path
+            del w.items[key]
+            obj._p_invalidate()
+    return found
 
 
 # -- PROTECTED: ZODB's private Connection attributes we read ----------------------------------

@@ -62,7 +62,7 @@ from BTrees.IOBTree import IOBTree, IOBucket
 from BTrees.OOBTree import OOBTree, OOBucket
 from persistent import Persistent
 
-from . import _fastpickle
+from . import _fastpickle, _watch
 from . import _heap as _engine
 from ._errors import (
     ConflictError,
@@ -75,6 +75,7 @@ from ._errors import (
 )
 from ._format import FORMAT_KEY, JOURNAL_FORMAT, WORKFLOW_KEYS
 from ._kinds import ATOMIC as _ATOMIC
+from ._paths import path_of
 from ._retry import call_note
 from ._snapshot import _NotingPickler
 
@@ -626,6 +627,10 @@ class _Run:
         self.is_async = inspect.iscoroutinefunction(func.func)
         self.code = code_hash(func.func)
         self._wfs: Any = None  # the workflows tree, as last read by `_begin`
+        self.writing = False  # in one of the run's own transactions that end no step (`transact`)
+        # Records the thread's watch held before the body ran (a caller's reads outside
+        # a transaction): their changes are the caller's, not the body's (`_begin_hook`).
+        self.outside = _watch.watched_records(heap.connection)
 
     # journal -----------------------------------------------------------------------
 
@@ -674,7 +679,11 @@ class _Run:
                 self._end(rec, conn, now)
             return result
 
-        result = heap._run(body, (), {}, note, heap.max_attempts)
+        writing, self.writing = self.writing, True
+        try:
+            result = heap._run(body, (), {}, note, heap.max_attempts)
+        finally:
+            self.writing = writing
         self.committed = len(self.entries) + appended
         self.claim = self.create = None
         return result
@@ -1286,9 +1295,11 @@ def _settle(run: _Run, exc: BaseException) -> None:
         return
     if isinstance(exc, (ConflictError, StorageError)):
         raise exc  # the heap's trouble, not the workflow's: it stays running, its lease brings it back
-    if isinstance(exc, (NoTransactionError, _Rebound)):
+    if isinstance(exc, (NoTransactionError, _Rebound, transaction.interfaces.NoTransaction)):
         if isinstance(exc, _Rebound):
             changed = f"rebound the durable global {exc.args[0]}"
+        elif not isinstance(exc, NoTransactionError):  # ZODB's own: a raw persistent.Persistent
+            changed = "changed a persistent object (ZODB refused it: no transaction)"
         else:
             changed = "changed " + _global_path(run, str(exc).split(" was changed", 1)[0])
         msg = (
@@ -1340,6 +1351,9 @@ def _settle_done(run: _Run, result: Any) -> None:
     try:
         run.finish("done", result)
     except (_Abandon, _Suspend):
+        return
+    except NoTransactionError as exc:  # the body changed state after its last step (`_begin_hook`)
+        _settle(run, exc)
         return
     except Exception as exc:  # noqa: BLE001 - re-raised unless its result cannot be stored
         error = _unstorable(f"the result of the workflow {run.func.label}", result, exc)
@@ -1591,6 +1605,50 @@ async def _call_async_action(heap: Any, func: Callable[..., Any], args: tuple[An
 
 _engine.call_action = _call_action
 _engine.call_async_action = _call_async_action
+
+
+def _begin_hook(heap: Any, conn: Any) -> Callable[[], None] | None:
+    """The engine's `begin` hook: a workflow body changes no state outside its steps.
+
+    Durable objects refuse a change made outside a transaction at once
+    (`_watch.check_writable`); a plain object (a dataclass) held in a record
+    cannot, and the watch would save it with the next transaction of the thread,
+    which in a body is the run's next step or its end: a change that every replay
+    would make again. So before each transaction begins in a body, such a change
+    is found, dropped and refused (`_watch.changed_outside`: the body, or the
+    finish, raises `NoTransactionError`, which `_settle` makes the workflow's
+    error). And a transaction the body opens itself (``with heap.transaction()``,
+    outside a step) may read, but a change in it is refused at its commit.
+    """
+    run = _current.get()
+    if run is None or run.heap is not heap:
+        return None
+    thread_conn = heap._local.conn  # a task's transaction runs on a connection of its own
+    for c in (conn, thread_conn) if thread_conn is not conn and thread_conn is not None else (conn,):
+        path = _watch.changed_outside(c, run.outside)
+        if path is not None:
+            raise NoTransactionError(
+                f"{path} was changed in the body of the workflow {run.func.label}, outside a "
+                "step (the change was dropped). Move it into an action that the workflow calls."
+            )
+    if run.in_step or run.writing or run.check:
+        return None
+    return functools.partial(_refuse_body_changes, run, conn)
+
+
+def _refuse_body_changes(run: _Run, conn: Any) -> None:
+    """Before the commit of a transaction a workflow body opened itself: refuse a change."""
+    changed = _watch.changed_objects(conn)
+    path = path_of(changed[0]) if changed else _watch.view_changes(conn)
+    if path is not None:
+        raise NoTransactionError(
+            f"{path} was changed in a transaction of the body of the workflow {run.func.label}, "
+            "outside a step (nothing was committed). Move the change into an action that the "
+            "workflow calls."
+        )
+
+
+_engine.begin = _begin_hook
 
 
 def _in_transaction(heap: Any, what: str, func: Callable[[Any], Any]) -> Any:
@@ -2280,8 +2338,17 @@ def replay(heap: Any, wid: str) -> Any:
             ) from None
         finally:
             _current.reset(token)
+        changed = _watch.changed_objects(conn)
+        path = path_of(changed[0]) if changed else _watch.view_changes(conn)
+        if path is not None:
+            raise WorkflowError(
+                f"replaying workflow {wid}: its body changed {path} outside a step (a replay "
+                "changes nothing: the change was dropped). Move it into an action."
+            )
         return result
-    return _txn(heap, read, f"workflow {wid}: replay")
+    # Read-only: always aborted (a change the body makes is refused above, never kept).
+    with _engine.read_transaction(heap) as conn:
+        return read(conn)
 
 
 def _replay_check(heap: Any, rec: WorkflowRecord) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import persistent
 import pytest
 
 import durable_heap as dh
@@ -157,6 +160,141 @@ def test_the_body_may_not_change_state(wheap: dh.Heap) -> None:
     with pytest.raises(dh.WorkflowError, match=r"changed state.counts.* outside a step.*action"):
         h.result()
     assert "x" not in wheap.state.counts
+
+
+@dataclasses.dataclass
+class Settings:
+    """A plain object held in a record (the watch saves its in-place changes)."""
+
+    retries: int = 0
+
+
+class RawCounter(persistent.Persistent):
+    """A raw ZODB persistent class (not a durable_heap Object)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+@pytest.mark.parametrize("where", ["between steps", "after the last step"])
+@pytest.mark.parametrize("held", ["state.settings", "state.counts['ann']"])
+def test_a_plain_object_changed_in_the_body_is_refused_not_saved_by_the_next_step(
+        wheap: dh.Heap, tmp_path: Path, where: str, held: str) -> None:
+    """Issue 14 point 3: a plain object cannot refuse a change made outside a
+    transaction as durable objects do, and the watch saved it with the next step (or the
+    workflow's end), a change every replay would make again. It is refused and dropped."""
+    with wheap.transaction() as state:
+        state.settings = Settings()
+        state.counts["ann"] = Settings()
+
+    def settings() -> Settings:
+        return wheap.state.settings if held == "state.settings" else wheap.state.counts["ann"]
+
+    @wheap.action
+    def bump(key: str) -> None:
+        wheap.state.counts[key] = wheap.state.counts.get(key, 0) + 1
+
+    @wheap.workflow
+    def meddles() -> str:
+        bump("first")
+        if where == "between steps":
+            settings().retries += 1
+        bump("second")
+        if where == "after the last step":
+            settings().retries += 1
+        return "done"
+
+    h = meddles()
+    assert h.status == "failed"
+    refused = rf"changed {re.escape(held)} in its body, outside a step.*action"
+    with pytest.raises(dh.WorkflowError, match=refused):
+        h.result()
+    assert settings().retries == 0  # dropped: not saved by the step or the end
+    assert wheap.state.counts.get("second") == (None if where == "between steps" else 1)
+    wheap.close()
+    with dh.open(tmp_path / "wf.fs") as again:
+        with again.transaction() as state:
+            held_now = state.settings if held == "state.settings" else state.counts["ann"]
+            assert held_now.retries == 0
+
+
+def test_a_transaction_the_body_opens_may_read_but_not_change_state(wheap: dh.Heap) -> None:
+    """``with heap.transaction()`` in a body, outside a step, committed its change: one that
+    every replay would make again. Reading in one is fine; a change is refused at its commit."""
+    @wheap.workflow
+    def reads() -> int:
+        with wheap.transaction() as state:
+            return len(state.counts)
+
+    @wheap.workflow
+    def writes() -> None:
+        with wheap.transaction() as state:
+            state.counts["x"] = 1
+
+    assert reads().result() == 0
+    h = writes()
+    assert h.status == "failed"
+    with pytest.raises(dh.WorkflowError, match=r"changed state.counts in its body, outside a step"):
+        h.result()
+    assert "x" not in wheap.state.counts
+
+
+def test_a_raw_persistent_object_changed_in_the_body_fails_the_workflow_saying_why(wheap: dh.Heap) -> None:
+    """ZODB refuses it (no transaction); the workflow's error said only
+    ``transaction.interfaces.NoTransaction``."""
+    with wheap.transaction() as state:
+        state.raw = RawCounter()
+
+    @wheap.workflow
+    def meddles() -> None:
+        wheap.state.raw.n += 1
+
+    h = meddles()
+    with pytest.raises(dh.WorkflowError, match=r"changed a persistent object .* in its body, outside a step"):
+        h.result()
+    assert wheap.state.raw.n == 0
+
+
+def test_a_plain_change_the_caller_made_before_starting_a_workflow_stays_the_callers(wheap: dh.Heap) -> None:
+    """Outside workflows the documented rule holds (concepts.md): a plain object changed
+    outside any transaction is saved by the thread's next transaction. A workflow started
+    then is not blamed for it."""
+    with wheap.transaction() as state:
+        state.settings = Settings()
+
+    @wheap.action
+    def bump() -> None:
+        wheap.state.counts["n"] = 1
+
+    @wheap.workflow
+    def clean() -> str:
+        bump()
+        return "ok"
+
+    wheap.state.settings.retries = 5  # the caller's, outside a transaction
+    assert clean().result() == "ok"
+    assert wheap.state.settings.retries == 5
+
+
+def test_a_replay_changes_nothing(wheap: dh.Heap) -> None:
+    """A read-only replay (`_workflows.replay`) ran the body in a transaction that it
+    committed: a body that changes state on replay had its change kept."""
+    from durable_heap import _workflows
+
+    meddle = {"on": False}
+
+    @wheap.workflow
+    def flow() -> str:
+        if meddle["on"]:
+            wheap.state.counts["replayed"] = 1
+        return "ok"
+
+    h = flow()
+    assert h.result() == "ok"
+    meddle["on"] = True
+    with pytest.raises(dh.WorkflowError, match=r"replaying workflow .* changed state.counts outside a step"):
+        _workflows.replay(wheap, h.id)
+    assert "replayed" not in wheap.state.counts
 
 
 def test_a_step_that_raises_is_journaled_and_raised_again_on_replay(wheap: dh.Heap, clock: Clock) -> None:
