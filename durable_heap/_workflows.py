@@ -628,6 +628,8 @@ class _Run:
         self.code = code_hash(func.func)
         self._wfs: Any = None  # the workflows tree, as last read by `_begin`
         self.writing = False  # in one of the run's own transactions that end no step (`transact`)
+        # Its wait is recorded and `_Suspend` raised (True; "said": `_gone_on` logged it).
+        self.suspended: bool | str = False
         # Records the thread's watch held before the body ran (a caller's reads outside
         # a transaction): their changes are the caller's, not the body's (`_begin_hook`).
         self.outside = _watch.watched_records(heap.connection)
@@ -636,6 +638,8 @@ class _Run:
 
     def next(self, kind: str, name: str, detail: Any = None) -> JournalEntry | None:
         """The journal's entry for what the body does now (checked), or None when new."""
+        if self.suspended:
+            raise _gone_on(self)  # a body that caught its suspension goes no further
         if self.cursor < len(self.entries):
             entry = self.entries[self.cursor]
             if entry.kind != kind or entry.name != name:
@@ -669,6 +673,8 @@ class _Run:
         """One transaction of this run: pending entries, `work`, the lease; `appended`:
         how many journal entries `work` adds."""
         heap = self.heap
+        if self.suspended:
+            raise _gone_on(self)
 
         def body() -> Any:  # (`_txn`'s, inlined: a step is on the hot path)
             conn = heap.connection
@@ -820,6 +826,8 @@ class _Run:
         entry = self._journaled_step(name, detail, "started")
         if entry is not None:
             return _fresh(entry.value)
+        if self.suspended:
+            raise _gone_on(self)
         heap = self.heap
         number = len(self.entries) + 1
         failure: list[BaseException] = []
@@ -894,6 +902,7 @@ class _Run:
             return True
 
         if self.transact(work, f"workflow {self.wid} waits: {waiting[0]} {waiting[1:]}"):
+            self.suspended = True
             raise _Suspend
         return False
 
@@ -1284,10 +1293,27 @@ def _prepare(heap: Any, wid: str, claim: tuple[float, str] | None, create: Workf
     return run, rec_args, rec_kwargs
 
 
+def _gone_on(run: _Run) -> _Suspend:
+    """The suspension again, for `run`'s body that went on after its wait was recorded,
+    having caught the suspension (``except BaseException:`` or a bare ``except:`` around
+    the wait): each step, wait or end it reaches raises it again, so nothing it does is
+    kept, and the workflow waits, as recorded (said once in the log)."""
+    if run.suspended != "said":
+        run.suspended = "said"
+        _log.warning(
+            "workflow %s (%s): its body caught the suspension of its wait (an `except "
+            "BaseException:` or a bare `except:` around it) and went on; nothing it did after "
+            "was kept, and the workflow waits. Catch Exception instead.", run.wid, run.func.label)
+    return _Suspend()
+
+
 def _settle(run: _Run, exc: BaseException) -> None:
     """What the body's exception makes of the workflow: waiting, blocked or failed (or
     re-raised: the heap's trouble, or not an Exception)."""
     if isinstance(exc, (_Suspend, _Abandon)):
+        return
+    if run.suspended and isinstance(exc, Exception):
+        _gone_on(run)
         return
     if isinstance(exc, NonDeterminismError):
         run.finish("blocked", reason=str(exc))
@@ -1348,6 +1374,9 @@ def _refuse_rebound(body: Callable[..., Any], *, refuse: bool = True) -> None:
 
 
 def _settle_done(run: _Run, result: Any) -> None:
+    if run.suspended:
+        _gone_on(run)
+        return
     try:
         run.finish("done", result)
     except (_Abandon, _Suspend):

@@ -297,6 +297,36 @@ def test_a_replay_changes_nothing(wheap: dh.Heap) -> None:
     assert "replayed" not in wheap.state.counts
 
 
+def test_a_body_that_catches_its_suspension_goes_no_further_and_waits(
+        wheap: dh.Heap, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14 point 4: the suspension is a BaseException, which ``except BaseException:``
+    (or a bare ``except:``) still catches. Such a body went on past its wait: it ran its
+    next step and finished "done" with what it caught. Now every step, wait or end after
+    the suspension raises it again, and the workflow waits, as its record says."""
+    @wheap.action
+    def bump(key: str) -> None:
+        wheap.state.counts[key] = wheap.state.counts.get(key, 0) + 1
+
+    @wheap.workflow
+    def swallows() -> Any:
+        bump("before")
+        try:
+            value = dh.promise("reply").wait()
+        except BaseException as exc:  # noqa: BLE001 - what the test is about
+            value = f"caught {type(exc).__name__}"
+        bump("after")
+        return value
+
+    h = swallows()
+    assert h.status == "waiting"
+    assert wheap.state.counts == {"before": 1}
+    assert "caught the suspension of its wait" in caplog.text
+    assert dh.resolve("reply", "yes") is True
+    assert wheap.run_due() == 1
+    assert h.result() == "yes"
+    assert wheap.state.counts == {"before": 1, "after": 1}
+
+
 def test_a_step_that_raises_is_journaled_and_raised_again_on_replay(wheap: dh.Heap, clock: Clock) -> None:
     calls: list[int] = []
 
