@@ -24,7 +24,9 @@ tag, is an error, never read as data. The tags:
 ``$dict``             ``[[key, value], ...]``: a dict with a key that is not a
                       string, or a string starting with ``$`` (else a JSON object)
 ``$datetime``         ISO text (offset kept); ``[iso, "Europe/Paris"]`` for a
-                      zoneinfo zone. ``$date``, ``$time`` ISO text
+                      zoneinfo zone (its wall time comes back as written, also
+                      in a daylight-saving gap or repeated hour). ``$date``,
+                      ``$time`` ISO text
 ``$timedelta``        ``[days, seconds, microseconds]``
 ``$decimal``          its text (``"1.10"``: digits kept); ``$fraction`` ``"1/3"``
 ``$complex``          ``[real, imag]``; ``$uuid`` its text
@@ -444,7 +446,15 @@ def _datetime(v: Any) -> datetime.datetime:
         import zoneinfo
 
         text, zone = v
-        return datetime.datetime.fromisoformat(_str(text)).astimezone(zoneinfo.ZoneInfo(_str(zone)))
+        at, tz = datetime.datetime.fromisoformat(_str(text)), zoneinfo.ZoneInfo(_str(zone))
+        # The wall time as written, in the zone, with the fold its offset says: a time in
+        # a spring gap (02:00 Europe/Paris on a change day, which `astimezone` makes 03:00,
+        # the same instant) or the repeated autumn hour comes back as it was stored.
+        for fold in (0, 1):
+            local = at.replace(tzinfo=tz, fold=fold)
+            if local.utcoffset() == at.utcoffset():
+                return local
+        return at.astimezone(tz)  # an offset the zone never had there: the same instant
     return datetime.datetime.fromisoformat(_str(v))
 
 
