@@ -567,7 +567,15 @@ def _unpack_error(packed: tuple[str, str, tuple[Any, ...], str]) -> BaseExceptio
         for part in qualname.split("."):
             obj = getattr(obj, part)
         if isinstance(obj, type) and issubclass(obj, Exception):
-            return obj(*args) if args else obj(text)  # type: ignore[no-any-return]
+            try:
+                return obj(*args) if args else obj(text)  # type: ignore[no-any-return]
+            except Exception:  # noqa: BLE001 - its __init__ takes other arguments than its args
+                # Of its type all the same (an ``except Custom:`` in the body matches on
+                # replay as at the first run), with its args and so its message, as
+                # BaseException.__new__ makes it; what its own __init__ set is not kept.
+                exc = obj.__new__(obj, *args)
+                exc.args = args if args else (text,)
+                return exc  # type: ignore[no-any-return]
     except Exception:  # noqa: BLE001,S110 - fall back to a description
         pass
     return WorkflowError(f"{module}.{qualname}: {text}")
@@ -870,6 +878,12 @@ class _Run:
 
     def _journal_error(self, name: str, detail: str, number: int, exc: BaseException) -> None:
         packed = _pack_error(exc)
+        if type(_unpack_error(packed)) is not type(exc):
+            _log.warning(
+                "workflow %s step %d (%s) raised %s, a class that cannot be found by its name "
+                "%s.%s (defined in a function?): a replay raises WorkflowError in its place. Raise "
+                "an exception class defined at module level.", self.wid, number, detail,
+                type(exc).__name__, packed[0], packed[1])
         now = _clock(self.heap)
 
         def journal_error(rec: WorkflowRecord, conn: Any, at: float) -> None:

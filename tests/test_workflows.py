@@ -327,6 +327,37 @@ def test_a_body_that_catches_its_suspension_goes_no_further_and_waits(
     assert wheap.state.counts == {"before": 1, "after": 1}
 
 
+class CodedError(Exception):
+    """An exception whose __init__ takes other arguments than it passes on."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def test_a_step_error_whose_init_takes_other_arguments_is_raised_again_of_its_type(
+        wheap: dh.Heap, clock: Clock) -> None:
+    """Replayed, it became a WorkflowError (``CodedError(*args)`` fails): an ``except
+    CodedError:`` in the body matched at the first run and not after the wake."""
+    @wheap.action
+    def fails() -> None:
+        raise CodedError(5, "bad")
+
+    @wheap.workflow
+    def flow() -> str:
+        try:
+            fails()
+        except CodedError as exc:
+            caught = f"{type(exc).__name__}: {exc}"
+        dh.sleep(10)
+        return caught
+
+    h = flow()
+    clock.advance(11)
+    assert wheap.run_due() == 1
+    assert h.result() == "CodedError: 5: bad"
+
+
 def test_a_step_that_raises_is_journaled_and_raised_again_on_replay(wheap: dh.Heap, clock: Clock) -> None:
     calls: list[int] = []
 
