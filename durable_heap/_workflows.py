@@ -556,7 +556,10 @@ def find(name: tuple[str, str]) -> Any:
 def _pack_error(exc: BaseException) -> tuple[str, str, tuple[Any, ...], str]:
     tp = type(exc)
     args = exc.args if all(isinstance(a, (str, int, float, bool, type(None))) for a in exc.args) else ()
-    return (tp.__module__, tp.__qualname__, args, str(exc))
+    # durable_heap's own errors by their public name (durable_heap.WorkflowError, as users
+    # import them), not their private module's.
+    module = "durable_heap" if tp.__module__ == "durable_heap._errors" else tp.__module__
+    return (module, tp.__qualname__, args, str(exc))
 
 
 def _unpack_error(packed: tuple[str, str, tuple[Any, ...], str]) -> BaseException:
