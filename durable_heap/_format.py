@@ -33,6 +33,9 @@ and, once durable execution (`_workflows`, since 0.4) has been used::
     "durable_heap.dead_letters"      -> OOBTree  seq -> TimerEntry
     "durable_heap.waiting"           -> OOBTree  (module, qualname, code hash, id) -> True
     "durable_heap.by_status"         -> OOBTree  status -> OOBTree (created, id) -> True
+    "durable_heap.retention"         -> OOBTree  (deadline, id) -> True: ended workflows whose
+                                        journal is dropped then (written since 0.4's session 11;
+                                        before, a "prune" TimerEntry in the timers, still read)
 
 Record layouts (the attributes each persistent class pickles; ZODB stores
 ``(class path, state)`` per record, the state being the instance ``__dict__``
@@ -69,7 +72,8 @@ unless the class says otherwise):
   buckets of 8) step -> entry: since format 4 a plain tuple ``(kind, name,
   detail, value, error, at)`` (``JournalEntry.stored``); in format 3, a
   ``JournalEntry`` (still read, and appended to with tuples),
-  ``length``, ``retention``, ``code`` (its function's code hash), ``indexed`` key.
+  ``length``, ``retention``, ``code`` (its function's code hash), ``indexed`` key,
+  ``retained`` key (in the retention tree; absent in records written before it).
 * ``_workflows.PromiseRecord``: ``name``, ``resolved``, ``value``, ``at``, ``waiters``.
 * Inline (not persistent; pickled inside the bucket that holds them, state a tuple):
   ``_workflows.JournalEntry`` (kind, name, detail, value, error, at; written
@@ -134,6 +138,7 @@ WORKFLOW_KEYS: tuple[str, ...] = (
     "durable_heap.dead_letters",
     "durable_heap.waiting",
     "durable_heap.by_status",
+    "durable_heap.retention",
 )
 
 #: The heap format every heap gets (at creation, or raised to it at open).

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import datetime
 import functools
+import itertools
 import logging
 import random as _random
 import signal
@@ -44,6 +45,7 @@ from ._workflows import (
     DEAD_KEY,
     DEFAULT_LEASE,
     DEFAULT_RETENTION,
+    RETENTION_KEY,
     STATUS_KEY,
     STATUSES,
     SUBSCRIPTIONS_KEY,
@@ -51,7 +53,6 @@ from ._workflows import (
     TIMERS_KEY,
     WORKFLOWS_KEY,
     CronEntry,
-    Journal,
     TimerEntry,
     Workflow,
     WorkflowFunction,
@@ -74,8 +75,8 @@ from ._workflows import (
     _txn,
     _utc,
     _warn_if_main,
+    drop_journal,
     find,
-    journal_length,
     last_seen,
     name_of,
     reindex,
@@ -215,6 +216,13 @@ class Timer:
             for key in _keys_of(timers, self.key):
                 del timers[key]
                 return True
+            kept = _peek(conn, RETENTION_KEY)
+            if self.kind == "prune" and kept is not None and self.key in kept:
+                del kept[self.key]  # the journal is kept, then
+                rec = _tree(conn, WORKFLOWS_KEY).get(self.key[1])
+                if rec is not None and rec.retained == self.key:
+                    rec.retained = None
+                return True
             return False
         return bool(_in_transaction(self.heap, f"cancel timer {self.id}", work))
 
@@ -278,7 +286,8 @@ def _fire_one(heap: Any) -> int | None:
         now = _clock(heap)
         key = _due_key(conn, now)
         if key is None:
-            return None
+            state["key"] = (now, "retention")
+            return _prune_due(conn, now) or None
         timers = _tree(conn, TIMERS_KEY)
         entry = timers[key]
         state["key"], state["entry"] = key, entry
@@ -299,13 +308,12 @@ def _fire_one(heap: Any) -> int | None:
                 conn.prefetch(rec.journal)
             state["known"] = _known(conn, rec)
             return 1  # the run's first transaction removes the timer (a wake is one transaction)
-        if entry.kind == "prune":
+        if entry.kind == "prune":  # a heap's from before the retention tree (`_prune_due`)
             del timers[key]
             rec = _tree(conn, WORKFLOWS_KEY).get(entry.target)
             if rec is not None and rec.timer == key:
                 rec.timer = None
-                rec.length = journal_length(rec)
-                rec.journal = Journal()  # the finished workflow keeps status and result
+                drop_journal(rec)
             return 1
         del timers[key]
         if entry.kind == "cron":
@@ -353,6 +361,27 @@ def _fire_one(heap: Any) -> int | None:
             # Not the workflow's failure: its lease (or its timer) brings it back.
             _log.warning("workflow %s stopped: %s", state["run"], exc)
     return done  # type: ignore[no-any-return]
+
+
+#: Journals dropped at most per transaction (`_prune_due`).
+PRUNE_BATCH = 100
+
+
+def _prune_due(conn: Any, now: float) -> int:
+    """Drop the journals of the ended workflows whose retention has passed (up to
+    `PRUNE_BATCH`, in the transaction in progress); how many entries went."""
+    kept = _peek(conn, RETENTION_KEY)
+    if not kept or kept.minKey()[0] > now:  # a BTree's truth and minKey: O(1), O(log n)
+        return 0
+    keys = list(itertools.islice(kept.keys(max=(now, "\uffff")), PRUNE_BATCH))
+    wfs = _peek(conn, WORKFLOWS_KEY)
+    for key in keys:
+        del kept[key]
+        rec = wfs.get(key[1]) if wfs is not None else None
+        if rec is not None and rec.retained == key:  # (not retried since)
+            rec.retained = None
+            drop_journal(rec)
+    return len(keys)
 
 
 def _take_over(heap: Any) -> int:
@@ -773,7 +802,9 @@ class WorkflowMethods:
         def read(conn: Any) -> float | None:
             timers = _peek(conn, TIMERS_KEY)
             self._wf_watched = _front_oids(conn, timers)
-            return timers.minKey()[0] if timers else None
+            kept = _peek(conn, RETENTION_KEY)
+            firsts = [t.minKey()[0] for t in (timers, kept) if t]
+            return min(firsts) if firsts else None
         return _txn(self, read, "durable_heap: next deadline")  # type: ignore[no-any-return]
 
     def workflows(self, status: str | None = None) -> list[Workflow]:
@@ -800,6 +831,11 @@ class WorkflowMethods:
                 timers = _peek(conn, TIMERS_KEY)
                 for key, entry in (timers.items() if timers is not None else ()):
                     out.append(Timer(self, key, cron=by_key.get(key), entry=entry))
+                kept = _peek(conn, RETENTION_KEY)
+                if kept:  # the ended workflows' journals to drop: "prune" timers, as listed before
+                    out += [Timer(self, key, entry=TimerEntry("prune", key[1], origin="retention"))
+                            for key in kept.keys()]
+                    out.sort(key=lambda t: t.key)
             if dead is not False:
                 letters = _peek(conn, DEAD_KEY)
                 for seq, entry in (letters.items() if letters is not None else ()):

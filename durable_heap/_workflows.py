@@ -110,8 +110,12 @@ _log = logging.getLogger("durable_heap.workflows")
 # STATUS_KEY's tree, status -> OOBTree (created, id) -> True, lists the workflows by
 # status, so that listing those of one status reads only them; one set per status, so
 # that the transient "running" one stays small and cheap to write.
+# RETENTION_KEY's tree, (deadline, id) -> True, lists the ended workflows whose journal
+# is dropped at that deadline (`retain`): plain keys, cheap to write at each end, where a
+# "prune" TimerEntry in the timers' last bucket (written before it, still fired) made a
+# workflow's end rewrite a bucket of TimerEntry objects.
 (WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY,
- WAITING_KEY, STATUS_KEY) = WORKFLOW_KEYS
+ WAITING_KEY, STATUS_KEY, RETENTION_KEY) = WORKFLOW_KEYS
 
 #: Seconds a runner holds a running workflow between two of its transactions;
 #: after that a scheduler takes it over (its runner is presumed dead).
@@ -222,6 +226,9 @@ class WorkflowRecord(Persistent):
     #: Steps last replayed with other arguments than their journal entry's: number (from
     #: 0) -> the call as replayed. A class default: records written before it lack it.
     replayed: dict[int, str] | None = None
+    #: Its key in RETENTION_KEY's tree once it ended (`retain`). A class default: records
+    #: written before the tree have a "prune" timer (`timer`) instead.
+    retained: tuple[float, str] | None = None
 
 
 def _pristine(rec: WorkflowRecord) -> WorkflowRecord:
@@ -931,8 +938,7 @@ class _Run:
             rec.result, rec.error, rec.reason = result, error, reason
             if status in _FINAL:
                 rec.finished = now
-                rec.timer = _add_timer(conn, now + rec.retention, TimerEntry("prune", self.wid, created=now,
-                                                                              origin="retention"))
+                retain(conn, rec, now)
 
         self.transact(work, f"workflow {self.wid} {status}")
 
@@ -1020,11 +1026,31 @@ def last_seen(rec: WorkflowRecord) -> float:
 
 
 def _drop_timer(conn: Any, rec: WorkflowRecord) -> None:
+    """Remove `rec`'s timer, and its place in the retention tree (a retried workflow)."""
     if rec.timer is not None:
         timers = _tree(conn, TIMERS_KEY)
         if rec.timer in timers:
             del timers[rec.timer]
         rec.timer = None
+    if rec.retained is not None:
+        kept = _tree(conn, RETENTION_KEY)
+        if rec.retained in kept:
+            del kept[rec.retained]
+        rec.retained = None
+
+
+def retain(conn: Any, rec: WorkflowRecord, now: float) -> None:
+    """`rec` ended: its journal is dropped once its retention has passed (`drop_journal`,
+    run by a scheduler), its status and result kept."""
+    key = (float(now + rec.retention), rec.id)
+    _tree(conn, RETENTION_KEY)[key] = True
+    rec.retained = key
+
+
+def drop_journal(rec: WorkflowRecord) -> None:
+    """Drop the journal of `rec`, which ended more than its retention ago."""
+    rec.length = journal_length(rec)
+    rec.journal = Journal()  # the ended workflow keeps its status and result
 
 
 def _require_run(what: str) -> _Run:
@@ -2147,6 +2173,7 @@ class Workflow:
             _drop_timer(conn, rec)
             now = _clock(self.heap)
             rec.status, rec.since, rec.finished, rec.waiting = "cancelled", now, now, None
+            retain(conn, rec, now)
             reindex(conn, rec)
             return True
         return bool(_in_transaction(self.heap, f"cancel workflow {self.id}", work))

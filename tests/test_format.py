@@ -104,7 +104,7 @@ def test_root_keys_and_format_version() -> None:
     assert _format.WORKFLOW_KEYS == (
         "durable_heap.workflows", "durable_heap.timers", "durable_heap.promises",
         "durable_heap.subscriptions", "durable_heap.crons", "durable_heap.dead_letters",
-        "durable_heap.waiting", "durable_heap.by_status")
+        "durable_heap.waiting", "durable_heap.by_status", "durable_heap.retention")
 
 
 def test_a_new_heap_stores_the_pinned_keys(tmp_path: Path) -> None:
@@ -137,6 +137,7 @@ def test_the_0_1_heap_names_only_pinned_classes_and_opens(tmp_path: Path) -> Non
 # --- heap format 4: journal entries as plain tuples (issue 14, a step's cost) ------------------
 
 JOURNAL_FIXTURE = ROOT / "tests" / "fixtures" / "journal-format3.fs"
+PRUNE_FIXTURE = ROOT / "tests" / "fixtures" / "prune-timers.fs"
 #: main before journal entries became tuples (it reads heap formats 1 to 3).
 BEFORE_TUPLES = "eb25013"
 
@@ -264,3 +265,37 @@ def test_an_older_version_refuses_a_heap_whose_journal_holds_tuples(tmp_path: Pa
                              env=env, capture_output=True, text=True, cwd=tmp_path)
     assert refused.returncode != 0
     assert "heap format 4" in refused.stderr and "newer durable_heap" in refused.stderr
+
+
+def test_a_heap_with_prune_timers_from_before_the_retention_tree_still_drops_journals(tmp_path: Path) -> None:
+    """tests/fixtures/prune-timers.fs (made by tests/fixtures/prune_flows.py with the code
+    before the retention tree) holds a done and a failed workflow, each with a "prune"
+    TimerEntry in the timers tree. The done one's journal is dropped when it is due; the
+    failed one, retried (its journaled failure fails it again), loses its old timer and
+    lists its drop in the new tree."""
+    from durable_heap import _workflows
+    from durable_heap.testing import Clock
+    from tests.fixtures import prune_flows as flows
+
+    path = tmp_path / "prune.fs"
+    shutil.copy(PRUNE_FIXTURE, path)
+    clock = Clock(flows.START + 60)
+    with dh.open(path, clock=clock) as heap:
+        flows.bind(heap)
+        root = heap.connection.root()
+        assert _workflows.RETENTION_KEY not in root
+        assert sorted(e.kind for e in root[_workflows.TIMERS_KEY].values()) == ["prune", "prune"]
+        done, failed = heap.workflow_by_id("done"), heap.workflow_by_id("failed")
+        assert (done.status, failed.status) == ("done", "failed")
+        assert len(done.info["journal"]) == 2 and heap.run_due() == 0
+        assert failed.retry() and heap.run_due() == 1 and failed.status == "failed"
+        kinds = [(t.kind, t.target) for t in heap.timers()]
+        assert kinds == [("prune", "done"), ("prune", "failed")]  # the old timer, the new entry
+        assert len(root[_workflows.TIMERS_KEY]) == 1 and len(root[_workflows.RETENTION_KEY]) == 1
+        clock.advance(flows.RETENTION - 30)  # past the old timer, not the new entry (made at +60)
+        assert heap.run_due() == 1  # the old timer
+        assert done.info["journal"] == [] and len(failed.info["journal"]) == 1  # its failed step
+        clock.advance(60)
+        assert heap.run_due() == 1  # the new entry
+        assert failed.info["journal"] == [] and heap.timers() == []
+        assert done.result() == 3 and failed.status == "failed"  # status and result stay (1 + 2)

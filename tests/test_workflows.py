@@ -1052,7 +1052,7 @@ def test_inspection(wheap: dh.Heap) -> None:
     assert info["waiting_on"]["promise"] == "inspected" and info["journal"][0]["kind"] == "wait"
     assert [t.kind for t in wheap.timers()] == ["run"]
     assert h.cancel() and h.status == "cancelled"
-    assert wheap.timers() == []
+    assert [(t.kind, t.target) for t in wheap.timers()] == [("prune", h.id)]  # its journal's drop
     with pytest.raises(ValueError, match="status must be one of"):
         wheap.workflows(status="sleeping")
 
@@ -1111,6 +1111,33 @@ def test_retention_drops_the_journal_of_finished_workflows(wheap: dh.Heap, clock
     clock.advance(3601)
     wheap.run_due()
     assert h.info["journal"] == [] and h.result() == 1 and h.status == "done"
+
+
+def test_retention_covers_cancelled_workflows_and_a_dropped_prune_keeps_the_journal(
+        wheap: dh.Heap, clock: Clock) -> None:
+    """A cancelled workflow kept its journal for ever (only done and failed ones had a
+    prune timer). Each ended one is listed as a prune timer, whose cancel keeps it."""
+    bump = _counter(wheap)
+
+    @wheap.workflow(retention=3600)
+    def waits() -> int:
+        bump("w")
+        return dh.promise("never").wait()
+
+    @wheap.workflow(retention=3600)
+    def short() -> int:
+        return bump("s")
+
+    cancelled, kept = waits(), short()
+    assert cancelled.cancel()
+    prunes = {t.target: t for t in wheap.timers() if t.kind == "prune"}
+    assert set(prunes) == {cancelled.id, kept.id}
+    assert prunes[kept.id].cancel()
+    clock.advance(3601)
+    assert wheap.run_due() == 1
+    assert cancelled.info["journal"] == [] and cancelled.status == "cancelled"
+    assert len(kept.info["journal"]) == 1 and kept.result() == 1
+    assert wheap.timers() == []
 
 
 
