@@ -26,9 +26,8 @@ import transaction
 from . import _heap
 from ._errors import ConflictError
 from ._heap import HeapEngine, _close_quietly, _TaskSlot
-from ._paths import path_of
 from ._retry import conflict
-from ._watch import view_changes
+from ._watch import changed_path
 
 __all__ = ["RequestScope", "changed_in", "excluder", "read_only_answer", "request_note"]
 
@@ -44,21 +43,9 @@ def request_note(method: str, path: str) -> str:
 R = TypeVar("R")
 
 
-# -- PROTECTED: ZODB.Connection._registered_objects and _added (pinned by ---------------
-# tests/test_zodb_internals.py::test_connection_change_lists) ---------------------------
-
-
-def changed_in(conn: Any) -> str | None:
-    """The path of an object changed (or added) in `conn`'s transaction so far, or None.
-
-    ZODB's Connection lists the objects changed in its transaction in
-    `_registered_objects` and the new ones in `_added`. A plain object (a
-    dataclass) changed in place is in neither until the watch finds it before
-    the commit, so its record's snapshot is compared too (`view_changes`):
-    otherwise a read-only request would drop such a change without a word.
-    """
-    added = list(conn._added.values())
-    return path_of(added[0]) if added else view_changes(conn)
+#: The path of an object changed (or added) in a connection's transaction so far, or None:
+#: a read-only request that changed one is refused, not silently dropped (`_watch.changed_path`).
+changed_in = changed_path
 
 
 def excluder(exclude: Iterable[str] | Callable[[R], bool], path: Callable[[R], str]) -> Callable[[R], bool]:

@@ -44,6 +44,7 @@ __all__ = [
     "BEFORE_COMMIT",
     "ORPHANS_MAX",
     "changed_outside",
+    "changed_path",
     "check_writable",
     "forget_reads",
     "notes_of",
@@ -443,6 +444,15 @@ def view_changes(jar: Any) -> str | None:
         if path is not None:
             return path
     return None
+
+
+def changed_path(jar: Any) -> str | None:
+    """The path of an object changed (or added) in `jar`'s transaction so far, or None:
+    ZODB's lists of them (`changed_objects`), then the watched records' snapshots (a
+    plain object changed in place is in neither until the watch finds it before the
+    commit, see `view_changes`)."""
+    changed = changed_objects(jar)
+    return path_of(changed[0]) if changed else view_changes(jar)
 
 
 def _changed_in_place(obj: Any, base: bytes) -> str | None:

@@ -75,7 +75,6 @@ from ._errors import (
 )
 from ._format import FORMAT_KEY, JOURNAL_FORMAT, WORKFLOW_KEYS
 from ._kinds import ATOMIC as _ATOMIC
-from ._paths import path_of
 from ._retry import call_note
 from ._snapshot import _NotingPickler
 
@@ -1710,8 +1709,7 @@ def _begin_hook(heap: Any, conn: Any) -> Callable[[], None] | None:
 
 def _refuse_body_changes(run: _Run, conn: Any) -> None:
     """Before the commit of a transaction a workflow body opened itself: refuse a change."""
-    changed = _watch.changed_objects(conn)
-    path = path_of(changed[0]) if changed else _watch.view_changes(conn)
+    path = _watch.changed_path(conn)
     if path is not None:
         raise NoTransactionError(
             f"{path} was changed in a transaction of the body of the workflow {run.func.label}, "
@@ -2411,8 +2409,7 @@ def replay(heap: Any, wid: str) -> Any:
             ) from None
         finally:
             _current.reset(token)
-        changed = _watch.changed_objects(conn)
-        path = path_of(changed[0]) if changed else _watch.view_changes(conn)
+        path = _watch.changed_path(conn)
         if path is not None:
             raise WorkflowError(
                 f"replaying workflow {wid}: its body changed {path} outside a step (a replay "

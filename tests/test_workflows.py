@@ -190,9 +190,7 @@ def test_a_plain_object_changed_in_the_body_is_refused_not_saved_by_the_next_ste
     def settings() -> Settings:
         return wheap.state.settings if held == "state.settings" else wheap.state.counts["ann"]
 
-    @wheap.action
-    def bump(key: str) -> None:
-        wheap.state.counts[key] = wheap.state.counts.get(key, 0) + 1
+    bump = _counter(wheap)
 
     @wheap.workflow
     def meddles() -> str:
@@ -303,9 +301,7 @@ def test_a_body_that_catches_its_suspension_goes_no_further_and_waits(
     (or a bare ``except:``) still catches. Such a body went on past its wait: it ran its
     next step and finished "done" with what it caught. Now every step, wait or end after
     the suspension raises it again, and the workflow waits, as its record says."""
-    @wheap.action
-    def bump(key: str) -> None:
-        wheap.state.counts[key] = wheap.state.counts.get(key, 0) + 1
+    bump = _counter(wheap)
 
     @wheap.workflow
     def swallows() -> Any:
