@@ -1332,7 +1332,10 @@ def _prepare(heap: Any, wid: str, claim: tuple[float, str] | None, create: Workf
             _block(heap, wid, str(exc), claim)
         raise
     run = _Run(heap, wid, wf, entries, claim=claim, create=create, promised=promised)
-    return run, rec_args, rec_kwargs
+    # The body's own copies of the plain lists and dicts among its arguments: one that
+    # changed them would change the record cached here, unseen (records are not watched),
+    # and a later replay in this process would start from other arguments than stored.
+    return run, _fresh(rec_args), _fresh(rec_kwargs)
 
 
 def _gone_on(run: _Run) -> _Suspend:
@@ -1606,7 +1609,10 @@ class WorkflowFunction:
         wid = workflow_id or _uuid.uuid4().hex
         retention = self.retention if self.retention is not None else float(heap.retention)
         now = _clock(heap)
-        record = WorkflowRecord(wid, self.name, args, kwargs, now, retention)
+        # Its own copies of the caller's plain lists and dicts: the record is pickled at
+        # its commit, and one the caller changes after the start (in the same transaction,
+        # or later, in memory) would make the record here differ from the one stored.
+        record = WorkflowRecord(wid, self.name, _fresh(args), _fresh(kwargs), now, retention)
         if heap.in_transaction:
             conn = heap.connection
             wfs = _tree(conn, WORKFLOWS_KEY)
@@ -2402,7 +2408,7 @@ def replay(heap: Any, wid: str) -> Any:
         run = _Run(heap, wid, wf, _read_journal(rec.journal), claim=None, create=None, check=True)
         token = _current.set(run)
         try:
-            result = _call_body(run, rec.args, rec.kwargs)
+            result = _call_body(run, _fresh(rec.args), _fresh(rec.kwargs))
         except (_StopReplay, _Suspend):
             raise WorkflowError(
                 f"the journal of workflow {wid} ends at entry {run.cursor} before its body does"
@@ -2432,7 +2438,7 @@ def _replay_check(heap: Any, rec: WorkflowRecord) -> str:
     run = _Run(heap, rec.id, wf, _read_journal(rec.journal), claim=None, create=None, check=True)
     token = _current.set(run)
     try:
-        _call_body(run, rec.args, rec.kwargs)
+        _call_body(run, _fresh(rec.args), _fresh(rec.kwargs))
     except (_StopReplay, _Suspend):
         pass
     except NonDeterminismError as exc:

@@ -354,6 +354,40 @@ def test_a_step_error_whose_init_takes_other_arguments_is_raised_again_of_its_ty
     assert h.result() == "CodedError: 5: bad"
 
 
+def test_a_workflows_arguments_are_its_own_copies(wheap: dh.Heap, caplog: pytest.LogCaptureFixture) -> None:
+    """The record held the caller's list: changed after the start, inside the starting
+    transaction it was stored changed, and outside one the record cached here differed
+    from the one stored (a replay here saw the change, one after a restart would not).
+    And a body that changed its argument changed the cached record, unseen."""
+    @wheap.action
+    def record(items: list[str]) -> None:
+        wheap.state.log.append(list(items))
+
+    @wheap.workflow
+    def flow(items: list[str]) -> list[str]:
+        record(items)
+        items.append("body")  # the body's own copy
+        dh.promise(f"go:{items[0]}").wait()
+        return list(items)
+
+    @wheap.action
+    def starter() -> str:
+        items = ["in"]
+        h = flow.start(items)
+        items.append("after the start")
+        return h.id
+
+    inside = wheap.workflow_by_id(starter())
+    items = ["out"]
+    outside = flow.start(items)
+    items.append("after the start")
+    assert dh.resolve("go:in") and dh.resolve("go:out")
+    assert wheap.run_due() == 2
+    assert inside.result() == ["in", "body"] and outside.result() == ["out", "body"]
+    assert sorted(map(tuple, wheap.state.log)) == [("in",), ("out",)]  # each step once, as called
+    assert "arguments changed on replay" not in caplog.text
+
+
 def test_a_step_that_raises_is_journaled_and_raised_again_on_replay(wheap: dh.Heap, clock: Clock) -> None:
     calls: list[int] = []
 
