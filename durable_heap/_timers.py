@@ -62,6 +62,7 @@ from ._workflows import (
     _declare,
     _describe,
     _execute,
+    _fresh,
     _in_transaction,
     _known,
     _listed,
@@ -127,6 +128,7 @@ def _call_timer(heap: Any, func: Callable[..., Any], method: str, when: datetime
     name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.{method}")
     _warn_if_main(name, "a timer")
     storable(f"the arguments of the timer for {name[1]}", args, kwargs)
+    args, kwargs = _fresh(args), _fresh(kwargs)  # its own: the caller may change them later
     deadline = _timestamp(when)
     seq = _seq()
 
@@ -146,7 +148,7 @@ def _cron_of(heap: Any, func: Callable[..., Any], spec: str, /, *args: Any, tz: 
     _cron.check(spec, tz, missed)
     storable(f"the arguments of the cron for {name[1]}", args, kwargs)
     cid = id or f"{name[0]}.{name[1]} {spec} {call_note('', args, kwargs)}" + (f" {tz}" if tz else "")
-    entry = CronEntry(name, spec, args, kwargs, tz, missed)
+    entry = CronEntry(name, spec, _fresh(args), _fresh(kwargs), tz, missed)  # (as `_call_timer`)
 
     def declare(conn: Any) -> tuple[float, str] | None:
         crons = _peek(conn, CRONS_KEY)
@@ -331,7 +333,9 @@ def _fire_one(heap: Any) -> int | None:
         try:
             func = find(target)
             with _bound(heap, target[0], True):
-                func(*args, **kwargs)
+                # Copies: an action that changes its arguments would change the entry
+                # cached here (a cron's next ticks would get them changed), unseen.
+                func(*_fresh(args), **_fresh(kwargs))
         except transaction.interfaces.TransientError:
             raise
         except Exception as exc:

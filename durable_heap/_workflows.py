@@ -1871,7 +1871,7 @@ def resolve(name: str, value: Any = None) -> bool:
         if prom.resolved:
             return False
         now = _clock(heap)
-        prom.resolved, prom.value, prom.at = True, value, now
+        prom.resolved, prom.value, prom.at = True, _fresh(value), now  # its own copy (as a start's arguments)
         wfs = _peek(conn, WORKFLOWS_KEY)
         for wid in prom.waiters:
             rec = wfs.get(wid) if wfs is not None else None
@@ -2004,7 +2004,8 @@ def emit(topic: str, payload: Any = None) -> int:
         names = subs.get(topic, ()) if subs is not None else ()
         now = _clock(heap)
         for name in names:
-            _add_timer(conn, now, TimerEntry("call", name, (payload,), created=now, origin=f"event {topic}"))
+            delivery = TimerEntry("call", name, (_fresh(payload),), created=now, origin=f"event {topic}")
+            _add_timer(conn, now, delivery)
         return len(names)
 
     return int(_in_transaction(heap, f"emit {topic}", work))

@@ -1143,6 +1143,50 @@ def test_retention_drops_the_journal_of_finished_workflows(wheap: dh.Heap, clock
     assert h.info["journal"] == [] and h.result() == 1 and h.status == "done"
 
 
+def _note(items: list[str]) -> None:
+    """A timer's action (at module level: found by name) that changes its argument."""
+    dh.active_heap().state.log.append(list(items))
+    items.append("changed by the action")
+
+
+def _heard(items: list[str]) -> None:
+    """A subscriber (at module level: found by name)."""
+    dh.active_heap().state.log.append(["heard", *items])
+
+
+def test_timers_crons_promises_and_events_keep_their_values_as_given(wheap: dh.Heap, clock: Clock) -> None:
+    """The entries held the caller's own lists: a timer ran with what the caller appended
+    after `invoke_in` (the entry cached here; after a restart, the stored one), and an
+    action that changed its argument changed its cron's for the next ticks."""
+    note = wheap.action(_note)
+    wheap.on("noted")(_heard)
+
+    @wheap.action
+    def tell(items: list[str]) -> None:
+        dh.emit("noted", items)
+        items.append("after the emit")
+
+    items = ["timer"]
+    note.invoke_in(10, items)
+    items.append("after invoke_in")
+    note.cron("* * * * *", ["cron"])
+    tell(["event"])
+    value = ["value"]
+    assert dh.resolve("kept", value)
+    value.append("after the resolve")
+    for _ in range(2):
+        clock.advance(61)
+        wheap.run_due()
+    log = sorted(map(tuple, wheap.state.log))
+    assert log == [("cron",), ("cron",), ("heard", "event"), ("timer",)], log
+
+    @wheap.workflow
+    def waits() -> Any:
+        return dh.promise("kept").wait()
+
+    assert waits().result() == ["value"]
+
+
 def test_retention_covers_cancelled_workflows_and_a_dropped_prune_keeps_the_journal(
         wheap: dh.Heap, clock: Clock) -> None:
     """A cancelled workflow kept its journal for ever (only done and failed ones had a
