@@ -805,12 +805,16 @@ class _Run:
         binds = _binds(module)
 
         def work(rec: WorkflowRecord, conn: Any, now: float) -> Any:
+            # The step's own copies of the plain lists and dicts it is given, at each attempt:
+            # one that changed the body's would change what the body goes on with at the
+            # first run and not at a replay (which runs no step), nor at a retried attempt.
+            a, kw = _fresh(args), _fresh(kwargs)
             try:
                 if not binds:  # (no `with _UNBOUND`: nullcontext's two calls, on the hot path)
-                    value = func(*args, **kwargs)
+                    value = func(*a, **kw)
                 else:
                     with _bound(self.heap, module, True):  # one per attempt (a generator's)
-                        value = func(*args, **kwargs)
+                        value = func(*a, **kw)
             except transaction.interfaces.TransientError:
                 raise
             except Exception as exc:
@@ -855,7 +859,7 @@ class _Run:
             rec = self._begin(conn, now)
             try:
                 with _bound(heap, getattr(func, "__module__", None) or "", True):
-                    value = await func(*args, **kwargs)
+                    value = await func(*_fresh(args), **_fresh(kwargs))  # (as `_run_step`)
             except transaction.interfaces.TransientError:
                 raise
             except Exception as exc:
