@@ -2135,7 +2135,7 @@ class Workflow:
                 "waiting_on": _waiting(rec.waiting),
                 "reason": rec.reason,
                 "error": _describe(rec.error),
-                "result": rec.result if rec.status == "done" else None,
+                "result": _fresh(rec.result) if rec.status == "done" else None,
                 "steps": max(rec.length, journal_length(rec)),
                 "journal": [
                     {"number": n + 1, "kind": e.kind, "name": e.name, "detail": e.detail,
@@ -2162,7 +2162,7 @@ class Workflow:
         while True:
             status, result, error, reason = self._read(lambda r: (r.status, r.result, r.error, r.reason))
             if status == "done":
-                return result
+                return _fresh(result)  # the caller's copy: not the record cached here
             if status == "failed" and error is not None:
                 raise _unpack_error(error)
             if status == "cancelled":

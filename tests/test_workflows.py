@@ -408,6 +408,20 @@ def test_a_step_that_changes_its_argument_changes_nothing_of_the_body(wheap: dh.
     assert h.result() == (1, []) == _workflows.replay(wheap, h.id)  # as at every replay
 
 
+def test_a_result_the_caller_changes_stays_as_stored(wheap: dh.Heap) -> None:
+    """``h.result()`` and ``h.info["result"]`` handed out the record's own dict: a caller
+    that changed it changed the record cached here (the next `result()` showed it), not
+    the stored one."""
+    @wheap.workflow
+    def flow() -> dict[str, list[int]]:
+        return {"items": [1]}
+
+    h = flow()
+    h.result()["items"].append(2)
+    h.info["result"]["items"].append(3)
+    assert h.result() == {"items": [1]} == h.info["result"]
+
+
 def test_a_step_that_raises_is_journaled_and_raised_again_on_replay(wheap: dh.Heap, clock: Clock) -> None:
     calls: list[int] = []
 
