@@ -59,6 +59,7 @@ from ._workflows import (
     _add_timer,
     _bound,
     _clock,
+    _deadline,
     _declare,
     _describe,
     _execute,
@@ -112,7 +113,8 @@ _engine.on_action.append(_on_action)
 
 def _invoke_in(heap: Any, func: Callable[..., Any], seconds: float, /, *args: Any, **kwargs: Any) -> Timer:
     """``action.invoke_in(seconds, *args)``: call the action then, in a scheduler."""
-    return _call_timer(heap, func, "invoke_in", _clock(heap) + float(seconds), args, kwargs)
+    what = f"{getattr(func, '__qualname__', 'the action')}.invoke_in"
+    return _call_timer(heap, func, "invoke_in", _deadline(_clock(heap), seconds, what), args, kwargs)
 
 
 def _invoke_at(heap: Any, func: Callable[..., Any], when: datetime.datetime | float, /,
@@ -129,7 +131,7 @@ def _call_timer(heap: Any, func: Callable[..., Any], method: str, when: datetime
     _warn_if_main(name, "a timer")
     storable(f"the arguments of the timer for {name[1]}", args, kwargs)
     args, kwargs = _fresh(args), _fresh(kwargs)  # its own: the caller may change them later
-    deadline = _timestamp(when)
+    deadline = _timestamp(when, f"{name[1]}.{method}")
     seq = _seq()
 
     def add(conn: Any) -> tuple[float, str]:

@@ -45,6 +45,7 @@ import inspect
 import io
 import logging
 import marshal
+import numbers
 import operator
 import os
 import random as _random
@@ -602,12 +603,35 @@ def _utc(ts: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
 
 
-def _timestamp(when: datetime.datetime | float | int) -> float:
+def _timestamp(when: datetime.datetime | float | int, what: str = "a time") -> float:
+    """`when` (a datetime, naive meaning UTC, or epoch seconds) as epoch seconds, checked
+    as `_deadline` checks them."""
     if isinstance(when, datetime.datetime):
         if when.tzinfo is None:
             when = when.replace(tzinfo=datetime.timezone.utc)  # naive means UTC, as everywhere here
         return when.timestamp()
-    return float(when)
+    if isinstance(when, bool) or not isinstance(when, numbers.Real):
+        raise TypeError(f"{what} takes a datetime or epoch seconds (an int or a float), not {when!r}")
+    return _deadline(0.0, when, what)
+
+
+#: The latest deadline a timer may have: the end of year 9999 UTC (what a datetime holds).
+LATEST = 253402300799.0
+
+
+def _deadline(now: float, seconds: Any, what: str) -> float:
+    """``now + seconds``, for a deadline that keys a timer: `seconds` must be a real
+    number (not a bool, not a str) and the deadline finite and within a datetime's range.
+    ZODB trap: a NaN key breaks a BTree's order (every comparison with it is False), so
+    the timers tree could no longer find its other keys; and an infinite one failed later,
+    in a log line, after the wait was journaled."""
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise TypeError(f"{what} takes a number of seconds (an int or a float), not {seconds!r}")
+    deadline = now + float(seconds)
+    if not -LATEST <= deadline <= LATEST:  # (False for NaN too)
+        raise ValueError(f"{what}: {seconds!r} seconds is not a time a timer can be set to "
+                         "(a finite number, within year 9999)")
+    return deadline
 
 
 # --- a run of a workflow ------------------------------------------------------------------------
@@ -1775,7 +1799,7 @@ def sleep(seconds: float) -> Any:
     run = _require_run("durable_heap.sleep")
     entry = run.next("sleep", "")
     if entry is None:
-        deadline = _clock(run.heap) + float(seconds)
+        deadline = _deadline(_clock(run.heap), seconds, "durable_heap.sleep")
         run.add(JournalEntry("sleep", "", deadline, at=_clock(run.heap)))
     else:
         deadline = entry.detail
@@ -1806,7 +1830,7 @@ class Promise:
         entry = run.next("wait", self.name)
         now = _clock(run.heap)
         if entry is None:
-            deadline = None if timeout is None else now + float(timeout)
+            deadline = None if timeout is None else _deadline(now, timeout, "Promise.wait's timeout")
             run.add(JournalEntry("wait", self.name, deadline, at=now))
         else:
             deadline = entry.detail

@@ -1221,6 +1221,34 @@ def test_timers_crons_promises_and_events_keep_their_values_as_given(wheap: dh.H
     assert waits().result() == ["value"]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e300, "10", True])
+def test_a_time_a_timer_cannot_have_is_refused_at_the_call(wheap: dh.Heap, bad: Any) -> None:
+    """``dh.sleep(nan)`` slept not at all, and put a NaN key in the timers tree (which
+    breaks a BTree's order); ``inf`` failed in a log line after the wait was journaled;
+    ``"10"`` was taken as 10 s. Each is refused where it is given, and nothing is stored."""
+    note = wheap.action(_note)
+    error = TypeError if isinstance(bad, (str, bool)) else ValueError
+    with pytest.raises(error, match="invoke_in"):
+        note.invoke_in(bad, ["x"])
+    with pytest.raises(error, match="invoke_at"):
+        note.invoke_at(bad, ["x"])
+
+    @wheap.workflow
+    def sleeps() -> None:
+        dh.sleep(bad)
+
+    @wheap.workflow
+    def waits() -> None:
+        dh.promise("p").wait(timeout=bad)
+
+    for flow, what in ((sleeps, "durable_heap.sleep"), (waits, "Promise.wait's timeout")):
+        h = flow()
+        assert h.status == "failed"
+        with pytest.raises(error, match=re.escape(what)):
+            h.result()
+    assert [t.kind for t in wheap.timers()] == ["prune", "prune"]  # the two failed ones' drops only
+
+
 def test_retention_covers_cancelled_workflows_and_a_dropped_prune_keeps_the_journal(
         wheap: dh.Heap, clock: Clock) -> None:
     """A cancelled workflow kept its journal for ever (only done and failed ones had a
