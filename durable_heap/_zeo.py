@@ -356,6 +356,62 @@ def _client_class() -> type:
                 self._update_blob_cache(tbuf, tid)
                 return tid
 
+        _guard_handshakes()
         _client = ClientStorage
     return _client
+
+
+#: Seconds a new connection to a ZEO server may go without the server's protocol
+#: version (its first message) before the client drops it and connects again.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def _guard_handshakes() -> None:
+    """ZEO's client connection, with a trap of a restarting server taken out (ZEO 6.2).
+
+    A connection whose TCP connect succeeded but that never receives the server's
+    protocol version (seen once, connecting while the server was killed and started
+    again on the same address) is never dropped: ZEO waits for that first message for
+    ever, and its heartbeat, 60 s later, fails (``AttributeError: heartbeat_bytes``,
+    which only the handshake sets) and is not scheduled again. Every transaction of the
+    process then failed after ``wait_timeout`` ("timed out waiting for connection"), and
+    the client never connected again. Here a connection still without the version
+    after `HANDSHAKE_TIMEOUT` is aborted: ZEO sees it lost and connects again; and the
+    heartbeat waits for the handshake.
+    """
+    from ZEO.asyncio.client import Protocol
+
+    if getattr(Protocol, "_dh_guarded", False):
+        return
+    made, finish, heartbeat = Protocol.connection_made, Protocol.finish_connection, Protocol.heartbeat
+
+    def connection_made(self: Any, transport: Any) -> None:
+        made(self, transport)
+        self._dh_handshake = self.loop.call_later(HANDSHAKE_TIMEOUT, _no_handshake, self, transport)
+
+    def finish_connection(self: Any, protocol_version: Any) -> Any:
+        late = self.__dict__.pop("_dh_handshake", None)
+        if late is not None:
+            late.cancel()
+        return finish(self, protocol_version)
+
+    def guarded_heartbeat(self: Any, write: bool = True) -> Any:
+        return heartbeat(self, write and "heartbeat_bytes" in self.__dict__)
+
+    Protocol.connection_made = connection_made
+    Protocol.finish_connection = finish_connection
+    Protocol.heartbeat = guarded_heartbeat
+    Protocol._dh_guarded = True
+
+
+def _no_handshake(protocol: Any, transport: Any) -> None:
+    """`HANDSHAKE_TIMEOUT` after a connection was made: drop it if the server is still silent."""
+    if protocol.closed or "heartbeat_bytes" in protocol.__dict__:
+        return
+    import logging
+
+    logging.getLogger("durable_heap.zeo").warning(
+        "the ZEO server at %r accepted a connection but said nothing for %.0f s: "
+        "connecting again", protocol.addr, HANDSHAKE_TIMEOUT)
+    transport.abort()  # ZEO's connection_lost then connects again
 # -- end PROTECTED --

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import threading
 from pathlib import Path
+from typing import Any
 
 import durable_heap as dh
 from tests.test_zeo_pipeline import _commits, _in_thread, _make, _server, _wait_for
@@ -183,3 +184,42 @@ def test_the_zeo_client_internals_its_finish_relies_on() -> None:
 
     assert "Result(tid, self._clear_transaction)" in inspect.getsource(ZEOStorage.tpc_finish)
     assert "self.transaction = None" in inspect.getsource(ZEOStorage._clear_transaction)
+
+
+def test_a_server_that_accepts_but_says_nothing_is_dropped_and_connected_to_again(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A connection whose TCP connect succeeded but that never gets the server's
+    protocol version was kept for ever: the client never connected again, and every
+    transaction failed after wait_timeout (seen once in tests/test_zeo.py's kill and
+    restart, ZEO's heartbeat failing with ``AttributeError: heartbeat_bytes``). A real
+    listening socket that accepts and stays silent, then a real server on its port."""
+    import socket
+
+    from durable_heap import _zeo
+    from durable_heap.testing import ZeoServer
+
+    monkeypatch.setattr(_zeo, "HANDSHAKE_TIMEOUT", 1.0)
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    port = silent.getsockname()[1]
+    accepted: list[socket.socket] = []
+    took = threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True)
+    took.start()
+    opened, out = _in_thread(lambda: dh.open(f"zeo://127.0.0.1:{port}?wait_timeout=20"))
+    took.join(10)
+    assert accepted, "the client did not connect to the silent socket"
+    silent.close()  # (its accepted connection stays open, silent)
+    try:
+        with ZeoServer(tmp_path / "z.fs", address=f"127.0.0.1:{port}"):
+            opened.join(15)
+            assert not opened.is_alive(), "the client is still waiting on the silent connection"
+            heap = out[0]
+            assert not isinstance(heap, BaseException), heap
+            with heap.transaction() as state:
+                state.reached = True
+            heap.close()
+    finally:
+        for conn in accepted:
+            conn.close()
