@@ -223,3 +223,21 @@ def test_a_server_that_accepts_but_says_nothing_is_dropped_and_connected_to_agai
     finally:
         for conn in accepted:
             conn.close()
+
+
+def test_the_zeo_client_internals_the_handshake_guard_relies_on() -> None:
+    """`_zeo._guard_handshakes` wraps ZEO's ``Protocol.connection_made``,
+    ``finish_connection`` (which sets ``heartbeat_bytes``) and ``heartbeat(write)``, and
+    reads ``closed``, ``addr`` and ``loop`` (ZEO 6.2): these pin them."""
+    import ZEO.asyncio.client as client_module
+
+    from durable_heap import _zeo
+
+    _zeo._client_class()
+    assert client_module.Protocol._dh_guarded is True
+    text = inspect.getsource(client_module.Protocol)  # ZEO's own source, as it defines them
+    for line in ("def connection_made(self, transport):", "def finish_connection(self, protocol_version):",
+                 "def heartbeat(self, write=True):", "self.heartbeat_bytes = self.encode(",
+                 "self.write_message(self.heartbeat_bytes)", "self.closed = True", "self.addr = addr",
+                 "self.loop.call_later("):
+        assert line in text, line
