@@ -832,7 +832,8 @@ class _Run:
             # The step's own copies of the plain lists and dicts it is given, at each attempt:
             # one that changed the body's would change what the body goes on with at the
             # first run and not at a replay (which runs no step), nor at a retried attempt.
-            a, kw = _fresh(args), _fresh(kwargs)
+            a = args if _ATOM_TYPES.issuperset(map(type, args)) else _fresh(args)  # (`_fresh`'s first case)
+            kw = _fresh(kwargs) if kwargs else kwargs  # (**kw makes a new dict anyway)
             try:
                 if not binds:  # (no `with _UNBOUND`: nullcontext's two calls, on the hot path)
                     value = func(*a, **kw)
@@ -1980,6 +1981,10 @@ def _fresh(value: Any, memo: dict[int, Any] | None = None) -> Any:
     tp = type(value)
     if tp in _ATOMS or not (tp is list or tp is dict or tp is set or tp is tuple or tp is bytearray):
         return value
+    if tp is tuple and _ATOM_TYPES.issuperset(map(type, value)):
+        return value  # the common case (a call's arguments: atoms), at C speed
+    if tp is dict and not value:
+        return {}  # (a call's keyword arguments, most often)
     if memo is None:
         memo = {}
     done = memo.get(id(value))
