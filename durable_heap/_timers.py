@@ -59,6 +59,7 @@ from ._workflows import (
     _add_timer,
     _bound,
     _clock,
+    _current,
     _deadline,
     _declare,
     _describe,
@@ -711,6 +712,11 @@ class WorkflowMethods:
             raise WorkflowError(
                 "run_due() runs each due item in a transaction of its own, so it cannot run "
                 "inside a transaction or an action: call it outside them"
+            )
+        if _current.get() is not None:
+            raise WorkflowError(
+                "run_due() cannot run in a workflow's body: each replay would run it again, "
+                "and what it runs would count as the body's own changes. A scheduler runs it"
             )
         count = _take_over(self)
         idle = 0

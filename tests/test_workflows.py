@@ -149,6 +149,13 @@ def test_a_failed_workflow_can_be_retried_and_run_due_refuses_a_transaction(whea
     with pytest.raises(dh.WorkflowError, match="cannot run inside a transaction"), wheap.transaction():
         wheap.run_due()
 
+    @wheap.workflow
+    def schedules() -> None:
+        wheap.run_due()
+
+    with pytest.raises(dh.WorkflowError, match="cannot run in a workflow's body"):
+        schedules().result()
+
 
 def test_the_body_may_not_change_state(wheap: dh.Heap) -> None:
     @wheap.workflow
