@@ -2455,10 +2455,22 @@ def replay(heap: Any, wid: str) -> Any:
                 f"replaying workflow {wid}: its body changed {path} outside a step (a replay "
                 "changes nothing: the change was dropped). Move it into an action."
             )
-        return result
-    # Read-only: always aborted (a change the body makes is refused above, never kept).
-    with _engine.read_transaction(heap) as conn:
-        return read(conn)
+        raise _Replayed(result)  # out of the transaction, which it aborts: a replay keeps nothing
+
+    try:
+        # (`_txn`, not `read_transaction`: a transaction the body opens joins this one.)
+        _txn(heap, read, f"workflow {wid}: replay")
+    except _Replayed as done:
+        return done.result
+    raise AssertionError("unreachable: the replay's transaction ends in _Replayed or an error")
+
+
+class _Replayed(Exception):  # noqa: N818 - internal control flow
+    """Carries a replay's result out of its transaction, aborting it (`replay`)."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__("replayed")
+        self.result = result
 
 
 def _replay_check(heap: Any, rec: WorkflowRecord) -> str:

@@ -290,12 +290,14 @@ def test_a_replay_changes_nothing(wheap: dh.Heap) -> None:
 
     @wheap.workflow
     def flow() -> str:
+        with wheap.transaction() as state:  # a read in a transaction of its own: replayed too
+            seen = len(state.counts)
         if meddle["on"]:
             wheap.state.counts["replayed"] = 1
-        return "ok"
+        return f"ok {seen}"
 
     h = flow()
-    assert h.result() == "ok"
+    assert h.result() == "ok 0" == _workflows.replay(wheap, h.id)
     meddle["on"] = True
     with pytest.raises(dh.WorkflowError, match=r"replaying workflow .* changed state.counts outside a step"):
         _workflows.replay(wheap, h.id)
