@@ -615,8 +615,8 @@ def _timestamp(when: datetime.datetime | float | int, what: str = "a time") -> f
     return _deadline(0.0, when, what)
 
 
-#: The latest deadline a timer may have: the end of year 9999 UTC (what a datetime holds).
-LATEST = 253402300799.0
+#: The deadlines a timer may have: from year 1 to the end of year 9999 UTC (a datetime's range).
+EARLIEST, LATEST = -62135596800.0, 253402300799.0
 
 
 def _deadline(now: float, seconds: Any, what: str) -> float:
@@ -628,9 +628,9 @@ def _deadline(now: float, seconds: Any, what: str) -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
         raise TypeError(f"{what} takes a number of seconds (an int or a float), not {seconds!r}")
     deadline = now + float(seconds)
-    if not -LATEST <= deadline <= LATEST:  # (False for NaN too)
+    if not EARLIEST <= deadline <= LATEST:  # (False for NaN too)
         raise ValueError(f"{what}: {seconds!r} seconds is not a time a timer can be set to "
-                         "(a finite number, within year 9999)")
+                         "(a finite number, between years 1 and 9999)")
     return deadline
 
 
