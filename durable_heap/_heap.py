@@ -1019,7 +1019,10 @@ def read_transaction(heap: HeapEngine) -> Iterator[Any]:
 
     Begun here and always aborted, so nothing changed in it is kept; inside a
     transaction in progress here, it joins that one and ends nothing. For the
-    layers above (reading version records, rendering state in the CLI).
+    layers above (reading version records, rendering state in the CLI, loading a
+    program to read its objects). What runs in it as a transaction of its own (an
+    action, ``heap.transaction()``, a program's top-level cron or subscription
+    declaration) joins it, and is aborted with it.
     """
     local = heap._thread()
     if local.depth:
@@ -1027,9 +1030,11 @@ def read_transaction(heap: HeapEngine) -> Iterator[Any]:
         return
     tm = local.tm
     tm.begin()
+    local.depth = 1  # (as `_Transaction`: a nested one joins, instead of ZODB's AlreadyInTransaction)
     try:
         yield local.conn
     finally:
+        local.depth = 0
         tm.abort()
 
 

@@ -199,3 +199,38 @@ def test_top_level_references_are_valid_in_the_function(tmp_path: Path) -> None:
     """)
     outs = [cli("call", str(prog), "bump") for _ in range(3)]
     assert [o.stdout.strip() for o in outs] == ["1", "2", "3"], outs[-1].stderr
+
+
+def test_read_only_commands_load_a_program_that_declares_crons_and_subscriptions(tmp_path: Path) -> None:
+    """inspect, check, types and export load the deployed program, whose top level
+    declares a cron and a subscription (as the docs' programs do): those joined the
+    load's read-only transaction's place with their own, which ZODB refused
+    (AlreadyInTransaction, reported as "raised at load: NoTransaction"). They now join
+    it, and nothing is written."""
+    prog = write(tmp_path / "news.py", """
+        import durable_heap as dh
+        from durable_heap import state
+
+        state.setdefault("sent", [])
+
+        def digest(kind):
+            state.sent.append(kind)
+
+        @dh.on("user.joined")
+        def welcome(user):
+            state.sent.append(user)
+
+        weekly = dh.active_heap().action(digest).cron("0 9 * * 1", "weekly", tz="Europe/Paris")
+    """)
+    assert cli("deploy", str(prog)).returncode == 0
+    heap_file = tmp_path / ".durable-heap" / "news.fs"
+    size = heap_file.stat().st_size
+    timers = cli("timers", str(prog))
+    assert timers.returncode == 0 and "news.digest" in timers.stdout, timers.stderr
+    for command in (["inspect"], ["check"], ["types"], ["export"]):
+        out = cli(*command, str(prog))
+        assert out.returncode == 0, (command, out.stderr)
+        assert "raised at load" not in out.stderr
+    assert "sent: List (0 items)" in cli("inspect", str(prog)).stdout
+    assert heap_file.stat().st_size == size  # read-only: nothing was committed
+    assert cli("timers", str(prog)).stdout == timers.stdout
