@@ -383,6 +383,16 @@ def watch(obj: Any, state: Any) -> None:
     w = _watch_of(jar)
     if w is None:
         return
+    # Trap: ``__getstate__`` is not only ZODB storing the record. A copy, a pickle or
+    # a check (`changed_path`) calls it too, on a record that is not marked changed
+    # (``_p_changed`` False) although a plain value in it was changed in place: taking
+    # that state as the new snapshot would make the commit find nothing changed, and
+    # the change would be silently lost. The snapshot of such a record stays; ZODB
+    # stores only records marked changed (True) or new (not watched yet), and a load
+    # runs ``__setstate__`` with ``_p_changed`` True.
+    old = w.items.get(id(obj))
+    if old is not None and old[0] is obj and obj._p_changed is False:
+        return
     tm = w.tm
     w.items[id(obj)] = (obj, snapshot_for(jar, state))
     try:

@@ -99,6 +99,16 @@ def fastapi_app(heap: dh.Heap, zeo: ZeoServer | None = None, attempts: int | Non
         heap.state.item.name = "changed"
         return {"name": heap.state.item.name}
 
+    @app.post("/rename")
+    async def rename() -> dict[str, str]:  # a plain object changed in place, in a write
+        state.item.name += "+"
+        return {"name": state.item.name}
+
+    @app.post("/rename_sync")
+    def rename_sync() -> dict[str, str]:
+        heap.state.item.name += "+"
+        return {"name": heap.state.item.name}
+
     @app.post("/busy")
     async def busy() -> None:
         state.count += 100
@@ -166,6 +176,16 @@ def flask_app(heap: dh.Heap, zeo: ZeoServer | None = None, attempts: int | None 
     def sneaky_plain() -> Any:
         state.item.name = "changed"
         return jsonify(name=state.item.name)
+
+    @app.post("/rename")
+    def rename() -> Any:
+        state.item.name += "+"
+        return jsonify(name=state.item.name)
+
+    @app.post("/rename_sync")
+    def rename_sync() -> Any:
+        heap.state.item.name += "+"
+        return jsonify(name=heap.state.item.name)
 
     @app.post("/busy")
     def busy() -> Any:
@@ -316,6 +336,18 @@ def test_a_read_only_request_that_changes_a_plain_object_in_place_is_an_error_to
     assert "state.item" in error["message"]
     counted.state._p_jar.sync()
     assert counted.state.item.name == "a"
+
+
+def test_a_plain_object_changed_in_place_by_a_write_request_is_saved(
+    served: httpx.Client, counted: dh.Heap
+) -> None:
+    """The middleware asks the request's transaction what it changed before committing
+    it; that look took the changed dataclass as its record's snapshot, so the commit
+    found nothing to save: the client got a 200 and the change was lost."""
+    assert served.post("/rename").json() == {"name": "a+"}
+    assert served.post("/rename_sync").json() == {"name": "a++"}
+    counted.state._p_jar.sync()
+    assert counted.state.item.name == "a++"
 
 
 def test_a_commit_that_fails_after_the_view_returned_answers_an_error_not_a_200(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
+import pickle
 import random
 import socket
 import threading
@@ -105,6 +107,43 @@ def test_in_place_changes_are_rolled_back_on_abort(heap: dh.Heap) -> None:
     # Not only not saved: not left behind in memory either.
     with heap.transaction() as state:
         assert state.settings.retries == 1 and state.points["p1"].x == 1
+
+
+def _read_record(heap: dh.Heap, how: str, state: dh.State) -> None:
+    """Something that reads a record's whole state (its ``__getstate__``), not storing it."""
+    if how == "copy":
+        copy.copy(state.user)
+    elif how == "deepcopy":
+        copy.deepcopy(state.user)
+    elif how == "pickle":
+        pickle.dumps(state.user)
+        pickle.dumps(state._p_jar.root())  # the state's own record too
+    else:  # what the middlewares ask of a request's transaction before committing it
+        from durable_heap._watch import changed_path
+        assert changed_path(heap.connection) is not None
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle", "changed_path"])
+def test_an_in_place_change_is_saved_after_the_record_was_copied_or_pickled(
+        heap: dh.Heap, reopen, how: str) -> None:  # type: ignore[no-untyped-def]
+    """A record's ``__getstate__`` called by something else than ZODB's store took the
+    changed state as the record's new snapshot: the commit then found nothing changed
+    and the change was silently lost (seen under TransactionMiddleware, which asks for
+    a request's changes before committing, and with copy.deepcopy of an Object)."""
+    with heap.transaction() as state:
+        state.settings = Settings()
+        state.points = {f"p{i}": Point(i) for i in range(100)}  # tree form, watched buckets
+        state.user = User("dee")
+        state.user.prefs = Settings()
+    with heap.transaction() as state:
+        state.settings.retries = 5
+        state.points["p7"].x = -7
+        state.user.prefs.retries = 6
+        _read_record(heap, how, state)
+    heap = reopen(heap)
+    assert heap.state.settings.retries == 5
+    assert heap.state.points["p7"] == Point(-7)
+    assert heap.state.user.prefs.retries == 6
 
 
 def test_held_objects_are_watched_in_later_transactions(heap: dh.Heap, reopen) -> None:  # type: ignore[no-untyped-def]
