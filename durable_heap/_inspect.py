@@ -190,6 +190,8 @@ def _when(value: Any) -> str:
 def _waits(waiting: Any) -> str:
     if not waiting:
         return ""
+    if waiting.get("resolved") is not None:
+        return f"promise {waiting['promise']!r} resolved {_when(waiting['resolved'])}: its wake is due"
     return ", ".join(f"{k} {_when(v)}" if k != "promise" else f"promise {v!r}" for k, v in waiting.items()
                      if v is not None)
 

@@ -2161,7 +2161,7 @@ class Workflow:
                 "status": rec.status,
                 "since": _utc(rec.since),
                 "stuck": stuck,  # running, but its runner has not been seen for a lease
-                "waiting_on": _waiting(rec.waiting),
+                "waiting_on": _waiting(rec),
                 "reason": rec.reason,
                 "error": _describe(rec.error),
                 "result": _fresh(rec.result) if rec.status == "done" else None,
@@ -2176,8 +2176,9 @@ class Workflow:
 
     @property
     def waiting_on(self) -> dict[str, Any] | None:
-        """What it waits on: ``{"sleep": until}`` or ``{"promise": name, "until": ...}``; else None."""
-        return self._read(lambda rec: _waiting(rec.waiting))  # type: ignore[no-any-return]
+        """What it waits on: ``{"sleep": until}`` or ``{"promise": name, "until": ...}`` (with
+        ``"resolved"``: when, once the promise is resolved and the wake queued); else None."""
+        return self._read(_waiting)  # type: ignore[no-any-return]
 
     def result(self, timeout: float | None = None) -> Any:
         """Its result once done (waiting up to `timeout` seconds); raises what it raised."""
@@ -2234,13 +2235,22 @@ class Workflow:
         return bool(_in_transaction(self.heap, f"retry workflow {self.id}", work))
 
 
-def _waiting(waiting: tuple[Any, ...] | None) -> dict[str, Any] | None:
+def _waiting(rec: WorkflowRecord) -> dict[str, Any] | None:
+    """What `rec` waits on, for people: a promise resolved meanwhile says so and when
+    (``"resolved"``): its wake is queued, for a scheduler to run. Without that, a
+    workflow whose promise was resolved while no scheduler runs looked unanswered."""
+    waiting = rec.waiting
     if not waiting:
         return None
     if waiting[0] == "sleep":
         return {"sleep": _utc(waiting[1])}
     if waiting[0] == "promise":
-        return {"promise": waiting[1], "until": None if waiting[2] is None else _utc(waiting[2])}
+        out = {"promise": waiting[1], "until": None if waiting[2] is None else _utc(waiting[2])}
+        promises = _peek(rec._p_jar, PROMISES_KEY) if rec._p_jar is not None else None
+        prom = promises.get(waiting[1]) if promises is not None else None
+        if prom is not None and prom.resolved:
+            out["resolved"] = None if prom.at is None else _utc(prom.at)
+        return out
     return {waiting[0]: _utc(waiting[1])}
 
 
@@ -2276,7 +2286,7 @@ def summaries(heap: Any, status: str | None = None) -> list[dict[str, Any]]:
                     "id": rec.id, "function": f"{rec.function[0]}.{rec.function[1]}",
                     "status": rec.status, "since": _utc(rec.since),
                     "stuck": rec.status == "running" and last_seen(rec) + heap.lease < now,
-                    "waiting_on": _waiting(rec.waiting),
+                    "waiting_on": _waiting(rec),
                     # what the listing prints for a blocked or failed one
                     "reason": rec.reason, "error": _describe(rec.error),
                 })

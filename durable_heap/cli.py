@@ -783,6 +783,9 @@ def _waits(info: dict[str, Any]) -> str:
     if "sleep" in waiting:
         return f"sleep until {_when(waiting['sleep'])}"
     if "promise" in waiting:
+        if "resolved" in waiting:  # its wake is queued: a scheduler runs it (none is running?)
+            return (f"promise {waiting['promise']!r} resolved at {_when(waiting['resolved'])}: "
+                    "its wake is due (run by durable-heap worker or run-due)")
         until = f" until {_when(waiting['until'])}" if waiting["until"] is not None else ""
         return f"promise {waiting['promise']!r}{until}"
     return ", ".join(f"{k} {_when(v)}" for k, v in waiting.items())

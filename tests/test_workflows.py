@@ -575,7 +575,12 @@ def test_async_workflows_await_their_waits(wheap: dh.Heap, clock: Clock) -> None
     clock.advance(10)
     wheap.run_due()
     assert h.status == "waiting" and h.waiting_on == {"promise": "reply:ann", "until": None}
+    clock.advance(2)
     assert dh.resolve("reply:ann", "yes")
+    # Until a scheduler runs the wake, it says that the promise was resolved, and when.
+    resolved = datetime.datetime.fromtimestamp(START + 12, datetime.timezone.utc)
+    assert h.waiting_on == {"promise": "reply:ann", "until": None, "resolved": resolved}
+    assert h.info["waiting_on"]["resolved"] == resolved
     wheap.run_due()
     assert h.result() == "yes"
     assert wheap.state.counts["async"] == 1
@@ -1458,6 +1463,8 @@ def test_the_email_example_through_the_cli(tmp_path: Path) -> None:
     assert wid in r.stdout and "promise 'reply:ann' until" in r.stdout, r.stderr
     assert cli("call", str(app), "on_email", "ann", "yes", cwd=tmp_path).stdout.strip() == "true"
     assert cli("call", str(app), "on_email", "ann", "again", cwd=tmp_path).stdout.strip() == "false"
+    r = cli("workflows", str(app), cwd=tmp_path)  # resolved, with no scheduler running yet
+    assert "promise 'reply:ann' resolved at" in r.stdout and "its wake is due" in r.stdout, r.stdout
     r = cli("run-due", str(app), cwd=tmp_path)
     assert r.stdout.strip() == "1", r.stderr  # the wake: it now sleeps a second
     assert "sleep until" in cli("workflows", str(app), cwd=tmp_path).stdout
