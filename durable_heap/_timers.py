@@ -78,6 +78,7 @@ from ._workflows import (
     _txn,
     _utc,
     _warn_if_main,
+    check_call,
     drop_journal,
     find,
     last_seen,
@@ -130,6 +131,7 @@ def _call_timer(heap: Any, func: Callable[..., Any], method: str, when: datetime
     """A timer calling `func` (its errors name the `method` the user called)."""
     name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.{method}")
     _warn_if_main(name, "a timer")
+    check_call(func, name[1], args, kwargs)
     storable(f"the arguments of the timer for {name[1]}", args, kwargs)
     args, kwargs = _fresh(args), _fresh(kwargs)  # its own: the caller may change them later
     deadline = _timestamp(when, f"{name[1]}.{method}")
@@ -149,6 +151,7 @@ def _cron_of(heap: Any, func: Callable[..., Any], spec: str, /, *args: Any, tz: 
     name = name_of(func, f"{getattr(func, '__qualname__', 'the action')}.cron")
     _warn_if_main(name, "a cron")
     _cron.check(spec, tz, missed)
+    check_call(func, name[1], args, kwargs)
     storable(f"the arguments of the cron for {name[1]}", args, kwargs)
     cid = id or f"{name[0]}.{name[1]} {spec} {call_note('', args, kwargs)}" + (f" {tz}" if tz else "")
     entry = CronEntry(name, spec, _fresh(args), _fresh(kwargs), tz, missed)  # (as `_call_timer`)

@@ -1634,6 +1634,7 @@ class WorkflowFunction:
                 f"{self.label} was started in the body of the workflow {run.wid}: start it "
                 "from an action that the workflow calls (a step), so that it starts once"
             )
+        check_call(self.func, self.label, args, kwargs)
         storable(f"the arguments of the workflow {self.label}", args, kwargs)
         wid = workflow_id or _uuid.uuid4().hex
         retention = self.retention if self.retention is not None else float(heap.retention)
@@ -1969,6 +1970,45 @@ def _hand_over(heap: Any, rec: WorkflowRecord, promised: dict[str, Any]) -> None
 _ATOMS = (str, int, float, bool, bytes, complex, type(None), datetime.datetime, datetime.date,
           datetime.timedelta)
 _ATOM_TYPES = frozenset(_ATOMS)  # (what `_fresh` returns as they are, looked up in one step)
+
+
+#: func -> (its signature, its arity when every parameter is a plain positional one without
+#: a default, else -1), or None when it has none that `inspect` can read (`check_call`).
+_signatures: dict[Any, tuple[inspect.Signature, int] | None] = {}
+
+
+def check_call(func: Callable[..., Any], label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise TypeError, as calling `func` would, when `args` and `kwargs` do not bind to it.
+
+    For what runs later (a workflow's body, a timer's action): bound when it is
+    started or scheduled, so that a wrong call fails at the call, stores nothing,
+    and does not become a failed workflow or a dead letter later.
+    """
+    try:
+        known = _signatures[func]
+    except (KeyError, TypeError):  # (TypeError: not hashable, looked up afresh each time)
+        try:
+            sig = inspect.signature(func)
+        except (TypeError, ValueError):  # a builtin, or another callable without one
+            known = None
+        else:
+            plain = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+                        for p in sig.parameters.values())
+            known = (sig, len(sig.parameters) if plain else -1)
+        try:
+            _signatures[func] = known
+        except TypeError:
+            pass
+    if known is None or (not kwargs and len(args) == known[1]):
+        return  # (the common case: as many positional arguments as plain parameters)
+    sig = known[0]
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        shown = sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                            return_annotation=sig.empty)
+        name = getattr(func, "__name__", label)
+        raise TypeError(f"{name}{shown}: {exc}; nothing was started or scheduled") from None
 
 
 def _fresh(value: Any, memo: dict[int, Any] | None = None) -> Any:

@@ -1633,3 +1633,35 @@ def test_a_body_that_changes_what_a_step_returned_replays_the_same(wheap: dh.Hea
     assert wheap.run_due() == 1
     assert h.result() == 3
     assert seen == ["['a', {'k': [1]}]"] * 3  # first run, and each replay
+
+
+def test_arguments_that_do_not_fit_are_refused_at_the_start_or_the_schedule(wheap: dh.Heap) -> None:
+    """A workflow started, or a timer or cron scheduled, with arguments its function does
+    not take was stored all the same: the workflow then failed at its first run (so
+    ``durable-heap call app.py onboard`` printed "failed" and exited 0), the timer became
+    a dead letter after its retries. Each now raises TypeError at the call, as calling
+    the function would, and nothing is stored."""
+    note = wheap.action(_note)
+
+    @wheap.workflow
+    def greet(user: str, *, loud: bool = False) -> str:
+        return user.upper() if loud else user
+
+    for args, kwargs, says in (((), {}, "missing a required argument: 'user'"),
+                               (("a", "b"), {}, "too many positional arguments"),
+                               (("a",), {"shout": True}, "unexpected keyword argument 'shout'")):
+        with pytest.raises(TypeError, match=re.escape(says)) as info:
+            greet(*args, **kwargs)
+        assert "greet(user, *, loud=False): " in str(info.value)
+        with pytest.raises(TypeError, match="nothing was started"):
+            with wheap.transaction():  # inside a transaction too: not recorded to run after it
+                greet.start(*args, **kwargs)
+    with pytest.raises(TypeError, match="missing a required argument"):
+        note.invoke_in(10)
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        note.invoke_at(START + 10, ["x"], ["y"])
+    with pytest.raises(TypeError, match="missing a required argument"):
+        note.cron("0 9 * * 1")
+    assert wheap.workflows() == [] and wheap.timers() == []
+    assert greet("ann", loud=True).result() == "ANN"  # what fits still starts
+    assert note.invoke_in(10, ["x"]).due is not None

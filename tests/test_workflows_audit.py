@@ -176,7 +176,7 @@ def test_arguments_values_and_payloads_that_cannot_be_stored_are_refused_at_the_
             "the value resolving the promise 'p'": lambda: dh.resolve("p", [bad]),
             "the payload of the event 'topic'": lambda: dh.emit("topic", bad),
             "the arguments of the timer for _hold": lambda: hold.invoke_in(5, bad),
-            "the arguments of the cron for _hold": lambda: hold.cron("0 9 * * 1", x=bad),
+            "the arguments of the cron for _hold": lambda: hold.cron("0 9 * * 1", value=bad),
         }
         for what, call in calls.items():
             for inside in (False, True):
