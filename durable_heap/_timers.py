@@ -696,6 +696,11 @@ class WorkflowMethods:
             action = func if hasattr(func, "invoke_in") else self.action(func)  # type: ignore[attr-defined]
             name = name_of(func, f"@heap.on({topic!r})")
             _warn_if_main(name, f"a subscription to {topic!r}")
+            try:  # each delivery calls it with the payload alone
+                check_call(func, name[1], (None,), {})
+            except TypeError as exc:
+                raise TypeError(f"a subscriber of {topic!r} is called with the event's payload, one "
+                                f"argument: {exc}") from None
 
             def subscribe(conn: Any) -> None:
                 subs = _peek(conn, SUBSCRIPTIONS_KEY)

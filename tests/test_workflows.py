@@ -1665,3 +1665,18 @@ def test_arguments_that_do_not_fit_are_refused_at_the_start_or_the_schedule(whea
     assert wheap.workflows() == [] and wheap.timers() == []
     assert greet("ann", loud=True).result() == "ANN"  # what fits still starts
     assert note.invoke_in(10, ["x"]).due is not None
+
+
+def _no_payload() -> None: ...
+
+
+def _two_arguments(payload: object, more: object) -> None: ...
+
+
+def test_a_subscriber_that_cannot_take_the_payload_is_refused_at_the_subscription(wheap: dh.Heap) -> None:
+    """(Its every delivery failed, and ended as a dead letter.)"""
+    for func in (_no_payload, _two_arguments):
+        with pytest.raises(TypeError, match=r"a subscriber of 'news' is called with the event's payload"):
+            wheap.on("news")(func)
+    with wheap.transaction():
+        assert dh.emit("news", 1) == 0  # nothing subscribed
