@@ -64,6 +64,7 @@ from ._http import (
 from ._jsonform import decode, dumps, resolve_loaded
 from ._parent import ZEO_CHILD
 from ._retry import RetryQueue, call_note, conflict, pause
+from ._versions import public_functions
 from ._waits import waiting
 from ._workflows import Workflow
 
@@ -108,15 +109,6 @@ class ServeConfig:
     allow: list[str] = dataclasses.field(default_factory=list)
     tls_cert: str | None = None
     tls_key: str | None = None
-
-
-def public_functions(module: types.ModuleType) -> dict[str, Any]:
-    """The functions ``POST /<name>`` reaches: defined by the program, not private, not hooks."""
-    return {
-        n: v for n, v in vars(module).items()
-        if isinstance(v, types.FunctionType) and not n.startswith("_")
-        and v.__module__ == module.__name__ and n not in ("migrate", "endpoint")
-    }
 
 
 #: Calls of a process on the CPU at once on a heap file (`CallPool`); 0: as many as

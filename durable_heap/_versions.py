@@ -94,7 +94,7 @@ from ._retry import RETRIED, call_note, retry
 from ._state import State
 from ._types import apply_declared, declared_state
 from ._watch import view_changes, watched_plain_ids
-from ._workflows import deploy_check, set_globals_binder, set_resolver
+from ._workflows import WorkflowFunction, deploy_check, set_globals_binder, set_resolver
 
 __all__ = [
     "PROGRAMS_KEY",
@@ -106,6 +106,7 @@ __all__ = [
     "deploy",
     "load",
     "load_discarded",
+    "public_functions",
     "rewrite_classes",
     "rollback",
     "state_at",
@@ -913,6 +914,19 @@ def file_stamp(path: str) -> Any:
     return (st.st_mtime_ns, st.st_size)
 
 
+def public_functions(module: types.ModuleType) -> dict[str, Any]:
+    """What a program offers to be called by name (``durable-heap call``, serve's ``POST
+    /<name>``): the functions and the workflows (``@durable_heap.workflow``) it defines,
+    not private ones, not its hooks (``migrate``, ``endpoint``, migrations)."""
+    name = module.__name__
+    return {
+        n: v for n, v in vars(module).items()
+        if not n.startswith("_") and n not in ("migrate", "endpoint")
+        and ((isinstance(v, types.FunctionType) and v.__module__ == name and not migrations.is_migration(v))
+             or (isinstance(v, WorkflowFunction) and v.name[0] == name))
+    }
+
+
 def _function(module: types.ModuleType, function: str) -> Callable[..., Any]:
     func = getattr(module, function, None)
     if migrations.is_migration(func):
@@ -921,12 +935,7 @@ def _function(module: types.ModuleType, function: str) -> Callable[..., Any]:
             "at the deploy that brings it, and cannot be called"
         )
     if func is None or not callable(func) or function.startswith("_"):
-        names = sorted(
-            n for n, v in vars(module).items()
-            if isinstance(v, types.FunctionType) and not n.startswith("_")
-            and v.__module__ == module.__name__ and n != "migrate" and not migrations.is_migration(v)
-        )
-        listed = ", ".join(names) if names else "none"
+        listed = ", ".join(sorted(public_functions(module))) or "none"
         raise FunctionNotFoundError(
             f"{module.__name__} has no function {function!r} (its functions: {listed})"
         )

@@ -883,6 +883,14 @@ def test_a_workflow_started_over_http_is_resolved_by_another_request(tmp_path: P
         assert s.post("/note", ["x"]).json() == {"result": 3}  # both steps ran once
         page = s.client.get("/_inspect").text
         assert wid in page and "flow.onboard" in page and "scheduler: running" in page
+        # The workflow itself is a route too, as `durable-heap call flow.py onboard` is
+        # (it answered 404 FunctionNotFoundError: only plain functions were served).
+        r = s.post("/onboard", ["cy"])
+        assert r.status_code == 202 and r.json()["status"] == "waiting", r.text
+        r = s.post("/onboard", [])
+        assert r.status_code == 400 and "missing a required argument: 'user'" in r.text, r.text
+        r = s.post("/nope", [])
+        assert r.status_code == 404 and "answer, note, onboard, start" in r.text, r.text
     finally:
         s.stop()
 
