@@ -38,6 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import stat
 import sys
 import traceback
 from collections.abc import Sequence
@@ -267,8 +269,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_interrupted_calls()
         print("durable-heap: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        if not _stdout_is_a_pipe():
+            return _report(exc, args)
+        # The reader of the output left (`durable-heap workflows app.py | head`): stop
+        # quietly, as Unix tools do, instead of an "internal error". What the command
+        # committed before printing stays committed. Python's own flush at exit would
+        # raise again on the closed pipe: point stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as exc:  # noqa: BLE001 - every error becomes one clear line
         return _report(exc, args)
+
+
+def _stdout_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError):  # closed, or not a real file
+        return False
 
 
 class _FunctionFailed(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -234,3 +235,27 @@ def test_read_only_commands_load_a_program_that_declares_crons_and_subscriptions
     assert "sent: List (0 items)" in cli("inspect", str(prog)).stdout
     assert heap_file.stat().st_size == size  # read-only: nothing was committed
     assert cli("timers", str(prog)).stdout == timers.stdout
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
+    """``durable-heap inspect app.py | head`` reported "internal error: BrokenPipeError"."""
+    import subprocess
+    import sys
+
+    prog = write(tmp_path / "big.py", """
+        from durable_heap import state
+
+        def fill():
+            state.items = {f"k{i}": i for i in range(20000)}
+    """)
+    assert cli("call", str(prog), "fill").returncode == 0
+    reader = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()"],
+                              stdin=subprocess.PIPE)
+    assert reader.stdin is not None
+    writer = subprocess.run([sys.executable, "-m", "durable_heap", "inspect", str(prog), "--limit", "20000"],
+                            stdout=reader.stdin, stderr=subprocess.PIPE, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    reader.stdin.close()
+    reader.wait(10)
+    assert writer.returncode == 141, writer.stderr  # 128 + SIGPIPE, as a Unix tool's
+    assert writer.stderr == ""
