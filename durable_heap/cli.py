@@ -861,13 +861,14 @@ def _timers(args: argparse.Namespace) -> int:
             done = found[0].retry() if args.retry else found[0].cancel()
             print(f"{wanted} {'queued again' if args.retry and done else 'dropped' if done else 'unchanged'}")
             return 0
-        print(f"{'id':<24}  {'due (UTC)':<19}  {'kind':<6}  {'tries':>5}  target")
+        width = max([24, *(len(t.id) for t in timers)])  # a cron's id is its declaration: long
+        print(f"{'id':<{width}}  {'due (UTC)':<19}  {'kind':<6}  {'tries':>5}  target")
         for t in timers:
             target = ".".join(t.target) if isinstance(t.target, tuple) else str(t.target)
             due = "dead letter" if t.dead else _when(t.due)
             error = f"  last error: {t.error}" if t.error else ""
             origin = f" ({t.origin})" if t.origin else ""
-            print(f"{t.id:<24}  {due:<19}  {t.kind:<6}  {t.attempts:>5}  {target}{origin}{error}")
+            print(f"{t.id:<{width}}  {due:<19}  {t.kind:<6}  {t.attempts:>5}  {target}{origin}{error}")
     return 0
 
 
