@@ -662,6 +662,9 @@ class WorkflowMethods:
         # ([] when they were asked for at once); None: not rung by another process.
         self._wf_rung: list[bytes] | None = None
         self._wf_stopping: threading.Event | None = None  # the `stop` of the one in the main thread
+        # Per thread: the `stop` of the `run_scheduler` loop running in it (``.stop``), which
+        # `run_due` and a workflow's next step look at (`_workflows._scheduler_stopping`).
+        self._wf_thread = threading.local()
         # Wakes handed over by this process's resolves: (id, timer key, what `_known` reads).
         self._wf_handed: collections.deque[tuple[str, tuple[float, str], tuple[Any, ...]]] = \
             collections.deque()
@@ -728,7 +731,8 @@ class WorkflowMethods:
             )
         count = _take_over(self)
         idle = 0
-        while limit is None or count < limit:
+        stop = getattr(self._wf_thread, "stop", None)  # a scheduler's, stopping: no next item
+        while (limit is None or count < limit) and not (stop is not None and stop.is_set()):
             done = _fire_one(self)
             if done is None:
                 break
@@ -761,6 +765,7 @@ class WorkflowMethods:
         self._wf_schedulers += 1
         if handlers:  # its handler may raise `_Stopped` only while this loop runs
             self._wf_stopping = stop
+        outer, self._wf_thread.stop = getattr(self._wf_thread, "stop", None), stop
         try:
             while not stop.is_set():
                 if tick is not None and time.monotonic() - ticked >= 1.0:
@@ -782,6 +787,7 @@ class WorkflowMethods:
         except _Stopped:
             pass  # SIGTERM while waiting for a lost server (see `_on_signal`)
         finally:
+            self._wf_thread.stop = outer
             if handlers:
                 self._wf_stopping = None
             self._wf_schedulers -= 1

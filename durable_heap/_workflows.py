@@ -467,6 +467,13 @@ class _Done:
 # --- helpers --------------------------------------------------------------------------------
 
 
+def _scheduler_stopping(heap: Any) -> bool:
+    """Whether the scheduler loop of this thread (`_timers.run_scheduler`) was asked to stop."""
+    local = getattr(heap, "_wf_thread", None)
+    stop = getattr(local, "stop", None) if local is not None else None
+    return stop is not None and stop.is_set()
+
+
 def _clock(heap: Any) -> float:
     return float(getattr(heap, "clock", time.time)())
 
@@ -797,12 +804,34 @@ class _Run:
             if entry is not None:
                 value = entry.value
                 return value if type(value) in _ATOM_TYPES else _fresh(value)
+        if _scheduler_stopping(self.heap):
+            self.leave_for_later(detail)
         self.in_step = True
         try:
             value = self._run_step(func, name, detail, args, kwargs)
         finally:
             self.in_step = False
         return value if type(value) in _ATOM_TYPES else _fresh(value)
+
+    def leave_for_later(self, detail: str) -> None:
+        """Stop this run before its next step, for a scheduler to go on with (raises `_Abandon`).
+
+        The scheduler running it is stopping (SIGTERM): a body with many long steps
+        would otherwise hold the stop up until it waits or ends, past a service
+        manager's patience (then SIGKILL, and a lease to wait out). The workflow
+        stays running, with a run timer due now: the next scheduler (this worker
+        restarted, or another) replays its journal and runs that step. Only between
+        steps: a step in progress commits first.
+        """
+        number = len(self.entries) + 1
+
+        def later(rec: WorkflowRecord, conn: Any, now: float) -> None:
+            rec.timer = _add_timer(conn, now, TimerEntry("run", self.wid, created=now, origin="resume"))
+
+        self.transact(later, f"workflow {self.wid}: left before step {number} (the scheduler stops)")
+        _log.info("workflow %s (%s): the scheduler is stopping: left before step %d (%s), for the "
+                  "next scheduler to go on with", self.wid, self.func.label, number, detail)
+        raise _Abandon
 
     def _journaled_step(self, name: str, detail: str, verb: str) -> JournalEntry | None:
         """The journal's entry for the step about to run (its error re-raised), or None: run it.
@@ -874,6 +903,8 @@ class _Run:
             return _fresh(entry.value)
         if self.suspended:
             raise _gone_on(self)
+        if _scheduler_stopping(self.heap):
+            self.leave_for_later(detail)
         heap = self.heap
         number = len(self.entries) + 1
         failure: list[BaseException] = []

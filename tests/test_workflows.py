@@ -1680,3 +1680,91 @@ def test_a_subscriber_that_cannot_take_the_payload_is_refused_at_the_subscriptio
             wheap.on("news")(func)
     with wheap.transaction():
         assert dh.emit("news", 1) == 0  # nothing subscribed
+
+
+def test_a_stopping_scheduler_leaves_a_workflow_between_steps_for_the_next_one(
+        wheap: dh.Heap, clock: Clock) -> None:
+    """SIGTERM (here: the scheduler's `stop`, which its handler sets) came while a step
+    ran: the scheduler went on with every later step until the workflow waited or
+    ended, holding the stop up for as long as they took. It now commits the step in
+    hand and stops: the workflow stays running, with a run timer due now, and the next
+    scheduler goes on from the next step. Each step runs once."""
+    stop = threading.Event()
+    bump = _counter(wheap)
+
+    @wheap.action
+    def slow(n: int) -> int:
+        bump(f"step {n}")
+        if n == 1:
+            stop.set()  # as if SIGTERM came now, while step 1 runs
+        return n
+
+    @wheap.workflow
+    def flow() -> int:
+        dh.sleep(1)
+        return slow(1) + slow(2) + slow(3)
+
+    h = flow()
+    clock.advance(1)
+    runner = threading.Thread(target=wheap.run_scheduler, kwargs={"stop": stop})
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert dict(wheap.state.counts) == {"step 1": 1}  # step 1 committed; 2 and 3 left
+    assert h.status == "running"
+    assert [(t.kind, t.target, t.origin) for t in wheap.timers()] == [("run", h.id, "resume")]
+    assert wheap.run_due() == 1  # the next scheduler: replays step 1, runs 2 and 3
+    assert h.result() == 6
+    assert dict(wheap.state.counts) == {"step 1": 1, "step 2": 1, "step 3": 1}
+
+
+SLOW_STEPS = """
+import sys, time
+import durable_heap as dh
+from durable_heap import state
+
+state.setdefault("effects", [])
+
+def slow(n):
+    print(f"step {n}", flush=True)
+    state.effects.append(n)
+    time.sleep(1.0)
+    return n
+
+@dh.workflow
+def flow():
+    dh.sleep(0.2)
+    return slow(1) + slow(2) + slow(3)
+
+def effects():
+    return list(state.effects)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_worker_after_the_step_in_hand(tmp_path: Path) -> None:
+    """A real `durable-heap worker`, SIGTERM while the first of three 1 s steps runs: it
+    stops once that step committed (it ran the other two first), and the next run goes
+    on from step 2."""
+    app = write(tmp_path / "slow.py", SLOW_STEPS)
+    r = cli("call", str(app), "flow", cwd=tmp_path)
+    assert r.stdout.split()[-1] == "waiting", r.stderr
+    worker = subprocess.Popen([sys.executable, "-m", "durable_heap", "worker", str(app)], cwd=tmp_path,
+                              env=subprocess_env({"PYTHONPATH": str(ROOT)}), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "step 1"
+        worker.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        out, err = worker.communicate(timeout=60)
+        stopped = time.monotonic() - t0
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert "step 2" not in out and stopped < 2.5, (out, stopped)  # not the 2 s of steps 2 and 3
+    assert json.loads(cli("call", str(app), "effects", cwd=tmp_path).stdout) == [1]
+    r = cli("workflows", str(app), cwd=tmp_path)
+    assert "running" in r.stdout, r.stdout
+    assert cli("run-due", str(app), cwd=tmp_path).stdout.split() == ["step", "2", "step", "3", "1"]
+    assert json.loads(cli("call", str(app), "effects", cwd=tmp_path).stdout) == [1, 2, 3]
+    assert "done" in cli("workflows", str(app), cwd=tmp_path).stdout
