@@ -211,6 +211,31 @@ def test_transaction_status_values() -> None:
     assert txn.status == status.COMMITTED
 
 
+def test_the_transactions_savepoint_is_the_watchs() -> None:
+    """`_watch` replaces ``Transaction.savepoint`` on the class, and the transaction
+    manager's ``savepoint()`` must go through it: were the manager to make savepoints
+    another way, the watch would take no part in them (in-place changes surviving a
+    rollback). A transaction with no watched connection gets the original's savepoint."""
+    import durable_heap._watch as watch
+
+    assert transaction._transaction.Transaction.savepoint is watch._savepoint
+    tm = transaction.TransactionManager(explicit=True)
+
+    class Synch:
+        def newTransaction(self, txn: Any) -> None: ...  # noqa: N802 - transaction's names
+        def beforeCompletion(self, txn: Any) -> None: ...  # noqa: N802
+        def afterCompletion(self, txn: Any) -> None: ...  # noqa: N802
+
+    synch = Synch()
+    tm.registerSynch(synch)
+    txn = tm.begin()
+    seen: list[Any] = []
+    txn._synchronizers.map(seen.append)  # where `_savepoint` finds the connections' watches
+    assert seen == [synch]
+    assert type(tm.savepoint()).__name__ == "Savepoint"  # transaction's own: no watch in it
+    tm.abort()
+
+
 class _Resource:
     """A data manager that looks at the transaction's vote book as it finishes."""
 
