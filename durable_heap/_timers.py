@@ -321,7 +321,7 @@ def _fire_one(heap: Any) -> int | None:
             rec = _tree(conn, WORKFLOWS_KEY).get(entry.target)
             if rec is not None and rec.timer == key:
                 rec.timer = None
-                drop_journal(rec)
+                drop_journal(rec, conn)
             return 1
         del timers[key]
         if entry.kind == "cron":
@@ -390,7 +390,7 @@ def _prune_due(conn: Any, now: float) -> int:
         rec = wfs.get(key[1]) if wfs is not None else None
         if rec is not None and rec.retained == key:  # (not retried since)
             rec.retained = None
-            drop_journal(rec)
+            drop_journal(rec, conn)
     return len(keys)
 
 

@@ -1106,8 +1106,24 @@ def retain(conn: Any, rec: WorkflowRecord, now: float) -> None:
     rec.retained = key
 
 
-def drop_journal(rec: WorkflowRecord) -> None:
-    """Drop the journal of `rec`, which ended more than its retention ago."""
+def drop_journal(rec: WorkflowRecord, conn: Any = None) -> None:
+    """Drop the journal of `rec`, which ended more than its retention ago, and with it
+    (given `conn`) the records of the promises its waits got (resolved, or timed out)
+    that no workflow waits on now: each one's value is in the journal of whoever got
+    it, so nothing reads the record again, and without this every promise a service
+    ever made stayed in the heap for ever. A name used again later is a new promise."""
+    if conn is not None:
+        got = {e.name for e in _read_journal(rec.journal) if e.kind == "got"}
+        promises = _peek(conn, PROMISES_KEY) if got else None
+        for name in got if promises is not None else ():
+            prom = promises.get(name)
+            if prom is None:
+                continue
+            others = tuple(w for w in prom.waiters if w != rec.id)  # (a wait that timed out stays listed)
+            if not others:
+                del promises[name]
+            elif others != prom.waiters:
+                prom.waiters = others
     rec.length = journal_length(rec)
     rec.journal = Journal()  # the ended workflow keeps its status and result
 

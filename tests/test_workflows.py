@@ -1768,3 +1768,40 @@ def test_sigterm_stops_a_worker_after_the_step_in_hand(tmp_path: Path) -> None:
     assert cli("run-due", str(app), cwd=tmp_path).stdout.split() == ["step", "2", "step", "3", "1"]
     assert json.loads(cli("call", str(app), "effects", cwd=tmp_path).stdout) == [1, 2, 3]
     assert "done" in cli("workflows", str(app), cwd=tmp_path).stdout
+
+
+def test_a_promise_goes_with_the_journal_of_the_workflow_that_got_it(wheap: dh.Heap, clock: Clock) -> None:
+    """(Every promise a service ever made stayed in the heap for ever.) Its record is
+    dropped with the journal of the last workflow that got it (resolved, or timed out),
+    once no workflow waits on it: a name used again then is a new promise. One still
+    awaited by another workflow is kept for it."""
+    from durable_heap._workflows import PROMISES_KEY
+
+    @wheap.workflow
+    def waits(name: str, timeout: float | None) -> Any:
+        try:
+            return dh.promise(name).wait(timeout=timeout)
+        except dh.PromiseTimeout:
+            return "expired"
+
+    def names() -> list[str]:
+        with wheap.transaction():
+            return sorted(wheap.connection.root()[PROMISES_KEY].keys())
+
+    answered, expired = waits("answered", None), waits("expired", 10)
+    first, second = waits("shared", 10), waits("shared", None)  # the second waits on after the first
+    assert dh.resolve("answered", "yes")
+    assert dh.resolve("never waited", 1)  # a resolve before any wait is kept (for one to come)
+    clock.advance(11)
+    wheap.run_due()
+    assert (answered.result(), expired.result(), first.result()) == ("yes", "expired", "expired")
+    assert names() == ["answered", "expired", "never waited", "shared"]
+    clock.advance(wheap.retention + 1)
+    wheap.run_due()  # the retention passed: journals dropped, and the promises they got
+    assert names() == ["never waited", "shared"]  # "shared": `second` still waits on it
+    assert second.status == "waiting"
+    assert dh.resolve("shared", "at last")
+    wheap.run_due()
+    assert second.result() == "at last"
+    again = waits("answered", None)  # a new promise of that name: not the old "yes"
+    assert again.status == "waiting"
