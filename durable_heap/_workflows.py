@@ -1114,7 +1114,7 @@ def drop_journal(rec: WorkflowRecord, conn: Any = None) -> None:
     ever made stayed in the heap for ever. A name used again later is a new promise."""
     if conn is not None:
         got = {e.name for e in _read_journal(rec.journal) if e.kind == "got"}
-        promises = _peek(conn, PROMISES_KEY) if got else None
+        promises: Any = _peek(conn, PROMISES_KEY) if got else None
         for name in got if promises is not None else ():
             prom = promises.get(name)
             if prom is None:
