@@ -656,13 +656,19 @@ def test_async_actions_are_steps_and_concurrent_steps_are_refused(wheap: dh.Heap
 # --- (c) promises and events ---------------------------------------------------------------------
 
 
-def test_promises(wheap: dh.Heap, clock: Clock) -> None:
-    @wheap.workflow
+def _promise_waiter(heap: dh.Heap) -> Any:
+    """A workflow that waits on the promise `name` and answers "expired" at its timeout."""
+    @heap.workflow
     def waits(name: str, timeout: float | None) -> Any:
         try:
             return dh.promise(name).wait(timeout=timeout)
         except dh.PromiseTimeout:
             return "expired"
+    return waits
+
+
+def test_promises(wheap: dh.Heap, clock: Clock) -> None:
+    waits = _promise_waiter(wheap)
 
     early = dh.resolve("early", 1)  # a resolve before the wait is kept
     assert early is True
@@ -1777,12 +1783,7 @@ def test_a_promise_goes_with_the_journal_of_the_workflow_that_got_it(wheap: dh.H
     awaited by another workflow is kept for it."""
     from durable_heap._workflows import PROMISES_KEY
 
-    @wheap.workflow
-    def waits(name: str, timeout: float | None) -> Any:
-        try:
-            return dh.promise(name).wait(timeout=timeout)
-        except dh.PromiseTimeout:
-            return "expired"
+    waits = _promise_waiter(wheap)
 
     def names() -> list[str]:
         with wheap.transaction():
