@@ -35,7 +35,10 @@ and, once durable execution (`_workflows`, since 0.4) has been used::
     "durable_heap.by_status"         -> OOBTree  status -> OOBTree (created, id) -> True
     "durable_heap.retention"         -> OOBTree  (deadline, id) -> True: ended workflows whose
                                         journal is dropped then (written since 0.4's session 11;
-                                        before, a "prune" TimerEntry in the timers, still read)
+                                        before, a "prune" TimerEntry in the timers, still read);
+                                        and (deadline, name, "promise") -> True: a promise
+                                        resolved while nothing waited on it, dropped then if
+                                        still nothing does (since session 12)
 
 Record layouts (the attributes each persistent class pickles; ZODB stores
 ``(class path, state)`` per record, the state being the instance ``__dict__``

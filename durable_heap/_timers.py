@@ -80,6 +80,7 @@ from ._workflows import (
     _warn_if_main,
     check_call,
     drop_journal,
+    drop_promise,
     find,
     last_seen,
     name_of,
@@ -387,6 +388,9 @@ def _prune_due(conn: Any, now: float) -> int:
     wfs = _peek(conn, WORKFLOWS_KEY)
     for key in keys:
         del kept[key]
+        if len(key) > 2:  # (deadline, name, PROMISE_KEPT): a resolve nobody waited for
+            drop_promise(conn, key[1])
+            continue
         rec = wfs.get(key[1]) if wfs is not None else None
         if rec is not None and rec.retained == key:  # (not retried since)
             rec.retained = None
@@ -859,7 +863,8 @@ class WorkflowMethods:
                     out.append(Timer(self, key, cron=by_key.get(key), entry=entry))
                 kept = _peek(conn, RETENTION_KEY)
                 if kept:  # the ended workflows' journals to drop: "prune" timers, as listed before
-                    out += [Timer(self, key, entry=TimerEntry("prune", key[1], origin="retention"))
+                    out += [Timer(self, key, entry=TimerEntry("prune", key[1], origin=(
+                                "retention" if len(key) == 2 else "unawaited promise")))
                             for key in kept.keys()]
                     out.sort(key=lambda t: t.key)
             if dead is not False:

@@ -113,7 +113,9 @@ _log = logging.getLogger("durable_heap.workflows")
 # RETENTION_KEY's tree, (deadline, id) -> True, lists the ended workflows whose journal
 # is dropped at that deadline (`retain`): plain keys, cheap to write at each end, where a
 # "prune" TimerEntry in the timers' last bucket (written before it, still fired) made a
-# workflow's end rewrite a bucket of TimerEntry objects.
+# workflow's end rewrite a bucket of TimerEntry objects. A promise resolved while no
+# workflow waits on it is listed too, as (deadline, name, "promise"): dropped then if
+# still nobody waits on it (`resolve`, `_timers._prune_due`).
 (WORKFLOWS_KEY, TIMERS_KEY, PROMISES_KEY, SUBSCRIPTIONS_KEY, CRONS_KEY, DEAD_KEY,
  WAITING_KEY, STATUS_KEY, RETENTION_KEY) = WORKFLOW_KEYS
 
@@ -1106,6 +1108,18 @@ def retain(conn: Any, rec: WorkflowRecord, now: float) -> None:
     rec.retained = key
 
 
+#: The third element of a retention key that lists a promise, not a workflow (see above).
+PROMISE_KEPT = "promise"
+
+
+def drop_promise(conn: Any, name: str) -> None:
+    """Drop the record of promise `name` if no workflow waits on it (its retention passed)."""
+    promises = _peek(conn, PROMISES_KEY)
+    prom = promises.get(name) if promises is not None else None
+    if prom is not None and not prom.waiters:
+        del promises[name]
+
+
 def drop_journal(rec: WorkflowRecord, conn: Any = None) -> None:
     """Drop the journal of `rec`, which ended more than its retention ago, and with it
     (given `conn`) the records of the promises its waits got (resolved, or timed out)
@@ -1949,6 +1963,8 @@ def resolve(name: str, value: Any = None) -> bool:
             return False
         now = _clock(heap)
         prom.resolved, prom.value, prom.at = True, _fresh(value), now  # its own copy (as a start's arguments)
+        if not prom.waiters:  # kept for a wait to come, for the heap's retention (then dropped)
+            _tree(conn, RETENTION_KEY)[(float(now + heap.retention), name, PROMISE_KEPT)] = True
         wfs = _peek(conn, WORKFLOWS_KEY)
         for wid in prom.waiters:
             rec = wfs.get(wid) if wfs is not None else None

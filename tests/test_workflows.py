@@ -1780,7 +1780,8 @@ def test_a_promise_goes_with_the_journal_of_the_workflow_that_got_it(wheap: dh.H
     """(Every promise a service ever made stayed in the heap for ever.) Its record is
     dropped with the journal of the last workflow that got it (resolved, or timed out),
     once no workflow waits on it: a name used again then is a new promise. One still
-    awaited by another workflow is kept for it."""
+    awaited by another workflow is kept for it; one resolved while nobody waited on it
+    (the email example's reply from a stranger) is kept for the heap's retention."""
     from durable_heap._workflows import PROMISES_KEY
 
     waits = _promise_waiter(wheap)
@@ -1792,14 +1793,16 @@ def test_a_promise_goes_with_the_journal_of_the_workflow_that_got_it(wheap: dh.H
     answered, expired = waits("answered", None), waits("expired", 10)
     first, second = waits("shared", 10), waits("shared", None)  # the second waits on after the first
     assert dh.resolve("answered", "yes")
-    assert dh.resolve("never waited", 1)  # a resolve before any wait is kept (for one to come)
+    assert dh.resolve("never waited", 1)  # a resolve before any wait is kept, for the retention
+    assert [(t.target, t.origin) for t in wheap.timers() if t.kind == "prune"] == [
+        ("never waited", "unawaited promise")]
     clock.advance(11)
     wheap.run_due()
     assert (answered.result(), expired.result(), first.result()) == ("yes", "expired", "expired")
     assert names() == ["answered", "expired", "never waited", "shared"]
     clock.advance(wheap.retention + 1)
-    wheap.run_due()  # the retention passed: journals dropped, and the promises they got
-    assert names() == ["never waited", "shared"]  # "shared": `second` still waits on it
+    wheap.run_due()  # the retention passed: journals dropped, the promises they got, the unawaited one
+    assert names() == ["shared"]  # `second` still waits on it
     assert second.status == "waiting"
     assert dh.resolve("shared", "at last")
     wheap.run_due()
