@@ -190,6 +190,8 @@ INLINE_CLASSES: tuple[str, ...] = (
     "durable_heap._workflows.JournalEntry",
     "durable_heap._workflows.TimerEntry",
     "durable_heap._workflows.CronEntry",
+    # not a class: the function a stored `Workflow` handle is rebuilt with (since session 12)
+    "durable_heap._workflows._stored_handle",
 )
 
 #: Persistent classes of durable_heap that are only bases: no record names them.

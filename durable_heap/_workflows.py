@@ -2220,14 +2220,39 @@ def on(topic: str) -> Callable[[Callable[..., Any]], Any]:
 
 
 class Workflow:
-    """A handle on one workflow; every property reads the heap again."""
+    """A handle on one workflow; every property reads the heap again.
+
+    It can be stored (a step's result, an argument, a value in state): by its id,
+    and loaded back as a handle on the active heap. So an action that starts a child
+    workflow may return the child's handle, as a step of its parent.
+    """
 
     def __init__(self, heap: Any, wid: str) -> None:
-        self.heap = heap
+        self._heap = heap
         self.id = wid
+
+    @property
+    def heap(self) -> Any:
+        """Its heap: for a handle loaded from a heap, the active one at each use."""
+        return self._heap if self._heap is not None else _engine.active_heap()
 
     def __repr__(self) -> str:
         return f"<durable_heap.Workflow {self.id} {self.status}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Workflow) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(("durable_heap.Workflow", self.id))
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_stored_handle, (self.id,))  # by id: a handle holds its (unstorable) heap
+
+    def __copy__(self) -> Workflow:
+        return self  # (immutable: a copy, as `_fresh` makes of a step's result, keeps the heap)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Workflow:
+        return self
 
     def __await__(self) -> Any:
         """``await handle``: until the run of an ``async def`` body started from this
@@ -2336,6 +2361,12 @@ class Workflow:
             reindex(conn, rec)
             return True
         return bool(_in_transaction(self.heap, f"retry workflow {self.id}", work))
+
+
+def _stored_handle(wid: str) -> Workflow:
+    """A `Workflow` handle loaded from a heap (stored by `Workflow.__reduce__`). Its path is
+    stored in records: never move it (`durable_heap._format.INLINE_CLASSES`)."""
+    return Workflow(None, wid)
 
 
 def _waiting(rec: WorkflowRecord) -> dict[str, Any] | None:

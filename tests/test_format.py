@@ -48,6 +48,7 @@ INLINE = (
     "durable_heap._workflows.JournalEntry",
     "durable_heap._workflows.TimerEntry",
     "durable_heap._workflows.CronEntry",
+    "durable_heap._workflows._stored_handle",  # a function: what a stored Workflow handle calls
 )
 
 

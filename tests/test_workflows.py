@@ -1809,3 +1809,33 @@ def test_a_promise_goes_with_the_journal_of_the_workflow_that_got_it(wheap: dh.H
     assert second.result() == "at last"
     again = waits("answered", None)  # a new promise of that name: not the old "yes"
     assert again.status == "waiting"
+
+
+def test_a_workflow_handle_can_be_stored_by_its_id(wheap: dh.Heap, tmp_path: Path) -> None:
+    """The docs say to start a child workflow from a step (an action): one that returned
+    the child's handle failed its parent ("the result of step 1 ... .heap._programs_lock
+    cannot be stored: a _thread.RLock"). A handle is stored by its id, and loaded back as
+    a handle on the active heap."""
+    @wheap.workflow
+    def child(x: int) -> int:
+        return x * 2
+
+    @wheap.action
+    def start_child(x: int) -> dh.Workflow:
+        return child(x)
+
+    @wheap.workflow
+    def parent(x: int) -> Any:
+        handle = start_child(x)
+        return handle, handle.id
+
+    p = parent(3)
+    handle, wid = p.result()
+    assert isinstance(handle, dh.Workflow) and handle.id == wid and handle.status == "done"
+    assert handle == wheap.workflow_by_id(wid) and handle.result() == 6
+    with wheap.transaction() as state:
+        state.children = [handle]
+    wheap.close()
+    with dh.open(tmp_path / "wf.fs") as heap:  # another heap object, as another process has
+        loaded = heap.state.children[0]
+        assert loaded == handle and loaded.heap is heap and loaded.result() == 6
