@@ -69,7 +69,7 @@ from ._counter import Counter
 from ._errors import JSONFormError
 from ._state import Object
 
-__all__ = ["Decoder", "decode", "dump", "dumps", "encode", "loads", "resolve_loaded"]
+__all__ = ["Decoder", "decode", "dump", "dumps", "encode", "loads", "register_tag", "resolve_loaded"]
 
 Resolve = Callable[[str], Any]
 
@@ -235,6 +235,9 @@ class _Writer:
             finally:
                 self.active.discard(key)
             return {"$object": {"class": _class_name(type(v)), "attrs": attrs}}
+        registered = _REGISTERED.get(type(v))
+        if registered is not None:
+            return {registered[0]: registered[1](v)}
         raise JSONFormError(
             f"{path} cannot be written as JSON: a {_class_name(type(v))} is not data "
             "(numbers, strings, containers, dates, bytes, Decimal, durable_heap.Object "
@@ -485,6 +488,18 @@ _SCALARS: dict[str, Callable[[Any], Any]] = {
     "$counter": lambda v: Counter(_int(v)),
 }
 _COLLECTIONS: dict[str, Callable[[list[Any]], Any]] = {"$tuple": tuple, "$set": set, "$frozenset": frozenset}
+
+#: Types of the layers above written as a tag of their own (`register_tag`): type -> (tag, encode).
+_REGISTERED: dict[type, tuple[str, Callable[[Any], Any]]] = {}
+
+
+def register_tag(cls: type, tag: str, encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> None:
+    """Write instances of `cls` as ``{tag: encode(value)}`` and read that back with `decode`.
+
+    For a layer above this one (durable execution's workflow handles, ``$workflow``):
+    this module cannot import it. `encode` returns plain JSON data."""
+    _REGISTERED[cls] = (tag, encode)
+    _SCALARS[tag] = decode
 
 
 def _pairs(v: Any) -> list[tuple[Any, Any]]:

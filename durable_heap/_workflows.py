@@ -63,7 +63,7 @@ from BTrees.IOBTree import IOBTree, IOBucket
 from BTrees.OOBTree import OOBTree, OOBucket
 from persistent import Persistent
 
-from . import _fastpickle, _watch
+from . import _fastpickle, _jsonform, _watch
 from . import _heap as _engine
 from ._errors import (
     ConflictError,
@@ -2367,6 +2367,16 @@ def _stored_handle(wid: str) -> Workflow:
     """A `Workflow` handle loaded from a heap (stored by `Workflow.__reduce__`). Its path is
     stored in records: never move it (`durable_heap._format.INLINE_CLASSES`)."""
     return Workflow(None, wid)
+
+
+def _handle_from_json(wid: Any) -> Workflow:
+    if not isinstance(wid, str) or not wid:
+        raise ValueError(f"a workflow id is a non-empty string, not {wid!r}")
+    return Workflow(None, wid)
+
+
+# In the tagged JSON of `durable-heap export`/`import` and of serve's answers: ``{"$workflow": id}``.
+_jsonform.register_tag(Workflow, "$workflow", lambda handle: handle.id, _handle_from_json)
 
 
 def _waiting(rec: WorkflowRecord) -> dict[str, Any] | None:

@@ -1839,3 +1839,12 @@ def test_a_workflow_handle_can_be_stored_by_its_id(wheap: dh.Heap, tmp_path: Pat
     with dh.open(tmp_path / "wf.fs") as heap:  # another heap object, as another process has
         loaded = heap.state.children[0]
         assert loaded == handle and loaded.heap is heap and loaded.result() == 6
+        # In tagged JSON (durable-heap export and import, serve's answers): {"$workflow": id}.
+        from durable_heap._jsonform import dumps, loads
+
+        text = dumps({"kids": [loaded]})
+        assert text == f'{{"kids": [{{"$workflow": "{wid}"}}]}}'
+        back = loads(text)["kids"][0]
+        assert back == handle and back.result() == 6
+        with pytest.raises(dh.JSONFormError, match=r"malformed \$workflow"):
+            loads('{"$workflow": 7}')
