@@ -1848,3 +1848,34 @@ def test_a_workflow_handle_can_be_stored_by_its_id(wheap: dh.Heap, tmp_path: Pat
         assert back == handle and back.result() == 6
         with pytest.raises(dh.JSONFormError, match=r"malformed \$workflow"):
             loads('{"$workflow": 7}')
+
+
+def test_a_stopping_scheduler_leaves_an_async_workflow_between_steps_too(
+        wheap: dh.Heap, clock: Clock) -> None:
+    """As `test_a_stopping_scheduler_leaves_a_workflow_between_steps_for_the_next_one`,
+    for an ``async def`` workflow awaiting ``async def`` actions (`_Run.astep`)."""
+    stop = threading.Event()
+    bump = _counter(wheap)
+
+    @wheap.action
+    async def slow(n: int) -> int:
+        bump(f"step {n}")
+        if n == 1:
+            stop.set()
+        return n
+
+    @wheap.workflow
+    async def flow() -> int:
+        await dh.sleep(1)
+        return await slow(1) + await slow(2)
+
+    h = flow()
+    clock.advance(1)
+    runner = threading.Thread(target=wheap.run_scheduler, kwargs={"stop": stop})
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert dict(wheap.state.counts) == {"step 1": 1} and h.status == "running"
+    assert [(t.kind, t.origin) for t in wheap.timers()] == [("run", "resume")]
+    assert wheap.run_due() == 1
+    assert h.result() == 3 and dict(wheap.state.counts) == {"step 1": 1, "step 2": 1}
