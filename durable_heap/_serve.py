@@ -66,7 +66,7 @@ from ._parent import ZEO_CHILD
 from ._retry import RetryQueue, call_note, conflict, pause
 from ._versions import public_functions
 from ._waits import waiting
-from ._workflows import Workflow
+from ._workflows import Workflow, signature_of
 
 __all__ = ["ServeConfig", "Service", "public_functions", "run"]
 
@@ -444,10 +444,8 @@ class Service:
                 listed = ", ".join(sorted(public_functions(module))) or "none"
                 raise FunctionNotFoundError(
                     f"{self.program.name} has no function {name!r} (its functions: {listed})")
-            sig = inspect.signature(func)
-            plain = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-                        for p in sig.parameters.values())
-            signature = cache[1][name] = (sig, len(sig.parameters) if plain else -1)
+            known = signature_of(func)
+            signature = cache[1][name] = known if known is not None else (inspect.Signature(), -1)
         return signature
 
     # -- endpoint(request) -------------------------------------------------------------------

@@ -85,6 +85,7 @@ from ._workflows import (
     last_seen,
     name_of,
     reindex,
+    scheduler_stopping,
     starting,
     storable,
 )
@@ -667,7 +668,7 @@ class WorkflowMethods:
         self._wf_rung: list[bytes] | None = None
         self._wf_stopping: threading.Event | None = None  # the `stop` of the one in the main thread
         # Per thread: the `stop` of the `run_scheduler` loop running in it (``.stop``), which
-        # `run_due` and a workflow's next step look at (`_workflows._scheduler_stopping`).
+        # `run_due` and a workflow's next step look at (`_workflows.scheduler_stopping`).
         self._wf_thread = threading.local()
         # Wakes handed over by this process's resolves: (id, timer key, what `_known` reads).
         self._wf_handed: collections.deque[tuple[str, tuple[float, str], tuple[Any, ...]]] = \
@@ -735,8 +736,7 @@ class WorkflowMethods:
             )
         count = _take_over(self)
         idle = 0
-        stop = getattr(self._wf_thread, "stop", None)  # a scheduler's, stopping: no next item
-        while (limit is None or count < limit) and not (stop is not None and stop.is_set()):
+        while (limit is None or count < limit) and not scheduler_stopping(self):  # (then: no next item)
             done = _fire_one(self)
             if done is None:
                 break

@@ -54,6 +54,7 @@ import threading
 import time
 import types
 import uuid as _uuid
+import weakref
 from collections.abc import Callable
 from itertools import chain
 from typing import Any, SupportsIndex
@@ -469,11 +470,10 @@ class _Done:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _scheduler_stopping(heap: Any) -> bool:
+def scheduler_stopping(heap: Any) -> bool:
     """Whether the scheduler loop of this thread (`_timers.run_scheduler`) was asked to stop."""
-    local = getattr(heap, "_wf_thread", None)
-    stop = getattr(local, "stop", None) if local is not None else None
-    return stop is not None and stop.is_set()
+    stop = getattr(heap._wf_thread, "stop", None)
+    return stop is not None and bool(stop.is_set())
 
 
 def _clock(heap: Any) -> float:
@@ -806,7 +806,7 @@ class _Run:
             if entry is not None:
                 value = entry.value
                 return value if type(value) in _ATOM_TYPES else _fresh(value)
-        if _scheduler_stopping(self.heap):
+        if scheduler_stopping(self.heap):
             self.leave_for_later(detail)
         self.in_step = True
         try:
@@ -905,7 +905,7 @@ class _Run:
             return _fresh(entry.value)
         if self.suspended:
             raise _gone_on(self)
-        if _scheduler_stopping(self.heap):
+        if scheduler_stopping(self.heap):
             self.leave_for_later(detail)
         heap = self.heap
         number = len(self.entries) + 1
@@ -1112,12 +1112,18 @@ def retain(conn: Any, rec: WorkflowRecord, now: float) -> None:
 PROMISE_KEPT = "promise"
 
 
-def drop_promise(conn: Any, name: str) -> None:
-    """Drop the record of promise `name` if no workflow waits on it (its retention passed)."""
+def drop_promise(conn: Any, name: str, gone: str | None = None) -> None:
+    """Drop the record of promise `name` if no workflow waits on it, workflow `gone`
+    aside (one that ended: a wait that timed out stays listed among the waiters)."""
     promises = _peek(conn, PROMISES_KEY)
     prom = promises.get(name) if promises is not None else None
-    if prom is not None and not prom.waiters:
+    if prom is None:
+        return
+    others = tuple(w for w in prom.waiters if w != gone)
+    if not others:
         del promises[name]
+    elif others != prom.waiters:
+        prom.waiters = others
 
 
 def drop_journal(rec: WorkflowRecord, conn: Any = None) -> None:
@@ -1127,17 +1133,8 @@ def drop_journal(rec: WorkflowRecord, conn: Any = None) -> None:
     it, so nothing reads the record again, and without this every promise a service
     ever made stayed in the heap for ever. A name used again later is a new promise."""
     if conn is not None:
-        got = {e.name for e in _read_journal(rec.journal) if e.kind == "got"}
-        promises: Any = _peek(conn, PROMISES_KEY) if got else None
-        for name in got if promises is not None else ():
-            prom = promises.get(name)
-            if prom is None:
-                continue
-            others = tuple(w for w in prom.waiters if w != rec.id)  # (a wait that timed out stays listed)
-            if not others:
-                del promises[name]
-            elif others != prom.waiters:
-                prom.waiters = others
+        for name in {e.name for e in _read_journal(rec.journal) if e.kind == "got"}:
+            drop_promise(conn, name, gone=rec.id)
     rec.length = journal_length(rec)
     rec.journal = Journal()  # the ended workflow keeps its status and result
 
@@ -2035,9 +2032,31 @@ _ATOMS = (str, int, float, bool, bytes, complex, type(None), datetime.datetime, 
 _ATOM_TYPES = frozenset(_ATOMS)  # (what `_fresh` returns as they are, looked up in one step)
 
 
-#: func -> (its signature, its arity when every parameter is a plain positional one without
-#: a default, else -1), or None when it has none that `inspect` can read (`check_call`).
-_signatures: dict[Any, tuple[inspect.Signature, int] | None] = {}
+#: func -> `signature_of` it. Weak: a function defined per call (a closure, a version's
+#: function replaced by a deploy) is not kept alive by having been checked.
+_signatures: weakref.WeakKeyDictionary[Any, tuple[inspect.Signature, int] | None] = (
+    weakref.WeakKeyDictionary())
+
+
+def signature_of(func: Callable[..., Any]) -> tuple[inspect.Signature, int] | None:
+    """`func`'s signature and its arity: the number of its parameters when each is a plain
+    positional one without a default (exactly that many positional arguments bind),
+    else -1; None when `inspect` can read none (a builtin). Cached per function."""
+    try:
+        return _signatures[func]
+    except (KeyError, TypeError):  # (TypeError: not weakly referable, worked out afresh)
+        pass
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        known = None
+    else:
+        plain = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+                    for p in sig.parameters.values())
+        known = (sig, len(sig.parameters) if plain else -1)
+    with contextlib.suppress(TypeError):
+        _signatures[func] = known
+    return known
 
 
 def check_call(func: Callable[..., Any], label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -2047,21 +2066,7 @@ def check_call(func: Callable[..., Any], label: str, args: tuple[Any, ...], kwar
     started or scheduled, so that a wrong call fails at the call, stores nothing,
     and does not become a failed workflow or a dead letter later.
     """
-    try:
-        known = _signatures[func]
-    except (KeyError, TypeError):  # (TypeError: not hashable, looked up afresh each time)
-        try:
-            sig = inspect.signature(func)
-        except (TypeError, ValueError):  # a builtin, or another callable without one
-            known = None
-        else:
-            plain = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-                        for p in sig.parameters.values())
-            known = (sig, len(sig.parameters) if plain else -1)
-        try:
-            _signatures[func] = known
-        except TypeError:
-            pass
+    known = signature_of(func)
     if known is None or (not kwargs and len(args) == known[1]):
         return  # (the common case: as many positional arguments as plain parameters)
     sig = known[0]

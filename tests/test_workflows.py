@@ -1688,6 +1688,14 @@ def test_a_subscriber_that_cannot_take_the_payload_is_refused_at_the_subscriptio
         assert dh.emit("news", 1) == 0  # nothing subscribed
 
 
+def _schedule_until_stopped(heap: dh.Heap, stop: threading.Event) -> None:
+    """Run `heap`'s scheduler in a thread until `stop` is set (by a step), and wait for it to end."""
+    runner = threading.Thread(target=heap.run_scheduler, kwargs={"stop": stop})
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive()
+
+
 def test_a_stopping_scheduler_leaves_a_workflow_between_steps_for_the_next_one(
         wheap: dh.Heap, clock: Clock) -> None:
     """SIGTERM (here: the scheduler's `stop`, which its handler sets) came while a step
@@ -1712,10 +1720,7 @@ def test_a_stopping_scheduler_leaves_a_workflow_between_steps_for_the_next_one(
 
     h = flow()
     clock.advance(1)
-    runner = threading.Thread(target=wheap.run_scheduler, kwargs={"stop": stop})
-    runner.start()
-    runner.join(30)
-    assert not runner.is_alive()
+    _schedule_until_stopped(wheap, stop)
     assert dict(wheap.state.counts) == {"step 1": 1}  # step 1 committed; 2 and 3 left
     assert h.status == "running"
     assert [(t.kind, t.target, t.origin) for t in wheap.timers()] == [("run", h.id, "resume")]
@@ -1871,10 +1876,7 @@ def test_a_stopping_scheduler_leaves_an_async_workflow_between_steps_too(
 
     h = flow()
     clock.advance(1)
-    runner = threading.Thread(target=wheap.run_scheduler, kwargs={"stop": stop})
-    runner.start()
-    runner.join(30)
-    assert not runner.is_alive()
+    _schedule_until_stopped(wheap, stop)
     assert dict(wheap.state.counts) == {"step 1": 1} and h.status == "running"
     assert [(t.kind, t.origin) for t in wheap.timers()] == [("run", "resume")]
     assert wheap.run_due() == 1
